@@ -1,0 +1,113 @@
+//! Generates the `Event` impl. All logic it calls lives in `choreo`.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::DeriveInput;
+
+use super::check::Model;
+
+pub(crate) fn serde_derives(krate: &syn::Path) -> TokenStream {
+    let serde_path = format!("{}::__private::serde", quote!(#krate).to_string().replace(' ', ""));
+    quote! {
+        #[derive(#krate::__private::serde::Serialize, #krate::__private::serde::Deserialize)]
+        #[serde(crate = #serde_path)]
+    }
+}
+
+pub(crate) fn expand(m: &Model, item: &DeriveInput) -> TokenStream {
+    let krate = &m.krate;
+    let ident = &m.ident;
+    let derives = serde_derives(krate);
+    let (name, version, subject, filter, stream, stream_subjects) = (
+        &m.name,
+        m.version,
+        &m.subject,
+        &m.filter,
+        &m.stream,
+        &m.stream_subjects,
+    );
+    let p = quote!(#krate::__private);
+
+    // `&self.field` as `&dyn Display`, spanned at the field so a missing
+    // `Display` impl points there.
+    let display = |f: &syn::Ident| quote_spanned!(f.span()=> #p::as_display(&self.#f));
+    let values = m.placeholders.iter().map(display);
+    let key_fn = m.key.as_ref().map(|key| {
+        let parts = key.iter().map(display);
+        quote! {
+            fn key(&self) -> ::core::option::Option<#krate::EventKey> {
+                ::core::option::Option::Some(#p::event_key(&[#(#parts),*]))
+            }
+        }
+    });
+
+    let upcast_fns = (!m.upcasts.is_empty()).then(|| {
+        let olds = &m.upcasts;
+        let accepts = olds.iter().map(|old| {
+            quote_spanned!(old.span()=> || <#old as #krate::Event>::accepts_version(version))
+        });
+        let decodes = olds.iter().map(|old| {
+            quote_spanned! {old.span()=>
+                if <#old as #krate::Event>::accepts_version(version) {
+                    return <#old as #krate::Event>::decode_payload(version, payload)
+                        .map(<Self as ::core::convert::From<#old>>::from);
+                }
+            }
+        });
+        quote! {
+            fn accepts_version(version: u32) -> bool {
+                version == #version #(#accepts)*
+            }
+            fn decode_payload(
+                version: u32,
+                payload: &[u8],
+            ) -> ::core::result::Result<Self, #krate::DecodeError> {
+                if version == #version {
+                    return #p::decode_cbor::<Self>(#name, version, payload);
+                }
+                #(#decodes)*
+                ::core::result::Result::Err(#p::unknown_version::<Self>(version))
+            }
+        }
+    });
+    let upcast_checks = m.upcasts.iter().map(|old| {
+        let msg = format!(
+            "`upcast_from = {}`: the older type must have the same event name as `{ident}` (`name = \"{name}\"`) \
+             and a version lower than {version}",
+            quote!(#old).to_string().replace(' ', "")
+        );
+        quote_spanned! {old.span()=>
+            const _: () = ::core::assert!(
+                #p::upcast_is_valid(
+                    <#old as #krate::Event>::NAME,
+                    <#old as #krate::Event>::VERSION,
+                    #name,
+                    #version,
+                ),
+                #msg
+            );
+        }
+    });
+
+    quote! {
+        #derives
+        #item
+
+        impl #krate::Event for #ident {
+            const NAME: &'static str = #name;
+            const VERSION: u32 = #version;
+            const SUBJECT: &'static str = #subject;
+            const SUBJECT_FILTER: &'static str = #filter;
+            const STREAM: &'static str = #stream;
+            const STREAM_SUBJECTS: &'static str = #stream_subjects;
+
+            fn subject(&self) -> ::core::result::Result<::std::string::String, #krate::SubjectError> {
+                #p::render_subject(#name, #subject, &[#(#values),*])
+            }
+            #key_fn
+            #upcast_fns
+        }
+        #(#upcast_checks)*
+    }
+}

@@ -1,0 +1,19 @@
+//! Procedural macros for [choreo](https://docs.rs/choreo). Use them through
+//! the `choreo` crate, which re-exports them and everything their expansion
+//! needs: `use choreo::{event, event_handler};`.
+//!
+//! Each macro parses its input, checks it (reporting every mistake on its own
+//! span), and expands to a small amount of code that calls into
+//! `choreo::__private`.
+
+mod ctxt;
+mod event;
+mod naming;
+
+use proc_macro::TokenStream;
+
+/// Marks a type as a choreo event. See `choreo::event` for the options.
+#[proc_macro_attribute]
+pub fn event(args: TokenStream, input: TokenStream) -> TokenStream {
+    event::expand(args.into(), input.into()).into()
+}

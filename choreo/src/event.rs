@@ -1,0 +1,63 @@
+//! The [`Event`] trait that `#[event]` implements.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec::{self, DecodeError};
+use crate::id::EventKey;
+use crate::subject::SubjectError;
+
+/// A fact that services publish and react to.
+///
+/// Implement it with [`#[event]`](crate::event); a hand-written impl must keep
+/// the same rules (see `docs/wire-format.md`). The constants describe the type;
+/// the methods read one value.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a choreo event",
+    label = "not a choreo event",
+    note = "annotate the type's definition with `#[choreo::event(subject = \"...\")]`"
+)]
+pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The event's name, written in `ce-type`. The same for every version.
+    const NAME: &'static str;
+    /// The schema version of this type, written in `ce-eventversion`; at least 1.
+    const VERSION: u32;
+    /// The subject template, e.g. `orders.{order_id}.placed`.
+    const SUBJECT: &'static str;
+    /// The template's wildcard form that subscribers use, e.g. `orders.*.placed`.
+    const SUBJECT_FILTER: &'static str;
+    /// The JetStream stream that stores the event.
+    const STREAM: &'static str;
+    /// The subjects of that stream when choreo creates it: the template's first
+    /// token followed by `.>`.
+    const STREAM_SUBJECTS: &'static str;
+
+    /// This event's subject: the template with every `{field}` filled in.
+    ///
+    /// # Errors
+    /// A field value that is not a legal NATS token.
+    fn subject(&self) -> Result<String, SubjectError>;
+
+    /// The values of the type's `key` fields, if it declares a key.
+    fn key(&self) -> Option<EventKey> {
+        None
+    }
+
+    /// Whether a payload of schema `version` can be decoded into this type,
+    /// directly or through an `upcast_from` chain.
+    fn accepts_version(version: u32) -> bool {
+        version == Self::VERSION
+    }
+
+    /// Decodes a CBOR payload written with schema `version`.
+    ///
+    /// # Errors
+    /// An unknown version, or a payload that is not this type in CBOR.
+    fn decode_payload(version: u32, payload: &[u8]) -> Result<Self, DecodeError> {
+        if version == Self::VERSION {
+            codec::decode_cbor::<Self>(Self::NAME, version, payload)
+        } else {
+            Err(codec::unknown_version::<Self>(version))
+        }
+    }
+}
