@@ -75,7 +75,8 @@ fn words(name: &str) -> Vec<&str> {
         let (prev, cur) = (bytes[i - 1], bytes[i]);
         let next_lower = bytes.get(i + 1).is_some_and(u8::is_ascii_lowercase);
         let boundary = (cur.is_ascii_uppercase()
-            && (prev.is_ascii_lowercase() || prev.is_ascii_digit()
+            && (prev.is_ascii_lowercase()
+                || prev.is_ascii_digit()
                 || (prev.is_ascii_uppercase() && next_lower)))
             || cur == b'_';
         if boundary {
@@ -109,10 +110,22 @@ mod tests {
 
     #[test]
     fn commands_get_a_fact_suggestion() {
-        assert_eq!(command_suggestion("CreateOrder").as_deref(), Some("OrderCreated"));
-        assert_eq!(command_suggestion("ProcessPayment").as_deref(), Some("PaymentProcessed"));
-        assert_eq!(command_suggestion("SendEmail").as_deref(), Some("EmailSent"));
-        assert_eq!(command_suggestion("ShipOrderNow").as_deref(), Some("OrderNowShipped"));
+        assert_eq!(
+            command_suggestion("CreateOrder").as_deref(),
+            Some("OrderCreated")
+        );
+        assert_eq!(
+            command_suggestion("ProcessPayment").as_deref(),
+            Some("PaymentProcessed")
+        );
+        assert_eq!(
+            command_suggestion("SendEmail").as_deref(),
+            Some("EmailSent")
+        );
+        assert_eq!(
+            command_suggestion("ShipOrderNow").as_deref(),
+            Some("OrderNowShipped")
+        );
         assert_eq!(command_suggestion("Cancel").as_deref(), Some("Cancelled"));
     }
 

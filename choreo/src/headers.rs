@@ -235,13 +235,17 @@ impl Metadata {
         }
         let content_type = required(h, CONTENT_TYPE)?;
         if content_type != CBOR {
-            return Err(malformed(CONTENT_TYPE, content_type, "\"application/cbor\""));
+            return Err(malformed(
+                CONTENT_TYPE,
+                content_type,
+                "\"application/cbor\"",
+            ));
         }
         let id = parse_id(CE_ID, required(h, CE_ID)?)?;
-        if let Some(msg_id) = optional(h, NATS_MSG_ID)? {
-            if msg_id != id.to_string() {
-                return Err(malformed(NATS_MSG_ID, msg_id, "the same id as ce-id"));
-            }
+        if let Some(msg_id) = optional(h, NATS_MSG_ID)?
+            && msg_id != id.to_string()
+        {
+            return Err(malformed(NATS_MSG_ID, msg_id, "the same id as ce-id"));
         }
         let event_type = required(h, CE_TYPE)?;
         check_text(CE_TYPE, event_type)?;
@@ -302,10 +306,9 @@ fn check_text(header: &'static str, value: &str) -> Result<(), HeaderError> {
 fn check_traceparent(t: &str) -> Result<(), HeaderError> {
     let parts: Vec<&str> = t.split('-').collect();
     let ok = parts.len() == 4
-        && [2, 32, 16, 2]
-            .iter()
-            .zip(&parts)
-            .all(|(n, p)| p.len() == *n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        && [2, 32, 16, 2].iter().zip(&parts).all(|(n, p)| {
+            p.len() == *n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        })
         && parts[1].bytes().any(|b| b != b'0')
         && parts[2].bytes().any(|b| b != b'0');
     if ok {

@@ -175,9 +175,18 @@ mod tests {
     fn emitted_ids_differ_by_index_and_name() {
         let cause = EventId::new_random();
         let a = EventId::emitted("payments.charge", cause, "PaymentCaptured", 0);
-        assert_eq!(a, EventId::emitted("payments.charge", cause, "PaymentCaptured", 0));
-        assert_ne!(a, EventId::emitted("payments.charge", cause, "PaymentCaptured", 1));
-        assert_ne!(a, EventId::emitted("payments.charge", cause, "PaymentDeclined", 0));
+        assert_eq!(
+            a,
+            EventId::emitted("payments.charge", cause, "PaymentCaptured", 0)
+        );
+        assert_ne!(
+            a,
+            EventId::emitted("payments.charge", cause, "PaymentCaptured", 1)
+        );
+        assert_ne!(
+            a,
+            EventId::emitted("payments.charge", cause, "PaymentDeclined", 0)
+        );
     }
 
     #[test]

@@ -73,7 +73,12 @@ pub mod __private {
     }
 
     /// Const check that `upcast_from` names an older version of the same event.
-    pub const fn upcast_is_valid(old_name: &str, old_version: u32, name: &str, version: u32) -> bool {
+    pub const fn upcast_is_valid(
+        old_name: &str,
+        old_version: u32,
+        name: &str,
+        version: u32,
+    ) -> bool {
         let (a, b) = (old_name.as_bytes(), name.as_bytes());
         if a.len() != b.len() || old_version >= version {
             return false;

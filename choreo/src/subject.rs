@@ -54,7 +54,9 @@ pub enum SubjectError {
     },
     /// The template's placeholders and the values given disagree in number.
     /// Only a hand-written `Event` impl can cause this.
-    #[error("subject template {template:?} of {event} has {expected} placeholders but {got} values were given")]
+    #[error(
+        "subject template {template:?} of {event} has {expected} placeholders but {got} values were given"
+    )]
     ArityMismatch {
         /// The event's name.
         event: &'static str,
@@ -163,7 +165,10 @@ pub fn covers(filter: &str, inner: &str) -> bool {
 }
 
 fn count_placeholders(template: &str) -> usize {
-    template.split('.').filter(|t| placeholder(t).is_some()).count()
+    template
+        .split('.')
+        .filter(|t| placeholder(t).is_some())
+        .count()
 }
 
 #[cfg(test)]
@@ -205,7 +210,10 @@ mod tests {
 
     #[test]
     fn non_ascii_letters_are_legal() {
-        assert_eq!(render("E", "a.{x}", &[&"zürich-東京"]).unwrap(), "a.zürich-東京");
+        assert_eq!(
+            render("E", "a.{x}", &[&"zürich-東京"]).unwrap(),
+            "a.zürich-東京"
+        );
     }
 
     #[test]

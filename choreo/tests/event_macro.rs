@@ -1,5 +1,5 @@
 //! What `#[event]` generates, checked through the public `Event` trait.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use choreo::{DecodeError, Envelope, Event, EventId, EventKey, Metadata, SubjectError, event};
 
@@ -61,9 +61,16 @@ fn constants_follow_the_options_and_defaults() {
 
 #[test]
 fn subjects_are_filled_from_fields() {
-    let e = OrderPlaced { order_id: "o-17".into(), total_cents: 5 };
+    let e = OrderPlaced {
+        order_id: "o-17".into(),
+        total_cents: 5,
+    };
     assert_eq!(e.subject().unwrap(), "orders.o-17.placed");
-    let l = LineAddedV3 { cart_id: 9, line: 2, sku: "x".into() };
+    let l = LineAddedV3 {
+        cart_id: 9,
+        line: 2,
+        sku: "x".into(),
+    };
     assert_eq!(l.subject().unwrap(), "carts.9.lines.2");
     assert_eq!(Ticked.subject().unwrap(), "audit.tick");
     assert_eq!(StatusChanged::Up.subject().unwrap(), "audit.status");
@@ -71,26 +78,54 @@ fn subjects_are_filled_from_fields() {
 
 #[test]
 fn an_illegal_field_value_is_an_error_naming_field_and_value() {
-    let e = OrderPlaced { order_id: "a.b".into(), total_cents: 5 };
+    let e = OrderPlaced {
+        order_id: "a.b".into(),
+        total_cents: 5,
+    };
     let err = e.subject().unwrap_err();
-    let SubjectError::InvalidToken { event, field, value, .. } = &err else {
+    let SubjectError::InvalidToken {
+        event,
+        field,
+        value,
+        ..
+    } = &err
+    else {
         panic!("unexpected {err:?}")
     };
-    assert_eq!((*event, field.as_str(), value.as_str()), ("OrderPlaced", "order_id", "a.b"));
+    assert_eq!(
+        (*event, field.as_str(), value.as_str()),
+        ("OrderPlaced", "order_id", "a.b")
+    );
     let msg = err.to_string();
-    assert!(msg.contains("`order_id`") && msg.contains("\"a.b\""), "{msg}");
+    assert!(
+        msg.contains("`order_id`") && msg.contains("\"a.b\""),
+        "{msg}"
+    );
 }
 
 #[test]
 fn keys_fix_the_event_id() {
-    let e = OrderPlaced { order_id: "o-1".into(), total_cents: 5 };
+    let e = OrderPlaced {
+        order_id: "o-1".into(),
+        total_cents: 5,
+    };
     assert_eq!(e.key(), Some(EventKey::new(["o-1"])));
-    let other_total = OrderPlaced { order_id: "o-1".into(), total_cents: 99 };
+    let other_total = OrderPlaced {
+        order_id: "o-1".into(),
+        total_cents: 99,
+    };
     let a = Metadata::root(&e, "orders").unwrap();
     let b = Metadata::root(&other_total, "orders").unwrap();
     assert_eq!(a.id(), b.id(), "the same fact is the same event");
-    assert_eq!(a.id(), EventId::keyed("OrderPlaced", &EventKey::new(["o-1"])));
-    let l = LineAddedV3 { cart_id: 9, line: 2, sku: "x".into() };
+    assert_eq!(
+        a.id(),
+        EventId::keyed("OrderPlaced", &EventKey::new(["o-1"]))
+    );
+    let l = LineAddedV3 {
+        cart_id: 9,
+        line: 2,
+        sku: "x".into(),
+    };
     assert_eq!(l.key(), Some(EventKey::new(["9", "2"])));
     assert_eq!(Ticked.key(), None);
     // Without a key every publish is a new event.
@@ -102,7 +137,12 @@ fn keys_fix_the_event_id() {
 
 #[test]
 fn enums_and_unit_structs_round_trip() {
-    for e in [StatusChanged::Up, StatusChanged::Down { reason: "disk".into() }] {
+    for e in [
+        StatusChanged::Up,
+        StatusChanged::Down {
+            reason: "disk".into(),
+        },
+    ] {
         let meta = Metadata::root(&e, "svc").unwrap();
         let env = Envelope::new(e.clone(), meta).unwrap();
         let (headers, payload) = env.to_message().unwrap();
@@ -113,9 +153,29 @@ fn enums_and_unit_structs_round_trip() {
 
 #[test]
 fn a_message_of_another_type_is_a_typed_error() {
-    let e = OrderPlaced { order_id: "o-1".into(), total_cents: 5 };
-    let env = Envelope::new(e, Metadata::root(&OrderPlaced { order_id: "o-1".into(), total_cents: 5 }, "s").unwrap()).unwrap();
+    let e = OrderPlaced {
+        order_id: "o-1".into(),
+        total_cents: 5,
+    };
+    let env = Envelope::new(
+        e,
+        Metadata::root(
+            &OrderPlaced {
+                order_id: "o-1".into(),
+                total_cents: 5,
+            },
+            "s",
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let (headers, payload) = env.to_message().unwrap();
     let err = Envelope::<Ticked>::decode("x", &headers, &payload).unwrap_err();
-    assert_eq!(err, DecodeError::WrongType { expected: "Ticked", got: "OrderPlaced".into() });
+    assert_eq!(
+        err,
+        DecodeError::WrongType {
+            expected: "Ticked",
+            got: "OrderPlaced".into()
+        }
+    );
 }

@@ -70,7 +70,11 @@ fn skip_value(meta: &ParseNestedMeta<'_>) -> syn::Result<()> {
 pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> EventAttr {
     let mut attr = EventAttr::default();
     let parser = syn::meta::parser(|meta| {
-        let span = meta.path.segments.first().map_or_else(Span::call_site, |s| s.ident.span());
+        let span = meta
+            .path
+            .segments
+            .first()
+            .map_or_else(Span::call_site, |s| s.ident.span());
         let key = meta
             .path
             .get_ident()
@@ -112,7 +116,9 @@ pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> EventAttr {
                     span,
                     format!(
                         "unknown `#[event]` option `{}`; the options are {OPTIONS}",
-                        quote::ToTokens::to_token_stream(&meta.path).to_string().replace(' ', "")
+                        quote::ToTokens::to_token_stream(&meta.path)
+                            .to_string()
+                            .replace(' ', "")
                     ),
                 );
                 skip_value(&meta)?;

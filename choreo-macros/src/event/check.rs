@@ -58,9 +58,10 @@ fn legal_literal_token(token: &str) -> Result<(), String> {
     if token.is_empty() {
         return Err("has an empty token (two dots in a row, or a leading or trailing dot)".into());
     }
-    if let Some(c) = token.chars().find(|&c| {
-        matches!(c, '*' | '>' | '{' | '}') || c.is_whitespace() || c.is_control()
-    }) {
+    if let Some(c) = token
+        .chars()
+        .find(|&c| matches!(c, '*' | '>' | '{' | '}') || c.is_whitespace() || c.is_control())
+    {
         return Err(format!(
             "has the token `{token}` containing {c:?}; tokens may not contain wildcards, braces, \
              whitespace or control characters, and a placeholder must be a whole token like `{{order_id}}`"
@@ -72,13 +73,11 @@ fn legal_literal_token(token: &str) -> Result<(), String> {
 pub(crate) fn check(cx: &mut Ctxt, attr: &EventAttr, item: &DeriveInput) -> Option<Model> {
     let ident = item.ident.clone();
 
-    match &item.data {
-        Data::Union(u) => cx.error_spanned_by(
+    if let Data::Union(u) = &item.data {
+        cx.error_spanned_by(
             u.union_token,
             "`#[event]` does not support unions: use a struct with named fields, or an enum",
-        ),
-        Data::Struct(s) if matches!(s.fields, Fields::Unnamed(_)) => {}
-        _ => {}
+        );
     }
     if !item.generics.params.is_empty() || item.generics.where_clause.is_some() {
         cx.error_spanned_by(
@@ -94,12 +93,18 @@ pub(crate) fn check(cx: &mut Ctxt, attr: &EventAttr, item: &DeriveInput) -> Opti
         None => 1,
         Some(o) => match o.value.base10_parse::<u32>() {
             Ok(0) => {
-                cx.error_spanned_by(&o.value, "`version` starts at 1: event versions are positive integers");
+                cx.error_spanned_by(
+                    &o.value,
+                    "`version` starts at 1: event versions are positive integers",
+                );
                 1
             }
             Ok(v) => v,
             Err(_) => {
-                cx.error_spanned_by(&o.value, "`version` must be a positive integer that fits in u32");
+                cx.error_spanned_by(
+                    &o.value,
+                    "`version` must be a positive integer that fits in u32",
+                );
                 1
             }
         },
@@ -111,11 +116,15 @@ pub(crate) fn check(cx: &mut Ctxt, attr: &EventAttr, item: &DeriveInput) -> Opti
         None => (ident.to_string(), ident.span()),
     };
     if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        cx.error_at(name_span, "an event `name` must be non-empty, without whitespace or control characters");
+        cx.error_at(
+            name_span,
+            "an event `name` must be non-empty, without whitespace or control characters",
+        );
     }
-    if attr.command_name_ok.is_none() {
-        if let Some(suggestion) = naming::command_suggestion(&name) {
-            cx.error_at(
+    if attr.command_name_ok.is_none()
+        && let Some(suggestion) = naming::command_suggestion(&name)
+    {
+        cx.error_at(
                 name_span,
                 format!(
                     "event name `{name}` reads as a command, but events are facts that already happened; \
@@ -123,7 +132,6 @@ pub(crate) fn check(cx: &mut Ctxt, attr: &EventAttr, item: &DeriveInput) -> Opti
                      if the name is right"
                 ),
             );
-        }
     }
 
     // subject
@@ -217,8 +225,13 @@ pub(crate) fn check(cx: &mut Ctxt, attr: &EventAttr, item: &DeriveInput) -> Opti
                 None => cx.error_spanned_by(
                     k,
                     match &fields {
-                        Some(fs) => format!("`key` names `{k}`, which is no field of `{ident}`: {}", list_fields(fs)),
-                        None => format!("`key` needs a struct with named fields to take `{k}` from"),
+                        Some(fs) => format!(
+                            "`key` names `{k}`, which is no field of `{ident}`: {}",
+                            list_fields(fs)
+                        ),
+                        None => {
+                            format!("`key` needs a struct with named fields to take `{k}` from")
+                        }
                     },
                 ),
             }
@@ -227,14 +240,18 @@ pub(crate) fn check(cx: &mut Ctxt, attr: &EventAttr, item: &DeriveInput) -> Opti
     });
 
     // upcasts
-    let upcasts = attr.upcast_from.as_ref().map(|o| o.value.clone()).unwrap_or_default();
-    if version == 1 {
-        if let Some(o) = &attr.upcast_from {
-            cx.error_at(
+    let upcasts = attr
+        .upcast_from
+        .as_ref()
+        .map(|o| o.value.clone())
+        .unwrap_or_default();
+    if version == 1
+        && let Some(o) = &attr.upcast_from
+    {
+        cx.error_at(
                 o.key,
                 "`upcast_from` names older versions, but this is version 1; set `version = 2` (or higher) on the newer type",
             );
-        }
     }
 
     Some(Model {
@@ -244,7 +261,13 @@ pub(crate) fn check(cx: &mut Ctxt, attr: &EventAttr, item: &DeriveInput) -> Opti
         version,
         filter: tokens
             .iter()
-            .map(|t| if t.starts_with('{') && t.ends_with('}') { "*" } else { t })
+            .map(|t| {
+                if t.starts_with('{') && t.ends_with('}') {
+                    "*"
+                } else {
+                    t
+                }
+            })
             .collect::<Vec<_>>()
             .join("."),
         stream_subjects: format!("{first}.>"),

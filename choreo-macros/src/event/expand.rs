@@ -2,13 +2,16 @@
 
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
-use syn::spanned::Spanned;
 use syn::DeriveInput;
+use syn::spanned::Spanned;
 
 use super::check::Model;
 
 pub(crate) fn serde_derives(krate: &syn::Path) -> TokenStream {
-    let serde_path = format!("{}::__private::serde", quote!(#krate).to_string().replace(' ', ""));
+    let serde_path = format!(
+        "{}::__private::serde",
+        quote!(#krate).to_string().replace(' ', "")
+    );
     quote! {
         #[derive(#krate::__private::serde::Serialize, #krate::__private::serde::Deserialize)]
         #[serde(crate = #serde_path)]
@@ -44,9 +47,9 @@ pub(crate) fn expand(m: &Model, item: &DeriveInput) -> TokenStream {
 
     let upcast_fns = (!m.upcasts.is_empty()).then(|| {
         let olds = &m.upcasts;
-        let accepts = olds.iter().map(|old| {
-            quote_spanned!(old.span()=> || <#old as #krate::Event>::accepts_version(version))
-        });
+        let accepts = olds.iter().map(
+            |old| quote_spanned!(old.span()=> || <#old as #krate::Event>::accepts_version(version)),
+        );
         let decodes = olds.iter().map(|old| {
             quote_spanned! {old.span()=>
                 if <#old as #krate::Event>::accepts_version(version) {
