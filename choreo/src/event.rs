@@ -9,7 +9,7 @@ use crate::subject::SubjectError;
 
 /// A fact that services publish and react to.
 ///
-/// Implement it with [`#[event]`](crate::event); a hand-written impl must keep
+/// Implement it with [`#[event]`](macro@crate::event); a hand-written impl must keep
 /// the same rules (see `docs/wire-format.md`). The constants describe the type;
 /// the methods read one value.
 #[diagnostic::on_unimplemented(
