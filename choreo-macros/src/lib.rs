@@ -7,7 +7,9 @@
 //! `choreo::__private`.
 
 mod ctxt;
+mod duration;
 mod event;
+mod handler;
 mod naming;
 
 use proc_macro::TokenStream;
@@ -16,4 +18,10 @@ use proc_macro::TokenStream;
 #[proc_macro_attribute]
 pub fn event(args: TokenStream, input: TokenStream) -> TokenStream {
     event::expand(args.into(), input.into()).into()
+}
+
+/// Turns an `async fn` into a handler. See `choreo::event_handler` for the options.
+#[proc_macro_attribute]
+pub fn event_handler(args: TokenStream, input: TokenStream) -> TokenStream {
+    handler::expand(args.into(), input.into()).into()
 }

@@ -15,7 +15,9 @@ pub enum TestkitError {
         looked: String,
     },
     /// The server did not start.
-    #[error("nats-server ({binary}) did not start: {why}\n--- last lines of its log ---\n{log_tail}")]
+    #[error(
+        "nats-server ({binary}) did not start: {why}\n--- last lines of its log ---\n{log_tail}"
+    )]
     StartFailed {
         /// What went wrong.
         why: String,

@@ -48,7 +48,9 @@ pub fn find_binary() -> Result<PathBuf, TestkitError> {
         }
     }
     Err(TestkitError::BinaryNotFound {
-        looked: format!("${NATS_SERVER_BIN} (unset), PATH, and the project-local .tools/nats-server"),
+        looked: format!(
+            "${NATS_SERVER_BIN} (unset), PATH, and the project-local .tools/nats-server"
+        ),
     })
 }
 
@@ -83,7 +85,10 @@ impl NatsServerBuilder {
         let dir = tempfile::Builder::new()
             .prefix("choreo-nats-")
             .tempdir()
-            .map_err(|e| TestkitError::Io { what: "create a temp dir".into(), source: e })?;
+            .map_err(|e| TestkitError::Io {
+                what: "create a temp dir".into(),
+                source: e,
+            })?;
         let mut server = NatsServer {
             bin: find_binary()?,
             dir: Some(dir),
@@ -144,7 +149,9 @@ impl NatsServer {
 
     /// The server's temp dir (store, config, log).
     pub fn dir(&self) -> &Path {
-        self.dir.as_ref().map_or_else(|| Path::new("."), |d| d.path())
+        self.dir
+            .as_ref()
+            .map_or_else(|| Path::new("."), |d| d.path())
     }
 
     /// Connects a plain client (no credentials).
@@ -154,7 +161,10 @@ impl NatsServer {
     pub async fn connect(&self) -> Result<async_nats::Client, TestkitError> {
         async_nats::connect(self.url())
             .await
-            .map_err(|e| TestkitError::Connect { url: self.url(), reason: e.to_string() })
+            .map_err(|e| TestkitError::Connect {
+                url: self.url(),
+                reason: e.to_string(),
+            })
     }
 
     /// The last `lines` lines of the server's log.
@@ -194,12 +204,24 @@ impl NatsServer {
         let dir = self.dir();
         let mut c = String::new();
         let _ = writeln!(c, "server_name: choreo_test_{}", std::process::id());
-        let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
+        let port = if self.port == 0 {
+            "-1".to_owned()
+        } else {
+            self.port.to_string()
+        };
         let _ = writeln!(c, "listen: \"127.0.0.1:{port}\"");
-        let mport = if self.monitor_port == 0 { "-1".to_owned() } else { self.monitor_port.to_string() };
+        let mport = if self.monitor_port == 0 {
+            "-1".to_owned()
+        } else {
+            self.monitor_port.to_string()
+        };
         let _ = writeln!(c, "http: \"127.0.0.1:{mport}\"");
         if self.builder.jetstream != Some(false) {
-            let _ = writeln!(c, "jetstream {{ store_dir: {:?} }}", dir.join("js").display().to_string());
+            let _ = writeln!(
+                c,
+                "jetstream {{ store_dir: {:?} }}",
+                dir.join("js").display().to_string()
+            );
         }
         c.push_str(&self.builder.extra_config);
         c
@@ -208,8 +230,10 @@ impl NatsServer {
     async fn spawn(&mut self) -> Result<(), TestkitError> {
         let dir = self.dir().to_path_buf();
         let conf = dir.join("server.conf");
-        std::fs::write(&conf, self.config_text())
-            .map_err(|e| TestkitError::Io { what: format!("write {}", conf.display()), source: e })?;
+        std::fs::write(&conf, self.config_text()).map_err(|e| TestkitError::Io {
+            what: format!("write {}", conf.display()),
+            source: e,
+        })?;
         // A fresh ports file for this process.
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().ends_with(".ports") {
@@ -256,9 +280,10 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        self.port = port_of(ports.nats.first()).ok_or_else(|| self.start_failed("no client port"))?;
-        self.monitor_port =
-            port_of(ports.monitoring.first()).ok_or_else(|| self.start_failed("no monitoring port"))?;
+        self.port =
+            port_of(ports.nats.first()).ok_or_else(|| self.start_failed("no client port"))?;
+        self.monitor_port = port_of(ports.monitoring.first())
+            .ok_or_else(|| self.start_failed("no monitoring port"))?;
         // Ready means healthz says ok (JetStream included, when enabled).
         loop {
             if http_get_ok(self.monitor_port, "/healthz").await {
@@ -290,7 +315,10 @@ impl Drop for NatsServer {
             && let Some(dir) = self.dir.take()
         {
             let kept = dir.keep();
-            eprintln!("choreo-testkit: kept the nats-server dir for inspection: {}", kept.display());
+            eprintln!(
+                "choreo-testkit: kept the nats-server dir for inspection: {}",
+                kept.display()
+            );
         }
     }
 }
@@ -309,20 +337,30 @@ fn port_of(url: Option<&String>) -> Option<u16> {
 
 /// A minimal HTTP/1.0 GET on loopback; true on status 200.
 pub(crate) async fn http_get_ok(port: u16, path: &str) -> bool {
-    http_get(port, path).await.is_some_and(|(status, _)| status == 200)
+    http_get(port, path)
+        .await
+        .is_some_and(|(status, _)| status == 200)
 }
 
 pub(crate) async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
         s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
             .await
             .ok()?;
         let mut buf = String::new();
         s.read_to_string(&mut buf).await.ok()?;
         let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = buf
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Some((status, body))
     };
-    tokio::time::timeout(Duration::from_secs(2), fut).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .ok()
+        .flatten()
 }

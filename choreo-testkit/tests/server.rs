@@ -26,15 +26,26 @@ async fn starts_on_a_free_port_with_jetstream_and_restarts_in_place() {
     assert_eq!(a.port(), port);
     let js = async_nats::jetstream::new(a.connect().await.unwrap());
     let mut stream = js.get_stream("T").await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 1, "the store survives a restart");
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        1,
+        "the store survives a restart"
+    );
 }
 
 #[tokio::test]
 async fn a_bad_config_fails_with_the_log_tail() {
-    let err = NatsServer::builder().config("this is { not valid").start().await.unwrap_err();
+    let err = NatsServer::builder()
+        .config("this is { not valid")
+        .start()
+        .await
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, TestkitError::StartFailed { .. }), "{msg}");
-    assert!(msg.contains("did not start") && msg.contains("Parse error"), "{msg}");
+    assert!(
+        msg.contains("did not start") && msg.contains("Parse error"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
@@ -50,8 +61,14 @@ async fn a_missing_binary_says_how_to_get_one() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("PROBE: no nats-server binary found"), "{text}");
-    assert!(text.contains("scripts/test") && text.contains("NATS_SERVER_BIN"), "{text}");
+    assert!(
+        text.contains("PROBE: no nats-server binary found"),
+        "{text}"
+    );
+    assert!(
+        text.contains("scripts/test") && text.contains("NATS_SERVER_BIN"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -2,20 +2,36 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod codec;
+mod connect;
+pub mod context;
+pub mod dlq;
 pub mod envelope;
+pub mod error;
 pub mod event;
+pub mod handler;
 pub mod headers;
 pub mod id;
+pub mod publish;
+pub mod service;
 pub mod subject;
 
 /// The NATS client choreo is built on, re-exported so users share its version.
 pub use async_nats;
 
 pub use codec::{DecodeError, EncodeError};
+pub use connect::connect;
+pub use context::{Context, EmittedEvent};
 pub use envelope::{Envelope, EnvelopeError};
+pub use error::{ConnectError, PublishError, StreamError};
 pub use event::Event;
+pub use handler::{
+    Attempt, DeliverPolicy, EventArg, FromContext, Handler, HandlerError, HandlerOptions,
+    IntoHandlerResult, MissingState, State, States,
+};
 pub use headers::{HeaderError, Metadata};
 pub use id::{EventId, EventKey};
+pub use publish::{Publisher, Receipt, StreamSettings};
+pub use service::{HandlerStats, Service, ServiceHandle, StartError};
 pub use subject::SubjectError;
 
 /// Marks a type as a choreo event and implements [`Event`] for it.
@@ -50,6 +66,52 @@ pub use subject::SubjectError;
 /// (`OrderCreated`), unless `command_name_ok` is given.
 pub use choreo_macros::event;
 
+/// Turns an `async fn` into a handler that [`Service::handler`] takes.
+///
+/// ```
+/// use choreo::{event, event_handler, Context, HandlerError, State};
+///
+/// #[event(subject = "orders.{order_id}.placed", key = order_id)]
+/// pub struct OrderPlaced { pub order_id: String, pub total_cents: u64 }
+///
+/// #[event(subject = "payments.{order_id}.captured", key = order_id)]
+/// pub struct PaymentCaptured { pub order_id: String }
+///
+/// #[derive(Clone)]
+/// struct Gateway;
+///
+/// #[event_handler(concurrency = 32, max_deliver = 5, backoff = ["1s", "10s"])]
+/// async fn charge_payment(
+///     order: OrderPlaced,
+///     ctx: Context,
+///     State(_gateway): State<Gateway>,
+/// ) -> Result<(), HandlerError> {
+///     // charge with ctx.idempotency_key() so a retry cannot charge twice
+///     ctx.emit(PaymentCaptured { order_id: order.order_id });
+///     Ok(())
+/// }
+/// ```
+///
+/// The first argument is the event, or `Envelope<Event>` to see its metadata;
+/// the others are extractors: [`Context`], [`State<T>`](State), [`Metadata`],
+/// [`Attempt`]. The return type is `()` or `Result<(), E>` with
+/// `E: Into<HandlerError>`. The function stays callable as
+/// `charge_payment(order, ctx, state).await` for unit tests (see
+/// [`Context::for_test`]).
+///
+/// | option | meaning | default |
+/// | --- | --- | --- |
+/// | `name = "..."` | handler name: part of the durable consumer `<service>--<name>` and of emitted ids | the fn name |
+/// | `concurrency = N` | events handled at once per instance (1–10000) | 16 |
+/// | `max_deliver = N` | deliveries before the dead-letter stream (1–10000) | 5 |
+/// | `backoff = ["1s", "5s"]` | delay before redelivery after the n-th failure; the last repeats | 1s, 5s, 30s |
+/// | `ack_wait = "30s"` | silence before JetStream redelivers (in-progress acks are sent meanwhile) | 30s |
+/// | `deliver = all` / `new` | where a new consumer starts | `all` |
+/// | `deliver_since = "RFC 3339"` | a new consumer starts at this time | |
+/// | `idempotent = false` | turn the inbox off for this handler | on |
+/// | `crate = "path"` | where `choreo` is, if renamed | `choreo` |
+pub use choreo_macros::event_handler;
+
 /// Support for the code the macros generate. Not public API: it may change
 /// in any release.
 #[doc(hidden)]
@@ -60,6 +122,31 @@ pub mod __private {
     use std::fmt::Display;
 
     pub use crate::codec::{decode_cbor, unknown_version};
+    pub use crate::handler::BoxFuture;
+    use crate::handler::{DeliverPolicy, HandlerError, IntoHandlerResult};
+
+    /// A handler future that fails at once (an extractor failed).
+    pub fn ready_err(e: HandlerError) -> BoxFuture<Result<(), HandlerError>> {
+        Box::pin(std::future::ready(Err(e)))
+    }
+
+    /// Boxes a handler body's future and converts its output to a verdict.
+    pub fn into_result<F>(f: F) -> BoxFuture<Result<(), HandlerError>>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: IntoHandlerResult,
+    {
+        Box::pin(async move { f.await.into_handler_result() })
+    }
+
+    /// Points a wrong return type's error at the return type.
+    pub fn assert_handler_result<R: IntoHandlerResult>() {}
+
+    /// `DeliverPolicy::Since` from a checked Unix time in nanoseconds.
+    pub fn deliver_since(unix_nanos: i128) -> DeliverPolicy {
+        time::OffsetDateTime::from_unix_timestamp_nanos(unix_nanos)
+            .map_or(DeliverPolicy::All, DeliverPolicy::Since)
+    }
     pub use crate::subject::render as render_subject;
 
     /// A field as `&dyn Display`; a field without `Display` fails here, at the field.

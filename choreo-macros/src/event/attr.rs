@@ -54,7 +54,7 @@ fn one_or_many<T>(
 }
 
 /// Skips an unknown option's `= value`, up to the next top-level comma.
-fn skip_value(meta: &ParseNestedMeta<'_>) -> syn::Result<()> {
+pub(crate) fn skip_value(meta: &ParseNestedMeta<'_>) -> syn::Result<()> {
     if meta.input.peek(Token![=]) {
         let input = meta.value()?;
         while !input.is_empty() && !input.peek(Token![,]) {

@@ -1,6 +1,7 @@
 //! `#[event]`: parse → check → expand.
 
 mod attr;
+pub(crate) use attr::skip_value;
 mod check;
 mod expand;
 

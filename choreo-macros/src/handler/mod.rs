@@ -1,0 +1,307 @@
+//! `#[event_handler]`: parse → check → expand.
+//!
+//! The user's `async fn foo(..)` becomes a unit struct `foo` (the value that
+//! `Service::handler` takes) whose `Deref` target is a function pointer to the
+//! original body, so `foo(event, ctx, ..).await` still works in unit tests.
+
+mod attr;
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{FnArg, ItemFn, ReturnType, Type};
+
+use crate::ctxt::Ctxt;
+use crate::duration::parse_millis;
+use attr::{Deliver, HandlerAttr};
+
+pub(crate) fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
+    let mut cx = Ctxt::default();
+    let attr = attr::parse(&mut cx, args);
+    let func: ItemFn = match syn::parse2(input.clone()) {
+        Ok(f) => f,
+        Err(e) => {
+            cx.error_at(e.span(), "`#[event_handler]` goes on an `async fn`");
+            let errors = cx.into_compile_errors();
+            return quote! { #input #errors };
+        }
+    };
+    check_signature(&mut cx, &func);
+    let options = options(&mut cx, &attr, &func);
+    if cx.has_errors() {
+        // Keep the function so its body is still checked and callers resolve.
+        let errors = cx.into_compile_errors();
+        return quote! { #func #errors };
+    }
+    generate(&attr, &func, &options)
+}
+
+fn check_signature(cx: &mut Ctxt, f: &ItemFn) {
+    let sig = &f.sig;
+    if sig.asyncness.is_none() {
+        cx.error_spanned_by(
+            sig.fn_token,
+            "`#[event_handler]` needs an `async fn`: add `async`",
+        );
+    }
+    if let Some(c) = &sig.constness {
+        cx.error_spanned_by(c, "a handler cannot be a `const fn`");
+    }
+    if let Some(u) = &sig.unsafety {
+        cx.error_spanned_by(u, "a handler cannot be `unsafe`");
+    }
+    if let Some(a) = &sig.abi {
+        cx.error_spanned_by(a, "a handler cannot have an `extern` ABI");
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        cx.error_spanned_by(
+            &sig.generics,
+            "a handler cannot be generic: it handles one concrete event type; write one handler per type",
+        );
+    }
+    if let Some(v) = &sig.variadic {
+        cx.error_spanned_by(v, "a handler cannot be variadic");
+    }
+    if sig.inputs.is_empty() {
+        cx.error_spanned_by(
+            &sig.ident,
+            "a handler takes the event as its first argument, e.g. `async fn charge(order: OrderPlaced, ctx: Context)`",
+        );
+    }
+    for arg in &sig.inputs {
+        match arg {
+            FnArg::Receiver(r) => cx.error_spanned_by(
+                r,
+                "a handler is a free function, not a method: remove `self` and take shared state as `State<T>`",
+            ),
+            FnArg::Typed(t) => match &*t.ty {
+                Type::Reference(r) => cx.error_spanned_by(
+                    r,
+                    "handler arguments are owned values: take the type itself, not a reference",
+                ),
+                Type::ImplTrait(i) => cx.error_spanned_by(
+                    i,
+                    "handler arguments cannot be `impl Trait`: name the concrete type",
+                ),
+                _ => {}
+            },
+        }
+    }
+    if let ReturnType::Type(_, ty) = &sig.output
+        && let Type::ImplTrait(i) = &**ty
+    {
+        cx.error_spanned_by(
+            i,
+            "a handler returns `()` or `Result<(), E>`, not `impl Trait`",
+        );
+    }
+}
+
+struct Options {
+    setters: Vec<TokenStream>,
+    name: String,
+}
+
+fn int_in(cx: &mut Ctxt, lit: &syn::LitInt, what: &str, min: u64, max: u64) -> u64 {
+    match lit.base10_parse::<u64>() {
+        Ok(v) if (min..=max).contains(&v) => v,
+        _ => {
+            cx.error_spanned_by(
+                lit,
+                format!("`{what}` must be an integer from {min} to {max}"),
+            );
+            min
+        }
+    }
+}
+
+fn options(cx: &mut Ctxt, a: &HandlerAttr, f: &ItemFn) -> Options {
+    let krate = krate(a);
+    let mut setters = Vec::new();
+    let name = match &a.name {
+        Some(o) => {
+            let n = o.value.value();
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                cx.error_spanned_by(
+                    &o.value,
+                    "a handler `name` uses only A-Z, a-z, 0-9 and `_` (it becomes part of consumer names and subjects)",
+                );
+            }
+            n
+        }
+        None => f.sig.ident.to_string().trim_start_matches("r#").to_owned(),
+    };
+    if let Some(o) = &a.concurrency {
+        let v = int_in(cx, &o.value, "concurrency", 1, 10_000) as usize;
+        setters.push(quote!(.concurrency(#v)));
+    }
+    if let Some(o) = &a.max_deliver {
+        let v = int_in(cx, &o.value, "max_deliver", 1, 10_000) as u32;
+        setters.push(quote!(.max_deliver(#v)));
+    }
+    let duration = |cx: &mut Ctxt, lit: &syn::LitStr| match parse_millis(&lit.value()) {
+        Ok(ms) => Some(ms),
+        Err(e) => {
+            cx.error_spanned_by(lit, e);
+            None
+        }
+    };
+    if let Some(o) = &a.backoff {
+        if o.value.is_empty() {
+            cx.error_at(
+                o.key,
+                "`backoff` needs at least one delay, e.g. `backoff = [\"1s\", \"5s\", \"30s\"]`",
+            );
+        }
+        let ms: Vec<u64> = o.value.iter().filter_map(|l| duration(cx, l)).collect();
+        setters.push(quote!(.backoff(::std::vec![#(::core::time::Duration::from_millis(#ms)),*])));
+    }
+    if let Some(o) = &a.ack_wait
+        && let Some(ms) = duration(cx, &o.value)
+    {
+        if ms < 100 {
+            cx.error_spanned_by(&o.value, "`ack_wait` must be at least 100ms");
+        }
+        setters.push(quote!(.ack_wait(::core::time::Duration::from_millis(#ms))));
+    }
+    match (&a.deliver, &a.deliver_since) {
+        (Some(_), Some(s)) => {
+            cx.error_at(s.key, "give either `deliver` or `deliver_since`, not both");
+        }
+        (Some(o), None) => {
+            let policy = match o.value.0 {
+                Deliver::All => quote!(All),
+                Deliver::New => quote!(New),
+            };
+            setters.push(quote!(.deliver(#krate::DeliverPolicy::#policy)));
+        }
+        (None, Some(o)) => {
+            match time::OffsetDateTime::parse(
+                &o.value.value(),
+                &time::format_description::well_known::Rfc3339,
+            ) {
+                Ok(t) => {
+                    let nanos = t.unix_timestamp_nanos();
+                    setters.push(quote!(.deliver(#krate::__private::deliver_since(#nanos))));
+                }
+                Err(_) => cx.error_spanned_by(
+                    &o.value,
+                    "`deliver_since` takes an RFC 3339 time, like \"2026-01-01T00:00:00Z\"",
+                ),
+            }
+        }
+        (None, None) => {}
+    }
+    if let Some(o) = &a.idempotent {
+        let v = o.value.value;
+        setters.push(quote!(.idempotent(#v)));
+    }
+    Options { setters, name }
+}
+
+fn krate(a: &HandlerAttr) -> syn::Path {
+    a.krate
+        .as_ref()
+        .map_or_else(|| syn::parse_quote!(::choreo), |o| o.value.clone())
+}
+
+fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
+    let krate = krate(a);
+    let p = quote!(#krate::__private);
+    let ident = &f.sig.ident;
+    let vis = &f.vis;
+    let hname = &o.name;
+    let setters = &o.setters;
+    let (docs, attrs): (Vec<_>, Vec<_>) = f.attrs.iter().partition(|at| at.path().is_ident("doc"));
+
+    let tys: Vec<&Type> = f
+        .sig
+        .inputs
+        .iter()
+        .filter_map(|a| match a {
+            FnArg::Typed(t) => Some(&*t.ty),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    let args: Vec<_> = (0..tys.len())
+        .map(|i| format_ident!("__arg{}", i))
+        .collect();
+    let ret = match &f.sig.output {
+        ReturnType::Default => quote!(()),
+        ReturnType::Type(_, t) => quote!(#t),
+    };
+    let ret_span = match &f.sig.output {
+        ReturnType::Default => f.sig.ident.span(),
+        ReturnType::Type(_, t) => t.span(),
+    };
+    let event_ty = tys[0];
+    let event_arg = quote_spanned!(event_ty.span()=> <#event_ty as #krate::EventArg>);
+    let extractors: Vec<TokenStream> = tys[1..]
+        .iter()
+        .map(|t| quote_spanned!(t.span()=> <#t as #krate::FromContext>))
+        .collect();
+    let first = &args[0];
+    let rest = &args[1..];
+    let assert_ret = quote_spanned!(ret_span=> #p::assert_handler_result::<#ret>());
+    let inner = format_ident!("__choreo_handler", span = Span::mixed_site());
+    let block = &f.block;
+    let inputs = &f.sig.inputs;
+    let output = &f.sig.output;
+    let boxed = quote_spanned! {f.sig.ident.span()=>
+        |#(#args: #tys),*| -> #p::BoxFuture<#ret> { ::std::boxed::Box::pin(#ident::#inner(#(#args),*)) }
+    };
+
+    quote! {
+        #(#docs)*
+        #[allow(non_camel_case_types)]
+        #[derive(::core::clone::Clone, ::core::marker::Copy, ::core::fmt::Debug, ::core::default::Default)]
+        #vis struct #ident;
+
+        impl #ident {
+            #(#attrs)*
+            #[doc(hidden)]
+            async fn #inner(#inputs) #output #block
+        }
+
+        impl ::core::ops::Deref for #ident {
+            type Target = fn(#(#tys),*) -> #p::BoxFuture<#ret>;
+            fn deref(&self) -> &Self::Target {
+                const CALL: fn(#(#tys),*) -> #p::BoxFuture<#ret> = #boxed;
+                &CALL
+            }
+        }
+
+        impl #krate::Handler for #ident {
+            type Event = #event_arg::Event;
+
+            fn name(&self) -> &'static str {
+                #hname
+            }
+
+            fn options(&self) -> #krate::HandlerOptions {
+                #krate::HandlerOptions::default() #(#setters)*
+            }
+
+            fn check(&self, states: &#krate::States) -> ::core::result::Result<(), #krate::MissingState> {
+                #( #extractors::check(states)?; )*
+                ::core::result::Result::Ok(())
+            }
+
+            fn call(
+                &self,
+                event: #krate::Envelope<Self::Event>,
+                ctx: &#krate::Context,
+            ) -> #p::BoxFuture<::core::result::Result<(), #krate::HandlerError>> {
+                #assert_ret;
+                let #first = #event_arg::from_envelope(event);
+                #(
+                    let #rest = match #extractors::from_context(ctx) {
+                        ::core::result::Result::Ok(v) => v,
+                        ::core::result::Result::Err(e) => return #p::ready_err(e),
+                    };
+                )*
+                #p::into_result(#ident::#inner(#(#args),*))
+            }
+        }
+    }
+}

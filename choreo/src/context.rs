@@ -1,0 +1,233 @@
+//! [`Context`]: what a handler knows about the event it handles, and where it
+//! emits new events.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::PublishError;
+use crate::event::Event;
+use crate::handler::States;
+use crate::headers::Metadata;
+use crate::id::EventId;
+use crate::publish::Outgoing;
+
+/// The handled event's metadata and delivery, the service's state, and the
+/// buffer of events the handler emits.
+///
+/// Events passed to [`emit`](Self::emit) are published only after the
+/// handler returns `Ok`, each awaited until JetStream acknowledges it, and
+/// only then is the handled event acknowledged. They carry the flow's
+/// correlation id, the handled event's id as causation id, and deterministic
+/// ids, so a redelivered handler re-emits the very same events and JetStream
+/// drops the repeats.
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    meta: Metadata,
+    subject: String,
+    attempt: u32,
+    stream_sequence: u64,
+    service: Arc<str>,
+    handler: &'static str,
+    handler_id: Arc<str>,
+    states: Arc<States>,
+    emitted: Mutex<Emitted>,
+}
+
+#[derive(Default)]
+struct Emitted {
+    sealed: bool,
+    counts: HashMap<&'static str, u32>,
+    out: Vec<Result<Outgoing, PublishError>>,
+}
+
+/// The parts of a [`Context`] that come from the delivery.
+#[derive(Clone, Debug)]
+pub(crate) struct Delivery {
+    pub(crate) subject: String,
+    pub(crate) attempt: u32,
+    pub(crate) stream_sequence: u64,
+}
+
+impl Context {
+    pub(crate) fn new(
+        meta: Metadata,
+        delivery: Delivery,
+        service: Arc<str>,
+        handler: &'static str,
+        handler_id: Arc<str>,
+        states: Arc<States>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                meta,
+                subject: delivery.subject,
+                attempt: delivery.attempt,
+                stream_sequence: delivery.stream_sequence,
+                service,
+                handler,
+                handler_id,
+                states,
+                emitted: Mutex::new(Emitted::default()),
+            }),
+        }
+    }
+
+    /// A context for calling a handler function directly in a unit test,
+    /// without a server: `service` and `handler` name the handler, `meta` is
+    /// the handled event's metadata, and `states` its service's state.
+    /// [`take_emitted`](Self::take_emitted) then shows what it emitted.
+    pub fn for_test(service: &str, handler: &'static str, meta: Metadata, states: States) -> Self {
+        let delivery = Delivery {
+            subject: String::new(),
+            attempt: 1,
+            stream_sequence: 0,
+        };
+        Self::new(
+            meta,
+            delivery,
+            Arc::from(service),
+            handler,
+            Arc::from(format!("{service}.{handler}")),
+            Arc::new(states),
+        )
+    }
+
+    /// The handled event's metadata.
+    pub fn meta(&self) -> &Metadata {
+        &self.inner.meta
+    }
+    /// The handled event's id.
+    pub fn event_id(&self) -> EventId {
+        self.inner.meta.id()
+    }
+    /// The flow's correlation id.
+    pub fn correlation_id(&self) -> EventId {
+        self.inner.meta.correlation_id()
+    }
+    /// The handled event's causation id (`None` for a root event).
+    pub fn causation_id(&self) -> Option<EventId> {
+        self.inner.meta.causation_id()
+    }
+    /// The subject the event arrived on.
+    pub fn subject(&self) -> &str {
+        &self.inner.subject
+    }
+    /// The delivery attempt, starting at 1.
+    pub fn attempt(&self) -> u32 {
+        self.inner.attempt
+    }
+    /// The event's sequence in its stream.
+    pub fn stream_sequence(&self) -> u64 {
+        self.inner.stream_sequence
+    }
+    /// The service's name.
+    pub fn service(&self) -> &str {
+        &self.inner.service
+    }
+    /// The handler's name.
+    pub fn handler(&self) -> &'static str {
+        self.inner.handler
+    }
+    /// The handler id, `<service>.<handler>`, as used in emitted event ids.
+    pub fn handler_id(&self) -> &str {
+        &self.inner.handler_id
+    }
+
+    /// A stable key for this handler's side effects on this event:
+    /// `<service>.<handler>:<event id>`. It is the same on every redelivery, so
+    /// a payment provider or database can use it to do the effect once.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}:{}", self.inner.handler_id, self.inner.meta.id())
+    }
+
+    pub(crate) fn states(&self) -> &States {
+        &self.inner.states
+    }
+
+    /// Emits `event` once the handler returns `Ok`. Its id is deterministic:
+    /// the `key` rule if the type has a key, else the `index`-th emission of
+    /// this event name in this invocation. A subject or encoding error makes
+    /// the handler's outcome a permanent failure (the handled event goes to
+    /// the dead-letter stream) rather than a silently dropped event.
+    pub fn emit<E: Event>(&self, event: E) {
+        let mut emitted = self.inner.emitted.lock().unwrap_or_else(|p| p.into_inner());
+        if emitted.sealed {
+            tracing::error!(
+                event = E::NAME,
+                handler = %self.inner.handler_id,
+                "emit() after the handler returned is ignored: emit before returning"
+            );
+            return;
+        }
+        let count = emitted.counts.entry(E::NAME).or_insert(0);
+        let index = *count;
+        *count += 1;
+        let out = Metadata::emitted(
+            &event,
+            &self.inner.service,
+            &self.inner.meta,
+            &self.inner.handler_id,
+            index,
+        )
+        .map_err(PublishError::from)
+        .and_then(|meta| Outgoing::new(&event, &meta));
+        emitted.out.push(out);
+    }
+
+    /// Takes the emitted events (with their ids and subjects) and refuses
+    /// later emissions. The runtime calls this after the handler returns;
+    /// unit tests may call it to check what a handler emitted.
+    pub fn take_emitted(&self) -> Vec<EmittedEvent> {
+        self.take_outgoing()
+            .into_iter()
+            .map(|o| match o {
+                Ok(o) => EmittedEvent {
+                    event_type: o.event,
+                    id: Some(o.id),
+                    subject: o.subject,
+                    error: None,
+                },
+                Err(e) => EmittedEvent {
+                    event_type: "",
+                    id: None,
+                    subject: String::new(),
+                    error: Some(e.to_string()),
+                },
+            })
+            .collect()
+    }
+
+    pub(crate) fn take_outgoing(&self) -> Vec<Result<Outgoing, PublishError>> {
+        let mut emitted = self.inner.emitted.lock().unwrap_or_else(|p| p.into_inner());
+        emitted.sealed = true;
+        std::mem::take(&mut emitted.out)
+    }
+}
+
+/// One event a handler emitted, as [`Context::take_emitted`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EmittedEvent {
+    /// The event's name (empty if it could not be built).
+    pub event_type: &'static str,
+    /// Its id (none if it could not be built).
+    pub id: Option<EventId>,
+    /// Its subject.
+    pub subject: String,
+    /// Why it could not be built, if it could not.
+    pub error: Option<String>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("handler", &self.inner.handler_id)
+            .field("event_id", &self.inner.meta.id())
+            .field("attempt", &self.inner.attempt)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,210 @@
+//! The dead-letter stream.
+//!
+//! An event a handler cannot handle is never dropped: the original message
+//! (subject, headers and payload) is copied to stream [`DLQ_STREAM`] on subject
+//! `choreo.dlq.<service>.<handler>`, with `choreo-dlq-*` headers that say why,
+//! and only then terminated on its consumer (`+TERM <reason>`). The stream
+//! uses limits retention, so dead letters stay for inspection and replay.
+//!
+//! A last delivery lost without a verdict (the process crashed, or `ack_wait`
+//! ran out) is reported by JetStream's `MAX_DELIVERIES` advisory. choreo keeps
+//! those advisories in stream [`ADVISORY_STREAM`], so they are not lost while
+//! no instance runs, and each handler's advisory consumer dead-letters the
+//! message they name.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer::pull};
+
+use crate::error::StreamError;
+use crate::publish::{StreamSettings, ensure_stream};
+
+/// The dead-letter stream's name.
+pub const DLQ_STREAM: &str = "CHOREO_DLQ";
+/// The dead-letter stream's subjects.
+pub const DLQ_SUBJECTS: &str = "choreo.dlq.>";
+/// The stream that keeps `MAX_DELIVERIES` advisories.
+pub const ADVISORY_STREAM: &str = "CHOREO_ADVISORIES";
+/// The advisories it keeps.
+pub const ADVISORY_SUBJECTS: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>";
+
+/// Header: why the event was dead-lettered (a [`Reason`] code).
+pub const REASON: &str = "choreo-dlq-reason";
+/// Header: the error message, on one line.
+pub const DETAIL: &str = "choreo-dlq-detail";
+/// Header: the service.
+pub const SERVICE: &str = "choreo-dlq-service";
+/// Header: the handler.
+pub const HANDLER: &str = "choreo-dlq-handler";
+/// Header: how many times the event was delivered.
+pub const DELIVERIES: &str = "choreo-dlq-deliveries";
+/// Header: the original stream.
+pub const STREAM: &str = "choreo-dlq-stream";
+/// Header: the original stream sequence.
+pub const SEQUENCE: &str = "choreo-dlq-sequence";
+/// Header: the original subject.
+pub const SUBJECT: &str = "choreo-dlq-subject";
+
+/// Why an event was dead-lettered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// A header is missing or malformed.
+    BadHeader,
+    /// `ce-type` names another event than the handler's.
+    WrongType,
+    /// `ce-eventversion` is not one this build reads.
+    UnknownVersion,
+    /// The payload is not the event in CBOR.
+    UndecodablePayload,
+    /// The handler returned a permanent error.
+    PermanentError,
+    /// The handler failed (or panicked) on its last allowed delivery.
+    MaxDeliverExceeded,
+    /// The last allowed delivery ended without a verdict (crash, ack timeout).
+    DeliveryLost,
+    /// An event the handler emitted could not be built (bad subject value,
+    /// encoding error, too large).
+    EmitFailed,
+}
+
+impl Reason {
+    /// The code written in [`REASON`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadHeader => "bad-header",
+            Self::WrongType => "wrong-type",
+            Self::UnknownVersion => "unknown-version",
+            Self::UndecodablePayload => "undecodable-payload",
+            Self::PermanentError => "permanent-error",
+            Self::MaxDeliverExceeded => "max-deliver-exceeded",
+            Self::DeliveryLost => "delivery-lost",
+            Self::EmitFailed => "emit-failed",
+        }
+    }
+
+    pub(crate) fn from_decode(e: &crate::DecodeError) -> Self {
+        match e {
+            crate::DecodeError::Header(_) => Self::BadHeader,
+            crate::DecodeError::WrongType { .. } => Self::WrongType,
+            crate::DecodeError::UnknownVersion { .. } => Self::UnknownVersion,
+            _ => Self::UndecodablePayload,
+        }
+    }
+}
+
+/// The subject of a handler's dead letters.
+pub fn subject(service: &str, handler: &str) -> String {
+    format!("choreo.dlq.{service}.{handler}")
+}
+
+/// Where a dead letter came from and why.
+#[derive(Clone, Debug)]
+pub(crate) struct Letter<'a> {
+    pub(crate) service: &'a str,
+    pub(crate) handler: &'a str,
+    pub(crate) reason: Reason,
+    pub(crate) detail: String,
+    pub(crate) deliveries: u64,
+    pub(crate) stream: &'a str,
+    pub(crate) sequence: u64,
+    pub(crate) subject: &'a str,
+}
+
+impl Letter<'_> {
+    /// The dead letter's headers: the original ones, plus the reason headers,
+    /// with a `Nats-Msg-Id` unique to (stream, sequence, handler) so that a
+    /// retried or doubled dead-lettering stores one copy.
+    pub(crate) fn headers(&self, original: Option<&HeaderMap>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(orig) = original {
+            for (name, values) in orig.iter() {
+                for v in values {
+                    h.append(name.clone(), v.clone());
+                }
+            }
+        }
+        h.insert(
+            crate::headers::NATS_MSG_ID,
+            format!(
+                "dlq:{}:{}:{}.{}",
+                self.stream, self.sequence, self.service, self.handler
+            ),
+        );
+        h.insert(REASON, self.reason.as_str());
+        h.insert(DETAIL, one_line(&self.detail));
+        h.insert(SERVICE, self.service);
+        h.insert(HANDLER, self.handler);
+        h.insert(DELIVERIES, self.deliveries.to_string());
+        h.insert(STREAM, self.stream);
+        h.insert(SEQUENCE, self.sequence.to_string());
+        h.insert(SUBJECT, self.subject);
+        h
+    }
+}
+
+/// A header-safe, bounded version of an error message.
+pub(crate) fn one_line(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > 1024 {
+        let mut end = 1024;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+    out
+}
+
+/// Creates the dead-letter and advisory streams if missing.
+pub(crate) async fn ensure_streams(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<(), StreamError> {
+    ensure_stream(
+        js,
+        settings,
+        DLQ_STREAM,
+        vec![DLQ_SUBJECTS.to_owned()],
+        "choreo.dlq.x.y",
+    )
+    .await?;
+    // Advisories are kept a week: long enough for a stopped service to start
+    // again and dead-letter what they name.
+    let advisory = settings
+        .clone()
+        .max_age(std::time::Duration::from_secs(7 * 24 * 3600));
+    ensure_stream(
+        js,
+        &advisory,
+        ADVISORY_STREAM,
+        vec![ADVISORY_SUBJECTS.to_owned()],
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.x.y",
+    )
+    .await
+}
+
+/// The advisory consumer of one handler's durable.
+pub(crate) fn advisory_consumer(stream: &str, durable: &str) -> pull::Config {
+    pull::Config {
+        durable_name: Some(format!("{durable}--lost")),
+        description: Some(format!(
+            "choreo: dead-letters events lost on their last delivery to {durable}"
+        )),
+        filter_subject: format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{durable}"),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        max_deliver: 100,
+        ..Default::default()
+    }
+}
+
+/// The part of a `MAX_DELIVERIES` advisory that choreo reads.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct MaxDeliveries {
+    pub(crate) stream: String,
+    pub(crate) stream_seq: u64,
+    pub(crate) deliveries: u64,
+}

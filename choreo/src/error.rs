@@ -1,0 +1,260 @@
+//! Error types, one per operation, each `#[non_exhaustive]`.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+
+use crate::codec::EncodeError;
+use crate::envelope::EnvelopeError;
+use crate::headers::HeaderError;
+use crate::subject::SubjectError;
+
+/// A stream could not be found, created or used.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The server has no JetStream.
+    #[error(
+        "JetStream is not available on this server ({reason}): start nats-server with `-js`, or add \
+         `jetstream {{}}` to its configuration"
+    )]
+    JetStreamUnavailable {
+        /// What the server or client said.
+        reason: String,
+    },
+    /// An existing stream does not store the event's subjects.
+    #[error(
+        "stream {stream} exists with subjects {subjects:?}, which do not cover {needed:?}: add the subject to the \
+         stream, or give the event another `stream = \"...\"`"
+    )]
+    DoesNotCover {
+        /// The stream.
+        stream: String,
+        /// Its subjects.
+        subjects: Vec<String>,
+        /// The event's subject filter.
+        needed: String,
+    },
+    /// The server refused the request because of permissions.
+    #[error("permission denied while using stream {stream}: {reason}")]
+    PermissionDenied {
+        /// The stream.
+        stream: String,
+        /// The server's message, naming the subject.
+        reason: String,
+    },
+    /// Any other failure.
+    #[error("stream {stream}: {reason}")]
+    Other {
+        /// The stream.
+        stream: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Publishing an event failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The subject could not be rendered.
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    /// The payload could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// A header value is not allowed.
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    /// The message is larger than the server's `max_payload`; nothing was sent.
+    #[error(
+        "{event} is {size} bytes with headers, above the server's max_payload of {max} bytes; nothing was sent. \
+         Store large data elsewhere and put a reference in the event, or raise max_payload on the server"
+    )]
+    TooLarge {
+        /// The event's name.
+        event: &'static str,
+        /// The message size.
+        size: usize,
+        /// The server's limit.
+        max: usize,
+    },
+    /// The event's stream could not be made ready.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// JetStream did not store the event.
+    #[error("publishing {event} on {subject} failed: {reason}")]
+    Failed {
+        /// The event's name.
+        event: &'static str,
+        /// The subject.
+        subject: String,
+        /// What JetStream or the client said.
+        reason: String,
+    },
+}
+
+impl From<EnvelopeError> for PublishError {
+    fn from(e: EnvelopeError) -> Self {
+        match e {
+            EnvelopeError::Subject(e) => Self::Subject(e),
+            EnvelopeError::Encode(e) => Self::Encode(e),
+            EnvelopeError::Header(e) => Self::Header(e),
+        }
+    }
+}
+
+impl PublishError {
+    pub(crate) fn from_nats(
+        event: &'static str,
+        subject: &str,
+        e: jetstream::context::PublishError,
+    ) -> Self {
+        let mut reason = e.to_string();
+        if let Some(p) = recent_permission_error() {
+            reason = format!("{reason}; the server reported: {p}");
+        }
+        Self::Failed {
+            event,
+            subject: subject.to_owned(),
+            reason,
+        }
+    }
+}
+
+/// A NATS connection could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The URL is not a NATS URL.
+    #[error("invalid NATS URL {url:?}: {reason}; expected e.g. nats://127.0.0.1:4222")]
+    InvalidUrl {
+        /// The URL, with any password removed.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No server answered.
+    #[error(
+        "cannot reach a NATS server at {url}: {reason}; is nats-server running and the address right?"
+    )]
+    Unreachable {
+        /// The URL, with any password removed.
+        url: String,
+        /// What the client said.
+        reason: String,
+    },
+    /// The server refused the credentials.
+    #[error(
+        "the NATS server at {url} refused the credentials ({reason}); check the user, token, nkey or creds file"
+    )]
+    Auth {
+        /// The URL, with any password removed.
+        url: String,
+        /// What the server said.
+        reason: String,
+    },
+    /// TLS could not be set up.
+    #[error("TLS with the NATS server at {url} failed: {reason}")]
+    Tls {
+        /// The URL, with any password removed.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Removes `user:password@` from a URL for messages.
+pub(crate) fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        (None, Some(at)) => format!("***@{}", &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+pub(crate) fn classify_jetstream(
+    e: &jetstream::context::GetStreamError,
+) -> Option<jetstream::ErrorCode> {
+    match e.kind() {
+        jetstream::context::GetStreamErrorKind::JetStream(j) => Some(j.error_code()),
+        _ => None,
+    }
+}
+
+impl StreamError {
+    pub(crate) fn from_get(stream: &str, e: &jetstream::context::GetStreamError) -> Self {
+        Self::from_message(stream, &e.to_string(), &format!("{e:?}"))
+    }
+
+    pub(crate) fn from_create(
+        stream: &str,
+        subjects: &[String],
+        e: &jetstream::context::CreateStreamError,
+    ) -> Self {
+        if let jetstream::context::CreateStreamErrorKind::JetStream(j) = e.kind()
+            && j.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP
+        {
+            return Self::Other {
+                stream: stream.to_owned(),
+                reason: format!(
+                    "cannot create it: its subjects {subjects:?} overlap another stream's ({j}); \
+                     give the event `stream = \"...\"` naming that stream"
+                ),
+            };
+        }
+        Self::from_message(stream, &format!("cannot create it: {e}"), &format!("{e:?}"))
+    }
+
+    pub(crate) fn from_message(stream: &str, text: &str, debug: &str) -> Self {
+        let both = format!("{text} {debug}").to_lowercase();
+        if both.contains("not enabled")
+            || both.contains("noresponders")
+            || both.contains("no responders")
+        {
+            return Self::JetStreamUnavailable {
+                reason: text.to_owned(),
+            };
+        }
+        if let Some(p) = recent_permission_error() {
+            return Self::PermissionDenied {
+                stream: stream.to_owned(),
+                reason: p,
+            };
+        }
+        Self::Other {
+            stream: stream.to_owned(),
+            reason: text.to_owned(),
+        }
+    }
+}
+
+// ---- permission violations -------------------------------------------------
+//
+// NATS reports a permission violation only asynchronously, through the
+// connection's event callback; the request that caused it then times out.
+// `crate::connect` installs a callback that keeps the recent ones here, so the
+// error of the timed-out operation can name the subject.
+
+static PERMISSION_ERRORS: Mutex<VecDeque<(Instant, String)>> = Mutex::new(VecDeque::new());
+const PERMISSION_MEMORY: Duration = Duration::from_secs(30);
+
+pub(crate) fn record_permission_error(msg: String) {
+    let mut q = PERMISSION_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+    q.push_back((Instant::now(), msg));
+    while q.len() > 16 {
+        q.pop_front();
+    }
+}
+
+pub(crate) fn recent_permission_error() -> Option<String> {
+    let q = PERMISSION_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+    q.iter()
+        .rev()
+        .find(|(at, _)| at.elapsed() < PERMISSION_MEMORY)
+        .map(|(_, m)| m.clone())
+}

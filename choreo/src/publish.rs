@@ -1,0 +1,426 @@
+//! Publishing events: [`Publisher`], stream provisioning and [`Receipt`]s.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use bytes::Bytes;
+use futures::future::try_join_all;
+
+use crate::envelope::Envelope;
+use crate::error::{PublishError, StreamError, classify_jetstream};
+use crate::event::Event;
+use crate::headers::{self, Metadata};
+use crate::id::EventId;
+use crate::subject;
+
+/// How choreo creates a stream that does not exist yet. An existing stream is
+/// used as it is.
+///
+/// Defaults: file storage, limits retention (messages stay after they are
+/// consumed, so every service can read them and dedup survives restarts),
+/// one replica, a two-minute duplicate window, no age or size limit.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct StreamSettings {
+    /// Replicas of each stream (3 on a production cluster).
+    pub replicas: usize,
+    /// How long JetStream remembers a `Nats-Msg-Id` to drop repeats.
+    pub duplicate_window: Duration,
+    /// How long messages are kept; `Duration::ZERO` keeps them until limits
+    /// are set by hand.
+    pub max_age: Duration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_age: Duration::ZERO,
+        }
+    }
+}
+
+impl StreamSettings {
+    /// Sets the number of replicas.
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas;
+        self
+    }
+    /// Sets the duplicate window.
+    pub fn duplicate_window(mut self, window: Duration) -> Self {
+        self.duplicate_window = window;
+        self
+    }
+    /// Sets the maximum message age.
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    pub(crate) fn config(&self, name: &str, subjects: Vec<String>) -> stream::Config {
+        stream::Config {
+            name: name.to_owned(),
+            subjects,
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            duplicate_window: self.duplicate_window,
+            max_age: self.max_age,
+            ..Default::default()
+        }
+    }
+}
+
+/// What JetStream said about one published event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Receipt {
+    /// The event's id.
+    pub event_id: EventId,
+    /// The flow's id.
+    pub correlation_id: EventId,
+    /// The stream that stored it.
+    pub stream: String,
+    /// Its sequence in that stream (the original's, for a duplicate).
+    pub sequence: u64,
+    /// JetStream already had this id inside its duplicate window and did not
+    /// store it again. That is success: the event is in the stream once.
+    pub duplicate: bool,
+}
+
+/// One encoded event, ready to send.
+#[derive(Clone, Debug)]
+pub(crate) struct Outgoing {
+    pub(crate) event: &'static str,
+    pub(crate) stream: &'static str,
+    pub(crate) stream_subjects: &'static str,
+    pub(crate) filter: &'static str,
+    pub(crate) subject: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) payload: Bytes,
+    pub(crate) id: EventId,
+    pub(crate) correlation_id: EventId,
+}
+
+impl Outgoing {
+    pub(crate) fn new<E: Event>(event: &E, meta: &Metadata) -> Result<Self, PublishError> {
+        Ok(Self {
+            event: E::NAME,
+            stream: E::STREAM,
+            stream_subjects: E::STREAM_SUBJECTS,
+            filter: E::SUBJECT_FILTER,
+            subject: event.subject()?,
+            headers: meta.to_headers(),
+            payload: Bytes::from(crate::codec::encode(event)?),
+            id: meta.id(),
+            correlation_id: meta.correlation_id(),
+        })
+    }
+
+    /// Size on the wire as NATS counts it against `max_payload`.
+    fn size(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, vs)| {
+                vs.iter()
+                    .map(|v| AsRef::<str>::as_ref(k).len() + v.as_str().len() + 4)
+                    .sum::<usize>()
+            })
+            .sum();
+        self.payload.len() + headers + "NATS/1.0\r\n\r\n".len()
+    }
+}
+
+/// Publishes events to JetStream: creates missing streams, sets every header
+/// of the wire format, awaits each PubAck, and retries transient failures
+/// (no stream leader during a failover, a timeout) with the same event id,
+/// which JetStream's deduplication makes safe.
+///
+/// ```no_run
+/// # use choreo::{event, Publisher};
+/// # #[event(subject = "orders.{order_id}.placed", key = order_id)]
+/// # pub struct OrderPlaced { pub order_id: String }
+/// # async fn t(client: choreo::async_nats::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// let publisher = Publisher::new(client, "checkout")?;
+/// let receipt = publisher.publish(&OrderPlaced { order_id: "o-1".into() }).await?;
+/// println!("stored as {} #{}", receipt.stream, receipt.sequence);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    source: String,
+    settings: StreamSettings,
+    retry_for: Duration,
+    ensured: Mutex<HashSet<&'static str>>,
+}
+
+impl Publisher {
+    /// A publisher that writes `source` into `ce-source`.
+    ///
+    /// # Errors
+    /// `source` is not a legal service name (1–256 characters, no whitespace
+    /// or control characters).
+    pub fn new(client: async_nats::Client, source: &str) -> Result<Self, PublishError> {
+        headers::check_source(source)?;
+        let js = jetstream::new(client.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                source: source.to_owned(),
+                settings: StreamSettings::default(),
+                retry_for: Duration::from_secs(30),
+                ensured: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// Uses `settings` for streams this publisher creates.
+    pub fn with_stream_settings(self, settings: StreamSettings) -> Self {
+        self.rebuild(|i| i.settings = settings)
+    }
+
+    /// How long transient failures are retried before a publish fails
+    /// (default 30 s, enough for a cluster to elect a new stream leader).
+    pub fn with_retry_for(self, retry_for: Duration) -> Self {
+        self.rebuild(|i| i.retry_for = retry_for)
+    }
+
+    fn rebuild(self, f: impl FnOnce(&mut Inner)) -> Self {
+        let mut inner = Inner {
+            client: self.inner.client.clone(),
+            js: self.inner.js.clone(),
+            source: self.inner.source.clone(),
+            settings: self.inner.settings.clone(),
+            retry_for: self.inner.retry_for,
+            ensured: Mutex::new(HashSet::new()),
+        };
+        f(&mut inner);
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The service name written in `ce-source`.
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    /// The underlying client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// Publishes `event` as the root of a new flow.
+    ///
+    /// # Errors
+    /// See [`PublishError`]; nothing was stored unless the error says so.
+    pub async fn publish<E: Event>(&self, event: &E) -> Result<Receipt, PublishError> {
+        let meta = Metadata::root(event, &self.inner.source)?;
+        self.publish_with(event, &meta).await
+    }
+
+    /// Publishes `event` with metadata built by the caller, for example with
+    /// [`Metadata::emitted`] to continue a flow.
+    ///
+    /// # Errors
+    /// See [`PublishError`].
+    pub async fn publish_with<E: Event>(
+        &self,
+        event: &E,
+        meta: &Metadata,
+    ) -> Result<Receipt, PublishError> {
+        let out = Outgoing::new(event, meta)?;
+        self.send_all(std::slice::from_ref(&out))
+            .await
+            .map(|mut r| r.remove(0))
+    }
+
+    /// Publishes an event with metadata built by the caller (for example
+    /// with [`Metadata::emitted`], to continue a flow).
+    ///
+    /// # Errors
+    /// See [`PublishError`].
+    pub async fn publish_envelope<E: Event>(
+        &self,
+        env: &Envelope<E>,
+    ) -> Result<Receipt, PublishError> {
+        self.publish_with(env.event(), env.meta()).await
+    }
+
+    /// Creates `E`'s stream if it is missing, and checks that an existing one
+    /// covers `E`'s subjects.
+    ///
+    /// # Errors
+    /// [`PublishError::Stream`].
+    pub async fn ensure_stream<E: Event>(&self) -> Result<(), PublishError> {
+        self.ensure(E::STREAM, E::STREAM_SUBJECTS, E::SUBJECT_FILTER)
+            .await
+    }
+
+    pub(crate) async fn ensure(
+        &self,
+        name: &'static str,
+        subjects: &'static str,
+        filter: &'static str,
+    ) -> Result<(), PublishError> {
+        if self.known(name) {
+            return Ok(());
+        }
+        ensure_stream(
+            &self.inner.js,
+            &self.inner.settings,
+            name,
+            vec![subjects.to_owned()],
+            filter,
+        )
+        .await?;
+        self.inner
+            .ensured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name);
+        Ok(())
+    }
+
+    fn known(&self, name: &'static str) -> bool {
+        self.inner
+            .ensured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
+    /// Sends every message, pipelined, and awaits every PubAck; transient
+    /// failures are retried with the same ids until `retry_for` runs out.
+    pub(crate) async fn send_all(&self, outs: &[Outgoing]) -> Result<Vec<Receipt>, PublishError> {
+        let max =
+            usize::try_from(self.inner.client.server_info().max_payload).unwrap_or(usize::MAX);
+        for out in outs {
+            let size = out.size();
+            if max > 0 && size > max {
+                return Err(PublishError::TooLarge {
+                    event: out.event,
+                    size,
+                    max,
+                });
+            }
+            self.ensure(out.stream, out.stream_subjects, out.filter)
+                .await?;
+        }
+        try_join_all(outs.iter().map(|o| self.send_one(o))).await
+    }
+
+    async fn send_one(&self, out: &Outgoing) -> Result<Receipt, PublishError> {
+        let deadline = tokio::time::Instant::now() + self.inner.retry_for;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let attempt = async {
+                let ack = self
+                    .inner
+                    .js
+                    .publish_with_headers(
+                        out.subject.clone(),
+                        out.headers.clone(),
+                        out.payload.clone(),
+                    )
+                    .await?;
+                ack.await
+            };
+            match attempt.await {
+                Ok(ack) => {
+                    return Ok(Receipt {
+                        event_id: out.id,
+                        correlation_id: out.correlation_id,
+                        stream: ack.stream,
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    });
+                }
+                Err(e) => {
+                    let transient = matches!(
+                        e.kind(),
+                        PublishErrorKind::TimedOut
+                            | PublishErrorKind::StreamNotFound
+                            | PublishErrorKind::BrokenPipe
+                            | PublishErrorKind::MaxAckPending
+                    );
+                    if !transient || tokio::time::Instant::now() + delay > deadline {
+                        return Err(PublishError::from_nats(out.event, &out.subject, e));
+                    }
+                    tracing::debug!(event = out.event, id = %out.id, error = %e, "publish failed, retrying with the same id");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Creates stream `name` if missing; checks an existing one covers `filter`.
+pub(crate) async fn ensure_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    name: &str,
+    subjects: Vec<String>,
+    filter: &str,
+) -> Result<(), StreamError> {
+    for _ in 0..3 {
+        match js.get_stream(name).await {
+            Ok(stream) => {
+                let have = &stream.cached_info().config.subjects;
+                if have.iter().any(|s| subject::covers(s, filter)) {
+                    return Ok(());
+                }
+                return Err(StreamError::DoesNotCover {
+                    stream: name.to_owned(),
+                    subjects: have.clone(),
+                    needed: filter.to_owned(),
+                });
+            }
+            Err(e) => match classify_jetstream(&e) {
+                Some(code) if code == jetstream::ErrorCode::STREAM_NOT_FOUND => {}
+                _ => return Err(StreamError::from_get(name, &e)),
+            },
+        }
+        match js
+            .create_stream(settings.config(name, subjects.clone()))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    stream = name,
+                    ?subjects,
+                    replicas = settings.replicas,
+                    "created stream"
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                // Another instance created it first: look again.
+                if matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST)
+                {
+                    continue;
+                }
+                return Err(StreamError::from_create(name, &subjects, &e));
+            }
+        }
+    }
+    Err(StreamError::Other {
+        stream: name.to_owned(),
+        reason: "the stream kept changing while it was being created".into(),
+    })
+}
