@@ -1,0 +1,62 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code, missing_docs, unreachable_pub, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use choreo::async_nats::{self, jetstream};
+use futures::StreamExt;
+
+/// Polls `cond` every 20 ms until it holds or `within` passes.
+pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut cond: F) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every message stored in `stream`, in order.
+pub async fn stream_messages(client: &async_nats::Client, stream: &str) -> Vec<jetstream::message::StreamMessage> {
+    let js = jetstream::new(client.clone());
+    let Ok(mut s) = js.get_stream(stream).await else { return Vec::new() };
+    let info = s.info().await.unwrap();
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    if info.state.messages == 0 {
+        return out;
+    }
+    for seq in first..=last {
+        if let Ok(m) = s.get_raw_message(seq).await {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// A header value of a stored message.
+pub fn header(m: &jetstream::message::StreamMessage, name: &str) -> Option<String> {
+    m.headers.get(name).map(|v| v.as_str().to_owned())
+}
+
+/// Waits until the DLQ holds `n` messages and returns them.
+pub async fn dead_letters(client: &async_nats::Client, n: usize, within: Duration) -> Vec<jetstream::message::StreamMessage> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let msgs = stream_messages(client, choreo::dlq::DLQ_STREAM).await;
+        if msgs.len() >= n {
+            return msgs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {n} dead letters; have {}: {:?}",
+            msgs.len(),
+            msgs.iter().map(|m| header(m, choreo::dlq::REASON)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Drains a core subscription's pending messages (unused helper kept small).
+pub async fn next_within(sub: &mut async_nats::Subscriber, within: Duration) -> Option<async_nats::Message> {
+    tokio::time::timeout(within, sub.next()).await.ok().flatten()
+}
