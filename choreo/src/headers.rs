@@ -224,7 +224,9 @@ impl Metadata {
     }
 
     /// Reads and validates the wire-format headers. Every required header must
-    /// appear exactly once; `Nats-Msg-Id`, when present, must equal `ce-id`.
+    /// appear exactly once. `Nats-Msg-Id` is JetStream's transport key and is
+    /// not read: `ce-id` is the event's identity (a dead-letter copy, for one,
+    /// carries its own `Nats-Msg-Id`).
     ///
     /// # Errors
     /// The first missing or malformed header, with its name and value.
@@ -242,11 +244,6 @@ impl Metadata {
             ));
         }
         let id = parse_id(CE_ID, required(h, CE_ID)?)?;
-        if let Some(msg_id) = optional(h, NATS_MSG_ID)?
-            && msg_id != id.to_string()
-        {
-            return Err(malformed(NATS_MSG_ID, msg_id, "the same id as ce-id"));
-        }
         let event_type = required(h, CE_TYPE)?;
         check_text(CE_TYPE, event_type)?;
         let source = required(h, CE_SOURCE)?;

@@ -26,19 +26,28 @@ async fn publishing_creates_the_stream_sets_every_header_and_returns_a_receipt()
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     let publisher = Publisher::new(client.clone(), "checkout").unwrap();
-    let e = OrderPlaced { order_id: "o-1".into(), total_cents: 4250 };
+    let e = OrderPlaced {
+        order_id: "o-1".into(),
+        total_cents: 4250,
+    };
     let receipt = publisher.publish(&e).await.unwrap();
     assert_eq!(receipt.stream, "ORDERS");
     assert_eq!(receipt.sequence, 1);
     assert!(!receipt.duplicate);
-    assert_eq!(receipt.event_id.to_string(), "82d82778-956f-568c-a96a-672fe4793154");
+    assert_eq!(
+        receipt.event_id.to_string(),
+        "82d82778-956f-568c-a96a-672fe4793154"
+    );
     assert_eq!(receipt.correlation_id, receipt.event_id);
 
     let js = jetstream::new(client.clone());
     let mut stream = js.get_stream("ORDERS").await.unwrap();
     let info = stream.info().await.unwrap();
     assert_eq!(info.config.subjects, vec!["orders.>".to_string()]);
-    assert_eq!(info.config.retention, jetstream::stream::RetentionPolicy::Limits);
+    assert_eq!(
+        info.config.retention,
+        jetstream::stream::RetentionPolicy::Limits
+    );
     let msg = stream.get_raw_message(1).await.unwrap();
     assert_eq!(msg.subject.as_str(), "orders.o-1.placed");
     for (name, want) in [
@@ -51,11 +60,16 @@ async fn publishing_creates_the_stream_sets_every_header_and_returns_a_receipt()
         (h::CE_CORRELATIONID, receipt.event_id.to_string()),
         (h::CONTENT_TYPE, "application/cbor".into()),
     ] {
-        assert_eq!(common::header(&msg, name).as_deref(), Some(want.as_str()), "{name}");
+        assert_eq!(
+            common::header(&msg, name).as_deref(),
+            Some(want.as_str()),
+            "{name}"
+        );
     }
     assert!(msg.headers.get(h::CE_CAUSATIONID).is_none());
     assert!(msg.headers.get(h::CE_TIME).is_some());
-    let back = choreo::Envelope::<OrderPlaced>::decode(&msg.subject, &msg.headers, &msg.payload).unwrap();
+    let back =
+        choreo::Envelope::<OrderPlaced>::decode(&msg.subject, &msg.headers, &msg.payload).unwrap();
     assert_eq!(back.into_event(), e);
 }
 
@@ -63,7 +77,10 @@ async fn publishing_creates_the_stream_sets_every_header_and_returns_a_receipt()
 async fn the_same_fact_twice_is_stored_once_and_the_receipt_says_duplicate() {
     let server = NatsServer::start().await.unwrap();
     let publisher = Publisher::new(server.connect().await.unwrap(), "checkout").unwrap();
-    let e = OrderPlaced { order_id: "o-7".into(), total_cents: 1 };
+    let e = OrderPlaced {
+        order_id: "o-7".into(),
+        total_cents: 1,
+    };
     let first = publisher.publish(&e).await.unwrap();
     let second = publisher.publish(&e).await.unwrap();
     assert!(!first.duplicate);
@@ -71,8 +88,14 @@ async fn the_same_fact_twice_is_stored_once_and_the_receipt_says_duplicate() {
     assert_eq!(second.sequence, first.sequence);
     assert_eq!(second.event_id, first.event_id);
     // Without a key, every publish is a new event.
-    let a = publisher.publish(&NoteAdded { text: "x".into() }).await.unwrap();
-    let b = publisher.publish(&NoteAdded { text: "x".into() }).await.unwrap();
+    let a = publisher
+        .publish(&NoteAdded { text: "x".into() })
+        .await
+        .unwrap();
+    let b = publisher
+        .publish(&NoteAdded { text: "x".into() })
+        .await
+        .unwrap();
     assert_ne!(a.event_id, b.event_id);
     assert!(!b.duplicate);
 }
@@ -100,29 +123,74 @@ async fn an_existing_stream_is_used_as_it_is_and_a_mismatch_is_a_clear_error() {
     .await
     .unwrap();
     let publisher = Publisher::new(client.clone(), "svc").unwrap();
-    publisher.publish(&NoteAdded { text: "hi".into() }).await.unwrap();
-    let info = js.get_stream("NOTES").await.unwrap().info().await.unwrap().clone();
+    publisher
+        .publish(&NoteAdded { text: "hi".into() })
+        .await
+        .unwrap();
+    let info = js
+        .get_stream("NOTES")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
     assert_eq!(info.config.max_messages, 1000);
-    assert_eq!(info.config.subjects, vec!["notes.*".to_string(), "other.>".to_string()]);
+    assert_eq!(
+        info.config.subjects,
+        vec!["notes.*".to_string(), "other.>".to_string()]
+    );
 
-    let err = publisher.publish(&OrderPlaced { order_id: "o".into(), total_cents: 1 }).await.unwrap_err();
+    let err = publisher
+        .publish(&OrderPlaced {
+            order_id: "o".into(),
+            total_cents: 1,
+        })
+        .await
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, PublishError::Stream(StreamError::DoesNotCover { .. })), "{msg}");
-    assert!(msg.contains("ORDERS") && msg.contains("orders.*.placed"), "{msg}");
+    assert!(
+        matches!(err, PublishError::Stream(StreamError::DoesNotCover { .. })),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("ORDERS") && msg.contains("orders.*.placed"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
 async fn a_payload_above_max_payload_is_refused_before_sending() {
-    let server = NatsServer::builder().config("max_payload: 2048").start().await.unwrap();
+    let server = NatsServer::builder()
+        .config("max_payload: 2048")
+        .start()
+        .await
+        .unwrap();
     let client = server.connect().await.unwrap();
     let publisher = Publisher::new(client.clone(), "svc").unwrap();
-    publisher.publish(&NoteAdded { text: "small".into() }).await.unwrap();
-    let err = publisher.publish(&NoteAdded { text: "x".repeat(4000) }).await.unwrap_err();
-    let PublishError::TooLarge { event, size, max } = &err else { panic!("{err:?}") };
+    publisher
+        .publish(&NoteAdded {
+            text: "small".into(),
+        })
+        .await
+        .unwrap();
+    let err = publisher
+        .publish(&NoteAdded {
+            text: "x".repeat(4000),
+        })
+        .await
+        .unwrap_err();
+    let PublishError::TooLarge { event, size, max } = &err else {
+        panic!("{err:?}")
+    };
     assert_eq!((*event, *max), ("NoteAdded", 2048));
     assert!(*size > 4000);
     assert!(err.to_string().contains("max_payload"), "{err}");
-    assert_eq!(common::stream_messages(&client, "NOTES").await.len(), 1, "nothing more was stored");
+    assert_eq!(
+        common::stream_messages(&client, "NOTES").await.len(),
+        1,
+        "nothing more was stored"
+    );
 }
 
 #[tokio::test]
@@ -130,7 +198,13 @@ async fn an_illegal_subject_value_publishes_nothing() {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     let publisher = Publisher::new(client.clone(), "svc").unwrap();
-    let err = publisher.publish(&OrderPlaced { order_id: "a.b".into(), total_cents: 1 }).await.unwrap_err();
+    let err = publisher
+        .publish(&OrderPlaced {
+            order_id: "a.b".into(),
+            total_cents: 1,
+        })
+        .await
+        .unwrap_err();
     assert!(matches!(err, PublishError::Subject(_)), "{err:?}");
     assert!(common::stream_messages(&client, "ORDERS").await.is_empty());
 }
@@ -141,11 +215,26 @@ async fn stream_settings_apply_to_streams_choreo_creates() {
     let client = server.connect().await.unwrap();
     let publisher = Publisher::new(client.clone(), "svc")
         .unwrap()
-        .with_stream_settings(StreamSettings::default().duplicate_window(std::time::Duration::from_secs(5)));
-    publisher.publish(&NoteAdded { text: "x".into() }).await.unwrap();
+        .with_stream_settings(
+            StreamSettings::default().duplicate_window(std::time::Duration::from_secs(5)),
+        );
+    publisher
+        .publish(&NoteAdded { text: "x".into() })
+        .await
+        .unwrap();
     let js = jetstream::new(client);
-    let info = js.get_stream("NOTES").await.unwrap().info().await.unwrap().clone();
-    assert_eq!(info.config.duplicate_window, std::time::Duration::from_secs(5));
+    let info = js
+        .get_stream("NOTES")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(
+        info.config.duplicate_window,
+        std::time::Duration::from_secs(5)
+    );
     let _ = EventId::new_random();
 }
 

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use choreo::{
-    Attempt, Context, Envelope, EventId, HandlerError, Metadata, Publisher, Service, State, States, event,
-    event_handler,
+    Attempt, Context, Envelope, EventId, HandlerError, Metadata, Publisher, Service, State, States,
+    event, event_handler,
 };
 use choreo_testkit::NatsServer;
 use common::eventually;
@@ -42,10 +42,21 @@ impl Seen {
         self.0.lock().unwrap().push((who, meta.clone(), attempt));
     }
     fn count(&self, who: &str) -> usize {
-        self.0.lock().unwrap().iter().filter(|(w, _, _)| *w == who).count()
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(w, _, _)| *w == who)
+            .count()
     }
     fn all(&self, who: &str) -> Vec<(Metadata, u32)> {
-        self.0.lock().unwrap().iter().filter(|(w, _, _)| *w == who).map(|(_, m, a)| (m.clone(), *a)).collect()
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(w, _, _)| *w == who)
+            .map(|(_, m, a)| (m.clone(), *a))
+            .collect()
     }
 }
 
@@ -60,7 +71,11 @@ async fn record_order_b(order: Envelope<OrderPlaced>, State(seen): State<Seen>) 
 }
 
 #[event_handler]
-async fn record_order_c(order: Envelope<OrderPlaced>, State(seen): State<Seen>, Attempt(a): Attempt) {
+async fn record_order_c(
+    order: Envelope<OrderPlaced>,
+    State(seen): State<Seen>,
+    Attempt(a): Attempt,
+) {
     seen.push("record_order_c", order.meta(), a);
 }
 
@@ -80,14 +95,29 @@ async fn three_services_fan_out_from_one_event() {
     }
     let publisher = Publisher::new(server.connect().await.unwrap(), "checkout").unwrap();
     for i in 0..5 {
-        publisher.publish(&OrderPlaced { order_id: format!("o-{i}"), total_cents: 1 }).await.unwrap();
+        publisher
+            .publish(&OrderPlaced {
+                order_id: format!("o-{i}"),
+                total_cents: 1,
+            })
+            .await
+            .unwrap();
     }
-    eventually(Duration::from_secs(10), "every service to see every order", || {
-        seen.count("record_order") == 5 && seen.count("record_order_b") == 5 && seen.count("record_order_c") == 5
-    })
+    eventually(
+        Duration::from_secs(10),
+        "every service to see every order",
+        || {
+            seen.count("record_order") == 5
+                && seen.count("record_order_b") == 5
+                && seen.count("record_order_c") == 5
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(seen.count("record_order") + seen.count("record_order_b") + seen.count("record_order_c"), 15);
+    assert_eq!(
+        seen.count("record_order") + seen.count("record_order_b") + seen.count("record_order_c"),
+        15
+    );
     for h in handles {
         h.shutdown().await;
     }
@@ -100,33 +130,63 @@ struct PerInstance(Arc<Mutex<HashMap<EventId, Vec<u8>>>>);
 struct InstanceId(u8);
 
 #[event_handler(concurrency = 4)]
-async fn work(order: Envelope<OrderPlaced>, State(log): State<PerInstance>, State(me): State<InstanceId>) {
+async fn work(
+    order: Envelope<OrderPlaced>,
+    State(log): State<PerInstance>,
+    State(me): State<InstanceId>,
+) {
     tokio::time::sleep(Duration::from_millis(2)).await;
-    log.0.lock().unwrap().entry(order.meta().id()).or_default().push(me.0);
+    log.0
+        .lock()
+        .unwrap()
+        .entry(order.meta().id())
+        .or_default()
+        .push(me.0);
 }
 
 #[tokio::test]
 async fn two_instances_of_one_service_share_the_durable_and_handle_each_event_once() {
     let server = NatsServer::start().await.unwrap();
     let log = PerInstance::default();
-    let a = Service::new("workers").state(log.clone()).state(InstanceId(1)).handler(work);
-    let b = Service::new("workers").state(log.clone()).state(InstanceId(2)).handler(work);
+    let a = Service::new("workers")
+        .state(log.clone())
+        .state(InstanceId(1))
+        .handler(work);
+    let b = Service::new("workers")
+        .state(log.clone())
+        .state(InstanceId(2))
+        .handler(work);
     let a = a.start(server.connect().await.unwrap()).await.unwrap();
     let b = b.start(server.connect().await.unwrap()).await.unwrap();
     let publisher = Publisher::new(server.connect().await.unwrap(), "checkout").unwrap();
     let n = 200;
     for i in 0..n {
-        publisher.publish(&OrderPlaced { order_id: format!("o-{i}"), total_cents: 1 }).await.unwrap();
+        publisher
+            .publish(&OrderPlaced {
+                order_id: format!("o-{i}"),
+                total_cents: 1,
+            })
+            .await
+            .unwrap();
     }
-    eventually(Duration::from_secs(20), "all orders handled", || log.0.lock().unwrap().len() == n).await;
+    eventually(Duration::from_secs(20), "all orders handled", || {
+        log.0.lock().unwrap().len() == n
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let log = log.0.lock().unwrap();
     assert_eq!(log.len(), n);
     let twice: Vec<_> = log.iter().filter(|(_, v)| v.len() != 1).collect();
     assert!(twice.is_empty(), "handled more than once: {twice:?}");
     let by_a = log.values().filter(|v| v[0] == 1).count();
-    assert!(by_a > 0 && by_a < n, "both instances should take work, instance 1 took {by_a} of {n}");
-    assert_eq!(a.stats("work").unwrap().handled() + b.stats("work").unwrap().handled(), n as u64);
+    assert!(
+        by_a > 0 && by_a < n,
+        "both instances should take work, instance 1 took {by_a} of {n}"
+    );
+    assert_eq!(
+        a.stats("work").unwrap().handled() + b.stats("work").unwrap().handled(),
+        n as u64
+    );
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -135,13 +195,17 @@ async fn two_instances_of_one_service_share_the_durable_and_handle_each_event_on
 
 #[event_handler]
 async fn charge(order: OrderPlaced, ctx: Context) -> Result<(), HandlerError> {
-    ctx.emit(PaymentCaptured { order_id: order.order_id });
+    ctx.emit(PaymentCaptured {
+        order_id: order.order_id,
+    });
     Ok(())
 }
 
 #[event_handler]
 async fn ship(payment: PaymentCaptured, ctx: Context) -> Result<(), HandlerError> {
-    ctx.emit(OrderShipped { order_id: payment.order_id });
+    ctx.emit(OrderShipped {
+        order_id: payment.order_id,
+    });
     Ok(())
 }
 
@@ -154,29 +218,60 @@ async fn delivered(e: Envelope<OrderShipped>, State(seen): State<Seen>) {
 async fn correlation_and_causation_travel_across_a_three_hop_chain() {
     let server = NatsServer::start().await.unwrap();
     let seen = Seen::default();
-    let payments = Service::new("payments").handler(charge).start(server.connect().await.unwrap()).await.unwrap();
-    let shipping = Service::new("shipping").handler(ship).start(server.connect().await.unwrap()).await.unwrap();
-    let tracker =
-        Service::new("tracker").state(seen.clone()).handler(delivered).start(server.connect().await.unwrap()).await.unwrap();
+    let payments = Service::new("payments")
+        .handler(charge)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
+    let shipping = Service::new("shipping")
+        .handler(ship)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
+    let tracker = Service::new("tracker")
+        .state(seen.clone())
+        .handler(delivered)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
     let client = server.connect().await.unwrap();
     let publisher = Publisher::new(client.clone(), "checkout").unwrap();
-    let root = publisher.publish(&OrderPlaced { order_id: "o-1".into(), total_cents: 10 }).await.unwrap();
-    eventually(Duration::from_secs(10), "the shipment", || seen.count("delivered") == 1).await;
+    let root = publisher
+        .publish(&OrderPlaced {
+            order_id: "o-1".into(),
+            total_cents: 10,
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the shipment", || {
+        seen.count("delivered") == 1
+    })
+    .await;
 
     let payments_msgs = common::stream_messages(&client, "PAYMENTS").await;
     assert_eq!(payments_msgs.len(), 1);
-    let captured = Envelope::<PaymentCaptured>::decode(&payments_msgs[0].subject, &payments_msgs[0].headers, &payments_msgs[0].payload)
-        .unwrap();
+    let captured = Envelope::<PaymentCaptured>::decode(
+        &payments_msgs[0].subject,
+        &payments_msgs[0].headers,
+        &payments_msgs[0].payload,
+    )
+    .unwrap();
     assert_eq!(captured.meta().correlation_id(), root.event_id);
     assert_eq!(captured.meta().causation_id(), Some(root.event_id));
     assert_eq!(captured.meta().source(), "payments");
-    assert_eq!(captured.meta().id(), EventId::emitted("payments.charge", root.event_id, "PaymentCaptured", 0));
+    assert_eq!(
+        captured.meta().id(),
+        EventId::emitted("payments.charge", root.event_id, "PaymentCaptured", 0)
+    );
 
     let (shipped, _) = seen.all("delivered").remove(0);
     assert_eq!(shipped.correlation_id(), root.event_id);
     assert_eq!(shipped.causation_id(), Some(captured.meta().id()));
     assert_eq!(shipped.source(), "shipping");
-    assert_eq!(shipped.id(), EventId::emitted("shipping.ship", captured.meta().id(), "OrderShipped", 0));
+    assert_eq!(
+        shipped.id(),
+        EventId::emitted("shipping.ship", captured.meta().id(), "OrderShipped", 0)
+    );
     for h in [payments, shipping, tracker] {
         h.shutdown().await;
     }
@@ -188,7 +283,9 @@ async fn correlation_and_causation_travel_across_a_three_hop_chain() {
 async fn slow(order: Envelope<OrderPlaced>, ctx: Context, State(seen): State<Seen>) {
     seen.push("slow_start", order.meta(), ctx.attempt());
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    ctx.emit(PaymentCaptured { order_id: order.order_id.clone() });
+    ctx.emit(PaymentCaptured {
+        order_id: order.order_id.clone(),
+    });
     seen.push("slow_done", order.meta(), ctx.attempt());
 }
 
@@ -196,12 +293,33 @@ async fn slow(order: Envelope<OrderPlaced>, ctx: Context, State(seen): State<See
 async fn in_progress_acks_keep_a_long_handler_from_redelivery() {
     let server = NatsServer::start().await.unwrap();
     let seen = Seen::default();
-    let svc = Service::new("slowpoke").state(seen.clone()).handler(slow).start(server.connect().await.unwrap()).await.unwrap();
+    let svc = Service::new("slowpoke")
+        .state(seen.clone())
+        .handler(slow)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
     let client = server.connect().await.unwrap();
-    Publisher::new(client.clone(), "t").unwrap().publish(&OrderPlaced { order_id: "o".into(), total_cents: 1 }).await.unwrap();
-    eventually(Duration::from_secs(15), "the slow handler to finish", || seen.count("slow_done") == 1).await;
+    Publisher::new(client.clone(), "t")
+        .unwrap()
+        .publish(&OrderPlaced {
+            order_id: "o".into(),
+            total_cents: 1,
+        })
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the slow handler to finish",
+        || seen.count("slow_done") == 1,
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(seen.count("slow_start"), 1, "3.5 s of work under a 1 s ack_wait was redelivered");
+    assert_eq!(
+        seen.count("slow_start"),
+        1,
+        "3.5 s of work under a 1 s ack_wait was redelivered"
+    );
     assert_eq!(seen.all("slow_start")[0].1, 1);
     assert_eq!(svc.stats("slow").unwrap().handled(), 1);
     svc.shutdown().await;
@@ -211,16 +329,44 @@ async fn in_progress_acks_keep_a_long_handler_from_redelivery() {
 async fn graceful_shutdown_finishes_in_flight_work_publishes_and_acks() {
     let server = NatsServer::start().await.unwrap();
     let seen = Seen::default();
-    let svc = Service::new("slowpoke").state(seen.clone()).handler(slow).start(server.connect().await.unwrap()).await.unwrap();
+    let svc = Service::new("slowpoke")
+        .state(seen.clone())
+        .handler(slow)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
     let client = server.connect().await.unwrap();
-    Publisher::new(client.clone(), "t").unwrap().publish(&OrderPlaced { order_id: "o".into(), total_cents: 1 }).await.unwrap();
-    eventually(Duration::from_secs(10), "the handler to start", || seen.count("slow_start") == 1).await;
+    Publisher::new(client.clone(), "t")
+        .unwrap()
+        .publish(&OrderPlaced {
+            order_id: "o".into(),
+            total_cents: 1,
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the handler to start", || {
+        seen.count("slow_start") == 1
+    })
+    .await;
     svc.shutdown().await;
-    assert_eq!(seen.count("slow_done"), 1, "shutdown returned before the running handler finished");
-    assert_eq!(common::stream_messages(&client, "PAYMENTS").await.len(), 1, "its emission was published");
+    assert_eq!(
+        seen.count("slow_done"),
+        1,
+        "shutdown returned before the running handler finished"
+    );
+    assert_eq!(
+        common::stream_messages(&client, "PAYMENTS").await.len(),
+        1,
+        "its emission was published"
+    );
     // Acked: a new instance does not get it again.
     let seen2 = Seen::default();
-    let again = Service::new("slowpoke").state(seen2.clone()).handler(slow).start(server.connect().await.unwrap()).await.unwrap();
+    let again = Service::new("slowpoke")
+        .state(seen2.clone())
+        .handler(slow)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(seen2.count("slow_start"), 0);
     again.shutdown().await;
@@ -228,7 +374,10 @@ async fn graceful_shutdown_finishes_in_flight_work_publishes_and_acks() {
 
 #[tokio::test]
 async fn a_handler_stays_callable_as_a_plain_async_fn() {
-    let order = OrderPlaced { order_id: "o-9".into(), total_cents: 5 };
+    let order = OrderPlaced {
+        order_id: "o-9".into(),
+        total_cents: 5,
+    };
     let meta = Metadata::root(&order, "checkout").unwrap();
     let ctx = Context::for_test("payments", "charge", meta.clone(), States::default());
     charge(order, ctx.clone()).await.unwrap();
@@ -236,24 +385,48 @@ async fn a_handler_stays_callable_as_a_plain_async_fn() {
     assert_eq!(emitted.len(), 1);
     assert_eq!(emitted[0].event_type, "PaymentCaptured");
     assert_eq!(emitted[0].subject, "payments.o-9.captured");
-    assert_eq!(emitted[0].id, Some(EventId::emitted("payments.charge", meta.id(), "PaymentCaptured", 0)));
-    assert_eq!(ctx.idempotency_key(), format!("payments.charge:{}", meta.id()));
+    assert_eq!(
+        emitted[0].id,
+        Some(EventId::emitted(
+            "payments.charge",
+            meta.id(),
+            "PaymentCaptured",
+            0
+        ))
+    );
+    assert_eq!(
+        ctx.idempotency_key(),
+        format!("payments.charge:{}", meta.id())
+    );
 }
 
 #[tokio::test]
 async fn a_missing_state_fails_at_start_naming_the_type() {
     let server = NatsServer::start().await.unwrap();
-    let err = Service::new("x").handler(record_order).start(server.connect().await.unwrap()).await.unwrap_err();
+    let err = Service::new("x")
+        .handler(record_order)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("record_order") && msg.contains("Seen") && msg.contains("Service::state"), "{msg}");
+    assert!(
+        msg.contains("record_order") && msg.contains("Seen") && msg.contains("Service::state"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
 async fn bad_service_names_and_duplicate_handlers_fail_at_start() {
     let server = NatsServer::start().await.unwrap();
     for bad in ["", "has space", "dot.ted", "star*"] {
-        let err = Service::new(bad).start(server.connect().await.unwrap()).await.unwrap_err();
-        assert!(matches!(err, choreo::StartError::InvalidName { .. }), "{bad:?}: {err}");
+        let err = Service::new(bad)
+            .start(server.connect().await.unwrap())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, choreo::StartError::InvalidName { .. }),
+            "{bad:?}: {err}"
+        );
     }
     let err = Service::new("dup")
         .state(Seen::default())
@@ -268,14 +441,24 @@ async fn bad_service_names_and_duplicate_handlers_fail_at_start() {
 #[tokio::test]
 async fn durable_consumers_are_named_from_service_and_handler() {
     let server = NatsServer::start().await.unwrap();
-    let svc = Service::new("payments").handler(charge).start(server.connect().await.unwrap()).await.unwrap();
+    let svc = Service::new("payments")
+        .handler(charge)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
     let js = choreo::async_nats::jetstream::new(server.connect().await.unwrap());
     let stream = js.get_stream("ORDERS").await.unwrap();
     let mut c: choreo::async_nats::jetstream::consumer::PullConsumer =
         stream.get_consumer("payments--charge").await.unwrap();
     let info = c.info().await.unwrap();
     assert_eq!(info.config.filter_subject, "orders.*.placed");
-    assert_eq!(info.config.max_deliver, 5, "deliveries are bounded by default");
-    assert_eq!(info.config.ack_policy, choreo::async_nats::jetstream::consumer::AckPolicy::Explicit);
+    assert_eq!(
+        info.config.max_deliver, 5,
+        "deliveries are bounded by default"
+    );
+    assert_eq!(
+        info.config.ack_policy,
+        choreo::async_nats::jetstream::consumer::AckPolicy::Explicit
+    );
     svc.shutdown().await;
 }

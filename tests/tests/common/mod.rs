@@ -10,15 +10,23 @@ use futures::StreamExt;
 pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut cond: F) {
     let deadline = tokio::time::Instant::now() + within;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Every message stored in `stream`, in order.
-pub async fn stream_messages(client: &async_nats::Client, stream: &str) -> Vec<jetstream::message::StreamMessage> {
+pub async fn stream_messages(
+    client: &async_nats::Client,
+    stream: &str,
+) -> Vec<jetstream::message::StreamMessage> {
     let js = jetstream::new(client.clone());
-    let Ok(mut s) = js.get_stream(stream).await else { return Vec::new() };
+    let Ok(mut s) = js.get_stream(stream).await else {
+        return Vec::new();
+    };
     let info = s.info().await.unwrap();
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
     let mut out = Vec::new();
@@ -39,7 +47,11 @@ pub fn header(m: &jetstream::message::StreamMessage, name: &str) -> Option<Strin
 }
 
 /// Waits until the DLQ holds `n` messages and returns them.
-pub async fn dead_letters(client: &async_nats::Client, n: usize, within: Duration) -> Vec<jetstream::message::StreamMessage> {
+pub async fn dead_letters(
+    client: &async_nats::Client,
+    n: usize,
+    within: Duration,
+) -> Vec<jetstream::message::StreamMessage> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let msgs = stream_messages(client, choreo::dlq::DLQ_STREAM).await;
@@ -50,13 +62,21 @@ pub async fn dead_letters(client: &async_nats::Client, n: usize, within: Duratio
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {n} dead letters; have {}: {:?}",
             msgs.len(),
-            msgs.iter().map(|m| header(m, choreo::dlq::REASON)).collect::<Vec<_>>()
+            msgs.iter()
+                .map(|m| header(m, choreo::dlq::REASON))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Drains a core subscription's pending messages (unused helper kept small).
-pub async fn next_within(sub: &mut async_nats::Subscriber, within: Duration) -> Option<async_nats::Message> {
-    tokio::time::timeout(within, sub.next()).await.ok().flatten()
+pub async fn next_within(
+    sub: &mut async_nats::Subscriber,
+    within: Duration,
+) -> Option<async_nats::Message> {
+    tokio::time::timeout(within, sub.next())
+        .await
+        .ok()
+        .flatten()
 }
