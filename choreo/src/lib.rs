@@ -123,24 +123,12 @@ pub mod __private {
 
     pub use crate::codec::{decode_cbor, unknown_version};
     pub use crate::handler::BoxFuture;
-    use crate::handler::{DeliverPolicy, HandlerError, IntoHandlerResult};
+    use crate::handler::{DeliverPolicy, HandlerError};
 
     /// A handler future that fails at once (an extractor failed).
     pub fn ready_err(e: HandlerError) -> BoxFuture<Result<(), HandlerError>> {
         Box::pin(std::future::ready(Err(e)))
     }
-
-    /// Boxes a handler body's future and converts its output to a verdict.
-    pub fn into_result<F>(f: F) -> BoxFuture<Result<(), HandlerError>>
-    where
-        F: std::future::Future + Send + 'static,
-        F::Output: IntoHandlerResult,
-    {
-        Box::pin(async move { f.await.into_handler_result() })
-    }
-
-    /// Points a wrong return type's error at the return type.
-    pub fn assert_handler_result<R: IntoHandlerResult>() {}
 
     /// `DeliverPolicy::Since` from a checked Unix time in nanoseconds.
     pub fn deliver_since(unix_nanos: i128) -> DeliverPolicy {

@@ -306,8 +306,7 @@ impl Publisher {
     /// Sends every message, pipelined, and awaits every PubAck; transient
     /// failures are retried with the same ids until `retry_for` runs out.
     pub(crate) async fn send_all(&self, outs: &[Outgoing]) -> Result<Vec<Receipt>, PublishError> {
-        let max =
-            usize::try_from(self.inner.client.server_info().max_payload).unwrap_or(usize::MAX);
+        let max = self.inner.client.server_info().max_payload;
         for out in outs {
             let size = out.size();
             if max > 0 && size > max {

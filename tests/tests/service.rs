@@ -35,7 +35,9 @@ pub struct OrderShipped {
 
 /// What handlers saw: handler name → (event id, attempt, metadata).
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(&'static str, Metadata, u32)>>>);
+struct Seen(Arc<Mutex<Vec<Sighting>>>);
+
+type Sighting = (&'static str, Metadata, u32);
 
 impl Seen {
     fn push(&self, who: &'static str, meta: &Metadata, attempt: u32) {
@@ -174,7 +176,7 @@ async fn two_instances_of_one_service_share_the_durable_and_handle_each_event_on
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let log = log.0.lock().unwrap();
+    let log = log.0.lock().unwrap().clone();
     assert_eq!(log.len(), n);
     let twice: Vec<_> = log.iter().filter(|(_, v)| v.len() != 1).collect();
     assert!(twice.is_empty(), "handled more than once: {twice:?}");

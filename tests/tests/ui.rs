@@ -5,5 +5,6 @@
 fn ui() {
     let t = trybuild::TestCases::new();
     t.compile_fail("ui/event/*.rs");
+    t.compile_fail("ui/handler/*.rs");
     t.pass("ui/pass/*.rs");
 }

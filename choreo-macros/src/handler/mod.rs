@@ -235,16 +235,24 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
         ReturnType::Type(_, t) => t.span(),
     };
     let event_ty = tys[0];
-    let event_arg = quote_spanned!(event_ty.span()=> <#event_ty as #krate::EventArg>);
-    let extractors: Vec<TokenStream> = tys[1..]
+    let event_assoc = quote_spanned!(event_ty.span()=> <#event_ty as #krate::EventArg>::Event);
+    let envelope_ty = quote_spanned!(event_ty.span()=> #krate::Envelope<Self::Event>);
+    let event_from =
+        quote_spanned!(event_ty.span()=> <#event_ty as #krate::EventArg>::from_envelope);
+    let checks: Vec<TokenStream> = tys[1..]
         .iter()
-        .map(|t| quote_spanned!(t.span()=> <#t as #krate::FromContext>))
+        .map(|t| quote_spanned!(t.span()=> <#t as #krate::FromContext>::check))
+        .collect();
+    let extracts: Vec<TokenStream> = tys[1..]
+        .iter()
+        .map(|t| quote_spanned!(t.span()=> <#t as #krate::FromContext>::from_context))
         .collect();
     let first = &args[0];
     let rest = &args[1..];
-    let assert_ret = quote_spanned!(ret_span=> #p::assert_handler_result::<#ret>());
     let inner = format_ident!("__choreo_handler", span = Span::mixed_site());
     let block = &f.block;
+    let verdict =
+        quote_spanned!(ret_span=> <#ret as #krate::IntoHandlerResult>::into_handler_result);
     let inputs = &f.sig.inputs;
     let output = &f.sig.output;
     let boxed = quote_spanned! {f.sig.ident.span()=>
@@ -272,35 +280,35 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
         }
 
         impl #krate::Handler for #ident {
-            type Event = #event_arg::Event;
+            type Event = #event_assoc;
 
             fn name(&self) -> &'static str {
                 #hname
             }
 
             fn options(&self) -> #krate::HandlerOptions {
-                #krate::HandlerOptions::default() #(#setters)*
+                <#krate::HandlerOptions as ::core::default::Default>::default() #(#setters)*
             }
 
             fn check(&self, states: &#krate::States) -> ::core::result::Result<(), #krate::MissingState> {
-                #( #extractors::check(states)?; )*
+                #( #checks(states)?; )*
                 ::core::result::Result::Ok(())
             }
 
             fn call(
                 &self,
-                event: #krate::Envelope<Self::Event>,
+                event: #envelope_ty,
                 ctx: &#krate::Context,
             ) -> #p::BoxFuture<::core::result::Result<(), #krate::HandlerError>> {
-                #assert_ret;
-                let #first = #event_arg::from_envelope(event);
+                let #first = #event_from(event);
                 #(
-                    let #rest = match #extractors::from_context(ctx) {
+                    let #rest = match #extracts(ctx) {
                         ::core::result::Result::Ok(v) => v,
                         ::core::result::Result::Err(e) => return #p::ready_err(e),
                     };
                 )*
-                #p::into_result(#ident::#inner(#(#args),*))
+                let fut = #ident::#inner(#(#args),*);
+                ::std::boxed::Box::pin(async move { #verdict(fut.await) })
             }
         }
     }

@@ -36,4 +36,13 @@ impl ::core::convert::From<OrderPlacedV1> for OrderPlaced {
     }
 }
 
+#[choreo::event_handler(concurrency = 2, backoff = ["1s"])]
+async fn on_order(order: OrderPlaced, ctx: choreo::Context) -> ::core::result::Result<(), choreo::HandlerError> {
+    let _ = (order.order_id, ctx);
+    ::core::result::Result::Ok(())
+}
+
+#[choreo::event_handler]
+async fn on_order_unit(_order: OrderPlaced) {}
+
 fn main() {}

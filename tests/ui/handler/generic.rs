@@ -1,0 +1,13 @@
+#![allow(unused)]
+
+use choreo::{event, event_handler, Context, HandlerError};
+
+#[event(subject = "orders.{order_id}.placed", key = order_id)]
+pub struct OrderPlaced {
+    pub order_id: String,
+}
+
+#[event_handler]
+async fn charge<T: Send + 'static>(order: OrderPlaced, extra: T) {}
+
+fn main() {}

@@ -1,0 +1,15 @@
+#![allow(unused)]
+
+use choreo::{event, event_handler, Context, HandlerError};
+
+#[event(subject = "orders.{order_id}.placed", key = order_id)]
+pub struct OrderPlaced {
+    pub order_id: String,
+}
+
+#[event_handler]
+async fn charge(order: OrderPlaced) -> u32 {
+    7
+}
+
+fn main() {}
