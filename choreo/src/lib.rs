@@ -11,6 +11,7 @@ pub mod event;
 pub mod handler;
 pub mod headers;
 pub mod id;
+pub mod inbox;
 pub mod publish;
 pub mod service;
 pub mod subject;

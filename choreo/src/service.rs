@@ -18,6 +18,7 @@ use crate::envelope::Envelope;
 use crate::error::{StreamError, recent_permission_error};
 use crate::event::Event;
 use crate::handler::{BoxFuture, DeliverPolicy, Handler, HandlerOptions, MissingState, States};
+use crate::inbox::{self, Claim, Inbox};
 use crate::publish::{Publisher, StreamSettings, ensure_stream};
 
 /// A service failed to start. Nothing was left running.
@@ -83,6 +84,8 @@ pub struct HandlerStats {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     panicked: AtomicU64,
+    skipped: AtomicU64,
+    waited: AtomicU64,
 }
 
 impl HandlerStats {
@@ -101,6 +104,15 @@ impl HandlerStats {
     /// Invocations that panicked (each also counted as retried or dead-lettered).
     pub fn panicked(&self) -> u64 {
         self.panicked.load(Ordering::Relaxed)
+    }
+    /// Deliveries that found another instance running the handler for the
+    /// same event (its claim in the inbox) and waited for its outcome.
+    pub fn waited(&self) -> u64 {
+        self.waited.load(Ordering::Relaxed)
+    }
+    /// Deliveries acked and skipped because the inbox shows the event handled.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
     }
 }
 
@@ -126,13 +138,24 @@ impl HandlerStats {
 /// Service::new("payments").handler(charge_payment).run(client).await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
 pub struct Service {
     name: String,
     states: States,
     handlers: Vec<Arc<dyn Erased>>,
     stream_settings: StreamSettings,
     shutdown_grace: Duration,
+    inbox_retention: Duration,
+    fault: Option<FaultHook>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .field("handlers", &self.handlers)
+            .field("states", &self.states)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Service {
@@ -145,7 +168,24 @@ impl Service {
             handlers: Vec::new(),
             stream_settings: StreamSettings::default(),
             shutdown_grace: Duration::from_secs(30),
+            inbox_retention: inbox::DEFAULT_RETENTION,
+            fault: None,
         }
+    }
+
+    /// How long the inbox remembers handled events (default 7 days; keep it
+    /// at least the streams' duplicate window). Bucket-wide, so it applies
+    /// when the bucket is created.
+    pub fn inbox_retention(mut self, retention: Duration) -> Self {
+        self.inbox_retention = retention;
+        self
+    }
+
+    /// Installs a fault hook. For fault tests only: not part of the stable API.
+    #[doc(hidden)]
+    pub fn fault_hook(mut self, hook: FaultHook) -> Self {
+        self.fault = Some(hook);
+        self
     }
 
     /// Registers shared state that handlers take as [`State<T>`](crate::State).
@@ -222,6 +262,16 @@ impl Service {
             .map_err(|_| StartError::InvalidName { name: name.clone() })?
             .with_stream_settings(self.stream_settings.clone());
 
+        let needs_inbox = self.handlers.iter().any(|h| h.options().idempotent);
+        let inbox = if needs_inbox {
+            Some(
+                Inbox::open(&js, &name, self.inbox_retention, self.stream_settings.replicas)
+                    .await
+                    .map_err(|e| StartError::Stream(StreamError::Other { stream: inbox::bucket(&name), reason: e.to_string() }))?,
+            )
+        } else {
+            None
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
         let service: Arc<str> = Arc::from(name.as_str());
         let states = Arc::new(self.states);
@@ -253,6 +303,8 @@ impl Service {
                 stats: Arc::new(HandlerStats::default()),
                 client: client.clone(),
                 js: js.clone(),
+                inbox: if h.options().idempotent { inbox.clone() } else { None },
+                fault: self.fault.clone(),
             });
             stats.push((h.name(), rt.stats.clone()));
             tasks.spawn(pull_loop(
@@ -466,7 +518,30 @@ pub(crate) struct Runtime {
     pub(crate) stats: Arc<HandlerStats>,
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
+    pub(crate) inbox: Option<Inbox>,
+    pub(crate) fault: Option<FaultHook>,
 }
+
+/// A step of handling one event at which a fault test can stop the runtime.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FaultPoint {
+    /// The handler returned `Ok`; nothing was published yet.
+    BeforeEmit,
+    /// The first emitted event is acknowledged, the others are not sent.
+    BetweenEmits,
+    /// Every emission is acknowledged; the inbox record is not written.
+    AfterEmit,
+    /// The inbox record is written; the event is not acked.
+    AfterRecord,
+}
+
+/// Called at each [`FaultPoint`] with the handled event's id; returning
+/// `true` stops handling that event right there, with no verdict, as a crash
+/// would. For fault tests only: not part of the stable API.
+#[doc(hidden)]
+pub type FaultHook = Arc<dyn Fn(FaultPoint, crate::EventId) -> bool + Send + Sync>;
 
 /// A handler with its event type erased.
 pub(crate) trait Erased: Send + Sync + std::fmt::Debug {
@@ -592,10 +667,7 @@ async fn pull_loop(
 
 async fn process<H: Handler>(handler: Arc<Typed<H>>, msg: jetstream::Message, rt: Arc<Runtime>) {
     let (attempt, stream_sequence) = match msg.info() {
-        Ok(info) => (
-            u32::try_from(info.delivered).unwrap_or(u32::MAX),
-            info.stream_sequence,
-        ),
+        Ok(info) => (u32::try_from(info.delivered).unwrap_or(u32::MAX), info.stream_sequence),
         Err(_) => (1, 0),
     };
     let subject = msg.subject.to_string();
@@ -612,109 +684,231 @@ async fn process<H: Handler>(handler: Arc<Typed<H>>, msg: jetstream::Message, rt
         stream_sequence,
         subject = %subject,
     );
-    async move {
-        let empty = async_nats::HeaderMap::new();
-        let headers = msg.headers.as_ref().unwrap_or(&empty);
-        let env = match Envelope::<H::Event>::decode(&subject, headers, &msg.payload) {
-            Ok(env) => env,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot decode the event; dead-lettering it");
-                dead_letter(&rt, &msg, Reason::from_decode(&e), &e.to_string(), attempt, stream_sequence).await;
-                return;
-            }
-        };
-        let span = tracing::Span::current();
-        span.record("event_id", tracing::field::display(env.meta().id()));
-        span.record("correlation_id", tracing::field::display(env.meta().correlation_id()));
-        if let Some(c) = env.meta().causation_id() {
-            span.record("causation_id", tracing::field::display(c));
-        }
-        if let Some(t) = env.meta().traceparent() {
-            span.record("traceparent", t);
-        }
-        let ctx = Context::new(
-            env.meta().clone(),
-            Delivery { subject: subject.clone(), attempt, stream_sequence },
-            rt.service.clone(),
-            rt.handler,
-            rt.handler_id.clone(),
-            rt.states.clone(),
-        );
+    let delivery = Delivery { subject, attempt, stream_sequence };
+    handle::<H>(&handler.0, &msg, &rt, delivery).instrument(span).await;
+}
 
-        // In-progress acks keep a long handler's event from being redelivered.
-        let result = {
-            let call = AssertUnwindSafe(handler.0.call(env, &ctx)).catch_unwind();
-            tokio::pin!(call);
-            let mut ticker = tokio::time::interval(rt.options.ack_wait / 3);
-            ticker.tick().await;
-            loop {
-                tokio::select! {
-                    r = &mut call => break r,
-                    _ = ticker.tick() => {
-                        if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                            tracing::debug!(error = %e, "in-progress ack failed");
-                        }
-                    }
+/// Decode → claim → run (with in-progress acks) → emit → record → ack, or
+/// nak / dead-letter. Every path ends with a verdict, except a fault point.
+async fn handle<H: Handler>(handler: &H, msg: &jetstream::Message, rt: &Runtime, delivery: Delivery) {
+    let (attempt, seq) = (delivery.attempt, delivery.stream_sequence);
+    let empty = async_nats::HeaderMap::new();
+    let headers = msg.headers.as_ref().unwrap_or(&empty);
+    let env = match Envelope::<H::Event>::decode(&delivery.subject, headers, &msg.payload) {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot decode the event; dead-lettering it");
+            dead_letter(rt, msg, Reason::from_decode(&e), &e.to_string(), attempt, seq).await;
+            return;
+        }
+    };
+    let meta = env.meta().clone();
+    let span = tracing::Span::current();
+    span.record("event_id", tracing::field::display(meta.id()));
+    span.record("correlation_id", tracing::field::display(meta.correlation_id()));
+    if let Some(c) = meta.causation_id() {
+        span.record("causation_id", tracing::field::display(c));
+    }
+    if let Some(t) = meta.traceparent() {
+        span.record("traceparent", t);
+    }
+
+    // The inbox: skip what is handled, wait for what another instance runs.
+    let key = inbox::key(rt.handler, meta.id());
+    let mut claim = None;
+    if let Some(inbox) = &rt.inbox {
+        match claim_or_wait(rt, inbox, msg, &key).await {
+            Ok(Some(rev)) => claim = Some(rev),
+            Ok(None) => {
+                rt.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("already handled (inbox); acked and skipped");
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(error = %e, "ack failed; the event will be redelivered and skipped again");
                 }
-            }
-        };
-        let outgoing = ctx.take_outgoing();
-        let error = match result {
-            Ok(Ok(())) => {
-                let mut outs = Vec::with_capacity(outgoing.len());
-                for o in outgoing {
-                    match o {
-                        Ok(o) => outs.push(o),
-                        Err(e) => {
-                            tracing::error!(error = %e, "an emitted event could not be built; dead-lettering the handled event");
-                            dead_letter(&rt, &msg, Reason::EmitFailed, &e.to_string(), attempt, stream_sequence).await;
-                            return;
-                        }
-                    }
-                }
-                match rt.publisher.send_all(&outs).await {
-                    Ok(_) => {
-                        if let Err(e) = msg.ack().await {
-                            tracing::warn!(error = %e, "ack failed; the event will be redelivered");
-                        }
-                        rt.stats.handled.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(emitted = outs.len(), "handled");
-                        return;
-                    }
-                    Err(crate::PublishError::TooLarge { .. } | crate::PublishError::Stream(StreamError::DoesNotCover { .. })) => {
-                        // No retry can make these succeed.
-                        let e = "an emitted event cannot be published (too large, or its stream does not cover it)";
-                        dead_letter(&rt, &msg, Reason::EmitFailed, e, attempt, stream_sequence).await;
-                        return;
-                    }
-                    Err(e) => format!("publishing emitted events failed: {e}"),
-                }
-            }
-            Ok(Err(e)) if e.is_permanent() => {
-                tracing::warn!(error = %e, "handler failed permanently; dead-lettering the event");
-                dead_letter(&rt, &msg, Reason::PermanentError, &e.to_string(), attempt, stream_sequence).await;
                 return;
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(panic) => {
-                rt.stats.panicked.fetch_add(1, Ordering::Relaxed);
-                format!("handler panicked: {}", panic_message(&*panic))
-            }
-        };
-        if attempt >= rt.options.max_deliver {
-            tracing::warn!(error = %error, "failed on the last allowed delivery; dead-lettering the event");
-            dead_letter(&rt, &msg, Reason::MaxDeliverExceeded, &error, attempt, stream_sequence).await;
-        } else {
-            let delay = rt.options.delay_after(attempt);
-            tracing::info!(error = %error, retry_in = ?delay, "handler failed; will retry");
-            rt.stats.retried.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
-                tracing::warn!(error = %e, "nak failed; the event will be redelivered after ack_wait");
+            Err(e) => {
+                tracing::warn!(error = %e, "inbox unavailable; the event will come back");
+                let _ = msg.ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt)))).await;
+                return;
             }
         }
     }
-    .instrument(span)
-    .await;
+
+    let ctx = Context::new(
+        meta.clone(),
+        delivery,
+        rt.service.clone(),
+        rt.handler,
+        rt.handler_id.clone(),
+        rt.states.clone(),
+    );
+    // In-progress acks (and claim refreshes) keep a long handler's event
+    // from being redelivered or taken over.
+    let result = {
+        let call = AssertUnwindSafe(handler.call(env, &ctx)).catch_unwind();
+        tokio::pin!(call);
+        let mut ticker = tokio::time::interval(rt.options.ack_wait / 3);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut call => break r,
+                _ = ticker.tick() => {
+                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %e, "in-progress ack failed");
+                    }
+                    if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
+                        match inbox.refresh(&key, rev).await {
+                            Ok(r) => claim = Some(r),
+                            Err(e) => tracing::debug!(error = %e, "inbox claim refresh failed"),
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let outgoing = ctx.take_outgoing();
+    let error = match result {
+        Ok(Ok(())) => match emit_record_ack(rt, msg, meta.id(), outgoing, &key, claim).await {
+            Done::Finished => return,
+            Done::DeadLetter(reason, detail) => {
+                release(rt, &key, claim).await;
+                dead_letter(rt, msg, reason, &detail, attempt, seq).await;
+                return;
+            }
+            Done::Retry(e) => e,
+        },
+        Ok(Err(e)) if e.is_permanent() => {
+            tracing::warn!(error = %e, "handler failed permanently; dead-lettering the event");
+            release(rt, &key, claim).await;
+            dead_letter(rt, msg, Reason::PermanentError, &e.to_string(), attempt, seq).await;
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => {
+            rt.stats.panicked.fetch_add(1, Ordering::Relaxed);
+            format!("handler panicked: {}", panic_message(&*panic))
+        }
+    };
+    release(rt, &key, claim).await;
+    if attempt >= rt.options.max_deliver {
+        tracing::warn!(error = %error, "failed on the last allowed delivery; dead-lettering the event");
+        dead_letter(rt, msg, Reason::MaxDeliverExceeded, &error, attempt, seq).await;
+    } else {
+        let delay = rt.options.delay_after(attempt);
+        tracing::info!(error = %error, retry_in = ?delay, "handler failed; will retry");
+        rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+            tracing::warn!(error = %e, "nak failed; the event will be redelivered after ack_wait");
+        }
+    }
+}
+
+enum Done {
+    /// Acked (or stopped at a fault point).
+    Finished,
+    /// No retry can succeed.
+    DeadLetter(Reason, String),
+    /// Try again later.
+    Retry(String),
+}
+
+/// After `Ok`: publish every emission (awaiting each PubAck), record the
+/// event in the inbox, then ack.
+async fn emit_record_ack(
+    rt: &Runtime,
+    msg: &jetstream::Message,
+    id: crate::EventId,
+    outgoing: Vec<Result<crate::publish::Outgoing, crate::PublishError>>,
+    key: &str,
+    claim: Option<u64>,
+) -> Done {
+    let fault = |point| rt.fault.as_ref().is_some_and(|f| f(point, id));
+    let mut outs = Vec::with_capacity(outgoing.len());
+    for o in outgoing {
+        match o {
+            Ok(o) => outs.push(o),
+            Err(e) => {
+                tracing::error!(error = %e, "an emitted event could not be built");
+                return Done::DeadLetter(Reason::EmitFailed, e.to_string());
+            }
+        }
+    }
+    if fault(FaultPoint::BeforeEmit) {
+        return Done::Finished;
+    }
+    // With a fault hook, the first emission goes alone so a test can stop
+    // between two emissions; otherwise all are pipelined.
+    let split = if rt.fault.is_some() && outs.len() > 1 { 1 } else { outs.len() };
+    for (i, part) in [&outs[..split], &outs[split..]].into_iter().enumerate() {
+        if part.is_empty() {
+            continue;
+        }
+        if i == 1 && fault(FaultPoint::BetweenEmits) {
+            return Done::Finished;
+        }
+        match rt.publisher.send_all(part).await {
+            Ok(_) => {}
+            Err(e @ (crate::PublishError::TooLarge { .. } | crate::PublishError::Stream(StreamError::DoesNotCover { .. }))) => {
+                return Done::DeadLetter(Reason::EmitFailed, e.to_string());
+            }
+            Err(e) => return Done::Retry(format!("publishing emitted events failed: {e}")),
+        }
+    }
+    if fault(FaultPoint::AfterEmit) {
+        return Done::Finished;
+    }
+    if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
+        if let Err(e) = inbox.done(key, rev).await {
+            // Not recorded, so not acked: it comes back, and its emissions
+            // (same ids) are deduplicated.
+            return Done::Retry(format!("recording the event in the inbox failed: {e}"));
+        }
+    }
+    if fault(FaultPoint::AfterRecord) {
+        return Done::Finished;
+    }
+    if let Err(e) = msg.ack().await {
+        tracing::warn!(error = %e, "ack failed; the event will be redelivered and skipped by the inbox");
+    }
+    rt.stats.handled.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(emitted = outs.len(), "handled");
+    Done::Finished
+}
+
+async fn release(rt: &Runtime, key: &str, claim: Option<u64>) {
+    if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
+        inbox.release(key, rev).await;
+    }
+}
+
+/// Claims the event in the inbox. `Ok(None)`: already handled. While another
+/// instance holds a fresh claim, waits (sending in-progress acks) until it
+/// finishes or its claim goes stale.
+async fn claim_or_wait(
+    rt: &Runtime,
+    inbox: &Inbox,
+    msg: &jetstream::Message,
+    key: &str,
+) -> Result<Option<u64>, inbox::InboxError> {
+    let lease = rt.options.ack_wait * 2;
+    let step = (rt.options.ack_wait / 3).min(Duration::from_millis(500));
+    let mut waited = false;
+    loop {
+        match inbox.claim(key, lease).await? {
+            Claim::Won(rev) => return Ok(Some(rev)),
+            Claim::Done => return Ok(None),
+            Claim::Busy(fresh_for) => {
+                if !waited {
+                    rt.stats.waited.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(?fresh_for, "another instance is handling this event; waiting for its outcome");
+                    waited = true;
+                }
+                tokio::time::sleep(step.min(fresh_for).max(Duration::from_millis(20))).await;
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
