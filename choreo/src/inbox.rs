@@ -104,14 +104,19 @@ impl Inbox {
         replicas: usize,
     ) -> Result<Self, InboxError> {
         let bucket = bucket(service);
-        let err = |reason: String| InboxError { bucket: bucket.clone(), reason };
+        let err = |reason: String| InboxError {
+            bucket: bucket.clone(),
+            reason,
+        };
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
             Err(_) => {
                 let created = js
                     .create_key_value(kv::Config {
                         bucket: bucket.clone(),
-                        description: format!("choreo inbox of service {service}: events each handler has handled"),
+                        description: format!(
+                            "choreo inbox of service {service}: events each handler has handled"
+                        ),
                         history: 1,
                         max_age: retention,
                         num_replicas: replicas,
@@ -130,7 +135,11 @@ impl Inbox {
             }
         };
         let instance = EventId::new_random().short();
-        Ok(Self { kv, bucket, instance })
+        Ok(Self {
+            kv,
+            bucket,
+            instance,
+        })
     }
 
     fn claim_value(&self) -> Bytes {
@@ -138,7 +147,10 @@ impl Inbox {
     }
 
     fn err(&self, reason: impl std::fmt::Display) -> InboxError {
-        InboxError { bucket: self.bucket.clone(), reason: reason.to_string() }
+        InboxError {
+            bucket: self.bucket.clone(),
+            reason: reason.to_string(),
+        }
     }
 
     /// Claims `key` for this instance, or says why not.
@@ -168,14 +180,19 @@ impl Inbox {
     async fn take_over(&self, key: &str, revision: u64) -> Result<Claim, InboxError> {
         match self.kv.update(key, self.claim_value(), revision).await {
             Ok(rev) => Ok(Claim::Won(rev)),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Claim::Busy(Duration::ZERO)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Ok(Claim::Busy(Duration::ZERO))
+            }
             Err(e) => Err(self.err(e)),
         }
     }
 
     /// Refreshes a claim this instance holds; returns its new revision.
     pub(crate) async fn refresh(&self, key: &str, revision: u64) -> Result<u64, InboxError> {
-        self.kv.update(key, self.claim_value(), revision).await.map_err(|e| self.err(e))
+        self.kv
+            .update(key, self.claim_value(), revision)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     /// Records the event as handled.
@@ -187,7 +204,11 @@ impl Inbox {
                 // Another instance took the claim over while this one worked
                 // (it looked crashed). The handling is complete either way.
                 tracing::warn!(key, "inbox claim was taken over while the handler ran");
-                self.kv.put(key, value).await.map(|_| ()).map_err(|e| self.err(e))
+                self.kv
+                    .put(key, value)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.err(e))
             }
             Err(e) => Err(self.err(e)),
         }

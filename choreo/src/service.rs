@@ -265,9 +265,19 @@ impl Service {
         let needs_inbox = self.handlers.iter().any(|h| h.options().idempotent);
         let inbox = if needs_inbox {
             Some(
-                Inbox::open(&js, &name, self.inbox_retention, self.stream_settings.replicas)
-                    .await
-                    .map_err(|e| StartError::Stream(StreamError::Other { stream: inbox::bucket(&name), reason: e.to_string() }))?,
+                Inbox::open(
+                    &js,
+                    &name,
+                    self.inbox_retention,
+                    self.stream_settings.replicas,
+                )
+                .await
+                .map_err(|e| {
+                    StartError::Stream(StreamError::Other {
+                        stream: inbox::bucket(&name),
+                        reason: e.to_string(),
+                    })
+                })?,
             )
         } else {
             None
@@ -303,7 +313,11 @@ impl Service {
                 stats: Arc::new(HandlerStats::default()),
                 client: client.clone(),
                 js: js.clone(),
-                inbox: if h.options().idempotent { inbox.clone() } else { None },
+                inbox: if h.options().idempotent {
+                    inbox.clone()
+                } else {
+                    None
+                },
                 fault: self.fault.clone(),
             });
             stats.push((h.name(), rt.stats.clone()));
@@ -667,7 +681,10 @@ async fn pull_loop(
 
 async fn process<H: Handler>(handler: Arc<Typed<H>>, msg: jetstream::Message, rt: Arc<Runtime>) {
     let (attempt, stream_sequence) = match msg.info() {
-        Ok(info) => (u32::try_from(info.delivered).unwrap_or(u32::MAX), info.stream_sequence),
+        Ok(info) => (
+            u32::try_from(info.delivered).unwrap_or(u32::MAX),
+            info.stream_sequence,
+        ),
         Err(_) => (1, 0),
     };
     let subject = msg.subject.to_string();
@@ -684,13 +701,24 @@ async fn process<H: Handler>(handler: Arc<Typed<H>>, msg: jetstream::Message, rt
         stream_sequence,
         subject = %subject,
     );
-    let delivery = Delivery { subject, attempt, stream_sequence };
-    handle::<H>(&handler.0, &msg, &rt, delivery).instrument(span).await;
+    let delivery = Delivery {
+        subject,
+        attempt,
+        stream_sequence,
+    };
+    handle::<H>(&handler.0, &msg, &rt, delivery)
+        .instrument(span)
+        .await;
 }
 
 /// Decode → claim → run (with in-progress acks) → emit → record → ack, or
 /// nak / dead-letter. Every path ends with a verdict, except a fault point.
-async fn handle<H: Handler>(handler: &H, msg: &jetstream::Message, rt: &Runtime, delivery: Delivery) {
+async fn handle<H: Handler>(
+    handler: &H,
+    msg: &jetstream::Message,
+    rt: &Runtime,
+    delivery: Delivery,
+) {
     let (attempt, seq) = (delivery.attempt, delivery.stream_sequence);
     let empty = async_nats::HeaderMap::new();
     let headers = msg.headers.as_ref().unwrap_or(&empty);
@@ -698,14 +726,25 @@ async fn handle<H: Handler>(handler: &H, msg: &jetstream::Message, rt: &Runtime,
         Ok(env) => env,
         Err(e) => {
             tracing::warn!(error = %e, "cannot decode the event; dead-lettering it");
-            dead_letter(rt, msg, Reason::from_decode(&e), &e.to_string(), attempt, seq).await;
+            dead_letter(
+                rt,
+                msg,
+                Reason::from_decode(&e),
+                &e.to_string(),
+                attempt,
+                seq,
+            )
+            .await;
             return;
         }
     };
     let meta = env.meta().clone();
     let span = tracing::Span::current();
     span.record("event_id", tracing::field::display(meta.id()));
-    span.record("correlation_id", tracing::field::display(meta.correlation_id()));
+    span.record(
+        "correlation_id",
+        tracing::field::display(meta.correlation_id()),
+    );
     if let Some(c) = meta.causation_id() {
         span.record("causation_id", tracing::field::display(c));
     }
@@ -729,7 +768,9 @@ async fn handle<H: Handler>(handler: &H, msg: &jetstream::Message, rt: &Runtime,
             }
             Err(e) => {
                 tracing::warn!(error = %e, "inbox unavailable; the event will come back");
-                let _ = msg.ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt)))).await;
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt))))
+                    .await;
                 return;
             }
         }
@@ -781,7 +822,15 @@ async fn handle<H: Handler>(handler: &H, msg: &jetstream::Message, rt: &Runtime,
         Ok(Err(e)) if e.is_permanent() => {
             tracing::warn!(error = %e, "handler failed permanently; dead-lettering the event");
             release(rt, &key, claim).await;
-            dead_letter(rt, msg, Reason::PermanentError, &e.to_string(), attempt, seq).await;
+            dead_letter(
+                rt,
+                msg,
+                Reason::PermanentError,
+                &e.to_string(),
+                attempt,
+                seq,
+            )
+            .await;
             return;
         }
         Ok(Err(e)) => e.to_string(),
@@ -839,7 +888,11 @@ async fn emit_record_ack(
     }
     // With a fault hook, the first emission goes alone so a test can stop
     // between two emissions; otherwise all are pipelined.
-    let split = if rt.fault.is_some() && outs.len() > 1 { 1 } else { outs.len() };
+    let split = if rt.fault.is_some() && outs.len() > 1 {
+        1
+    } else {
+        outs.len()
+    };
     for (i, part) in [&outs[..split], &outs[split..]].into_iter().enumerate() {
         if part.is_empty() {
             continue;
@@ -849,7 +902,10 @@ async fn emit_record_ack(
         }
         match rt.publisher.send_all(part).await {
             Ok(_) => {}
-            Err(e @ (crate::PublishError::TooLarge { .. } | crate::PublishError::Stream(StreamError::DoesNotCover { .. }))) => {
+            Err(
+                e @ (crate::PublishError::TooLarge { .. }
+                | crate::PublishError::Stream(StreamError::DoesNotCover { .. })),
+            ) => {
                 return Done::DeadLetter(Reason::EmitFailed, e.to_string());
             }
             Err(e) => return Done::Retry(format!("publishing emitted events failed: {e}")),
@@ -901,7 +957,10 @@ async fn claim_or_wait(
             Claim::Busy(fresh_for) => {
                 if !waited {
                     rt.stats.waited.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(?fresh_for, "another instance is handling this event; waiting for its outcome");
+                    tracing::info!(
+                        ?fresh_for,
+                        "another instance is handling this event; waiting for its outcome"
+                    );
                     waited = true;
                 }
                 tokio::time::sleep(step.min(fresh_for).max(Duration::from_millis(20))).await;
