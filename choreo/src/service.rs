@@ -914,12 +914,12 @@ async fn emit_record_ack(
     if fault(FaultPoint::AfterEmit) {
         return Done::Finished;
     }
-    if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
-        if let Err(e) = inbox.done(key, rev).await {
-            // Not recorded, so not acked: it comes back, and its emissions
-            // (same ids) are deduplicated.
-            return Done::Retry(format!("recording the event in the inbox failed: {e}"));
-        }
+    // Not recorded, so not acked: it comes back, and its emissions (same
+    // ids) are deduplicated.
+    if let (Some(inbox), Some(rev)) = (&rt.inbox, claim)
+        && let Err(e) = inbox.done(key, rev).await
+    {
+        return Done::Retry(format!("recording the event in the inbox failed: {e}"));
     }
     if fault(FaultPoint::AfterRecord) {
         return Done::Finished;
