@@ -38,7 +38,8 @@ pub enum DeliverPolicy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HandlerOptions {
-    /// Events handled at once by one service instance. Default 16.
+    /// Events handled at once by one service instance. Default 256: handlers
+    /// mostly wait on I/O, and JetStream needs many acks in flight to be fast.
     pub concurrency: usize,
     /// Deliveries before an event goes to the dead-letter stream. Default 5;
     /// never unlimited.
@@ -60,7 +61,7 @@ pub struct HandlerOptions {
 impl Default for HandlerOptions {
     fn default() -> Self {
         Self {
-            concurrency: 16,
+            concurrency: 256,
             max_deliver: 5,
             backoff: vec![
                 Duration::from_secs(1),

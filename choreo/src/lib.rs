@@ -103,7 +103,7 @@ pub use choreo_macros::event;
 /// | option | meaning | default |
 /// | --- | --- | --- |
 /// | `name = "..."` | handler name: part of the durable consumer `<service>--<name>` and of emitted ids | the fn name |
-/// | `concurrency = N` | events handled at once per instance (1–10000) | 16 |
+/// | `concurrency = N` | events handled at once per instance (1–10000) | 256 |
 /// | `max_deliver = N` | deliveries before the dead-letter stream (1–10000) | 5 |
 /// | `backoff = ["1s", "5s"]` | delay before redelivery after the n-th failure; the last repeats | 1s, 5s, 30s |
 /// | `ack_wait = "30s"` | silence before JetStream redelivers (in-progress acks are sent meanwhile) | 30s |

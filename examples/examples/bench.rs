@@ -1,0 +1,490 @@
+//! choreo against hand-written async-nats, in one run, against one local
+//! nats-server per case (started by choreo-testkit, so each side starts clean).
+//!
+//! ```sh
+//! cargo run --release -p choreo-examples --example bench
+//! cargo run --release -p choreo-examples --example bench -- --events 5000 --latency-events 1000
+//! ```
+//!
+//! Cases, each run with choreo's default settings and with raw async-nats
+//! doing the same work (the same headers, CBOR payloads, acks and, where the
+//! inbox is on, a key-value write per event) written the fast way: pipelined
+//! publishes, ~256 messages in flight, plain acks.
+//!
+//! - `publish`: N keyed events published with dedup ids, every PubAck awaited.
+//! - `handler`: a 1-hop handler (consume → emit one event → ack), inbox off.
+//! - `handler_inbox`: the same with choreo's inbox on (raw: one KV create per event).
+//! - `latency`: a 3-hop chain at a fixed rate; end-to-end p50 and p99.
+//!
+//! It prints a table and one `ratio <case> <value>` line per case: choreo
+//! throughput / raw throughput (for latency: raw p99 / choreo p99), so 1.0
+//! means no overhead.
+
+use std::collections::HashMap;
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use choreo::{Context, Publisher, Service, event, event_handler};
+use choreo_testkit::NatsServer;
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::{Mutex, Semaphore};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const IN_FLIGHT: usize = 256;
+
+// ---- events --------------------------------------------------------------------
+
+/// The root event (about 128 bytes with its CBOR field names).
+#[event(subject = "bench.{id}.placed", key = id)]
+#[derive(Clone, Debug)]
+pub struct BenchPlaced {
+    /// Sequence number.
+    pub id: u64,
+    /// Filler.
+    pub note: String,
+}
+
+/// What the 1-hop handler emits.
+#[event(subject = "benchout.{id}.relayed")]
+#[derive(Clone, Debug)]
+pub struct BenchRelayed {
+    /// Sequence number.
+    pub id: u64,
+    /// Filler.
+    pub note: String,
+}
+
+/// Chain hop 1.
+#[event(subject = "hop1.{id}.seen")]
+pub struct Hop1Seen {
+    /// Sequence number.
+    pub id: u64,
+    /// Filler.
+    pub note: String,
+}
+
+/// Chain hop 2.
+#[event(subject = "hop2.{id}.seen")]
+pub struct Hop2Seen {
+    /// Sequence number.
+    pub id: u64,
+    /// Filler.
+    pub note: String,
+}
+
+/// Chain hop 3, the end.
+#[event(subject = "hop3.{id}.seen")]
+pub struct Hop3Seen {
+    /// Sequence number.
+    pub id: u64,
+    /// Filler.
+    pub note: String,
+}
+
+fn note() -> String {
+    "x".repeat(64)
+}
+
+// ---- choreo handlers --------------------------------------------------------------
+
+#[event_handler(idempotent = false)]
+async fn relay(e: BenchPlaced, ctx: Context) {
+    ctx.emit(BenchRelayed { id: e.id, note: e.note });
+}
+
+#[event_handler]
+async fn relay_inbox(e: BenchPlaced, ctx: Context) {
+    ctx.emit(BenchRelayed { id: e.id, note: e.note });
+}
+
+#[event_handler]
+async fn hop1(e: BenchPlaced, ctx: Context) {
+    ctx.emit(Hop1Seen { id: e.id, note: e.note });
+}
+
+#[event_handler]
+async fn hop2(e: Hop1Seen, ctx: Context) {
+    ctx.emit(Hop2Seen { id: e.id, note: e.note });
+}
+
+#[event_handler]
+async fn hop3(e: Hop2Seen, ctx: Context) {
+    ctx.emit(Hop3Seen { id: e.id, note: e.note });
+}
+
+// ---- the raw side: the same wire format, by hand ------------------------------------
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RawEvent {
+    id: u64,
+    note: String,
+}
+
+const NS: uuid::Uuid = uuid::uuid!("d4d24400-673e-5162-8b61-a6388e27565d");
+
+fn v5(parts: &[&[u8]]) -> uuid::Uuid {
+    let mut name = Vec::with_capacity(64);
+    for p in parts {
+        name.extend_from_slice(&u32::try_from(p.len()).unwrap_or(u32::MAX).to_be_bytes());
+        name.extend_from_slice(p);
+    }
+    uuid::Uuid::new_v5(&NS, &name)
+}
+
+fn raw_headers(id: &str, ty: &str, source: &str, correlation: &str, causation: Option<&str>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", id);
+    h.insert("ce-specversion", "1.0");
+    h.insert("ce-id", id);
+    h.insert("ce-type", ty);
+    h.insert("ce-source", source);
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    h.insert("ce-time", now);
+    h.insert("ce-eventversion", "1");
+    h.insert("ce-correlationid", correlation);
+    if let Some(c) = causation {
+        h.insert("ce-causationid", c);
+    }
+    h.insert("content-type", "application/cbor");
+    h
+}
+
+fn cbor(e: &RawEvent) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(128);
+    ciborium::into_writer(e, &mut out).unwrap_or_default();
+    out.into()
+}
+
+async fn raw_stream(js: &jetstream::Context, name: &str, subject: &str) -> Result<(), BoxError> {
+    js.create_stream(stream::Config {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
+/// Publishes `n` root events the fast way: pipelined, IN_FLIGHT acks pending.
+async fn raw_publish(js: &jetstream::Context, prefix: &str, ty: &str, n: u64) -> Result<(), BoxError> {
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for i in 0..n {
+        let key = i.to_string();
+        let id = v5(&[b"key", ty.as_bytes(), key.as_bytes()]).to_string();
+        let h = raw_headers(&id, ty, "bench", &id, None);
+        let payload = cbor(&RawEvent { id: i, note: note() });
+        acks.push(js.publish_with_headers(format!("{prefix}.{i}.placed"), h, payload).await?.into_future());
+        if acks.len() >= IN_FLIGHT {
+            acks.next().await.transpose()?;
+        }
+    }
+    while let Some(a) = acks.next().await {
+        a?;
+    }
+    Ok(())
+}
+
+/// A hand-written relay: consume from `stream`, emit one event on
+/// `<out>.<id>.seen` with causation headers, optionally write a KV record,
+/// ack. IN_FLIGHT messages at once.
+#[derive(Clone)]
+struct RawRelay {
+    js: jetstream::Context,
+    out_prefix: &'static str,
+    out_type: &'static str,
+    handler: &'static str,
+    kv: Option<kv::Store>,
+    done: Arc<AtomicU64>,
+}
+
+impl RawRelay {
+    async fn run(self, stream: &str, durable: &str) -> Result<tokio::task::JoinHandle<()>, BoxError> {
+        let consumer: jetstream::consumer::PullConsumer = self
+            .js
+            .get_stream(stream)
+            .await?
+            .create_consumer(pull::Config {
+                durable_name: Some(durable.into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                max_deliver: 5,
+                max_ack_pending: 1024,
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.stream().max_messages_per_batch(IN_FLIGHT).messages().await?;
+        Ok(tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+            while let Some(Ok(msg)) = messages.next().await {
+                let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.handle(&msg).await {
+                        eprintln!("raw relay: {e}");
+                        let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+                    }
+                    drop(permit);
+                });
+            }
+        }))
+    }
+
+    async fn handle(&self, msg: &jetstream::Message) -> Result<(), BoxError> {
+        let h = msg.headers.as_ref().ok_or("no headers")?;
+        let cause = h.get("ce-id").ok_or("no ce-id")?.as_str();
+        let corr = h.get("ce-correlationid").ok_or("no ce-correlationid")?.as_str();
+        let e: RawEvent = ciborium::from_reader(&msg.payload[..])?;
+        let handler_id = self.handler;
+        let id = v5(&[b"emit", handler_id.as_bytes(), cause.as_bytes(), self.out_type.as_bytes(), b"0"]).to_string();
+        let headers = raw_headers(&id, self.out_type, "raw", corr, Some(cause));
+        let payload = cbor(&RawEvent { id: e.id, note: e.note });
+        self.js
+            .publish_with_headers(format!("{}.{}.seen", self.out_prefix, e.id), headers, payload)
+            .await?
+            .await?;
+        if let Some(kv) = &self.kv {
+            kv.create(format!("{handler_id}.{cause}"), "done".into()).await?;
+        }
+        msg.ack().await?;
+        self.done.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+async fn wait_for(counter: impl Fn() -> u64, n: u64, what: &str) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while counter() < n {
+        if Instant::now() > deadline {
+            return Err(format!("{what}: only {} of {n} after 10 minutes", counter()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+// ---- the cases ------------------------------------------------------------------------
+
+async fn choreo_publish(n: u64) -> Result<f64, BoxError> {
+    let server = NatsServer::start().await?;
+    let publisher = Publisher::new(server.connect().await?, "bench")?;
+    publisher.ensure_stream::<BenchPlaced>().await?;
+    let start = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let p = publisher.clone();
+            async move { p.publish(&BenchPlaced { id: i, note: note() }).await }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_for_each(|_| async { Ok(()) })
+        .await?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn raw_publish_case(n: u64) -> Result<f64, BoxError> {
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(server.connect().await?);
+    raw_stream(&js, "RAWBENCH", "rawbench.>").await?;
+    let start = Instant::now();
+    raw_publish(&js, "rawbench", "BenchPlaced", n).await?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn choreo_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
+    let server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let publisher = Publisher::new(client.clone(), "bench")?;
+    publisher.ensure_stream::<BenchPlaced>().await?;
+    publisher.ensure_stream::<BenchRelayed>().await?;
+    raw_publish(&jetstream::new(client.clone()), "bench", "BenchPlaced", n).await?;
+    let start = Instant::now();
+    let svc = if inbox {
+        Service::new("relay").handler(relay_inbox)
+    } else {
+        Service::new("relay").handler(relay)
+    };
+    let handle = svc.start(client).await?;
+    let name = if inbox { "relay_inbox" } else { "relay" };
+    let stats = || handle.stats(name).map_or(0, |s| s.handled());
+    wait_for(stats, n, "choreo handler").await?;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    handle.shutdown().await;
+    Ok(rate)
+}
+
+async fn raw_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
+    let server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let js = jetstream::new(client.clone());
+    raw_stream(&js, "RAWIN", "rawin.>").await?;
+    raw_stream(&js, "RAWOUT", "rawout.>").await?;
+    raw_publish(&js, "rawin", "BenchPlaced", n).await?;
+    let start = Instant::now();
+    let kv = if inbox {
+        Some(
+            js.create_key_value(kv::Config { bucket: "raw_inbox".into(), history: 1, ..Default::default() })
+                .await?,
+        )
+    } else {
+        None
+    };
+    let done = Arc::new(AtomicU64::new(0));
+    let raw_relay = RawRelay { js: js.clone(), out_prefix: "rawout", out_type: "BenchRelayed", handler: "relay.relay", kv, done: done.clone() };
+    let task = raw_relay.run("RAWIN", "relay").await?;
+    wait_for(|| done.load(Ordering::Relaxed), n, "raw handler").await?;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    task.abort();
+    Ok(rate)
+}
+
+/// Latencies of a 3-hop chain, publishing `n` roots at `rate` per second.
+async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxError> {
+    let server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let js = jetstream::new(client.clone());
+    let mut tasks = Vec::new();
+    let mut handles = Vec::new();
+    let publisher = Publisher::new(client.clone(), "bench")?;
+    let end_subject = if raw {
+        for (name, subject) in [("RAWHOP0", "rawhop0.>"), ("RAWHOP1", "rawhop1.>"), ("RAWHOP2", "rawhop2.>"), ("RAWHOP3", "rawhop3.>")] {
+            raw_stream(&js, name, subject).await?;
+        }
+        let make = |out_prefix, out_type, handler| RawRelay {
+            js: js.clone(),
+            out_prefix,
+            out_type,
+            handler,
+            kv: None,
+            done: Arc::new(AtomicU64::new(0)),
+        };
+        // The chain's raw relays each write a KV record too, as choreo's inbox does.
+        let kv = js.create_key_value(kv::Config { bucket: "raw_inbox".into(), history: 1, ..Default::default() }).await?;
+        for (i, (from, out_prefix, out_type)) in
+            [("RAWHOP0", "rawhop1", "Hop1Seen"), ("RAWHOP1", "rawhop2", "Hop2Seen"), ("RAWHOP2", "rawhop3", "Hop3Seen")].into_iter().enumerate()
+        {
+            let handler: &'static str = ["hop.hop1", "hop.hop2", "hop.hop3"][i];
+            let mut r = make(out_prefix, out_type, handler);
+            r.kv = Some(kv.clone());
+            tasks.push(r.run(from, &format!("hop{i}")).await?);
+        }
+        "rawhop3.>"
+    } else {
+        publisher.ensure_stream::<BenchPlaced>().await?;
+        for (name, svc) in [
+            ("hop1", Service::new("hop1").handler(hop1)),
+            ("hop2", Service::new("hop2").handler(hop2)),
+            ("hop3", Service::new("hop3").handler(hop3)),
+        ] {
+            let _ = name;
+            handles.push(svc.start(client.clone()).await?);
+        }
+        publisher.ensure_stream::<Hop3Seen>().await?;
+        "hop3.>"
+    };
+    let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let mut ends = client.subscribe(end_subject).await?;
+    client.flush().await?;
+    let collector = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+            while let Some(m) = ends.next().await {
+                let now = Instant::now();
+                let id: u64 = m.subject.split('.').nth(1).and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
+                if let Some(t) = sent.lock().await.remove(&id) {
+                    lat.push(now.duration_since(t).as_secs_f64() * 1e3);
+                }
+                if lat.len() as u64 == n {
+                    break;
+                }
+            }
+            lat
+        })
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    for i in 0..n {
+        tick.tick().await;
+        sent.lock().await.insert(i, Instant::now());
+        if raw {
+            let js = js.clone();
+            tokio::spawn(async move {
+                let key = i.to_string();
+                let id = v5(&[b"key", b"BenchPlaced", key.as_bytes()]).to_string();
+                let h = raw_headers(&id, "BenchPlaced", "bench", &id, None);
+                if let Ok(ack) = js.publish_with_headers(format!("rawhop0.{i}.placed"), h, cbor(&RawEvent { id: i, note: note() })).await {
+                    let _ = ack.await;
+                }
+            });
+        } else {
+            let p = publisher.clone();
+            tokio::spawn(async move {
+                let _ = p.publish(&BenchPlaced { id: i, note: note() }).await;
+            });
+        }
+    }
+    let mut lat = tokio::time::timeout(Duration::from_secs(120), collector).await??;
+    for h in handles {
+        h.shutdown().await;
+    }
+    for t in tasks {
+        t.abort();
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    Ok((pct(0.50), pct(0.99)))
+}
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args: Vec<String> = std::env::args().collect();
+    let n = arg(&args, "--events", 20_000);
+    let ln = arg(&args, "--latency-events", 3_000);
+    let rate = arg(&args, "--rate", 1_000);
+    if cfg!(debug_assertions) {
+        eprintln!("note: a debug build; run with --release for figures worth comparing");
+    }
+    eprintln!("events={n} latency-events={ln} rate={rate}/s in-flight={IN_FLIGHT}");
+
+    let mut rows = Vec::new();
+    let mut ratios = Vec::new();
+    let (c, r) = (choreo_publish(n).await?, raw_publish_case(n).await?);
+    rows.push(("publish (msgs/s)", c, r));
+    ratios.push(("publish", c / r));
+    let (c, r) = (choreo_handler(n, false).await?, raw_handler(n, false).await?);
+    rows.push(("handler, inbox off (msgs/s)", c, r));
+    ratios.push(("handler", c / r));
+    let (c, r) = (choreo_handler(n, true).await?, raw_handler(n, true).await?);
+    rows.push(("handler, inbox on (msgs/s)", c, r));
+    ratios.push(("handler_inbox", c / r));
+    let ((c50, c99), (r50, r99)) = (chain_latency(ln, rate, false).await?, chain_latency(ln, rate, true).await?);
+    rows.push(("3-hop latency p50 (ms)", c50, r50));
+    rows.push(("3-hop latency p99 (ms)", c99, r99));
+    ratios.push(("latency", r99 / c99));
+
+    println!("{:<30} {:>12} {:>12} {:>7}", "case", "choreo", "raw", "ratio");
+    for (case, c, r) in &rows {
+        let ratio = if case.contains("latency") { r / c } else { c / r };
+        println!("{case:<30} {c:>12.1} {r:>12.1} {ratio:>7.2}");
+    }
+    println!();
+    for (case, v) in ratios {
+        println!("ratio {case} {v:.2}");
+    }
+    Ok(())
+}
