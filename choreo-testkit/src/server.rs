@@ -18,7 +18,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Finds the `nats-server` binary: `$NATS_SERVER_BIN`, then `PATH`, then the
 /// project-local install (`.tools/nats-server/bin/nats-server`, made by
-/// `scripts/test`).
+/// `scripts/test`; found through cargo's environment, or above the current
+/// directory).
 ///
 /// # Errors
 /// [`TestkitError::BinaryNotFound`], which says how to get one.
@@ -45,6 +46,16 @@ pub fn find_binary() -> Result<PathBuf, TestkitError> {
         let local = PathBuf::from(local);
         if local.is_file() {
             return Ok(local);
+        }
+    }
+    // Run outside cargo (a built example, say): look for the project-local
+    // install above the current directory.
+    if let Ok(cwd) = std::env::current_dir() {
+        for dir in cwd.ancestors() {
+            let candidate = dir.join(".tools/nats-server/bin/nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
         }
     }
     Err(TestkitError::BinaryNotFound {

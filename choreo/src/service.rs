@@ -789,8 +789,11 @@ async fn handle<H: Handler>(
     let result = {
         let call = AssertUnwindSafe(handler.call(env, &ctx)).catch_unwind();
         tokio::pin!(call);
-        let mut ticker = tokio::time::interval(rt.options.ack_wait / 3);
-        ticker.tick().await;
+        // The first tick is due after a period, not at once: an immediate tick
+        // still waits for the timer driver (up to a millisecond), which would
+        // add that much latency to every event.
+        let period = rt.options.ack_wait / 3;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             tokio::select! {
                 r = &mut call => break r,

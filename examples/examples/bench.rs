@@ -94,27 +94,42 @@ fn note() -> String {
 
 #[event_handler(idempotent = false)]
 async fn relay(e: BenchPlaced, ctx: Context) {
-    ctx.emit(BenchRelayed { id: e.id, note: e.note });
+    ctx.emit(BenchRelayed {
+        id: e.id,
+        note: e.note,
+    });
 }
 
 #[event_handler]
 async fn relay_inbox(e: BenchPlaced, ctx: Context) {
-    ctx.emit(BenchRelayed { id: e.id, note: e.note });
+    ctx.emit(BenchRelayed {
+        id: e.id,
+        note: e.note,
+    });
 }
 
 #[event_handler]
 async fn hop1(e: BenchPlaced, ctx: Context) {
-    ctx.emit(Hop1Seen { id: e.id, note: e.note });
+    ctx.emit(Hop1Seen {
+        id: e.id,
+        note: e.note,
+    });
 }
 
 #[event_handler]
 async fn hop2(e: Hop1Seen, ctx: Context) {
-    ctx.emit(Hop2Seen { id: e.id, note: e.note });
+    ctx.emit(Hop2Seen {
+        id: e.id,
+        note: e.note,
+    });
 }
 
 #[event_handler]
 async fn hop3(e: Hop2Seen, ctx: Context) {
-    ctx.emit(Hop3Seen { id: e.id, note: e.note });
+    ctx.emit(Hop3Seen {
+        id: e.id,
+        note: e.note,
+    });
 }
 
 // ---- the raw side: the same wire format, by hand ------------------------------------
@@ -136,7 +151,13 @@ fn v5(parts: &[&[u8]]) -> uuid::Uuid {
     uuid::Uuid::new_v5(&NS, &name)
 }
 
-fn raw_headers(id: &str, ty: &str, source: &str, correlation: &str, causation: Option<&str>) -> HeaderMap {
+fn raw_headers(
+    id: &str,
+    ty: &str,
+    source: &str,
+    correlation: &str,
+    causation: Option<&str>,
+) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("Nats-Msg-Id", id);
     h.insert("ce-specversion", "1.0");
@@ -176,14 +197,26 @@ async fn raw_stream(js: &jetstream::Context, name: &str, subject: &str) -> Resul
 }
 
 /// Publishes `n` root events the fast way: pipelined, IN_FLIGHT acks pending.
-async fn raw_publish(js: &jetstream::Context, prefix: &str, ty: &str, n: u64) -> Result<(), BoxError> {
+async fn raw_publish(
+    js: &jetstream::Context,
+    prefix: &str,
+    ty: &str,
+    n: u64,
+) -> Result<(), BoxError> {
     let mut acks = futures::stream::FuturesUnordered::new();
     for i in 0..n {
         let key = i.to_string();
         let id = v5(&[b"key", ty.as_bytes(), key.as_bytes()]).to_string();
         let h = raw_headers(&id, ty, "bench", &id, None);
-        let payload = cbor(&RawEvent { id: i, note: note() });
-        acks.push(js.publish_with_headers(format!("{prefix}.{i}.placed"), h, payload).await?.into_future());
+        let payload = cbor(&RawEvent {
+            id: i,
+            note: note(),
+        });
+        acks.push(
+            js.publish_with_headers(format!("{prefix}.{i}.placed"), h, payload)
+                .await?
+                .into_future(),
+        );
         if acks.len() >= IN_FLIGHT {
             acks.next().await.transpose()?;
         }
@@ -208,7 +241,11 @@ struct RawRelay {
 }
 
 impl RawRelay {
-    async fn run(self, stream: &str, durable: &str) -> Result<tokio::task::JoinHandle<()>, BoxError> {
+    async fn run(
+        self,
+        stream: &str,
+        durable: &str,
+    ) -> Result<tokio::task::JoinHandle<()>, BoxError> {
         let consumer: jetstream::consumer::PullConsumer = self
             .js
             .get_stream(stream)
@@ -221,11 +258,17 @@ impl RawRelay {
                 ..Default::default()
             })
             .await?;
-        let mut messages = consumer.stream().max_messages_per_batch(IN_FLIGHT).messages().await?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(IN_FLIGHT)
+            .messages()
+            .await?;
         Ok(tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(IN_FLIGHT));
             while let Some(Ok(msg)) = messages.next().await {
-                let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
                 let this = self.clone();
                 tokio::spawn(async move {
                     if let Err(e) = this.handle(&msg).await {
@@ -241,18 +284,36 @@ impl RawRelay {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), BoxError> {
         let h = msg.headers.as_ref().ok_or("no headers")?;
         let cause = h.get("ce-id").ok_or("no ce-id")?.as_str();
-        let corr = h.get("ce-correlationid").ok_or("no ce-correlationid")?.as_str();
+        let corr = h
+            .get("ce-correlationid")
+            .ok_or("no ce-correlationid")?
+            .as_str();
         let e: RawEvent = ciborium::from_reader(&msg.payload[..])?;
         let handler_id = self.handler;
-        let id = v5(&[b"emit", handler_id.as_bytes(), cause.as_bytes(), self.out_type.as_bytes(), b"0"]).to_string();
+        let id = v5(&[
+            b"emit",
+            handler_id.as_bytes(),
+            cause.as_bytes(),
+            self.out_type.as_bytes(),
+            b"0",
+        ])
+        .to_string();
         let headers = raw_headers(&id, self.out_type, "raw", corr, Some(cause));
-        let payload = cbor(&RawEvent { id: e.id, note: e.note });
+        let payload = cbor(&RawEvent {
+            id: e.id,
+            note: e.note,
+        });
         self.js
-            .publish_with_headers(format!("{}.{}.seen", self.out_prefix, e.id), headers, payload)
+            .publish_with_headers(
+                format!("{}.{}.seen", self.out_prefix, e.id),
+                headers,
+                payload,
+            )
             .await?
             .await?;
         if let Some(kv) = &self.kv {
-            kv.create(format!("{handler_id}.{cause}"), "done".into()).await?;
+            kv.create(format!("{handler_id}.{cause}"), "done".into())
+                .await?;
         }
         msg.ack().await?;
         self.done.fetch_add(1, Ordering::Relaxed);
@@ -260,15 +321,27 @@ impl RawRelay {
     }
 }
 
-async fn wait_for(counter: impl Fn() -> u64, n: u64, what: &str) -> Result<(), BoxError> {
+/// Waits until `counter` reaches `n`; returns the steady-state rate, timed
+/// from the first handled message (so start-up work on either side does not
+/// count).
+async fn rate_until(counter: impl Fn() -> u64, n: u64, what: &str) -> Result<f64, BoxError> {
     let deadline = Instant::now() + Duration::from_secs(600);
-    while counter() < n {
-        if Instant::now() > deadline {
-            return Err(format!("{what}: only {} of {n} after 10 minutes", counter()).into());
+    let mut first: Option<(Instant, u64)> = None;
+    loop {
+        let c = counter();
+        if first.is_none() && c > 0 {
+            first = Some((Instant::now(), c));
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        if c >= n {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what}: only {c} of {n} after 10 minutes").into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    Ok(())
+    let (t0, c0) = first.unwrap_or((Instant::now(), 0));
+    Ok((n - c0) as f64 / t0.elapsed().as_secs_f64())
 }
 
 // ---- the cases ------------------------------------------------------------------------
@@ -281,7 +354,13 @@ async fn choreo_publish(n: u64) -> Result<f64, BoxError> {
     futures::stream::iter(0..n)
         .map(|i| {
             let p = publisher.clone();
-            async move { p.publish(&BenchPlaced { id: i, note: note() }).await }
+            async move {
+                p.publish(&BenchPlaced {
+                    id: i,
+                    note: note(),
+                })
+                .await
+            }
         })
         .buffer_unordered(IN_FLIGHT)
         .try_for_each(|_| async { Ok(()) })
@@ -305,7 +384,6 @@ async fn choreo_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
     publisher.ensure_stream::<BenchPlaced>().await?;
     publisher.ensure_stream::<BenchRelayed>().await?;
     raw_publish(&jetstream::new(client.clone()), "bench", "BenchPlaced", n).await?;
-    let start = Instant::now();
     let svc = if inbox {
         Service::new("relay").handler(relay_inbox)
     } else {
@@ -314,8 +392,7 @@ async fn choreo_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
     let handle = svc.start(client).await?;
     let name = if inbox { "relay_inbox" } else { "relay" };
     let stats = || handle.stats(name).map_or(0, |s| s.handled());
-    wait_for(stats, n, "choreo handler").await?;
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let rate = rate_until(stats, n, "choreo handler").await?;
     handle.shutdown().await;
     Ok(rate)
 }
@@ -327,20 +404,29 @@ async fn raw_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
     raw_stream(&js, "RAWIN", "rawin.>").await?;
     raw_stream(&js, "RAWOUT", "rawout.>").await?;
     raw_publish(&js, "rawin", "BenchPlaced", n).await?;
-    let start = Instant::now();
     let kv = if inbox {
         Some(
-            js.create_key_value(kv::Config { bucket: "raw_inbox".into(), history: 1, ..Default::default() })
-                .await?,
+            js.create_key_value(kv::Config {
+                bucket: "raw_inbox".into(),
+                history: 1,
+                ..Default::default()
+            })
+            .await?,
         )
     } else {
         None
     };
     let done = Arc::new(AtomicU64::new(0));
-    let raw_relay = RawRelay { js: js.clone(), out_prefix: "rawout", out_type: "BenchRelayed", handler: "relay.relay", kv, done: done.clone() };
+    let raw_relay = RawRelay {
+        js: js.clone(),
+        out_prefix: "rawout",
+        out_type: "BenchRelayed",
+        handler: "relay.relay",
+        kv,
+        done: done.clone(),
+    };
     let task = raw_relay.run("RAWIN", "relay").await?;
-    wait_for(|| done.load(Ordering::Relaxed), n, "raw handler").await?;
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let rate = rate_until(|| done.load(Ordering::Relaxed), n, "raw handler").await?;
     task.abort();
     Ok(rate)
 }
@@ -354,7 +440,12 @@ async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxEr
     let mut handles = Vec::new();
     let publisher = Publisher::new(client.clone(), "bench")?;
     let end_subject = if raw {
-        for (name, subject) in [("RAWHOP0", "rawhop0.>"), ("RAWHOP1", "rawhop1.>"), ("RAWHOP2", "rawhop2.>"), ("RAWHOP3", "rawhop3.>")] {
+        for (name, subject) in [
+            ("RAWHOP0", "rawhop0.>"),
+            ("RAWHOP1", "rawhop1.>"),
+            ("RAWHOP2", "rawhop2.>"),
+            ("RAWHOP3", "rawhop3.>"),
+        ] {
             raw_stream(&js, name, subject).await?;
         }
         let make = |out_prefix, out_type, handler| RawRelay {
@@ -366,9 +457,20 @@ async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxEr
             done: Arc::new(AtomicU64::new(0)),
         };
         // The chain's raw relays each write a KV record too, as choreo's inbox does.
-        let kv = js.create_key_value(kv::Config { bucket: "raw_inbox".into(), history: 1, ..Default::default() }).await?;
-        for (i, (from, out_prefix, out_type)) in
-            [("RAWHOP0", "rawhop1", "Hop1Seen"), ("RAWHOP1", "rawhop2", "Hop2Seen"), ("RAWHOP2", "rawhop3", "Hop3Seen")].into_iter().enumerate()
+        let kv = js
+            .create_key_value(kv::Config {
+                bucket: "raw_inbox".into(),
+                history: 1,
+                ..Default::default()
+            })
+            .await?;
+        for (i, (from, out_prefix, out_type)) in [
+            ("RAWHOP0", "rawhop1", "Hop1Seen"),
+            ("RAWHOP1", "rawhop2", "Hop2Seen"),
+            ("RAWHOP2", "rawhop3", "Hop3Seen"),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let handler: &'static str = ["hop.hop1", "hop.hop2", "hop.hop3"][i];
             let mut r = make(out_prefix, out_type, handler);
@@ -398,7 +500,12 @@ async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxEr
             let mut lat = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
             while let Some(m) = ends.next().await {
                 let now = Instant::now();
-                let id: u64 = m.subject.split('.').nth(1).and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
+                let id: u64 = m
+                    .subject
+                    .split('.')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(u64::MAX);
                 if let Some(t) = sent.lock().await.remove(&id) {
                     lat.push(now.duration_since(t).as_secs_f64() * 1e3);
                 }
@@ -419,14 +526,29 @@ async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxEr
                 let key = i.to_string();
                 let id = v5(&[b"key", b"BenchPlaced", key.as_bytes()]).to_string();
                 let h = raw_headers(&id, "BenchPlaced", "bench", &id, None);
-                if let Ok(ack) = js.publish_with_headers(format!("rawhop0.{i}.placed"), h, cbor(&RawEvent { id: i, note: note() })).await {
+                if let Ok(ack) = js
+                    .publish_with_headers(
+                        format!("rawhop0.{i}.placed"),
+                        h,
+                        cbor(&RawEvent {
+                            id: i,
+                            note: note(),
+                        }),
+                    )
+                    .await
+                {
                     let _ = ack.await;
                 }
             });
         } else {
             let p = publisher.clone();
             tokio::spawn(async move {
-                let _ = p.publish(&BenchPlaced { id: i, note: note() }).await;
+                let _ = p
+                    .publish(&BenchPlaced {
+                        id: i,
+                        note: note(),
+                    })
+                    .await;
             });
         }
     }
@@ -440,6 +562,27 @@ async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxEr
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
     Ok((pct(0.50), pct(0.99)))
+}
+
+async fn median_pair<C, CF, R, RF>(
+    repeat: u64,
+    mut choreo: C,
+    mut raw: R,
+) -> Result<(f64, f64), BoxError>
+where
+    C: FnMut() -> CF,
+    CF: std::future::Future<Output = Result<f64, BoxError>>,
+    R: FnMut() -> RF,
+    RF: std::future::Future<Output = Result<f64, BoxError>>,
+{
+    let (mut c, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        c.push(choreo().await?);
+        r.push(raw().await?);
+    }
+    c.sort_by(f64::total_cmp);
+    r.sort_by(f64::total_cmp);
+    Ok((c[c.len() / 2], r[r.len() / 2]))
 }
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
@@ -459,27 +602,73 @@ async fn main() -> Result<(), BoxError> {
     if cfg!(debug_assertions) {
         eprintln!("note: a debug build; run with --release for figures worth comparing");
     }
-    eprintln!("events={n} latency-events={ln} rate={rate}/s in-flight={IN_FLIGHT}");
+    eprintln!(
+        "events={n} latency-events={ln} rate={rate}/s in-flight={IN_FLIGHT} repeat={}",
+        arg(&args, "--repeat", 3)
+    );
 
+    let repeat = arg(&args, "--repeat", 3).max(1);
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let wanted = |case: &str| only.as_deref().is_none_or(|o| o == case);
+
+    // Each case runs `repeat` times, alternating choreo and raw, on fresh
+    // servers; the median of each side is reported.
     let mut rows = Vec::new();
     let mut ratios = Vec::new();
-    let (c, r) = (choreo_publish(n).await?, raw_publish_case(n).await?);
-    rows.push(("publish (msgs/s)", c, r));
-    ratios.push(("publish", c / r));
-    let (c, r) = (choreo_handler(n, false).await?, raw_handler(n, false).await?);
-    rows.push(("handler, inbox off (msgs/s)", c, r));
-    ratios.push(("handler", c / r));
-    let (c, r) = (choreo_handler(n, true).await?, raw_handler(n, true).await?);
-    rows.push(("handler, inbox on (msgs/s)", c, r));
-    ratios.push(("handler_inbox", c / r));
-    let ((c50, c99), (r50, r99)) = (chain_latency(ln, rate, false).await?, chain_latency(ln, rate, true).await?);
-    rows.push(("3-hop latency p50 (ms)", c50, r50));
-    rows.push(("3-hop latency p99 (ms)", c99, r99));
-    ratios.push(("latency", r99 / c99));
+    if wanted("publish") {
+        let (c, r) = median_pair(repeat, || choreo_publish(n), || raw_publish_case(n)).await?;
+        rows.push(("publish (msgs/s)", c, r));
+        ratios.push(("publish", c / r));
+    }
+    if wanted("handler") {
+        let (c, r) = median_pair(
+            repeat,
+            || choreo_handler(n, false),
+            || raw_handler(n, false),
+        )
+        .await?;
+        rows.push(("handler, inbox off (msgs/s)", c, r));
+        ratios.push(("handler", c / r));
+    }
+    if wanted("handler_inbox") {
+        let (c, r) =
+            median_pair(repeat, || choreo_handler(n, true), || raw_handler(n, true)).await?;
+        rows.push(("handler, inbox on (msgs/s)", c, r));
+        ratios.push(("handler_inbox", c / r));
+    }
+    if wanted("latency") {
+        let mut c = Vec::new();
+        let mut r = Vec::new();
+        for _ in 0..repeat {
+            c.push(chain_latency(ln, rate, false).await?);
+            r.push(chain_latency(ln, rate, true).await?);
+        }
+        let med = |v: &mut Vec<(f64, f64)>, f: fn(&(f64, f64)) -> f64| {
+            let mut xs: Vec<f64> = v.iter().map(f).collect();
+            xs.sort_by(f64::total_cmp);
+            xs[xs.len() / 2]
+        };
+        let (c50, c99) = (med(&mut c, |x| x.0), med(&mut c, |x| x.1));
+        let (r50, r99) = (med(&mut r, |x| x.0), med(&mut r, |x| x.1));
+        rows.push(("3-hop latency p50 (ms)", c50, r50));
+        rows.push(("3-hop latency p99 (ms)", c99, r99));
+        ratios.push(("latency", r99 / c99));
+    }
 
-    println!("{:<30} {:>12} {:>12} {:>7}", "case", "choreo", "raw", "ratio");
+    println!(
+        "{:<30} {:>12} {:>12} {:>7}",
+        "case", "choreo", "raw", "ratio"
+    );
     for (case, c, r) in &rows {
-        let ratio = if case.contains("latency") { r / c } else { c / r };
+        let ratio = if case.contains("latency") {
+            r / c
+        } else {
+            c / r
+        };
         println!("{case:<30} {c:>12.1} {r:>12.1} {ratio:>7.2}");
     }
     println!();

@@ -445,7 +445,8 @@ async fn two_instances_and_a_lapsed_ack_wait_still_give_one_effect() {
     let client = server.connect().await.unwrap();
     let mut fx = Effects::new(&client).await;
     // Blocks its thread 1.6 s under a 1 s ack_wait: JetStream redelivers, and
-    // the claim (fresh for 2 × ack_wait) makes the other delivery wait.
+    // the claim written before the handler ran (fresh for 2 × ack_wait) makes
+    // the other delivery wait.
     fx.block_first_for = Some(Duration::from_millis(1600));
     let a = Service::new("payments")
         .state(fx.clone())
@@ -497,29 +498,57 @@ async fn without_a_readable_inbox_nothing_is_handled_or_acked_until_it_returns()
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     let fx = Effects::new(&client).await;
-    let svc = Service::new("payments").state(fx.clone()).handler(charge_patiently).start(client.clone()).await.unwrap();
+    let svc = Service::new("payments")
+        .state(fx.clone())
+        .handler(charge_patiently)
+        .start(client.clone())
+        .await
+        .unwrap();
     let js = jetstream::new(client.clone());
     js.delete_key_value("choreo_inbox_payments").await.unwrap();
     Publisher::new(client.clone(), "checkout")
         .unwrap()
-        .publish(&OrderPlaced { order_id: "o-1".into(), total_cents: 5 })
+        .publish(&OrderPlaced {
+            order_id: "o-1".into(),
+            total_cents: 5,
+        })
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(fx.invocations.load(Ordering::SeqCst), 0, "handled without an inbox claim");
+    assert_eq!(
+        fx.invocations.load(Ordering::SeqCst),
+        0,
+        "handled without an inbox claim"
+    );
     let stream = js.get_stream("ORDERS").await.unwrap();
-    let mut c: jetstream::consumer::PullConsumer = stream.get_consumer("payments--charge_patiently").await.unwrap();
-    let info = c.info().await.unwrap();
-    assert_eq!(info.num_pending + info.num_ack_pending as u64, 1, "the event was acked without being handled");
-    assert!(info.delivered.stream_sequence >= 1);
-
-    js.create_key_value(jetstream::kv::Config { bucket: "choreo_inbox_payments".into(), history: 1, ..Default::default() })
+    let mut c: jetstream::consumer::PullConsumer = stream
+        .get_consumer("payments--charge_patiently")
         .await
         .unwrap();
-    eventually(Duration::from_secs(10), "the event handled once the inbox is back", || {
-        fx.invocations.load(Ordering::SeqCst) == 1
+    let info = c.info().await.unwrap();
+    assert_eq!(
+        info.num_pending + info.num_ack_pending as u64,
+        1,
+        "the event was acked without being handled"
+    );
+    assert!(info.delivered.stream_sequence >= 1);
+
+    js.create_key_value(jetstream::kv::Config {
+        bucket: "choreo_inbox_payments".into(),
+        history: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the event handled once the inbox is back",
+        || fx.invocations.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    eventually(Duration::from_secs(5), "the handled count", || {
+        svc.stats("charge_patiently").unwrap().handled() == 1
     })
     .await;
-    eventually(Duration::from_secs(5), "the handled count", || svc.stats("charge_patiently").unwrap().handled() == 1).await;
     svc.shutdown().await;
 }
