@@ -306,7 +306,8 @@ impl Publisher {
     /// Sends every message, pipelined, and awaits every PubAck; transient
     /// failures are retried with the same ids until `retry_for` runs out.
     pub(crate) async fn send_all(&self, outs: &[Outgoing]) -> Result<Vec<Receipt>, PublishError> {
-        let max = self.inner.client.server_info().max_payload;
+        // `server_info()` clones the whole INFO block: read it once per call.
+        let max = if outs.is_empty() { 0 } else { self.inner.client.server_info().max_payload };
         for out in outs {
             let size = out.size();
             if max > 0 && size > max {
@@ -319,7 +320,10 @@ impl Publisher {
             self.ensure(out.stream, out.stream_subjects, out.filter)
                 .await?;
         }
-        try_join_all(outs.iter().map(|o| self.send_one(o))).await
+        match outs {
+            [one] => Ok(vec![self.send_one(one).await?]),
+            _ => try_join_all(outs.iter().map(|o| self.send_one(o))).await,
+        }
     }
 
     async fn send_one(&self, out: &Outgoing) -> Result<Receipt, PublishError> {
