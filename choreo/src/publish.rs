@@ -307,7 +307,11 @@ impl Publisher {
     /// failures are retried with the same ids until `retry_for` runs out.
     pub(crate) async fn send_all(&self, outs: &[Outgoing]) -> Result<Vec<Receipt>, PublishError> {
         // `server_info()` clones the whole INFO block: read it once per call.
-        let max = if outs.is_empty() { 0 } else { self.inner.client.server_info().max_payload };
+        let max = if outs.is_empty() {
+            0
+        } else {
+            self.inner.client.server_info().max_payload
+        };
         for out in outs {
             let size = out.size();
             if max > 0 && size > max {
