@@ -26,6 +26,14 @@ pub enum TestkitError {
         /// The end of the server's log.
         log_tail: String,
     },
+    /// The cluster did not reach the state a test waited for.
+    #[error("cluster: {what}\n{log_tails}")]
+    Cluster {
+        /// What was awaited.
+        what: String,
+        /// Every node's log tail.
+        log_tails: String,
+    },
     /// A connection to the server failed.
     #[error("cannot connect to {url}: {reason}")]
     Connect {

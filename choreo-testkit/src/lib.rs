@@ -19,8 +19,10 @@
 //! # Ok(()) }
 //! ```
 
+mod cluster;
 mod error;
 mod server;
 
+pub use cluster::NatsCluster;
 pub use error::TestkitError;
 pub use server::{NATS_SERVER_BIN, NatsServer, NatsServerBuilder, find_binary};

@@ -70,6 +70,16 @@ pub fn find_binary() -> Result<PathBuf, TestkitError> {
 pub struct NatsServerBuilder {
     extra_config: String,
     jetstream: Option<bool>,
+    cluster: Option<ClusterSpec>,
+}
+
+/// A node's place in a cluster (set by [`NatsCluster`](crate::NatsCluster)).
+#[derive(Clone, Debug)]
+pub(crate) struct ClusterSpec {
+    pub(crate) cluster_name: String,
+    pub(crate) server_name: String,
+    pub(crate) cluster_port: u16,
+    pub(crate) routes: Vec<u16>,
 }
 
 impl NatsServerBuilder {
@@ -88,11 +98,23 @@ impl NatsServerBuilder {
         self
     }
 
+    pub(crate) fn cluster(mut self, spec: ClusterSpec) -> Self {
+        self.cluster = Some(spec);
+        self
+    }
+
     /// Starts the server and waits until it is ready.
     ///
     /// # Errors
     /// No binary, a server that exits or is not ready in time (with its log).
     pub async fn start(self) -> Result<NatsServer, TestkitError> {
+        let mut server = self.prepare()?;
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// A server whose process is not started yet.
+    pub(crate) fn prepare(self) -> Result<NatsServer, TestkitError> {
         let dir = tempfile::Builder::new()
             .prefix("choreo-nats-")
             .tempdir()
@@ -100,16 +122,14 @@ impl NatsServerBuilder {
                 what: "create a temp dir".into(),
                 source: e,
             })?;
-        let mut server = NatsServer {
+        Ok(NatsServer {
             bin: find_binary()?,
             dir: Some(dir),
             child: None,
             port: 0,
             monitor_port: 0,
             builder: self,
-        };
-        server.spawn().await?;
-        Ok(server)
+        })
     }
 }
 
@@ -201,6 +221,33 @@ impl NatsServer {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// The server's name (`server_name` in its configuration).
+    pub fn name(&self) -> String {
+        match &self.builder.cluster {
+            Some(spec) => spec.server_name.clone(),
+            None => format!("choreo_test_{}", std::process::id()),
+        }
+    }
+
+    /// Stops the process with SIGTERM and waits for it to exit (JetStream
+    /// shuts down cleanly, as in a rolling restart).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The monitoring port (`/healthz`, `/jsz`, ...).
+    pub fn monitor_port(&self) -> u16 {
+        self.monitor_port
+    }
+
     /// Starts the server again on the same port with the same store, after
     /// [`kill`](Self::kill); kills it first if it still runs.
     ///
@@ -214,7 +261,23 @@ impl NatsServer {
     fn config_text(&self) -> String {
         let dir = self.dir();
         let mut c = String::new();
-        let _ = writeln!(c, "server_name: choreo_test_{}", std::process::id());
+        match &self.builder.cluster {
+            Some(spec) => {
+                let _ = writeln!(c, "server_name: {}", spec.server_name);
+                let routes: Vec<String> =
+                    spec.routes.iter().map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
+                let _ = writeln!(
+                    c,
+                    "cluster {{ name: {}, listen: \"127.0.0.1:{}\", routes: [{}] }}",
+                    spec.cluster_name,
+                    spec.cluster_port,
+                    routes.join(", ")
+                );
+            }
+            None => {
+                let _ = writeln!(c, "server_name: choreo_test_{}", std::process::id());
+            }
+        }
         let port = if self.port == 0 {
             "-1".to_owned()
         } else {
@@ -239,6 +302,12 @@ impl NatsServer {
     }
 
     async fn spawn(&mut self) -> Result<(), TestkitError> {
+        self.launch().await?;
+        self.wait_healthy(START_TIMEOUT).await
+    }
+
+    /// Starts the process and learns its ports, without waiting for health.
+    pub(crate) async fn launch(&mut self) -> Result<(), TestkitError> {
         let dir = self.dir().to_path_buf();
         let conf = dir.join("server.conf");
         std::fs::write(&conf, self.config_text()).map_err(|e| TestkitError::Io {
@@ -295,7 +364,13 @@ impl NatsServer {
             port_of(ports.nats.first()).ok_or_else(|| self.start_failed("no client port"))?;
         self.monitor_port = port_of(ports.monitoring.first())
             .ok_or_else(|| self.start_failed("no monitoring port"))?;
-        // Ready means healthz says ok (JetStream included, when enabled).
+        Ok(())
+    }
+
+    /// Waits until `/healthz` says ok: listening, and with JetStream on, its
+    /// store is ready and (in a cluster) it has a current meta leader.
+    pub(crate) async fn wait_healthy(&mut self, timeout: Duration) -> Result<(), TestkitError> {
+        let deadline = Instant::now() + timeout;
         loop {
             if http_get_ok(self.monitor_port, "/healthz").await {
                 return Ok(());
@@ -304,13 +379,13 @@ impl NatsServer {
                 return Err(self.start_failed("the process exited during startup"));
             }
             if Instant::now() > deadline {
-                return Err(self.start_failed("/healthz not ok within 20 s"));
+                return Err(self.start_failed(&format!("/healthz not ok within {timeout:?}")));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    fn start_failed(&self, why: &str) -> TestkitError {
+    pub(crate) fn start_failed(&self, why: &str) -> TestkitError {
         TestkitError::StartFailed {
             why: why.to_owned(),
             binary: self.bin.display().to_string(),

@@ -1,0 +1,213 @@
+//! [`NatsCluster`]: a JetStream cluster of real `nats-server` processes.
+
+use std::time::{Duration, Instant};
+
+use crate::error::TestkitError;
+use crate::server::{ClusterSpec, NatsServer};
+
+/// A cluster of `n` real `nats-server` processes on loopback, JetStream on,
+/// each with its own store. Streams created with
+/// `StreamSettings::default().replicas(3)` are replicated across the nodes.
+/// Any node can be stopped, killed (SIGKILL) and restarted on the same ports
+/// and store; [`wait_for_stream_leader`](Self::wait_for_stream_leader) waits
+/// for the cluster to elect a leader again.
+///
+/// ```no_run
+/// # async fn t() -> Result<(), Box<dyn std::error::Error>> {
+/// use choreo_testkit::NatsCluster;
+/// let mut cluster = NatsCluster::start(3).await?;
+/// let client = cluster.connect().await?;
+/// // ... create R3 streams, run services ...
+/// let leader = cluster.wait_for_stream_leader(&client, "ORDERS", std::time::Duration::from_secs(15)).await?;
+/// let i = cluster.index_of(&leader).unwrap();
+/// cluster.kill(i);
+/// cluster.wait_for_stream_leader(&client, "ORDERS", std::time::Duration::from_secs(15)).await?;
+/// cluster.restart(i).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+const CLUSTER_START: Duration = Duration::from_secs(45);
+
+fn free_ports(n: usize) -> Result<Vec<u16>, TestkitError> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(|e| TestkitError::Io { what: "find free loopback ports".into(), source: e })?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| TestkitError::Io { what: "find free loopback ports".into(), source: e })
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes (1 to 9) and waits until every one is healthy and the
+    /// JetStream meta group has a leader.
+    ///
+    /// # Errors
+    /// A node that does not start, with its log tail.
+    pub async fn start(n: usize) -> Result<Self, TestkitError> {
+        assert!((1..=9).contains(&n), "a test cluster has 1 to 9 nodes");
+        let mut last_err = None;
+        // Route ports must be known before the nodes start; another process
+        // could take one in between, so a clash is retried with new ports.
+        for _ in 0..3 {
+            match Self::try_start(n).await {
+                Ok(c) => return Ok(c),
+                Err(e) if e.to_string().contains("address already in use") => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| TestkitError::StartFailed {
+            why: "could not find free ports".into(),
+            binary: String::new(),
+            log_tail: String::new(),
+        }))
+    }
+
+    async fn try_start(n: usize) -> Result<Self, TestkitError> {
+        let ports = free_ports(n)?;
+        let cluster_name = format!("choreo_test_{}_{}", std::process::id(), ports[0]);
+        let mut nodes = Vec::with_capacity(n);
+        for (i, port) in ports.iter().enumerate() {
+            let spec = ClusterSpec {
+                cluster_name: cluster_name.clone(),
+                server_name: format!("n{}", i + 1),
+                cluster_port: *port,
+                routes: ports.clone(),
+            };
+            nodes.push(NatsServer::builder().cluster(spec).prepare()?);
+        }
+        for node in &mut nodes {
+            node.launch().await?;
+        }
+        for node in &mut nodes {
+            node.wait_healthy(CLUSTER_START).await?;
+        }
+        Ok(Self { nodes })
+    }
+
+    /// The number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the cluster has no nodes (never true for a started cluster).
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Node `i` (0-based; its server name is `n<i+1>`).
+    pub fn node(&self, i: usize) -> &NatsServer {
+        &self.nodes[i]
+    }
+
+    /// The index of the node named `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name() == name)
+    }
+
+    /// Every node's client URL, comma-separated, for `choreo::connect`.
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Connects a client that knows every node and reconnects to another
+    /// when one dies.
+    ///
+    /// # Errors
+    /// No node accepted the connection.
+    pub async fn connect(&self) -> Result<async_nats::Client, TestkitError> {
+        let addrs: Vec<async_nats::ServerAddr> =
+            self.nodes.iter().filter_map(|n| n.url().parse().ok()).collect();
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(addrs)
+            .await
+            .map_err(|e| TestkitError::Connect { url: self.urls(), reason: e.to_string() })
+    }
+
+    /// Kills node `i` with SIGKILL, as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Stops node `i` with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self, i: usize) {
+        self.nodes[i].stop();
+    }
+
+    /// Starts node `i` again on its ports with its store, and waits until it
+    /// is healthy (caught up with the cluster).
+    ///
+    /// # Errors
+    /// The node did not come back, with its log tail.
+    pub async fn restart(&mut self, i: usize) -> Result<(), TestkitError> {
+        let node = &mut self.nodes[i];
+        node.kill();
+        node.launch().await?;
+        node.wait_healthy(CLUSTER_START).await
+    }
+
+    /// The server name of `stream`'s current leader, if it has one.
+    ///
+    /// # Errors
+    /// The stream info request failed (no leader yet, or no such stream).
+    pub async fn stream_leader(
+        &self,
+        client: &async_nats::Client,
+        stream: &str,
+    ) -> Result<Option<String>, TestkitError> {
+        let js = async_nats::jetstream::new(client.clone());
+        let mut s = js
+            .get_stream(stream)
+            .await
+            .map_err(|e| TestkitError::Cluster { what: format!("stream {stream}: {e}"), log_tails: String::new() })?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| TestkitError::Cluster { what: format!("stream {stream}: {e}"), log_tails: String::new() })?;
+        Ok(info.cluster.as_ref().and_then(|c| c.leader.clone()))
+    }
+
+    /// Waits until `stream` has a leader on a running node; returns its name.
+    ///
+    /// # Errors
+    /// None within `timeout`: the error carries every node's log tail.
+    pub async fn wait_for_stream_leader(
+        &mut self,
+        client: &async_nats::Client,
+        stream: &str,
+        timeout: Duration,
+    ) -> Result<String, TestkitError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(leader)) = self.stream_leader(client, stream).await
+                && let Some(i) = self.index_of(&leader)
+                && self.nodes[i].is_running()
+            {
+                return Ok(leader);
+            }
+            if Instant::now() > deadline {
+                return Err(TestkitError::Cluster {
+                    what: format!("stream {stream} has no leader after {timeout:?}"),
+                    log_tails: self.log_tails(10),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The last `lines` of every node's log, each under its name.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- {} ---\n{}", n.name(), n.log_tail(lines)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
