@@ -21,8 +21,12 @@
 
 mod cluster;
 mod error;
+pub mod flow;
 mod server;
+mod service;
 
 pub use cluster::NatsCluster;
 pub use error::TestkitError;
+pub use flow::{Flow, FlowError, Recorded, Recorder, Seen};
+pub use service::TestService;
 pub use server::{NATS_SERVER_BIN, NatsServer, NatsServerBuilder, find_binary};
