@@ -36,12 +36,18 @@ fn free_ports(n: usize) -> Result<Vec<u16>, TestkitError> {
     let listeners: Vec<std::net::TcpListener> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()
-        .map_err(|e| TestkitError::Io { what: "find free loopback ports".into(), source: e })?;
+        .map_err(|e| TestkitError::Io {
+            what: "find free loopback ports".into(),
+            source: e,
+        })?;
     listeners
         .iter()
         .map(|l| l.local_addr().map(|a| a.port()))
         .collect::<Result<_, _>>()
-        .map_err(|e| TestkitError::Io { what: "find free loopback ports".into(), source: e })
+        .map_err(|e| TestkitError::Io {
+            what: "find free loopback ports".into(),
+            source: e,
+        })
 }
 
 impl NatsCluster {
@@ -113,7 +119,11 @@ impl NatsCluster {
 
     /// Every node's client URL, comma-separated, for `choreo::connect`.
     pub fn urls(&self) -> String {
-        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Connects a client that knows every node and reconnects to another
@@ -122,13 +132,19 @@ impl NatsCluster {
     /// # Errors
     /// No node accepted the connection.
     pub async fn connect(&self) -> Result<async_nats::Client, TestkitError> {
-        let addrs: Vec<async_nats::ServerAddr> =
-            self.nodes.iter().filter_map(|n| n.url().parse().ok()).collect();
+        let addrs: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.url().parse().ok())
+            .collect();
         async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect(addrs)
             .await
-            .map_err(|e| TestkitError::Connect { url: self.urls(), reason: e.to_string() })
+            .map_err(|e| TestkitError::Connect {
+                url: self.urls(),
+                reason: e.to_string(),
+            })
     }
 
     /// Kills node `i` with SIGKILL, as a crash would.
@@ -166,11 +182,14 @@ impl NatsCluster {
         let mut s = js
             .get_stream(stream)
             .await
-            .map_err(|e| TestkitError::Cluster { what: format!("stream {stream}: {e}"), log_tails: String::new() })?;
-        let info = s
-            .info()
-            .await
-            .map_err(|e| TestkitError::Cluster { what: format!("stream {stream}: {e}"), log_tails: String::new() })?;
+            .map_err(|e| TestkitError::Cluster {
+                what: format!("stream {stream}: {e}"),
+                log_tails: String::new(),
+            })?;
+        let info = s.info().await.map_err(|e| TestkitError::Cluster {
+            what: format!("stream {stream}: {e}"),
+            log_tails: String::new(),
+        })?;
         Ok(info.cluster.as_ref().and_then(|c| c.leader.clone()))
     }
 

@@ -72,14 +72,18 @@ pub struct Recorder {
 
 impl std::fmt::Debug for Recorder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recorder").field("events", &self.snapshot().len()).finish()
+        f.debug_struct("Recorder")
+            .field("events", &self.snapshot().len())
+            .finish()
     }
 }
 
 /// Streams the recorder never reads: dead letters (copies of events already
 /// recorded), advisories and key-value buckets.
 fn is_infrastructure(stream: &str) -> bool {
-    stream == choreo::dlq::DLQ_STREAM || stream == choreo::dlq::ADVISORY_STREAM || stream.starts_with("KV_")
+    stream == choreo::dlq::DLQ_STREAM
+        || stream == choreo::dlq::ADVISORY_STREAM
+        || stream.starts_with("KV_")
 }
 
 impl Recorder {
@@ -96,15 +100,28 @@ impl Recorder {
     ///
     /// # Errors
     /// JetStream is not reachable.
-    pub async fn streams(client: &async_nats::Client, streams: &[&str]) -> Result<Self, TestkitError> {
-        Self::launch(client, Some(streams.iter().map(|s| (*s).to_owned()).collect())).await
+    pub async fn streams(
+        client: &async_nats::Client,
+        streams: &[&str],
+    ) -> Result<Self, TestkitError> {
+        Self::launch(
+            client,
+            Some(streams.iter().map(|s| (*s).to_owned()).collect()),
+        )
+        .await
     }
 
-    async fn launch(client: &async_nats::Client, only: Option<HashSet<String>>) -> Result<Self, TestkitError> {
+    async fn launch(
+        client: &async_nats::Client,
+        only: Option<HashSet<String>>,
+    ) -> Result<Self, TestkitError> {
         let js = jetstream::new(client.clone());
         js.query_account()
             .await
-            .map_err(|e| TestkitError::Connect { url: "(recorder)".into(), reason: e.to_string() })?;
+            .map_err(|e| TestkitError::Connect {
+                url: "(recorder)".into(),
+                reason: e.to_string(),
+            })?;
         let shared = Arc::new(Shared::default());
         let mut tasks = JoinSet::new();
         let watcher_shared = shared.clone();
@@ -112,22 +129,39 @@ impl Recorder {
         tasks.spawn(watch_streams(js, only, watcher_shared, ready_tx));
         // The first scan attaches to the streams that exist now.
         let _ = ready_rx.await;
-        Ok(Self { shared, _tasks: tasks })
+        Ok(Self {
+            shared,
+            _tasks: tasks,
+        })
     }
 
     /// Every event recorded so far, in arrival order.
     pub fn snapshot(&self) -> Vec<Recorded> {
-        self.shared.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.shared
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Waits for an event of type `E`; see [`Expect`].
     pub fn expect<E: Event>(&self) -> Expect<'_, E> {
-        Expect { recorder: self, filter: Box::new(|_, _| true), flow: None, _e: PhantomData }
+        Expect {
+            recorder: self,
+            filter: Box::new(|_, _| true),
+            flow: None,
+            _e: PhantomData,
+        }
     }
 
     /// Asserts that no event of type `E` arrives; see [`ExpectNone`].
     pub fn expect_none<E: Event>(&self) -> ExpectNone<'_, E> {
-        ExpectNone { recorder: self, filter: Box::new(|_, _| true), flow: None, _e: PhantomData }
+        ExpectNone {
+            recorder: self,
+            filter: Box::new(|_, _| true),
+            flow: None,
+            _e: PhantomData,
+        }
     }
 
     /// The flow of `correlation` as recorded so far.
@@ -140,7 +174,12 @@ impl Recorder {
     ///
     /// # Errors
     /// The flow was still changing (or empty) when `within` ran out.
-    pub async fn quiescent(&self, correlation: EventId, quiet: Duration, within: Duration) -> Result<Flow, FlowError> {
+    pub async fn quiescent(
+        &self,
+        correlation: EventId,
+        quiet: Duration,
+        within: Duration,
+    ) -> Result<Flow, FlowError> {
         let deadline = Instant::now() + within;
         let mut count = usize::MAX;
         let mut since = Instant::now();
@@ -160,7 +199,9 @@ impl Recorder {
                     flow.tree()
                 )));
             }
-            let wake = (since + quiet).min(deadline).saturating_duration_since(Instant::now());
+            let wake = (since + quiet)
+                .min(deadline)
+                .saturating_duration_since(Instant::now());
             self.wait_change(wake.max(Duration::from_millis(5))).await;
         }
     }
@@ -183,7 +224,15 @@ impl Recorder {
             return "nothing arrived".to_owned();
         }
         let shown = corrs.len().min(10);
-        let mut out = format!("what arrived ({} flows{}):\n", corrs.len(), if shown < corrs.len() { ", last 10 shown" } else { "" });
+        let mut out = format!(
+            "what arrived ({} flows{}):\n",
+            corrs.len(),
+            if shown < corrs.len() {
+                ", last 10 shown"
+            } else {
+                ""
+            }
+        );
         for c in &corrs[corrs.len() - shown..] {
             out.push_str(&Flow::new(*c, events.clone()).tree());
         }
@@ -211,18 +260,19 @@ async fn watch_streams(
                 Some(set) => set.contains(&name),
                 None => !is_infrastructure(&name),
             };
-            if wanted && !attached.contains(&name) {
-                if let Ok(stream) = js.get_stream(&name).await {
-                    let consumer = stream
-                        .create_consumer(pull::OrderedConfig {
-                            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-                            ..Default::default()
-                        })
-                        .await;
-                    if let Ok(consumer) = consumer {
-                        attached.insert(name.clone());
-                        readers.spawn(read_stream(consumer, name, shared.clone()));
-                    }
+            if wanted
+                && !attached.contains(&name)
+                && let Ok(stream) = js.get_stream(&name).await
+            {
+                let consumer = stream
+                    .create_consumer(pull::OrderedConfig {
+                        deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                        ..Default::default()
+                    })
+                    .await;
+                if let Ok(consumer) = consumer {
+                    attached.insert(name.clone());
+                    readers.spawn(read_stream(consumer, name, shared.clone()));
                 }
             }
         }
@@ -233,15 +283,35 @@ async fn watch_streams(
     }
 }
 
-async fn read_stream(consumer: jetstream::consumer::Consumer<pull::OrderedConfig>, stream: String, shared: Arc<Shared>) {
-    let Ok(mut messages) = consumer.messages().await else { return };
+async fn read_stream(
+    consumer: jetstream::consumer::Consumer<pull::OrderedConfig>,
+    stream: String,
+    shared: Arc<Shared>,
+) {
+    let Ok(mut messages) = consumer.messages().await else {
+        return;
+    };
     while let Some(next) = messages.next().await {
         let Ok(msg) = next else { continue };
-        let Some(headers) = msg.headers.as_ref() else { continue };
-        let Ok(meta) = Metadata::from_headers(headers) else { continue };
+        let Some(headers) = msg.headers.as_ref() else {
+            continue;
+        };
+        let Ok(meta) = Metadata::from_headers(headers) else {
+            continue;
+        };
         let sequence = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let rec = Recorded { meta, subject: msg.subject.to_string(), stream: stream.clone(), sequence, payload: msg.payload.clone() };
-        shared.events.lock().unwrap_or_else(|p| p.into_inner()).push(rec);
+        let rec = Recorded {
+            meta,
+            subject: msg.subject.to_string(),
+            stream: stream.clone(),
+            sequence,
+            payload: msg.payload.clone(),
+        };
+        shared
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(rec);
         shared.changed.notify_waiters();
     }
 }
@@ -289,7 +359,11 @@ impl<'r, E: Event> Expect<'r, E> {
                 if let Some(e) = decode::<E>(&r)
                     && (self.filter)(&e, &r.meta)
                 {
-                    return Ok(Seen { event: e, meta: r.meta, subject: r.subject });
+                    return Ok(Seen {
+                        event: e,
+                        meta: r.meta,
+                        subject: r.subject,
+                    });
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -378,7 +452,10 @@ impl Flow {
         let mut seen = HashSet::new();
         let mut events = Vec::new();
         let mut duplicates = Vec::new();
-        for r in all.into_iter().filter(|r| r.meta.correlation_id() == correlation) {
+        for r in all
+            .into_iter()
+            .filter(|r| r.meta.correlation_id() == correlation)
+        {
             if seen.insert(r.meta.id()) {
                 events.push(r);
             } else {
@@ -386,7 +463,11 @@ impl Flow {
             }
         }
         events.sort_by_key(|r| r.meta.time());
-        Self { correlation, events, duplicates }
+        Self {
+            correlation,
+            events,
+            duplicates,
+        }
     }
 
     /// The correlation id.
@@ -411,7 +492,10 @@ impl Flow {
 
     /// How many events of type `E` the flow has.
     pub fn count<E: Event>(&self) -> usize {
-        self.events.iter().filter(|r| r.meta.event_type() == E::NAME).count()
+        self.events
+            .iter()
+            .filter(|r| r.meta.event_type() == E::NAME)
+            .count()
     }
 
     /// Every root-to-leaf chain of event types along causation links.
@@ -421,7 +505,10 @@ impl Flow {
         for root in self.roots() {
             let mut stack = vec![(root, vec![self.events[root].meta.event_type().to_owned()])];
             while let Some((i, path)) = stack.pop() {
-                let kids = children.get(&self.events[i].meta.id()).cloned().unwrap_or_default();
+                let kids = children
+                    .get(&self.events[i].meta.id())
+                    .cloned()
+                    .unwrap_or_default();
                 if kids.is_empty() {
                     out.push(path);
                 } else {
@@ -442,14 +529,21 @@ impl Flow {
     /// No chain matches; the message lists the chains and shows the tree.
     pub fn assert_path(&self, path: &[&str]) -> Result<(), FlowError> {
         let paths = self.paths();
-        if paths.iter().any(|p| p.iter().map(String::as_str).eq(path.iter().copied())) {
+        if paths
+            .iter()
+            .any(|p| p.iter().map(String::as_str).eq(path.iter().copied()))
+        {
             return Ok(());
         }
         let have: Vec<String> = paths.iter().map(|p| p.join(" → ")).collect();
         Err(self.fail(&format!(
             "expected the path {}, but the flow's paths are: {}",
             path.join(" → "),
-            if have.is_empty() { "(none)".to_owned() } else { have.join("; ") }
+            if have.is_empty() {
+                "(none)".to_owned()
+            } else {
+                have.join("; ")
+            }
         )))
     }
 
@@ -458,10 +552,20 @@ impl Flow {
     /// # Errors
     /// An `Effect` has another cause, or there is no `Effect` at all.
     pub fn assert_caused_by<Effect: Event, Cause: Event>(&self) -> Result<(), FlowError> {
-        let by_id: HashMap<EventId, &Recorded> = self.events.iter().map(|r| (r.meta.id(), r)).collect();
-        let effects: Vec<&Recorded> = self.events.iter().filter(|r| r.meta.event_type() == Effect::NAME).collect();
+        let by_id: HashMap<EventId, &Recorded> =
+            self.events.iter().map(|r| (r.meta.id(), r)).collect();
+        let effects: Vec<&Recorded> = self
+            .events
+            .iter()
+            .filter(|r| r.meta.event_type() == Effect::NAME)
+            .collect();
         if effects.is_empty() {
-            return Err(self.fail(&format!("expected {} caused by {}, but the flow has no {}", Effect::NAME, Cause::NAME, Effect::NAME)));
+            return Err(self.fail(&format!(
+                "expected {} caused by {}, but the flow has no {}",
+                Effect::NAME,
+                Cause::NAME,
+                Effect::NAME
+            )));
         }
         for e in effects {
             let cause = e.meta.causation_id().and_then(|c| by_id.get(&c));
@@ -471,7 +575,10 @@ impl Flow {
                     Effect::NAME,
                     Cause::NAME,
                     e.meta.id().short(),
-                    cause.map_or_else(|| "nothing recorded in this flow".to_owned(), |c| format!("{} {}", c.meta.event_type(), c.meta.id().short()))
+                    cause.map_or_else(
+                        || "nothing recorded in this flow".to_owned(),
+                        |c| format!("{} {}", c.meta.event_type(), c.meta.id().short())
+                    )
                 )));
             }
         }
@@ -500,7 +607,10 @@ impl Flow {
             return Ok(());
         }
         let ids: Vec<String> = self.duplicates.iter().map(EventId::short).collect();
-        Err(self.fail(&format!("expected no duplicate event ids, but these were stored more than once: {}", ids.join(", "))))
+        Err(self.fail(&format!(
+            "expected no duplicate event ids, but these were stored more than once: {}",
+            ids.join(", ")
+        )))
     }
 
     fn fail(&self, what: &str) -> FlowError {
@@ -510,7 +620,12 @@ impl Flow {
     fn roots(&self) -> Vec<usize> {
         let ids: HashSet<EventId> = self.events.iter().map(|r| r.meta.id()).collect();
         (0..self.events.len())
-            .filter(|&i| self.events[i].meta.causation_id().is_none_or(|c| !ids.contains(&c)))
+            .filter(|&i| {
+                self.events[i]
+                    .meta
+                    .causation_id()
+                    .is_none_or(|c| !ids.contains(&c))
+            })
             .collect()
     }
 
@@ -534,7 +649,11 @@ impl Flow {
     ///    └─ OrderShipped [shipping] 0c5e11d2 +4ms
     /// ```
     pub fn tree(&self) -> String {
-        let mut out = format!("flow {}: {} events", self.correlation.short(), self.events.len());
+        let mut out = format!(
+            "flow {}: {} events",
+            self.correlation.short(),
+            self.events.len()
+        );
         if !self.duplicates.is_empty() {
             let _ = write!(out, ", {} duplicate copies", self.duplicates.len());
         }
@@ -543,38 +662,16 @@ impl Flow {
             out.push_str("(nothing recorded for this correlation id)\n");
             return out;
         }
-        let t0 = self.events[0].meta.time();
-        let children = self.children();
-        let line = |r: &Recorded| {
-            let ms = (r.meta.time() - t0).whole_milliseconds();
-            format!("{} [{}] {} +{ms}ms", r.meta.event_type(), r.meta.source(), r.meta.id().short())
+        let mut w = TreeWriter {
+            flow: self,
+            children: self.children(),
+            t0: self.events[0].meta.time(),
+            out,
         };
-        fn walk(
-            flow: &Flow,
-            i: usize,
-            prefix: &str,
-            last: bool,
-            root: bool,
-            children: &HashMap<EventId, Vec<usize>>,
-            line: &dyn Fn(&Recorded) -> String,
-            out: &mut String,
-        ) {
-            let r = &flow.events[i];
-            if root {
-                let _ = writeln!(out, "{}", line(r));
-            } else {
-                let _ = writeln!(out, "{prefix}{}{}", if last { "└─ " } else { "├─ " }, line(r));
-            }
-            let kids = children.get(&r.meta.id()).cloned().unwrap_or_default();
-            let next = if root { prefix.to_owned() } else { format!("{prefix}{}", if last { "   " } else { "│  " }) };
-            for (n, k) in kids.iter().enumerate() {
-                walk(flow, *k, &next, n + 1 == kids.len(), false, children, line, out);
-            }
-        }
         for root in self.roots() {
-            walk(self, root, "", true, true, &children, &line, &mut out);
+            w.walk(root, "", None);
         }
-        out
+        w.out
     }
 
     /// The flow as a Mermaid sequence diagram between services: a root is a
@@ -589,7 +686,8 @@ impl Flow {
     ///     checkout->>payments: PaymentCaptured
     /// ```
     pub fn mermaid(&self) -> String {
-        let by_id: HashMap<EventId, &Recorded> = self.events.iter().map(|r| (r.meta.id(), r)).collect();
+        let by_id: HashMap<EventId, &Recorded> =
+            self.events.iter().map(|r| (r.meta.id(), r)).collect();
         let mut out = String::from("sequenceDiagram\n");
         let mut participants: Vec<&str> = Vec::new();
         for r in &self.events {
@@ -603,13 +701,62 @@ impl Flow {
         for r in &self.events {
             match r.meta.causation_id().and_then(|c| by_id.get(&c)) {
                 Some(cause) => {
-                    let _ = writeln!(out, "    {}->>{}: {}", cause.meta.source(), r.meta.source(), r.meta.event_type());
+                    let _ = writeln!(
+                        out,
+                        "    {}->>{}: {}",
+                        cause.meta.source(),
+                        r.meta.source(),
+                        r.meta.event_type()
+                    );
                 }
                 None => {
-                    let _ = writeln!(out, "    Note over {}: {}", r.meta.source(), r.meta.event_type());
+                    let _ = writeln!(
+                        out,
+                        "    Note over {}: {}",
+                        r.meta.source(),
+                        r.meta.event_type()
+                    );
                 }
             }
         }
         out
+    }
+}
+
+/// Writes a causation tree, one line per event.
+struct TreeWriter<'f> {
+    flow: &'f Flow,
+    children: HashMap<EventId, Vec<usize>>,
+    t0: time::OffsetDateTime,
+    out: String,
+}
+
+impl TreeWriter<'_> {
+    /// Writes event `i` and its descendants. `last` is `None` for a root, else
+    /// whether it is its parent's last child.
+    fn walk(&mut self, i: usize, prefix: &str, last: Option<bool>) {
+        let r = &self.flow.events[i];
+        let ms = (r.meta.time() - self.t0).whole_milliseconds();
+        let branch = match last {
+            None => "",
+            Some(true) => "└─ ",
+            Some(false) => "├─ ",
+        };
+        let _ = writeln!(
+            self.out,
+            "{prefix}{branch}{} [{}] {} +{ms}ms",
+            r.meta.event_type(),
+            r.meta.source(),
+            r.meta.id().short()
+        );
+        let kids = self.children.get(&r.meta.id()).cloned().unwrap_or_default();
+        let next = match last {
+            None => prefix.to_owned(),
+            Some(true) => format!("{prefix}   "),
+            Some(false) => format!("{prefix}│  "),
+        };
+        for (n, k) in kids.iter().enumerate() {
+            self.walk(*k, &next, Some(n + 1 == kids.len()));
+        }
     }
 }

@@ -1,22 +1,87 @@
-//! Test choreo services against real NATS servers.
+//! Test choreo services against real NATS servers, and assert whole event
+//! flows.
 //!
-//! [`NatsServer`] runs a real `nats-server` process for one test: a free
-//! loopback port learned from the server's own ports file (no guessing, no
-//! races between parallel tests), JetStream on, a temp store, readiness awaited
-//! through `/healthz` rather than slept for, and the process killed on drop.
+//! - [`NatsServer`] runs a real `nats-server` process for one test: a free
+//!   loopback port learned from the server's own ports file (no guessing, no
+//!   races between parallel tests), JetStream on, a temp store, readiness
+//!   awaited through `/healthz` rather than slept for, the process killed on
+//!   drop (its directory kept and printed if the test panicked).
+//! - [`NatsCluster`] runs a 3-node (or n-node) JetStream cluster whose nodes a
+//!   test can stop, kill and restart, waiting for stream leaders.
+//! - [`Recorder`] records every choreo event on the streams and answers
+//!   `expect`, `expect_none`, `flow` and `quiescent`; a [`Flow`] asserts its
+//!   paths, causes, counts and duplicates, and renders as a causation tree or
+//!   a Mermaid sequence diagram. Every failure message shows what arrived.
+//! - [`TestService`] starts a service, stops it gracefully, crashes it, and
+//!   starts it again.
 //!
 //! The binary comes from `$NATS_SERVER_BIN`, then `PATH`, then the project's
 //! local install made by `scripts/test`; when there is none, starting fails
 //! with an error that says how to get one.
 //!
-//! ```no_run
-//! use choreo_testkit::NatsServer;
+//! # A complete flow test
 //!
-//! # async fn t() -> Result<(), Box<dyn std::error::Error>> {
-//! let server = NatsServer::start().await?;
-//! let client = server.connect().await?;
-//! // ... run services against `client`, publish, assert ...
-//! # Ok(()) }
+//! ```no_run
+//! use std::time::Duration;
+//! use choreo::{event, event_handler, Context, Publisher, Service};
+//! use choreo_testkit::{NatsServer, Recorder, TestService};
+//!
+//! #[event(subject = "orders.{order_id}.placed", key = order_id)]
+//! pub struct OrderPlaced { pub order_id: String }
+//!
+//! #[event(subject = "payments.{order_id}.captured")]
+//! pub struct PaymentCaptured { pub order_id: String }
+//!
+//! #[event_handler]
+//! async fn charge(order: OrderPlaced, ctx: Context) {
+//!     ctx.emit(PaymentCaptured { order_id: order.order_id });
+//! }
+//!
+//! #[tokio::test]
+//! async fn an_order_is_charged_once() -> Result<(), Box<dyn std::error::Error>> {
+//!     let server = NatsServer::start().await?;
+//!     let client = server.connect().await?;
+//!     let recorder = Recorder::start(&client).await?;
+//!     let _payments = TestService::start(client.clone(), || Service::new("payments").handler(charge)).await?;
+//!
+//!     let root = Publisher::new(client, "checkout")?
+//!         .publish(&OrderPlaced { order_id: "o-1".into() })
+//!         .await?
+//!         .event_id;
+//!
+//!     let captured = recorder.expect::<PaymentCaptured>().in_flow(root).within(Duration::from_secs(5)).await?;
+//!     assert_eq!(captured.event.order_id, "o-1");
+//!
+//!     let flow = recorder.quiescent(root, Duration::from_millis(200), Duration::from_secs(5)).await?;
+//!     flow.assert_path(&["OrderPlaced", "PaymentCaptured"])?;
+//!     flow.assert_caused_by::<PaymentCaptured, OrderPlaced>()?;
+//!     flow.assert_no_duplicates()?;
+//!     println!("{}", flow.tree());
+//!     Ok(())
+//! }
+//! ```
+//!
+//! `flow.tree()` prints, for a longer flow:
+//!
+//! ```text
+//! flow 82d82778: 4 events
+//! OrderPlaced [checkout] 82d82778 +0ms
+//! ├─ PaymentCaptured [payments] 59aa365d +2ms
+//! │  └─ OrderShipped [shipping] 3f0c1a9e +5ms
+//! └─ ReceiptIssued [payments] 7b2d4c10 +2ms
+//! ```
+//!
+//! and `flow.mermaid()`:
+//!
+//! ```text
+//! sequenceDiagram
+//!     participant checkout
+//!     participant payments
+//!     participant shipping
+//!     Note over checkout: OrderPlaced
+//!     checkout->>payments: PaymentCaptured
+//!     checkout->>payments: ReceiptIssued
+//!     payments->>shipping: OrderShipped
 //! ```
 
 mod cluster;
@@ -28,5 +93,5 @@ mod service;
 pub use cluster::NatsCluster;
 pub use error::TestkitError;
 pub use flow::{Flow, FlowError, Recorded, Recorder, Seen};
-pub use service::TestService;
 pub use server::{NATS_SERVER_BIN, NatsServer, NatsServerBuilder, find_binary};
+pub use service::TestService;

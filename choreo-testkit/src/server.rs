@@ -233,7 +233,10 @@ impl NatsServer {
     /// shuts down cleanly, as in a rolling restart).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
@@ -264,8 +267,11 @@ impl NatsServer {
         match &self.builder.cluster {
             Some(spec) => {
                 let _ = writeln!(c, "server_name: {}", spec.server_name);
-                let routes: Vec<String> =
-                    spec.routes.iter().map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
+                let routes: Vec<String> = spec
+                    .routes
+                    .iter()
+                    .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+                    .collect();
                 let _ = writeln!(
                     c,
                     "cluster {{ name: {}, listen: \"127.0.0.1:{}\", routes: [{}] }}",

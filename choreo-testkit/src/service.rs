@@ -27,7 +27,9 @@ pub struct TestService {
 
 impl std::fmt::Debug for TestService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestService").field("running", &self.handle.is_some()).finish()
+        f.debug_struct("TestService")
+            .field("running", &self.handle.is_some())
+            .finish()
     }
 }
 
@@ -41,7 +43,11 @@ impl TestService {
         factory: impl Fn() -> Service + Send + Sync + 'static,
     ) -> Result<Self, StartError> {
         let handle = factory().start(client.clone()).await?;
-        Ok(Self { client, factory: Box::new(factory), handle: Some(handle) })
+        Ok(Self {
+            client,
+            factory: Box::new(factory),
+            handle: Some(handle),
+        })
     }
 
     /// The running instance, if any.

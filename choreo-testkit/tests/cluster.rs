@@ -21,25 +21,51 @@ async fn r3_streams_survive_losing_and_restarting_the_leader() {
         .unwrap()
         .with_stream_settings(StreamSettings::default().replicas(3));
     for i in 0..10 {
-        publisher.publish(&OrderPlaced { order_id: format!("o-{i}") }).await.unwrap();
+        publisher
+            .publish(&OrderPlaced {
+                order_id: format!("o-{i}"),
+            })
+            .await
+            .unwrap();
     }
     let js = async_nats::jetstream::new(client.clone());
-    let info = js.get_stream("ORDERS").await.unwrap().info().await.unwrap().clone();
+    let info = js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
     assert_eq!(info.config.num_replicas, 3);
 
-    let leader = cluster.wait_for_stream_leader(&client, "ORDERS", Duration::from_secs(15)).await.unwrap();
+    let leader = cluster
+        .wait_for_stream_leader(&client, "ORDERS", Duration::from_secs(15))
+        .await
+        .unwrap();
     let i = cluster.index_of(&leader).unwrap();
     cluster.kill(i);
     // Publishing during the election is retried with the same ids.
     for i in 10..20 {
-        publisher.publish(&OrderPlaced { order_id: format!("o-{i}") }).await.unwrap();
+        publisher
+            .publish(&OrderPlaced {
+                order_id: format!("o-{i}"),
+            })
+            .await
+            .unwrap();
     }
-    let new_leader = cluster.wait_for_stream_leader(&client, "ORDERS", Duration::from_secs(20)).await.unwrap();
+    let new_leader = cluster
+        .wait_for_stream_leader(&client, "ORDERS", Duration::from_secs(20))
+        .await
+        .unwrap();
     assert_ne!(new_leader, leader);
     cluster.restart(i).await.unwrap();
     cluster.stop((i + 1) % 3);
     cluster.restart((i + 1) % 3).await.unwrap();
-    cluster.wait_for_stream_leader(&client, "ORDERS", Duration::from_secs(20)).await.unwrap();
+    cluster
+        .wait_for_stream_leader(&client, "ORDERS", Duration::from_secs(20))
+        .await
+        .unwrap();
     let mut s = js.get_stream("ORDERS").await.unwrap();
     assert_eq!(s.info().await.unwrap().state.messages, 20, "no event lost");
 }
@@ -48,7 +74,13 @@ async fn r3_streams_survive_losing_and_restarting_the_leader() {
 async fn a_missing_stream_has_no_leader_and_the_error_shows_every_log() {
     let mut cluster = NatsCluster::start(3).await.unwrap();
     let client = cluster.connect().await.unwrap();
-    let err = cluster.wait_for_stream_leader(&client, "NOPE", Duration::from_millis(300)).await.unwrap_err();
+    let err = cluster
+        .wait_for_stream_leader(&client, "NOPE", Duration::from_millis(300))
+        .await
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("NOPE") && msg.contains("--- n1 ---") && msg.contains("--- n3 ---"), "{msg}");
+    assert!(
+        msg.contains("NOPE") && msg.contains("--- n1 ---") && msg.contains("--- n3 ---"),
+        "{msg}"
+    );
 }

@@ -39,13 +39,19 @@ pub struct ParcelLost {
 
 #[event_handler]
 async fn charge(order: OrderPlaced, ctx: Context) {
-    ctx.emit(PaymentCaptured { order_id: order.order_id.clone() });
-    ctx.emit(ReceiptIssued { order_id: order.order_id });
+    ctx.emit(PaymentCaptured {
+        order_id: order.order_id.clone(),
+    });
+    ctx.emit(ReceiptIssued {
+        order_id: order.order_id,
+    });
 }
 
 #[event_handler]
 async fn ship(payment: PaymentCaptured, ctx: Context) {
-    ctx.emit(OrderShipped { order_id: payment.order_id });
+    ctx.emit(OrderShipped {
+        order_id: payment.order_id,
+    });
 }
 
 struct Shop {
@@ -60,14 +66,30 @@ async fn shop() -> Shop {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     let recorder = Recorder::start(&client).await.unwrap();
-    let payments = TestService::start(client.clone(), || Service::new("payments").handler(charge)).await.unwrap();
-    let shipping = TestService::start(client.clone(), || Service::new("shipping").handler(ship)).await.unwrap();
+    let payments = TestService::start(client.clone(), || Service::new("payments").handler(charge))
+        .await
+        .unwrap();
+    let shipping = TestService::start(client.clone(), || Service::new("shipping").handler(ship))
+        .await
+        .unwrap();
     let publisher = Publisher::new(client, "checkout").unwrap();
-    Shop { _server: server, recorder, publisher, _payments: payments, _shipping: shipping }
+    Shop {
+        _server: server,
+        recorder,
+        publisher,
+        _payments: payments,
+        _shipping: shipping,
+    }
 }
 
 async fn place(shop: &Shop, id: &str) -> EventId {
-    shop.publisher.publish(&OrderPlaced { order_id: id.into() }).await.unwrap().event_id
+    shop.publisher
+        .publish(&OrderPlaced {
+            order_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .event_id
 }
 
 const SEC: Duration = Duration::from_secs(10);
@@ -77,61 +99,144 @@ async fn expect_returns_the_typed_event_and_its_metadata_as_soon_as_it_arrives()
     let shop = shop().await;
     let root = place(&shop, "o-1").await;
     let started = std::time::Instant::now();
-    let shipped = shop.recorder.expect::<OrderShipped>().matching(|e| e.order_id == "o-1").within(SEC).await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5), "the wait ends when the event arrives");
-    assert_eq!(shipped.event, OrderShipped { order_id: "o-1".into() });
+    let shipped = shop
+        .recorder
+        .expect::<OrderShipped>()
+        .matching(|e| e.order_id == "o-1")
+        .within(SEC)
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the wait ends when the event arrives"
+    );
+    assert_eq!(
+        shipped.event,
+        OrderShipped {
+            order_id: "o-1".into()
+        }
+    );
     assert_eq!(shipped.meta.correlation_id(), root);
     assert_eq!(shipped.meta.source(), "shipping");
     assert_eq!(shipped.subject, "shipping.o-1.shipped");
     // in_flow narrows to one flow.
-    shop.recorder.expect::<ReceiptIssued>().in_flow(root).within(SEC).await.unwrap();
+    shop.recorder
+        .expect::<ReceiptIssued>()
+        .in_flow(root)
+        .within(SEC)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn expect_fails_with_what_did_arrive() {
     let shop = shop().await;
     let root = place(&shop, "o-1").await;
-    shop.recorder.quiescent(root, Duration::from_millis(300), SEC).await.unwrap();
-    let err = shop.recorder.expect::<OrderShipped>().matching(|e| e.order_id == "o-2").within(Duration::from_millis(300)).await.unwrap_err();
+    shop.recorder
+        .quiescent(root, Duration::from_millis(300), SEC)
+        .await
+        .unwrap();
+    let err = shop
+        .recorder
+        .expect::<OrderShipped>()
+        .matching(|e| e.order_id == "o-2")
+        .within(Duration::from_millis(300))
+        .await
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.starts_with("expected a OrderShipped matching the predicate within 300ms, but none arrived"), "{msg}");
-    assert!(msg.contains("OrderPlaced [checkout]") && msg.contains("└─ OrderShipped [shipping]"), "{msg}");
+    assert!(
+        msg.starts_with(
+            "expected a OrderShipped matching the predicate within 300ms, but none arrived"
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("OrderPlaced [checkout]") && msg.contains("└─ OrderShipped [shipping]"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
 async fn expect_none_passes_over_a_window_and_fails_naming_the_arrival() {
     let shop = shop().await;
     let root = place(&shop, "o-1").await;
-    shop.recorder.expect_none::<ParcelLost>().during(Duration::from_millis(300)).await.unwrap();
-    let err = shop.recorder.expect_none::<OrderShipped>().in_flow(root).during(SEC).await.unwrap_err();
+    shop.recorder
+        .expect_none::<ParcelLost>()
+        .during(Duration::from_millis(300))
+        .await
+        .unwrap();
+    let err = shop
+        .recorder
+        .expect_none::<OrderShipped>()
+        .in_flow(root)
+        .during(SEC)
+        .await
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.starts_with("expected no OrderShipped within 10s, but"), "{msg}");
-    assert!(msg.contains("arrived from shipping") && msg.contains(&format!("flow {}", root.short())), "{msg}");
+    assert!(
+        msg.starts_with("expected no OrderShipped within 10s, but"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("arrived from shipping") && msg.contains(&format!("flow {}", root.short())),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
 async fn flow_paths_causes_counts_and_duplicates() {
     let shop = shop().await;
     let root = place(&shop, "o-1").await;
-    let flow = shop.recorder.quiescent(root, Duration::from_millis(300), SEC).await.unwrap();
+    let flow = shop
+        .recorder
+        .quiescent(root, Duration::from_millis(300), SEC)
+        .await
+        .unwrap();
     assert_eq!(flow.len(), 4);
-    flow.assert_path(&["OrderPlaced", "PaymentCaptured", "OrderShipped"]).unwrap();
+    flow.assert_path(&["OrderPlaced", "PaymentCaptured", "OrderShipped"])
+        .unwrap();
     flow.assert_path(&["OrderPlaced", "ReceiptIssued"]).unwrap();
-    flow.assert_caused_by::<OrderShipped, PaymentCaptured>().unwrap();
-    flow.assert_caused_by::<PaymentCaptured, OrderPlaced>().unwrap();
+    flow.assert_caused_by::<OrderShipped, PaymentCaptured>()
+        .unwrap();
+    flow.assert_caused_by::<PaymentCaptured, OrderPlaced>()
+        .unwrap();
     flow.assert_count::<PaymentCaptured>(1).unwrap();
     flow.assert_no_duplicates().unwrap();
 
-    let err = flow.assert_path(&["OrderPlaced", "OrderShipped"]).unwrap_err().to_string();
-    assert!(err.starts_with("expected the path OrderPlaced → OrderShipped, but the flow's paths are: "), "{err}");
-    assert!(err.contains("OrderPlaced → PaymentCaptured → OrderShipped; OrderPlaced → ReceiptIssued"), "{err}");
-    let err = flow.assert_caused_by::<OrderShipped, OrderPlaced>().unwrap_err().to_string();
-    assert!(err.starts_with("expected every OrderShipped to be caused by a OrderPlaced, but"), "{err}");
+    let err = flow
+        .assert_path(&["OrderPlaced", "OrderShipped"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("expected the path OrderPlaced → OrderShipped, but the flow's paths are: "),
+        "{err}"
+    );
+    assert!(
+        err.contains("OrderPlaced → PaymentCaptured → OrderShipped; OrderPlaced → ReceiptIssued"),
+        "{err}"
+    );
+    let err = flow
+        .assert_caused_by::<OrderShipped, OrderPlaced>()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("expected every OrderShipped to be caused by a OrderPlaced, but"),
+        "{err}"
+    );
     assert!(err.contains("was caused by PaymentCaptured"), "{err}");
-    let err = flow.assert_caused_by::<ParcelLost, OrderPlaced>().unwrap_err().to_string();
+    let err = flow
+        .assert_caused_by::<ParcelLost, OrderPlaced>()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("the flow has no ParcelLost"), "{err}");
-    let err = flow.assert_count::<PaymentCaptured>(2).unwrap_err().to_string();
-    assert!(err.starts_with("expected 2 PaymentCaptured, found 1"), "{err}");
+    let err = flow
+        .assert_count::<PaymentCaptured>(2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("expected 2 PaymentCaptured, found 1"),
+        "{err}"
+    );
     assert!(err.contains("flow ") && err.contains("4 events"), "{err}");
 }
 
@@ -142,12 +247,19 @@ async fn a_fact_stored_twice_is_a_duplicate() {
     let recorder = Recorder::streams(&client, &["ORDERS"]).await.unwrap();
     let publisher = Publisher::new(client, "checkout")
         .unwrap()
-        .with_stream_settings(StreamSettings::default().duplicate_window(Duration::from_millis(200)));
-    let order = OrderPlaced { order_id: "o-1".into() };
+        .with_stream_settings(
+            StreamSettings::default().duplicate_window(Duration::from_millis(200)),
+        );
+    let order = OrderPlaced {
+        order_id: "o-1".into(),
+    };
     let root = publisher.publish(&order).await.unwrap().event_id;
     tokio::time::sleep(Duration::from_millis(400)).await;
     publisher.publish(&order).await.unwrap();
-    let flow = recorder.quiescent(root, Duration::from_millis(200), SEC).await.unwrap();
+    let flow = recorder
+        .quiescent(root, Duration::from_millis(200), SEC)
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + SEC;
     let mut flow = flow;
     while flow.assert_no_duplicates().is_ok() && std::time::Instant::now() < deadline {
@@ -155,21 +267,42 @@ async fn a_fact_stored_twice_is_a_duplicate() {
         flow = recorder.flow(root);
     }
     let err = flow.assert_no_duplicates().unwrap_err().to_string();
-    assert!(err.starts_with(&format!("expected no duplicate event ids, but these were stored more than once: {}", root.short())), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "expected no duplicate event ids, but these were stored more than once: {}",
+            root.short()
+        )),
+        "{err}"
+    );
     assert!(err.contains("1 duplicate copies"), "{err}");
 }
 
 #[tokio::test]
 async fn quiescence_fails_for_a_flow_that_never_started() {
     let shop = shop().await;
-    let err = shop.recorder.quiescent(EventId::new_random(), Duration::from_millis(100), Duration::from_millis(300)).await.unwrap_err();
+    let err = shop
+        .recorder
+        .quiescent(
+            EventId::new_random(),
+            Duration::from_millis(100),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("did not go quiet") && msg.contains("(nothing recorded for this correlation id)"), "{msg}");
+    assert!(
+        msg.contains("did not go quiet")
+            && msg.contains("(nothing recorded for this correlation id)"),
+        "{msg}"
+    );
 }
 
 fn without_times(tree: &str) -> String {
     tree.lines()
-        .map(|l| l.rsplit_once(" +").map_or(l.to_owned(), |(head, _)| head.to_owned()))
+        .map(|l| {
+            l.rsplit_once(" +")
+                .map_or(l.to_owned(), |(head, _)| head.to_owned())
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -178,7 +311,11 @@ fn without_times(tree: &str) -> String {
 async fn a_flow_renders_as_a_tree_and_as_a_mermaid_sequence_diagram() {
     let shop = shop().await;
     let root = place(&shop, "o-1").await;
-    let flow = shop.recorder.quiescent(root, Duration::from_millis(300), SEC).await.unwrap();
+    let flow = shop
+        .recorder
+        .quiescent(root, Duration::from_millis(300), SEC)
+        .await
+        .unwrap();
     let captured = EventId::emitted("payments.charge", root, "PaymentCaptured", 0);
     let receipt = EventId::emitted("payments.charge", root, "ReceiptIssued", 0);
     let shipped = EventId::emitted("shipping.ship", captured, "OrderShipped", 0);
@@ -187,20 +324,35 @@ async fn a_flow_renders_as_a_tree_and_as_a_mermaid_sequence_diagram() {
     // events share a timestamp.
     let a = format!(
         "flow {r}: 4 events\nOrderPlaced [checkout] {r}\n├─ PaymentCaptured [payments] {c}\n│  └─ OrderShipped [shipping] {s}\n└─ ReceiptIssued [payments] {p}",
-        r = root.short(), c = captured.short(), s = shipped.short(), p = receipt.short()
+        r = root.short(),
+        c = captured.short(),
+        s = shipped.short(),
+        p = receipt.short()
     );
     let b = format!(
         "flow {r}: 4 events\nOrderPlaced [checkout] {r}\n├─ ReceiptIssued [payments] {p}\n└─ PaymentCaptured [payments] {c}\n   └─ OrderShipped [shipping] {s}",
-        r = root.short(), c = captured.short(), s = shipped.short(), p = receipt.short()
+        r = root.short(),
+        c = captured.short(),
+        s = shipped.short(),
+        p = receipt.short()
     );
     assert!(tree == a || tree == b, "unexpected tree:\n{tree}");
     assert!(flow.tree().lines().nth(1).unwrap().ends_with("+0ms"));
 
     let mermaid = flow.mermaid();
     assert!(mermaid.starts_with("sequenceDiagram\n    participant checkout\n    participant payments\n    participant shipping\n    Note over checkout: OrderPlaced\n"), "{mermaid}");
-    assert!(mermaid.contains("    checkout->>payments: PaymentCaptured\n"), "{mermaid}");
-    assert!(mermaid.contains("    checkout->>payments: ReceiptIssued\n"), "{mermaid}");
-    assert!(mermaid.contains("    payments->>shipping: OrderShipped\n"), "{mermaid}");
+    assert!(
+        mermaid.contains("    checkout->>payments: PaymentCaptured\n"),
+        "{mermaid}"
+    );
+    assert!(
+        mermaid.contains("    checkout->>payments: ReceiptIssued\n"),
+        "{mermaid}"
+    );
+    assert!(
+        mermaid.contains("    payments->>shipping: OrderShipped\n"),
+        "{mermaid}"
+    );
 }
 
 #[tokio::test]
@@ -208,14 +360,32 @@ async fn test_services_stop_crash_and_restart() {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     let recorder = Recorder::start(&client).await.unwrap();
-    let mut payments = TestService::start(client.clone(), || Service::new("payments").handler(charge)).await.unwrap();
+    let mut payments =
+        TestService::start(client.clone(), || Service::new("payments").handler(charge))
+            .await
+            .unwrap();
     let publisher = Publisher::new(client.clone(), "checkout").unwrap();
     payments.stop().await;
     assert!(!payments.is_running());
-    let root = publisher.publish(&OrderPlaced { order_id: "o-1".into() }).await.unwrap().event_id;
-    recorder.expect_none::<PaymentCaptured>().during(Duration::from_millis(300)).await.unwrap();
+    let root = publisher
+        .publish(&OrderPlaced {
+            order_id: "o-1".into(),
+        })
+        .await
+        .unwrap()
+        .event_id;
+    recorder
+        .expect_none::<PaymentCaptured>()
+        .during(Duration::from_millis(300))
+        .await
+        .unwrap();
     payments.restart().await.unwrap();
-    recorder.expect::<PaymentCaptured>().in_flow(root).within(SEC).await.unwrap();
+    recorder
+        .expect::<PaymentCaptured>()
+        .in_flow(root)
+        .within(SEC)
+        .await
+        .unwrap();
     payments.crash();
     assert!(!payments.is_running());
     payments.restart().await.unwrap();

@@ -22,16 +22,25 @@ fn rust_blocks(markdown: &str) -> Vec<String> {
     out
 }
 
+/// The testkit's crate docs, without their `//! ` prefixes.
+fn testkit_docs() -> String {
+    include_str!("../../choreo-testkit/src/lib.rs")
+        .lines()
+        .filter_map(|l| l.strip_prefix("//! ").or_else(|| l.strip_prefix("//!")))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 #[test]
 fn readme_examples_are_tested_crate_docs() {
     let readme = include_str!("../../README.md");
-    let crate_docs = include_str!("../README.md");
+    let crate_docs = format!("{}{}", include_str!("../README.md"), testkit_docs());
     let blocks = rust_blocks(readme);
     assert!(!blocks.is_empty(), "README has no Rust example");
     for block in blocks {
         assert!(
             crate_docs.contains(&block),
-            "this README example is not in choreo/README.md, so no test runs it:\n{block}"
+            "this README example is in neither choreo/README.md nor the testkit's crate docs, so no test compiles it:\n{block}"
         );
     }
 }

@@ -11,7 +11,7 @@ use choreo::{
     Attempt, Context, Envelope, EventId, HandlerError, Metadata, Publisher, Service, State, States,
     event, event_handler,
 };
-use choreo_testkit::NatsServer;
+use choreo_testkit::{NatsServer, Recorder};
 use common::eventually;
 
 #[event(subject = "orders.{order_id}.placed", key = order_id)]
@@ -237,6 +237,7 @@ async fn correlation_and_causation_travel_across_a_three_hop_chain() {
         .await
         .unwrap();
     let client = server.connect().await.unwrap();
+    let recorder = Recorder::start(&client).await.unwrap();
     let publisher = Publisher::new(client.clone(), "checkout").unwrap();
     let root = publisher
         .publish(&OrderPlaced {
@@ -274,6 +275,22 @@ async fn correlation_and_causation_travel_across_a_three_hop_chain() {
         shipped.id(),
         EventId::emitted("shipping.ship", captured.meta().id(), "OrderShipped", 0)
     );
+    // The same flow through the testkit's recorder.
+    let flow = recorder
+        .quiescent(
+            root.event_id,
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    flow.assert_path(&["OrderPlaced", "PaymentCaptured", "OrderShipped"])
+        .unwrap();
+    flow.assert_caused_by::<OrderShipped, PaymentCaptured>()
+        .unwrap();
+    flow.assert_caused_by::<PaymentCaptured, OrderPlaced>()
+        .unwrap();
+    flow.assert_no_duplicates().unwrap();
     for h in [payments, shipping, tracker] {
         h.shutdown().await;
     }
