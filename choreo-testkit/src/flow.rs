@@ -643,9 +643,9 @@ impl Flow {
     /// short id, and time since the first event.
     ///
     /// ```text
-    /// flow 82d82778: 3 events
-    /// OrderPlaced [checkout] 82d82778 +0ms
-    /// └─ PaymentCaptured [payments] 59aa365d +2ms
+    /// flow e4793154: 3 events
+    /// OrderPlaced [checkout] e4793154 +0ms
+    /// └─ PaymentCaptured [payments] 2bf486da +2ms
     ///    └─ OrderShipped [shipping] 0c5e11d2 +4ms
     /// ```
     pub fn tree(&self) -> String {

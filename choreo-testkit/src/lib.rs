@@ -64,9 +64,9 @@
 //! `flow.tree()` prints, for a longer flow:
 //!
 //! ```text
-//! flow 82d82778: 4 events
-//! OrderPlaced [checkout] 82d82778 +0ms
-//! ├─ PaymentCaptured [payments] 59aa365d +2ms
+//! flow e4793154: 4 events
+//! OrderPlaced [checkout] e4793154 +0ms
+//! ├─ PaymentCaptured [payments] 2bf486da +2ms
 //! │  └─ OrderShipped [shipping] 3f0c1a9e +5ms
 //! └─ ReceiptIssued [payments] 7b2d4c10 +2ms
 //! ```

@@ -101,11 +101,12 @@ impl EventId {
         self.0
     }
 
-    /// The first eight hex digits, for logs and flow trees.
+    /// The last eight hex digits, for logs and flow trees. (The last ones:
+    /// a v7 id starts with its timestamp, so ids made in the same minute
+    /// share their first digits.)
     pub fn short(&self) -> String {
-        let mut s = self.0.simple().to_string();
-        s.truncate(8);
-        s
+        let s = self.0.simple().to_string();
+        s[s.len() - 8..].to_owned()
     }
 
     fn from_parts(parts: &[&[u8]]) -> Self {
@@ -187,6 +188,14 @@ mod tests {
             a,
             EventId::emitted("payments.charge", cause, "PaymentDeclined", 0)
         );
+    }
+
+    #[test]
+    fn short_forms_of_ids_made_together_differ() {
+        let (a, b) = (EventId::new_random(), EventId::new_random());
+        assert_ne!(a.short(), b.short());
+        assert_eq!(a.short().len(), 8);
+        assert!(a.to_string().ends_with(&a.short()));
     }
 
     #[test]

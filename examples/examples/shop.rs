@@ -1,0 +1,178 @@
+//! The shop, end to end: `scripts/shop` or
+//! `cargo run --release -p choreo-examples --example shop -- [--orders N] [--service NAME] [--replicas R]`.
+//!
+//! - With no `NATS_URL`, it starts a local nats-server itself.
+//! - Without `--service`, all four services run in this process; with
+//!   `--service payments` (or inventory, shipping) this process runs that one
+//!   service until Ctrl-C, and with `--service orders` it runs the orders
+//!   service, places the orders and reports. Processes share `NATS_URL`.
+//! - It shows progress, then one flow as a causation tree and the line
+//!   `orders=N shipped=S cancelled=C rejected=R duplicates=D lost=L`, and exits
+//!   non-zero when any order is lost or any effect happened twice.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use choreo::{Publisher, StreamSettings};
+use choreo_examples::shop::{self, Ledger, SERVICES, Summary};
+use choreo_testkit::{NatsServer, Recorder};
+use indicatif::{ProgressBar, ProgressStyle};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+struct Args {
+    orders: u64,
+    service: Option<String>,
+    replicas: usize,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut args = Args {
+        orders: 100,
+        service: None,
+        replicas: 1,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--orders" => {
+                args.orders = value("--orders")?
+                    .parse()
+                    .map_err(|_| "--orders takes a number".to_owned())?
+            }
+            "--service" => {
+                let s = value("--service")?;
+                if !SERVICES.contains(&s.as_str()) {
+                    return Err(format!("--service is one of {SERVICES:?}, not {s:?}"));
+                }
+                args.service = Some(s);
+            }
+            "--replicas" => {
+                args.replicas = value("--replicas")?
+                    .parse()
+                    .map_err(|_| "--replicas takes a number".to_owned())?
+            }
+            "-h" | "--help" => {
+                return Err("usage: shop [--orders N] [--service orders|payments|inventory|shipping] [--replicas R]\n\
+                            NATS_URL selects the server (comma-separated for a cluster); without it a local one is started"
+                    .into());
+            }
+            other => return Err(format!("unknown argument {other:?}; try --help")),
+        }
+    }
+    Ok(args)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("shop: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<bool, BoxError> {
+    let (_local, url) = match std::env::var("NATS_URL") {
+        Ok(url) => (None, url),
+        Err(_) if args.service.is_some() => {
+            return Err("--service runs one service of several processes: set NATS_URL so they share one server".into());
+        }
+        Err(_) => {
+            let server = NatsServer::start().await?;
+            let url = server.url();
+            eprintln!("started a local nats-server at {url}");
+            (Some(server), url)
+        }
+    };
+    let client = choreo::connect(
+        &url,
+        choreo::async_nats::ConnectOptions::new().retry_on_initial_connect(),
+    )
+    .await?;
+    let ledger = Ledger::open(&client, args.replicas).await?;
+    let settings = StreamSettings::default().replicas(args.replicas);
+
+    let mine: Vec<&str> = match &args.service {
+        None => SERVICES.to_vec(),
+        Some(s) => vec![s.as_str()],
+    };
+    if args.service.as_deref().is_some_and(|s| s != "orders") {
+        let name = mine[0];
+        eprintln!("running service {name} until Ctrl-C");
+        shop::service(name, ledger, settings).run(client).await?;
+        return Ok(true);
+    }
+
+    let mut handles = Vec::new();
+    for name in &mine {
+        handles.push(
+            shop::service(name, ledger.clone(), settings.clone())
+                .start(client.clone())
+                .await?,
+        );
+    }
+    let recorder = Recorder::start(&client).await?;
+    let run = choreo::EventId::new_random().short();
+    let publisher = Publisher::new(client.clone(), "storefront")?.with_stream_settings(settings);
+
+    let bar = ProgressBar::new(args.orders);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} orders ended {msg}",
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    eprintln!("run {run}: placing {} orders", args.orders);
+    let roots = shop::place_orders(&publisher, &run, args.orders).await?;
+    let summary = shop::wait_for_endings(
+        &recorder,
+        &client,
+        &run,
+        args.orders,
+        Duration::from_secs(60),
+        |s| {
+            bar.set_position(s.shipped + s.cancelled + s.rejected);
+            bar.set_message(format!(
+                "shipped={} cancelled={} rejected={}",
+                s.shipped, s.cancelled, s.rejected
+            ));
+        },
+    )
+    .await;
+    bar.finish_and_clear();
+
+    // One flow as a causation tree: an order with a compensation if there is one.
+    if let Some(root) = roots.get(3).or(roots.first()) {
+        println!("{}", recorder.flow(*root).tree());
+    }
+    println!("{summary}");
+    for h in handles {
+        h.shutdown().await;
+    }
+    drop(recorder);
+    let _ = client.drain().await;
+    let expected = Summary::expected(args.orders);
+    if summary != expected {
+        eprintln!("expected {expected}");
+    }
+    Ok(summary.is_clean() && summary == expected)
+}

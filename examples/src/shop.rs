@@ -1,0 +1,515 @@
+//! The shop: four services choreographed only by events.
+//!
+//! ```text
+//! OrderPlaced ──payments──▶ PaymentCaptured ──inventory──▶ StockReserved ──shipping──▶ OrderShipped
+//!      │                          │
+//!      └──payments──▶ PaymentDeclined ──orders──▶ OrderRejected
+//!                                 └──inventory──▶ StockUnavailable ──payments──▶ PaymentRefunded ──orders──▶ OrderCancelled
+//! ```
+//!
+//! Which orders fail is decided by the order's data, so runs are
+//! reproducible: a customer whose card has expired is declined; an order
+//! with a sold-out item is refunded and cancelled. Every event is keyed by
+//! its order, so each fact exists once per order.
+//!
+//! Each service's side effect (a charge, a refund, a reservation, a shipment)
+//! is written to the ledger stream `SHOP_LEDGER` with `ctx.idempotency_key()`
+//! as its `Nats-Msg-Id`, as the README tells users to do; the summary counts
+//! an effect that happened twice as a duplicate.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use choreo::{
+    Context, HandlerError, Publisher, Service, State, StreamSettings, event, event_handler,
+};
+use choreo_testkit::Recorder;
+
+/// One line of an order.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Line {
+    /// The product.
+    pub sku: String,
+    /// How many.
+    pub quantity: u32,
+}
+
+/// A customer placed an order.
+#[event(subject = "orders.{order_id}.placed", key = order_id)]
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrderPlaced {
+    /// The order.
+    pub order_id: String,
+    /// Who ordered.
+    pub customer: String,
+    /// What.
+    pub lines: Vec<Line>,
+    /// The amount to charge.
+    pub total_cents: u64,
+}
+
+/// The payment went through.
+#[event(subject = "payments.{order_id}.captured", key = order_id)]
+#[derive(Clone, Debug, PartialEq)]
+pub struct PaymentCaptured {
+    /// The order.
+    pub order_id: String,
+    /// What to reserve.
+    pub lines: Vec<Line>,
+    /// The amount charged.
+    pub amount_cents: u64,
+}
+
+/// The card was declined.
+#[event(subject = "payments.{order_id}.declined", key = order_id)]
+#[derive(Clone, Debug, PartialEq)]
+pub struct PaymentDeclined {
+    /// The order.
+    pub order_id: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The charge was paid back (compensation for missing stock).
+#[event(subject = "payments.{order_id}.refunded", key = order_id)]
+#[derive(Clone, Debug, PartialEq)]
+pub struct PaymentRefunded {
+    /// The order.
+    pub order_id: String,
+    /// The amount refunded.
+    pub amount_cents: u64,
+}
+
+/// Stock is set aside for the order.
+#[event(subject = "inventory.{order_id}.reserved", key = order_id)]
+#[derive(Clone, Debug, PartialEq)]
+pub struct StockReserved {
+    /// The order.
+    pub order_id: String,
+}
+
+/// Some item is out of stock.
+#[event(subject = "inventory.{order_id}.unavailable", key = order_id)]
+#[derive(Clone, Debug, PartialEq)]
+pub struct StockUnavailable {
+    /// The order.
+    pub order_id: String,
+    /// The missing product.
+    pub sku: String,
+    /// The amount to refund.
+    pub amount_cents: u64,
+}
+
+/// The parcel left the warehouse. Ends a successful order.
+#[event(subject = "shipping.{order_id}.shipped", key = order_id)]
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrderShipped {
+    /// The order.
+    pub order_id: String,
+    /// The parcel's tracking code.
+    pub tracking: String,
+}
+
+/// The order ended because the payment was declined.
+#[event(subject = "orders.{order_id}.rejected", key = order_id)]
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrderRejected {
+    /// The order.
+    pub order_id: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The order ended because stock was missing; its payment was refunded.
+#[event(subject = "orders.{order_id}.cancelled", key = order_id)]
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrderCancelled {
+    /// The order.
+    pub order_id: String,
+}
+
+/// The ledger: where services record their side effects, deduplicated by
+/// idempotency key.
+#[derive(Clone, Debug)]
+pub struct Ledger {
+    js: jetstream::Context,
+}
+
+/// The ledger stream.
+pub const LEDGER_STREAM: &str = "SHOP_LEDGER";
+
+impl Ledger {
+    /// Opens the ledger, creating its stream if missing.
+    ///
+    /// # Errors
+    /// JetStream refused.
+    pub async fn open(
+        client: &async_nats::Client,
+        replicas: usize,
+    ) -> Result<Self, async_nats::Error> {
+        let js = jetstream::new(client.clone());
+        if js.get_stream(LEDGER_STREAM).await.is_err() {
+            let created = js
+                .create_stream(jetstream::stream::Config {
+                    name: LEDGER_STREAM.into(),
+                    subjects: vec!["ledger.>".into()],
+                    num_replicas: replicas,
+                    duplicate_window: Duration::from_secs(600),
+                    ..Default::default()
+                })
+                .await;
+            if let Err(e) = created
+                && js.get_stream(LEDGER_STREAM).await.is_err()
+            {
+                return Err(e.into());
+            }
+        }
+        Ok(Self { js })
+    }
+
+    /// Records `effect` on `order`, once per idempotency key.
+    async fn record(&self, ctx: &Context, effect: &str, order: &str) -> Result<(), HandlerError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", ctx.idempotency_key());
+        let subject = format!("ledger.{}.{effect}.{order}", ctx.service());
+        self.js
+            .publish_with_headers(subject, headers, bytes::Bytes::new())
+            .await
+            .map_err(HandlerError::retryable)?
+            .await
+            .map_err(HandlerError::retryable)?;
+        Ok(())
+    }
+}
+
+// ---- the services -------------------------------------------------------------
+
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+async fn charge_payment(
+    order: OrderPlaced,
+    ctx: Context,
+    State(ledger): State<Ledger>,
+) -> Result<(), HandlerError> {
+    if order.customer.contains("expired-card") {
+        ctx.emit(PaymentDeclined {
+            order_id: order.order_id,
+            reason: "card expired".into(),
+        });
+        return Ok(());
+    }
+    ledger.record(&ctx, "charge", &order.order_id).await?;
+    ctx.emit(PaymentCaptured {
+        order_id: order.order_id,
+        lines: order.lines,
+        amount_cents: order.total_cents,
+    });
+    Ok(())
+}
+
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+async fn refund_payment(
+    missing: StockUnavailable,
+    ctx: Context,
+    State(ledger): State<Ledger>,
+) -> Result<(), HandlerError> {
+    ledger.record(&ctx, "refund", &missing.order_id).await?;
+    ctx.emit(PaymentRefunded {
+        order_id: missing.order_id,
+        amount_cents: missing.amount_cents,
+    });
+    Ok(())
+}
+
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+async fn reserve_stock(
+    payment: PaymentCaptured,
+    ctx: Context,
+    State(ledger): State<Ledger>,
+) -> Result<(), HandlerError> {
+    if let Some(line) = payment.lines.iter().find(|l| l.sku.starts_with("sold-out")) {
+        ctx.emit(StockUnavailable {
+            order_id: payment.order_id,
+            sku: line.sku.clone(),
+            amount_cents: payment.amount_cents,
+        });
+        return Ok(());
+    }
+    ledger.record(&ctx, "reserve", &payment.order_id).await?;
+    ctx.emit(StockReserved {
+        order_id: payment.order_id,
+    });
+    Ok(())
+}
+
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+async fn ship_order(
+    reserved: StockReserved,
+    ctx: Context,
+    State(ledger): State<Ledger>,
+) -> Result<(), HandlerError> {
+    ledger.record(&ctx, "ship", &reserved.order_id).await?;
+    let tracking = format!("TRK-{}", ctx.event_id().short());
+    ctx.emit(OrderShipped {
+        order_id: reserved.order_id,
+        tracking,
+    });
+    Ok(())
+}
+
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+async fn reject_order(declined: PaymentDeclined, ctx: Context) {
+    ctx.emit(OrderRejected {
+        order_id: declined.order_id,
+        reason: declined.reason,
+    });
+}
+
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+async fn cancel_order(refunded: PaymentRefunded, ctx: Context) {
+    ctx.emit(OrderCancelled {
+        order_id: refunded.order_id,
+    });
+}
+
+/// The shop's services, by name.
+pub const SERVICES: [&str; 4] = ["orders", "payments", "inventory", "shipping"];
+
+/// The service `name` (one of [`SERVICES`]), ready to start.
+///
+/// # Panics
+/// An unknown name.
+pub fn service(name: &str, ledger: Ledger, settings: StreamSettings) -> Service {
+    let s = Service::new(name)
+        .state(ledger)
+        .stream_settings(settings)
+        .shutdown_grace(Duration::from_secs(10));
+    match name {
+        "orders" => s.handler(reject_order).handler(cancel_order),
+        "payments" => s.handler(charge_payment).handler(refund_payment),
+        "inventory" => s.handler(reserve_stock),
+        "shipping" => s.handler(ship_order),
+        other => panic!("no service named {other:?}; the services are {SERVICES:?}"),
+    }
+}
+
+/// How order `i` of a run goes: every 10th order from the 8th is declined,
+/// every 10th from the 4th has a sold-out item; the rest ship.
+pub fn order(run: &str, i: u64) -> OrderPlaced {
+    let customer = if i % 10 == 7 {
+        "mallory-expired-card"
+    } else {
+        "alice"
+    };
+    let mut lines = vec![Line {
+        sku: "teapot".into(),
+        quantity: 1 + (i % 3) as u32,
+    }];
+    if i % 10 == 3 {
+        lines.push(Line {
+            sku: "sold-out-lamp".into(),
+            quantity: 1,
+        });
+    }
+    let total_cents = lines.iter().map(|l| u64::from(l.quantity) * 1999).sum();
+    OrderPlaced {
+        order_id: format!("{run}-{i}"),
+        customer: customer.into(),
+        lines,
+        total_cents,
+    }
+}
+
+/// The outcome of a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Orders placed.
+    pub orders: u64,
+    /// Orders that ended in `OrderShipped`.
+    pub shipped: u64,
+    /// Orders that ended in `OrderCancelled`.
+    pub cancelled: u64,
+    /// Orders that ended in `OrderRejected`.
+    pub rejected: u64,
+    /// Event ids stored more than once, plus effects recorded more than once.
+    pub duplicates: u64,
+    /// Orders with no ending.
+    pub lost: u64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "orders={} shipped={} cancelled={} rejected={} duplicates={} lost={}",
+            self.orders, self.shipped, self.cancelled, self.rejected, self.duplicates, self.lost
+        )
+    }
+}
+
+impl Summary {
+    /// Whether every order ended and nothing happened twice.
+    pub fn is_clean(&self) -> bool {
+        self.lost == 0
+            && self.duplicates == 0
+            && self.shipped + self.cancelled + self.rejected == self.orders
+    }
+
+    /// What the order data says the run must end with.
+    pub fn expected(n: u64) -> Self {
+        let rejected = (0..n).filter(|i| i % 10 == 7).count() as u64;
+        let cancelled = (0..n).filter(|i| i % 10 == 3).count() as u64;
+        Self {
+            orders: n,
+            shipped: n - rejected - cancelled,
+            cancelled,
+            rejected,
+            duplicates: 0,
+            lost: 0,
+        }
+    }
+}
+
+/// Counts the endings of `run`'s `n` orders from what the recorder saw, and
+/// the duplicates in the event streams and the ledger.
+pub async fn summarize(
+    recorder: &Recorder,
+    client: &async_nats::Client,
+    run: &str,
+    n: u64,
+) -> Summary {
+    let prefix = format!("{run}-");
+    let mut ended: HashMap<String, &'static str> = HashMap::new();
+    let mut ids = HashSet::new();
+    let mut duplicates = 0;
+    for r in recorder.snapshot() {
+        let Some(order) = r.subject.split('.').nth(1) else {
+            continue;
+        };
+        if !order.starts_with(&prefix) {
+            continue;
+        }
+        if !ids.insert(r.meta.id()) {
+            duplicates += 1;
+        }
+        let ending = match r.meta.event_type() {
+            "OrderShipped" => "shipped",
+            "OrderCancelled" => "cancelled",
+            "OrderRejected" => "rejected",
+            _ => continue,
+        };
+        ended.insert(order.to_owned(), ending);
+    }
+    duplicates += ledger_duplicates(client, run).await;
+    let count = |what| ended.values().filter(|v| **v == what).count() as u64;
+    Summary {
+        orders: n,
+        shipped: count("shipped"),
+        cancelled: count("cancelled"),
+        rejected: count("rejected"),
+        duplicates,
+        lost: n.saturating_sub(ended.len() as u64),
+    }
+}
+
+/// Effects of `run` recorded more than once in the ledger.
+async fn ledger_duplicates(client: &async_nats::Client, run: &str) -> u64 {
+    let js = jetstream::new(client.clone());
+    let Ok(mut stream) = js.get_stream(LEDGER_STREAM).await else {
+        return 0;
+    };
+    let Ok(info) = stream.info().await else {
+        return 0;
+    };
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    if info.state.messages == 0 {
+        return 0;
+    }
+    let mut seen = HashSet::new();
+    let mut dup = 0;
+    for seq in first..=last {
+        if let Ok(m) = stream.get_raw_message(seq).await
+            && m.subject.contains(&format!(".{run}-"))
+            && !seen.insert(m.subject.to_string())
+        {
+            dup += 1;
+        }
+    }
+    dup
+}
+
+/// Waits until every order of `run` has ended or nothing has changed for
+/// `stall`; `progress` is called with the running summary.
+pub async fn wait_for_endings(
+    recorder: &Recorder,
+    client: &async_nats::Client,
+    run: &str,
+    n: u64,
+    stall: Duration,
+    mut progress: impl FnMut(&Summary),
+) -> Summary {
+    let mut last_change = Instant::now();
+    let mut last_ended = u64::MAX;
+    loop {
+        let s = summarize_endings(recorder, run, n);
+        progress(&s);
+        let ended = s.shipped + s.cancelled + s.rejected;
+        if ended != last_ended {
+            last_ended = ended;
+            last_change = Instant::now();
+        }
+        if ended >= n || last_change.elapsed() > stall {
+            return summarize(recorder, client, run, n).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The endings only (cheap: no ledger scan), for progress.
+fn summarize_endings(recorder: &Recorder, run: &str, n: u64) -> Summary {
+    let prefix = format!("{run}-");
+    let mut ended: HashMap<String, &'static str> = HashMap::new();
+    for r in recorder.snapshot() {
+        let ending = match r.meta.event_type() {
+            "OrderShipped" => "shipped",
+            "OrderCancelled" => "cancelled",
+            "OrderRejected" => "rejected",
+            _ => continue,
+        };
+        if let Some(order) = r.subject.split('.').nth(1)
+            && order.starts_with(&prefix)
+        {
+            ended.insert(order.to_owned(), ending);
+        }
+    }
+    let count = |what| ended.values().filter(|v| **v == what).count() as u64;
+    Summary {
+        orders: n,
+        shipped: count("shipped"),
+        cancelled: count("cancelled"),
+        rejected: count("rejected"),
+        duplicates: 0,
+        lost: n.saturating_sub(ended.len() as u64),
+    }
+}
+
+/// Places `n` orders for `run`, 256 publishes in flight.
+///
+/// # Errors
+/// A publish failed after its retries.
+pub async fn place_orders(
+    publisher: &Publisher,
+    run: &str,
+    n: u64,
+) -> Result<Vec<choreo::EventId>, choreo::PublishError> {
+    use futures::{StreamExt, TryStreamExt};
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let p = publisher.clone();
+            let o = order(run, i);
+            async move { p.publish(&o).await.map(|r| r.event_id) }
+        })
+        .buffered(256)
+        .try_collect()
+        .await
+}

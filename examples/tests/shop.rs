@@ -1,0 +1,157 @@
+//! The shop against a real server: every order ends as its data says, once.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use choreo::{Publisher, StreamSettings};
+use choreo_examples::shop::{self, Ledger, SERVICES, Summary};
+use choreo_testkit::{NatsServer, Recorder};
+
+#[tokio::test]
+async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let ledger = Ledger::open(&client, 1).await.unwrap();
+    let mut handles = Vec::new();
+    for name in SERVICES {
+        handles.push(
+            shop::service(name, ledger.clone(), StreamSettings::default())
+                .start(client.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let recorder = Recorder::start(&client).await.unwrap();
+    let publisher = Publisher::new(client.clone(), "storefront").unwrap();
+    let roots = shop::place_orders(&publisher, "t1", 200).await.unwrap();
+    let summary = shop::wait_for_endings(
+        &recorder,
+        &client,
+        "t1",
+        200,
+        Duration::from_secs(30),
+        |_| {},
+    )
+    .await;
+    assert_eq!(summary, Summary::expected(200), "{summary}");
+    assert!(summary.is_clean());
+    assert_eq!(
+        summary.to_string(),
+        "orders=200 shipped=160 cancelled=20 rejected=20 duplicates=0 lost=0"
+    );
+
+    // The paths, by the order's data.
+    let shipped = recorder.flow(roots[0]);
+    shipped
+        .assert_path(&[
+            "OrderPlaced",
+            "PaymentCaptured",
+            "StockReserved",
+            "OrderShipped",
+        ])
+        .unwrap();
+    let cancelled = recorder.flow(roots[3]);
+    cancelled
+        .assert_path(&[
+            "OrderPlaced",
+            "PaymentCaptured",
+            "StockUnavailable",
+            "PaymentRefunded",
+            "OrderCancelled",
+        ])
+        .unwrap();
+    let rejected = recorder.flow(roots[7]);
+    rejected
+        .assert_path(&["OrderPlaced", "PaymentDeclined", "OrderRejected"])
+        .unwrap();
+    for h in handles {
+        h.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn placing_the_same_orders_again_changes_nothing() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let ledger = Ledger::open(&client, 1).await.unwrap();
+    let mut handles = Vec::new();
+    for name in SERVICES {
+        handles.push(
+            shop::service(name, ledger.clone(), StreamSettings::default())
+                .start(client.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let recorder = Recorder::start(&client).await.unwrap();
+    let publisher = Publisher::new(client.clone(), "storefront").unwrap();
+    shop::place_orders(&publisher, "t2", 50).await.unwrap();
+    shop::place_orders(&publisher, "t2", 50).await.unwrap();
+    let summary = shop::wait_for_endings(
+        &recorder,
+        &client,
+        "t2",
+        50,
+        Duration::from_secs(30),
+        |_| {},
+    )
+    .await;
+    assert_eq!(summary, Summary::expected(50), "{summary}");
+    for h in handles {
+        h.shutdown().await;
+    }
+}
+
+fn shop_binary() -> std::path::PathBuf {
+    // target/<profile>/deps/shop-<hash> → target/<profile>/examples/shop
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("shop")
+}
+
+#[test]
+fn the_shop_command_runs_end_to_end_and_reports() {
+    let out = Command::new(shop_binary())
+        .args(["--orders", "40"])
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l == "orders=40 shipped=32 cancelled=4 rejected=4 duplicates=0 lost=0"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("└─ OrderCancelled [orders]"),
+        "one flow is printed as a tree: {stdout}"
+    );
+}
+
+#[test]
+fn one_service_per_process_needs_a_shared_server() {
+    let out = Command::new(shop_binary())
+        .args(["--service", "payments"])
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set NATS_URL"));
+    let out = Command::new(shop_binary())
+        .args(["--service", "billing"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--service is one of"));
+}
