@@ -1,6 +1,7 @@
 //! Publishing events: [`Publisher`], stream provisioning and [`Receipt`]s.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -101,6 +102,8 @@ pub(crate) struct Outgoing {
     pub(crate) filter: &'static str,
     pub(crate) subject: String,
     pub(crate) headers: HeaderMap,
+    /// To rebuild the headers for a retry (the first attempt consumes them).
+    pub(crate) meta: Metadata,
     pub(crate) payload: Bytes,
     pub(crate) id: EventId,
     pub(crate) correlation_id: EventId,
@@ -115,6 +118,7 @@ impl Outgoing {
             filter: E::SUBJECT_FILTER,
             subject: event.subject()?,
             headers: meta.to_headers(),
+            meta: meta.clone(),
             payload: Bytes::from(crate::codec::encode(event)?),
             id: meta.id(),
             correlation_id: meta.correlation_id(),
@@ -164,6 +168,10 @@ struct Inner {
     settings: StreamSettings,
     retry_for: Duration,
     ensured: Mutex<HashSet<&'static str>>,
+    /// The server's `max_payload`, read at construction (`server_info()`
+    /// clones the whole INFO block, too costly per event) and refreshed when
+    /// the client reports the limit exceeded.
+    max_payload: AtomicUsize,
 }
 
 impl Publisher {
@@ -175,6 +183,7 @@ impl Publisher {
     pub fn new(client: async_nats::Client, source: &str) -> Result<Self, PublishError> {
         headers::check_source(source)?;
         let js = jetstream::new(client.clone());
+        let max_payload = AtomicUsize::new(client.server_info().max_payload);
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -183,6 +192,7 @@ impl Publisher {
                 settings: StreamSettings::default(),
                 retry_for: Duration::from_secs(30),
                 ensured: Mutex::new(HashSet::new()),
+                max_payload,
             }),
         })
     }
@@ -206,6 +216,7 @@ impl Publisher {
             settings: self.inner.settings.clone(),
             retry_for: self.inner.retry_for,
             ensured: Mutex::new(HashSet::new()),
+            max_payload: AtomicUsize::new(self.inner.max_payload.load(Ordering::Relaxed)),
         };
         f(&mut inner);
         Self {
@@ -243,9 +254,7 @@ impl Publisher {
         meta: &Metadata,
     ) -> Result<Receipt, PublishError> {
         let out = Outgoing::new(event, meta)?;
-        self.send_all(std::slice::from_ref(&out))
-            .await
-            .map(|mut r| r.remove(0))
+        self.send_all(vec![out]).await.map(|mut r| r.remove(0))
     }
 
     /// Publishes an event with metadata built by the caller (for example
@@ -305,56 +314,77 @@ impl Publisher {
 
     /// Sends every message, pipelined, and awaits every PubAck; transient
     /// failures are retried with the same ids until `retry_for` runs out.
-    pub(crate) async fn send_all(&self, outs: &[Outgoing]) -> Result<Vec<Receipt>, PublishError> {
-        // `server_info()` clones the whole INFO block: read it once per call.
-        let max = if outs.is_empty() {
-            0
-        } else {
-            self.inner.client.server_info().max_payload
-        };
-        for out in outs {
-            let size = out.size();
-            if max > 0 && size > max {
-                return Err(PublishError::TooLarge {
-                    event: out.event,
-                    size,
-                    max,
-                });
-            }
+    pub(crate) async fn send_all(&self, outs: Vec<Outgoing>) -> Result<Vec<Receipt>, PublishError> {
+        for out in &outs {
+            self.check_size(out)?;
             self.ensure(out.stream, out.stream_subjects, out.filter)
                 .await?;
         }
-        match outs {
-            [one] => Ok(vec![self.send_one(one).await?]),
-            _ => try_join_all(outs.iter().map(|o| self.send_one(o))).await,
+        if outs.len() == 1 {
+            let one = outs.into_iter().next().map(|o| self.send_one(o));
+            return match one {
+                Some(f) => Ok(vec![f.await?]),
+                None => Ok(Vec::new()),
+            };
         }
+        try_join_all(outs.into_iter().map(|o| self.send_one(o))).await
     }
 
-    async fn send_one(&self, out: &Outgoing) -> Result<Receipt, PublishError> {
+    fn check_size(&self, out: &Outgoing) -> Result<(), PublishError> {
+        let max = self.inner.max_payload.load(Ordering::Relaxed);
+        let size = out.size();
+        if max > 0 && size > max {
+            return Err(PublishError::TooLarge {
+                event: out.event,
+                size,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    async fn send_one(&self, out: Outgoing) -> Result<Receipt, PublishError> {
         let deadline = tokio::time::Instant::now() + self.inner.retry_for;
         let mut delay = Duration::from_millis(50);
+        let Outgoing {
+            event,
+            subject,
+            headers,
+            meta,
+            payload,
+            id,
+            correlation_id,
+            ..
+        } = out;
+        // The first attempt takes the headers built with the event; a retry
+        // builds them again from the metadata (same ids, same values).
+        let mut headers = Some(headers);
         loop {
+            let h = headers.take().unwrap_or_else(|| meta.to_headers());
             let attempt = async {
                 let ack = self
                     .inner
                     .js
-                    .publish_with_headers(
-                        out.subject.clone(),
-                        out.headers.clone(),
-                        out.payload.clone(),
-                    )
+                    .publish_with_headers(subject.clone(), h, payload.clone())
                     .await?;
                 ack.await
             };
             match attempt.await {
                 Ok(ack) => {
                     return Ok(Receipt {
-                        event_id: out.id,
-                        correlation_id: out.correlation_id,
+                        event_id: id,
+                        correlation_id,
                         stream: ack.stream,
                         sequence: ack.sequence,
                         duplicate: ack.duplicate,
                     });
+                }
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    // The server's limit changed (a reconnect to another server).
+                    let max = self.inner.client.server_info().max_payload;
+                    self.inner.max_payload.store(max, Ordering::Relaxed);
+                    let size = payload.len() + meta.to_headers().iter().count() * 48;
+                    return Err(PublishError::TooLarge { event, size, max });
                 }
                 Err(e) => {
                     let transient = matches!(
@@ -365,9 +395,9 @@ impl Publisher {
                             | PublishErrorKind::MaxAckPending
                     );
                     if !transient || tokio::time::Instant::now() + delay > deadline {
-                        return Err(PublishError::from_nats(out.event, &out.subject, e));
+                        return Err(PublishError::from_nats(event, &subject, e));
                     }
-                    tracing::debug!(event = out.event, id = %out.id, error = %e, "publish failed, retrying with the same id");
+                    tracing::debug!(event, %id, error = %e, "publish failed, retrying with the same id");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }

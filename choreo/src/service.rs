@@ -786,25 +786,28 @@ async fn handle<H: Handler>(
     );
     // In-progress acks (and claim refreshes) keep a long handler's event
     // from being redelivered or taken over.
-    let result = {
-        let call = AssertUnwindSafe(handler.call(env, &ctx)).catch_unwind();
-        tokio::pin!(call);
-        // The first tick is due after a period, not at once: an immediate tick
-        // still waits for the timer driver (up to a millisecond), which would
-        // add that much latency to every event.
-        let period = rt.options.ack_wait / 3;
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        loop {
-            tokio::select! {
-                r = &mut call => break r,
-                _ = ticker.tick() => {
-                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                        tracing::debug!(error = %e, "in-progress ack failed");
-                    }
-                    if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
-                        match inbox.refresh(&key, rev).await {
-                            Ok(r) => claim = Some(r),
-                            Err(e) => tracing::debug!(error = %e, "inbox claim refresh failed"),
+    let call = AssertUnwindSafe(handler.call(env, &ctx)).catch_unwind();
+    tokio::pin!(call);
+    // A handler that completes on its first poll needs no timer at all.
+    let result = match futures::poll!(&mut call) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => {
+            // The first tick is due after a period, not at once: an immediate
+            // tick still waits for the timer driver (up to a millisecond).
+            let period = rt.options.ack_wait / 3;
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                tokio::select! {
+                    r = &mut call => break r,
+                    _ = ticker.tick() => {
+                        if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                            tracing::debug!(error = %e, "in-progress ack failed");
+                        }
+                        if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
+                            match inbox.refresh(&key, rev).await {
+                                Ok(r) => claim = Some(r),
+                                Err(e) => tracing::debug!(error = %e, "inbox claim refresh failed"),
+                            }
                         }
                     }
                 }
@@ -891,12 +894,13 @@ async fn emit_record_ack(
     }
     // With a fault hook, the first emission goes alone so a test can stop
     // between two emissions; otherwise all are pipelined.
-    let split = if rt.fault.is_some() && outs.len() > 1 {
-        1
+    let emitted = outs.len();
+    let rest = if rt.fault.is_some() && outs.len() > 1 {
+        outs.split_off(1)
     } else {
-        outs.len()
+        Vec::new()
     };
-    for (i, part) in [&outs[..split], &outs[split..]].into_iter().enumerate() {
+    for (i, part) in [outs, rest].into_iter().enumerate() {
         if part.is_empty() {
             continue;
         }
@@ -931,7 +935,7 @@ async fn emit_record_ack(
         tracing::warn!(error = %e, "ack failed; the event will be redelivered and skipped by the inbox");
     }
     rt.stats.handled.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(emitted = outs.len(), "handled");
+    tracing::debug!(emitted, "handled");
     Done::Finished
 }
 
