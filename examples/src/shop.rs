@@ -185,7 +185,7 @@ impl Ledger {
 
 // ---- the services -------------------------------------------------------------
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
 async fn charge_payment(
     order: OrderPlaced,
     ctx: Context,
@@ -207,7 +207,7 @@ async fn charge_payment(
     Ok(())
 }
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
 async fn refund_payment(
     missing: StockUnavailable,
     ctx: Context,
@@ -221,7 +221,7 @@ async fn refund_payment(
     Ok(())
 }
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
 async fn reserve_stock(
     payment: PaymentCaptured,
     ctx: Context,
@@ -242,7 +242,7 @@ async fn reserve_stock(
     Ok(())
 }
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
 async fn ship_order(
     reserved: StockReserved,
     ctx: Context,
@@ -257,7 +257,7 @@ async fn ship_order(
     Ok(())
 }
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
 async fn reject_order(declined: PaymentDeclined, ctx: Context) {
     ctx.emit(OrderRejected {
         order_id: declined.order_id,
@@ -265,7 +265,7 @@ async fn reject_order(declined: PaymentDeclined, ctx: Context) {
     });
 }
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"])]
+#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
 async fn cancel_order(refunded: PaymentRefunded, ctx: Context) {
     ctx.emit(OrderCancelled {
         order_id: refunded.order_id,
@@ -466,7 +466,7 @@ pub async fn wait_for_endings(
 }
 
 /// The endings only (cheap: no ledger scan), for progress.
-fn summarize_endings(recorder: &Recorder, run: &str, n: u64) -> Summary {
+pub fn summarize_endings(recorder: &Recorder, run: &str, n: u64) -> Summary {
     let prefix = format!("{run}-");
     let mut ended: HashMap<String, &'static str> = HashMap::new();
     for r in recorder.snapshot() {
