@@ -168,6 +168,9 @@ struct Inner {
     settings: StreamSettings,
     retry_for: Duration,
     ensured: Mutex<HashSet<&'static str>>,
+    /// Held while a stream is being looked up or created, so that many
+    /// concurrent first publishes make one request, not hundreds.
+    ensuring: tokio::sync::Mutex<()>,
     /// The server's `max_payload`, read at construction (`server_info()`
     /// clones the whole INFO block, too costly per event) and refreshed when
     /// the client reports the limit exceeded.
@@ -192,6 +195,7 @@ impl Publisher {
                 settings: StreamSettings::default(),
                 retry_for: Duration::from_secs(30),
                 ensured: Mutex::new(HashSet::new()),
+                ensuring: tokio::sync::Mutex::new(()),
                 max_payload,
             }),
         })
@@ -216,6 +220,7 @@ impl Publisher {
             settings: self.inner.settings.clone(),
             retry_for: self.inner.retry_for,
             ensured: Mutex::new(HashSet::new()),
+            ensuring: tokio::sync::Mutex::new(()),
             max_payload: AtomicUsize::new(self.inner.max_payload.load(Ordering::Relaxed)),
         };
         f(&mut inner);
@@ -285,6 +290,10 @@ impl Publisher {
         subjects: &'static str,
         filter: &'static str,
     ) -> Result<(), PublishError> {
+        if self.known(name) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.inner.ensuring.lock().await;
         if self.known(name) {
             return Ok(());
         }

@@ -145,6 +145,7 @@ pub struct Service {
     stream_settings: StreamSettings,
     shutdown_grace: Duration,
     inbox_retention: Duration,
+    start_timeout: Duration,
     fault: Option<FaultHook>,
 }
 
@@ -169,6 +170,7 @@ impl Service {
             stream_settings: StreamSettings::default(),
             shutdown_grace: Duration::from_secs(30),
             inbox_retention: inbox::DEFAULT_RETENTION,
+            start_timeout: Duration::from_secs(30),
             fault: None,
         }
     }
@@ -178,6 +180,14 @@ impl Service {
     /// when the bucket is created.
     pub fn inbox_retention(mut self, retention: Duration) -> Self {
         self.inbox_retention = retention;
+        self
+    }
+
+    /// How long start-up retries timeouts before it fails (default 30 s,
+    /// enough for a cluster to elect leaders). Errors that cannot pass —
+    /// a permission denial, no JetStream, a bad name — fail at once.
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
         self
     }
 
@@ -256,52 +266,32 @@ impl Service {
         }
 
         let js = jetstream::new(client.clone());
-        check_jetstream(&js).await?;
-        dlq::ensure_streams(&js, &self.stream_settings).await?;
         let publisher = Publisher::new(client.clone(), &name)
             .map_err(|_| StartError::InvalidName { name: name.clone() })?
             .with_stream_settings(self.stream_settings.clone());
-
-        let needs_inbox = self.handlers.iter().any(|h| h.options().idempotent);
-        let inbox = if needs_inbox {
-            Some(
-                Inbox::open(
-                    &js,
-                    &name,
-                    self.inbox_retention,
-                    self.stream_settings.replicas,
-                )
-                .await
-                .map_err(|e| {
-                    StartError::Stream(StreamError::Other {
-                        stream: inbox::bucket(&name),
-                        reason: e.to_string(),
-                    })
-                })?,
-            )
-        } else {
-            None
+        // Everything below is idempotent; a timeout (a cluster electing a
+        // leader, a node catching up) is retried until `start_timeout`.
+        let deadline = tokio::time::Instant::now() + self.start_timeout;
+        let mut delay = Duration::from_millis(100);
+        let (inbox, consumers) = loop {
+            match self.prepare(&js).await {
+                Ok(done) => break done,
+                Err(e) if is_transient(&e) && tokio::time::Instant::now() + delay < deadline => {
+                    tracing::warn!(service = %name, error = %e, retry_in = ?delay, "service start failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
         };
         let (stop_tx, stop_rx) = watch::channel(false);
         let service: Arc<str> = Arc::from(name.as_str());
         let states = Arc::new(self.states);
         let mut tasks = JoinSet::new();
         let mut stats = Vec::new();
-        for h in self.handlers {
-            let (stream, subjects, filter) = h.stream();
-            ensure_stream(
-                &js,
-                &self.stream_settings,
-                stream,
-                vec![subjects.to_owned()],
-                filter,
-            )
-            .await?;
+        for (h, (consumer, advisory)) in self.handlers.into_iter().zip(consumers) {
+            let (stream, _, _) = h.stream();
             let options = h.options();
-            let durable = consumer_name(&service, h.name());
-            let consumer =
-                create_consumer(&js, stream, &durable, filter, &options, h.name()).await?;
-            let advisory = create_advisory_consumer(&js, stream, &durable, h.name()).await?;
             let rt = Arc::new(Runtime {
                 service: service.clone(),
                 handler: h.name(),
@@ -339,6 +329,68 @@ impl Service {
             client,
         })
     }
+}
+
+type Consumers = Vec<(
+    jetstream::consumer::PullConsumer,
+    jetstream::consumer::PullConsumer,
+)>;
+
+impl Service {
+    /// Creates what the service needs on the server: streams, the inbox, and
+    /// each handler's consumer and lost-delivery consumer.
+    async fn prepare(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<(Option<Inbox>, Consumers), StartError> {
+        check_jetstream(js).await?;
+        dlq::ensure_streams(js, &self.stream_settings).await?;
+        let inbox = if self.handlers.iter().any(|h| h.options().idempotent) {
+            let opened = Inbox::open(
+                js,
+                &self.name,
+                self.inbox_retention,
+                self.stream_settings.replicas,
+            )
+            .await;
+            Some(opened.map_err(|e| {
+                StartError::Stream(StreamError::Other {
+                    stream: inbox::bucket(&self.name),
+                    reason: e.to_string(),
+                })
+            })?)
+        } else {
+            None
+        };
+        let mut consumers = Vec::with_capacity(self.handlers.len());
+        for h in &self.handlers {
+            let (stream, subjects, filter) = h.stream();
+            ensure_stream(
+                js,
+                &self.stream_settings,
+                stream,
+                vec![subjects.to_owned()],
+                filter,
+            )
+            .await?;
+            let durable = consumer_name(&self.name, h.name());
+            let consumer =
+                create_consumer(js, stream, &durable, filter, &h.options(), h.name()).await?;
+            let advisory = create_advisory_consumer(js, stream, &durable, h.name()).await?;
+            consumers.push((consumer, advisory));
+        }
+        Ok((inbox, consumers))
+    }
+}
+
+/// A start-up failure worth retrying: a timeout with no permission violation
+/// reported (a denied request also ends in a timeout, and retrying it cannot help).
+fn is_transient(e: &StartError) -> bool {
+    let text = e.to_string().to_lowercase();
+    let timed_out = text.contains("timed out") || text.contains("timeout");
+    timed_out
+        && recent_permission_error().is_none()
+        && !matches!(e, StartError::Stream(StreamError::PermissionDenied { .. }))
 }
 
 /// A running service.
