@@ -92,7 +92,7 @@ async fn diagnose(recorder: &Recorder, client: &choreo::async_nats::Client) -> S
             out.push_str(&format!("{name}: unavailable\n"));
             continue;
         };
-        let Ok(info) = stream.info().await.map(|i| i.clone()) else {
+        let Ok(info) = stream.info().await.cloned() else {
             continue;
         };
         let seen = recorded.iter().filter(|r| r.stream == name).count();
