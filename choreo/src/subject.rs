@@ -13,6 +13,12 @@
 
 use std::fmt::{self, Display, Write as _};
 
+/// The longest subject choreo publishes, in bytes. NATS has no subject limit
+/// of its own, but a protocol line longer than the server's
+/// `max_control_line` (4 KiB by default) makes it close the connection, so a
+/// hostile field value could otherwise disconnect the publisher.
+pub const MAX_SUBJECT_LEN: usize = 1024;
+
 /// Why a value cannot be a subject token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -51,6 +57,23 @@ pub enum SubjectError {
         value: String,
         /// What is wrong with it.
         problem: TokenProblem,
+    },
+    /// The rendered subject is longer than [`MAX_SUBJECT_LEN`].
+    #[error(
+        "cannot build the subject of {event}: it would be {len} bytes, above the {max}-byte limit; \
+         a field used in the subject is too long (the longest is `{field}`, {field_len} bytes)"
+    )]
+    TooLong {
+        /// The event's name.
+        event: &'static str,
+        /// The subject's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+        /// The longest field value in the subject.
+        field: String,
+        /// Its length.
+        field_len: usize,
     },
     /// The template's placeholders and the values given disagree in number.
     /// Only a hand-written `Event` impl can cause this.
@@ -136,6 +159,21 @@ pub fn render(
             got: values.len(),
         });
     }
+    if out.len() > MAX_SUBJECT_LEN {
+        let (template_tokens, out_tokens) = (template.split('.'), out.split('.'));
+        let (field, field_len) = template_tokens
+            .zip(out_tokens)
+            .filter_map(|(t, v)| placeholder(t).map(|f| (f.to_owned(), v.len())))
+            .max_by_key(|(_, n)| *n)
+            .unwrap_or_default();
+        return Err(SubjectError::TooLong {
+            event,
+            len: out.len(),
+            max: MAX_SUBJECT_LEN,
+            field,
+            field_len,
+        });
+    }
     Ok(out)
 }
 
@@ -206,6 +244,18 @@ mod tests {
             );
             assert!(err.to_string().contains("`order_id`"), "{err}");
         }
+    }
+
+    #[test]
+    fn an_overlong_subject_is_refused_naming_the_longest_field() {
+        let long = "x".repeat(2000);
+        let err = render("E", "a.{short}.{long}", &[&"s", &long]).unwrap_err();
+        assert!(
+            matches!(&err, SubjectError::TooLong { len: 2004, max: MAX_SUBJECT_LEN, field, field_len: 2000, .. } if field == "long"),
+            "{err:?}"
+        );
+        assert!(render("E", "a.{x}", &[&"y".repeat(MAX_SUBJECT_LEN - 2)]).is_ok());
+        assert!(render("E", "a.{x}", &[&"y".repeat(MAX_SUBJECT_LEN - 1)]).is_err());
     }
 
     #[test]
