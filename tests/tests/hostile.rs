@@ -49,6 +49,8 @@ async fn echo(note: NoteWritten, ctx: Context, State(n): State<Count>) {
     ctx.emit(EchoMade { author, body });
 }
 
+type HeaderEdit = Box<dyn Fn(&mut HeaderMap)>;
+
 fn note(author: &str, seq: u64, body: &str, mode: &str) -> NoteWritten {
     NoteWritten {
         author: author.into(),
@@ -211,7 +213,7 @@ async fn oversized_and_odd_headers_from_other_clients_are_dead_lettered() {
     let js = jetstream::new(client.clone());
     let good = note("mallory", 1, "b", "echo");
     let payload = choreo::codec::encode(&good).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut HeaderMap)>)> = vec![
+    let cases: Vec<(&str, HeaderEdit)> = vec![
         (
             "a 20 KiB ce-type",
             Box::new(|h: &mut HeaderMap| h.insert(h::CE_TYPE, "T".repeat(20_000))),
