@@ -108,12 +108,13 @@ impl From<EnvelopeError> for PublishError {
 
 impl PublishError {
     pub(crate) fn from_nats(
+        client: &async_nats::Client,
         event: &'static str,
         subject: &str,
         e: jetstream::context::PublishError,
     ) -> Self {
         let mut reason = e.to_string();
-        if let Some(p) = recent_permission_error() {
+        if let Some(p) = recent_permission_error(client) {
             reason = format!("{reason}; the server reported: {p}");
         }
         Self::Failed {
@@ -187,11 +188,16 @@ pub(crate) fn classify_jetstream(
 }
 
 impl StreamError {
-    pub(crate) fn from_get(stream: &str, e: &jetstream::context::GetStreamError) -> Self {
-        Self::from_message(stream, &e.to_string(), &format!("{e:?}"))
+    pub(crate) fn from_get(
+        client: &async_nats::Client,
+        stream: &str,
+        e: &jetstream::context::GetStreamError,
+    ) -> Self {
+        Self::from_message(client, stream, &e.to_string(), &format!("{e:?}"))
     }
 
     pub(crate) fn from_create(
+        client: &async_nats::Client,
         stream: &str,
         subjects: &[String],
         e: &jetstream::context::CreateStreamError,
@@ -207,10 +213,20 @@ impl StreamError {
                 ),
             };
         }
-        Self::from_message(stream, &format!("cannot create it: {e}"), &format!("{e:?}"))
+        Self::from_message(
+            client,
+            stream,
+            &format!("cannot create it: {e}"),
+            &format!("{e:?}"),
+        )
     }
 
-    pub(crate) fn from_message(stream: &str, text: &str, debug: &str) -> Self {
+    pub(crate) fn from_message(
+        client: &async_nats::Client,
+        stream: &str,
+        text: &str,
+        debug: &str,
+    ) -> Self {
         let both = format!("{text} {debug}").to_lowercase();
         if both.contains("not enabled")
             || both.contains("noresponders")
@@ -220,7 +236,7 @@ impl StreamError {
                 reason: text.to_owned(),
             };
         }
-        if let Some(p) = recent_permission_error() {
+        if let Some(p) = recent_permission_error(client) {
             return Self::PermissionDenied {
                 stream: stream.to_owned(),
                 reason: p,
@@ -237,23 +253,48 @@ impl StreamError {
 //
 // NATS reports a permission violation only asynchronously, through the
 // connection's event callback; the request that caused it then times out.
-// `crate::connect` installs a callback that keeps the recent ones here, so the
-// error of the timed-out operation can name the subject.
+// `crate::connect` installs a callback that keeps the recent ones here, per
+// connection (server id and client id), so the error of the timed-out
+// operation can name the subject. A client made without `crate::connect`, or
+// one that reconnected since, falls back to the bare timeout.
 
-static PERMISSION_ERRORS: Mutex<VecDeque<(Instant, String)>> = Mutex::new(VecDeque::new());
+/// A connection, as the server knows it.
+pub(crate) type ConnKey = (String, u64);
+
+type Violations = std::collections::HashMap<ConnKey, VecDeque<(Instant, String)>>;
+
+static PERMISSION_ERRORS: Mutex<Option<Violations>> = Mutex::new(None);
 const PERMISSION_MEMORY: Duration = Duration::from_secs(30);
 
-pub(crate) fn record_permission_error(msg: String) {
-    let mut q = PERMISSION_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+pub(crate) fn conn_key(client: &async_nats::Client) -> ConnKey {
+    let info = client.server_info();
+    (info.server_id, info.client_id)
+}
+
+pub(crate) fn record_permission_error(conn: &ConnKey, msg: String) {
+    let mut guard = PERMISSION_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+    let map = guard.get_or_insert_with(Default::default);
+    // Forget connections with nothing recent, so the map stays small.
+    map.retain(|_, q| {
+        q.back()
+            .is_some_and(|(at, _)| at.elapsed() < PERMISSION_MEMORY)
+    });
+    let q = map.entry(conn.clone()).or_default();
     q.push_back((Instant::now(), msg));
     while q.len() > 16 {
         q.pop_front();
     }
 }
 
-pub(crate) fn recent_permission_error() -> Option<String> {
-    let q = PERMISSION_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
-    q.iter()
+/// The latest permission violation the server reported on `client`'s
+/// connection in the last 30 seconds.
+pub(crate) fn recent_permission_error(client: &async_nats::Client) -> Option<String> {
+    let key = conn_key(client);
+    let guard = PERMISSION_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+    guard
+        .as_ref()?
+        .get(&key)?
+        .iter()
         .rev()
         .find(|(at, _)| at.elapsed() < PERMISSION_MEMORY)
         .map(|(_, m)| m.clone())

@@ -404,7 +404,12 @@ impl Publisher {
                             | PublishErrorKind::MaxAckPending
                     );
                     if !transient || tokio::time::Instant::now() + delay > deadline {
-                        return Err(PublishError::from_nats(event, &subject, e));
+                        return Err(PublishError::from_nats(
+                            &self.inner.client,
+                            event,
+                            &subject,
+                            e,
+                        ));
                     }
                     tracing::debug!(event, %id, error = %e, "publish failed, retrying with the same id");
                     tokio::time::sleep(delay).await;
@@ -438,7 +443,7 @@ pub(crate) async fn ensure_stream(
             }
             Err(e) => match classify_jetstream(&e) {
                 Some(code) if code == jetstream::ErrorCode::STREAM_NOT_FOUND => {}
-                _ => return Err(StreamError::from_get(name, &e)),
+                _ => return Err(StreamError::from_get(&js.client(), name, &e)),
             },
         }
         match js
@@ -461,7 +466,7 @@ pub(crate) async fn ensure_stream(
                 {
                     continue;
                 }
-                return Err(StreamError::from_create(name, &subjects, &e));
+                return Err(StreamError::from_create(&js.client(), name, &subjects, &e));
             }
         }
     }

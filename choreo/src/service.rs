@@ -276,7 +276,10 @@ impl Service {
         let (inbox, consumers) = loop {
             match self.prepare(&js).await {
                 Ok(done) => break done,
-                Err(e) if is_transient(&e) && tokio::time::Instant::now() + delay < deadline => {
+                Err(e)
+                    if is_transient(&client, &e)
+                        && tokio::time::Instant::now() + delay < deadline =>
+                {
                     tracing::warn!(service = %name, error = %e, retry_in = ?delay, "service start failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
@@ -385,11 +388,11 @@ impl Service {
 
 /// A start-up failure worth retrying: a timeout with no permission violation
 /// reported (a denied request also ends in a timeout, and retrying it cannot help).
-fn is_transient(e: &StartError) -> bool {
+fn is_transient(client: &async_nats::Client, e: &StartError) -> bool {
     let text = e.to_string().to_lowercase();
     let timed_out = text.contains("timed out") || text.contains("timeout");
     timed_out
-        && recent_permission_error().is_none()
+        && recent_permission_error(client).is_none()
         && !matches!(e, StartError::Stream(StreamError::PermissionDenied { .. }))
 }
 
@@ -470,6 +473,7 @@ async fn check_jetstream(js: &jetstream::Context) -> Result<(), StreamError> {
     match js.query_account().await {
         Ok(_) => Ok(()),
         Err(e) => Err(StreamError::from_message(
+            &js.client(),
             "(account)",
             &e.to_string(),
             &format!("{e:?}"),
@@ -516,7 +520,7 @@ async fn create_consumer(
         .map_err(|e| err(e.to_string()))?;
     s.create_consumer(config).await.map_err(|e| {
         let mut reason = e.to_string();
-        if let Some(p) = recent_permission_error() {
+        if let Some(p) = recent_permission_error(&js.client()) {
             reason = format!("{reason}; the server reported: {p}");
         }
         err(reason)

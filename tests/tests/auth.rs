@@ -1,0 +1,347 @@
+//! Services on secured servers: user/password, token, nkey, TLS (server and
+//! mutual, with a CA and certificates this test generates), permission
+//! denials that name the subject, and secrets that never reach a log or an
+//! error message.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use choreo::async_nats::ConnectOptions;
+use choreo::{Context, Publisher, Service, StartError, connect, event, event_handler};
+use choreo_testkit::{NatsServer, Recorder};
+
+#[event(subject = "orders.{order_id}.placed", key = order_id)]
+pub struct OrderPlaced {
+    pub order_id: String,
+}
+
+#[event(subject = "payments.{order_id}.captured")]
+pub struct PaymentCaptured {
+    pub order_id: String,
+}
+
+#[event_handler]
+async fn charge(order: OrderPlaced, ctx: Context) {
+    ctx.emit(PaymentCaptured {
+        order_id: order.order_id,
+    });
+}
+
+/// A service on `client` handles an event published on `client`.
+async fn round_trip(client: choreo::async_nats::Client) {
+    let recorder = Recorder::start(&client).await.unwrap();
+    let svc = Service::new("payments")
+        .handler(charge)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let root = Publisher::new(client, "checkout")
+        .unwrap()
+        .publish(&OrderPlaced {
+            order_id: "o-1".into(),
+        })
+        .await
+        .unwrap();
+    recorder
+        .expect::<PaymentCaptured>()
+        .in_flow(root.event_id)
+        .within(Duration::from_secs(10))
+        .await
+        .unwrap();
+    svc.shutdown().await;
+}
+
+#[tokio::test]
+async fn user_and_password() {
+    let server = NatsServer::builder()
+        .config("authorization { user: svc, password: \"pw-horse-battery\" }")
+        .start()
+        .await
+        .unwrap();
+    let client = connect(
+        &server.url(),
+        ConnectOptions::with_user_and_password("svc".into(), "pw-horse-battery".into()),
+    )
+    .await
+    .unwrap();
+    round_trip(client).await;
+    let err = connect(
+        &server.url(),
+        ConnectOptions::with_user_and_password("svc".into(), "wrong".into()),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, choreo::ConnectError::Auth { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn token() {
+    let server = NatsServer::builder()
+        .config("authorization { token: \"tok-staple-9\" }")
+        .start()
+        .await
+        .unwrap();
+    let client = connect(
+        &server.url(),
+        ConnectOptions::with_token("tok-staple-9".into()),
+    )
+    .await
+    .unwrap();
+    round_trip(client).await;
+    let err = connect(&server.url(), ConnectOptions::with_token("nope".into()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, choreo::ConnectError::Auth { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn nkey() {
+    let user = nkeys::KeyPair::new_user();
+    let config = format!(
+        "authorization {{ users = [ {{ nkey: {} }} ] }}",
+        user.public_key()
+    );
+    let server = NatsServer::builder().config(&config).start().await.unwrap();
+    let client = connect(
+        &server.url(),
+        ConnectOptions::with_nkey(user.seed().unwrap()),
+    )
+    .await
+    .unwrap();
+    round_trip(client).await;
+    let stranger = nkeys::KeyPair::new_user();
+    let err = connect(
+        &server.url(),
+        ConnectOptions::with_nkey(stranger.seed().unwrap()),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, choreo::ConnectError::Auth { .. }), "{err}");
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// A CA, a server certificate for 127.0.0.1 and localhost, and a client
+    /// certificate, all signed by the CA.
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "choreo test CA");
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let write = |name: &str, text: String| {
+            let mut f = std::fs::File::create(dir.path().join(name)).unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+        };
+        write("ca.pem", ca_cert.pem());
+        for (who, names) in [
+            (
+                "server",
+                vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+            ),
+            ("client", vec!["client".to_owned()]),
+        ] {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(names).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, who);
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            write(&format!("{who}.pem"), cert.pem());
+            write(&format!("{who}-key.pem"), key.serialize_pem());
+        }
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn server_config(&self, verify_clients: bool) -> String {
+        let p = |n: &str| self.path(n).display().to_string();
+        format!(
+            "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: {verify_clients}, timeout: 5 }}",
+            p("server.pem"),
+            p("server-key.pem"),
+            p("ca.pem")
+        )
+    }
+}
+
+fn tls_url(server: &NatsServer) -> String {
+    format!("tls://127.0.0.1:{}", server.port())
+}
+
+#[tokio::test]
+async fn tls_with_a_generated_ca() {
+    let pki = Pki::new();
+    let server = NatsServer::builder()
+        .config(&pki.server_config(false))
+        .start()
+        .await
+        .unwrap();
+    let opts = ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(pki.path("ca.pem"));
+    let client = connect(&tls_url(&server), opts).await.unwrap();
+    round_trip(client).await;
+    // Without the CA the server's certificate is not trusted.
+    let err = connect(&tls_url(&server), ConnectOptions::new().require_tls(true))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            choreo::ConnectError::Tls { .. } | choreo::ConnectError::Unreachable { .. }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn mutual_tls() {
+    let pki = Pki::new();
+    let server = NatsServer::builder()
+        .config(&pki.server_config(true))
+        .start()
+        .await
+        .unwrap();
+    let opts = ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(pki.path("ca.pem"))
+        .add_client_certificate(pki.path("client.pem"), pki.path("client-key.pem"));
+    let client = connect(&tls_url(&server), opts).await.unwrap();
+    round_trip(client).await;
+    // Without a client certificate the server refuses the connection.
+    let opts = ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(pki.path("ca.pem"));
+    assert!(connect(&tls_url(&server), opts).await.is_err());
+}
+
+fn with_permissions(perms: &str) -> String {
+    format!("authorization {{ users = [ {{ user: svc, password: pw, permissions: {perms} }} ] }}")
+}
+
+async fn start_denied(perms: &str) -> StartError {
+    let server = NatsServer::builder()
+        .config(&with_permissions(perms))
+        .start()
+        .await
+        .unwrap();
+    let opts = ConnectOptions::with_user_and_password("svc".into(), "pw".into())
+        .request_timeout(Some(Duration::from_secs(2)));
+    let client = connect(&server.url(), opts).await.unwrap();
+    Service::new("payments")
+        .handler(charge)
+        .start(client)
+        .await
+        .unwrap_err()
+}
+
+#[tokio::test]
+async fn a_missing_publish_permission_names_the_subject() {
+    let err = start_denied(r#"{ publish: { allow: [">"], deny: ["$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.INFO.ORDERS"] } }"#).await;
+    let msg = err.to_string();
+    assert!(
+        msg.contains("Permissions Violation for Publish to"),
+        "{msg}"
+    );
+    assert!(msg.contains("$JS.API.STREAM"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_missing_subscribe_permission_names_the_subject() {
+    let err = start_denied(r#"{ publish: ">", subscribe: { deny: ["_INBOX.>"] } }"#).await;
+    let msg = err.to_string();
+    assert!(
+        msg.contains("Permissions Violation for Subscription to"),
+        "{msg}"
+    );
+    assert!(msg.contains("_INBOX"), "{msg}");
+}
+
+/// Collects everything tracing prints.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn secrets_never_reach_logs_or_errors() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    // Everything choreo logs, at every level; async-nats at DEBUG (at TRACE it
+    // logs the CONNECT message itself, credentials included: documented on
+    // `choreo::connect`).
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("trace,async_nats=debug"))
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let secrets = ["pw-zebra-4471", "tok-quartz-8812"];
+    let server = NatsServer::builder()
+        .config(&format!(
+            "authorization {{ users = [ {{ user: svc, password: \"{}\" }} ] }}",
+            secrets[0]
+        ))
+        .start()
+        .await
+        .unwrap();
+    let mut texts = Vec::new();
+    // Wrong password in the URL, wrong password and token in options.
+    let url = format!("nats://svc:{}x@127.0.0.1:{}", secrets[0], server.port());
+    let token_url = format!("nats://{}@127.0.0.1:{}", secrets[1], server.port());
+    let e = connect(&token_url, ConnectOptions::new())
+        .await
+        .unwrap_err();
+    texts.push(format!("{e} {e:?}"));
+    let e = connect(&url, ConnectOptions::new()).await.unwrap_err();
+    texts.push(format!("{e} {e:?}"));
+    let e = connect(&server.url(), ConnectOptions::with_token(secrets[1].into()))
+        .await
+        .unwrap_err();
+    texts.push(format!("{e} {e:?}"));
+    // A working service with the right password, publishing and handling.
+    let client = connect(
+        &server.url(),
+        ConnectOptions::with_user_and_password("svc".into(), secrets[0].into()),
+    )
+    .await
+    .unwrap();
+    round_trip(client).await;
+    let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    assert!(log.contains("choreo.handle"), "the capture works: {log}");
+    for secret in secrets {
+        assert!(!log.contains(secret), "a secret reached the log");
+        for t in &texts {
+            assert!(
+                !t.contains(secret),
+                "a secret reached an error message: {t}"
+            );
+        }
+    }
+}
