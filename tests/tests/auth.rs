@@ -345,3 +345,127 @@ async fn secrets_never_reach_logs_or_errors() {
         }
     }
 }
+
+// ---- a creds file (decentralized JWT auth) ----------------------------------
+
+mod jwt {
+    //! Just enough of the NATS JWT format to issue an operator, an account
+    //! with JetStream, and a user, and write the user's creds file.
+
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use nkeys::KeyPair;
+    use serde_json::{Value, json};
+
+    pub(crate) fn encode(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+        let claims = json!({
+            "jti": format!("{:032X}", rand_u128(subject)),
+            "iat": 1_700_000_000u64,
+            "iss": issuer.public_key(),
+            "name": name,
+            "sub": subject,
+            "nats": nats,
+        });
+        let body = URL_SAFE_NO_PAD.encode(claims.to_string());
+        let signing_input = format!("{header}.{body}");
+        let sig = issuer.sign(signing_input.as_bytes()).unwrap();
+        format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig))
+    }
+
+    fn rand_u128(seed: &str) -> u128 {
+        seed.bytes().fold(0x9e37_79b9_7f4a_7c15_u128, |h, b| {
+            h.rotate_left(5) ^ u128::from(b)
+        })
+    }
+
+    pub(crate) struct Issued {
+        pub(crate) operator_jwt: String,
+        pub(crate) account_public: String,
+        pub(crate) account_jwt: String,
+        pub(crate) creds: String,
+        pub(crate) system_public: String,
+        pub(crate) system_jwt: String,
+    }
+
+    pub(crate) fn issue() -> Issued {
+        let operator = KeyPair::new_operator();
+        let account = KeyPair::new_account();
+        let user = KeyPair::new_user();
+        let system = KeyPair::new_account();
+        let system_jwt = encode(
+            &operator,
+            &system.public_key(),
+            "SYS",
+            json!({"limits": {"subs": -1, "data": -1, "payload": -1, "conn": -1}, "type": "account", "version": 2}),
+        );
+        let operator_jwt = encode(
+            &operator,
+            &operator.public_key(),
+            "choreo-test-operator",
+            json!({"type": "operator", "version": 2}),
+        );
+        let account_jwt = encode(
+            &operator,
+            &account.public_key(),
+            "choreo-test-account",
+            json!({
+                "limits": {
+                    "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                    "wildcards": true, "conn": -1, "leaf": -1,
+                    "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+                },
+                "default_permissions": {"pub": {}, "sub": {}},
+                "type": "account",
+                "version": 2
+            }),
+        );
+        let user_jwt = encode(
+            &account,
+            &user.public_key(),
+            "choreo-test-user",
+            json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}),
+        );
+        let creds = format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        );
+        Issued {
+            operator_jwt,
+            account_public: account.public_key(),
+            account_jwt,
+            creds,
+            system_public: system.public_key(),
+            system_jwt,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_creds_file() {
+    let issued = jwt::issue();
+    let config = format!(
+        "operator: {}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{ {}: {}, {}: {} }}",
+        issued.operator_jwt,
+        issued.system_public,
+        issued.account_public,
+        issued.account_jwt,
+        issued.system_public,
+        issued.system_jwt
+    );
+    let server = NatsServer::builder().config(&config).start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("user.creds");
+    std::fs::write(&creds, &issued.creds).unwrap();
+    let opts = ConnectOptions::with_credentials_file(&creds).await.unwrap();
+    let client = connect(&server.url(), opts).await.unwrap();
+    round_trip(client).await;
+    // No credentials: refused.
+    let err = connect(&server.url(), ConnectOptions::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, choreo::ConnectError::Auth { .. }), "{err}");
+}
