@@ -11,6 +11,7 @@ mod duration;
 mod event;
 mod handler;
 mod naming;
+mod opts;
 
 use proc_macro::TokenStream;
 

@@ -378,10 +378,24 @@ pub async fn summarize(
     run: &str,
     n: u64,
 ) -> Summary {
+    let (mut summary, duplicate_ids) = scan(recorder, run, n);
+    summary.duplicates = duplicate_ids + ledger_duplicates(client, run).await;
+    summary
+}
+
+/// The endings of `run`'s orders (no ledger scan: cheap enough for a
+/// progress display), with `duplicates` left at 0.
+pub fn summarize_endings(recorder: &Recorder, run: &str, n: u64) -> Summary {
+    scan(recorder, run, n).0
+}
+
+/// The endings of `run`'s orders, and how many of its event ids the streams
+/// hold more than once.
+fn scan(recorder: &Recorder, run: &str, n: u64) -> (Summary, u64) {
     let prefix = format!("{run}-");
     let mut ended: HashMap<String, &'static str> = HashMap::new();
     let mut ids = HashSet::new();
-    let mut duplicates = 0;
+    let mut duplicate_ids = 0;
     for r in recorder.snapshot() {
         let Some(order) = r.subject.split('.').nth(1) else {
             continue;
@@ -390,7 +404,7 @@ pub async fn summarize(
             continue;
         }
         if !ids.insert(r.meta.id()) {
-            duplicates += 1;
+            duplicate_ids += 1;
         }
         let ending = match r.meta.event_type() {
             "OrderShipped" => "shipped",
@@ -400,16 +414,16 @@ pub async fn summarize(
         };
         ended.insert(order.to_owned(), ending);
     }
-    duplicates += ledger_duplicates(client, run).await;
     let count = |what| ended.values().filter(|v| **v == what).count() as u64;
-    Summary {
+    let summary = Summary {
         orders: n,
         shipped: count("shipped"),
         cancelled: count("cancelled"),
         rejected: count("rejected"),
-        duplicates,
+        duplicates: 0,
         lost: n.saturating_sub(ended.len() as u64),
-    }
+    };
+    (summary, duplicate_ids)
 }
 
 /// Effects of `run` recorded more than once in the ledger.
@@ -462,34 +476,6 @@ pub async fn wait_for_endings(
             return summarize(recorder, client, run, n).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The endings only (cheap: no ledger scan), for progress.
-pub fn summarize_endings(recorder: &Recorder, run: &str, n: u64) -> Summary {
-    let prefix = format!("{run}-");
-    let mut ended: HashMap<String, &'static str> = HashMap::new();
-    for r in recorder.snapshot() {
-        let ending = match r.meta.event_type() {
-            "OrderShipped" => "shipped",
-            "OrderCancelled" => "cancelled",
-            "OrderRejected" => "rejected",
-            _ => continue,
-        };
-        if let Some(order) = r.subject.split('.').nth(1)
-            && order.starts_with(&prefix)
-        {
-            ended.insert(order.to_owned(), ending);
-        }
-    }
-    let count = |what| ended.values().filter(|v| **v == what).count() as u64;
-    Summary {
-        orders: n,
-        shipped: count("shipped"),
-        cancelled: count("cancelled"),
-        rejected: count("rejected"),
-        duplicates: 0,
-        lost: n.saturating_sub(ended.len() as u64),
     }
 }
 

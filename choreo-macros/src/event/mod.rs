@@ -1,7 +1,6 @@
 //! `#[event]`: parse → check → expand.
 
 mod attr;
-pub(crate) use attr::skip_value;
 mod check;
 mod expand;
 

@@ -4,14 +4,10 @@ use proc_macro2::{Span, TokenStream};
 use syn::{Ident, LitBool, LitInt, LitStr, Token};
 
 use crate::ctxt::Ctxt;
+use crate::opts::{self, Opt, set};
 
 pub(crate) const OPTIONS: &str = "`name`, `concurrency`, `max_deliver`, `backoff`, `ack_wait`, `deliver`, \
      `deliver_since`, `idempotent`, `crate`";
-
-pub(crate) struct Opt<T> {
-    pub(crate) key: Span,
-    pub(crate) value: T,
-}
 
 pub(crate) enum Deliver {
     All,
@@ -31,28 +27,11 @@ pub(crate) struct HandlerAttr {
     pub(crate) krate: Option<Opt<syn::Path>>,
 }
 
-fn set<T>(cx: &mut Ctxt, slot: &mut Option<Opt<T>>, name: &str, key: Span, value: T) {
-    if slot.is_some() {
-        cx.error_at(key, format!("duplicate `{name}` option: give it once"));
-    } else {
-        *slot = Some(Opt { key, value });
-    }
-}
-
 pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> HandlerAttr {
     let mut attr = HandlerAttr::default();
     let parser =
         syn::meta::parser(|meta| {
-            let span = meta
-                .path
-                .segments
-                .first()
-                .map_or_else(Span::call_site, |s| s.ident.span());
-            let key = meta
-                .path
-                .get_ident()
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let (key, span) = opts::key(&meta);
             match key.as_str() {
                 "name" => {
                     let v = meta.value()?.parse()?;
@@ -113,22 +92,10 @@ pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> HandlerAttr {
                     set(cx, &mut attr.idempotent, "idempotent", span, v);
                 }
                 "crate" => {
-                    let lit: LitStr = meta.value()?.parse()?;
-                    let path = lit.parse_with(syn::Path::parse_mod_style)?;
+                    let path = opts::crate_path(&meta)?;
                     set(cx, &mut attr.krate, "crate", span, path);
                 }
-                _ => {
-                    cx.error_at(
-                        span,
-                        format!(
-                            "unknown `#[event_handler]` option `{}`; the options are {OPTIONS}",
-                            quote::ToTokens::to_token_stream(&meta.path)
-                                .to_string()
-                                .replace(' ', "")
-                        ),
-                    );
-                    crate::event::skip_value(&meta)?;
-                }
+                _ => opts::unknown(cx, "event_handler", OPTIONS, &meta, span)?,
             }
             Ok(())
         });
