@@ -174,7 +174,7 @@ impl Context {
             index,
         )
         .map_err(PublishError::from)
-        .and_then(|meta| Outgoing::new(&event, &meta));
+        .and_then(|meta| Outgoing::new(&event, meta));
         emitted.out.push(out);
     }
 

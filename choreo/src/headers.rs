@@ -20,7 +20,7 @@
 //! Header names are written in lower case (except `Nats-Msg-Id`, which is
 //! JetStream's spelling); lookups are case-sensitive.
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderName};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -204,23 +204,25 @@ impl Metadata {
     /// Writes the wire-format headers into `headers`, replacing any of the
     /// same names.
     pub fn write_headers(&self, h: &mut HeaderMap) {
+        // Static names: no allocation for the header names on the hot path.
+        let name = HeaderName::from_static;
         let id = self.id.to_string();
-        h.insert(NATS_MSG_ID, id.as_str());
-        h.insert(CE_SPECVERSION, SPEC_VERSION);
-        h.insert(CE_ID, id);
+        h.insert(name(NATS_MSG_ID), id.as_str());
+        h.insert(name(CE_SPECVERSION), SPEC_VERSION);
+        h.insert(name(CE_ID), id);
         // Every string below was checked for CR/LF when the metadata was built.
-        h.insert(CE_TYPE, self.event_type.as_str());
-        h.insert(CE_SOURCE, self.source.as_str());
-        h.insert(CE_TIME, format_time(self.time));
-        h.insert(CE_EVENTVERSION, self.version.to_string());
-        h.insert(CE_CORRELATIONID, self.correlation_id.to_string());
+        h.insert(name(CE_TYPE), self.event_type.as_str());
+        h.insert(name(CE_SOURCE), self.source.as_str());
+        h.insert(name(CE_TIME), format_time(self.time));
+        h.insert(name(CE_EVENTVERSION), self.version.to_string());
+        h.insert(name(CE_CORRELATIONID), self.correlation_id.to_string());
         if let Some(c) = self.causation_id {
-            h.insert(CE_CAUSATIONID, c.to_string());
+            h.insert(name(CE_CAUSATIONID), c.to_string());
         }
         if let Some(t) = &self.traceparent {
-            h.insert(TRACEPARENT, t.as_str());
+            h.insert(name(TRACEPARENT), t.as_str());
         }
-        h.insert(CONTENT_TYPE, CBOR);
+        h.insert(name(CONTENT_TYPE), CBOR);
     }
 
     /// Reads and validates the wire-format headers. Every required header must

@@ -110,7 +110,7 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
-    pub(crate) fn new<E: Event>(event: &E, meta: &Metadata) -> Result<Self, PublishError> {
+    pub(crate) fn new<E: Event>(event: &E, meta: Metadata) -> Result<Self, PublishError> {
         Ok(Self {
             event: E::NAME,
             stream: E::STREAM,
@@ -118,10 +118,10 @@ impl Outgoing {
             filter: E::SUBJECT_FILTER,
             subject: event.subject()?,
             headers: meta.to_headers(),
-            meta: meta.clone(),
             payload: Bytes::from(crate::codec::encode(event)?),
             id: meta.id(),
             correlation_id: meta.correlation_id(),
+            meta,
         })
     }
 
@@ -245,7 +245,8 @@ impl Publisher {
     /// See [`PublishError`]; nothing was stored unless the error says so.
     pub async fn publish<E: Event>(&self, event: &E) -> Result<Receipt, PublishError> {
         let meta = Metadata::root(event, &self.inner.source)?;
-        self.publish_with(event, &meta).await
+        let out = Outgoing::new(event, meta)?;
+        self.send_all(vec![out]).await.map(|mut r| r.remove(0))
     }
 
     /// Publishes `event` with metadata built by the caller, for example with
@@ -258,7 +259,7 @@ impl Publisher {
         event: &E,
         meta: &Metadata,
     ) -> Result<Receipt, PublishError> {
-        let out = Outgoing::new(event, meta)?;
+        let out = Outgoing::new(event, meta.clone())?;
         self.send_all(vec![out]).await.map(|mut r| r.remove(0))
     }
 
