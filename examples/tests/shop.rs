@@ -155,3 +155,54 @@ fn one_service_per_process_needs_a_shared_server() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--service is one of"));
 }
+
+#[tokio::test]
+async fn a_service_process_stops_gracefully_on_sigterm() {
+    let server = NatsServer::start().await.unwrap();
+    let mut child = Command::new(shop_binary())
+        .args(["--service", "payments"])
+        .env("NATS_URL", server.url())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until its consumers exist, then ask it to stop.
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = js.get_stream("ORDERS").await
+            && s.get_consumer::<choreo::async_nats::jetstream::consumer::pull::Config>(
+                "payments--charge_payment",
+            )
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the payments process never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        (status, err)
+    })
+    .await
+    .unwrap();
+    assert!(out.0.success(), "exit status {:?}\n{}", out.0, out.1);
+    assert!(
+        out.1.contains("shutdown signal received") && out.1.contains("service stopped"),
+        "{}",
+        out.1
+    );
+}
