@@ -13,6 +13,7 @@ pub mod headers;
 pub mod id;
 pub mod inbox;
 pub mod publish;
+mod runtime;
 pub mod service;
 pub mod subject;
 

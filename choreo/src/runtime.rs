@@ -1,0 +1,611 @@
+//! The per-handler runtime: pulling, handling one event (decode → claim →
+//! run → emit → record → ack, or nak / dead-letter), and turning lost last
+//! deliveries into dead letters.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::context::{Context, Delivery};
+use crate::dlq::{self, Letter, Reason};
+use crate::envelope::Envelope;
+use crate::error::StreamError;
+use crate::event::Event;
+use crate::handler::{BoxFuture, Handler, HandlerOptions, MissingState, States};
+use crate::inbox::{self, Claim, Inbox};
+use crate::publish::Publisher;
+use crate::service::{FaultHook, FaultPoint, HandlerStats, consumer_name, create_consumer};
+
+/// What every task of one handler shares.
+pub(crate) struct Runtime {
+    pub(crate) service: Arc<str>,
+    pub(crate) handler: &'static str,
+    pub(crate) handler_id: Arc<str>,
+    pub(crate) stream: &'static str,
+    pub(crate) options: HandlerOptions,
+    pub(crate) publisher: Publisher,
+    pub(crate) states: Arc<States>,
+    pub(crate) stats: Arc<HandlerStats>,
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) inbox: Option<Inbox>,
+    pub(crate) fault: Option<FaultHook>,
+}
+
+/// A handler with its event type erased.
+pub(crate) trait Erased: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    fn options(&self) -> HandlerOptions;
+    fn stream(&self) -> (&'static str, &'static str, &'static str);
+    fn check(&self, states: &States) -> Result<(), MissingState>;
+    fn process(self: Arc<Self>, msg: jetstream::Message, rt: Arc<Runtime>) -> BoxFuture<()>;
+}
+
+pub(crate) struct Typed<H>(pub(crate) H);
+
+impl<H> std::fmt::Debug for Typed<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::any::type_name::<H>())
+    }
+}
+
+impl<H: Handler> Erased for Typed<H> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn options(&self) -> HandlerOptions {
+        self.0.options()
+    }
+    fn stream(&self) -> (&'static str, &'static str, &'static str) {
+        (
+            H::Event::STREAM,
+            H::Event::STREAM_SUBJECTS,
+            H::Event::SUBJECT_FILTER,
+        )
+    }
+    fn check(&self, states: &States) -> Result<(), MissingState> {
+        self.0.check(states)
+    }
+    fn process(self: Arc<Self>, msg: jetstream::Message, rt: Arc<Runtime>) -> BoxFuture<()> {
+        Box::pin(process::<H>(self, msg, rt))
+    }
+}
+
+pub(crate) async fn pull_loop(
+    handler: Arc<dyn Erased>,
+    rt: Arc<Runtime>,
+    mut consumer: jetstream::consumer::PullConsumer,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let permits = Arc::new(Semaphore::new(rt.options.concurrency));
+    let mut running = JoinSet::new();
+    let batch = rt.options.concurrency.clamp(1, 500);
+    'outer: loop {
+        let mut messages = match consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(handler = %rt.handler_id, error = %e, "cannot pull; retrying in 1s");
+                tokio::select! {
+                    _ = stop.changed() => break 'outer,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue 'outer,
+                }
+            }
+        };
+        loop {
+            let permit = tokio::select! {
+                _ = stop.changed() => break 'outer,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
+            };
+            let next = tokio::select! {
+                _ = stop.changed() => break 'outer,
+                m = messages.next() => m,
+            };
+            while running.try_join_next().is_some() {}
+            match next {
+                Some(Ok(msg)) => {
+                    let fut = handler.clone().process(msg, rt.clone());
+                    running.spawn(async move {
+                        fut.await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(handler = %rt.handler_id, error = %e, "pull error");
+                    if matches!(
+                        e.kind(),
+                        pull::MessagesErrorKind::ConsumerDeleted
+                            | pull::MessagesErrorKind::NoResponders
+                    ) {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        // The pull stream ended (consumer deleted, connection trouble): get
+        // the consumer again, recreating it if it is gone.
+        tokio::select! {
+            _ = stop.changed() => break 'outer,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let (stream, _, filter) = handler.stream();
+        let durable = consumer_name(&rt.service, rt.handler);
+        match create_consumer(&rt.js, stream, &durable, filter, &rt.options, rt.handler).await {
+            Ok(c) => consumer = c,
+            Err(e) => {
+                tracing::warn!(handler = %rt.handler_id, error = %e, "cannot recreate consumer")
+            }
+        }
+    }
+    // Shutdown: no more pulls; let running handlers finish.
+    let drained = tokio::time::timeout(grace, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(handler = %rt.handler_id, "handlers still running after the grace period were abandoned; their events will be redelivered");
+        running.abort_all();
+    }
+}
+
+async fn process<H: Handler>(handler: Arc<Typed<H>>, msg: jetstream::Message, rt: Arc<Runtime>) {
+    let (attempt, stream_sequence) = match msg.info() {
+        Ok(info) => (
+            u32::try_from(info.delivered).unwrap_or(u32::MAX),
+            info.stream_sequence,
+        ),
+        Err(_) => (1, 0),
+    };
+    let subject = msg.subject.to_string();
+    let span = tracing::info_span!(
+        "choreo.handle",
+        service = %rt.service,
+        handler = rt.handler,
+        event_type = H::Event::NAME,
+        event_id = tracing::field::Empty,
+        correlation_id = tracing::field::Empty,
+        causation_id = tracing::field::Empty,
+        traceparent = tracing::field::Empty,
+        attempt,
+        stream_sequence,
+        subject = %subject,
+    );
+    let delivery = Delivery {
+        subject,
+        attempt,
+        stream_sequence,
+    };
+    handle::<H>(&handler.0, &msg, &rt, delivery)
+        .instrument(span)
+        .await;
+}
+
+/// Decode → claim → run (with in-progress acks) → emit → record → ack, or
+/// nak / dead-letter. Every path ends with a verdict, except a fault point.
+async fn handle<H: Handler>(
+    handler: &H,
+    msg: &jetstream::Message,
+    rt: &Runtime,
+    delivery: Delivery,
+) {
+    let (attempt, seq) = (delivery.attempt, delivery.stream_sequence);
+    let empty = async_nats::HeaderMap::new();
+    let headers = msg.headers.as_ref().unwrap_or(&empty);
+    let env = match Envelope::<H::Event>::decode(&delivery.subject, headers, &msg.payload) {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot decode the event; dead-lettering it");
+            dead_letter(
+                rt,
+                msg,
+                Reason::from_decode(&e),
+                &e.to_string(),
+                attempt,
+                seq,
+            )
+            .await;
+            return;
+        }
+    };
+    let meta = env.meta().clone();
+    let span = tracing::Span::current();
+    span.record("event_id", tracing::field::display(meta.id()));
+    span.record(
+        "correlation_id",
+        tracing::field::display(meta.correlation_id()),
+    );
+    if let Some(c) = meta.causation_id() {
+        span.record("causation_id", tracing::field::display(c));
+    }
+    if let Some(t) = meta.traceparent() {
+        span.record("traceparent", t);
+    }
+
+    // The inbox: skip what is handled, wait for what another instance runs.
+    let key = inbox::key(rt.handler, meta.id());
+    let mut claim = None;
+    if let Some(inbox) = &rt.inbox {
+        match claim_or_wait(rt, inbox, msg, &key).await {
+            Ok(Some(rev)) => claim = Some(rev),
+            Ok(None) => {
+                rt.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("already handled (inbox); acked and skipped");
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(error = %e, "ack failed; the event will be redelivered and skipped again");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "inbox unavailable; the event will come back");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt))))
+                    .await;
+                return;
+            }
+        }
+    }
+
+    let ctx = Context::new(
+        meta.clone(),
+        delivery,
+        rt.service.clone(),
+        rt.handler,
+        rt.handler_id.clone(),
+        rt.states.clone(),
+    );
+    // In-progress acks (and claim refreshes) keep a long handler's event
+    // from being redelivered or taken over.
+    let call = AssertUnwindSafe(handler.call(env, &ctx)).catch_unwind();
+    tokio::pin!(call);
+    // A handler that completes on its first poll needs no timer at all.
+    let result = match futures::poll!(&mut call) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => {
+            // The first tick is due after a period, not at once: an immediate
+            // tick still waits for the timer driver (up to a millisecond).
+            let period = rt.options.ack_wait / 3;
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                tokio::select! {
+                    r = &mut call => break r,
+                    _ = ticker.tick() => {
+                        if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                            tracing::debug!(error = %e, "in-progress ack failed");
+                        }
+                        if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
+                            match inbox.refresh(&key, rev).await {
+                                Ok(r) => claim = Some(r),
+                                Err(e) => tracing::debug!(error = %e, "inbox claim refresh failed"),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let outgoing = ctx.take_outgoing();
+    let error = match result {
+        Ok(Ok(())) => match emit_record_ack(rt, msg, meta.id(), outgoing, &key, claim).await {
+            Done::Finished => return,
+            Done::DeadLetter(reason, detail) => {
+                release(rt, &key, claim).await;
+                dead_letter(rt, msg, reason, &detail, attempt, seq).await;
+                return;
+            }
+            Done::Retry(e) => e,
+        },
+        Ok(Err(e)) if e.is_permanent() => {
+            tracing::warn!(error = %e, "handler failed permanently; dead-lettering the event");
+            release(rt, &key, claim).await;
+            dead_letter(
+                rt,
+                msg,
+                Reason::PermanentError,
+                &e.to_string(),
+                attempt,
+                seq,
+            )
+            .await;
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => {
+            rt.stats.panicked.fetch_add(1, Ordering::Relaxed);
+            format!("handler panicked: {}", panic_message(&*panic))
+        }
+    };
+    release(rt, &key, claim).await;
+    if attempt >= rt.options.max_deliver {
+        tracing::warn!(error = %error, "failed on the last allowed delivery; dead-lettering the event");
+        dead_letter(rt, msg, Reason::MaxDeliverExceeded, &error, attempt, seq).await;
+    } else {
+        let delay = rt.options.delay_after(attempt);
+        tracing::info!(error = %error, retry_in = ?delay, "handler failed; will retry");
+        rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+            tracing::warn!(error = %e, "nak failed; the event will be redelivered after ack_wait");
+        }
+    }
+}
+
+enum Done {
+    /// Acked (or stopped at a fault point).
+    Finished,
+    /// No retry can succeed.
+    DeadLetter(Reason, String),
+    /// Try again later.
+    Retry(String),
+}
+
+/// After `Ok`: publish every emission (awaiting each PubAck), record the
+/// event in the inbox, then ack.
+async fn emit_record_ack(
+    rt: &Runtime,
+    msg: &jetstream::Message,
+    id: crate::EventId,
+    outgoing: Vec<Result<crate::publish::Outgoing, crate::PublishError>>,
+    key: &str,
+    claim: Option<u64>,
+) -> Done {
+    let fault = |point| rt.fault.as_ref().is_some_and(|f| f(point, id));
+    let mut outs = Vec::with_capacity(outgoing.len());
+    for o in outgoing {
+        match o {
+            Ok(o) => outs.push(o),
+            Err(e) => {
+                tracing::error!(error = %e, "an emitted event could not be built");
+                return Done::DeadLetter(Reason::EmitFailed, e.to_string());
+            }
+        }
+    }
+    if fault(FaultPoint::BeforeEmit) {
+        return Done::Finished;
+    }
+    // With a fault hook, the first emission goes alone so a test can stop
+    // between two emissions; otherwise all are pipelined.
+    let emitted = outs.len();
+    let rest = if rt.fault.is_some() && outs.len() > 1 {
+        outs.split_off(1)
+    } else {
+        Vec::new()
+    };
+    for (i, part) in [outs, rest].into_iter().enumerate() {
+        if part.is_empty() {
+            continue;
+        }
+        if i == 1 && fault(FaultPoint::BetweenEmits) {
+            return Done::Finished;
+        }
+        match rt.publisher.send_all(part).await {
+            Ok(_) => {}
+            Err(
+                e @ (crate::PublishError::TooLarge { .. }
+                | crate::PublishError::Stream(StreamError::DoesNotCover { .. })),
+            ) => {
+                return Done::DeadLetter(Reason::EmitFailed, e.to_string());
+            }
+            Err(e) => return Done::Retry(format!("publishing emitted events failed: {e}")),
+        }
+    }
+    if fault(FaultPoint::AfterEmit) {
+        return Done::Finished;
+    }
+    // Not recorded, so not acked: it comes back, and its emissions (same
+    // ids) are deduplicated.
+    if let (Some(inbox), Some(rev)) = (&rt.inbox, claim)
+        && let Err(e) = inbox.done(key, rev).await
+    {
+        return Done::Retry(format!("recording the event in the inbox failed: {e}"));
+    }
+    if fault(FaultPoint::AfterRecord) {
+        return Done::Finished;
+    }
+    if let Err(e) = msg.ack().await {
+        tracing::warn!(error = %e, "ack failed; the event will be redelivered and skipped by the inbox");
+    }
+    rt.stats.handled.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(emitted, "handled");
+    Done::Finished
+}
+
+async fn release(rt: &Runtime, key: &str, claim: Option<u64>) {
+    if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
+        inbox.release(key, rev).await;
+    }
+}
+
+/// Claims the event in the inbox. `Ok(None)`: already handled. While another
+/// instance holds a fresh claim, waits (sending in-progress acks) until it
+/// finishes or its claim goes stale.
+async fn claim_or_wait(
+    rt: &Runtime,
+    inbox: &Inbox,
+    msg: &jetstream::Message,
+    key: &str,
+) -> Result<Option<u64>, inbox::InboxError> {
+    let lease = rt.options.ack_wait * 2;
+    let step = (rt.options.ack_wait / 3).min(Duration::from_millis(500));
+    let mut waited = false;
+    loop {
+        match inbox.claim(key, lease).await? {
+            Claim::Won(rev) => return Ok(Some(rev)),
+            Claim::Done => return Ok(None),
+            Claim::Busy(fresh_for) => {
+                if !waited {
+                    rt.stats.waited.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        ?fresh_for,
+                        "another instance is handling this event; waiting for its outcome"
+                    );
+                    waited = true;
+                }
+                tokio::time::sleep(step.min(fresh_for).max(Duration::from_millis(20))).await;
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(non-string panic payload)".to_owned())
+}
+
+/// Copies the message to the dead-letter stream, then terminates it. If the
+/// copy fails the message is nak'd instead, so it comes back: never lost.
+async fn dead_letter(
+    rt: &Runtime,
+    msg: &jetstream::Message,
+    reason: Reason,
+    detail: &str,
+    attempt: u32,
+    seq: u64,
+) {
+    let letter = Letter {
+        service: &rt.service,
+        handler: rt.handler,
+        reason,
+        detail: detail.to_owned(),
+        deliveries: u64::from(attempt),
+        stream: rt.stream,
+        sequence: seq,
+        subject: &msg.subject,
+    };
+    match send_letter(rt, &letter, msg.headers.as_ref(), msg.payload.clone()).await {
+        Ok(()) => {
+            rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            // `+TERM <reason>` shows the reason in JetStream's MSG_TERMINATED advisory.
+            if let Some(reply) = &msg.reply {
+                let term = format!("+TERM {}", reason.as_str());
+                if let Err(e) = rt.client.publish(reply.clone(), term.into()).await {
+                    tracing::warn!(error = %e, "terminating the dead-lettered message failed");
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot write to the dead-letter stream; the event will come back");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt))))
+                .await;
+        }
+    }
+}
+
+async fn send_letter(
+    rt: &Runtime,
+    letter: &Letter<'_>,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: bytes::Bytes,
+) -> Result<(), String> {
+    let subject = dlq::subject(&rt.service, rt.handler);
+    let ack = rt
+        .js
+        .publish_with_headers(subject, letter.headers(headers), payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Dead-letters events whose last delivery was lost without a verdict, as
+/// JetStream's MAX_DELIVERIES advisories report them.
+pub(crate) async fn advisory_loop(
+    rt: Arc<Runtime>,
+    consumer: jetstream::consumer::PullConsumer,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let mut messages = match consumer
+            .stream()
+            .max_messages_per_batch(10)
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(handler = %rt.handler_id, error = %e, "cannot read advisories; retrying in 1s");
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = stop.changed() => return,
+                m = messages.next() => m,
+            };
+            match next {
+                Some(Ok(msg)) => handle_advisory(&rt, &msg).await,
+                Some(Err(e)) => tracing::debug!(error = %e, "advisory pull error"),
+                None => break,
+            }
+        }
+    }
+}
+
+async fn handle_advisory(rt: &Runtime, msg: &jetstream::Message) {
+    let adv: dlq::MaxDeliveries = match serde_json::from_slice(&msg.payload) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable MAX_DELIVERIES advisory");
+            let _ = msg.ack().await;
+            return;
+        }
+    };
+    let original = match rt.js.get_stream(&adv.stream).await {
+        Ok(s) => s.get_raw_message(adv.stream_seq).await.ok(),
+        Err(_) => None,
+    };
+    let (subject, headers, payload, detail) = match &original {
+        Some(m) => (
+            m.subject.to_string(),
+            Some(&m.headers),
+            m.payload.clone(),
+            "the last allowed delivery ended without a verdict (the process stopped, or ack_wait ran out)".to_owned(),
+        ),
+        None => (
+            String::new(),
+            None,
+            bytes::Bytes::new(),
+            "the last allowed delivery ended without a verdict, and the message is no longer in its stream".to_owned(),
+        ),
+    };
+    let letter = Letter {
+        service: &rt.service,
+        handler: rt.handler,
+        reason: Reason::DeliveryLost,
+        detail,
+        deliveries: adv.deliveries,
+        stream: rt.stream,
+        sequence: adv.stream_seq,
+        subject: &subject,
+    };
+    match send_letter(rt, &letter, headers, payload).await {
+        Ok(()) => {
+            rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(handler = %rt.handler_id, sequence = adv.stream_seq, "dead-lettered an event whose last delivery was lost");
+            let _ = msg.ack().await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot dead-letter a lost delivery; will retry");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+}
