@@ -89,9 +89,14 @@ pub(crate) async fn pull_loop(
     let mut running = JoinSet::new();
     let batch = rt.options.concurrency.clamp(1, 500);
     'outer: loop {
+        // Pull requests live 10 s with a heartbeat every 2 s, so a consumer
+        // whose leader moved (a node died) is noticed in seconds, not the
+        // default half minute.
         let mut messages = match consumer
             .stream()
             .max_messages_per_batch(batch)
+            .expires(Duration::from_secs(10))
+            .heartbeat(Duration::from_secs(2))
             .messages()
             .await
         {

@@ -183,7 +183,8 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
     let i = cluster.index_of(&leader).unwrap();
     cluster.kill(i);
     faults.push(format!(
-        "t=3s kill -9 {leader} (ORDERS leader, {} orders ended)",
+        "t={:.1}s kill -9 {leader} (ORDERS leader, {} orders ended)",
+        started_load.elapsed().as_secs_f64(),
         ended(&recorder, run).await
     ));
     cluster
@@ -197,7 +198,8 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
     payments.kill().unwrap();
     payments.wait().unwrap();
     faults.push(format!(
-        "t=9s kill -9 the payments process ({} orders ended)",
+        "t={:.1}s kill -9 the payments process ({} orders ended)",
+        started_load.elapsed().as_secs_f64(),
         ended(&recorder, run).await
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -212,7 +214,8 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
     let i = cluster.index_of(&leader).unwrap();
     cluster.kill(i);
     faults.push(format!(
-        "t=13s kill -9 {leader} (PAYMENTS leader, {} orders ended)",
+        "t={:.1}s kill -9 {leader} (PAYMENTS leader, {} orders ended)",
+        started_load.elapsed().as_secs_f64(),
         ended(&recorder, run).await
     ));
     cluster
