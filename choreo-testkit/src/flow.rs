@@ -146,22 +146,12 @@ impl Recorder {
 
     /// Waits for an event of type `E`; see [`Expect`].
     pub fn expect<E: Event>(&self) -> Expect<'_, E> {
-        Expect {
-            recorder: self,
-            filter: Box::new(|_, _| true),
-            flow: None,
-            _e: PhantomData,
-        }
+        Wait::new(self)
     }
 
     /// Asserts that no event of type `E` arrives; see [`ExpectNone`].
     pub fn expect_none<E: Event>(&self) -> ExpectNone<'_, E> {
-        ExpectNone {
-            recorder: self,
-            filter: Box::new(|_, _| true),
-            flow: None,
-            _e: PhantomData,
-        }
+        Wait::new(self)
     }
 
     /// The flow of `correlation` as recorded so far.
@@ -324,27 +314,63 @@ fn decode<E: Event>(r: &Recorded) -> Option<E> {
         .flatten()
 }
 
+/// Marks a [`Wait`] for an event that must arrive ([`Recorder::expect`]).
+#[derive(Debug)]
+pub enum Present {}
+/// Marks a [`Wait`] for an event that must not arrive ([`Recorder::expect_none`]).
+#[derive(Debug)]
+pub enum Absent {}
+
 /// A wait for one event of type `E`, built by [`Recorder::expect`].
-pub struct Expect<'r, E> {
+pub type Expect<'r, E> = Wait<'r, E, Present>;
+/// An assertion that no event of type `E` arrives, built by
+/// [`Recorder::expect_none`].
+pub type ExpectNone<'r, E> = Wait<'r, E, Absent>;
+
+/// A wait on the recorder for events of type `E`: [`Expect`] or [`ExpectNone`].
+pub struct Wait<'r, E, Mode> {
     recorder: &'r Recorder,
     filter: Filter<'r, E>,
     flow: Option<EventId>,
-    _e: PhantomData<E>,
+    _mode: PhantomData<(E, Mode)>,
 }
 
-impl<'r, E: Event> Expect<'r, E> {
-    /// Only events for which `pred` holds.
+impl<'r, E: Event, Mode> Wait<'r, E, Mode> {
+    fn new(recorder: &'r Recorder) -> Self {
+        Self {
+            recorder,
+            filter: Box::new(|_, _| true),
+            flow: None,
+            _mode: PhantomData,
+        }
+    }
+
+    /// Only events for which `pred` holds count.
     pub fn matching(mut self, pred: impl Fn(&E) -> bool + Send + Sync + 'r) -> Self {
         self.filter = Box::new(move |e, _| pred(e));
         self
     }
 
-    /// Only events of the flow `correlation` (failure messages then show that flow).
+    /// Only events of the flow `correlation` count (failure messages then
+    /// show that flow).
     pub fn in_flow(mut self, correlation: EventId) -> Self {
         self.flow = Some(correlation);
         self
     }
 
+    /// The first recorded event that counts.
+    fn first_match(&self) -> Option<(E, Recorded)> {
+        self.recorder.snapshot().into_iter().find_map(|r| {
+            if self.flow.is_some_and(|c| c != r.meta.correlation_id()) {
+                return None;
+            }
+            let e = decode::<E>(&r)?;
+            (self.filter)(&e, &r.meta).then_some((e, r))
+        })
+    }
+}
+
+impl<E: Event> Wait<'_, E, Present> {
     /// Waits up to `timeout`, returning as soon as a matching event is recorded.
     ///
     /// # Errors
@@ -352,19 +378,12 @@ impl<'r, E: Event> Expect<'r, E> {
     pub async fn within(self, timeout: Duration) -> Result<Seen<E>, FlowError> {
         let deadline = Instant::now() + timeout;
         loop {
-            for r in self.recorder.snapshot() {
-                if self.flow.is_some_and(|c| c != r.meta.correlation_id()) {
-                    continue;
-                }
-                if let Some(e) = decode::<E>(&r)
-                    && (self.filter)(&e, &r.meta)
-                {
-                    return Ok(Seen {
-                        event: e,
-                        meta: r.meta,
-                        subject: r.subject,
-                    });
-                }
+            if let Some((event, r)) = self.first_match() {
+                return Ok(Seen {
+                    event,
+                    meta: r.meta,
+                    subject: r.subject,
+                });
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -382,28 +401,7 @@ impl<'r, E: Event> Expect<'r, E> {
     }
 }
 
-/// An assertion that no event of type `E` arrives, built by
-/// [`Recorder::expect_none`].
-pub struct ExpectNone<'r, E> {
-    recorder: &'r Recorder,
-    filter: Filter<'r, E>,
-    flow: Option<EventId>,
-    _e: PhantomData<E>,
-}
-
-impl<'r, E: Event> ExpectNone<'r, E> {
-    /// Only events for which `pred` holds count.
-    pub fn matching(mut self, pred: impl Fn(&E) -> bool + Send + Sync + 'r) -> Self {
-        self.filter = Box::new(move |e, _| pred(e));
-        self
-    }
-
-    /// Only events of the flow `correlation` count.
-    pub fn in_flow(mut self, correlation: EventId) -> Self {
-        self.flow = Some(correlation);
-        self
-    }
-
+impl<E: Event> Wait<'_, E, Absent> {
     /// Watches for `window` (failing as soon as one arrives).
     ///
     /// # Errors
@@ -411,22 +409,15 @@ impl<'r, E: Event> ExpectNone<'r, E> {
     pub async fn during(self, window: Duration) -> Result<(), FlowError> {
         let deadline = Instant::now() + window;
         loop {
-            for r in self.recorder.snapshot() {
-                if self.flow.is_some_and(|c| c != r.meta.correlation_id()) {
-                    continue;
-                }
-                if let Some(e) = decode::<E>(&r)
-                    && (self.filter)(&e, &r.meta)
-                {
-                    let flow = self.recorder.flow(r.meta.correlation_id());
-                    return Err(FlowError(format!(
-                        "expected no {} within {window:?}, but {} arrived from {}\n{}",
-                        E::NAME,
-                        r.meta.id().short(),
-                        r.meta.source(),
-                        flow.tree()
-                    )));
-                }
+            if let Some((_, r)) = self.first_match() {
+                let flow = self.recorder.flow(r.meta.correlation_id());
+                return Err(FlowError(format!(
+                    "expected no {} within {window:?}, but {} arrived from {}\n{}",
+                    E::NAME,
+                    r.meta.id().short(),
+                    r.meta.source(),
+                    flow.tree()
+                )));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -92,6 +92,6 @@ mod service;
 
 pub use cluster::NatsCluster;
 pub use error::TestkitError;
-pub use flow::{Flow, FlowError, Recorded, Recorder, Seen};
+pub use flow::{Expect, ExpectNone, Flow, FlowError, Recorded, Recorder, Seen, Wait};
 pub use server::{NATS_SERVER_BIN, NatsServer, NatsServerBuilder, find_binary};
 pub use service::TestService;

@@ -8,22 +8,50 @@ use choreo::{Publisher, StreamSettings};
 use choreo_examples::shop::{self, Ledger, SERVICES, Summary};
 use choreo_testkit::{NatsServer, Recorder};
 
+/// A server with the four services running, a recorder and a storefront.
+struct Shop {
+    _server: NatsServer,
+    client: choreo::async_nats::Client,
+    handles: Vec<choreo::ServiceHandle>,
+    recorder: Recorder,
+    publisher: Publisher,
+}
+
+impl Shop {
+    async fn start() -> Self {
+        let server = NatsServer::start().await.unwrap();
+        let client = server.connect().await.unwrap();
+        let ledger = Ledger::open(&client, 1).await.unwrap();
+        let mut handles = Vec::new();
+        for name in SERVICES {
+            handles.push(
+                shop::service(name, ledger.clone(), StreamSettings::default())
+                    .start(client.clone())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let recorder = Recorder::start(&client).await.unwrap();
+        let publisher = Publisher::new(client.clone(), "storefront").unwrap();
+        Self {
+            _server: server,
+            client,
+            handles,
+            recorder,
+            publisher,
+        }
+    }
+}
+
 #[tokio::test]
 async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let ledger = Ledger::open(&client, 1).await.unwrap();
-    let mut handles = Vec::new();
-    for name in SERVICES {
-        handles.push(
-            shop::service(name, ledger.clone(), StreamSettings::default())
-                .start(client.clone())
-                .await
-                .unwrap(),
-        );
-    }
-    let recorder = Recorder::start(&client).await.unwrap();
-    let publisher = Publisher::new(client.clone(), "storefront").unwrap();
+    let Shop {
+        _server,
+        client,
+        handles,
+        recorder,
+        publisher,
+    } = Shop::start().await;
     let roots = shop::place_orders(&publisher, "t1", 200).await.unwrap();
     let summary = shop::wait_for_endings(
         &recorder,
@@ -72,20 +100,13 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
 
 #[tokio::test]
 async fn placing_the_same_orders_again_changes_nothing() {
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let ledger = Ledger::open(&client, 1).await.unwrap();
-    let mut handles = Vec::new();
-    for name in SERVICES {
-        handles.push(
-            shop::service(name, ledger.clone(), StreamSettings::default())
-                .start(client.clone())
-                .await
-                .unwrap(),
-        );
-    }
-    let recorder = Recorder::start(&client).await.unwrap();
-    let publisher = Publisher::new(client.clone(), "storefront").unwrap();
+    let Shop {
+        _server,
+        client,
+        handles,
+        recorder,
+        publisher,
+    } = Shop::start().await;
     shop::place_orders(&publisher, "t2", 50).await.unwrap();
     shop::place_orders(&publisher, "t2", 50).await.unwrap();
     let summary = shop::wait_for_endings(
