@@ -342,25 +342,24 @@ fn malformed(header: &'static str, value: &str, expected: &'static str) -> Heade
 }
 
 fn optional<'a>(h: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, HeaderError> {
-    let mut all = h.get_all(name);
+    // A static name: looking up by `&str` would allocate one per lookup.
+    let mut all = h.get_all(HeaderName::from_static(name));
     let Some(first) = all.next() else {
         return Ok(None);
     };
-    let rest: Vec<&str> = all.map(|v| v.as_str()).collect();
-    if rest.is_empty() {
-        Ok(Some(first.as_str()))
-    } else {
-        let mut value = first.as_str().to_owned();
-        for r in rest {
-            value.push_str(", ");
-            value.push_str(r);
-        }
-        Err(HeaderError::Malformed {
-            header: name,
-            value,
-            expected: "exactly one value",
-        })
-    }
+    let Some(second) = all.next() else {
+        return Ok(Some(first.as_str()));
+    };
+    let values: Vec<&str> = [first, second]
+        .into_iter()
+        .chain(all)
+        .map(|v| v.as_str())
+        .collect();
+    Err(HeaderError::Malformed {
+        header: name,
+        value: values.join(", "),
+        expected: "exactly one value",
+    })
 }
 
 fn required<'a>(h: &'a HeaderMap, name: &'static str) -> Result<&'a str, HeaderError> {

@@ -602,12 +602,9 @@ async fn main() -> Result<(), BoxError> {
     if cfg!(debug_assertions) {
         eprintln!("note: a debug build; run with --release for figures worth comparing");
     }
-    eprintln!(
-        "events={n} latency-events={ln} rate={rate}/s in-flight={IN_FLIGHT} repeat={}",
-        arg(&args, "--repeat", 3)
-    );
+    let repeat = arg(&args, "--repeat", 5).max(1);
+    eprintln!("events={n} latency-events={ln} rate={rate}/s in-flight={IN_FLIGHT} repeat={repeat}");
 
-    let repeat = arg(&args, "--repeat", 3).max(1);
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -615,7 +612,7 @@ async fn main() -> Result<(), BoxError> {
         .cloned();
     let wanted = |case: &str| only.as_deref().is_none_or(|o| o == case);
 
-    // Each case runs `repeat` times, alternating choreo and raw, on fresh
+    // Each case runs `repeat` times (default 5), alternating choreo and raw, on fresh
     // servers; the median of each side is reported.
     let mut rows = Vec::new();
     let mut ratios = Vec::new();
