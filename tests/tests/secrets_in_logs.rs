@@ -1,0 +1,122 @@
+//! Secrets never reach a log line or an error message. Alone in its test
+//! binary: tracing's per-callsite interest cache is process-wide, and tests
+//! running beside this one under no subscriber can leave callsites disabled.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use choreo::async_nats::ConnectOptions;
+use choreo::{Context, Publisher, Service, connect, event, event_handler};
+use choreo_testkit::{NatsServer, Recorder};
+
+#[event(subject = "orders.{order_id}.placed", key = order_id)]
+pub struct OrderPlaced {
+    pub order_id: String,
+}
+
+#[event(subject = "payments.{order_id}.captured")]
+pub struct PaymentCaptured {
+    pub order_id: String,
+}
+
+#[event_handler]
+async fn charge(order: OrderPlaced, ctx: Context) {
+    ctx.emit(PaymentCaptured {
+        order_id: order.order_id,
+    });
+}
+
+async fn round_trip(client: choreo::async_nats::Client) {
+    let recorder = Recorder::start(&client).await.unwrap();
+    let svc = Service::new("payments")
+        .handler(charge)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let root = Publisher::new(client, "checkout")
+        .unwrap()
+        .publish(&OrderPlaced {
+            order_id: "o-1".into(),
+        })
+        .await
+        .unwrap();
+    recorder
+        .expect::<PaymentCaptured>()
+        .in_flow(root.event_id)
+        .within(Duration::from_secs(10))
+        .await
+        .unwrap();
+    svc.shutdown().await;
+}
+
+/// Collects everything tracing prints.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn secrets_never_reach_logs_or_errors() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    // Everything choreo logs, at every level; async-nats at DEBUG (at TRACE it
+    // logs the CONNECT message itself, credentials included: documented on
+    // `choreo::connect`).
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("trace,async_nats=debug"))
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let secrets = ["pw-zebra-4471", "tok-quartz-8812"];
+    let server = NatsServer::builder()
+        .config(&format!(
+            "authorization {{ users = [ {{ user: svc, password: \"{}\" }} ] }}",
+            secrets[0]
+        ))
+        .start()
+        .await
+        .unwrap();
+    let mut texts = Vec::new();
+    // Wrong password in the URL, wrong password and token in options.
+    let url = format!("nats://svc:{}x@127.0.0.1:{}", secrets[0], server.port());
+    let token_url = format!("nats://{}@127.0.0.1:{}", secrets[1], server.port());
+    let e = connect(&token_url, ConnectOptions::new())
+        .await
+        .unwrap_err();
+    texts.push(format!("{e} {e:?}"));
+    let e = connect(&url, ConnectOptions::new()).await.unwrap_err();
+    texts.push(format!("{e} {e:?}"));
+    let e = connect(&server.url(), ConnectOptions::with_token(secrets[1].into()))
+        .await
+        .unwrap_err();
+    texts.push(format!("{e} {e:?}"));
+    // A working service with the right password, publishing and handling.
+    let client = connect(
+        &server.url(),
+        ConnectOptions::with_user_and_password("svc".into(), secrets[0].into()),
+    )
+    .await
+    .unwrap();
+    round_trip(client).await;
+    let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    assert!(log.contains("choreo.handle"), "the capture works: {log}");
+    for secret in secrets {
+        assert!(!log.contains(secret), "a secret reached the log");
+        for t in &texts {
+            assert!(
+                !t.contains(secret),
+                "a secret reached an error message: {t}"
+            );
+        }
+    }
+}
