@@ -20,6 +20,9 @@ use crate::runtime::{Erased, Runtime, Typed, advisory_loop, pull_loop};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
+    /// The connection could not be made ([`Service::start_at`], [`Service::run_at`]).
+    #[error(transparent)]
+    Connect(#[from] crate::ConnectError),
     /// The service name is not allowed.
     #[error(
         "service name {name:?} is not allowed: use 1 to 64 characters from A-Z, a-z, 0-9, `-` and `_` \
@@ -216,6 +219,34 @@ impl Service {
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
         self
+    }
+
+    /// Connects to `url` with `options` (credentials, TLS) through
+    /// [`connect`](crate::connect), then [`run`](Self::run)s.
+    ///
+    /// # Errors
+    /// See [`StartError`]; a connection failure is [`StartError::Connect`].
+    pub async fn run_at(
+        self,
+        url: &str,
+        options: async_nats::ConnectOptions,
+    ) -> Result<(), StartError> {
+        let client = crate::connect(url, options).await?;
+        self.run(client).await
+    }
+
+    /// Connects to `url` with `options` (credentials, TLS) through
+    /// [`connect`](crate::connect), then [`start`](Self::start)s.
+    ///
+    /// # Errors
+    /// See [`StartError`]; a connection failure is [`StartError::Connect`].
+    pub async fn start_at(
+        self,
+        url: &str,
+        options: async_nats::ConnectOptions,
+    ) -> Result<ServiceHandle, StartError> {
+        let client = crate::connect(url, options).await?;
+        self.start(client).await
     }
 
     /// Runs until Ctrl-C or SIGTERM, then shuts down gracefully.

@@ -120,3 +120,27 @@ async fn a_permission_denial_names_the_subject() {
     );
     assert!(msg.contains("orders--on_order"), "{msg}");
 }
+
+#[tokio::test]
+async fn a_service_connects_from_a_url_and_options() {
+    let server = NatsServer::builder()
+        .config("authorization { token: \"t-0k\" }")
+        .start()
+        .await
+        .unwrap();
+    let handle = Service::new("orders")
+        .handler(on_order)
+        .start_at(&server.url(), ConnectOptions::with_token("t-0k".into()))
+        .await
+        .unwrap();
+    handle.shutdown().await;
+    let err = Service::new("orders")
+        .handler(on_order)
+        .start_at(&server.url(), ConnectOptions::with_token("wrong".into()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StartError::Connect(choreo::ConnectError::Auth { .. })),
+        "{err}"
+    );
+}
