@@ -78,6 +78,19 @@ impl<H: Handler> Erased for Typed<H> {
     }
 }
 
+/// On shutdown: naks the messages already pulled but not started, so other
+/// instances get them now rather than after `ack_wait`.
+async fn release_prefetched(messages: &mut pull::Stream) {
+    let mut released = 0;
+    while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+        let _ = msg.ack_with(AckKind::Nak(None)).await;
+        released += 1;
+    }
+    if released > 0 {
+        tracing::debug!(released, "released prefetched events on shutdown");
+    }
+}
+
 pub(crate) async fn pull_loop(
     handler: Arc<dyn Erased>,
     rt: Arc<Runtime>,
@@ -111,11 +124,17 @@ pub(crate) async fn pull_loop(
         };
         loop {
             let permit = tokio::select! {
-                _ = stop.changed() => break 'outer,
+                _ = stop.changed() => {
+                    release_prefetched(&mut messages).await;
+                    break 'outer;
+                }
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
             };
             let next = tokio::select! {
-                _ = stop.changed() => break 'outer,
+                _ = stop.changed() => {
+                    release_prefetched(&mut messages).await;
+                    break 'outer;
+                }
                 m = messages.next() => m,
             };
             while running.try_join_next().is_some() {}

@@ -481,3 +481,54 @@ async fn durable_consumers_are_named_from_service_and_handler() {
     );
     svc.shutdown().await;
 }
+
+#[derive(Clone, Default)]
+struct Handled(Arc<Mutex<std::collections::HashSet<EventId>>>);
+
+#[event_handler(concurrency = 2)]
+async fn steady(order: Envelope<OrderPlaced>, State(done): State<Handled>) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    done.0.lock().unwrap().insert(order.meta().id());
+}
+
+#[tokio::test]
+async fn shutdown_hands_prefetched_events_back_at_once() {
+    let server = NatsServer::start().await.unwrap();
+    let done = Handled::default();
+    let a = Service::new("steady")
+        .state(done.clone())
+        .handler(steady)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
+    let publisher = Publisher::new(server.connect().await.unwrap(), "checkout").unwrap();
+    for i in 0..12 {
+        publisher
+            .publish(&OrderPlaced {
+                order_id: format!("o-{i}"),
+                total_cents: 1,
+            })
+            .await
+            .unwrap();
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the first instance to start",
+        || !done.0.lock().unwrap().is_empty(),
+    )
+    .await;
+    a.shutdown().await;
+    // Events the first instance had pulled but not started come back now,
+    // not after its 30 s ack_wait.
+    let b = Service::new("steady")
+        .state(done.clone())
+        .handler(steady)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "every event handled", || {
+        done.0.lock().unwrap().len() == 12
+    })
+    .await;
+    b.shutdown().await;
+}
