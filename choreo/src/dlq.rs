@@ -208,3 +208,158 @@ pub(crate) struct MaxDeliveries {
     pub(crate) stream_seq: u64,
     pub(crate) deliveries: u64,
 }
+
+// ---- reading and replaying -----------------------------------------------------
+
+/// A dead letter read back from [`DLQ_STREAM`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Its sequence in the dead-letter stream.
+    pub sequence: u64,
+    /// The service whose handler gave up on it.
+    pub service: String,
+    /// That handler.
+    pub handler: String,
+    /// The [`Reason`] code.
+    pub reason: String,
+    /// The error message.
+    pub detail: String,
+    /// Deliveries before it was dead-lettered.
+    pub deliveries: u64,
+    /// The subject it was published on.
+    pub original_subject: String,
+    /// Its original headers (without the `choreo-dlq-*` ones).
+    pub headers: HeaderMap,
+    /// Its original payload.
+    pub payload: bytes::Bytes,
+}
+
+/// Reading or replaying dead letters failed.
+#[derive(Debug, thiserror::Error)]
+#[error("dead-letter stream: {0}")]
+pub struct DlqError(String);
+
+fn letter_from(sequence: u64, all: &HeaderMap, payload: bytes::Bytes) -> DeadLetter {
+    let get = |name: &str| {
+        all.get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    let mut headers = HeaderMap::new();
+    for (name, values) in all.iter() {
+        let n: &str = name.as_ref();
+        if n.starts_with("choreo-dlq-") || n == crate::headers::NATS_MSG_ID {
+            continue;
+        }
+        for v in values {
+            headers.append(name.clone(), v.clone());
+        }
+    }
+    DeadLetter {
+        sequence,
+        service: get(SERVICE),
+        handler: get(HANDLER),
+        reason: get(REASON),
+        detail: get(DETAIL),
+        deliveries: get(DELIVERIES).parse().unwrap_or(0),
+        original_subject: get(SUBJECT),
+        headers,
+        payload,
+    }
+}
+
+/// Every dead letter of handler `handler` of service `service`, oldest first.
+///
+/// # Errors
+/// The dead-letter stream cannot be read.
+pub async fn list(
+    client: &async_nats::Client,
+    service: &str,
+    handler: &str,
+) -> Result<Vec<DeadLetter>, DlqError> {
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .get_stream(DLQ_STREAM)
+        .await
+        .map_err(|e| DlqError(e.to_string()))?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subject(service, handler),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| DlqError(e.to_string()))?;
+    let mut pending = consumer.cached_info().num_pending;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| DlqError(e.to_string()))?;
+    let mut out = Vec::new();
+    while pending > 0 {
+        use futures::StreamExt;
+        let Some(next) = messages.next().await else {
+            break;
+        };
+        let msg = next.map_err(|e| DlqError(e.to_string()))?;
+        let sequence = msg
+            .info()
+            .map_err(|e| DlqError(e.to_string()))?
+            .stream_sequence;
+        let empty = HeaderMap::new();
+        out.push(letter_from(
+            sequence,
+            msg.headers.as_ref().unwrap_or(&empty),
+            msg.payload.clone(),
+        ));
+        pending -= 1;
+    }
+    Ok(out)
+}
+
+/// Publishes a dead letter again on its original subject, with its original
+/// headers — so every handler sees the same event id, and those that already
+/// handled it skip it through their inbox — then deletes it from the
+/// dead-letter stream. Its `Nats-Msg-Id` is `replay:<event id>:<dead-letter
+/// sequence>`, so JetStream's duplicate window does not drop the replay.
+/// Replay after fixing what made the handler give up.
+///
+/// # Errors
+/// The publish or the delete failed; a failed publish leaves the letter in place.
+pub async fn replay(client: &async_nats::Client, letter: &DeadLetter) -> Result<(), DlqError> {
+    if letter.original_subject.is_empty() {
+        return Err(DlqError(format!(
+            "dead letter {} has no original subject to replay to",
+            letter.sequence
+        )));
+    }
+    let js = jetstream::new(client.clone());
+    let mut headers = letter.headers.clone();
+    let id = headers
+        .get(crate::headers::CE_ID)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    headers.insert(
+        crate::headers::NATS_MSG_ID,
+        format!("replay:{id}:{}", letter.sequence),
+    );
+    js.publish_with_headers(
+        letter.original_subject.clone(),
+        headers,
+        letter.payload.clone(),
+    )
+    .await
+    .map_err(|e| DlqError(e.to_string()))?
+    .await
+    .map_err(|e| DlqError(e.to_string()))?;
+    let stream = js
+        .get_stream(DLQ_STREAM)
+        .await
+        .map_err(|e| DlqError(e.to_string()))?;
+    stream
+        .delete_message(letter.sequence)
+        .await
+        .map_err(|e| DlqError(e.to_string()))?;
+    Ok(())
+}

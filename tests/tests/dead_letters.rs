@@ -375,3 +375,112 @@ async fn a_last_delivery_lost_to_a_crash_reaches_the_dead_letter_stream() {
     );
     svc2.shutdown().await;
 }
+
+// ---- reading and replaying dead letters ------------------------------------------
+
+#[derive(Clone, Default)]
+struct Fixed(Arc<std::sync::atomic::AtomicBool>);
+
+#[event_handler]
+async fn picky(
+    job: JobQueued,
+    State(fixed): State<Fixed>,
+    State(c): State<Counters>,
+) -> Result<(), HandlerError> {
+    c.calls.fetch_add(1, Ordering::SeqCst);
+    if !fixed.0.load(Ordering::SeqCst) {
+        return Err(HandlerError::permanent(std::io::Error::other(format!(
+            "cannot run {} yet",
+            job.id
+        ))));
+    }
+    c.ok.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+#[event_handler]
+async fn audit_jobs(_job: JobQueued, State(c): State<Counters>) {
+    c.ok.fetch_add(1, Ordering::SeqCst);
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_listed_and_replayed_once_fixed() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let (fixed, picky_counts, audit_counts) =
+        (Fixed::default(), Counters::default(), Counters::default());
+    let worker = Service::new("worker")
+        .state(fixed.clone())
+        .state(picky_counts.clone())
+        .handler(picky)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let audit = Service::new("audit")
+        .state(audit_counts.clone())
+        .handler(audit_jobs)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let receipt = Publisher::new(client.clone(), "queue")
+        .unwrap()
+        .publish(&job("j1", "ok"))
+        .await
+        .unwrap();
+    dead_letters(&client, 1, Duration::from_secs(10)).await;
+    eventually(Duration::from_secs(5), "the audit", || {
+        audit_counts.ok.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    let letters = dlq::list(&client, "worker", "picky").await.unwrap();
+    assert_eq!(letters.len(), 1);
+    let l = &letters[0];
+    assert_eq!(
+        (l.reason.as_str(), l.service.as_str(), l.handler.as_str()),
+        ("permanent-error", "worker", "picky")
+    );
+    assert!(l.detail.contains("cannot run j1 yet"), "{}", l.detail);
+    assert_eq!(l.original_subject, "jobs.j1.queued");
+    assert!(
+        l.headers.get("choreo-dlq-reason").is_none(),
+        "reason headers are not part of the original"
+    );
+    assert!(
+        dlq::list(&client, "worker", "other")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    fixed.0.store(true, Ordering::SeqCst);
+    dlq::replay(&client, l).await.unwrap();
+    eventually(Duration::from_secs(10), "the replayed job handled", || {
+        picky_counts.ok.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(
+        dlq::list(&client, "worker", "picky")
+            .await
+            .unwrap()
+            .is_empty(),
+        "a replayed letter leaves the stream"
+    );
+    // The replay carries the same event id: the audit service's inbox skips it.
+    eventually(
+        Duration::from_secs(10),
+        "the audit to see the replay",
+        || audit.stats("audit_jobs").unwrap().skipped() == 1,
+    )
+    .await;
+    assert_eq!(audit_counts.ok.load(Ordering::SeqCst), 1);
+    let stored = common::stream_messages(&client, "JOBS").await;
+    assert_eq!(stored.len(), 2);
+    assert!(
+        stored
+            .iter()
+            .all(|m| header(m, "ce-id") == Some(receipt.event_id.to_string()))
+    );
+    worker.shutdown().await;
+    audit.shutdown().await;
+}
