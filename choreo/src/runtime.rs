@@ -244,7 +244,7 @@ async fn handle<H: Handler>(
             return;
         }
     };
-    let meta = env.meta().clone();
+    let meta = env.meta();
     let span = tracing::Span::current();
     span.record("event_id", tracing::field::display(meta.id()));
     span.record(
@@ -259,7 +259,8 @@ async fn handle<H: Handler>(
     }
 
     // The inbox: skip what is handled, wait for what another instance runs.
-    let key = inbox::key(rt.handler, meta.id());
+    let id = meta.id();
+    let key = inbox::key(rt.handler, id);
     let mut claim = None;
     if let Some(inbox) = &rt.inbox {
         match claim_or_wait(rt, inbox, msg, &key).await {
@@ -322,7 +323,7 @@ async fn handle<H: Handler>(
     };
     let outgoing = ctx.take_outgoing();
     let error = match result {
-        Ok(Ok(())) => match emit_record_ack(rt, msg, meta.id(), outgoing, &key, claim).await {
+        Ok(Ok(())) => match emit_record_ack(rt, msg, id, outgoing, &key, claim).await {
             Done::Finished => return,
             Done::DeadLetter(reason, detail) => {
                 release(rt, &key, claim).await;
