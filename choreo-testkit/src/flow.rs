@@ -269,7 +269,9 @@ async fn watch_streams(
         if let Some(tx) = ready.take() {
             let _ = tx.send(());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // New streams are looked for five times a second; their consumers
+        // start from the first message, so nothing is missed meanwhile.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
