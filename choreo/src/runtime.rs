@@ -575,7 +575,16 @@ pub(crate) async fn advisory_loop(
                 m = messages.next() => m,
             };
             match next {
-                Some(Ok(msg)) => handle_advisory(&rt, &msg).await,
+                Some(Ok(msg)) => {
+                    let span = tracing::info_span!(
+                        "choreo.lost_delivery",
+                        service = %rt.service,
+                        handler = rt.handler,
+                        stream = rt.stream,
+                        stream_sequence = tracing::field::Empty,
+                    );
+                    handle_advisory(&rt, &msg).instrument(span).await;
+                }
                 Some(Err(e)) => tracing::debug!(error = %e, "advisory pull error"),
                 None => break,
             }
@@ -592,6 +601,7 @@ async fn handle_advisory(rt: &Runtime, msg: &jetstream::Message) {
             return;
         }
     };
+    tracing::Span::current().record("stream_sequence", adv.stream_seq);
     let original = match rt.js.get_stream(&adv.stream).await {
         Ok(s) => s.get_raw_message(adv.stream_seq).await.ok(),
         Err(_) => None,
