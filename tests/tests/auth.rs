@@ -8,50 +8,13 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
+#[path = "common/round_trip.rs"]
+mod round_trip;
+
 use choreo::async_nats::ConnectOptions;
-use choreo::{Context, Publisher, Service, StartError, connect, event, event_handler};
-use choreo_testkit::{NatsServer, Recorder};
-
-#[event(subject = "orders.{order_id}.placed", key = order_id)]
-pub struct OrderPlaced {
-    pub order_id: String,
-}
-
-#[event(subject = "payments.{order_id}.captured")]
-pub struct PaymentCaptured {
-    pub order_id: String,
-}
-
-#[event_handler]
-async fn charge(order: OrderPlaced, ctx: Context) {
-    ctx.emit(PaymentCaptured {
-        order_id: order.order_id,
-    });
-}
-
-/// A service on `client` handles an event published on `client`.
-async fn round_trip(client: choreo::async_nats::Client) {
-    let recorder = Recorder::start(&client).await.unwrap();
-    let svc = Service::new("payments")
-        .handler(charge)
-        .start(client.clone())
-        .await
-        .unwrap();
-    let root = Publisher::new(client, "checkout")
-        .unwrap()
-        .publish(&OrderPlaced {
-            order_id: "o-1".into(),
-        })
-        .await
-        .unwrap();
-    recorder
-        .expect::<PaymentCaptured>()
-        .in_flow(root.event_id)
-        .within(Duration::from_secs(10))
-        .await
-        .unwrap();
-    svc.shutdown().await;
-}
+use choreo::{Service, StartError, connect};
+use choreo_testkit::NatsServer;
+use round_trip::{charge, round_trip};
 
 #[tokio::test]
 async fn user_and_password() {
