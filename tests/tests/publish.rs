@@ -5,7 +5,7 @@ mod common;
 
 use choreo::async_nats::jetstream;
 use choreo::headers as h;
-use choreo::{EventId, PublishError, Publisher, StreamError, StreamSettings, event};
+use choreo::{PublishError, Publisher, StreamError, StreamSettings, event};
 use choreo_testkit::NatsServer;
 
 #[event(subject = "orders.{order_id}.placed", key = order_id)]
@@ -235,7 +235,6 @@ async fn stream_settings_apply_to_streams_choreo_creates() {
         info.config.duplicate_window,
         std::time::Duration::from_secs(5)
     );
-    let _ = EventId::new_random();
 }
 
 #[tokio::test]

@@ -308,8 +308,14 @@ async fn slow(order: Envelope<OrderPlaced>, ctx: Context, State(seen): State<See
     seen.push("slow_done", order.meta(), ctx.attempt());
 }
 
-#[tokio::test]
-async fn in_progress_acks_keep_a_long_handler_from_redelivery() {
+/// A server, the `slow` handler running as service "slowpoke", and one order
+/// published to it.
+async fn start_slowpoke_with_one_order() -> (
+    NatsServer,
+    choreo::async_nats::Client,
+    Seen,
+    choreo::ServiceHandle,
+) {
     let server = NatsServer::start().await.unwrap();
     let seen = Seen::default();
     let svc = Service::new("slowpoke")
@@ -327,6 +333,12 @@ async fn in_progress_acks_keep_a_long_handler_from_redelivery() {
         })
         .await
         .unwrap();
+    (server, client, seen, svc)
+}
+
+#[tokio::test]
+async fn in_progress_acks_keep_a_long_handler_from_redelivery() {
+    let (_server, _client, seen, svc) = start_slowpoke_with_one_order().await;
     eventually(
         Duration::from_secs(15),
         "the slow handler to finish",
@@ -346,23 +358,7 @@ async fn in_progress_acks_keep_a_long_handler_from_redelivery() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_work_publishes_and_acks() {
-    let server = NatsServer::start().await.unwrap();
-    let seen = Seen::default();
-    let svc = Service::new("slowpoke")
-        .state(seen.clone())
-        .handler(slow)
-        .start(server.connect().await.unwrap())
-        .await
-        .unwrap();
-    let client = server.connect().await.unwrap();
-    Publisher::new(client.clone(), "t")
-        .unwrap()
-        .publish(&OrderPlaced {
-            order_id: "o".into(),
-            total_cents: 1,
-        })
-        .await
-        .unwrap();
+    let (server, client, seen, svc) = start_slowpoke_with_one_order().await;
     eventually(Duration::from_secs(10), "the handler to start", || {
         seen.count("slow_start") == 1
     })
