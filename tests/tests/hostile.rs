@@ -51,6 +51,27 @@ async fn echo(note: NoteWritten, ctx: Context, State(n): State<Count>) {
 
 type HeaderEdit = Box<dyn Fn(&mut HeaderMap)>;
 
+/// The echo service on `server`, its call count, and a publisher.
+async fn start_echo(
+    server: &NatsServer,
+) -> (
+    choreo::async_nats::Client,
+    Count,
+    choreo::ServiceHandle,
+    Publisher,
+) {
+    let client = server.connect().await.unwrap();
+    let count = Count::default();
+    let svc = Service::new("echo")
+        .state(count.clone())
+        .handler(echo)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let publisher = Publisher::new(client.clone(), "desk").unwrap();
+    (client, count, svc, publisher)
+}
+
 fn note(author: &str, seq: u64, body: &str, mode: &str) -> NoteWritten {
     NoteWritten {
         author: author.into(),
@@ -147,15 +168,7 @@ async fn emissions_that_cannot_be_published_dead_letter_the_event_and_the_servic
         .start()
         .await
         .unwrap();
-    let client = server.connect().await.unwrap();
-    let count = Count::default();
-    let svc = Service::new("echo")
-        .state(count.clone())
-        .handler(echo)
-        .start(client.clone())
-        .await
-        .unwrap();
-    let publisher = Publisher::new(client.clone(), "desk").unwrap();
+    let (client, _count, svc, publisher) = start_echo(&server).await;
     publisher
         .publish(&note("bob", 1, "b", "long-subject"))
         .await
@@ -200,15 +213,7 @@ async fn emissions_that_cannot_be_published_dead_letter_the_event_and_the_servic
 #[tokio::test]
 async fn oversized_and_odd_headers_from_other_clients_are_dead_lettered() {
     let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let count = Count::default();
-    let svc = Service::new("echo")
-        .state(count.clone())
-        .handler(echo)
-        .start(client.clone())
-        .await
-        .unwrap();
-    let publisher = Publisher::new(client.clone(), "desk").unwrap();
+    let (client, count, svc, publisher) = start_echo(&server).await;
     publisher.ensure_stream::<NoteWritten>().await.unwrap();
     let js = jetstream::new(client.clone());
     let good = note("mallory", 1, "b", "echo");
