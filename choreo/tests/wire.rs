@@ -430,3 +430,33 @@ proptest! {
         prop_assert_eq!(ka.as_uuid().get_version_num(), 5);
     }
 }
+
+/// The wire-format document promises that readers ignore map keys they do not
+/// know, so adding an optional field does not need a new version.
+#[test]
+fn unknown_payload_fields_are_ignored() {
+    #[derive(serde::Serialize)]
+    struct Wider<'a> {
+        order_id: &'a str,
+        total_cents: u64,
+        coupon: &'a str,
+    }
+    let mut bytes = Vec::new();
+    ciborium::into_writer(
+        &Wider {
+            order_id: "o-1",
+            total_cents: 5,
+            coupon: "X",
+        },
+        &mut bytes,
+    )
+    .unwrap();
+    let e: OrderPlaced = choreo::codec::decode(1, &bytes).unwrap();
+    assert_eq!(
+        e,
+        OrderPlaced {
+            order_id: "o-1".into(),
+            total_cents: 5
+        }
+    );
+}
