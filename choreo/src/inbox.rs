@@ -2,28 +2,36 @@
 //! events each handler has handled, so a redelivered or re-published event is
 //! acknowledged and skipped instead of handled again.
 //!
-//! Bucket `choreo_inbox_<service>`, key `<handler>.<event id>`. A key moves
-//! through two states:
+//! Bucket `choreo_inbox_<service>`, key `<handler>.<event id>`. A key holds
+//! one of two values:
 //!
-//! - `run <instance> <unix ms>`: a **claim**, written with `create` (which fails
-//!   if the key exists) before the handler runs, and refreshed with the
-//!   in-progress acks. While it is fresh, another instance that receives the
-//!   same event (its `ack_wait` lapsed, say, because the first instance's
-//!   thread was blocked) waits for the outcome instead of running the handler
-//!   a second time. A claim not refreshed within the lease (twice the
-//!   handler's `ack_wait`) belongs to a crashed instance and is taken over.
-//! - `done <unix ms>`: the **record**, written (conditional on the claim's
-//!   revision) only after the handler returned `Ok` and every event it emitted
-//!   was acknowledged by JetStream, and before the handled event is acked.
+//! - `done <unix ms>`: the **record**, written only after the handler
+//!   returned `Ok` and every event it emitted was acknowledged by JetStream,
+//!   and before the handled event is acked. A delivery that finds it is acked
+//!   and skipped.
+//! - `run <instance> <unix ms>`: a **claim**, written by the handler's
+//!   watchdog once the handler has run for a second (or a third of its
+//!   `ack_wait`, if less) and refreshed with each in-progress ack. While it is
+//!   fresh, another delivery of the same event waits for the outcome instead
+//!   of running the handler a second time. A claim not refreshed within twice
+//!   the handler's `ack_wait` belongs to a stopped instance and is ignored.
 //!
-//! A failed handler's claim is deleted, so its retry can claim again. If the
-//! inbox cannot be read or written, the event is not acked and comes back:
-//! never handled without a record, never recorded without being handled.
+//! Before a batch of pulled events is handled, the keys of the whole batch
+//! are read with one batched direct get (`multi_last`), so the common path
+//! costs one write per event: the record. A failed handler's claim is
+//! deleted, so its retry runs at once. If the inbox cannot be read or
+//! written, the event is not acked and comes back: never handled without
+//! being looked up, never acked without a record.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
 
 use crate::id::EventId;
 
@@ -49,41 +57,145 @@ pub struct InboxError {
     reason: String,
 }
 
-/// What a claim attempt found.
+/// What the inbox says about one key, as read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Claim {
-    /// This instance may run the handler; the claim has this revision.
-    Won(u64),
-    /// The handler already handled the event.
+pub(crate) struct Record {
+    /// The key's revision (its sequence in the bucket's stream).
+    pub(crate) revision: u64,
+    pub(crate) state: State,
+}
+
+/// The value of one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Handled.
+    Done,
+    /// Claimed by a running handler at this time.
+    Running { at_ms: u64 },
+    /// Deleted, purged, or not a value choreo writes.
+    Gone,
+}
+
+/// What to do with a delivery, given what the inbox says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Run the handler; the key is at this revision (0: absent).
+    Run(u64),
+    /// The handler already handled the event: ack and skip.
     Done,
     /// Another instance is running it; its claim is fresh for this long.
     Busy(Duration),
 }
 
+/// Decides from a read record. `lease` is how long a claim stays fresh.
+pub(crate) fn decide(record: Option<Record>, lease: Duration, now_ms: u64) -> Verdict {
+    let Some(record) = record else {
+        return Verdict::Run(0);
+    };
+    match record.state {
+        State::Done => Verdict::Done,
+        State::Running { at_ms } => {
+            let age = Duration::from_millis(now_ms.saturating_sub(at_ms));
+            if age < lease {
+                Verdict::Busy(lease - age)
+            } else {
+                Verdict::Run(record.revision)
+            }
+        }
+        State::Gone => Verdict::Run(record.revision),
+    }
+}
+
+/// Answers to batched reads arrive on one long-lived subscription
+/// (`<inbox prefix>.*`) and are routed by their last token, so a read costs
+/// one request and no subscription of its own.
+#[derive(Debug)]
+struct Answers {
+    prefix: String,
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>>,
+    router: tokio::task::AbortHandle,
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
+impl Answers {
+    async fn start(client: &async_nats::Client) -> Result<Arc<Self>, async_nats::SubscribeError> {
+        let prefix = client.new_inbox();
+        let mut sub = client.subscribe(format!("{prefix}.*")).await?;
+        Ok(Arc::new_cyclic(|me: &std::sync::Weak<Self>| {
+            let me = me.clone();
+            let router = tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    let Some(answers) = me.upgrade() else { break };
+                    let token = msg
+                        .subject
+                        .rsplit_once('.')
+                        .and_then(|(_, t)| t.parse::<u64>().ok());
+                    if let Some(token) = token
+                        && let Some(tx) = answers.lock().get(&token)
+                    {
+                        let _ = tx.send(msg);
+                    }
+                }
+            })
+            .abort_handle();
+            Self {
+                prefix,
+                next: AtomicU64::new(0),
+                waiting: Mutex::new(HashMap::new()),
+                router,
+            }
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Unregisters a read's answers when the read ends, however it ends.
+struct Waiting<'a> {
+    answers: &'a Answers,
+    token: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.answers.lock().remove(&self.token);
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct Inbox {
     kv: kv::Store,
+    client: async_nats::Client,
+    answers: Arc<Answers>,
     bucket: String,
+    /// `$JS.API.DIRECT.GET.KV_<bucket>`.
+    direct_get: String,
+    /// `$KV.<bucket>.`
+    key_prefix: String,
     instance: String,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-enum State {
-    Done,
-    Running { at_ms: u64 },
-    Gone,
-}
-
-fn parse(entry: &kv::Entry) -> State {
-    if !matches!(entry.operation, kv::Operation::Put) {
+fn parse(value: &[u8], deleted: bool) -> State {
+    if deleted {
         return State::Gone;
     }
-    let text = String::from_utf8_lossy(&entry.value);
+    let text = String::from_utf8_lossy(value);
     let mut parts = text.split(' ');
     match parts.next() {
         Some("done") => State::Done,
@@ -95,9 +207,20 @@ fn parse(entry: &kv::Entry) -> State {
     }
 }
 
+fn record_of(entry: &kv::Entry) -> Record {
+    Record {
+        revision: entry.revision,
+        state: parse(&entry.value, !matches!(entry.operation, kv::Operation::Put)),
+    }
+}
+
+/// Most keys one batched read asks for (the server's limit is far higher).
+pub(crate) const READ_BATCH: usize = 256;
+
 impl Inbox {
     /// Opens the service's bucket, creating it if missing.
     pub(crate) async fn open(
+        client: &async_nats::Client,
         js: &jetstream::Context,
         service: &str,
         retention: Duration,
@@ -135,8 +258,15 @@ impl Inbox {
             }
         };
         let instance = EventId::new_random().short();
+        let answers = Answers::start(client)
+            .await
+            .map_err(|e| err(format!("cannot subscribe for answers: {e}")))?;
         Ok(Self {
             kv,
+            client: client.clone(),
+            answers,
+            direct_get: format!("$JS.API.DIRECT.GET.KV_{bucket}"),
+            key_prefix: format!("$KV.{bucket}."),
             bucket,
             instance,
         })
@@ -153,37 +283,91 @@ impl Inbox {
         }
     }
 
-    /// Claims `key` for this instance, or says why not.
-    pub(crate) async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, InboxError> {
-        match self.kv.create(key, self.claim_value()).await {
-            Ok(rev) => return Ok(Claim::Won(rev)),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(self.err(e)),
+    /// Reads one key.
+    pub(crate) async fn read(&self, key: &str) -> Result<Option<Record>, InboxError> {
+        let entry = self.kv.entry(key).await.map_err(|e| self.err(e))?;
+        Ok(entry.as_ref().map(record_of))
+    }
+
+    /// Reads up to [`READ_BATCH`] keys with one batched direct get; keys
+    /// without a value are absent from the answer.
+    pub(crate) async fn read_many(
+        &self,
+        keys: &[&str],
+    ) -> Result<HashMap<String, Record>, InboxError> {
+        let mut found = HashMap::new();
+        if keys.is_empty() {
+            return Ok(found);
         }
-        let Some(entry) = self.kv.entry(key).await.map_err(|e| self.err(e))? else {
-            // Removed in between: claim again on the next delivery.
-            return Ok(Claim::Busy(Duration::ZERO));
+        let subjects: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{}{k}", self.key_prefix))
+            .collect();
+        let request = serde_json::json!({ "multi_last": subjects, "batch": keys.len() });
+        let body = serde_json::to_vec(&request).map_err(|e| self.err(e))?;
+        let token = self.answers.next.fetch_add(1, Ordering::Relaxed);
+        let reply = format!("{}.{token}", self.answers.prefix);
+        let (tx, mut answers) = mpsc::unbounded_channel();
+        self.answers.lock().insert(token, tx);
+        let _waiting = Waiting {
+            answers: &self.answers,
+            token,
         };
-        match parse(&entry) {
-            State::Done => Ok(Claim::Done),
-            State::Running { at_ms } => {
-                let age = Duration::from_millis(now_ms().saturating_sub(at_ms));
-                if age < lease {
-                    return Ok(Claim::Busy(lease - age));
-                }
-                self.take_over(key, entry.revision).await
+        self.client
+            .publish_with_reply(self.direct_get.clone(), reply, body.into())
+            .await
+            .map_err(|e| self.err(format!("cannot read: {e}")))?;
+        let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+        loop {
+            let answer = tokio::time::timeout_at(deadline, answers.recv())
+                .await
+                .map_err(|_| self.err("no answer to a batched read within 5s"))?
+                .ok_or_else(|| self.err("the connection closed during a batched read"))?;
+            if let Some(status) = answer.status {
+                return match status.as_u16() {
+                    // End of batch, or none of the keys has a value.
+                    204 | 404 => Ok(found),
+                    503 => Err(self.err("the bucket's stream is not available (no responders)")),
+                    code => Err(self.err(format!(
+                        "batched read failed: {code} {}",
+                        answer.description.as_deref().unwrap_or("")
+                    ))),
+                };
             }
-            State::Gone => self.take_over(key, entry.revision).await,
+            let Some(headers) = answer.headers.as_ref() else {
+                continue;
+            };
+            let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+            let (Some(subject), Some(revision)) = (
+                header("Nats-Subject"),
+                header("Nats-Sequence").and_then(|s| s.parse().ok()),
+            ) else {
+                continue;
+            };
+            let Some(key) = subject.strip_prefix(&self.key_prefix) else {
+                continue;
+            };
+            let deleted = header("KV-Operation").is_some();
+            found.insert(
+                key.to_owned(),
+                Record {
+                    revision,
+                    state: parse(&answer.payload, deleted),
+                },
+            );
         }
     }
 
-    async fn take_over(&self, key: &str, revision: u64) -> Result<Claim, InboxError> {
-        match self.kv.update(key, self.claim_value(), revision).await {
-            Ok(rev) => Ok(Claim::Won(rev)),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                Ok(Claim::Busy(Duration::ZERO))
-            }
-            Err(e) => Err(self.err(e)),
+    /// Claims `key` (at `revision`, 0 if absent) for this instance; returns
+    /// the claim's revision.
+    pub(crate) async fn claim(&self, key: &str, revision: u64) -> Result<u64, InboxError> {
+        if revision == 0 {
+            self.kv
+                .create(key, self.claim_value())
+                .await
+                .map_err(|e| self.err(e))
+        } else {
+            self.refresh(key, revision).await
         }
     }
 
@@ -195,29 +379,113 @@ impl Inbox {
             .map_err(|e| self.err(e))
     }
 
-    /// Records the event as handled.
+    /// Records the event as handled. `revision` is the key's revision as
+    /// this instance last knew it (0: absent). If the key moved on meanwhile
+    /// (a claim written or taken over), the record is written over it: the
+    /// handling is complete either way.
     pub(crate) async fn done(&self, key: &str, revision: u64) -> Result<(), InboxError> {
         let value = Bytes::from(format!("done {}", now_ms()));
-        match self.kv.update(key, value.clone(), revision).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                // Another instance took the claim over while this one worked
-                // (it looked crashed). The handling is complete either way.
-                tracing::warn!(key, "inbox claim was taken over while the handler ran");
+        let mut revision = revision;
+        for _ in 0..3 {
+            let written = if revision == 0 {
                 self.kv
-                    .put(key, value)
+                    .create(key, value.clone())
                     .await
                     .map(|_| ())
-                    .map_err(|e| self.err(e))
+                    .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, self.err(e)))
+            } else {
+                self.kv
+                    .update(key, value.clone(), revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            self.err(e),
+                        )
+                    })
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err((false, e)) => return Err(e),
+                Err((true, _)) => match self.read(key).await? {
+                    Some(Record {
+                        state: State::Done, ..
+                    }) => {
+                        tracing::warn!(
+                            key,
+                            "another delivery recorded this event while the handler ran"
+                        );
+                        return Ok(());
+                    }
+                    Some(r) => revision = r.revision,
+                    None => revision = 0,
+                },
             }
-            Err(e) => Err(self.err(e)),
         }
+        Err(self.err("the key kept changing while the record was written"))
     }
 
-    /// Gives a claim up after a failure, so the retry can claim again.
+    /// Gives a claim up after a failure, so the retry can run at once.
     pub(crate) async fn release(&self, key: &str, revision: u64) {
         if let Err(e) = self.kv.delete_expect_revision(key, Some(revision)).await {
             tracing::debug!(key, error = %e, "could not release the inbox claim; it will expire");
         }
+    }
+}
+
+/// How long a batched read may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(60);
+
+    fn rec(revision: u64, state: State) -> Option<Record> {
+        Some(Record { revision, state })
+    }
+
+    #[test]
+    fn absent_keys_run_from_revision_zero() {
+        assert_eq!(decide(None, LEASE, 1_000), Verdict::Run(0));
+    }
+
+    #[test]
+    fn done_keys_are_skipped() {
+        assert_eq!(decide(rec(7, State::Done), LEASE, 1_000), Verdict::Done);
+    }
+
+    #[test]
+    fn fresh_claims_make_others_wait_for_the_rest_of_the_lease() {
+        let at_ms = 100_000;
+        assert_eq!(
+            decide(rec(3, State::Running { at_ms }), LEASE, at_ms + 10_000),
+            Verdict::Busy(Duration::from_secs(50))
+        );
+    }
+
+    #[test]
+    fn stale_claims_and_deleted_keys_run_at_their_revision() {
+        let at_ms = 100_000;
+        assert_eq!(
+            decide(rec(3, State::Running { at_ms }), LEASE, at_ms + 60_000),
+            Verdict::Run(3)
+        );
+        assert_eq!(decide(rec(9, State::Gone), LEASE, 0), Verdict::Run(9));
+    }
+
+    #[test]
+    fn values_parse_into_states() {
+        assert_eq!(parse(b"done 17", false), State::Done);
+        assert_eq!(
+            parse(b"run ab12cd34 1700000000000", false),
+            State::Running {
+                at_ms: 1_700_000_000_000
+            }
+        );
+        assert_eq!(parse(b"done 17", true), State::Gone);
+        assert_eq!(parse(b"something else", false), State::Gone);
     }
 }

@@ -1,6 +1,6 @@
-//! The per-handler runtime: pulling, handling one event (decode → claim →
-//! run → emit → record → ack, or nak / dead-letter), and turning lost last
-//! deliveries into dead letters.
+//! The per-handler runtime: pulling (with one batched inbox read per pulled
+//! batch), handling one event (decode → look up → run → emit → record → ack,
+//! or nak / dead-letter), and turning lost last deliveries into dead letters.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -19,9 +19,10 @@ use crate::envelope::Envelope;
 use crate::error::StreamError;
 use crate::event::Event;
 use crate::handler::{BoxFuture, Handler, HandlerOptions, MissingState, States};
-use crate::inbox::{self, Claim, Inbox};
+use crate::inbox::{self, Inbox, InboxError, Record, Verdict};
 use crate::publish::Publisher;
 use crate::service::{FaultHook, FaultPoint, HandlerStats, consumer_name, create_consumer};
+use crate::watchdog::{self, KeyState, Registry};
 
 /// What every task of one handler shares.
 pub(crate) struct Runtime {
@@ -37,6 +38,18 @@ pub(crate) struct Runtime {
     pub(crate) js: jetstream::Context,
     pub(crate) inbox: Option<Inbox>,
     pub(crate) fault: Option<FaultHook>,
+    /// The running invocations, kept alive by the watchdog.
+    pub(crate) watchdog: Registry,
+}
+
+/// What the pull loop's batched inbox read said about one event.
+pub(crate) enum Seen {
+    /// Not read (no inbox, or no readable event id): read when needed.
+    NotRead,
+    /// The key's record, or `None` if it has none.
+    Read(Option<Record>),
+    /// The batched read failed.
+    Failed(InboxError),
 }
 
 /// A handler with its event type erased.
@@ -45,7 +58,12 @@ pub(crate) trait Erased: Send + Sync + std::fmt::Debug {
     fn options(&self) -> HandlerOptions;
     fn stream(&self) -> (&'static str, &'static str, &'static str);
     fn check(&self, states: &States) -> Result<(), MissingState>;
-    fn process(self: Arc<Self>, msg: jetstream::Message, rt: Arc<Runtime>) -> BoxFuture<()>;
+    fn process(
+        self: Arc<Self>,
+        msg: jetstream::Message,
+        seen: Seen,
+        rt: Arc<Runtime>,
+    ) -> BoxFuture<()>;
 }
 
 pub(crate) struct Typed<H>(pub(crate) H);
@@ -73,8 +91,13 @@ impl<H: Handler> Erased for Typed<H> {
     fn check(&self, states: &States) -> Result<(), MissingState> {
         self.0.check(states)
     }
-    fn process(self: Arc<Self>, msg: jetstream::Message, rt: Arc<Runtime>) -> BoxFuture<()> {
-        Box::pin(process::<H>(self, msg, rt))
+    fn process(
+        self: Arc<Self>,
+        msg: jetstream::Message,
+        seen: Seen,
+        rt: Arc<Runtime>,
+    ) -> BoxFuture<()> {
+        Box::pin(process::<H>(self, msg, seen, rt))
     }
 }
 
@@ -100,6 +123,7 @@ pub(crate) async fn pull_loop(
 ) {
     let permits = Arc::new(Semaphore::new(rt.options.concurrency));
     let mut running = JoinSet::new();
+    let keeper = tokio::spawn(watchdog::run(rt.clone()));
     let batch = rt.options.concurrency.clamp(1, 500);
     'outer: loop {
         // Pull requests live 10 s with a heartbeat every 2 s, so a consumer
@@ -123,40 +147,62 @@ pub(crate) async fn pull_loop(
             }
         };
         loop {
-            let permit = tokio::select! {
-                _ = stop.changed() => {
-                    release_prefetched(&mut messages).await;
-                    break 'outer;
-                }
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
-            };
-            let next = tokio::select! {
+            let first = tokio::select! {
                 _ = stop.changed() => {
                     release_prefetched(&mut messages).await;
                     break 'outer;
                 }
                 m = messages.next() => m,
             };
-            while running.try_join_next().is_some() {}
-            match next {
-                Some(Ok(msg)) => {
-                    let fut = handler.clone().process(msg, rt.clone());
-                    running.spawn(async move {
-                        fut.await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(handler = %rt.handler_id, error = %e, "pull error");
-                    if matches!(
-                        e.kind(),
-                        pull::MessagesErrorKind::ConsumerDeleted
-                            | pull::MessagesErrorKind::NoResponders
-                    ) {
-                        break;
-                    }
-                }
+            // Everything already pulled goes in one batch, whose inbox keys
+            // are read with one request.
+            let mut chunk = Vec::new();
+            let mut trouble = None;
+            match first {
+                Some(Ok(msg)) => chunk.push(msg),
+                Some(Err(e)) => trouble = Some(e),
                 None => break,
+            }
+            while trouble.is_none()
+                && !chunk.is_empty()
+                && chunk.len() < batch.min(inbox::READ_BATCH)
+            {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(msg))) => chunk.push(msg),
+                    Some(Some(Err(e))) => trouble = Some(e),
+                    _ => break,
+                }
+            }
+            let seen = read_inbox(&rt, &chunk).await;
+            let mut chunk = chunk.into_iter().zip(seen);
+            while let Some((msg, seen)) = chunk.next() {
+                let permit = tokio::select! {
+                    _ = stop.changed() => {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        for (msg, _) in chunk {
+                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        }
+                        release_prefetched(&mut messages).await;
+                        break 'outer;
+                    }
+                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
+                };
+                while running.try_join_next().is_some() {}
+                let fut = handler.clone().process(msg, seen, rt.clone());
+                running.spawn(async move {
+                    fut.await;
+                    drop(permit);
+                });
+            }
+            if let Some(e) = trouble {
+                tracing::warn!(handler = %rt.handler_id, error = %e, "pull error");
+                if matches!(
+                    e.kind(),
+                    pull::MessagesErrorKind::ConsumerDeleted
+                        | pull::MessagesErrorKind::NoResponders
+                ) {
+                    break;
+                }
             }
         }
         // The pull stream ended (consumer deleted, connection trouble): get
@@ -183,9 +229,40 @@ pub(crate) async fn pull_loop(
         tracing::warn!(handler = %rt.handler_id, "handlers still running after the grace period were abandoned; their events will be redelivered");
         running.abort_all();
     }
+    keeper.abort();
 }
 
-async fn process<H: Handler>(handler: Arc<Typed<H>>, msg: jetstream::Message, rt: Arc<Runtime>) {
+/// The inbox key of a pulled event, from its `ce-id` header; `None` if it
+/// has none readable (decoding will dead-letter it).
+fn key_of(rt: &Runtime, msg: &jetstream::Message) -> Option<String> {
+    let id = msg.headers.as_ref()?.get(crate::headers::CE_ID)?.as_str();
+    let id: crate::EventId = id.parse().ok()?;
+    Some(inbox::key(rt.handler, id))
+}
+
+/// Reads the inbox keys of a pulled batch with one request.
+async fn read_inbox(rt: &Runtime, chunk: &[jetstream::Message]) -> Vec<Seen> {
+    let Some(inbox) = &rt.inbox else {
+        return chunk.iter().map(|_| Seen::NotRead).collect();
+    };
+    let keys: Vec<Option<String>> = chunk.iter().map(|m| key_of(rt, m)).collect();
+    let wanted: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
+    let read = inbox.read_many(&wanted).await;
+    keys.into_iter()
+        .map(|key| match (&read, key) {
+            (_, None) => Seen::NotRead,
+            (Ok(found), Some(key)) => Seen::Read(found.get(&key).copied()),
+            (Err(e), Some(_)) => Seen::Failed(e.clone()),
+        })
+        .collect()
+}
+
+async fn process<H: Handler>(
+    handler: Arc<Typed<H>>,
+    msg: jetstream::Message,
+    seen: Seen,
+    rt: Arc<Runtime>,
+) {
     let (attempt, stream_sequence) = match msg.info() {
         Ok(info) => (
             u32::try_from(info.delivered).unwrap_or(u32::MAX),
@@ -212,16 +289,18 @@ async fn process<H: Handler>(handler: Arc<Typed<H>>, msg: jetstream::Message, rt
         attempt,
         stream_sequence,
     };
-    handle::<H>(&handler.0, &msg, &rt, delivery)
+    handle::<H>(&handler.0, &msg, seen, &rt, delivery)
         .instrument(span)
         .await;
 }
 
-/// Decode → claim → run (with in-progress acks) → emit → record → ack, or
-/// nak / dead-letter. Every path ends with a verdict, except a fault point.
+/// Decode → look up → run (kept alive by the watchdog) → emit → record →
+/// ack, or nak / dead-letter. Every path ends with a verdict, except a fault
+/// point.
 async fn handle<H: Handler>(
     handler: &H,
     msg: &jetstream::Message,
+    seen: Seen,
     rt: &Runtime,
     delivery: Delivery,
 ) {
@@ -261,10 +340,10 @@ async fn handle<H: Handler>(
     // The inbox: skip what is handled, wait for what another instance runs.
     let id = meta.id();
     let key = inbox::key(rt.handler, id);
-    let mut claim = None;
+    let mut revision = 0;
     if let Some(inbox) = &rt.inbox {
-        match claim_or_wait(rt, inbox, msg, &key).await {
-            Ok(Some(rev)) => claim = Some(rev),
+        match look_up_or_wait(rt, inbox, msg, &key, seen).await {
+            Ok(Some(rev)) => revision = rev,
             Ok(None) => {
                 rt.stats.skipped.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("already handled (inbox); acked and skipped");
@@ -291,39 +370,20 @@ async fn handle<H: Handler>(
         rt.handler_id.clone(),
         rt.states.clone(),
     );
-    // In-progress acks (and claim refreshes) keep a long handler's event
-    // from being redelivered or taken over.
-    let call = AssertUnwindSafe(handler.call(env, &ctx)).catch_unwind();
-    tokio::pin!(call);
-    // A handler that completes on its first poll needs no timer at all.
-    let result = match futures::poll!(&mut call) {
-        std::task::Poll::Ready(r) => r,
-        std::task::Poll::Pending => {
-            // The first tick is due after a period, not at once: an immediate
-            // tick still waits for the timer driver (up to a millisecond).
-            let period = rt.options.ack_wait / 3;
-            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            loop {
-                tokio::select! {
-                    r = &mut call => break r,
-                    _ = ticker.tick() => {
-                        if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                            tracing::debug!(error = %e, "in-progress ack failed");
-                        }
-                        if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
-                            match inbox.refresh(&key, rev).await {
-                                Ok(r) => claim = Some(r),
-                                Err(e) => tracing::debug!(error = %e, "inbox claim refresh failed"),
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    };
+    // The watchdog sends in-progress acks (and writes the claim) while it runs.
+    let token = rt.watchdog.enter(
+        msg.reply.clone(),
+        rt.inbox.as_ref().map(|_| key.clone()),
+        revision,
+    );
+    let result = AssertUnwindSafe(handler.call(env, &ctx))
+        .catch_unwind()
+        .await;
+    let KeyState { revision, claimed } = rt.watchdog.leave(token, revision);
+    let claim = claimed.then_some(revision);
     let outgoing = ctx.take_outgoing();
     let error = match result {
-        Ok(Ok(())) => match emit_record_ack(rt, msg, id, outgoing, &key, claim).await {
+        Ok(Ok(())) => match emit_record_ack(rt, msg, id, outgoing, &key, revision).await {
             Done::Finished => return,
             Done::DeadLetter(reason, detail) => {
                 release(rt, &key, claim).await;
@@ -383,7 +443,7 @@ async fn emit_record_ack(
     id: crate::EventId,
     outgoing: Vec<Result<crate::publish::Outgoing, crate::PublishError>>,
     key: &str,
-    claim: Option<u64>,
+    revision: u64,
 ) -> Done {
     let fault = |point| rt.fault.as_ref().is_some_and(|f| f(point, id));
     let mut outs = Vec::with_capacity(outgoing.len());
@@ -430,8 +490,8 @@ async fn emit_record_ack(
     }
     // Not recorded, so not acked: it comes back, and its emissions (same
     // ids) are deduplicated.
-    if let (Some(inbox), Some(rev)) = (&rt.inbox, claim)
-        && let Err(e) = inbox.done(key, rev).await
+    if let Some(inbox) = &rt.inbox
+        && let Err(e) = inbox.done(key, revision).await
     {
         return Done::Retry(format!("recording the event in the inbox failed: {e}"));
     }
@@ -452,23 +512,31 @@ async fn release(rt: &Runtime, key: &str, claim: Option<u64>) {
     }
 }
 
-/// Claims the event in the inbox. `Ok(None)`: already handled. While another
+/// Decides from the inbox whether to run: `Ok(Some(revision))` to run (the
+/// key's revision, 0 if absent), `Ok(None)` if already handled. While another
 /// instance holds a fresh claim, waits (sending in-progress acks) until it
 /// finishes or its claim goes stale.
-async fn claim_or_wait(
+async fn look_up_or_wait(
     rt: &Runtime,
     inbox: &Inbox,
     msg: &jetstream::Message,
     key: &str,
-) -> Result<Option<u64>, inbox::InboxError> {
+    seen: Seen,
+) -> Result<Option<u64>, InboxError> {
     let lease = rt.options.ack_wait * 2;
     let step = (rt.options.ack_wait / 3).min(Duration::from_millis(500));
+    let mut seen = seen;
     let mut waited = false;
     loop {
-        match inbox.claim(key, lease).await? {
-            Claim::Won(rev) => return Ok(Some(rev)),
-            Claim::Done => return Ok(None),
-            Claim::Busy(fresh_for) => {
+        let record = match seen {
+            Seen::Read(record) => record,
+            Seen::Failed(e) => return Err(e),
+            Seen::NotRead => inbox.read(key).await?,
+        };
+        match inbox::decide(record, lease, inbox::now_ms()) {
+            Verdict::Run(revision) => return Ok(Some(revision)),
+            Verdict::Done => return Ok(None),
+            Verdict::Busy(fresh_for) => {
                 if !waited {
                     rt.stats.waited.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
@@ -479,6 +547,7 @@ async fn claim_or_wait(
                 }
                 tokio::time::sleep(step.min(fresh_for).max(Duration::from_millis(20))).await;
                 let _ = msg.ack_with(AckKind::Progress).await;
+                seen = Seen::NotRead;
             }
         }
     }

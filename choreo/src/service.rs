@@ -84,6 +84,7 @@ pub struct HandlerStats {
     pub(crate) panicked: AtomicU64,
     pub(crate) skipped: AtomicU64,
     pub(crate) waited: AtomicU64,
+    pub(crate) in_progress_acks: AtomicU64,
 }
 
 impl HandlerStats {
@@ -111,6 +112,11 @@ impl HandlerStats {
     /// Deliveries acked and skipped because the inbox shows the event handled.
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
+    }
+    /// In-progress acks the watchdog sent for invocations running longer
+    /// than a third of `ack_wait`.
+    pub fn in_progress_acks(&self) -> u64 {
+        self.in_progress_acks.load(Ordering::Relaxed)
     }
 }
 
@@ -338,6 +344,7 @@ impl Service {
                     None
                 },
                 fault: self.fault.clone(),
+                watchdog: crate::watchdog::Registry::default(),
             });
             stats.push((h.name(), rt.stats.clone()));
             tasks.spawn(pull_loop(
@@ -376,6 +383,7 @@ impl Service {
         dlq::ensure_streams(js, &self.stream_settings).await?;
         let inbox = if self.handlers.iter().any(|h| h.options().idempotent) {
             let opened = Inbox::open(
+                &js.client(),
                 js,
                 &self.name,
                 self.inbox_retention,

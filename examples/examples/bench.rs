@@ -321,16 +321,45 @@ impl RawRelay {
     }
 }
 
+/// CPU seconds used so far by this process and by its children (the
+/// nats-servers), from `/proc` (zeros where there is none).
+fn cpu_seconds() -> (f64, f64) {
+    fn ticks(pid: &str) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at ')'.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        t(11) + t(12)
+    }
+    let me = ticks("self");
+    let mut kids = 0.0;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for pid in children.split_whitespace() {
+            kids += ticks(pid);
+        }
+    }
+    // Linux counts these in clock ticks of 1/100 s (USER_HZ).
+    (me / 100.0, kids / 100.0)
+}
+
 /// Waits until `counter` reaches `n`; returns the steady-state rate, timed
 /// from the first handled message (so start-up work on either side does not
 /// count).
 async fn rate_until(counter: impl Fn() -> u64, n: u64, what: &str) -> Result<f64, BoxError> {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first: Option<(Instant, u64)> = None;
+    let mut cpu0 = (0.0, 0.0);
     loop {
         let c = counter();
         if first.is_none() && c > 0 {
             first = Some((Instant::now(), c));
+            cpu0 = cpu_seconds();
         }
         if c >= n {
             break;
@@ -341,6 +370,14 @@ async fn rate_until(counter: impl Fn() -> u64, n: u64, what: &str) -> Result<f64
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let (t0, c0) = first.unwrap_or((Instant::now(), 0));
+    let cpu1 = cpu_seconds();
+    let per = |a: f64, b: f64| (b - a) * 1e6 / (n - c0).max(1) as f64;
+    eprintln!(
+        "  {what}: {:.0} msgs/s, CPU per event: client {:.1} µs, server {:.1} µs",
+        (n - c0) as f64 / t0.elapsed().as_secs_f64(),
+        per(cpu0.0, cpu1.0),
+        per(cpu0.1, cpu1.1)
+    );
     Ok((n - c0) as f64 / t0.elapsed().as_secs_f64())
 }
 

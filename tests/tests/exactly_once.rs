@@ -47,6 +47,7 @@ struct Effects {
     store: jetstream::kv::Store,
     invocations: Arc<AtomicU32>,
     block_first_for: Option<Duration>,
+    sleep_first_for: Option<Duration>,
 }
 
 impl Effects {
@@ -67,6 +68,7 @@ impl Effects {
             store,
             invocations: Arc::new(AtomicU32::new(0)),
             block_first_for: None,
+            sleep_first_for: None,
         }
     }
 }
@@ -81,8 +83,13 @@ async fn charge(
     if n == 0
         && let Some(d) = fx.block_first_for
     {
-        // A handler that blocks its thread: no in-progress acks get out.
+        // A handler that blocks its thread.
         std::thread::sleep(d);
+    }
+    if n == 0
+        && let Some(d) = fx.sleep_first_for
+    {
+        tokio::time::sleep(d).await;
     }
     // The charge itself: once per idempotency key, however often we run.
     let key = ctx.idempotency_key().replace(':', "_");
@@ -437,29 +444,39 @@ where
     }
 }
 
-// ---- two instances, an ack_wait that lapses -------------------------------------
+// ---- slow handlers: the watchdog and the claim ------------------------------------
+
+async fn two_payments_instances(
+    server: &NatsServer,
+    fx: &Effects,
+    settings: &StreamSettings,
+) -> (ServiceHandle, ServiceHandle) {
+    let start = || async {
+        Service::new("payments")
+            .stream_settings(settings.clone())
+            .state(fx.clone())
+            .handler(charge)
+            .start(server.connect().await.unwrap())
+            .await
+            .unwrap()
+    };
+    (start().await, start().await)
+}
+
+fn total(a: &ServiceHandle, b: &ServiceHandle, f: fn(&choreo::HandlerStats) -> u64) -> u64 {
+    f(a.stats("charge").unwrap()) + f(b.stats("charge").unwrap())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_instances_and_a_lapsed_ack_wait_still_give_one_effect() {
+async fn a_handler_that_blocks_its_thread_past_ack_wait_is_kept_alive_and_runs_once() {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     let mut fx = Effects::new(&client).await;
-    // Blocks its thread 1.6 s under a 1 s ack_wait: JetStream redelivers, and
-    // the claim written before the handler ran (fresh for 2 × ack_wait) makes
-    // the other delivery wait.
+    // Blocks its thread 1.6 s under a 1 s ack_wait: without in-progress acks
+    // JetStream would redeliver it to the other instance. The watchdog, a
+    // task of its own, sends them from another worker thread.
     fx.block_first_for = Some(Duration::from_millis(1600));
-    let a = Service::new("payments")
-        .state(fx.clone())
-        .handler(charge)
-        .start(server.connect().await.unwrap())
-        .await
-        .unwrap();
-    let b = Service::new("payments")
-        .state(fx.clone())
-        .handler(charge)
-        .start(server.connect().await.unwrap())
-        .await
-        .unwrap();
+    let (a, b) = two_payments_instances(&server, &fx, &StreamSettings::default()).await;
     Publisher::new(client.clone(), "checkout")
         .unwrap()
         .publish(&OrderPlaced {
@@ -470,10 +487,52 @@ async fn two_instances_and_a_lapsed_ack_wait_still_give_one_effect() {
         .unwrap();
     wait_settled(&client).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let waited = a.stats("charge").unwrap().waited() + b.stats("charge").unwrap().waited();
     assert!(
-        waited >= 1,
-        "the ack_wait did not lapse, so this test proved nothing"
+        total(&a, &b, choreo::HandlerStats::in_progress_acks) >= 1,
+        "no in-progress ack was sent, so this test proved nothing"
+    );
+    assert_eq!(
+        fx.invocations.load(Ordering::SeqCst),
+        1,
+        "the handler ran twice"
+    );
+    assert_eq!(effect_count(&fx).await, 1);
+    assert_downstream_once(&client, 2).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_that_arrives_while_the_first_runs_waits_for_it_through_the_claim() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let settings = StreamSettings::default().duplicate_window(Duration::from_millis(500));
+    let mut fx = Effects::new(&client).await;
+    // The first invocation runs 2.5 s; its watchdog writes the claim after
+    // a third of the 1 s ack_wait.
+    fx.sleep_first_for = Some(Duration::from_millis(2500));
+    let (a, b) = two_payments_instances(&server, &fx, &settings).await;
+    let publisher = Publisher::new(client.clone(), "checkout")
+        .unwrap()
+        .with_stream_settings(settings);
+    let order = OrderPlaced {
+        order_id: "o-1".into(),
+        total_cents: 5,
+    };
+    let first = publisher.publish(&order).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Outside the 500 ms duplicate window: stored a second time, delivered
+    // while the first copy's handler still runs.
+    let second = publisher.publish(&order).await.unwrap();
+    assert!(!second.duplicate && second.sequence != first.sequence);
+    eventually(Duration::from_secs(15), "both copies settled", || {
+        total(&a, &b, choreo::HandlerStats::handled) == 1
+            && total(&a, &b, choreo::HandlerStats::skipped) == 1
+    })
+    .await;
+    assert!(
+        total(&a, &b, choreo::HandlerStats::waited) >= 1,
+        "the copy did not find the claim, so this test proved nothing"
     );
     assert_eq!(
         fx.invocations.load(Ordering::SeqCst),

@@ -1,0 +1,190 @@
+//! The watchdog: one task per handler that keeps its running events alive.
+//!
+//! Every running handler invocation is registered here. The watchdog, a task
+//! of its own, sends each one's in-progress ack every third of `ack_wait`
+//! and, once it has run for [`claim_after`], writes its claim in the inbox and
+//! refreshes it with each in-progress ack. Because the watchdog is not the
+//! task that runs the handler, a handler that blocks its thread does not stop
+//! its in-progress acks (on a multi-threaded runtime with a free worker).
+//! Handlers that finish within a second never write a claim: their only
+//! inbox write is the record.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::Subject;
+use futures::future::join_all;
+use tokio::time::Instant;
+
+use crate::runtime::Runtime;
+
+/// One running invocation.
+#[derive(Debug)]
+struct Running {
+    /// Where acks for the event go.
+    reply: Option<Subject>,
+    /// Its inbox key, if the handler has an inbox.
+    key: Option<String>,
+    /// The key's revision as last known (0: absent).
+    revision: u64,
+    /// Whether `revision` is this instance's claim.
+    claimed: bool,
+    /// Whether the watchdog tried to claim it (once is enough).
+    claim_tried: bool,
+    started: Instant,
+    last_progress: Instant,
+}
+
+/// The running invocations of one handler.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    next: AtomicU64,
+    running: Mutex<HashMap<u64, Running>>,
+}
+
+/// What the watchdog learnt about an invocation's inbox key while it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyState {
+    /// The key's revision as last known (0: absent).
+    pub(crate) revision: u64,
+    /// Whether that revision is this instance's claim.
+    pub(crate) claimed: bool,
+}
+
+/// How long a handler runs before its claim is written: a second, or a third
+/// of `ack_wait` if that is shorter.
+pub(crate) fn claim_after(ack_wait: Duration) -> Duration {
+    (ack_wait / 3).min(Duration::from_secs(1))
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Running>> {
+        // A panic while holding this lock leaves the map consistent.
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers an invocation about to run; returns its token.
+    pub(crate) fn enter(&self, reply: Option<Subject>, key: Option<String>, revision: u64) -> u64 {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        self.lock().insert(
+            token,
+            Running {
+                reply,
+                key,
+                revision,
+                claimed: false,
+                claim_tried: false,
+                started: now,
+                last_progress: now,
+            },
+        );
+        token
+    }
+
+    /// Unregisters an invocation that returned.
+    pub(crate) fn leave(&self, token: u64, revision: u64) -> KeyState {
+        self.lock().remove(&token).map_or(
+            KeyState {
+                revision,
+                claimed: false,
+            },
+            |r| KeyState {
+                revision: r.revision,
+                claimed: r.claimed,
+            },
+        )
+    }
+
+    fn set_revision(&self, token: u64, revision: u64) {
+        if let Some(r) = self.lock().get_mut(&token) {
+            r.revision = revision;
+            r.claimed = true;
+        }
+    }
+}
+
+enum Work {
+    /// Send an in-progress ack, and refresh the claim at this revision if held.
+    Progress(u64, Subject, Option<(String, u64)>),
+    /// Write the claim over this revision.
+    Claim(u64, String, u64),
+}
+
+/// Runs until aborted: the owner (the pull loop) aborts it after the last
+/// invocation returned.
+pub(crate) async fn run(rt: Arc<Runtime>) {
+    let period = rt.options.ack_wait / 3;
+    let claim_after = claim_after(rt.options.ack_wait);
+    let tick = (claim_after / 2).max(Duration::from_millis(10));
+    let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let now = Instant::now();
+        let work: Vec<Work> = {
+            let mut running = rt.watchdog.lock();
+            let mut work = Vec::new();
+            for (&token, r) in running.iter_mut() {
+                if now.duration_since(r.last_progress) + tick >= period
+                    && let Some(reply) = &r.reply
+                {
+                    r.last_progress = now;
+                    let refresh = r
+                        .key
+                        .as_ref()
+                        .filter(|_| r.claimed)
+                        .map(|k| (k.clone(), r.revision));
+                    work.push(Work::Progress(token, reply.clone(), refresh));
+                } else if !r.claim_tried
+                    && now.duration_since(r.started) >= claim_after
+                    && let Some(key) = &r.key
+                {
+                    r.claim_tried = true;
+                    work.push(Work::Claim(token, key.clone(), r.revision));
+                }
+            }
+            work
+        };
+        if work.is_empty() {
+            continue;
+        }
+        join_all(work.into_iter().map(|w| perform(&rt, w))).await;
+    }
+}
+
+async fn perform(rt: &Runtime, work: Work) {
+    match work {
+        Work::Progress(token, reply, refresh) => {
+            match rt.client.publish(reply, "+WPI".into()).await {
+                Ok(()) => {
+                    rt.stats.in_progress_acks.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::debug!(handler = %rt.handler_id, error = %e, "in-progress ack failed")
+                }
+            }
+            if let (Some(inbox), Some((key, revision))) = (&rt.inbox, refresh) {
+                match inbox.refresh(&key, revision).await {
+                    Ok(r) => rt.watchdog.set_revision(token, r),
+                    Err(e) => tracing::debug!(key, error = %e, "inbox claim refresh failed"),
+                }
+            }
+        }
+        Work::Claim(token, key, revision) => {
+            if let Some(inbox) = &rt.inbox {
+                match inbox.claim(&key, revision).await {
+                    Ok(r) => rt.watchdog.set_revision(token, r),
+                    // The key moved: the invocation just returned and wrote
+                    // its record, or another delivery of the event is running
+                    // too. Either way the record is written over it.
+                    Err(e) => tracing::debug!(key, error = %e, "inbox claim not written"),
+                }
+            }
+        }
+    }
+}
