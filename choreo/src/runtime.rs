@@ -240,9 +240,11 @@ fn key_of(rt: &Runtime, msg: &jetstream::Message) -> Option<String> {
     Some(inbox::key(rt.handler, id))
 }
 
-/// Reads the inbox keys of a pulled batch with one request.
+/// Reads the inbox keys of a pulled batch with one request. A batch of one
+/// is left to its own task (one direct get), so that a lone event never
+/// waits in the pull loop for another's read.
 async fn read_inbox(rt: &Runtime, chunk: &[jetstream::Message]) -> Vec<Seen> {
-    let Some(inbox) = &rt.inbox else {
+    let Some(inbox) = rt.inbox.as_ref().filter(|_| chunk.len() > 1) else {
         return chunk.iter().map(|_| Seen::NotRead).collect();
     };
     let keys: Vec<Option<String>> = chunk.iter().map(|m| key_of(rt, m)).collect();
