@@ -123,7 +123,7 @@ pub(crate) async fn pull_loop(
 ) {
     let permits = Arc::new(Semaphore::new(rt.options.concurrency));
     let mut running = JoinSet::new();
-    let keeper = tokio::spawn(watchdog::run(rt.clone()));
+    let _keeper = watchdog::Keeper::start(rt.clone());
     let batch = rt.options.concurrency.clamp(1, 500);
     'outer: loop {
         // Pull requests live 10 s with a heartbeat every 2 s, so a consumer
@@ -229,7 +229,6 @@ pub(crate) async fn pull_loop(
         tracing::warn!(handler = %rt.handler_id, "handlers still running after the grace period were abandoned; their events will be redelivered");
         running.abort_all();
     }
-    keeper.abort();
 }
 
 /// The inbox key of a pulled event, from its `ce-id` header; `None` if it
@@ -373,7 +372,7 @@ async fn handle<H: Handler>(
         rt.states.clone(),
     );
     // The watchdog sends in-progress acks (and writes the claim) while it runs.
-    let token = rt.watchdog.enter(
+    let entered = rt.watchdog.enter(
         msg.reply.clone(),
         rt.inbox.as_ref().map(|_| key.clone()),
         revision,
@@ -381,7 +380,7 @@ async fn handle<H: Handler>(
     let result = AssertUnwindSafe(handler.call(env, &ctx))
         .catch_unwind()
         .await;
-    let KeyState { revision, claimed } = rt.watchdog.leave(token, revision);
+    let KeyState { revision, claimed } = entered.leave();
     let claim = claimed.then_some(revision);
     let outgoing = ctx.take_outgoing();
     let error = match result {

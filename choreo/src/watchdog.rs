@@ -67,8 +67,15 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Registers an invocation about to run; returns its token.
-    pub(crate) fn enter(&self, reply: Option<Subject>, key: Option<String>, revision: u64) -> u64 {
+    /// Registers an invocation about to run. Dropping the guard (the
+    /// invocation's task aborted, say) unregisters it too, so the watchdog
+    /// never keeps an abandoned event alive.
+    pub(crate) fn enter(
+        &self,
+        reply: Option<Subject>,
+        key: Option<String>,
+        revision: u64,
+    ) -> Entered<'_> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         self.lock().insert(
@@ -83,21 +90,11 @@ impl Registry {
                 last_progress: now,
             },
         );
-        token
-    }
-
-    /// Unregisters an invocation that returned.
-    pub(crate) fn leave(&self, token: u64, revision: u64) -> KeyState {
-        self.lock().remove(&token).map_or(
-            KeyState {
-                revision,
-                claimed: false,
-            },
-            |r| KeyState {
-                revision: r.revision,
-                claimed: r.claimed,
-            },
-        )
+        Entered {
+            registry: self,
+            token,
+            revision,
+        }
     }
 
     fn set_revision(&self, token: u64, revision: u64) {
@@ -108,6 +105,51 @@ impl Registry {
     }
 }
 
+/// A registered invocation; see [`Registry::enter`].
+pub(crate) struct Entered<'a> {
+    registry: &'a Registry,
+    token: u64,
+    revision: u64,
+}
+
+impl Entered<'_> {
+    /// Unregisters the invocation, which returned; says what became of its key.
+    pub(crate) fn leave(self) -> KeyState {
+        let left = self.registry.lock().remove(&self.token);
+        left.map_or(
+            KeyState {
+                revision: self.revision,
+                claimed: false,
+            },
+            |r| KeyState {
+                revision: r.revision,
+                claimed: r.claimed,
+            },
+        )
+    }
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.token);
+    }
+}
+
+/// Aborts the watchdog when its owner (the pull loop) ends or is aborted.
+pub(crate) struct Keeper(tokio::task::JoinHandle<()>);
+
+impl Keeper {
+    pub(crate) fn start(rt: Arc<Runtime>) -> Self {
+        Self(tokio::spawn(run(rt)))
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 enum Work {
     /// Send an in-progress ack, and refresh the claim at this revision if held.
     Progress(u64, Subject, Option<(String, u64)>),
@@ -115,9 +157,9 @@ enum Work {
     Claim(u64, String, u64),
 }
 
-/// Runs until aborted: the owner (the pull loop) aborts it after the last
-/// invocation returned.
-pub(crate) async fn run(rt: Arc<Runtime>) {
+/// Runs until aborted: its [`Keeper`] is dropped with the pull loop, after
+/// the last invocation returned (or when the service is aborted).
+async fn run(rt: Arc<Runtime>) {
     let period = rt.options.ack_wait / 3;
     let claim_after = claim_after(rt.options.ack_wait);
     let tick = (claim_after / 2).max(Duration::from_millis(10));
