@@ -243,10 +243,18 @@ impl Publisher {
     ///
     /// # Errors
     /// See [`PublishError`]; nothing was stored unless the error says so.
-    pub async fn publish<E: Event>(&self, event: &E) -> Result<Receipt, PublishError> {
-        let meta = Metadata::root(event, &self.inner.source)?;
-        let out = Outgoing::new(event, meta)?;
-        self.send_all(vec![out]).await.map(|mut r| r.remove(0))
+    ///
+    /// The event is encoded when this is called; the returned future sends
+    /// it and waits for JetStream's acknowledgement. (Encoding first keeps the
+    /// future small: it is what a caller boxes, spawns or joins.)
+    pub fn publish<E: Event>(
+        &self,
+        event: &E,
+    ) -> impl Future<Output = Result<Receipt, PublishError>> + Send + '_ {
+        let out = Metadata::root(event, &self.inner.source)
+            .map_err(PublishError::from)
+            .and_then(|meta| Outgoing::new(event, meta));
+        self.send_checked(out)
     }
 
     /// Publishes `event` with metadata built by the caller, for example with
@@ -254,13 +262,12 @@ impl Publisher {
     ///
     /// # Errors
     /// See [`PublishError`].
-    pub async fn publish_with<E: Event>(
+    pub fn publish_with<E: Event>(
         &self,
         event: &E,
         meta: &Metadata,
-    ) -> Result<Receipt, PublishError> {
-        let out = Outgoing::new(event, meta.clone())?;
-        self.send_all(vec![out]).await.map(|mut r| r.remove(0))
+    ) -> impl Future<Output = Result<Receipt, PublishError>> + Send + '_ {
+        self.send_checked(Outgoing::new(event, meta.clone()))
     }
 
     /// Publishes an event with metadata built by the caller (for example
@@ -294,6 +301,17 @@ impl Publisher {
         if self.known(name) {
             return Ok(());
         }
+        // Boxed: the slow path's JetStream calls would otherwise make every
+        // publish future kilobytes larger, and each one is moved and allocated.
+        Box::pin(self.ensure_slowly(name, subjects, filter)).await
+    }
+
+    async fn ensure_slowly(
+        &self,
+        name: &'static str,
+        subjects: &'static str,
+        filter: &'static str,
+    ) -> Result<(), PublishError> {
         let _one_at_a_time = self.inner.ensuring.lock().await;
         if self.known(name) {
             return Ok(());
@@ -353,69 +371,110 @@ impl Publisher {
         Ok(())
     }
 
-    async fn send_one(&self, out: Outgoing) -> Result<Receipt, PublishError> {
+    /// [`Self::prepare`] and [`Self::send_one`] for one event. Once the
+    /// stream is known to exist, the future is [`Self::send_one`]'s alone.
+    fn send_checked(
+        &self,
+        out: Result<Outgoing, PublishError>,
+    ) -> impl Future<Output = Result<Receipt, PublishError>> + Send + '_ {
+        use futures::future::{Either, ready};
+        let out = match out.and_then(|o| self.check_size(&o).map(|()| o)) {
+            Ok(out) => out,
+            Err(e) => return Either::Left(ready(Err(e))),
+        };
+        if self.known(out.stream) {
+            return Either::Right(Either::Left(self.send_one(out)));
+        }
+        Either::Right(Either::Right(Box::pin(async move {
+            self.ensure(out.stream, out.stream_subjects, out.filter)
+                .await?;
+            self.send_one(out).await
+        })))
+    }
+
+    async fn send_one(&self, mut out: Outgoing) -> Result<Receipt, PublishError> {
+        let subject = async_nats::Subject::from(std::mem::take(&mut out.subject));
+        let headers = std::mem::take(&mut out.headers);
+        let ack = match self
+            .attempt(subject.clone(), headers, out.payload.clone())
+            .await
+        {
+            Ok(ack) => ack,
+            // The slow path, boxed so it does not enlarge every publish.
+            Err(e) => Box::pin(self.retry(e, out.event, &subject, &out.meta, &out.payload)).await?,
+        };
+        Ok(Receipt {
+            event_id: out.id,
+            correlation_id: out.correlation_id,
+            stream: ack.stream,
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// One publish, its PubAck awaited.
+    async fn attempt(
+        &self,
+        subject: async_nats::Subject,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+        // Boxed: async-nats' publish future is close to a kilobyte.
+        Box::pin(
+            self.inner
+                .js
+                .publish_with_headers(subject, headers, payload),
+        )
+        .await?
+        .await
+    }
+
+    /// After a failed first attempt: transient failures are retried with the
+    /// same id (and headers rebuilt from the same metadata) until `retry_for`
+    /// runs out.
+    async fn retry(
+        &self,
+        first: jetstream::context::PublishError,
+        event: &'static str,
+        subject: &async_nats::Subject,
+        meta: &Metadata,
+        payload: &Bytes,
+    ) -> Result<jetstream::publish::PublishAck, PublishError> {
         let deadline = tokio::time::Instant::now() + self.inner.retry_for;
         let mut delay = Duration::from_millis(50);
-        let Outgoing {
-            event,
-            subject,
-            headers,
-            meta,
-            payload,
-            id,
-            correlation_id,
-            ..
-        } = out;
-        // The first attempt takes the headers built with the event; a retry
-        // builds them again from the metadata (same ids, same values).
-        let mut headers = Some(headers);
+        let mut error = first;
         loop {
-            let h = headers.take().unwrap_or_else(|| meta.to_headers());
-            let attempt = async {
-                let ack = self
-                    .inner
-                    .js
-                    .publish_with_headers(subject.clone(), h, payload.clone())
-                    .await?;
-                ack.await
-            };
-            match attempt.await {
-                Ok(ack) => {
-                    return Ok(Receipt {
-                        event_id: id,
-                        correlation_id,
-                        stream: ack.stream,
-                        sequence: ack.sequence,
-                        duplicate: ack.duplicate,
-                    });
-                }
-                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
-                    // The server's limit changed (a reconnect to another server).
-                    let max = self.inner.client.server_info().max_payload;
-                    self.inner.max_payload.store(max, Ordering::Relaxed);
-                    let size = payload.len() + meta.to_headers().iter().count() * 48;
-                    return Err(PublishError::TooLarge { event, size, max });
-                }
-                Err(e) => {
-                    let transient = matches!(
-                        e.kind(),
-                        PublishErrorKind::TimedOut
-                            | PublishErrorKind::StreamNotFound
-                            | PublishErrorKind::BrokenPipe
-                            | PublishErrorKind::MaxAckPending
-                    );
-                    if !transient || tokio::time::Instant::now() + delay > deadline {
-                        return Err(PublishError::from_nats(
-                            &self.inner.client,
-                            event,
-                            &subject,
-                            e,
-                        ));
-                    }
-                    tracing::debug!(event, %id, error = %e, "publish failed, retrying with the same id");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
+            if error.kind() == PublishErrorKind::MaxPayloadExceeded {
+                // The server's limit changed (a reconnect to another server).
+                let max = self.inner.client.server_info().max_payload;
+                self.inner.max_payload.store(max, Ordering::Relaxed);
+                let size = payload.len() + meta.to_headers().iter().count() * 48;
+                return Err(PublishError::TooLarge { event, size, max });
+            }
+            let transient = matches!(
+                error.kind(),
+                PublishErrorKind::TimedOut
+                    | PublishErrorKind::StreamNotFound
+                    | PublishErrorKind::BrokenPipe
+                    | PublishErrorKind::MaxAckPending
+            );
+            if !transient || tokio::time::Instant::now() + delay > deadline {
+                return Err(PublishError::from_nats(
+                    &self.inner.client,
+                    event,
+                    subject.as_str(),
+                    error,
+                ));
+            }
+            tracing::debug!(event, id = %meta.id(), error = %error, "publish failed, retrying with the same id");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+            match self
+                .attempt(subject.clone(), meta.to_headers(), payload.clone())
+                .await
+            {
+                Ok(ack) => return Ok(ack),
+                Err(e) => error = e,
             }
         }
     }

@@ -4,7 +4,11 @@
 //! ```sh
 //! cargo run --release -p choreo-examples --example bench
 //! cargo run --release -p choreo-examples --example bench -- --events 5000 --latency-events 1000
+//! cargo run --release -p choreo-examples --example bench -- --only publish --side choreo
 //! ```
+//!
+//! `--only <case>` runs one case, `--repeat <n>` sets the runs per side, and
+//! `--side choreo|raw` runs one side only (for a profiler).
 //!
 //! Cases, each run with choreo's default settings and with raw async-nats
 //! doing the same work (the same headers, CBOR payloads, acks and, where the
@@ -383,10 +387,25 @@ async fn rate_until(counter: impl Fn() -> u64, n: u64, what: &str) -> Result<f64
 
 // ---- the cases ------------------------------------------------------------------------
 
+/// The rate of `n` publishes since `start`; prints CPU per event as
+/// [`rate_until`] does.
+fn publish_rate(what: &str, n: u64, start: Instant, cpu0: (f64, f64)) -> f64 {
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let cpu1 = cpu_seconds();
+    let per = |a: f64, b: f64| (b - a) * 1e6 / n.max(1) as f64;
+    eprintln!(
+        "  {what}: {rate:.0} msgs/s, CPU per event: client {:.1} µs, server {:.1} µs",
+        per(cpu0.0, cpu1.0),
+        per(cpu0.1, cpu1.1)
+    );
+    rate
+}
+
 async fn choreo_publish(n: u64) -> Result<f64, BoxError> {
     let server = NatsServer::start().await?;
     let publisher = Publisher::new(server.connect().await?, "bench")?;
     publisher.ensure_stream::<BenchPlaced>().await?;
+    let cpu0 = cpu_seconds();
     let start = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
@@ -402,16 +421,17 @@ async fn choreo_publish(n: u64) -> Result<f64, BoxError> {
         .buffer_unordered(IN_FLIGHT)
         .try_for_each(|_| async { Ok(()) })
         .await?;
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    Ok(publish_rate("choreo publish", n, start, cpu0))
 }
 
 async fn raw_publish_case(n: u64) -> Result<f64, BoxError> {
     let server = NatsServer::start().await?;
     let js = jetstream::new(server.connect().await?);
     raw_stream(&js, "RAWBENCH", "rawbench.>").await?;
+    let cpu0 = cpu_seconds();
     let start = Instant::now();
     raw_publish(&js, "rawbench", "BenchPlaced", n).await?;
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    Ok(publish_rate("raw publish", n, start, cpu0))
 }
 
 async fn choreo_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
@@ -613,13 +633,34 @@ where
     RF: std::future::Future<Output = Result<f64, BoxError>>,
 {
     let (mut c, mut r) = (Vec::new(), Vec::new());
+    let side = side();
     for _ in 0..repeat {
-        c.push(choreo().await?);
-        r.push(raw().await?);
+        // With `--side`, the other side reports NaN and is not run.
+        c.push(if side != Some("raw") {
+            choreo().await?
+        } else {
+            f64::NAN
+        });
+        r.push(if side != Some("choreo") {
+            raw().await?
+        } else {
+            f64::NAN
+        });
     }
     c.sort_by(f64::total_cmp);
     r.sort_by(f64::total_cmp);
     Ok((c[c.len() / 2], r[r.len() / 2]))
+}
+
+/// `--side choreo` or `--side raw`: run one side only (to profile it).
+fn side() -> Option<&'static str> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == "--side")?;
+    match args.get(i + 1).map(String::as_str) {
+        Some("choreo") => Some("choreo"),
+        Some("raw") => Some("raw"),
+        _ => None,
+    }
 }
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
