@@ -343,7 +343,22 @@ async fn handle<H: Handler>(
     let key = inbox::key(rt.handler, id);
     let mut revision = 0;
     if let Some(inbox) = &rt.inbox {
-        match look_up_or_wait(rt, inbox, msg, &key, seen).await {
+        // Decided without a wait when the batched read found the answer.
+        let decided = match &seen {
+            Seen::Read(record) => {
+                match inbox::decide(*record, rt.options.ack_wait * 2, inbox::now_ms()) {
+                    Verdict::Run(revision) => Some(Ok(Some(revision))),
+                    Verdict::Done => Some(Ok(None)),
+                    Verdict::Busy(_) => None,
+                }
+            }
+            _ => None,
+        };
+        let decided = match decided {
+            Some(d) => d,
+            None => Box::pin(look_up_or_wait(rt, inbox, msg, &key, seen)).await,
+        };
+        match decided {
             Ok(Some(rev)) => revision = rev,
             Ok(None) => {
                 rt.stats.skipped.fetch_add(1, Ordering::Relaxed);
@@ -492,7 +507,7 @@ async fn emit_record_ack(
     // Not recorded, so not acked: it comes back, and its emissions (same
     // ids) are deduplicated.
     if let Some(inbox) = &rt.inbox
-        && let Err(e) = inbox.done(key, revision).await
+        && let Err(e) = Box::pin(inbox.done(key, revision)).await
     {
         return Done::Retry(format!("recording the event in the inbox failed: {e}"));
     }
@@ -509,7 +524,7 @@ async fn emit_record_ack(
 
 async fn release(rt: &Runtime, key: &str, claim: Option<u64>) {
     if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
-        inbox.release(key, rev).await;
+        Box::pin(inbox.release(key, rev)).await;
     }
 }
 
@@ -563,7 +578,19 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 
 /// Copies the message to the dead-letter stream, then terminates it. If the
 /// copy fails the message is nak'd instead, so it comes back: never lost.
-async fn dead_letter(
+/// Boxed: a rare path that would otherwise enlarge every event's future.
+fn dead_letter<'a>(
+    rt: &'a Runtime,
+    msg: &'a jetstream::Message,
+    reason: Reason,
+    detail: &'a str,
+    attempt: u32,
+    seq: u64,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    Box::pin(dead_letter_now(rt, msg, reason, detail, attempt, seq))
+}
+
+async fn dead_letter_now(
     rt: &Runtime,
     msg: &jetstream::Message,
     reason: Reason,
