@@ -158,6 +158,7 @@ pub(crate) async fn pull_loop(
             // are read with one request.
             let mut chunk = Vec::new();
             let mut trouble = None;
+            let mut ended = false;
             match first {
                 Some(Ok(msg)) => chunk.push(msg),
                 Some(Err(e)) => trouble = Some(e),
@@ -170,7 +171,11 @@ pub(crate) async fn pull_loop(
                 match messages.next().now_or_never() {
                     Some(Some(Ok(msg))) => chunk.push(msg),
                     Some(Some(Err(e))) => trouble = Some(e),
-                    _ => break,
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
                 }
             }
             let seen = read_inbox(&rt, &chunk).await;
@@ -193,6 +198,9 @@ pub(crate) async fn pull_loop(
                     fut.await;
                     drop(permit);
                 });
+            }
+            if ended {
+                break;
             }
             if let Some(e) = trouble {
                 tracing::warn!(handler = %rt.handler_id, error = %e, "pull error");
@@ -239,11 +247,19 @@ fn key_of(rt: &Runtime, msg: &jetstream::Message) -> Option<String> {
     Some(inbox::key(rt.handler, id))
 }
 
-/// Reads the inbox keys of a pulled batch with one request. A batch of one
-/// is left to its own task (one direct get), so that a lone event never
-/// waits in the pull loop for another's read.
+/// Below this many events pulled at once, each event reads its own inbox
+/// key in its own task (in parallel), so that under light load no event
+/// waits in the pull loop for a batch's read.
+const BATCHED_READ_FROM: usize = 8;
+
+/// Reads the inbox keys of a pulled batch with one request (see
+/// [`BATCHED_READ_FROM`]).
 async fn read_inbox(rt: &Runtime, chunk: &[jetstream::Message]) -> Vec<Seen> {
-    let Some(inbox) = rt.inbox.as_ref().filter(|_| chunk.len() > 1) else {
+    let Some(inbox) = rt
+        .inbox
+        .as_ref()
+        .filter(|_| chunk.len() >= BATCHED_READ_FROM)
+    else {
         return chunk.iter().map(|_| Seen::NotRead).collect();
     };
     let keys: Vec<Option<String>> = chunk.iter().map(|m| key_of(rt, m)).collect();
