@@ -16,9 +16,10 @@
 //!   of running the handler a second time. A claim not refreshed within twice
 //!   the handler's `ack_wait` belongs to a stopped instance and is ignored.
 //!
-//! Before a batch of pulled events is handled, the keys of the whole batch
-//! are read with one batched direct get (`multi_last`), so the common path
-//! costs one write per event: the record. A failed handler's claim is
+//! When eight or more pulled events wait at once, the keys of the whole
+//! batch are read with one batched direct get (`multi_last`), so under load
+//! the common path costs one write per event: the record. Fewer events read
+//! their own keys, each in its own task. A failed handler's claim is
 //! deleted, so its retry runs at once. If the inbox cannot be read or
 //! written, the event is not acked and comes back: never handled without
 //! being looked up, never acked without a record.
