@@ -265,6 +265,15 @@ async fn read_inbox(rt: &Runtime, chunk: &[jetstream::Message]) -> Vec<Seen> {
     let keys: Vec<Option<String>> = chunk.iter().map(|m| key_of(rt, m)).collect();
     let wanted: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
     let read = inbox.read_many(&wanted).await;
+    rt.stats.inbox_batch_reads.fetch_add(1, Ordering::Relaxed);
+    match &read {
+        Ok(found) => {
+            tracing::debug!(handler = %rt.handler_id, keys = wanted.len(), found = found.len(), "batched inbox read")
+        }
+        Err(e) => {
+            tracing::warn!(handler = %rt.handler_id, keys = wanted.len(), error = %e, "batched inbox read failed; the batch will come back")
+        }
+    }
     keys.into_iter()
         .map(|key| match (&read, key) {
             (_, None) => Seen::NotRead,

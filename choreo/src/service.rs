@@ -85,6 +85,7 @@ pub struct HandlerStats {
     pub(crate) skipped: AtomicU64,
     pub(crate) waited: AtomicU64,
     pub(crate) in_progress_acks: AtomicU64,
+    pub(crate) inbox_batch_reads: AtomicU64,
 }
 
 impl HandlerStats {
@@ -117,6 +118,11 @@ impl HandlerStats {
     /// than a third of `ack_wait`.
     pub fn in_progress_acks(&self) -> u64 {
         self.in_progress_acks.load(Ordering::Relaxed)
+    }
+    /// Batched inbox reads: one per pulled batch of eight or more events,
+    /// each reading the whole batch's keys with one request.
+    pub fn inbox_batch_reads(&self) -> u64 {
+        self.inbox_batch_reads.load(Ordering::Relaxed)
     }
 }
 

@@ -240,6 +240,62 @@ async fn twice_inside_the_window_is_stored_once_outside_it_twice_and_still_handl
     audit.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_batch_of_copies_and_new_events_is_read_at_once_and_only_the_new_ones_run() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let settings = StreamSettings::default().duplicate_window(Duration::from_millis(500));
+    let fx = Effects::new(&client).await;
+    let start = || {
+        Service::new("payments")
+            .stream_settings(settings.clone())
+            .state(fx.clone())
+            .handler(charge)
+            .start(client.clone())
+    };
+    let publisher = Publisher::new(client.clone(), "checkout")
+        .unwrap()
+        .with_stream_settings(settings.clone());
+    let order = |i: usize| OrderPlaced {
+        order_id: format!("o-{i}"),
+        total_cents: 5,
+    };
+    let first = start().await.unwrap();
+    for i in 0..10 {
+        publisher.publish(&order(i)).await.unwrap();
+    }
+    eventually(Duration::from_secs(10), "the first ten handled", || {
+        first.stats("charge").unwrap().handled() == 10
+    })
+    .await;
+    first.shutdown().await;
+
+    // While no instance runs: the same ten again, outside the duplicate
+    // window (stored again), and ten new ones. The next instance pulls all
+    // twenty at once and reads their inbox keys in one request.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for i in 0..20 {
+        let receipt = publisher.publish(&order(i)).await.unwrap();
+        assert!(!receipt.duplicate);
+    }
+    let second = start().await.unwrap();
+    let stats = || second.stats("charge").unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the copies skipped, the new handled",
+        || stats().handled() == 10 && stats().skipped() == 10,
+    )
+    .await;
+    assert!(
+        stats().inbox_batch_reads() >= 1,
+        "the batch was read key by key, so this test proved nothing"
+    );
+    assert_eq!(fx.invocations.load(Ordering::SeqCst), 20);
+    assert_eq!(effect_count(&fx).await, 20);
+    assert_downstream_once(&client, 40).await;
+    second.shutdown().await;
+}
+
 // ---- a crash at every step ----------------------------------------------------
 
 async fn crash_at(point: FaultPoint) -> (u32, Arc<AtomicU32>) {
