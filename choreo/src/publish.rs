@@ -93,17 +93,26 @@ pub struct Receipt {
     pub duplicate: bool,
 }
 
+/// An event type's stream: its name, the subjects choreo creates it with,
+/// and the type's subject filter.
+#[derive(Debug)]
+pub(crate) struct StreamOf {
+    pub(crate) name: &'static str,
+    pub(crate) subjects: &'static str,
+    pub(crate) filter: &'static str,
+}
+
 /// One encoded event, ready to send.
 #[derive(Clone, Debug)]
 pub(crate) struct Outgoing {
     pub(crate) event: &'static str,
-    pub(crate) stream: &'static str,
-    pub(crate) stream_subjects: &'static str,
-    pub(crate) filter: &'static str,
+    pub(crate) stream: &'static StreamOf,
     pub(crate) subject: String,
     pub(crate) headers: HeaderMap,
     /// To rebuild the headers for a retry (the first attempt consumes them).
-    pub(crate) meta: Metadata,
+    /// Boxed, like `stream` behind a reference, to keep every publish future
+    /// small: it is allocated and moved once per event.
+    pub(crate) meta: Box<Metadata>,
     pub(crate) payload: Bytes,
     pub(crate) id: EventId,
     pub(crate) correlation_id: EventId,
@@ -113,15 +122,19 @@ impl Outgoing {
     pub(crate) fn new<E: Event>(event: &E, meta: Metadata) -> Result<Self, PublishError> {
         Ok(Self {
             event: E::NAME,
-            stream: E::STREAM,
-            stream_subjects: E::STREAM_SUBJECTS,
-            filter: E::SUBJECT_FILTER,
+            stream: const {
+                &StreamOf {
+                    name: E::STREAM,
+                    subjects: E::STREAM_SUBJECTS,
+                    filter: E::SUBJECT_FILTER,
+                }
+            },
             subject: event.subject()?,
             headers: meta.to_headers(),
             payload: Bytes::from(crate::codec::encode(event)?),
             id: meta.id(),
             correlation_id: meta.correlation_id(),
-            meta,
+            meta: Box::new(meta),
         })
     }
 
@@ -345,7 +358,7 @@ impl Publisher {
     pub(crate) async fn send_all(&self, outs: Vec<Outgoing>) -> Result<Vec<Receipt>, PublishError> {
         for out in &outs {
             self.check_size(out)?;
-            self.ensure(out.stream, out.stream_subjects, out.filter)
+            self.ensure(out.stream.name, out.stream.subjects, out.stream.filter)
                 .await?;
         }
         if outs.len() == 1 {
@@ -382,11 +395,11 @@ impl Publisher {
             Ok(out) => out,
             Err(e) => return Either::Left(ready(Err(e))),
         };
-        if self.known(out.stream) {
+        if self.known(out.stream.name) {
             return Either::Right(Either::Left(self.send_one(out)));
         }
         Either::Right(Either::Right(Box::pin(async move {
-            self.ensure(out.stream, out.stream_subjects, out.filter)
+            self.ensure(out.stream.name, out.stream.subjects, out.stream.filter)
                 .await?;
             self.send_one(out).await
         })))
