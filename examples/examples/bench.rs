@@ -718,9 +718,19 @@ async fn main() -> Result<(), BoxError> {
     if wanted("latency") {
         let mut c = Vec::new();
         let mut r = Vec::new();
+        let side = side();
         for _ in 0..repeat {
-            c.push(chain_latency(ln, rate, false).await?);
-            r.push(chain_latency(ln, rate, true).await?);
+            let none = (f64::NAN, f64::NAN);
+            c.push(if side != Some("raw") {
+                chain_latency(ln, rate, false).await?
+            } else {
+                none
+            });
+            r.push(if side != Some("choreo") {
+                chain_latency(ln, rate, true).await?
+            } else {
+                none
+            });
         }
         let med = |v: &mut Vec<(f64, f64)>, f: fn(&(f64, f64)) -> f64| {
             let mut xs: Vec<f64> = v.iter().map(f).collect();
