@@ -183,6 +183,9 @@ pub(crate) struct Inbox {
     direct_get: String,
     /// `$KV.<bucket>.`
     key_prefix: String,
+    /// Whether the bucket answers direct gets, which batched reads use (a
+    /// bucket made by hand or by an old client may not).
+    direct: bool,
     instance: String,
 }
 
@@ -259,6 +262,7 @@ impl Inbox {
             }
         };
         let instance = EventId::new_random().short();
+        let direct = kv.status().await.is_ok_and(|s| s.info.config.allow_direct);
         let answers = Answers::start(client)
             .await
             .map_err(|e| err(format!("cannot subscribe for answers: {e}")))?;
@@ -268,6 +272,7 @@ impl Inbox {
             answers,
             direct_get: format!("$JS.API.DIRECT.GET.KV_{bucket}"),
             key_prefix: format!("$KV.{bucket}."),
+            direct,
             bucket,
             instance,
         })
@@ -282,6 +287,11 @@ impl Inbox {
             bucket: self.bucket.clone(),
             reason: reason.to_string(),
         }
+    }
+
+    /// Whether [`Self::read_many`] can be used: the bucket answers direct gets.
+    pub(crate) fn reads_in_batches(&self) -> bool {
+        self.direct
     }
 
     /// Reads one key.

@@ -48,8 +48,6 @@ pub(crate) enum Seen {
     NotRead,
     /// The key's record, or `None` if it has none.
     Read(Option<Record>),
-    /// The batched read failed.
-    Failed(InboxError),
 }
 
 /// A handler with its event type erased.
@@ -258,7 +256,7 @@ async fn read_inbox(rt: &Runtime, chunk: &[jetstream::Message]) -> Vec<Seen> {
     let Some(inbox) = rt
         .inbox
         .as_ref()
-        .filter(|_| chunk.len() >= BATCHED_READ_FROM)
+        .filter(|i| i.reads_in_batches() && chunk.len() >= BATCHED_READ_FROM)
     else {
         return chunk.iter().map(|_| Seen::NotRead).collect();
     };
@@ -271,14 +269,16 @@ async fn read_inbox(rt: &Runtime, chunk: &[jetstream::Message]) -> Vec<Seen> {
             tracing::debug!(handler = %rt.handler_id, keys = wanted.len(), found = found.len(), "batched inbox read")
         }
         Err(e) => {
-            tracing::warn!(handler = %rt.handler_id, keys = wanted.len(), error = %e, "batched inbox read failed; the batch will come back")
+            tracing::warn!(handler = %rt.handler_id, keys = wanted.len(), error = %e, "batched inbox read failed; reading key by key")
         }
     }
     keys.into_iter()
         .map(|key| match (&read, key) {
             (_, None) => Seen::NotRead,
             (Ok(found), Some(key)) => Seen::Read(found.get(&key).copied()),
-            (Err(e), Some(_)) => Seen::Failed(e.clone()),
+            // Each event reads its own key; if the inbox is down, those
+            // reads fail too and the events come back.
+            (Err(_), Some(_)) => Seen::NotRead,
         })
         .collect()
 }
@@ -571,7 +571,6 @@ async fn look_up_or_wait(
     loop {
         let record = match seen {
             Seen::Read(record) => record,
-            Seen::Failed(e) => return Err(e),
             Seen::NotRead => inbox.read(key).await?,
         };
         match inbox::decide(record, lease, inbox::now_ms()) {

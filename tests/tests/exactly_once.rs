@@ -296,6 +296,49 @@ async fn a_batch_of_copies_and_new_events_is_read_at_once_and_only_the_new_ones_
     second.shutdown().await;
 }
 
+#[tokio::test]
+async fn an_inbox_bucket_without_direct_gets_is_read_key_by_key() {
+    // A bucket made before choreo (or by hand) may not allow direct gets,
+    // which the batched read uses: choreo reads it key by key instead.
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = jetstream::new(client.clone());
+    js.create_key_value(jetstream::kv::Config {
+        bucket: "choreo_inbox_payments".into(),
+        history: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = js.get_stream("KV_choreo_inbox_payments").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.allow_direct = false;
+    js.update_stream(config).await.unwrap();
+    let fx = Effects::new(&client).await;
+    let publisher = Publisher::new(client.clone(), "checkout").unwrap();
+    for i in 0..20 {
+        publisher
+            .publish(&OrderPlaced {
+                order_id: format!("o-{i}"),
+                total_cents: 5,
+            })
+            .await
+            .unwrap();
+    }
+    let payments = Service::new("payments")
+        .state(fx.clone())
+        .handler(charge)
+        .start(client.clone())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "all twenty handled", || {
+        payments.stats("charge").unwrap().handled() == 20
+    })
+    .await;
+    assert_eq!(fx.invocations.load(Ordering::SeqCst), 20);
+    payments.shutdown().await;
+}
+
 // ---- a crash at every step ----------------------------------------------------
 
 async fn crash_at(point: FaultPoint) -> (u32, Arc<AtomicU32>) {
