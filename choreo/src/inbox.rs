@@ -186,6 +186,10 @@ pub(crate) struct Inbox {
     /// Whether the bucket answers direct gets, which batched reads use (a
     /// bucket made by hand or by an old client may not).
     direct: bool,
+    /// After a batched read fails (a permission that allows reading one key
+    /// but not a batch, a leader election), batched reads pause until this
+    /// unix time in ms, and events read their own keys meanwhile.
+    batches_paused_until: Arc<AtomicU64>,
     instance: String,
 }
 
@@ -273,6 +277,7 @@ impl Inbox {
             direct_get: format!("$JS.API.DIRECT.GET.KV_{bucket}"),
             key_prefix: format!("$KV.{bucket}."),
             direct,
+            batches_paused_until: Arc::new(AtomicU64::new(0)),
             bucket,
             instance,
         })
@@ -289,9 +294,10 @@ impl Inbox {
         }
     }
 
-    /// Whether [`Self::read_many`] can be used: the bucket answers direct gets.
+    /// Whether [`Self::read_many`] should be used: the bucket answers direct
+    /// gets, and no batched read failed within the last minute.
     pub(crate) fn reads_in_batches(&self) -> bool {
-        self.direct
+        self.direct && now_ms() >= self.batches_paused_until.load(Ordering::Relaxed)
     }
 
     /// Reads one key.
@@ -306,6 +312,15 @@ impl Inbox {
         &self,
         keys: &[&str],
     ) -> Result<HashMap<String, Record>, InboxError> {
+        let read = self.read_batch(keys).await;
+        if read.is_err() {
+            let until = now_ms().saturating_add(BATCH_PAUSE_MS);
+            self.batches_paused_until.store(until, Ordering::Relaxed);
+        }
+        read
+    }
+
+    async fn read_batch(&self, keys: &[&str]) -> Result<HashMap<String, Record>, InboxError> {
         let mut found = HashMap::new();
         if keys.is_empty() {
             return Ok(found);
@@ -332,7 +347,11 @@ impl Inbox {
         loop {
             let answer = tokio::time::timeout_at(deadline, answers.recv())
                 .await
-                .map_err(|_| self.err("no answer to a batched read within 5s"))?
+                .map_err(|_| {
+                    self.err(format!(
+                        "no answer to a batched read within {READ_TIMEOUT:?}"
+                    ))
+                })?
                 .ok_or_else(|| self.err("the connection closed during a batched read"))?;
             if let Some(status) = answer.status {
                 return match status.as_u16() {
@@ -445,8 +464,12 @@ impl Inbox {
     }
 }
 
-/// How long a batched read may take.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a batched read may take (it answers in milliseconds; a read
+/// that does not is given up and its events read their own keys).
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long batched reads pause after one failed.
+const BATCH_PAUSE_MS: u64 = 60_000;
 
 #[cfg(test)]
 mod tests {

@@ -269,7 +269,7 @@ async fn read_inbox(rt: &Runtime, chunk: &[jetstream::Message]) -> Vec<Seen> {
             tracing::debug!(handler = %rt.handler_id, keys = wanted.len(), found = found.len(), "batched inbox read")
         }
         Err(e) => {
-            tracing::warn!(handler = %rt.handler_id, keys = wanted.len(), error = %e, "batched inbox read failed; reading key by key")
+            tracing::warn!(handler = %rt.handler_id, keys = wanted.len(), error = %e, "batched inbox read failed; events read their own keys for a minute")
         }
     }
     keys.into_iter()

@@ -237,6 +237,62 @@ async fn a_missing_subscribe_permission_names_the_subject() {
     assert!(msg.contains("_INBOX"), "{msg}");
 }
 
+static SLOW_CHARGES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+#[choreo::event_handler(concurrency = 16)]
+async fn slow_charge(_order: round_trip::OrderPlaced) {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    SLOW_CHARGES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[tokio::test]
+async fn a_permission_that_denies_batched_inbox_reads_makes_events_read_their_own_keys() {
+    // Reading one key (`$JS.API.DIRECT.GET.KV_choreo_inbox_payments.<key>`)
+    // is allowed; reading a batch (the bare subject) is not.
+    let server = NatsServer::builder()
+        .config(&with_permissions(
+            r#"{ publish: { allow: [">"], deny: ["$JS.API.DIRECT.GET.KV_choreo_inbox_payments"] } }"#,
+        ))
+        .start()
+        .await
+        .unwrap();
+    let opts = ConnectOptions::with_user_and_password("svc".into(), "pw".into());
+    let client = connect(&server.url(), opts).await.unwrap();
+    let start = || {
+        Service::new("payments")
+            .handler(slow_charge)
+            .start(client.clone())
+    };
+    start().await.unwrap().shutdown().await;
+    let publisher = choreo::Publisher::new(client.clone(), "checkout").unwrap();
+    for i in 0..48 {
+        publisher
+            .publish(&round_trip::OrderPlaced {
+                order_id: format!("o-{i}"),
+            })
+            .await
+            .unwrap();
+    }
+    // Pulled sixteen at a time: every pulled batch could be read at once.
+    let svc = start().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while svc.stats("slow_charge").unwrap().handled() < 48 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "handled {} of 48",
+            svc.stats("slow_charge").unwrap().handled()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(SLOW_CHARGES.load(std::sync::atomic::Ordering::SeqCst), 48);
+    assert_eq!(
+        svc.stats("slow_charge").unwrap().inbox_batch_reads(),
+        1,
+        "after the denied batched read, events read their own keys"
+    );
+    svc.shutdown().await;
+}
+
 // ---- a creds file (decentralized JWT auth) ----------------------------------
 
 mod jwt {
