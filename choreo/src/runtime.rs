@@ -385,24 +385,37 @@ async fn handle<H: Handler>(
         };
         match decided {
             Ok(Some(rev)) => revision = rev,
-            Ok(None) => {
-                rt.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                tracing::info!("already handled (inbox); acked and skipped");
-                if let Err(e) = msg.ack().await {
-                    tracing::warn!(error = %e, "ack failed; the event will be redelivered and skipped again");
-                }
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "inbox unavailable; the event will come back");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt))))
-                    .await;
-                return;
-            }
+            Ok(None) => return skip(rt, msg).await,
+            Err(e) => return inbox_unavailable(rt, msg, attempt, &e).await,
         }
     }
 
+    // Registered until the verdict: the watchdog sends in-progress acks (and
+    // writes the claim) meanwhile, and another copy of the same event pulled
+    // by this instance waits for this one's outcome instead of running too.
+    let mut waited = false;
+    let entered = loop {
+        let inbox_key = rt.inbox.as_ref().map(|_| key.clone());
+        if let Some(entered) = rt.watchdog.enter(msg.reply.clone(), inbox_key, revision) {
+            break entered;
+        }
+        let Some(inbox) = &rt.inbox else {
+            return;
+        };
+        if !waited {
+            rt.stats.waited.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                "another copy of this event is being handled here; waiting for its outcome"
+            );
+            waited = true;
+        }
+        Box::pin(wait_while_running(rt, msg, &key)).await;
+        match Box::pin(look_up_or_wait(rt, inbox, msg, &key, Seen::NotRead)).await {
+            Ok(Some(rev)) => revision = rev,
+            Ok(None) => return skip(rt, msg).await,
+            Err(e) => return inbox_unavailable(rt, msg, attempt, &e).await,
+        }
+    };
     let ctx = Context::new(
         meta.clone(),
         delivery,
@@ -411,16 +424,10 @@ async fn handle<H: Handler>(
         rt.handler_id.clone(),
         rt.states.clone(),
     );
-    // The watchdog sends in-progress acks (and writes the claim) while it runs.
-    let entered = rt.watchdog.enter(
-        msg.reply.clone(),
-        rt.inbox.as_ref().map(|_| key.clone()),
-        revision,
-    );
     let result = AssertUnwindSafe(handler.call(env, &ctx))
         .catch_unwind()
         .await;
-    let KeyState { revision, claimed } = entered.leave();
+    let KeyState { revision, claimed } = entered.finish();
     let claim = claimed.then_some(revision);
     let outgoing = ctx.take_outgoing();
     let error = match result {
@@ -465,6 +472,39 @@ async fn handle<H: Handler>(
             tracing::warn!(error = %e, "nak failed; the event will be redelivered after ack_wait");
         }
     }
+}
+
+/// Waits until no invocation of this instance handles `key`, keeping the
+/// waiting delivery alive with in-progress acks.
+async fn wait_while_running(rt: &Runtime, msg: &jetstream::Message, key: &str) {
+    let progress_every = rt.options.ack_wait / 3;
+    let mut since_progress = Duration::ZERO;
+    let step = Duration::from_millis(20);
+    while rt.watchdog.is_running(key) {
+        tokio::time::sleep(step).await;
+        since_progress += step;
+        if since_progress >= progress_every {
+            let _ = msg.ack_with(AckKind::Progress).await;
+            since_progress = Duration::ZERO;
+        }
+    }
+}
+
+/// Acks a delivery the inbox shows handled.
+async fn skip(rt: &Runtime, msg: &jetstream::Message) {
+    rt.stats.skipped.fetch_add(1, Ordering::Relaxed);
+    tracing::info!("already handled (inbox); acked and skipped");
+    if let Err(e) = msg.ack().await {
+        tracing::warn!(error = %e, "ack failed; the event will be redelivered and skipped again");
+    }
+}
+
+/// Naks a delivery whose inbox key cannot be read: it comes back later.
+async fn inbox_unavailable(rt: &Runtime, msg: &jetstream::Message, attempt: u32, e: &InboxError) {
+    tracing::warn!(error = %e, "inbox unavailable; the event will come back");
+    let _ = msg
+        .ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt))))
+        .await;
 }
 
 enum Done {

@@ -9,7 +9,7 @@
 //! Handlers that finish within a second never write a claim: their only
 //! inbox write is the record.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -33,6 +33,9 @@ struct Running {
     claimed: bool,
     /// Whether the watchdog tried to claim it (once is enough).
     claim_tried: bool,
+    /// The handler returned: in-progress acks go on until the event's
+    /// verdict, but the claim is left alone while the record is written.
+    finishing: bool,
     started: Instant,
     last_progress: Instant,
 }
@@ -41,7 +44,24 @@ struct Running {
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     next: AtomicU64,
-    running: Mutex<HashMap<u64, Running>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    running: HashMap<u64, Running>,
+    /// The inbox keys of `running`: one invocation per event at a time.
+    keys: HashSet<String>,
+}
+
+impl Inner {
+    fn remove(&mut self, token: u64) -> Option<Running> {
+        let r = self.running.remove(&token)?;
+        if let Some(key) = &r.key {
+            self.keys.remove(key);
+        }
+        Some(r)
+    }
 }
 
 /// What the watchdog learnt about an invocation's inbox key while it ran.
@@ -60,25 +80,33 @@ pub(crate) fn claim_after(ack_wait: Duration) -> Duration {
 }
 
 impl Registry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Running>> {
-        // A panic while holding this lock leaves the map consistent.
-        self.running
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves the maps consistent.
+        self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Registers an invocation about to run. Dropping the guard (the
-    /// invocation's task aborted, say) unregisters it too, so the watchdog
-    /// never keeps an abandoned event alive.
+    /// Registers an invocation about to run, until its event's verdict;
+    /// `None` if an invocation for the same inbox key (another copy of the
+    /// event) is registered already. Dropping the guard (at the verdict, or
+    /// when the invocation's task is aborted) unregisters it, so the
+    /// watchdog never keeps an abandoned event alive.
     pub(crate) fn enter(
         &self,
         reply: Option<Subject>,
         key: Option<String>,
         revision: u64,
-    ) -> Entered<'_> {
+    ) -> Option<Entered<'_>> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        self.lock().insert(
+        let mut inner = self.lock();
+        if let Some(key) = &key
+            && !inner.keys.insert(key.clone())
+        {
+            return None;
+        }
+        inner.running.insert(
             token,
             Running {
                 reply,
@@ -86,19 +114,25 @@ impl Registry {
                 revision,
                 claimed: false,
                 claim_tried: false,
+                finishing: false,
                 started: now,
                 last_progress: now,
             },
         );
-        Entered {
+        Some(Entered {
             registry: self,
             token,
             revision,
-        }
+        })
+    }
+
+    /// Whether an invocation for this inbox key is registered.
+    pub(crate) fn is_running(&self, key: &str) -> bool {
+        self.lock().keys.contains(key)
     }
 
     fn set_revision(&self, token: u64, revision: u64) {
-        if let Some(r) = self.lock().get_mut(&token) {
+        if let Some(r) = self.lock().running.get_mut(&token) {
             r.revision = revision;
             r.claimed = true;
         }
@@ -113,17 +147,21 @@ pub(crate) struct Entered<'a> {
 }
 
 impl Entered<'_> {
-    /// Unregisters the invocation, which returned; says what became of its key.
-    pub(crate) fn leave(self) -> KeyState {
-        let left = self.registry.lock().remove(&self.token);
-        left.map_or(
+    /// The handler returned: the claim is left alone from now on. Says what
+    /// became of the inbox key while it ran.
+    pub(crate) fn finish(&self) -> KeyState {
+        let mut inner = self.registry.lock();
+        inner.running.get_mut(&self.token).map_or(
             KeyState {
                 revision: self.revision,
                 claimed: false,
             },
-            |r| KeyState {
-                revision: r.revision,
-                claimed: r.claimed,
+            |r| {
+                r.finishing = true;
+                KeyState {
+                    revision: r.revision,
+                    claimed: r.claimed,
+                }
             },
         )
     }
@@ -131,7 +169,7 @@ impl Entered<'_> {
 
 impl Drop for Entered<'_> {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.token);
+        self.registry.lock().remove(self.token);
     }
 }
 
@@ -169,9 +207,9 @@ async fn run(rt: Arc<Runtime>) {
         ticker.tick().await;
         let now = Instant::now();
         let work: Vec<Work> = {
-            let mut running = rt.watchdog.lock();
+            let mut inner = rt.watchdog.lock();
             let mut work = Vec::new();
-            for (&token, r) in running.iter_mut() {
+            for (&token, r) in &mut inner.running {
                 if now.duration_since(r.last_progress) + tick >= period
                     && let Some(reply) = &r.reply
                 {
@@ -179,10 +217,11 @@ async fn run(rt: Arc<Runtime>) {
                     let refresh = r
                         .key
                         .as_ref()
-                        .filter(|_| r.claimed)
+                        .filter(|_| r.claimed && !r.finishing)
                         .map(|k| (k.clone(), r.revision));
                     work.push(Work::Progress(token, reply.clone(), refresh));
                 } else if !r.claim_tried
+                    && !r.finishing
                     && now.duration_since(r.started) >= claim_after
                     && let Some(key) = &r.key
                 {

@@ -297,6 +297,56 @@ async fn a_batch_of_copies_and_new_events_is_read_at_once_and_only_the_new_ones_
 }
 
 #[tokio::test]
+async fn two_copies_of_an_unhandled_event_pulled_together_run_the_handler_once() {
+    // The instance was down longer than the duplicate window: the event and
+    // its re-published copy wait together, neither handled, and arrive in one
+    // pull. The second waits for the first's outcome.
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let settings = StreamSettings::default().duplicate_window(Duration::from_millis(500));
+    let mut fx = Effects::new(&client).await;
+    fx.sleep_first_for = Some(Duration::from_millis(300));
+    let start = || {
+        Service::new("payments")
+            .stream_settings(settings.clone())
+            .state(fx.clone())
+            .handler(charge)
+            .start(client.clone())
+    };
+    start().await.unwrap().shutdown().await;
+    let publisher = Publisher::new(client.clone(), "checkout")
+        .unwrap()
+        .with_stream_settings(settings.clone());
+    let order = OrderPlaced {
+        order_id: "o-1".into(),
+        total_cents: 5,
+    };
+    publisher.publish(&order).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!publisher.publish(&order).await.unwrap().duplicate);
+    let payments = start().await.unwrap();
+    let stats = || payments.stats("charge").unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "one copy handled, one skipped",
+        || stats().handled() == 1 && stats().skipped() == 1,
+    )
+    .await;
+    assert!(
+        stats().waited() >= 1,
+        "the copies did not overlap, so this test proved nothing"
+    );
+    assert_eq!(
+        fx.invocations.load(Ordering::SeqCst),
+        1,
+        "the handler ran twice"
+    );
+    assert_eq!(effect_count(&fx).await, 1);
+    assert_downstream_once(&client, 2).await;
+    payments.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_inbox_bucket_without_direct_gets_is_read_key_by_key() {
     // A bucket made before choreo (or by hand) may not allow direct gets,
     // which the batched read uses: choreo reads it key by key instead.
