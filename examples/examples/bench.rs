@@ -22,11 +22,12 @@
 //!
 //! It prints a table and one `ratio <case> <value>` line per case: choreo
 //! throughput / raw throughput (for latency: raw p99 / choreo p99), so 1.0
-//! means no overhead. Each case runs `--repeat` times (5), alternating the
-//! sides on fresh servers; the table shows each side's median, and the ratio
-//! is the median of the ratios of runs made one after the other (a pair
-//! shares the machine's state of the moment). Under the table, each run's
-//! CPU per event, client and server, is printed too.
+//! means no overhead. Each case runs `--repeat` times (5) per side on fresh
+//! servers, the two sides one after the other (which goes first
+//! alternates). The table shows each side's median; the ratio is the median
+//! of the ratios of the pairs (a pair shares the machine's state of the
+//! moment). Under the table, each run's CPU per event, client and server, is
+//! printed too.
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -642,7 +643,7 @@ async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxEr
     Ok((pct(0.50), pct(0.99)))
 }
 
-/// Runs both sides `repeat` times, alternating; returns each side's median
+/// Runs both sides `repeat` times, in pairs; returns each side's median
 /// and the median of the ratios choreo / raw of runs made one after the
 /// other (a pair shares the machine's state of the moment, so its ratio is
 /// steadier than the ratio of two medians).
@@ -659,18 +660,24 @@ where
 {
     let (mut c, mut r) = (Vec::new(), Vec::new());
     let side = side();
-    for _ in 0..repeat {
-        // With `--side`, the other side reports NaN and is not run.
+    for i in 0..repeat {
+        // Which side goes first alternates, so neither always pays for the
+        // process's first run. With `--side`, the other side reports NaN
+        // and is not run.
+        let raw_first = i % 2 == 1;
+        let mut raw_rate = f64::NAN;
+        if raw_first && side != Some("choreo") {
+            raw_rate = raw().await?;
+        }
         c.push(if side != Some("raw") {
             choreo().await?
         } else {
             f64::NAN
         });
-        r.push(if side != Some("choreo") {
-            raw().await?
-        } else {
-            f64::NAN
-        });
+        if !raw_first && side != Some("choreo") {
+            raw_rate = raw().await?;
+        }
+        r.push(raw_rate);
     }
     let ratio = median(c.iter().zip(&r).map(|(c, r)| c / r).collect());
     Ok((median(c), median(r), ratio))
@@ -720,7 +727,7 @@ async fn main() -> Result<(), BoxError> {
         .cloned();
     let wanted = |case: &str| only.as_deref().is_none_or(|o| o == case);
 
-    // Each case runs `repeat` times (default 5), alternating choreo and raw, on fresh
+    // Each case runs `repeat` times (default 5) per side, in pairs, on fresh
     // servers; each side's median is reported, and the ratio is the median of
     // the ratios of runs made one after the other.
     let mut rows: Vec<(&str, f64, f64, f64)> = Vec::new();
@@ -751,18 +758,22 @@ async fn main() -> Result<(), BoxError> {
         let mut c = Vec::new();
         let mut r = Vec::new();
         let side = side();
-        for _ in 0..repeat {
+        for i in 0..repeat {
             let none = (f64::NAN, f64::NAN);
+            let raw_first = i % 2 == 1;
+            let mut raw_run = none;
+            if raw_first && side != Some("choreo") {
+                raw_run = chain_latency(ln, rate, true).await?;
+            }
             c.push(if side != Some("raw") {
                 chain_latency(ln, rate, false).await?
             } else {
                 none
             });
-            r.push(if side != Some("choreo") {
-                chain_latency(ln, rate, true).await?
-            } else {
-                none
-            });
+            if !raw_first && side != Some("choreo") {
+                raw_run = chain_latency(ln, rate, true).await?;
+            }
+            r.push(raw_run);
         }
         // For latency the ratio is raw / choreo: 1.0 means no overhead.
         let pick = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| v.iter().map(f).collect();
