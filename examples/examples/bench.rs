@@ -274,12 +274,16 @@ impl RawRelay {
             .await?;
         Ok(tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+            // Owned here, so aborting this task aborts the handling too (no
+            // stray task outlives its run and its server).
+            let mut handling = tokio::task::JoinSet::new();
             while let Some(Ok(msg)) = messages.next().await {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
                 };
+                while handling.try_join_next().is_some() {}
                 let this = self.clone();
-                tokio::spawn(async move {
+                handling.spawn(async move {
                     if let Err(e) = this.handle(&msg).await {
                         eprintln!("raw relay: {e}");
                         let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
@@ -683,10 +687,15 @@ where
     Ok((median(c), median(r), ratio))
 }
 
-/// The median (the upper one of an even count).
+/// The median (of an even count, the mean of the middle two).
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+    let n = xs.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => xs[n / 2],
+        _ => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
 }
 
 /// `--side choreo` or `--side raw`: run one side only (to profile it).
