@@ -172,59 +172,99 @@ async fn inbox_says_done(client: &async_nats::Client, event: EventId) -> bool {
         .is_some_and(|v| v.starts_with(b"done"))
 }
 
+/// A server whose streams keep a 500 ms duplicate window, so a test can
+/// publish a copy of an event that is stored again.
+struct ShortWindow {
+    server: NatsServer,
+    client: async_nats::Client,
+    settings: StreamSettings,
+    publisher: Publisher,
+}
+
+impl ShortWindow {
+    async fn start() -> Self {
+        let server = NatsServer::start().await.unwrap();
+        let client = server.connect().await.unwrap();
+        let settings = StreamSettings::default().duplicate_window(Duration::from_millis(500));
+        let publisher = Publisher::new(client.clone(), "checkout")
+            .unwrap()
+            .with_stream_settings(settings.clone());
+        Self {
+            server,
+            client,
+            settings,
+            publisher,
+        }
+    }
+
+    /// An instance of the payments service, on a connection of its own.
+    async fn payments(&self, fx: &Effects) -> ServiceHandle {
+        Service::new("payments")
+            .stream_settings(self.settings.clone())
+            .state(fx.clone())
+            .handler(charge)
+            .start(self.server.connect().await.unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn publish(&self, order_id: &str) -> choreo::Receipt {
+        self.publisher
+            .publish(&OrderPlaced {
+                order_id: order_id.into(),
+                total_cents: 5,
+            })
+            .await
+            .unwrap()
+    }
+}
+
+fn total(handles: &[&ServiceHandle], f: fn(&choreo::HandlerStats) -> u64) -> u64 {
+    handles.iter().map(|h| f(h.stats("charge").unwrap())).sum()
+}
+
 // ---- both dedup layers ------------------------------------------------------
 
 #[tokio::test]
 async fn twice_inside_the_window_is_stored_once_outside_it_twice_and_still_handled_once() {
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let settings = StreamSettings::default().duplicate_window(Duration::from_millis(500));
-    let fx = Effects::new(&client).await;
+    let w = ShortWindow::start().await;
+    let fx = Effects::new(&w.client).await;
     let raw = Effects {
         invocations: Arc::new(AtomicU32::new(0)),
         ..fx.clone()
     };
-    let payments = Service::new("payments")
-        .stream_settings(settings.clone())
-        .state(fx.clone())
-        .handler(charge);
-    let payments = payments.start(client.clone()).await.unwrap();
+    let payments = w.payments(&fx).await;
     let audit = Service::new("audit")
-        .stream_settings(settings.clone())
+        .stream_settings(w.settings.clone())
         .state(raw.clone())
-        .handler(count_without_inbox);
-    let audit = audit.start(client.clone()).await.unwrap();
-    let publisher = Publisher::new(client.clone(), "checkout")
-        .unwrap()
-        .with_stream_settings(settings);
-    let order = OrderPlaced {
-        order_id: "o-1".into(),
-        total_cents: 5,
-    };
+        .handler(count_without_inbox)
+        .start(w.client.clone())
+        .await
+        .unwrap();
 
-    let first = publisher.publish(&order).await.unwrap();
-    let second = publisher.publish(&order).await.unwrap();
+    let first = w.publish("o-1").await;
+    let second = w.publish("o-1").await;
     assert!(
         second.duplicate && second.sequence == first.sequence,
         "inside the window: stored once"
     );
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let third = publisher.publish(&order).await.unwrap();
+    let third = w.publish("o-1").await;
     assert!(
         !third.duplicate && third.sequence != first.sequence,
         "outside the window: stored again"
     );
     assert_eq!(third.event_id, first.event_id);
-    assert_eq!(stream_messages(&client, "ORDERS").await.len(), 2);
+    assert_eq!(stream_messages(&w.client, "ORDERS").await.len(), 2);
 
+    let stats = || payments.stats("charge").unwrap();
     eventually(Duration::from_secs(10), "both copies delivered", || {
-        payments.stats("charge").unwrap().handled() + payments.stats("charge").unwrap().skipped()
-            == 2
+        stats().handled() + stats().skipped() == 2
     })
     .await;
-    assert_eq!(payments.stats("charge").unwrap().handled(), 1);
+    assert_eq!(stats().handled(), 1);
     assert_eq!(
-        payments.stats("charge").unwrap().skipped(),
+        stats().skipped(),
         1,
         "the inbox skipped the re-published copy"
     );
@@ -235,34 +275,18 @@ async fn twice_inside_the_window_is_stored_once_outside_it_twice_and_still_handl
         || raw.invocations.load(Ordering::SeqCst) == 2,
     )
     .await;
-    assert_downstream_once(&client, 2).await;
+    assert_downstream_once(&w.client, 2).await;
     payments.shutdown().await;
     audit.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_batch_of_copies_and_new_events_is_read_at_once_and_only_the_new_ones_run() {
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let settings = StreamSettings::default().duplicate_window(Duration::from_millis(500));
-    let fx = Effects::new(&client).await;
-    let start = || {
-        Service::new("payments")
-            .stream_settings(settings.clone())
-            .state(fx.clone())
-            .handler(charge)
-            .start(client.clone())
-    };
-    let publisher = Publisher::new(client.clone(), "checkout")
-        .unwrap()
-        .with_stream_settings(settings.clone());
-    let order = |i: usize| OrderPlaced {
-        order_id: format!("o-{i}"),
-        total_cents: 5,
-    };
-    let first = start().await.unwrap();
+    let w = ShortWindow::start().await;
+    let fx = Effects::new(&w.client).await;
+    let first = w.payments(&fx).await;
     for i in 0..10 {
-        publisher.publish(&order(i)).await.unwrap();
+        w.publish(&format!("o-{i}")).await;
     }
     eventually(Duration::from_secs(10), "the first ten handled", || {
         first.stats("charge").unwrap().handled() == 10
@@ -275,10 +299,9 @@ async fn a_batch_of_copies_and_new_events_is_read_at_once_and_only_the_new_ones_
     // twenty at once and reads their inbox keys in one request.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     for i in 0..20 {
-        let receipt = publisher.publish(&order(i)).await.unwrap();
-        assert!(!receipt.duplicate);
+        assert!(!w.publish(&format!("o-{i}")).await.duplicate);
     }
-    let second = start().await.unwrap();
+    let second = w.payments(&fx).await;
     let stats = || second.stats("charge").unwrap();
     eventually(
         Duration::from_secs(10),
@@ -292,7 +315,7 @@ async fn a_batch_of_copies_and_new_events_is_read_at_once_and_only_the_new_ones_
     );
     assert_eq!(fx.invocations.load(Ordering::SeqCst), 20);
     assert_eq!(effect_count(&fx).await, 20);
-    assert_downstream_once(&client, 40).await;
+    assert_downstream_once(&w.client, 40).await;
     second.shutdown().await;
 }
 
@@ -301,30 +324,14 @@ async fn two_copies_of_an_unhandled_event_pulled_together_run_the_handler_once()
     // The instance was down longer than the duplicate window: the event and
     // its re-published copy wait together, neither handled, and arrive in one
     // pull. The second waits for the first's outcome.
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let settings = StreamSettings::default().duplicate_window(Duration::from_millis(500));
-    let mut fx = Effects::new(&client).await;
+    let w = ShortWindow::start().await;
+    let mut fx = Effects::new(&w.client).await;
     fx.sleep_first_for = Some(Duration::from_millis(300));
-    let start = || {
-        Service::new("payments")
-            .stream_settings(settings.clone())
-            .state(fx.clone())
-            .handler(charge)
-            .start(client.clone())
-    };
-    start().await.unwrap().shutdown().await;
-    let publisher = Publisher::new(client.clone(), "checkout")
-        .unwrap()
-        .with_stream_settings(settings.clone());
-    let order = OrderPlaced {
-        order_id: "o-1".into(),
-        total_cents: 5,
-    };
-    publisher.publish(&order).await.unwrap();
+    w.payments(&fx).await.shutdown().await;
+    w.publish("o-1").await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert!(!publisher.publish(&order).await.unwrap().duplicate);
-    let payments = start().await.unwrap();
+    assert!(!w.publish("o-1").await.duplicate);
+    let payments = w.payments(&fx).await;
     let stats = || payments.stats("charge").unwrap();
     eventually(
         Duration::from_secs(10),
@@ -342,7 +349,7 @@ async fn two_copies_of_an_unhandled_event_pulled_together_run_the_handler_once()
         "the handler ran twice"
     );
     assert_eq!(effect_count(&fx).await, 1);
-    assert_downstream_once(&client, 2).await;
+    assert_downstream_once(&w.client, 2).await;
     payments.shutdown().await;
 }
 
@@ -595,49 +602,20 @@ where
 
 // ---- slow handlers: the watchdog and the claim ------------------------------------
 
-async fn two_payments_instances(
-    server: &NatsServer,
-    fx: &Effects,
-    settings: &StreamSettings,
-) -> (ServiceHandle, ServiceHandle) {
-    let start = || async {
-        Service::new("payments")
-            .stream_settings(settings.clone())
-            .state(fx.clone())
-            .handler(charge)
-            .start(server.connect().await.unwrap())
-            .await
-            .unwrap()
-    };
-    (start().await, start().await)
-}
-
-fn total(a: &ServiceHandle, b: &ServiceHandle, f: fn(&choreo::HandlerStats) -> u64) -> u64 {
-    f(a.stats("charge").unwrap()) + f(b.stats("charge").unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handler_that_blocks_its_thread_past_ack_wait_is_kept_alive_and_runs_once() {
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let mut fx = Effects::new(&client).await;
+    let w = ShortWindow::start().await;
+    let mut fx = Effects::new(&w.client).await;
     // Blocks its thread 1.6 s under a 1 s ack_wait: without in-progress acks
     // JetStream would redeliver it to the other instance. The watchdog, a
     // task of its own, sends them from another worker thread.
     fx.block_first_for = Some(Duration::from_millis(1600));
-    let (a, b) = two_payments_instances(&server, &fx, &StreamSettings::default()).await;
-    Publisher::new(client.clone(), "checkout")
-        .unwrap()
-        .publish(&OrderPlaced {
-            order_id: "o-1".into(),
-            total_cents: 5,
-        })
-        .await
-        .unwrap();
-    wait_settled(&client).await;
+    let (a, b) = (w.payments(&fx).await, w.payments(&fx).await);
+    w.publish("o-1").await;
+    wait_settled(&w.client).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        total(&a, &b, choreo::HandlerStats::in_progress_acks) >= 1,
+        total(&[&a, &b], choreo::HandlerStats::in_progress_acks) >= 1,
         "no in-progress ack was sent, so this test proved nothing"
     );
     assert_eq!(
@@ -646,41 +624,40 @@ async fn a_handler_that_blocks_its_thread_past_ack_wait_is_kept_alive_and_runs_o
         "the handler ran twice"
     );
     assert_eq!(effect_count(&fx).await, 1);
-    assert_downstream_once(&client, 2).await;
+    assert_downstream_once(&w.client, 2).await;
     a.shutdown().await;
     b.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_copy_that_arrives_while_the_first_runs_waits_for_it_through_the_claim() {
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let settings = StreamSettings::default().duplicate_window(Duration::from_millis(500));
-    let mut fx = Effects::new(&client).await;
-    // The first invocation runs 2.5 s; its watchdog writes the claim after
-    // a third of the 1 s ack_wait.
+async fn a_copy_that_another_instance_pulls_while_the_first_runs_waits_for_it_through_the_claim() {
+    let w = ShortWindow::start().await;
+    let mut fx = Effects::new(&w.client).await;
+    // The first invocation runs 2.5 s on instance A; its watchdog writes the
+    // claim after a third of the 1 s ack_wait.
     fx.sleep_first_for = Some(Duration::from_millis(2500));
-    let (a, b) = two_payments_instances(&server, &fx, &settings).await;
-    let publisher = Publisher::new(client.clone(), "checkout")
-        .unwrap()
-        .with_stream_settings(settings);
-    let order = OrderPlaced {
-        order_id: "o-1".into(),
-        total_cents: 5,
-    };
-    let first = publisher.publish(&order).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let a = w.payments(&fx).await;
+    let first = w.publish("o-1").await;
+    eventually(Duration::from_secs(5), "A to start the handler", || {
+        fx.invocations.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // A stops pulling but finishes what it runs; B is the only one to pull
+    // the copy, so only the claim can make it wait.
+    let a_stopping = tokio::spawn(a.shutdown());
+    let b = w.payments(&fx).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     // Outside the 500 ms duplicate window: stored a second time, delivered
     // while the first copy's handler still runs.
-    let second = publisher.publish(&order).await.unwrap();
+    let second = w.publish("o-1").await;
     assert!(!second.duplicate && second.sequence != first.sequence);
-    eventually(Duration::from_secs(15), "both copies settled", || {
-        total(&a, &b, choreo::HandlerStats::handled) == 1
-            && total(&a, &b, choreo::HandlerStats::skipped) == 1
+    let stats = || b.stats("charge").unwrap();
+    eventually(Duration::from_secs(15), "B to skip the copy", || {
+        stats().skipped() == 1
     })
     .await;
     assert!(
-        total(&a, &b, choreo::HandlerStats::waited) >= 1,
+        stats().waited() >= 1,
         "the copy did not find the claim, so this test proved nothing"
     );
     assert_eq!(
@@ -688,9 +665,9 @@ async fn a_copy_that_arrives_while_the_first_runs_waits_for_it_through_the_claim
         1,
         "the handler ran twice"
     );
+    a_stopping.await.unwrap();
     assert_eq!(effect_count(&fx).await, 1);
-    assert_downstream_once(&client, 2).await;
-    a.shutdown().await;
+    assert_downstream_once(&w.client, 2).await;
     b.shutdown().await;
 }
 
