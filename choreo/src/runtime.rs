@@ -395,7 +395,7 @@ async fn handle<H: Handler>(
     // by this instance waits for this one's outcome instead of running too.
     let mut waited = false;
     let entered = loop {
-        let inbox_key = rt.inbox.as_ref().map(|_| key.clone());
+        let inbox_key = rt.inbox.as_ref().map(|_| key.as_str());
         if let Some(entered) = rt.watchdog.enter(msg.reply.clone(), inbox_key, revision) {
             break entered;
         }

@@ -26,7 +26,7 @@ struct Running {
     /// Where acks for the event go.
     reply: Option<Subject>,
     /// Its inbox key, if the handler has an inbox.
-    key: Option<String>,
+    key: Option<Arc<str>>,
     /// The key's revision as last known (0: absent).
     revision: u64,
     /// Whether `revision` is this instance's claim.
@@ -51,7 +51,7 @@ pub(crate) struct Registry {
 struct Inner {
     running: HashMap<u64, Running>,
     /// The inbox keys of `running`: one invocation per event at a time.
-    keys: HashSet<String>,
+    keys: HashSet<Arc<str>>,
 }
 
 impl Inner {
@@ -95,16 +95,18 @@ impl Registry {
     pub(crate) fn enter(
         &self,
         reply: Option<Subject>,
-        key: Option<String>,
+        key: Option<&str>,
         revision: u64,
     ) -> Option<Entered<'_>> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut inner = self.lock();
-        if let Some(key) = &key
-            && !inner.keys.insert(key.clone())
-        {
+        if key.is_some_and(|k| inner.keys.contains(k)) {
             return None;
+        }
+        let key: Option<Arc<str>> = key.map(Arc::from);
+        if let Some(key) = &key {
+            inner.keys.insert(key.clone());
         }
         inner.running.insert(
             token,
@@ -190,9 +192,9 @@ impl Drop for Keeper {
 
 enum Work {
     /// Send an in-progress ack, and refresh the claim at this revision if held.
-    Progress(u64, Subject, Option<(String, u64)>),
+    Progress(u64, Subject, Option<(Arc<str>, u64)>),
     /// Write the claim over this revision.
-    Claim(u64, String, u64),
+    Claim(u64, Arc<str>, u64),
 }
 
 /// Runs until aborted: its [`Keeper`] is dropped with the pull loop, after
@@ -220,7 +222,10 @@ async fn run(rt: Arc<Runtime>) {
                         .filter(|_| r.claimed && !r.finishing)
                         .map(|k| (k.clone(), r.revision));
                     work.push(Work::Progress(token, reply.clone(), refresh));
-                } else if !r.claim_tried
+                }
+                // Not an `else`: with a short ack_wait the in-progress acks
+                // fall due on most ticks, and must not starve the claim.
+                if !r.claim_tried
                     && !r.finishing
                     && now.duration_since(r.started) >= claim_after
                     && let Some(key) = &r.key
@@ -252,7 +257,9 @@ async fn perform(rt: &Runtime, work: Work) {
             if let (Some(inbox), Some((key, revision))) = (&rt.inbox, refresh) {
                 match inbox.refresh(&key, revision).await {
                     Ok(r) => rt.watchdog.set_revision(token, r),
-                    Err(e) => tracing::debug!(key, error = %e, "inbox claim refresh failed"),
+                    Err(e) => {
+                        tracing::debug!(key = &*key, error = %e, "inbox claim refresh failed")
+                    }
                 }
             }
         }
@@ -263,7 +270,7 @@ async fn perform(rt: &Runtime, work: Work) {
                     // The key moved: the invocation just returned and wrote
                     // its record, or another delivery of the event is running
                     // too. Either way the record is written over it.
-                    Err(e) => tracing::debug!(key, error = %e, "inbox claim not written"),
+                    Err(e) => tracing::debug!(key = &*key, error = %e, "inbox claim not written"),
                 }
             }
         }
