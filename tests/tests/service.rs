@@ -81,6 +81,20 @@ async fn record_order_c(
     seen.push("record_order_c", order.meta(), a);
 }
 
+/// Publishes orders `o-0` … `o-{n-1}`, each awaited.
+async fn publish_orders(server: &NatsServer, n: usize) {
+    let publisher = Publisher::new(server.connect().await.unwrap(), "checkout").unwrap();
+    for i in 0..n {
+        publisher
+            .publish(&OrderPlaced {
+                order_id: format!("o-{i}"),
+                total_cents: 1,
+            })
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn three_services_fan_out_from_one_event() {
     let server = NatsServer::start().await.unwrap();
@@ -95,16 +109,7 @@ async fn three_services_fan_out_from_one_event() {
         };
         handles.push(s.start(server.connect().await.unwrap()).await.unwrap());
     }
-    let publisher = Publisher::new(server.connect().await.unwrap(), "checkout").unwrap();
-    for i in 0..5 {
-        publisher
-            .publish(&OrderPlaced {
-                order_id: format!("o-{i}"),
-                total_cents: 1,
-            })
-            .await
-            .unwrap();
-    }
+    publish_orders(&server, 5).await;
     eventually(
         Duration::from_secs(10),
         "every service to see every order",
@@ -160,17 +165,8 @@ async fn two_instances_of_one_service_share_the_durable_and_handle_each_event_on
         .handler(work);
     let a = a.start(server.connect().await.unwrap()).await.unwrap();
     let b = b.start(server.connect().await.unwrap()).await.unwrap();
-    let publisher = Publisher::new(server.connect().await.unwrap(), "checkout").unwrap();
     let n = 200;
-    for i in 0..n {
-        publisher
-            .publish(&OrderPlaced {
-                order_id: format!("o-{i}"),
-                total_cents: 1,
-            })
-            .await
-            .unwrap();
-    }
+    publish_orders(&server, n).await;
     eventually(Duration::from_secs(20), "all orders handled", || {
         log.0.lock().unwrap().len() == n
     })
@@ -497,16 +493,7 @@ async fn shutdown_hands_prefetched_events_back_at_once() {
         .start(server.connect().await.unwrap())
         .await
         .unwrap();
-    let publisher = Publisher::new(server.connect().await.unwrap(), "checkout").unwrap();
-    for i in 0..12 {
-        publisher
-            .publish(&OrderPlaced {
-                order_id: format!("o-{i}"),
-                total_cents: 1,
-            })
-            .await
-            .unwrap();
-    }
+    publish_orders(&server, 12).await;
     eventually(
         Duration::from_secs(10),
         "the first instance to start",
