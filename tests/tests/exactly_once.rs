@@ -150,6 +150,18 @@ async fn assert_downstream_once(client: &async_nats::Client, n: usize) {
     assert_eq!(ids.len(), n, "downstream events: {ids:?}");
 }
 
+/// `n` orders, each handled once: `n` invocations, `n` charges, and the two
+/// downstream events of each stored once.
+async fn assert_each_handled_once(fx: &Effects, client: &async_nats::Client, n: usize) {
+    assert_eq!(
+        fx.invocations.load(Ordering::SeqCst) as usize,
+        n,
+        "handler invocations for {n} orders"
+    );
+    assert_eq!(effect_count(fx).await, n, "charges for {n} orders");
+    assert_downstream_once(client, 2 * n).await;
+}
+
 async fn wait_settled(client: &async_nats::Client) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !settled(client).await {
@@ -313,9 +325,7 @@ async fn a_batch_of_copies_and_new_events_is_read_at_once_and_only_the_new_ones_
         stats().inbox_batch_reads() >= 1,
         "the batch was read key by key, so this test proved nothing"
     );
-    assert_eq!(fx.invocations.load(Ordering::SeqCst), 20);
-    assert_eq!(effect_count(&fx).await, 20);
-    assert_downstream_once(&w.client, 40).await;
+    assert_each_handled_once(&fx, &w.client, 20).await;
     second.shutdown().await;
 }
 
@@ -343,13 +353,7 @@ async fn two_copies_of_an_unhandled_event_pulled_together_run_the_handler_once()
         stats().waited() >= 1,
         "the copies did not overlap, so this test proved nothing"
     );
-    assert_eq!(
-        fx.invocations.load(Ordering::SeqCst),
-        1,
-        "the handler ran twice"
-    );
-    assert_eq!(effect_count(&fx).await, 1);
-    assert_downstream_once(&w.client, 2).await;
+    assert_each_handled_once(&fx, &w.client, 1).await;
     payments.shutdown().await;
 }
 
@@ -618,13 +622,7 @@ async fn a_handler_that_blocks_its_thread_past_ack_wait_is_kept_alive_and_runs_o
         total(&[&a, &b], choreo::HandlerStats::in_progress_acks) >= 1,
         "no in-progress ack was sent, so this test proved nothing"
     );
-    assert_eq!(
-        fx.invocations.load(Ordering::SeqCst),
-        1,
-        "the handler ran twice"
-    );
-    assert_eq!(effect_count(&fx).await, 1);
-    assert_downstream_once(&w.client, 2).await;
+    assert_each_handled_once(&fx, &w.client, 1).await;
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -660,14 +658,8 @@ async fn a_copy_that_another_instance_pulls_while_the_first_runs_waits_for_it_th
         stats().waited() >= 1,
         "the copy did not find the claim, so this test proved nothing"
     );
-    assert_eq!(
-        fx.invocations.load(Ordering::SeqCst),
-        1,
-        "the handler ran twice"
-    );
     a_stopping.await.unwrap();
-    assert_eq!(effect_count(&fx).await, 1);
-    assert_downstream_once(&w.client, 2).await;
+    assert_each_handled_once(&fx, &w.client, 1).await;
     b.shutdown().await;
 }
 
