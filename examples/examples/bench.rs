@@ -11,14 +11,23 @@
 //! `--side choreo|raw` runs one side only (for a profiler).
 //!
 //! Cases, each run with choreo's default settings and with raw async-nats
-//! doing the same work (the same headers, CBOR payloads, acks and, where the
-//! inbox is on, a key-value write per event) written the fast way: pipelined
-//! publishes, ~256 messages in flight, plain acks.
+//! doing the same work (the same headers, CBOR payloads and acks and, where
+//! the inbox is on, the same key-value read before and write after each
+//! event) written the fast way: pipelined publishes, ~256 messages in
+//! flight, plain acks.
 //!
 //! - `publish`: N keyed events published with dedup ids, every PubAck awaited.
 //! - `handler`: a 1-hop handler (consume → emit one event → ack), inbox off.
-//! - `handler_inbox`: the same with choreo's inbox on (raw: one KV create per event).
-//! - `latency`: a 3-hop chain at a fixed rate; end-to-end p50 and p99.
+//! - `handler_inbox`: the same with choreo's inbox on; the raw relay reads
+//!   the event's key first (skipping the event when it is there) and writes
+//!   it once the emission is acked, which is the least an idempotent
+//!   handler that survives a crash can do by hand.
+//! - `latency`: a 3-hop chain at a fixed rate, each hop as `handler_inbox`;
+//!   end-to-end p50 and p99.
+//! - `handler_inbox_write_only`, `latency_write_only`: the same, against a
+//!   raw relay that writes the key but never reads it. Not the same work
+//!   (a copy of an event is emitted again), shown to price the read: no
+//!   ratio line.
 //!
 //! It prints a table and one `ratio <case> <value>` line per case: choreo
 //! throughput / raw throughput (for latency: raw p99 / choreo p99), so 1.0
@@ -237,6 +246,20 @@ async fn raw_publish(
 }
 
 /// A hand-written relay: consume from `stream`, emit one event on
+/// What a raw relay does with its key-value bucket.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RawKv {
+    /// No bucket (the inbox-off cases).
+    Off,
+    /// The same work as choreo's inbox: read the event's key first (skip
+    /// the event when found), write it after the emission is acked.
+    ReadThenWrite,
+    /// Write the key after the emission, never read it: not idempotent (a
+    /// copy is emitted again, and its write then fails), shown for
+    /// comparison.
+    WriteOnly,
+}
+
 /// `<out>.<id>.seen` with causation headers, optionally write a KV record,
 /// ack. IN_FLIGHT messages at once.
 #[derive(Clone)]
@@ -246,6 +269,12 @@ struct RawRelay {
     out_type: &'static str,
     handler: &'static str,
     kv: Option<kv::Store>,
+    /// With `kv`: read the event's key before handling it and skip the
+    /// event when it is there, as choreo's inbox does (and as any
+    /// hand-written idempotent handler must). Without, the record is only
+    /// written, never read: cheaper, but a copy is handled (and emitted)
+    /// again.
+    read_first: bool,
     done: Arc<AtomicU64>,
 }
 
@@ -303,6 +332,15 @@ impl RawRelay {
             .as_str();
         let e: RawEvent = ciborium::from_reader(&msg.payload[..])?;
         let handler_id = self.handler;
+        let key = format!("{handler_id}.{cause}");
+        if let (Some(kv), true) = (&self.kv, self.read_first) {
+            let seen = kv.entry(key.as_str()).await?;
+            if seen.is_some_and(|e| e.operation == kv::Operation::Put) {
+                msg.ack().await?;
+                self.done.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
         let id = v5(&[
             b"emit",
             handler_id.as_bytes(),
@@ -325,8 +363,7 @@ impl RawRelay {
             .await?
             .await?;
         if let Some(kv) = &self.kv {
-            kv.create(format!("{handler_id}.{cause}"), "done".into())
-                .await?;
+            kv.create(key, "done".into()).await?;
         }
         msg.ack().await?;
         self.done.fetch_add(1, Ordering::Relaxed);
@@ -471,22 +508,33 @@ async fn choreo_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
         Service::new("relay").handler(relay)
     };
     let started = (Instant::now(), cpu_seconds());
+    let handle_client = client.clone();
     let handle = svc.start(client).await?;
     let name = if inbox { "relay_inbox" } else { "relay" };
     let stats = || handle.stats(name).map_or(0, |s| s.handled());
     let rate = rate_until(stats, n, "choreo handler", started).await?;
+    let js = jetstream::new(handle_client);
+    let bucket = inbox.then_some("choreo_inbox_relay");
+    check_work(
+        &js,
+        "choreo",
+        <BenchRelayed as choreo::Event>::STREAM,
+        n,
+        bucket,
+    )
+    .await?;
     handle.shutdown().await;
     Ok(rate)
 }
 
-async fn raw_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
+async fn raw_handler(n: u64, inbox: RawKv) -> Result<f64, BoxError> {
     let server = NatsServer::start().await?;
     let client = server.connect().await?;
     let js = jetstream::new(client.clone());
     raw_stream(&js, "RAWIN", "rawin.>").await?;
     raw_stream(&js, "RAWOUT", "rawout.>").await?;
     raw_publish(&js, "rawin", "BenchPlaced", n).await?;
-    let kv = if inbox {
+    let kv = if inbox != RawKv::Off {
         Some(
             js.create_key_value(kv::Config {
                 bucket: "raw_inbox".into(),
@@ -505,24 +553,58 @@ async fn raw_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
         out_type: "BenchRelayed",
         handler: "relay.relay",
         kv,
+        read_first: inbox == RawKv::ReadThenWrite,
         done: done.clone(),
     };
     let started = (Instant::now(), cpu_seconds());
     let task = raw_relay.run("RAWIN", "relay").await?;
     let rate = rate_until(|| done.load(Ordering::Relaxed), n, "raw handler", started).await?;
     task.abort();
+    let bucket = (inbox != RawKv::Off).then_some("raw_inbox");
+    check_work(&js, "raw", "RAWOUT", n, bucket).await?;
     Ok(rate)
 }
 
-/// Latencies of a 3-hop chain, publishing `n` roots at `rate` per second.
-async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxError> {
+/// Fails unless a handler run left `n` emissions in `stream` and, with a
+/// `bucket`, `n` keys in it: both sides did the work they are timed for.
+async fn check_work(
+    js: &jetstream::Context,
+    side: &str,
+    stream: &str,
+    n: u64,
+    bucket: Option<&str>,
+) -> Result<(), BoxError> {
+    let emitted = js.get_stream(stream).await?.info().await?.state.messages;
+    let recorded = match bucket {
+        Some(b) => Some(
+            js.get_stream(format!("KV_{b}"))
+                .await?
+                .info()
+                .await?
+                .state
+                .messages,
+        ),
+        None => None,
+    };
+    if emitted != n || recorded.is_some_and(|r| r != n) {
+        return Err(format!(
+            "{side}: {emitted} emissions and {recorded:?} inbox keys after {n} events"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Latencies of a 3-hop chain, publishing `n` roots at `rate` per second:
+/// choreo's, or (`raw` set) hand-written relays' using the bucket so.
+async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f64), BoxError> {
     let server = NatsServer::start().await?;
     let client = server.connect().await?;
     let js = jetstream::new(client.clone());
     let mut tasks = Vec::new();
     let mut handles = Vec::new();
     let publisher = Publisher::new(client.clone(), "bench")?;
-    let end_subject = if raw {
+    let end_subject = if let Some(raw_kv) = raw {
         for (name, subject) in [
             ("RAWHOP0", "rawhop0.>"),
             ("RAWHOP1", "rawhop1.>"),
@@ -537,9 +619,10 @@ async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxEr
             out_type,
             handler,
             kv: None,
+            read_first: raw_kv == RawKv::ReadThenWrite,
             done: Arc::new(AtomicU64::new(0)),
         };
-        // The chain's raw relays each write a KV record too, as choreo's inbox does.
+        // The chain's raw relays use a bucket as choreo's inbox does.
         let kv = js
             .create_key_value(kv::Config {
                 bucket: "raw_inbox".into(),
@@ -557,7 +640,9 @@ async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxEr
         {
             let handler: &'static str = ["hop.hop1", "hop.hop2", "hop.hop3"][i];
             let mut r = make(out_prefix, out_type, handler);
-            r.kv = Some(kv.clone());
+            if raw_kv != RawKv::Off {
+                r.kv = Some(kv.clone());
+            }
             tasks.push(r.run(from, &format!("hop{i}")).await?);
         }
         "rawhop3.>"
@@ -599,11 +684,12 @@ async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxEr
             lat
         })
     };
+    let started = cpu_seconds();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     for i in 0..n {
         tick.tick().await;
         sent.lock().await.insert(i, Instant::now());
-        if raw {
+        if raw.is_some() {
             let js = js.clone();
             tokio::spawn(async move {
                 let key = i.to_string();
@@ -644,6 +730,21 @@ async fn chain_latency(n: u64, rate: u64, raw: bool) -> Result<(f64, f64), BoxEr
     }
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    let cpu = cpu_seconds();
+    let per = |a: f64, b: f64| (b - a) * 1e6 / (3 * n).max(1) as f64;
+    eprintln!(
+        "  {} chain: p50 {:.2} ms, p99 {:.2} ms, CPU per hop: client {:.1} µs, server {:.1} µs",
+        match raw {
+            None => "choreo",
+            Some(RawKv::ReadThenWrite) => "raw",
+            Some(RawKv::WriteOnly) => "raw (write only)",
+            Some(RawKv::Off) => "raw (no bucket)",
+        },
+        pct(0.50),
+        pct(0.99),
+        per(started.0, cpu.0),
+        per(started.1, cpu.1),
+    );
     Ok((pct(0.50), pct(0.99)))
 }
 
@@ -685,6 +786,45 @@ where
     }
     let ratio = median(c.iter().zip(&r).map(|(c, r)| c / r).collect());
     Ok((median(c), median(r), ratio))
+}
+
+/// Runs the latency case `repeat` times per side, in pairs as
+/// [`median_pair`] does, the raw side using its bucket as `raw_kv` says;
+/// returns (choreo median, raw median, median pair ratio raw / choreo) for
+/// p50 and for p99 (1.0 means no overhead).
+async fn latency_pair(
+    repeat: u64,
+    n: u64,
+    rate: u64,
+    raw_kv: RawKv,
+) -> Result<((f64, f64, f64), (f64, f64, f64)), BoxError> {
+    let (mut c, mut r) = (Vec::new(), Vec::new());
+    let side = side();
+    let none = (f64::NAN, f64::NAN);
+    for i in 0..repeat {
+        let raw_first = i % 2 == 1;
+        let mut raw_run = none;
+        if raw_first && side != Some("choreo") {
+            raw_run = chain_latency(n, rate, Some(raw_kv)).await?;
+        }
+        c.push(if side != Some("raw") {
+            chain_latency(n, rate, None).await?
+        } else {
+            none
+        });
+        if !raw_first && side != Some("choreo") {
+            raw_run = chain_latency(n, rate, Some(raw_kv)).await?;
+        }
+        r.push(raw_run);
+    }
+    let summary = |f: fn(&(f64, f64)) -> f64| {
+        (
+            median(c.iter().map(f).collect()),
+            median(r.iter().map(f).collect()),
+            median(c.iter().zip(&r).map(|(c, r)| f(r) / f(c)).collect()),
+        )
+    };
+    Ok((summary(|x| x.0), summary(|x| x.1)))
 }
 
 /// The median (of an even count, the mean of the middle two).
@@ -751,58 +891,41 @@ async fn main() -> Result<(), BoxError> {
         let (c, r, ratio) = median_pair(
             repeat,
             || choreo_handler(n, false),
-            || raw_handler(n, false),
+            || raw_handler(n, RawKv::Off),
         )
         .await?;
         rows.push(("handler, inbox off (msgs/s)", c, r, ratio));
         ratios.push(("handler", ratio));
     }
     if wanted("handler_inbox") {
-        let (c, r, ratio) =
-            median_pair(repeat, || choreo_handler(n, true), || raw_handler(n, true)).await?;
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || choreo_handler(n, true),
+            || raw_handler(n, RawKv::ReadThenWrite),
+        )
+        .await?;
         rows.push(("handler, inbox on (msgs/s)", c, r, ratio));
         ratios.push(("handler_inbox", ratio));
     }
+    if wanted("handler_inbox_write_only") {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || choreo_handler(n, true),
+            || raw_handler(n, RawKv::WriteOnly),
+        )
+        .await?;
+        rows.push(("  vs raw writing only (msgs/s)", c, r, ratio));
+    }
     if wanted("latency") {
-        let mut c = Vec::new();
-        let mut r = Vec::new();
-        let side = side();
-        for i in 0..repeat {
-            let none = (f64::NAN, f64::NAN);
-            let raw_first = i % 2 == 1;
-            let mut raw_run = none;
-            if raw_first && side != Some("choreo") {
-                raw_run = chain_latency(ln, rate, true).await?;
-            }
-            c.push(if side != Some("raw") {
-                chain_latency(ln, rate, false).await?
-            } else {
-                none
-            });
-            if !raw_first && side != Some("choreo") {
-                raw_run = chain_latency(ln, rate, true).await?;
-            }
-            r.push(raw_run);
-        }
-        // For latency the ratio is raw / choreo: 1.0 means no overhead.
-        let pick = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| v.iter().map(f).collect();
-        let pair_ratio = |f: fn(&(f64, f64)) -> f64| {
-            median(c.iter().zip(&r).map(|(c, r)| f(r) / f(c)).collect())
-        };
-        let (p50, p99) = (pair_ratio(|x| x.0), pair_ratio(|x| x.1));
-        rows.push((
-            "3-hop latency p50 (ms)",
-            median(pick(&c, |x| x.0)),
-            median(pick(&r, |x| x.0)),
-            p50,
-        ));
-        rows.push((
-            "3-hop latency p99 (ms)",
-            median(pick(&c, |x| x.1)),
-            median(pick(&r, |x| x.1)),
-            p99,
-        ));
-        ratios.push(("latency", p99));
+        let (p50, p99) = latency_pair(repeat, ln, rate, RawKv::ReadThenWrite).await?;
+        rows.push(("3-hop latency p50 (ms)", p50.0, p50.1, p50.2));
+        rows.push(("3-hop latency p99 (ms)", p99.0, p99.1, p99.2));
+        ratios.push(("latency", p99.2));
+    }
+    if wanted("latency_write_only") {
+        let (p50, p99) = latency_pair(repeat, ln, rate, RawKv::WriteOnly).await?;
+        rows.push(("  vs raw writing only, p50", p50.0, p50.1, p50.2));
+        rows.push(("  vs raw writing only, p99", p99.0, p99.1, p99.2));
     }
 
     println!(
