@@ -39,4 +39,15 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
         let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(value > 0.0 && value.is_finite(), "{line}");
     }
+    // The comparison with a raw relay that never reads its keys: rows in
+    // the table, no ratio line.
+    let write_only = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("vs raw writing only"))
+        .count();
+    assert_eq!(write_only, 3, "{stdout}");
+    assert!(
+        !stdout.contains("ratio handler_inbox_write_only"),
+        "{stdout}"
+    );
 }
