@@ -47,6 +47,9 @@ struct Effects {
     store: jetstream::kv::Store,
     invocations: Arc<AtomicU32>,
     block_first_for: Option<Duration>,
+    /// With `block_first_for`: await a short timer first, so the blocking
+    /// poll is one woken by the runtime's driver.
+    await_before_blocking: bool,
     sleep_first_for: Option<Duration>,
 }
 
@@ -68,6 +71,7 @@ impl Effects {
             store,
             invocations: Arc::new(AtomicU32::new(0)),
             block_first_for: None,
+            await_before_blocking: false,
             sleep_first_for: None,
         }
     }
@@ -83,6 +87,9 @@ async fn charge(
     if n == 0
         && let Some(d) = fx.block_first_for
     {
+        if fx.await_before_blocking {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // A handler that blocks its thread.
         std::thread::sleep(d);
     }
@@ -606,14 +613,15 @@ where
 
 // ---- slow handlers: the watchdog and the claim ------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_handler_that_blocks_its_thread_past_ack_wait_is_kept_alive_and_runs_once() {
+/// Blocks its thread 1.6 s under a 1 s ack_wait (after awaiting a timer, if
+/// `after_an_await`): without in-progress acks JetStream would redeliver the
+/// event to the other instance. The watchdog, a task of its own, sends them
+/// from another worker thread, which must be driving the runtime's I/O.
+async fn blocking_handler_runs_once(after_an_await: bool) {
     let w = ShortWindow::start().await;
     let mut fx = Effects::new(&w.client).await;
-    // Blocks its thread 1.6 s under a 1 s ack_wait: without in-progress acks
-    // JetStream would redeliver it to the other instance. The watchdog, a
-    // task of its own, sends them from another worker thread.
     fx.block_first_for = Some(Duration::from_millis(1600));
+    fx.await_before_blocking = after_an_await;
     let (a, b) = (w.payments(&fx).await, w.payments(&fx).await);
     w.publish("o-1").await;
     wait_settled(&w.client).await;
@@ -625,6 +633,16 @@ async fn a_handler_that_blocks_its_thread_past_ack_wait_is_kept_alive_and_runs_o
     assert_each_handled_once(&fx, &w.client, 1).await;
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_that_blocks_its_thread_past_ack_wait_is_kept_alive_and_runs_once() {
+    blocking_handler_runs_once(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_that_blocks_its_thread_after_an_await_is_kept_alive_and_runs_once() {
+    blocking_handler_runs_once(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
