@@ -5,7 +5,8 @@
 //! and, once it has run for [`claim_after`], writes its claim in the inbox and
 //! refreshes it with each in-progress ack. Because the watchdog is not the
 //! task that runs the handler, a handler that blocks its thread does not stop
-//! its in-progress acks (on a multi-threaded runtime with a free worker).
+//! its in-progress acks (on a multi-threaded runtime with a free worker; the
+//! runtime's `RequeuedPolls` keeps that free worker driving the I/O).
 //! Handlers that finish within a second never write a claim: their only
 //! inbox write is the record.
 
