@@ -486,11 +486,15 @@ async fn handle<H: Handler>(
 /// stops, the watchdog's in-progress acks with them, and the event is
 /// redelivered elsewhere after `ack_wait`. (Without this, the test whose
 /// handler blocks in its first poll failed about one run in twelve, and the
-/// one whose handler blocks after awaiting a timer 16 runs in 20.) So
-/// before each poll the task wakes
-/// itself and returns `Pending`: tokio puts a task woken while running at
-/// the back of the run queue, where other workers can take it, and tells an
-/// idle worker, which takes the driver over when it finds nothing to do.
+/// one whose handler blocks after awaiting a timer 16 runs in 20.)
+///
+/// So before each poll the task wakes itself and returns `Pending`: tokio
+/// puts a task woken while running at the back of the run queue, where
+/// other workers can take it, and tells an idle worker, which takes the
+/// driver over when it finds nothing to do. (`tokio::task::yield_now` does
+/// not promise this: it defers the wake until the worker has polled its
+/// driver, after which the task can run on that worker again with nobody
+/// told.)
 struct RequeuedPolls<F> {
     inner: F,
     requeued: bool,
