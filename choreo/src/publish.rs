@@ -384,8 +384,9 @@ impl Publisher {
         Ok(())
     }
 
-    /// [`Self::prepare`] and [`Self::send_one`] for one event. Once the
-    /// stream is known to exist, the future is [`Self::send_one`]'s alone.
+    /// Checks one encoded event's size, makes sure its stream exists and
+    /// [`Self::send_one`]s it. Once the stream is known to exist, the future
+    /// is [`Self::send_one`]'s alone.
     fn send_checked(
         &self,
         out: Result<Outgoing, PublishError>,

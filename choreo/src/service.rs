@@ -234,7 +234,7 @@ impl Service {
     }
 
     /// Connects to `url` with `options` (credentials, TLS) through
-    /// [`connect`](crate::connect), then [`run`](Self::run)s.
+    /// [`connect`](crate::connect()), then [`run`](Self::run)s.
     ///
     /// # Errors
     /// See [`StartError`]; a connection failure is [`StartError::Connect`].
@@ -248,7 +248,7 @@ impl Service {
     }
 
     /// Connects to `url` with `options` (credentials, TLS) through
-    /// [`connect`](crate::connect), then [`start`](Self::start)s.
+    /// [`connect`](crate::connect()), then [`start`](Self::start)s.
     ///
     /// # Errors
     /// See [`StartError`]; a connection failure is [`StartError::Connect`].
