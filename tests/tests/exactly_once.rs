@@ -242,6 +242,18 @@ fn total(handles: &[&ServiceHandle], f: fn(&choreo::HandlerStats) -> u64) -> u64
     handles.iter().map(|h| f(h.stats("charge").unwrap())).sum()
 }
 
+/// Waits until `svc`'s `charge` has handled `handled` events and skipped
+/// `skipped` copies.
+async fn until_counted(svc: &ServiceHandle, handled: u64, skipped: u64) {
+    let stats = || svc.stats("charge").unwrap();
+    eventually(
+        Duration::from_secs(10),
+        &format!("{handled} handled and {skipped} skipped"),
+        || stats().handled() == handled && stats().skipped() == skipped,
+    )
+    .await;
+}
+
 // ---- both dedup layers ------------------------------------------------------
 
 #[tokio::test]
@@ -321,15 +333,9 @@ async fn a_batch_of_copies_and_new_events_is_read_at_once_and_only_the_new_ones_
         assert!(!w.publish(&format!("o-{i}")).await.duplicate);
     }
     let second = w.payments(&fx).await;
-    let stats = || second.stats("charge").unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the copies skipped, the new handled",
-        || stats().handled() == 10 && stats().skipped() == 10,
-    )
-    .await;
+    until_counted(&second, 10, 10).await;
     assert!(
-        stats().inbox_batch_reads() >= 1,
+        second.stats("charge").unwrap().inbox_batch_reads() >= 1,
         "the batch was read key by key, so this test proved nothing"
     );
     assert_each_handled_once(&fx, &w.client, 20).await;
@@ -349,15 +355,9 @@ async fn two_copies_of_an_unhandled_event_pulled_together_run_the_handler_once()
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(!w.publish("o-1").await.duplicate);
     let payments = w.payments(&fx).await;
-    let stats = || payments.stats("charge").unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "one copy handled, one skipped",
-        || stats().handled() == 1 && stats().skipped() == 1,
-    )
-    .await;
+    until_counted(&payments, 1, 1).await;
     assert!(
-        stats().waited() >= 1,
+        payments.stats("charge").unwrap().waited() >= 1,
         "the copies did not overlap, so this test proved nothing"
     );
     assert_each_handled_once(&fx, &w.client, 1).await;
@@ -368,9 +368,8 @@ async fn two_copies_of_an_unhandled_event_pulled_together_run_the_handler_once()
 async fn an_inbox_bucket_without_direct_gets_is_read_key_by_key() {
     // A bucket made before choreo (or by hand) may not allow direct gets,
     // which the batched read uses: choreo reads it key by key instead.
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let js = jetstream::new(client.clone());
+    let w = ShortWindow::start().await;
+    let js = jetstream::new(w.client.clone());
     js.create_key_value(jetstream::kv::Config {
         bucket: "choreo_inbox_payments".into(),
         history: 1,
@@ -382,27 +381,12 @@ async fn an_inbox_bucket_without_direct_gets_is_read_key_by_key() {
     let mut config = stream.info().await.unwrap().config.clone();
     config.allow_direct = false;
     js.update_stream(config).await.unwrap();
-    let fx = Effects::new(&client).await;
-    let publisher = Publisher::new(client.clone(), "checkout").unwrap();
+    let fx = Effects::new(&w.client).await;
     for i in 0..20 {
-        publisher
-            .publish(&OrderPlaced {
-                order_id: format!("o-{i}"),
-                total_cents: 5,
-            })
-            .await
-            .unwrap();
+        w.publish(&format!("o-{i}")).await;
     }
-    let payments = Service::new("payments")
-        .state(fx.clone())
-        .handler(charge)
-        .start(client.clone())
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(10), "all twenty handled", || {
-        payments.stats("charge").unwrap().handled() == 20
-    })
-    .await;
+    let payments = w.payments(&fx).await;
+    until_counted(&payments, 20, 0).await;
     assert_eq!(fx.invocations.load(Ordering::SeqCst), 20);
     payments.shutdown().await;
 }

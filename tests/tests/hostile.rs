@@ -84,8 +84,7 @@ fn note(author: &str, seq: u64, body: &str, mode: &str) -> NoteWritten {
 #[tokio::test]
 async fn long_and_non_ascii_subject_values() {
     let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let publisher = Publisher::new(client.clone(), "desk").unwrap();
+    let (client, _count, svc, publisher) = start_echo(&server).await;
     let err = publisher
         .publish(&note(&"x".repeat(5000), 1, "b", "echo"))
         .await
@@ -100,13 +99,6 @@ async fn long_and_non_ascii_subject_values() {
         "{msg}"
     );
     // The connection is intact: the server never saw the line.
-    let count = Count::default();
-    let svc = Service::new("echo")
-        .state(count.clone())
-        .handler(echo)
-        .start(client.clone())
-        .await
-        .unwrap();
     publisher
         .publish(&note("zürich-東京", 2, "grüße", "echo"))
         .await

@@ -3,35 +3,22 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
+#[path = "common/round_trip.rs"]
+mod round_trip;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use choreo::{Context, Envelope, Metadata, Publisher, Service, event, event_handler};
+use choreo::{Envelope, Metadata, Publisher, Service};
 use choreo_testkit::NatsServer;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 
-#[event(subject = "orders.{order_id}.placed", key = order_id)]
-pub struct OrderPlaced {
-    pub order_id: String,
-}
-
-#[event(subject = "payments.{order_id}.captured")]
-pub struct PaymentCaptured {
-    pub order_id: String,
-}
-
-#[event_handler]
-async fn charge(order: OrderPlaced, ctx: Context) {
-    ctx.emit(PaymentCaptured {
-        order_id: order.order_id,
-    });
-}
+use round_trip::{OrderPlaced, PaymentCaptured, charge};
 
 type Spans = Arc<Mutex<HashMap<u64, (String, HashMap<String, String>)>>>;
 
