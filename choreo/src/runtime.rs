@@ -367,44 +367,28 @@ async fn handle<H: Handler>(
     }
 
     // The inbox: skip what is handled, wait for what another instance runs.
+    // Then registered until the verdict: the watchdog sends in-progress acks
+    // (and writes the claim) meanwhile, and another copy of the same event
+    // pulled by this instance waits for this one's outcome, then looks again.
     let id = meta.id();
     let key = inbox::key(rt.handler, id);
-    let mut revision = 0;
-    if let Some(inbox) = &rt.inbox {
-        // Decided without a wait when the batched read found the answer.
-        let decided = match &seen {
-            Seen::Read(record) => {
-                match inbox::decide(*record, rt.options.ack_wait * 2, inbox::now_ms()) {
-                    Verdict::Run(revision) => Some(Ok(Some(revision))),
-                    Verdict::Done => Some(Ok(None)),
-                    Verdict::Busy(_) => None,
-                }
-            }
-            _ => None,
-        };
-        let decided = match decided {
-            Some(d) => d,
-            None => Box::pin(look_up_or_wait(rt, inbox, msg, &key, seen)).await,
-        };
-        match decided {
-            Ok(Some(rev)) => revision = rev,
-            Ok(None) => return skip(rt, msg).await,
-            Err(e) => return inbox_unavailable(rt, msg, attempt, &e).await,
-        }
-    }
-
-    // Registered until the verdict: the watchdog sends in-progress acks (and
-    // writes the claim) meanwhile, and another copy of the same event pulled
-    // by this instance waits for this one's outcome instead of running too.
+    let inbox_key = rt.inbox.as_ref().map(|_| key.as_str());
+    let mut seen = seen;
     let mut waited = false;
     let entered = loop {
-        let inbox_key = rt.inbox.as_ref().map(|_| key.as_str());
+        let mut revision = 0;
+        if let Some(inbox) = &rt.inbox {
+            let seen = std::mem::replace(&mut seen, Seen::NotRead);
+            match look_up(rt, inbox, msg, &key, seen).await {
+                Ok(Some(rev)) => revision = rev,
+                Ok(None) => return skip(rt, msg).await,
+                Err(e) => return inbox_unavailable(rt, msg, attempt, &e).await,
+            }
+        }
+        // Refused only for a key already registered, so only with an inbox.
         if let Some(entered) = rt.watchdog.enter(msg.reply.clone(), inbox_key, revision) {
             break entered;
         }
-        let Some(inbox) = &rt.inbox else {
-            return;
-        };
         if !waited {
             rt.stats.waited.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
@@ -413,11 +397,6 @@ async fn handle<H: Handler>(
             waited = true;
         }
         Box::pin(wait_while_running(rt, msg, &key)).await;
-        match Box::pin(look_up_or_wait(rt, inbox, msg, &key, Seen::NotRead)).await {
-            Ok(Some(rev)) => revision = rev,
-            Ok(None) => return skip(rt, msg).await,
-            Err(e) => return inbox_unavailable(rt, msg, attempt, &e).await,
-        }
     };
     let ctx = Context::new(
         meta.clone(),
@@ -640,6 +619,25 @@ async fn release(rt: &Runtime, key: &str, claim: Option<u64>) {
     if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
         Box::pin(inbox.release(key, rev)).await;
     }
+}
+
+/// [`look_up_or_wait`], without a wait (or an allocation) when the pull
+/// loop's batched read already settled it.
+async fn look_up(
+    rt: &Runtime,
+    inbox: &Inbox,
+    msg: &jetstream::Message,
+    key: &str,
+    seen: Seen,
+) -> Result<Option<u64>, InboxError> {
+    if let Seen::Read(record) = seen {
+        match inbox::decide(record, rt.options.ack_wait * 2, inbox::now_ms()) {
+            Verdict::Run(revision) => return Ok(Some(revision)),
+            Verdict::Done => return Ok(None),
+            Verdict::Busy(_) => {}
+        }
+    }
+    Box::pin(look_up_or_wait(rt, inbox, msg, key, seen)).await
 }
 
 /// Decides from the inbox whether to run: `Ok(Some(revision))` to run (the
