@@ -391,13 +391,30 @@ impl Inbox {
     /// Claims `key` (at `revision`, 0 if absent) for this instance; returns
     /// the claim's revision.
     pub(crate) async fn claim(&self, key: &str, revision: u64) -> Result<u64, InboxError> {
+        self.write_at(key, self.claim_value(), revision)
+            .await
+            .map_err(|(_, e)| e)
+    }
+
+    /// Writes `value` over `key` if the key is still at `revision` (0:
+    /// absent); returns the new revision. The error says whether the key
+    /// had moved on.
+    async fn write_at(
+        &self,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<u64, (bool, InboxError)> {
         if revision == 0 {
-            self.kv
-                .create(key, self.claim_value())
-                .await
-                .map_err(|e| self.err(e))
+            self.kv.create(key, value).await.map_err(|e| {
+                let moved = e.kind() == kv::CreateErrorKind::AlreadyExists;
+                (moved, self.err(e))
+            })
         } else {
-            self.refresh(key, revision).await
+            self.kv.update(key, value, revision).await.map_err(|e| {
+                let moved = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
+                (moved, self.err(e))
+            })
         }
     }
 
@@ -417,26 +434,8 @@ impl Inbox {
         let value = Bytes::from(format!("done {}", now_ms()));
         let mut revision = revision;
         for _ in 0..3 {
-            let written = if revision == 0 {
-                self.kv
-                    .create(key, value.clone())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, self.err(e)))
-            } else {
-                self.kv
-                    .update(key, value.clone(), revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| {
-                        (
-                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                            self.err(e),
-                        )
-                    })
-            };
-            match written {
-                Ok(()) => return Ok(()),
+            match self.write_at(key, value.clone(), revision).await {
+                Ok(_) => return Ok(()),
                 Err((false, e)) => return Err(e),
                 Err((true, _)) => match self.read(key).await? {
                     Some(Record {
