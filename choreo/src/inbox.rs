@@ -228,7 +228,6 @@ pub(crate) const READ_BATCH: usize = 256;
 impl Inbox {
     /// Opens the service's bucket, creating it if missing.
     pub(crate) async fn open(
-        client: &async_nats::Client,
         js: &jetstream::Context,
         service: &str,
         retention: Duration,
@@ -267,12 +266,13 @@ impl Inbox {
         };
         let instance = EventId::new_random().short();
         let direct = kv.status().await.is_ok_and(|s| s.info.config.allow_direct);
-        let answers = Answers::start(client)
+        let client = js.client();
+        let answers = Answers::start(&client)
             .await
             .map_err(|e| err(format!("cannot subscribe for answers: {e}")))?;
         Ok(Self {
             kv,
-            client: client.clone(),
+            client,
             answers,
             direct_get: format!("$JS.API.DIRECT.GET.KV_{bucket}"),
             key_prefix: format!("$KV.{bucket}."),

@@ -355,18 +355,20 @@ impl Publisher {
 
     /// Sends every message, pipelined, and awaits every PubAck; transient
     /// failures are retried with the same ids until `retry_for` runs out.
-    pub(crate) async fn send_all(&self, outs: Vec<Outgoing>) -> Result<Vec<Receipt>, PublishError> {
+    pub(crate) async fn send_all(
+        &self,
+        mut outs: Vec<Outgoing>,
+    ) -> Result<Vec<Receipt>, PublishError> {
         for out in &outs {
             self.check_size(out)?;
             self.ensure(out.stream.name, out.stream.subjects, out.stream.filter)
                 .await?;
         }
-        if outs.len() == 1 {
-            let one = outs.into_iter().next().map(|o| self.send_one(o));
-            return match one {
-                Some(f) => Ok(vec![f.await?]),
-                None => Ok(Vec::new()),
-            };
+        // One event (the common emission) needs no join.
+        if outs.len() == 1
+            && let Some(out) = outs.pop()
+        {
+            return Ok(vec![self.send_one(out).await?]);
         }
         try_join_all(outs.into_iter().map(|o| self.send_one(o))).await
     }

@@ -389,7 +389,6 @@ impl Service {
         dlq::ensure_streams(js, &self.stream_settings).await?;
         let inbox = if self.handlers.iter().any(|h| h.options().idempotent) {
             let opened = Inbox::open(
-                &js.client(),
                 js,
                 &self.name,
                 self.inbox_retention,
