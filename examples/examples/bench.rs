@@ -752,14 +752,61 @@ async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f6
     Ok((pct(0.50), pct(0.99)))
 }
 
-/// Runs both sides `repeat` times, in pairs; returns each side's median
-/// and the median of the ratios choreo / raw of runs made one after the
-/// other (a pair shares the machine's state of the moment, so its ratio is
-/// steadier than the ratio of two medians).
-async fn median_pair<C, CF, R, RF>(
+/// Runs both sides `repeat` times, in pairs made one after the other
+/// (which side goes first alternates, so neither always pays for the
+/// process's first run); returns each side's runs. With `--side`, the other
+/// side is not run and reports `none`.
+async fn run_pairs<T, C, CF, R, RF>(
     repeat: u64,
+    none: T,
     mut choreo: C,
     mut raw: R,
+) -> Result<(Vec<T>, Vec<T>), BoxError>
+where
+    T: Copy,
+    C: FnMut() -> CF,
+    CF: std::future::Future<Output = Result<T, BoxError>>,
+    R: FnMut() -> RF,
+    RF: std::future::Future<Output = Result<T, BoxError>>,
+{
+    let (mut c, mut r) = (Vec::new(), Vec::new());
+    let side = side();
+    for i in 0..repeat {
+        let raw_first = i % 2 == 1;
+        let mut raw_run = none;
+        if raw_first && side != Some("choreo") {
+            raw_run = raw().await?;
+        }
+        c.push(if side != Some("raw") {
+            choreo().await?
+        } else {
+            none
+        });
+        if !raw_first && side != Some("choreo") {
+            raw_run = raw().await?;
+        }
+        r.push(raw_run);
+    }
+    Ok((c, r))
+}
+
+/// Each side's median of `f` over its runs, and the median of the pairs'
+/// ratios `ratio(choreo, raw)` (a pair shares the machine's state of the
+/// moment, so its ratio is steadier than the ratio of two medians).
+fn summary<T>(c: &[T], r: &[T], f: fn(&T) -> f64, ratio: fn(f64, f64) -> f64) -> (f64, f64, f64) {
+    (
+        median(c.iter().map(f).collect()),
+        median(r.iter().map(f).collect()),
+        median(c.iter().zip(r).map(|(c, r)| ratio(f(c), f(r))).collect()),
+    )
+}
+
+/// A throughput case: (choreo median, raw median, median pair ratio choreo
+/// / raw).
+async fn median_pair<C, CF, R, RF>(
+    repeat: u64,
+    choreo: C,
+    raw: R,
 ) -> Result<(f64, f64, f64), BoxError>
 where
     C: FnMut() -> CF,
@@ -767,68 +814,31 @@ where
     R: FnMut() -> RF,
     RF: std::future::Future<Output = Result<f64, BoxError>>,
 {
-    let (mut c, mut r) = (Vec::new(), Vec::new());
-    let side = side();
-    for i in 0..repeat {
-        // Which side goes first alternates, so neither always pays for the
-        // process's first run. With `--side`, the other side reports NaN
-        // and is not run.
-        let raw_first = i % 2 == 1;
-        let mut raw_rate = f64::NAN;
-        if raw_first && side != Some("choreo") {
-            raw_rate = raw().await?;
-        }
-        c.push(if side != Some("raw") {
-            choreo().await?
-        } else {
-            f64::NAN
-        });
-        if !raw_first && side != Some("choreo") {
-            raw_rate = raw().await?;
-        }
-        r.push(raw_rate);
-    }
-    let ratio = median(c.iter().zip(&r).map(|(c, r)| c / r).collect());
-    Ok((median(c), median(r), ratio))
+    let (c, r) = run_pairs(repeat, f64::NAN, choreo, raw).await?;
+    Ok(summary(&c, &r, |x| *x, |c, r| c / r))
 }
 
-/// Runs the latency case `repeat` times per side, in pairs as
-/// [`median_pair`] does, the raw side using its bucket as `raw_kv` says;
-/// returns (choreo median, raw median, median pair ratio raw / choreo) for
-/// p50 and for p99 (1.0 means no overhead).
+/// The latency case, the raw side using its bucket as `raw_kv` says: for
+/// p50 and for p99, (choreo median, raw median, median pair ratio raw /
+/// choreo), so 1.0 means no overhead.
 async fn latency_pair(
     repeat: u64,
     n: u64,
     rate: u64,
     raw_kv: RawKv,
 ) -> Result<((f64, f64, f64), (f64, f64, f64)), BoxError> {
-    let (mut c, mut r) = (Vec::new(), Vec::new());
-    let side = side();
-    let none = (f64::NAN, f64::NAN);
-    for i in 0..repeat {
-        let raw_first = i % 2 == 1;
-        let mut raw_run = none;
-        if raw_first && side != Some("choreo") {
-            raw_run = chain_latency(n, rate, Some(raw_kv)).await?;
-        }
-        c.push(if side != Some("raw") {
-            chain_latency(n, rate, None).await?
-        } else {
-            none
-        });
-        if !raw_first && side != Some("choreo") {
-            raw_run = chain_latency(n, rate, Some(raw_kv)).await?;
-        }
-        r.push(raw_run);
-    }
-    let summary = |f: fn(&(f64, f64)) -> f64| {
-        (
-            median(c.iter().map(f).collect()),
-            median(r.iter().map(f).collect()),
-            median(c.iter().zip(&r).map(|(c, r)| f(r) / f(c)).collect()),
-        )
-    };
-    Ok((summary(|x| x.0), summary(|x| x.1)))
+    let (c, r) = run_pairs(
+        repeat,
+        (f64::NAN, f64::NAN),
+        || chain_latency(n, rate, None),
+        || chain_latency(n, rate, Some(raw_kv)),
+    )
+    .await?;
+    let raw_over_choreo = |c: f64, r: f64| r / c;
+    Ok((
+        summary(&c, &r, |x| x.0, raw_over_choreo),
+        summary(&c, &r, |x| x.1, raw_over_choreo),
+    ))
 }
 
 /// The median (of an even count, the mean of the middle two).
