@@ -437,31 +437,28 @@ async fn rate_until(
             (started.0, 0)
         }
     };
-    let cpu1 = cpu_seconds();
-    let per = |a: f64, b: f64| (b - a) * 1e6 / (n - c0).max(1) as f64;
-    eprintln!(
-        "  {what}: {:.0} msgs/s, CPU per event: client {:.1} µs, server {:.1} µs",
-        (n - c0) as f64 / t0.elapsed().as_secs_f64(),
-        per(cpu0.0, cpu1.0),
-        per(cpu0.1, cpu1.1)
-    );
-    Ok((n - c0) as f64 / t0.elapsed().as_secs_f64())
+    Ok(report_rate(what, n - c0, t0, cpu0))
 }
 
 // ---- the cases ------------------------------------------------------------------------
 
-/// The rate of `n` publishes since `start`; prints CPU per event as
-/// [`rate_until`] does.
-fn publish_rate(what: &str, n: u64, start: Instant, cpu0: (f64, f64)) -> f64 {
+/// The rate of `n` events since `start`; prints it with the CPU per event
+/// used since `cpu0`.
+fn report_rate(what: &str, n: u64, start: Instant, cpu0: (f64, f64)) -> f64 {
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    let cpu1 = cpu_seconds();
-    let per = |a: f64, b: f64| (b - a) * 1e6 / n.max(1) as f64;
+    let (client, server) = cpu_per_event(cpu0, n);
     eprintln!(
-        "  {what}: {rate:.0} msgs/s, CPU per event: client {:.1} µs, server {:.1} µs",
-        per(cpu0.0, cpu1.0),
-        per(cpu0.1, cpu1.1)
+        "  {what}: {rate:.0} msgs/s, CPU per event: client {client:.1} µs, server {server:.1} µs"
     );
     rate
+}
+
+/// CPU used since `cpu0` (see [`cpu_seconds`]) per event, client and
+/// server, in µs.
+fn cpu_per_event(cpu0: (f64, f64), events: u64) -> (f64, f64) {
+    let cpu1 = cpu_seconds();
+    let per = |a: f64, b: f64| (b - a) * 1e6 / events.max(1) as f64;
+    (per(cpu0.0, cpu1.0), per(cpu0.1, cpu1.1))
 }
 
 async fn choreo_publish(n: u64) -> Result<f64, BoxError> {
@@ -484,7 +481,7 @@ async fn choreo_publish(n: u64) -> Result<f64, BoxError> {
         .buffer_unordered(IN_FLIGHT)
         .try_for_each(|_| async { Ok(()) })
         .await?;
-    Ok(publish_rate("choreo publish", n, start, cpu0))
+    Ok(report_rate("choreo publish", n, start, cpu0))
 }
 
 async fn raw_publish_case(n: u64) -> Result<f64, BoxError> {
@@ -494,7 +491,7 @@ async fn raw_publish_case(n: u64) -> Result<f64, BoxError> {
     let cpu0 = cpu_seconds();
     let start = Instant::now();
     raw_publish(&js, "rawbench", "BenchPlaced", n).await?;
-    Ok(publish_rate("raw publish", n, start, cpu0))
+    Ok(report_rate("raw publish", n, start, cpu0))
 }
 
 async fn choreo_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
@@ -732,10 +729,9 @@ async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f6
     }
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
-    let cpu = cpu_seconds();
-    let per = |a: f64, b: f64| (b - a) * 1e6 / (3 * n).max(1) as f64;
+    let (client, server) = cpu_per_event(started, 3 * n);
     eprintln!(
-        "  {} chain: p50 {:.2} ms, p90 {:.2}, p99 {:.2}, max {:.2}, CPU per hop: client {:.1} µs, server {:.1} µs",
+        "  {} chain: p50 {:.2} ms, p90 {:.2}, p99 {:.2}, max {:.2}, CPU per hop: client {client:.1} µs, server {server:.1} µs",
         match raw {
             None => "choreo",
             Some(RawKv::ReadThenWrite) => "raw",
@@ -746,8 +742,6 @@ async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f6
         pct(0.90),
         pct(0.99),
         pct(1.0),
-        per(started.0, cpu.0),
-        per(started.1, cpu.1),
     );
     Ok((pct(0.50), pct(0.99)))
 }
