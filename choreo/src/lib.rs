@@ -16,7 +16,6 @@ pub mod publish;
 mod runtime;
 pub mod service;
 pub mod subject;
-mod watchdog;
 
 /// The NATS client choreo is built on, re-exported so users share its version.
 pub use async_nats;

@@ -86,6 +86,8 @@ pub struct HandlerStats {
     pub(crate) waited: AtomicU64,
     pub(crate) in_progress_acks: AtomicU64,
     pub(crate) inbox_batch_reads: AtomicU64,
+    pub(crate) task_panics: AtomicU64,
+    pub(crate) timed_out: AtomicU64,
 }
 
 impl HandlerStats {
@@ -118,6 +120,18 @@ impl HandlerStats {
     /// than a third of `ack_wait`.
     pub fn in_progress_acks(&self) -> u64 {
         self.in_progress_acks.load(Ordering::Relaxed)
+    }
+    /// Tasks that panicked outside the handler's panic guard (a bug in
+    /// choreo or a fault hook); each is logged at `error`, and its event is
+    /// redelivered after `ack_wait`.
+    pub fn task_panics(&self) -> u64 {
+        self.task_panics.load(Ordering::Relaxed)
+    }
+    /// Invocations abandoned because they ran past the handler's
+    /// [`timeout`](crate::HandlerOptions::timeout) (each also counted as
+    /// retried or dead-lettered).
+    pub fn timed_out(&self) -> u64 {
+        self.timed_out.load(Ordering::Relaxed)
     }
     /// Batched inbox reads: one per pulled batch of eight or more events,
     /// each reading the whole batch's keys with one request.
@@ -350,7 +364,7 @@ impl Service {
                     None
                 },
                 fault: self.fault.clone(),
-                watchdog: crate::watchdog::Registry::default(),
+                watchdog: crate::runtime::watchdog::Registry::default(),
             });
             stats.push((h.name(), rt.stats.clone()));
             tasks.spawn(pull_loop(

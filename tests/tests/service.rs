@@ -515,3 +515,56 @@ async fn shutdown_hands_prefetched_events_back_at_once() {
     .await;
     b.shutdown().await;
 }
+
+#[event_handler(concurrency = 2, max_deliver = 1)]
+async fn steady_once(order: Envelope<OrderPlaced>, State(done): State<Handled>) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    done.0.lock().unwrap().insert(order.meta().id());
+}
+
+/// With `max_deliver = 1` every delivery is the last: an event pulled but
+/// never run, then handed back (nak'd) at shutdown, would be spent and
+/// dead-lettered. A handler pulls only as many events as it can run, so a
+/// shutdown with many events waiting dead-letters nothing.
+#[tokio::test]
+async fn shutdown_spends_no_delivery_attempt_on_events_never_run() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let done = Handled::default();
+    let start = || {
+        Service::new("steady")
+            .state(done.clone())
+            .handler(steady_once)
+            .start(client.clone())
+    };
+    let a = start().await.unwrap();
+    publish_orders(&server, 12).await;
+    eventually(
+        Duration::from_secs(10),
+        "the first instance to start",
+        || !done.0.lock().unwrap().is_empty(),
+    )
+    .await;
+    let dead_a = a.stats("steady_once").unwrap().dead_lettered();
+    a.shutdown().await;
+    let b = start().await.unwrap();
+    eventually(Duration::from_secs(15), "every event handled", || {
+        done.0.lock().unwrap().len() == 12
+    })
+    .await;
+    // A lost delivery would reach the dead-letter stream through its
+    // advisory within a second or so; give it time to show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let letters = common::stream_messages(&client, choreo::dlq::DLQ_STREAM).await;
+    assert_eq!(dead_a, 0);
+    assert_eq!(
+        letters.len(),
+        0,
+        "dead letters: {:?}",
+        letters
+            .iter()
+            .map(|m| common::header(m, choreo::dlq::REASON))
+            .collect::<Vec<_>>()
+    );
+    b.shutdown().await;
+}

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::pull};
+use async_nats::jetstream::{self, AckKind};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -25,7 +25,11 @@ use crate::handler::{BoxFuture, Handler, HandlerOptions, MissingState, States};
 use crate::inbox::{self, Inbox, InboxError, Record, Verdict};
 use crate::publish::Publisher;
 use crate::service::{FaultHook, FaultPoint, HandlerStats, consumer_name, create_consumer};
-use crate::watchdog::{self, KeyState, Registry};
+use pull::{Pulled, Puller, Slot};
+use watchdog::{KeyState, Registry};
+
+mod pull;
+pub(crate) mod watchdog;
 
 /// What every task of one handler shares.
 pub(crate) struct Runtime {
@@ -102,141 +106,212 @@ impl<H: Handler> Erased for Typed<H> {
     }
 }
 
-/// On shutdown: naks the messages already pulled but not started, so other
-/// instances get them now rather than after `ack_wait`.
-async fn release_prefetched(messages: &mut pull::Stream) {
-    let mut released = 0;
-    while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
-        let _ = msg.ack_with(AckKind::Nak(None)).await;
-        released += 1;
-    }
-    if released > 0 {
-        tracing::debug!(released, "released prefetched events on shutdown");
-    }
-}
-
 pub(crate) async fn pull_loop(
     handler: Arc<dyn Erased>,
     rt: Arc<Runtime>,
-    mut consumer: jetstream::consumer::PullConsumer,
+    consumer: jetstream::consumer::PullConsumer,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(rt.options.concurrency));
     let mut running = JoinSet::new();
     let _keeper = watchdog::Keeper::start(rt.clone());
-    let batch = rt.options.concurrency.clamp(1, 500);
-    'outer: loop {
-        // Pull requests live 10 s with a heartbeat every 2 s, so a consumer
-        // whose leader moved (a node died) is noticed in seconds, not the
-        // default half minute.
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(batch)
-            .expires(Duration::from_secs(10))
-            .heartbeat(Duration::from_secs(2))
-            .messages()
-            .await
+    let max_request = rt.options.concurrency.clamp(1, 500);
+    let mut puller = loop {
+        match Puller::new(
+            rt.js.clone(),
+            consumer.clone(),
+            permits.clone(),
+            max_request,
+        )
+        .await
         {
-            Ok(m) => m,
+            Ok(p) => break p,
             Err(e) => {
-                tracing::warn!(handler = %rt.handler_id, error = %e, "cannot pull; retrying in 1s");
+                tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot subscribe for pulled events; retrying in 1s");
                 tokio::select! {
-                    _ = stop.changed() => break 'outer,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => continue 'outer,
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
+        }
+    };
+    loop {
+        reap(&rt, &mut running);
+        let permits_free = puller.wait_for_permits();
+        let silent_at = puller.silence_deadline();
+        let first = tokio::select! {
+            _ = stop.changed() => break,
+            permit = permits_free => {
+                if let Err(e) = puller.send(permit).await {
+                    tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot request events; retrying in 1s");
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                continue;
+            }
+            () = tokio::time::sleep_until(silent_at), if puller.outstanding() > 0 => {
+                if puller.check_silence() {
+                    tracing::debug!(service = %rt.service, handler = rt.handler, "pull requests went silent; asking again");
+                    refresh_consumer(&handler, &rt, &mut puller, None, &mut stop).await;
+                }
+                continue;
+            }
+            p = puller.next() => p,
         };
-        loop {
-            let first = tokio::select! {
-                _ = stop.changed() => {
-                    release_prefetched(&mut messages).await;
-                    break 'outer;
+        // Everything already pulled goes in one batch, whose inbox keys are
+        // read with one request.
+        let mut chunk = Vec::new();
+        let mut next = Some(first);
+        while let Some(pulled) = next.take() {
+            match pulled {
+                Pulled::Event(msg, slot) => chunk.push((*msg, slot)),
+                Pulled::Status => {}
+                Pulled::ConsumerGone(why) => {
+                    spawn_all(&handler, &rt, &mut running, chunk).await;
+                    refresh_consumer(&handler, &rt, &mut puller, Some(&why), &mut stop).await;
+                    chunk = Vec::new();
+                    break;
                 }
-                m = messages.next() => m,
-            };
-            // Everything already pulled goes in one batch, whose inbox keys
-            // are read with one request.
-            let mut chunk = Vec::new();
-            let mut trouble = None;
-            let mut ended = false;
-            match first {
-                Some(Ok(msg)) => chunk.push(msg),
-                Some(Err(e)) => trouble = Some(e),
-                None => break,
-            }
-            while trouble.is_none()
-                && !chunk.is_empty()
-                && chunk.len() < batch.min(inbox::READ_BATCH)
-            {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(msg))) => chunk.push(msg),
-                    Some(Some(Err(e))) => trouble = Some(e),
-                    Some(None) => {
-                        ended = true;
-                        break;
+                Pulled::Ended => {
+                    spawn_all(&handler, &rt, &mut running, chunk).await;
+                    chunk = Vec::new();
+                    tracing::warn!(service = %rt.service, handler = rt.handler, "the pull subscription ended; subscribing again");
+                    if let Ok(p) = Puller::new(
+                        rt.js.clone(),
+                        puller.consumer().clone(),
+                        permits.clone(),
+                        max_request,
+                    )
+                    .await
+                    {
+                        puller = p;
                     }
-                    None => break,
-                }
-            }
-            let seen = read_inbox(&rt, &chunk).await;
-            let mut chunk = chunk.into_iter().zip(seen);
-            while let Some((msg, seen)) = chunk.next() {
-                let permit = tokio::select! {
-                    _ = stop.changed() => {
-                        let _ = msg.ack_with(AckKind::Nak(None)).await;
-                        for (msg, _) in chunk {
-                            let _ = msg.ack_with(AckKind::Nak(None)).await;
-                        }
-                        release_prefetched(&mut messages).await;
-                        break 'outer;
-                    }
-                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
-                };
-                while running.try_join_next().is_some() {}
-                let fut = handler.clone().process(msg, seen, rt.clone());
-                running.spawn(async move {
-                    fut.await;
-                    drop(permit);
-                });
-            }
-            if ended {
-                break;
-            }
-            if let Some(e) = trouble {
-                tracing::warn!(handler = %rt.handler_id, error = %e, "pull error");
-                if matches!(
-                    e.kind(),
-                    pull::MessagesErrorKind::ConsumerDeleted
-                        | pull::MessagesErrorKind::NoResponders
-                ) {
                     break;
                 }
             }
-        }
-        // The pull stream ended (consumer deleted, connection trouble): get
-        // the consumer again, recreating it if it is gone.
-        tokio::select! {
-            _ = stop.changed() => break 'outer,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        let (stream, _, filter) = handler.stream();
-        let durable = consumer_name(&rt.service, rt.handler);
-        match create_consumer(&rt.js, stream, &durable, filter, &rt.options, rt.handler).await {
-            Ok(c) => consumer = c,
-            Err(e) => {
-                tracing::warn!(handler = %rt.handler_id, error = %e, "cannot recreate consumer")
+            if chunk.len() < inbox::READ_BATCH {
+                next = puller.next_now();
             }
         }
+        spawn_all(&handler, &rt, &mut running, chunk).await;
     }
-    // Shutdown: no more pulls; let running handlers finish.
+    // Shutdown: no more requests. What the server sent before it saw the
+    // unsubscribe still arrives, and runs: it was pulled with a permit.
+    puller.drain().await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), puller.next()).await {
+            Ok(Pulled::Event(msg, slot)) => {
+                spawn(&handler, &rt, &mut running, *msg, Seen::NotRead, slot)
+            }
+            Ok(Pulled::Status | Pulled::ConsumerGone(_)) => {}
+            Ok(Pulled::Ended) | Err(_) => break,
+        }
+    }
+    // Let running handlers finish.
     let drained = tokio::time::timeout(grace, async {
-        while running.join_next().await.is_some() {}
+        while let Some(done) = running.join_next().await {
+            count_task_failure(&rt, done);
+        }
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(handler = %rt.handler_id, "handlers still running after the grace period were abandoned; their events will be redelivered");
+        tracing::warn!(service = %rt.service, handler = rt.handler, "handlers still running after the grace period were abandoned; their events will be redelivered");
         running.abort_all();
+    }
+}
+
+/// Runs a pulled batch: reads its inbox keys (with one request when it is
+/// large), then spawns one task per event, each holding its permit.
+async fn spawn_all(
+    handler: &Arc<dyn Erased>,
+    rt: &Arc<Runtime>,
+    running: &mut JoinSet<()>,
+    chunk: Vec<(jetstream::Message, Slot)>,
+) {
+    if chunk.is_empty() {
+        return;
+    }
+    let seen = read_inbox(rt, chunk.iter().map(|(m, _)| m)).await;
+    for ((msg, slot), seen) in chunk.into_iter().zip(seen) {
+        spawn(handler, rt, running, msg, seen, slot);
+    }
+}
+
+fn spawn(
+    handler: &Arc<dyn Erased>,
+    rt: &Arc<Runtime>,
+    running: &mut JoinSet<()>,
+    msg: jetstream::Message,
+    seen: Seen,
+    slot: Slot,
+) {
+    let fut = handler.clone().process(msg, seen, rt.clone());
+    running.spawn(async move {
+        fut.await;
+        drop(slot);
+    });
+}
+
+/// Collects finished tasks, counting any that panicked.
+fn reap(rt: &Runtime, running: &mut JoinSet<()>) {
+    while let Some(done) = running.try_join_next() {
+        count_task_failure(rt, done);
+    }
+}
+
+/// A task that runs one event panicked outside the handler's panic guard
+/// (a bug in choreo, or a fault hook): its event gets no verdict from this
+/// instance and is redelivered after `ack_wait`.
+fn count_task_failure(rt: &Runtime, done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        rt.stats.task_panics.fetch_add(1, Ordering::Relaxed);
+        let panic = e.into_panic();
+        tracing::error!(
+            service = %rt.service,
+            handler = rt.handler,
+            panic = %panic_message(&*panic),
+            "a task handling an event panicked outside the panic guard; the event will be redelivered after ack_wait"
+        );
+    }
+}
+
+/// Gets the consumer again after its requests went silent or the server
+/// said it is gone, recreating it if it no longer exists.
+async fn refresh_consumer(
+    handler: &Arc<dyn Erased>,
+    rt: &Runtime,
+    puller: &mut Puller,
+    why: Option<&str>,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let (stream, _, filter) = handler.stream();
+    let durable = consumer_name(&rt.service, rt.handler);
+    if why.is_none()
+        && rt
+            .js
+            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(&durable, stream)
+            .await
+            .is_ok()
+    {
+        return;
+    }
+    if let Some(why) = why {
+        tracing::warn!(service = %rt.service, handler = rt.handler, consumer = %durable, reason = why, "the consumer is gone; recreating it");
+    }
+    tokio::select! {
+        _ = stop.changed() => return,
+        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+    }
+    match create_consumer(&rt.js, stream, &durable, filter, &rt.options, rt.handler).await {
+        Ok(c) => puller.set_consumer(c),
+        Err(e) => {
+            tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot recreate the consumer");
+        }
     }
 }
 
@@ -255,15 +330,19 @@ const BATCHED_READ_FROM: usize = 8;
 
 /// Reads the inbox keys of a pulled batch with one request (see
 /// [`BATCHED_READ_FROM`]).
-async fn read_inbox(rt: &Runtime, chunk: &[jetstream::Message]) -> Vec<Seen> {
+async fn read_inbox<'a>(
+    rt: &Runtime,
+    chunk: impl ExactSizeIterator<Item = &'a jetstream::Message>,
+) -> Vec<Seen> {
+    let len = chunk.len();
     let Some(inbox) = rt
         .inbox
         .as_ref()
-        .filter(|i| i.reads_in_batches() && chunk.len() >= BATCHED_READ_FROM)
+        .filter(|i| i.reads_in_batches() && len >= BATCHED_READ_FROM)
     else {
-        return chunk.iter().map(|_| Seen::NotRead).collect();
+        return (0..len).map(|_| Seen::NotRead).collect();
     };
-    let keys: Vec<Option<String>> = chunk.iter().map(|m| key_of(rt, m)).collect();
+    let keys: Vec<Option<String>> = chunk.map(|m| key_of(rt, m)).collect();
     let wanted: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
     let read = inbox.read_many(&wanted).await;
     rt.stats.inbox_batch_reads.fetch_add(1, Ordering::Relaxed);
