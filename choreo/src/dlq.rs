@@ -62,6 +62,8 @@ pub enum Reason {
     MaxDeliverExceeded,
     /// The last allowed delivery ended without a verdict (crash, ack timeout).
     DeliveryLost,
+    /// The handler ran past its `timeout` on its last allowed delivery.
+    Timeout,
     /// An event the handler emitted could not be built (bad subject value,
     /// encoding error, too large).
     EmitFailed,
@@ -78,6 +80,7 @@ impl Reason {
             Self::PermanentError => "permanent-error",
             Self::MaxDeliverExceeded => "max-deliver-exceeded",
             Self::DeliveryLost => "delivery-lost",
+            Self::Timeout => "timeout",
             Self::EmitFailed => "emit-failed",
         }
     }

@@ -33,6 +33,11 @@ pub enum DeliverPolicy {
     Since(OffsetDateTime),
 }
 
+/// The default [`HandlerOptions::timeout`]: 5 minutes, long enough for any
+/// handler that is making progress, short enough that a hung one frees its
+/// event within one deploy's patience.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// How one handler consumes its events. `#[event_handler(...)]` sets these;
 /// every field has a default.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +56,13 @@ pub struct HandlerOptions {
     /// handlers send in-progress acks, so this bounds silence, not handler
     /// time. Default 30 s.
     pub ack_wait: Duration,
+    /// How long one invocation may run before it is abandoned: its future
+    /// is dropped, in-progress acks stop, and the attempt counts as a
+    /// retryable failure (on the last allowed delivery the event is
+    /// dead-lettered with reason `timeout`). Default 5 minutes. A handler
+    /// that blocks its thread cannot be dropped; its in-progress acks still
+    /// stop, so JetStream redelivers the event elsewhere after `ack_wait`.
+    pub timeout: Duration,
     /// Where a new consumer starts. Default [`DeliverPolicy::All`].
     pub deliver: DeliverPolicy,
     /// Whether the service's inbox skips events this handler already
@@ -69,6 +81,7 @@ impl Default for HandlerOptions {
                 Duration::from_secs(30),
             ],
             ack_wait: Duration::from_secs(30),
+            timeout: DEFAULT_TIMEOUT,
             deliver: DeliverPolicy::All,
             idempotent: true,
         }
@@ -94,6 +107,11 @@ impl HandlerOptions {
     /// Sets [`ack_wait`](Self::ack_wait).
     pub fn ack_wait(mut self, d: Duration) -> Self {
         self.ack_wait = d;
+        self
+    }
+    /// Sets [`timeout`](Self::timeout).
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
         self
     }
     /// Sets [`deliver`](Self::deliver).

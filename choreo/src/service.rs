@@ -504,6 +504,8 @@ fn validate_options(handler: &str, o: &HandlerOptions) -> Result<(), StartError>
         Some("max_deliver must be at least 1")
     } else if o.ack_wait < Duration::from_millis(100) {
         Some("ack_wait must be at least 100ms")
+    } else if o.timeout < Duration::from_millis(100) {
+        Some("timeout must be at least 100ms")
     } else if !handler
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_')

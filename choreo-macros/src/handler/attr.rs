@@ -6,7 +6,7 @@ use syn::{Ident, LitBool, LitInt, LitStr, Token};
 use crate::ctxt::Ctxt;
 use crate::opts::{self, Opt, set};
 
-pub(crate) const OPTIONS: &str = "`name`, `concurrency`, `max_deliver`, `backoff`, `ack_wait`, `deliver`, \
+pub(crate) const OPTIONS: &str = "`name`, `concurrency`, `max_deliver`, `backoff`, `ack_wait`, `timeout`, `deliver`, \
      `deliver_since`, `idempotent`, `crate`";
 
 pub(crate) enum Deliver {
@@ -21,6 +21,7 @@ pub(crate) struct HandlerAttr {
     pub(crate) max_deliver: Option<Opt<LitInt>>,
     pub(crate) backoff: Option<Opt<Vec<LitStr>>>,
     pub(crate) ack_wait: Option<Opt<LitStr>>,
+    pub(crate) timeout: Option<Opt<LitStr>>,
     pub(crate) deliver: Option<Opt<(Deliver, Span)>>,
     pub(crate) deliver_since: Option<Opt<LitStr>>,
     pub(crate) idempotent: Option<Opt<LitBool>>,
@@ -61,6 +62,10 @@ pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> HandlerAttr {
                 "ack_wait" => {
                     let v = meta.value()?.parse()?;
                     set(cx, &mut attr.ack_wait, "ack_wait", span, v);
+                }
+                "timeout" => {
+                    let v = meta.value()?.parse()?;
+                    set(cx, &mut attr.timeout, "timeout", span, v);
                 }
                 "deliver" => {
                     let input = meta.value()?;

@@ -164,6 +164,14 @@ fn options(cx: &mut Ctxt, a: &HandlerAttr, f: &ItemFn) -> Options {
         }
         setters.push(quote!(.ack_wait(::core::time::Duration::from_millis(#ms))));
     }
+    if let Some(o) = &a.timeout
+        && let Some(ms) = duration(cx, &o.value)
+    {
+        if ms < 100 {
+            cx.error_spanned_by(&o.value, "`timeout` must be at least 100ms");
+        }
+        setters.push(quote!(.timeout(::core::time::Duration::from_millis(#ms))));
+    }
     match (&a.deliver, &a.deliver_since) {
         (Some(_), Some(s)) => {
             cx.error_at(s.key, "give either `deliver` or `deliver_since`, not both");

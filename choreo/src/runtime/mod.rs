@@ -11,6 +11,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
+use futures::future::{AbortHandle, Abortable, Aborted};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -415,9 +416,22 @@ async fn handle<H: Handler>(
     let (attempt, seq) = (delivery.attempt, delivery.stream_sequence);
     let empty = async_nats::HeaderMap::new();
     let headers = msg.headers.as_ref().unwrap_or(&empty);
-    let env = match Envelope::<H::Event>::decode(&delivery.subject, headers, &msg.payload) {
-        Ok(env) => env,
-        Err(e) => {
+    // Decoding runs the event's `Deserialize` and `From` upcasts: user code,
+    // under the panic guard. A panic there is as deterministic as a bad
+    // payload, so the event is dead-lettered at once.
+    let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        Envelope::<H::Event>::decode(&delivery.subject, headers, &msg.payload)
+    }));
+    let env = match decoded {
+        Ok(Ok(env)) => env,
+        Err(panic) => {
+            rt.stats.panicked.fetch_add(1, Ordering::Relaxed);
+            let detail = format!("decoding the event panicked: {}", panic_message(&*panic));
+            tracing::warn!(error = %detail, "cannot decode the event; dead-lettering it");
+            dead_letter(rt, msg, Reason::UndecodablePayload, &detail, attempt, seq).await;
+            return;
+        }
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot decode the event; dead-lettering it");
             dead_letter(
                 rt,
@@ -454,6 +468,7 @@ async fn handle<H: Handler>(
     let inbox_key = rt.inbox.as_ref().map(|_| key.as_str());
     let mut seen = seen;
     let mut waited = false;
+    let (abort, abort_registration) = AbortHandle::new_pair();
     let entered = loop {
         let mut revision = 0;
         if let Some(inbox) = &rt.inbox {
@@ -465,7 +480,10 @@ async fn handle<H: Handler>(
             }
         }
         // Refused only for a key already registered, so only with an inbox.
-        if let Some(entered) = rt.watchdog.enter(msg.reply.clone(), inbox_key, revision) {
+        if let Some(entered) =
+            rt.watchdog
+                .enter(msg.reply.clone(), inbox_key, revision, abort.clone())
+        {
             break entered;
         }
         if !waited {
@@ -485,44 +503,57 @@ async fn handle<H: Handler>(
         rt.handler_id.clone(),
         rt.states.clone(),
     );
-    let result = RequeuedPolls::new(AssertUnwindSafe(handler.call(env, &ctx)).catch_unwind()).await;
+    // Everything the handler's code does runs under the panic guard: its
+    // extractors and a hand-written `call` as well as the future. The
+    // watchdog aborts it at its timeout.
+    let guarded = AssertUnwindSafe(async { handler.call(env, &ctx).await }).catch_unwind();
+    let guarded = std::pin::pin!(Abortable::new(guarded, abort_registration));
+    let result = RequeuedPolls::new(guarded).await;
     let KeyState { revision, claimed } = entered.finish();
     let claim = claimed.then_some(revision);
     let outgoing = ctx.take_outgoing();
+    let mut reason = Reason::MaxDeliverExceeded;
     let error = match result {
-        Ok(Ok(())) => match emit_record_ack(rt, msg, id, outgoing, &key, revision).await {
-            Done::Finished => return,
-            Done::DeadLetter(reason, detail) => {
+        Err(Aborted) => {
+            rt.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            reason = Reason::Timeout;
+            format!("the handler timed out after {:?}", rt.options.timeout)
+        }
+        Ok(result) => match result {
+            Ok(Ok(())) => match emit_record_ack(rt, msg, id, outgoing, &key, revision).await {
+                Done::Finished => return,
+                Done::DeadLetter(reason, detail) => {
+                    release(rt, &key, claim).await;
+                    dead_letter(rt, msg, reason, &detail, attempt, seq).await;
+                    return;
+                }
+                Done::Retry(e) => e,
+            },
+            Ok(Err(e)) if e.is_permanent() => {
+                tracing::warn!(error = %e, "handler failed permanently; dead-lettering the event");
                 release(rt, &key, claim).await;
-                dead_letter(rt, msg, reason, &detail, attempt, seq).await;
+                dead_letter(
+                    rt,
+                    msg,
+                    Reason::PermanentError,
+                    &e.to_string(),
+                    attempt,
+                    seq,
+                )
+                .await;
                 return;
             }
-            Done::Retry(e) => e,
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => {
+                rt.stats.panicked.fetch_add(1, Ordering::Relaxed);
+                format!("handler panicked: {}", panic_message(&*panic))
+            }
         },
-        Ok(Err(e)) if e.is_permanent() => {
-            tracing::warn!(error = %e, "handler failed permanently; dead-lettering the event");
-            release(rt, &key, claim).await;
-            dead_letter(
-                rt,
-                msg,
-                Reason::PermanentError,
-                &e.to_string(),
-                attempt,
-                seq,
-            )
-            .await;
-            return;
-        }
-        Ok(Err(e)) => e.to_string(),
-        Err(panic) => {
-            rt.stats.panicked.fetch_add(1, Ordering::Relaxed);
-            format!("handler panicked: {}", panic_message(&*panic))
-        }
     };
     release(rt, &key, claim).await;
     if attempt >= rt.options.max_deliver {
         tracing::warn!(error = %error, "failed on the last allowed delivery; dead-lettering the event");
-        dead_letter(rt, msg, Reason::MaxDeliverExceeded, &error, attempt, seq).await;
+        dead_letter(rt, msg, reason, &error, attempt, seq).await;
     } else {
         let delay = rt.options.delay_after(attempt);
         tracing::info!(error = %error, retry_in = ?delay, "handler failed; will retry");

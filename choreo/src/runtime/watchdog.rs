@@ -8,7 +8,8 @@
 //! its in-progress acks (on a multi-threaded runtime with a free worker; the
 //! runtime's `RequeuedPolls` keeps that free worker driving the I/O).
 //! Handlers that finish within a second never write a claim: their only
-//! inbox write is the record.
+//! inbox write is the record. An invocation that runs past the handler's
+//! `timeout` is aborted here, and gets no more in-progress acks.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::Subject;
-use futures::future::join_all;
+use futures::future::{AbortHandle, join_all};
 use tokio::time::Instant;
 
 use crate::runtime::Runtime;
@@ -37,6 +38,10 @@ struct Running {
     /// The handler returned: in-progress acks go on until the event's
     /// verdict, but the claim is left alone while the record is written.
     finishing: bool,
+    /// Aborts the invocation when it runs past the handler's timeout.
+    abort: AbortHandle,
+    /// It ran past its timeout: abandoned, no more in-progress acks.
+    timed_out: bool,
     started: Instant,
     last_progress: Instant,
 }
@@ -98,6 +103,7 @@ impl Registry {
         reply: Option<Subject>,
         key: Option<&str>,
         revision: u64,
+        abort: AbortHandle,
     ) -> Option<Entered<'_>> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
@@ -118,6 +124,8 @@ impl Registry {
                 claimed: false,
                 claim_tried: false,
                 finishing: false,
+                abort,
+                timed_out: false,
                 started: now,
                 last_progress: now,
             },
@@ -202,8 +210,11 @@ enum Work {
 /// the last invocation returned (or when the service is aborted).
 async fn run(rt: Arc<Runtime>) {
     let period = rt.options.ack_wait / 3;
+    let timeout = rt.options.timeout;
     let claim_after = claim_after(rt.options.ack_wait);
-    let tick = (claim_after / 2).max(Duration::from_millis(10));
+    let tick = (claim_after / 2)
+        .min(timeout / 4)
+        .max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -213,6 +224,15 @@ async fn run(rt: Arc<Runtime>) {
             let mut inner = rt.watchdog.lock();
             let mut work = Vec::new();
             for (&token, r) in &mut inner.running {
+                if !r.finishing && !r.timed_out && now.duration_since(r.started) >= timeout {
+                    // Abandoned: the invocation's future is dropped at its
+                    // next poll, and no in-progress ack keeps it alive.
+                    r.timed_out = true;
+                    r.abort.abort();
+                }
+                if r.timed_out {
+                    continue;
+                }
                 if now.duration_since(r.last_progress) + tick >= period
                     && let Some(reply) = &r.reply
                 {
