@@ -208,6 +208,7 @@ pub(crate) fn advisory_consumer(stream: &str, durable: &str) -> pull::Config {
 #[derive(Debug, serde::Deserialize)]
 pub(crate) struct MaxDeliveries {
     pub(crate) stream: String,
+    pub(crate) consumer: String,
     pub(crate) stream_seq: u64,
     pub(crate) deliveries: u64,
 }

@@ -376,6 +376,77 @@ async fn a_last_delivery_lost_to_a_crash_reaches_the_dead_letter_stream() {
     svc2.shutdown().await;
 }
 
+/// Publishes a MAX_DELIVERIES advisory as any client allowed to publish on
+/// `$JS.EVENT.ADVISORY.>` could.
+async fn forge_advisory(
+    client: &choreo::async_nats::Client,
+    subject_consumer: &str,
+    stream: &str,
+    consumer: &str,
+    seq: u64,
+) {
+    let body = serde_json::json!({
+        "type": "io.nats.jetstream.advisory.v1.max_deliver",
+        "id": format!("forged-{seq}-{consumer}"),
+        "timestamp": "2026-01-01T00:00:00Z",
+        "stream": stream,
+        "consumer": consumer,
+        "stream_seq": seq,
+        "deliveries": 3,
+    });
+    client
+        .publish(
+            format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.JOBS.{subject_consumer}"),
+            serde_json::to_vec(&body).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn forged_max_deliveries_advisories_copy_nothing_into_the_dead_letter_stream() {
+    let (_server, client, counters, svc, publisher) = setup().await;
+    let handled = publisher.publish(&job("h1", "ok")).await.unwrap();
+    eventually(Duration::from_secs(5), "the job to be handled", || {
+        counters.ok.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // A handled event, a sequence past the end, another stream or consumer
+    // in the payload than in the subject.
+    let durable = "jobs--run_job";
+    forge_advisory(&client, durable, "JOBS", durable, handled.sequence).await;
+    forge_advisory(&client, durable, "JOBS", durable, handled.sequence + 50).await;
+    forge_advisory(&client, durable, "ORDERS", durable, handled.sequence).await;
+    forge_advisory(&client, durable, "JOBS", "jobs--other", handled.sequence).await;
+    // An event not yet delivered: stop the service, publish, forge.
+    svc.shutdown().await;
+    let waiting = publisher.publish(&job("w1", "ok")).await.unwrap();
+    forge_advisory(&client, durable, "JOBS", durable, waiting.sequence).await;
+    let svc = Service::new("jobs")
+        .state(counters.clone())
+        .handler(run_job)
+        .start(client.clone())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the waiting job to be handled", || {
+        counters.ok.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let letters = common::stream_messages(&client, dlq::DLQ_STREAM).await;
+    assert!(
+        letters.is_empty(),
+        "forged advisories made dead letters: {:?}",
+        letters
+            .iter()
+            .map(|m| header(m, dlq::SEQUENCE))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(svc.stats("run_job").unwrap().dead_lettered(), 0);
+    svc.shutdown().await;
+}
+
 // ---- reading and replaying dead letters ------------------------------------------
 
 #[derive(Clone, Default)]

@@ -910,6 +910,61 @@ pub(crate) async fn advisory_loop(
     }
 }
 
+/// Checks a `MAX_DELIVERIES` advisory against the handler's own consumer
+/// before anything is copied: anyone allowed to publish on
+/// `$JS.EVENT.ADVISORY.>` could forge one. It must name this handler's
+/// stream and durable; the message must have been delivered by the consumer
+/// and not acknowledged (above its ack floor, at most its last delivered
+/// sequence), be on the handler's subjects, and not be recorded as handled
+/// in the inbox. Returns the message, or `None` if it is no longer in its
+/// stream (then only its reference is dead-lettered).
+async fn vet_advisory(
+    rt: &Runtime,
+    adv: &dlq::MaxDeliveries,
+) -> Result<Option<jetstream::message::StreamMessage>, &'static str> {
+    let durable = consumer_name(&rt.service, rt.handler);
+    if adv.stream != rt.stream || adv.consumer != durable {
+        return Err("it names another stream or consumer");
+    }
+    let mut consumer: jetstream::consumer::PullConsumer = rt
+        .js
+        .get_consumer_from_stream(&durable, rt.stream)
+        .await
+        .map_err(|_| "the consumer cannot be read")?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(|_| "the consumer cannot be read")?;
+    if adv.stream_seq <= info.ack_floor.stream_sequence {
+        return Err("the consumer has acknowledged that sequence");
+    }
+    if adv.stream_seq > info.delivered.stream_sequence {
+        return Err("the consumer has not delivered that sequence");
+    }
+    let filter = info.config.filter_subject.clone();
+    let Ok(stream) = rt.js.get_stream(rt.stream).await else {
+        return Err("the stream cannot be read");
+    };
+    let Ok(original) = stream.get_raw_message(adv.stream_seq).await else {
+        return Ok(None);
+    };
+    if !filter.is_empty() && !crate::subject::covers(&filter, &original.subject) {
+        return Err("the message is not on the handler's subjects");
+    }
+    if let (Some(inbox), Some(id)) = (
+        &rt.inbox,
+        original
+            .headers
+            .get(crate::headers::CE_ID)
+            .and_then(|v| v.as_str().parse::<crate::EventId>().ok()),
+    ) && let Ok(Some(record)) = inbox.read(&inbox::key(rt.handler, id)).await
+        && record.state == inbox::State::Done
+    {
+        return Err("the inbox records the event as handled");
+    }
+    Ok(Some(original))
+}
+
 async fn handle_advisory(rt: &Runtime, msg: &jetstream::Message) {
     let adv: dlq::MaxDeliveries = match serde_json::from_slice(&msg.payload) {
         Ok(a) => a,
@@ -920,9 +975,21 @@ async fn handle_advisory(rt: &Runtime, msg: &jetstream::Message) {
         }
     };
     tracing::Span::current().record("stream_sequence", adv.stream_seq);
-    let original = match rt.js.get_stream(&adv.stream).await {
-        Ok(s) => s.get_raw_message(adv.stream_seq).await.ok(),
-        Err(_) => None,
+    let original = match vet_advisory(rt, &adv).await {
+        Ok(original) => original,
+        Err(why) => {
+            tracing::warn!(
+                service = %rt.service,
+                handler = rt.handler,
+                stream = %adv.stream,
+                consumer = %adv.consumer,
+                stream_sequence = adv.stream_seq,
+                why,
+                "ignored a MAX_DELIVERIES advisory that does not match this handler's consumer"
+            );
+            let _ = msg.ack().await;
+            return;
+        }
     };
     let (subject, headers, payload, detail) = match &original {
         Some(m) => (
