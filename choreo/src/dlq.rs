@@ -113,19 +113,76 @@ pub(crate) struct Letter<'a> {
     pub(crate) subject: &'a str,
 }
 
+/// Header: present when the letter holds only a reference to the event (its
+/// stream and sequence), because the copy would have exceeded the server's
+/// `max_payload`; says what was left out.
+pub const OMITTED: &str = "choreo-dlq-omitted";
+
+/// Whether a header of the original message is kept in its dead letter.
+/// JetStream's own headers are dropped: control headers
+/// (`Nats-Expected-*`, `Nats-Rollup`, `Nats-TTL`, `Nats-Schedule*`,
+/// `Nats-Batch-*`, …) would make the dead-letter stream refuse the copy or
+/// act on it, and the rest describe the original store, which the
+/// `choreo-dlq-stream` and `choreo-dlq-sequence` headers name.
+fn kept(name: &str) -> bool {
+    !name
+        .get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
+}
+
 impl Letter<'_> {
-    /// The dead letter's headers: the original ones, plus the reason headers,
-    /// with a `Nats-Msg-Id` unique to (stream, sequence, handler) so that a
-    /// retried or doubled dead-lettering stores one copy.
-    pub(crate) fn headers(&self, original: Option<&HeaderMap>) -> HeaderMap {
+    /// The dead letter: the original headers (less JetStream's own) and
+    /// payload, plus the reason headers, with a `Nats-Msg-Id` unique to
+    /// (stream, sequence, handler) so that a retried or doubled
+    /// dead-lettering stores one copy. A copy that would exceed
+    /// `max_payload` keeps only the reason headers and the event's identity
+    /// (its stream and sequence, its `ce-id` and `ce-type`), with
+    /// [`OMITTED`] saying so: dead-lettering never fails for size.
+    pub(crate) fn message(
+        &self,
+        original: Option<&HeaderMap>,
+        payload: bytes::Bytes,
+        max_payload: usize,
+    ) -> (HeaderMap, bytes::Bytes) {
         let mut h = HeaderMap::new();
         if let Some(orig) = original {
             for (name, values) in orig.iter() {
+                if !kept(name.as_ref()) {
+                    continue;
+                }
                 for v in values {
                     h.append(name.clone(), v.clone());
                 }
             }
         }
+        self.add_reason(&mut h);
+        if crate::headers::wire_size(&h, payload.len()) <= max_payload {
+            return (h, payload);
+        }
+        let mut small = HeaderMap::new();
+        for name in [crate::headers::CE_ID, crate::headers::CE_TYPE] {
+            if let Some(v) = original
+                .and_then(|o| o.get(name))
+                .filter(|v| v.as_str().len() <= 256)
+            {
+                small.insert(name, v.as_str());
+            }
+        }
+        self.add_reason(&mut small);
+        small.insert(
+            OMITTED,
+            format!(
+                "the payload ({} bytes) and headers: the copy would exceed max_payload ({max_payload} bytes); \
+                 read the event from stream {} at sequence {}",
+                payload.len(),
+                self.stream,
+                self.sequence
+            ),
+        );
+        (small, bytes::Bytes::new())
+    }
+
+    fn add_reason(&self, h: &mut HeaderMap) {
         h.insert(
             crate::headers::NATS_MSG_ID,
             format!(
@@ -140,8 +197,7 @@ impl Letter<'_> {
         h.insert(DELIVERIES, self.deliveries.to_string());
         h.insert(STREAM, self.stream);
         h.insert(SEQUENCE, self.sequence.to_string());
-        h.insert(SUBJECT, self.subject);
-        h
+        h.insert(SUBJECT, one_line(self.subject));
     }
 }
 
@@ -235,8 +291,16 @@ pub struct DeadLetter {
     pub original_subject: String,
     /// Its original headers (without the `choreo-dlq-*` ones).
     pub headers: HeaderMap,
-    /// Its original payload.
+    /// Its original payload (empty when [`omitted`](Self::omitted)).
     pub payload: bytes::Bytes,
+    /// The original stream and its sequence there.
+    pub original_stream: String,
+    /// The event's sequence in [`original_stream`](Self::original_stream).
+    pub original_sequence: u64,
+    /// Set when the letter keeps only a reference to the event because a
+    /// full copy would have exceeded `max_payload` (the [`OMITTED`]
+    /// header); [`replay`] then reads the event from its stream.
+    pub omitted: Option<String>,
 }
 
 /// Reading or replaying dead letters failed.
@@ -270,6 +334,9 @@ fn letter_from(sequence: u64, all: &HeaderMap, payload: bytes::Bytes) -> DeadLet
         original_subject: get(SUBJECT),
         headers,
         payload,
+        original_stream: get(STREAM),
+        original_sequence: get(SEQUENCE).parse().unwrap_or(0),
+        omitted: all.get(OMITTED).map(|v| v.as_str().to_owned()),
     }
 }
 
@@ -339,7 +406,31 @@ pub async fn replay(client: &async_nats::Client, letter: &DeadLetter) -> Result<
         )));
     }
     let js = jetstream::new(client.clone());
-    let mut headers = letter.headers.clone();
+    let (mut headers, payload) = if letter.omitted.is_some() {
+        let original = js
+            .get_stream(&letter.original_stream)
+            .await
+            .map_err(|e| DlqError(e.to_string()))?
+            .get_raw_message(letter.original_sequence)
+            .await
+            .map_err(|e| {
+                DlqError(format!(
+                    "dead letter {} keeps only a reference, and stream {} no longer has sequence {}: {e}",
+                    letter.sequence, letter.original_stream, letter.original_sequence
+                ))
+            })?;
+        let mut headers = HeaderMap::new();
+        for (name, values) in original.headers.iter() {
+            if kept(name.as_ref()) {
+                for v in values {
+                    headers.append(name.clone(), v.clone());
+                }
+            }
+        }
+        (headers, original.payload)
+    } else {
+        (letter.headers.clone(), letter.payload.clone())
+    };
     let id = headers
         .get(crate::headers::CE_ID)
         .map(|v| v.as_str().to_owned())
@@ -348,15 +439,11 @@ pub async fn replay(client: &async_nats::Client, letter: &DeadLetter) -> Result<
         crate::headers::NATS_MSG_ID,
         format!("replay:{id}:{}", letter.sequence),
     );
-    js.publish_with_headers(
-        letter.original_subject.clone(),
-        headers,
-        letter.payload.clone(),
-    )
-    .await
-    .map_err(|e| DlqError(e.to_string()))?
-    .await
-    .map_err(|e| DlqError(e.to_string()))?;
+    js.publish_with_headers(letter.original_subject.clone(), headers, payload)
+        .await
+        .map_err(|e| DlqError(e.to_string()))?
+        .await
+        .map_err(|e| DlqError(e.to_string()))?;
     let stream = js
         .get_stream(DLQ_STREAM)
         .await

@@ -365,3 +365,17 @@ fn optional<'a>(h: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>,
 fn required<'a>(h: &'a HeaderMap, name: &'static str) -> Result<&'a str, HeaderError> {
     optional(h, name)?.ok_or(HeaderError::Missing { header: name })
 }
+
+/// The size of a message with these headers and a payload of `payload`
+/// bytes, as NATS counts it against `max_payload`.
+pub(crate) fn wire_size(headers: &HeaderMap, payload: usize) -> usize {
+    let headers: usize = headers
+        .iter()
+        .map(|(k, vs)| {
+            vs.iter()
+                .map(|v| AsRef::<str>::as_ref(k).len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum();
+    payload + headers + "NATS/1.0\r\n\r\n".len()
+}

@@ -140,16 +140,7 @@ impl Outgoing {
 
     /// Size on the wire as NATS counts it against `max_payload`.
     fn size(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(k, vs)| {
-                vs.iter()
-                    .map(|v| AsRef::<str>::as_ref(k).len() + v.as_str().len() + 4)
-                    .sum::<usize>()
-            })
-            .sum();
-        self.payload.len() + headers + "NATS/1.0\r\n\r\n".len()
+        crate::headers::wire_size(&self.headers, self.payload.len())
     }
 }
 

@@ -429,9 +429,11 @@ async fn forged_max_deliveries_advisories_copy_nothing_into_the_dead_letter_stre
         .start(client.clone())
         .await
         .unwrap();
-    eventually(Duration::from_secs(5), "the waiting job to be handled", || {
-        counters.ok.load(Ordering::SeqCst) == 2
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the waiting job to be handled",
+        || counters.ok.load(Ordering::SeqCst) == 2,
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let letters = common::stream_messages(&client, dlq::DLQ_STREAM).await;
@@ -444,6 +446,98 @@ async fn forged_max_deliveries_advisories_copy_nothing_into_the_dead_letter_stre
             .collect::<Vec<_>>()
     );
     assert_eq!(svc.stats("run_job").unwrap().dead_lettered(), 0);
+    svc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_message_carrying_jetstream_control_headers_still_becomes_a_letter() {
+    let (_server, client, counters, svc, _publisher) = setup().await;
+    let js = jetstream::new(client.clone());
+    let last = js
+        .get_stream("JOBS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    // Stored because it holds for JOBS; copied as is, the dead-letter
+    // stream would refuse it forever.
+    let e = job("ctl", "permanent");
+    let mut headers = valid_headers(&e);
+    headers.insert("Nats-Expected-Last-Sequence", last.to_string());
+    headers.insert("Nats-Expected-Stream", "JOBS");
+    let payload = choreo::codec::encode(&e).unwrap();
+    publish_raw(&client, "jobs.ctl.queued", headers, payload).await;
+    let letters = dead_letters(&client, 1, Duration::from_secs(10)).await;
+    let l = &letters[0];
+    assert_eq!(header(l, dlq::REASON).as_deref(), Some("permanent-error"));
+    assert_eq!(header(l, "Nats-Expected-Last-Sequence"), None);
+    assert_eq!(header(l, "Nats-Expected-Stream"), None);
+    assert_eq!(header(l, "ce-type").as_deref(), Some("JobQueued"));
+    assert_eq!(counters.calls.load(Ordering::SeqCst), 1);
+    assert_settled(&client).await;
+    svc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_payload_just_below_max_payload_becomes_a_letter_with_a_reference() {
+    let (_server, client, counters, svc, _publisher) = setup().await;
+    let max = client.server_info().max_payload;
+    let headers = valid_headers(&job("big", "ok"));
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(k, vs)| {
+            vs.iter()
+                .map(|v| AsRef::<str>::as_ref(k).len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum();
+    let room = max - header_bytes - "NATS/1.0\r\n\r\n".len();
+    // Not CBOR: undecodable, and 64 bytes below the limit, so the copy
+    // with its reason headers would not fit.
+    let payload = vec![0xff_u8; room - 64];
+    let receipt_seq = {
+        publish_raw(&client, "jobs.big.queued", headers, payload).await;
+        jetstream::new(client.clone())
+            .get_stream("JOBS")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .last_sequence
+    };
+    let letters = dead_letters(&client, 1, Duration::from_secs(10)).await;
+    let l = &letters[0];
+    assert_eq!(
+        header(l, dlq::REASON).as_deref(),
+        Some("undecodable-payload")
+    );
+    assert!(l.payload.is_empty());
+    let omitted = header(l, dlq::OMITTED).unwrap();
+    assert!(
+        omitted.contains(&format!("stream JOBS at sequence {receipt_seq}")),
+        "{omitted}"
+    );
+    assert_eq!(header(l, dlq::SEQUENCE), Some(receipt_seq.to_string()));
+    let listed = dlq::list(&client, "jobs", "run_job").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].omitted.is_some());
+    assert_eq!(listed[0].original_stream, "JOBS");
+    assert_eq!(listed[0].original_sequence, receipt_seq);
+    // Replay reads the event from its stream: the full payload goes back on
+    // its subject (and, still undecodable, comes back as a new letter).
+    dlq::replay(&client, &listed[0]).await.unwrap();
+    let replayed = common::stream_messages(&client, "JOBS").await;
+    let last = replayed.last().unwrap();
+    assert_eq!(last.subject.as_str(), "jobs.big.queued");
+    assert_eq!(last.payload.len(), room - 64);
+    dead_letters(&client, 1, Duration::from_secs(10)).await;
+    assert_eq!(counters.calls.load(Ordering::SeqCst), 0);
+    assert_settled(&client).await;
     svc.shutdown().await;
 }
 

@@ -856,9 +856,11 @@ async fn send_letter(
     payload: bytes::Bytes,
 ) -> Result<(), String> {
     let subject = dlq::subject(&rt.service, rt.handler);
+    let max_payload = rt.client.server_info().max_payload;
+    let (headers, payload) = letter.message(headers, payload, max_payload);
     let ack = rt
         .js
-        .publish_with_headers(subject, letter.headers(headers), payload)
+        .publish_with_headers(subject, headers, payload)
         .await
         .map_err(|e| e.to_string())?;
     ack.await.map(|_| ()).map_err(|e| e.to_string())
