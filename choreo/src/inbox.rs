@@ -190,6 +190,9 @@ pub(crate) struct Inbox {
     /// but not a batch, a leader election), batched reads pause until this
     /// unix time in ms, and events read their own keys meanwhile.
     batches_paused_until: Arc<AtomicU64>,
+    /// Unix ms of the first failed look-up since the last one that
+    /// worked (0: none failed).
+    trouble_since: Arc<AtomicU64>,
     instance: String,
 }
 
@@ -278,6 +281,7 @@ impl Inbox {
             key_prefix: format!("$KV.{bucket}."),
             direct,
             batches_paused_until: Arc::new(AtomicU64::new(0)),
+            trouble_since: Arc::new(AtomicU64::new(0)),
             bucket,
             instance,
         })
@@ -291,6 +295,35 @@ impl Inbox {
         InboxError {
             bucket: self.bucket.clone(),
             reason: reason.to_string(),
+        }
+    }
+
+    /// The bucket's name.
+    pub(crate) fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Notes whether a look-up worked, for [`Self::troubled_for`].
+    pub(crate) fn note_look_up(&self, worked: bool) {
+        if worked {
+            if self.trouble_since.load(Ordering::Relaxed) != 0 {
+                self.trouble_since.store(0, Ordering::Relaxed);
+            }
+        } else {
+            let _ = self.trouble_since.compare_exchange(
+                0,
+                now_ms().max(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// How long look-ups have failed without one working in between.
+    pub(crate) fn troubled_for(&self) -> Option<Duration> {
+        match self.trouble_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(now_ms().saturating_sub(since))),
         }
     }
 

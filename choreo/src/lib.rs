@@ -33,7 +33,7 @@ pub use handler::{
 pub use headers::{HeaderError, Metadata};
 pub use id::{EventId, EventKey};
 pub use publish::{Publisher, Receipt, StreamSettings};
-pub use service::{HandlerStats, Service, ServiceHandle, StartError};
+pub use service::{HandlerStats, RunError, Service, ServiceHandle, StartError};
 pub use subject::SubjectError;
 
 /// Marks a type as a choreo event and implements [`Event`] for it.

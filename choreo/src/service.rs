@@ -75,6 +75,54 @@ pub enum StartError {
     },
 }
 
+/// A service stopped with an error, or could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// It could not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// A handler's consumer disappeared and could not be recreated.
+    #[error(
+        "service {service}, handler {handler}: its consumer could not be recreated for {failing_for:?} \
+         ({source}); the service stopped. Check that the stream exists and the service may create consumers, \
+         then start it again"
+    )]
+    ConsumerLost {
+        /// The service.
+        service: String,
+        /// The handler.
+        handler: String,
+        /// How long recreating it failed.
+        failing_for: Duration,
+        /// The last failure.
+        #[source]
+        source: Box<StartError>,
+    },
+    /// The inbox bucket was deleted and did not come back.
+    #[error(
+        "service {service}: its inbox bucket {bucket} has been missing for {missing_for:?}; the service stopped. \
+         Starting it again creates an empty bucket, which forgets which events were handled: \
+         events still in their streams may be handled again"
+    )]
+    InboxLost {
+        /// The service.
+        service: String,
+        /// The bucket.
+        bucket: String,
+        /// How long look-ups had failed.
+        missing_for: Duration,
+    },
+    /// A task of the service panicked (a bug in choreo).
+    #[error("service {service}: a task panicked: {panic}")]
+    Panicked {
+        /// The service.
+        service: String,
+        /// The panic's message.
+        panic: String,
+    },
+}
+
 /// Counters of one handler, shared by every task of one service instance.
 #[derive(Debug, Default)]
 pub struct HandlerStats {
@@ -170,6 +218,7 @@ pub struct Service {
     shutdown_grace: Duration,
     inbox_retention: Duration,
     start_timeout: Duration,
+    recovery_timeout: Duration,
     fault: Option<FaultHook>,
 }
 
@@ -195,6 +244,7 @@ impl Service {
             shutdown_grace: Duration::from_secs(30),
             inbox_retention: inbox::DEFAULT_RETENTION,
             start_timeout: Duration::from_secs(30),
+            recovery_timeout: Duration::from_secs(60),
             fault: None,
         }
     }
@@ -212,6 +262,15 @@ impl Service {
     /// a permission denial, no JetStream, a bad name — fail at once.
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
+        self
+    }
+
+    /// How long a running service retries a failure that may pass — a
+    /// handler's consumer deleted and not recreatable, the inbox bucket
+    /// missing — before it stops and [`ServiceHandle::wait`] (or
+    /// [`run`](Self::run)) returns the [`RunError`]. Default 60 s.
+    pub fn recovery_timeout(mut self, timeout: Duration) -> Self {
+        self.recovery_timeout = timeout;
         self
     }
 
@@ -251,13 +310,15 @@ impl Service {
     /// [`connect`](crate::connect()), then [`run`](Self::run)s.
     ///
     /// # Errors
-    /// See [`StartError`]; a connection failure is [`StartError::Connect`].
+    /// See [`RunError`]; a connection failure is [`StartError::Connect`].
     pub async fn run_at(
         self,
         url: &str,
         options: async_nats::ConnectOptions,
-    ) -> Result<(), StartError> {
-        let client = crate::connect(url, options).await?;
+    ) -> Result<(), RunError> {
+        let client = crate::connect(url, options)
+            .await
+            .map_err(StartError::from)?;
         self.run(client).await
     }
 
@@ -278,13 +339,40 @@ impl Service {
     /// Runs until Ctrl-C or SIGTERM, then shuts down gracefully.
     ///
     /// # Errors
-    /// See [`StartError`].
-    pub async fn run(self, client: async_nats::Client) -> Result<(), StartError> {
-        let handle = self.start(client).await?;
-        shutdown_signal().await;
-        tracing::info!(service = %handle.name, "shutdown signal received");
-        handle.shutdown().await;
-        Ok(())
+    /// The service could not start, or stopped on a failure it could not
+    /// recover from (see [`RunError`]).
+    pub async fn run(self, client: async_nats::Client) -> Result<(), RunError> {
+        self.run_until(client, shutdown_signal()).await
+    }
+
+    /// Runs until `shutdown` completes, then shuts down gracefully: for
+    /// applications that own their signals (or tests).
+    ///
+    /// ```no_run
+    /// # async fn t(service: choreo::Service, client: choreo::async_nats::Client) -> Result<(), choreo::RunError> {
+    /// let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    /// // ... hand `tx` to whatever decides to stop ...
+    /// # drop(tx);
+    /// service.run_until(client, async { let _ = rx.await; }).await
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`run`](Self::run).
+    pub async fn run_until(
+        self,
+        client: async_nats::Client,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), RunError> {
+        let mut handle = self.start(client).await?;
+        tokio::select! {
+            () = shutdown => {
+                tracing::info!(service = %handle.name, "shutdown requested");
+                handle.shutdown().await;
+                Ok(())
+            }
+            failed = handle.wait() => failed,
+        }
     }
 
     /// Starts every handler and returns a handle to stop them.
@@ -365,6 +453,7 @@ impl Service {
                 },
                 fault: self.fault.clone(),
                 watchdog: crate::runtime::watchdog::Registry::default(),
+                recovery_timeout: self.recovery_timeout,
             });
             stats.push((h.name(), rt.stats.clone()));
             tasks.spawn(pull_loop(
@@ -450,11 +539,19 @@ fn is_transient(client: &async_nats::Client, e: &StartError) -> bool {
 }
 
 /// A running service.
+///
+/// Dropping the handle stops the service gracefully in the background, as
+/// [`shutdown`](Self::shutdown) does without waiting: no new events are
+/// pulled, running handlers finish (up to the grace period), publish their
+/// emissions and ack — as long as the tokio runtime keeps running. Keep the
+/// handle for as long as the service should run; call
+/// [`wait`](Self::wait) to learn of a failure it cannot recover from.
 #[derive(Debug)]
+#[must_use = "dropping a ServiceHandle stops the service: keep it, or call .wait() or .shutdown()"]
 pub struct ServiceHandle {
     name: Arc<str>,
     stop: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+    tasks: JoinSet<Result<(), RunError>>,
     stats: Vec<(&'static str, Arc<HandlerStats>)>,
     client: async_nats::Client,
 }
@@ -473,11 +570,43 @@ impl ServiceHandle {
             .map(|(_, s)| &**s)
     }
 
+    /// Waits until the service stops on its own: `Err` when a handler met
+    /// a failure it could not recover from within the recovery timeout (the
+    /// rest of the service is then shut down gracefully before this
+    /// returns); `Ok` only after [`shutdown`](Self::shutdown)-like stops.
+    /// Cancel-safe: a `select!` may drop it and call `shutdown` after.
+    ///
+    /// # Errors
+    /// The first [`RunError`] a handler stopped with.
+    pub async fn wait(&mut self) -> Result<(), RunError> {
+        while let Some(done) = self.tasks.join_next().await {
+            let failed = match done {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(e) if e.is_panic() => RunError::Panicked {
+                    service: self.name.to_string(),
+                    panic: crate::runtime::panic_message(&*e.into_panic()),
+                },
+                Err(_) => continue,
+            };
+            let _ = self.stop.send(true);
+            while self.tasks.join_next().await.is_some() {}
+            let _ = self.client.flush().await;
+            tracing::error!(service = %self.name, error = %failed, "service stopped on a failure");
+            return Err(failed);
+        }
+        Ok(())
+    }
+
     /// Stops pulling, lets running handlers finish (up to the grace period),
     /// publishes their emissions and acks, flushes the connection, returns.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        while self.tasks.join_next().await.is_some() {}
+        while let Some(done) = self.tasks.join_next().await {
+            if let Ok(Err(e)) = done {
+                tracing::error!(service = %self.name, error = %e, "a handler had failed before shutdown");
+            }
+        }
         let _ = self.client.flush().await;
         tracing::info!(service = %self.name, "service stopped");
     }
@@ -488,6 +617,19 @@ impl ServiceHandle {
     pub fn abort(mut self) {
         self.tasks.abort_all();
         self.tasks.detach_all();
+    }
+}
+
+impl Drop for ServiceHandle {
+    fn drop(&mut self) {
+        if self.tasks.is_empty() {
+            return;
+        }
+        // Stop gracefully in the background: the tasks see the signal,
+        // finish what runs, and end on their own.
+        let _ = self.stop.send(true);
+        self.tasks.detach_all();
+        tracing::info!(service = %self.name, "service handle dropped; stopping gracefully in the background");
     }
 }
 

@@ -25,7 +25,9 @@ use crate::event::Event;
 use crate::handler::{BoxFuture, Handler, HandlerOptions, MissingState, States};
 use crate::inbox::{self, Inbox, InboxError, Record, Verdict};
 use crate::publish::Publisher;
-use crate::service::{FaultHook, FaultPoint, HandlerStats, consumer_name, create_consumer};
+use crate::service::{
+    FaultHook, FaultPoint, HandlerStats, RunError, consumer_name, create_consumer,
+};
 use pull::{Pulled, Puller, Slot};
 use watchdog::{KeyState, Registry};
 
@@ -48,6 +50,10 @@ pub(crate) struct Runtime {
     pub(crate) fault: Option<FaultHook>,
     /// The running invocations, kept alive by the watchdog.
     pub(crate) watchdog: Registry,
+    /// How long a failure that may pass (the consumer cannot be recreated,
+    /// the inbox bucket is missing) is retried before the service stops
+    /// with an error.
+    pub(crate) recovery_timeout: Duration,
 }
 
 /// What the pull loop's batched inbox read said about one event.
@@ -113,7 +119,7 @@ pub(crate) async fn pull_loop(
     consumer: jetstream::consumer::PullConsumer,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
-) {
+) -> Result<(), RunError> {
     let permits = Arc::new(Semaphore::new(rt.options.concurrency));
     let mut running = JoinSet::new();
     let _keeper = watchdog::Keeper::start(rt.clone());
@@ -131,14 +137,19 @@ pub(crate) async fn pull_loop(
             Err(e) => {
                 tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot subscribe for pulled events; retrying in 1s");
                 tokio::select! {
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => return Ok(()),
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
         }
     };
+    let mut inbox_check = tokio::time::interval(Duration::from_secs(1));
+    let mut failure = None;
     loop {
         reap(&rt, &mut running);
+        if failure.is_some() {
+            break;
+        }
         let permits_free = puller.wait_for_permits();
         let silent_at = puller.silence_deadline();
         let first = tokio::select! {
@@ -156,8 +167,12 @@ pub(crate) async fn pull_loop(
             () = tokio::time::sleep_until(silent_at), if puller.outstanding() > 0 => {
                 if puller.check_silence() {
                     tracing::debug!(service = %rt.service, handler = rt.handler, "pull requests went silent; asking again");
-                    refresh_consumer(&handler, &rt, &mut puller, None, &mut stop).await;
+                    failure = refresh_consumer(&handler, &rt, &mut puller, None, &mut stop).await.err();
                 }
+                continue;
+            }
+            _ = inbox_check.tick(), if rt.inbox.as_ref().is_some_and(|i| i.troubled_for().is_some()) => {
+                failure = check_inbox(&rt).await.err();
                 continue;
             }
             p = puller.next() => p,
@@ -172,7 +187,9 @@ pub(crate) async fn pull_loop(
                 Pulled::Status => {}
                 Pulled::ConsumerGone(why) => {
                     spawn_all(&handler, &rt, &mut running, chunk).await;
-                    refresh_consumer(&handler, &rt, &mut puller, Some(&why), &mut stop).await;
+                    failure = refresh_consumer(&handler, &rt, &mut puller, Some(&why), &mut stop)
+                        .await
+                        .err();
                     chunk = Vec::new();
                     break;
                 }
@@ -221,6 +238,37 @@ pub(crate) async fn pull_loop(
     if drained.is_err() {
         tracing::warn!(service = %rt.service, handler = rt.handler, "handlers still running after the grace period were abandoned; their events will be redelivered");
         running.abort_all();
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+/// Fails once the inbox has been unreadable for the recovery timeout and
+/// its bucket does not exist; an inbox that exists but fails (an election,
+/// a slow server) is waited for.
+async fn check_inbox(rt: &Runtime) -> Result<(), RunError> {
+    let Some(inbox) = &rt.inbox else {
+        return Ok(());
+    };
+    let Some(troubled) = inbox.troubled_for() else {
+        return Ok(());
+    };
+    if troubled < rt.recovery_timeout {
+        return Ok(());
+    }
+    match rt.js.get_stream(format!("KV_{}", inbox.bucket())).await {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            tracing::error!(service = %rt.service, handler = rt.handler, bucket = inbox.bucket(), ?troubled, error = %e, "the inbox bucket is gone; stopping the service");
+            Err(RunError::InboxLost {
+                service: rt.service.to_string(),
+                bucket: inbox.bucket().to_owned(),
+                missing_for: troubled,
+            })
+        }
+        Err(_) => Ok(()),
     }
 }
 
@@ -282,14 +330,15 @@ fn count_task_failure(rt: &Runtime, done: Result<(), tokio::task::JoinError>) {
 }
 
 /// Gets the consumer again after its requests went silent or the server
-/// said it is gone, recreating it if it no longer exists.
+/// said it is gone, recreating it if it no longer exists. Fails once it
+/// could not be recreated for the recovery timeout.
 async fn refresh_consumer(
     handler: &Arc<dyn Erased>,
     rt: &Runtime,
     puller: &mut Puller,
     why: Option<&str>,
     stop: &mut watch::Receiver<bool>,
-) {
+) -> Result<(), RunError> {
     let (stream, _, filter) = handler.stream();
     let durable = consumer_name(&rt.service, rt.handler);
     if why.is_none()
@@ -299,19 +348,36 @@ async fn refresh_consumer(
             .await
             .is_ok()
     {
-        return;
+        return Ok(());
     }
     if let Some(why) = why {
         tracing::warn!(service = %rt.service, handler = rt.handler, consumer = %durable, reason = why, "the consumer is gone; recreating it");
     }
     tokio::select! {
-        _ = stop.changed() => return,
+        _ = stop.changed() => return Ok(()),
         () = tokio::time::sleep(Duration::from_millis(500)) => {}
     }
     match create_consumer(&rt.js, stream, &durable, filter, &rt.options, rt.handler).await {
-        Ok(c) => puller.set_consumer(c),
+        Ok(c) => {
+            puller.set_consumer(c);
+            puller.trouble_since = None;
+            Ok(())
+        }
         Err(e) => {
-            tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot recreate the consumer");
+            let since = *puller
+                .trouble_since
+                .get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= rt.recovery_timeout {
+                tracing::error!(service = %rt.service, handler = rt.handler, consumer = %durable, error = %e, "the consumer cannot be recreated; stopping the service");
+                return Err(RunError::ConsumerLost {
+                    service: rt.service.to_string(),
+                    handler: rt.handler.to_owned(),
+                    failing_for: since.elapsed(),
+                    source: Box::new(e),
+                });
+            }
+            tracing::warn!(service = %rt.service, handler = rt.handler, consumer = %durable, error = %e, "cannot recreate the consumer; retrying");
+            Ok(())
         }
     }
 }
@@ -473,7 +539,9 @@ async fn handle<H: Handler>(
         let mut revision = 0;
         if let Some(inbox) = &rt.inbox {
             let seen = std::mem::replace(&mut seen, Seen::NotRead);
-            match look_up(rt, inbox, msg, &key, seen).await {
+            let found = look_up(rt, inbox, msg, &key, seen).await;
+            inbox.note_look_up(found.is_ok());
+            match found {
                 Ok(Some(rev)) => revision = rev,
                 Ok(None) => return skip(rt, msg).await,
                 Err(e) => return inbox_unavailable(rt, msg, attempt, &e).await,
@@ -790,7 +858,7 @@ async fn look_up_or_wait(
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| p.downcast_ref::<String>().cloned())
@@ -872,7 +940,7 @@ pub(crate) async fn advisory_loop(
     rt: Arc<Runtime>,
     consumer: jetstream::consumer::PullConsumer,
     mut stop: watch::Receiver<bool>,
-) {
+) -> Result<(), RunError> {
     loop {
         let mut messages = match consumer
             .stream()
@@ -884,14 +952,14 @@ pub(crate) async fn advisory_loop(
             Err(e) => {
                 tracing::warn!(handler = %rt.handler_id, error = %e, "cannot read advisories; retrying in 1s");
                 tokio::select! {
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => return Ok(()),
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
         };
         loop {
             let next = tokio::select! {
-                _ = stop.changed() => return,
+                _ = stop.changed() => return Ok(()),
                 m = messages.next() => m,
             };
             match next {

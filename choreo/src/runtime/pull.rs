@@ -59,6 +59,8 @@ pub(crate) struct Puller {
     /// Permits reserved for events requested and not yet arrived.
     reserved: Vec<OwnedSemaphorePermit>,
     last_heard: Instant,
+    /// Since when the consumer could not be recreated.
+    pub(crate) trouble_since: Option<Instant>,
 }
 
 impl Puller {
@@ -80,6 +82,7 @@ impl Puller {
             sub,
             reserved: Vec::new(),
             last_heard: Instant::now(),
+            trouble_since: None,
         })
     }
 
