@@ -71,8 +71,10 @@ pub(crate) struct Record {
 pub(crate) enum State {
     /// Handled.
     Done,
-    /// Claimed by a running handler at this time.
-    Running { at_ms: u64 },
+    /// Claimed by a running handler: the instance that wrote the claim (0
+    /// if unreadable) and the stream sequence of the delivery it runs (0 if
+    /// not given, as claims of older versions).
+    Running { instance: u64, stream_seq: u64 },
     /// Deleted, purged, or not a value choreo writes.
     Gone,
 }
@@ -84,26 +86,83 @@ pub(crate) enum Verdict {
     Run(u64),
     /// The handler already handled the event: ack and skip.
     Done,
-    /// Another instance is running it; its claim is fresh for this long.
-    Busy(Duration),
+    /// Another invocation may be running it: watch its claim (see
+    /// [`Watch`]).
+    Busy,
 }
 
-/// Decides from a read record. `lease` is how long a claim stays fresh.
-pub(crate) fn decide(record: Option<Record>, lease: Duration, now_ms: u64) -> Verdict {
+/// The delivery a decision is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sighting {
+    /// Its delivery attempt (1 for the first).
+    pub(crate) attempt: u32,
+    /// Its stream sequence.
+    pub(crate) stream_seq: u64,
+    /// This instance's id, as its claims carry it.
+    pub(crate) me: u64,
+}
+
+/// Decides from a read record, judging claims without any clock:
+///
+/// - a claim this very instance wrote does not block it (an invocation of
+///   the same key still running here is waited for by the watchdog's
+///   registry, not through the inbox);
+/// - a claim on the very message being redelivered is stale: JetStream
+///   redelivers only after the claim's holder sent no in-progress ack for
+///   `ack_wait`, and the holder refreshes its claim with each of those, so
+///   the server's own timer has judged it;
+/// - any other claim is [`Verdict::Busy`]: the waiter watches it, and takes
+///   it over once its revision has not moved for a lease (the holder
+///   refreshes it every third of `ack_wait`), measured on the waiter's
+///   monotonic clock. Neither clock skew between instances nor a jump of a
+///   wall clock can make a live claim look stale.
+pub(crate) fn decide(record: Option<Record>, at: Sighting) -> Verdict {
     let Some(record) = record else {
         return Verdict::Run(0);
     };
     match record.state {
         State::Done => Verdict::Done,
-        State::Running { at_ms } => {
-            let age = Duration::from_millis(now_ms.saturating_sub(at_ms));
-            if age < lease {
-                Verdict::Busy(lease - age)
-            } else {
+        State::Running {
+            instance,
+            stream_seq,
+        } => {
+            let own = instance != 0 && instance == at.me;
+            let redelivered = at.attempt > 1 && stream_seq != 0 && stream_seq == at.stream_seq;
+            if own || redelivered {
                 Verdict::Run(record.revision)
+            } else {
+                Verdict::Busy
             }
         }
         State::Gone => Verdict::Run(record.revision),
+    }
+}
+
+/// How long a claim may keep one revision before a waiter takes it over:
+/// `ack_wait`, three refresh periods.
+pub(crate) fn claim_lease(ack_wait: Duration) -> Duration {
+    ack_wait
+}
+
+/// A waiter's view of one claim: stale once its revision has not changed
+/// for the lease, on the waiter's monotonic clock.
+#[derive(Debug, Default)]
+pub(crate) struct Watch {
+    seen: Option<(u64, tokio::time::Instant)>,
+}
+
+impl Watch {
+    /// Notes the claim's revision as read now; whether it has been at that
+    /// revision for at least `lease`.
+    pub(crate) fn stale(&mut self, revision: u64, lease: Duration) -> bool {
+        let now = tokio::time::Instant::now();
+        match self.seen {
+            Some((r, since)) if r == revision => now.duration_since(since) >= lease,
+            _ => {
+                self.seen = Some((revision, now));
+                false
+            }
+        }
     }
 }
 
@@ -193,7 +252,7 @@ pub(crate) struct Inbox {
     /// Unix ms of the first failed look-up since the last one that
     /// worked (0: none failed).
     trouble_since: Arc<AtomicU64>,
-    instance: String,
+    instance: u64,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -211,8 +270,17 @@ fn parse(value: &[u8], deleted: bool) -> State {
     match parts.next() {
         Some("done") => State::Done,
         Some("run") => {
-            let at_ms = parts.nth(1).and_then(|t| t.parse().ok()).unwrap_or(0);
-            State::Running { at_ms }
+            // `run <instance> <unix ms> <stream seq>`; the time is for
+            // people reading the bucket, never for deciding.
+            let instance = parts
+                .next()
+                .and_then(|t| u64::from_str_radix(t, 16).ok())
+                .unwrap_or(0);
+            let stream_seq = parts.nth(1).and_then(|t| t.parse().ok()).unwrap_or(0);
+            State::Running {
+                instance,
+                stream_seq,
+            }
         }
         _ => State::Gone,
     }
@@ -267,7 +335,7 @@ impl Inbox {
                 }
             }
         };
-        let instance = EventId::new_random().short();
+        let instance = uuid::Uuid::now_v7().as_u64_pair().1.max(1);
         let direct = kv.status().await.is_ok_and(|s| s.info.config.allow_direct);
         let client = js.client();
         let answers = Answers::start(&client)
@@ -287,8 +355,17 @@ impl Inbox {
         })
     }
 
-    fn claim_value(&self) -> Bytes {
-        Bytes::from(format!("run {} {}", self.instance, now_ms()))
+    fn claim_value(&self, stream_seq: u64) -> Bytes {
+        Bytes::from(format!(
+            "run {:016x} {} {stream_seq}",
+            self.instance,
+            now_ms()
+        ))
+    }
+
+    /// This instance's id, as its claims carry it.
+    pub(crate) fn instance(&self) -> u64 {
+        self.instance
     }
 
     fn err(&self, reason: impl std::fmt::Display) -> InboxError {
@@ -423,8 +500,13 @@ impl Inbox {
 
     /// Claims `key` (at `revision`, 0 if absent) for this instance; returns
     /// the claim's revision.
-    pub(crate) async fn claim(&self, key: &str, revision: u64) -> Result<u64, InboxError> {
-        self.write_at(key, self.claim_value(), revision)
+    pub(crate) async fn claim(
+        &self,
+        key: &str,
+        revision: u64,
+        stream_seq: u64,
+    ) -> Result<u64, InboxError> {
+        self.write_at(key, self.claim_value(stream_seq), revision)
             .await
             .map_err(|(_, e)| e)
     }
@@ -452,9 +534,14 @@ impl Inbox {
     }
 
     /// Refreshes a claim this instance holds; returns its new revision.
-    pub(crate) async fn refresh(&self, key: &str, revision: u64) -> Result<u64, InboxError> {
+    pub(crate) async fn refresh(
+        &self,
+        key: &str,
+        revision: u64,
+        stream_seq: u64,
+    ) -> Result<u64, InboxError> {
         self.kv
-            .update(key, self.claim_value(), revision)
+            .update(key, self.claim_value(stream_seq), revision)
             .await
             .map_err(|e| self.err(e))
     }
@@ -507,49 +594,97 @@ const BATCH_PAUSE_MS: u64 = 60_000;
 mod tests {
     use super::*;
 
-    const LEASE: Duration = Duration::from_secs(60);
+    const ME: u64 = 0xabc;
 
     fn rec(revision: u64, state: State) -> Option<Record> {
         Some(Record { revision, state })
     }
 
+    fn first(stream_seq: u64) -> Sighting {
+        Sighting {
+            attempt: 1,
+            stream_seq,
+            me: ME,
+        }
+    }
+
+    fn claim(instance: u64, stream_seq: u64) -> State {
+        State::Running {
+            instance,
+            stream_seq,
+        }
+    }
+
     #[test]
     fn absent_keys_run_from_revision_zero() {
-        assert_eq!(decide(None, LEASE, 1_000), Verdict::Run(0));
+        assert_eq!(decide(None, first(1)), Verdict::Run(0));
     }
 
     #[test]
     fn done_keys_are_skipped() {
-        assert_eq!(decide(rec(7, State::Done), LEASE, 1_000), Verdict::Done);
+        assert_eq!(decide(rec(7, State::Done), first(1)), Verdict::Done);
     }
 
     #[test]
-    fn fresh_claims_make_others_wait_for_the_rest_of_the_lease() {
-        let at_ms = 100_000;
-        assert_eq!(
-            decide(rec(3, State::Running { at_ms }), LEASE, at_ms + 10_000),
-            Verdict::Busy(Duration::from_secs(50))
-        );
+    fn another_instances_claim_is_watched() {
+        assert_eq!(decide(rec(3, claim(0x999, 5)), first(5)), Verdict::Busy);
+        // A copy on another message, redelivered: the server's timer says
+        // nothing about the claim on the first message.
+        let copy = Sighting {
+            attempt: 3,
+            stream_seq: 6,
+            me: ME,
+        };
+        assert_eq!(decide(rec(3, claim(0x999, 5)), copy), Verdict::Busy);
+        // An old-format claim (no instance, no sequence) is watched too.
+        assert_eq!(decide(rec(3, claim(0, 0)), copy), Verdict::Busy);
     }
 
     #[test]
-    fn stale_claims_and_deleted_keys_run_at_their_revision() {
-        let at_ms = 100_000;
-        assert_eq!(
-            decide(rec(3, State::Running { at_ms }), LEASE, at_ms + 60_000),
-            Verdict::Run(3)
-        );
-        assert_eq!(decide(rec(9, State::Gone), LEASE, 0), Verdict::Run(9));
+    fn a_claim_on_the_redelivered_message_itself_is_stale() {
+        let again = Sighting {
+            attempt: 2,
+            stream_seq: 5,
+            me: ME,
+        };
+        assert_eq!(decide(rec(3, claim(0x999, 5)), again), Verdict::Run(3));
+    }
+
+    #[test]
+    fn this_instances_own_claim_does_not_block_it() {
+        assert_eq!(decide(rec(4, claim(ME, 5)), first(5)), Verdict::Run(4));
+    }
+
+    #[test]
+    fn deleted_keys_run_at_their_revision() {
+        assert_eq!(decide(rec(9, State::Gone), first(1)), Verdict::Run(9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watched_claim_is_stale_only_after_a_lease_at_one_revision() {
+        let lease = Duration::from_secs(2);
+        let mut w = Watch::default();
+        assert!(!w.stale(3, lease));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(!w.stale(3, lease));
+        // Refreshed: the lease starts again.
+        assert!(!w.stale(4, lease));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(!w.stale(4, lease));
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(w.stale(4, lease));
     }
 
     #[test]
     fn values_parse_into_states() {
         assert_eq!(parse(b"done 17", false), State::Done);
         assert_eq!(
+            parse(b"run 00000000000000ab 1700000000000 42", false),
+            claim(0xab, 42)
+        );
+        assert_eq!(
             parse(b"run ab12cd34 1700000000000", false),
-            State::Running {
-                at_ms: 1_700_000_000_000
-            }
+            claim(0xab12_cd34, 0)
         );
         assert_eq!(parse(b"done 17", true), State::Gone);
         assert_eq!(parse(b"something else", false), State::Gone);

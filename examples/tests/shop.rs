@@ -222,7 +222,7 @@ async fn a_service_process_stops_gracefully_on_sigterm() {
     .unwrap();
     assert!(out.0.success(), "exit status {:?}\n{}", out.0, out.1);
     assert!(
-        out.1.contains("shutdown signal received") && out.1.contains("service stopped"),
+        out.1.contains("shutdown requested") && out.1.contains("service stopped"),
         "{}",
         out.1
     );

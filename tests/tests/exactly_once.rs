@@ -731,3 +731,152 @@ async fn without_a_readable_inbox_nothing_is_handled_or_acked_until_it_returns()
     .await;
     svc.shutdown().await;
 }
+
+// ---- claims: recovery after a crash, and no client clock -------------------------
+
+/// When each invocation started.
+#[derive(Clone, Default)]
+struct Starts(Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>);
+
+impl Starts {
+    fn count(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+}
+
+#[event_handler(ack_wait = "3s", backoff = ["100ms"])]
+async fn long_charge(_order: OrderPlaced, State(starts): State<Starts>) {
+    let first = {
+        let mut s = starts.0.lock().unwrap();
+        s.push(tokio::time::Instant::now());
+        s.len() == 1
+    };
+    if first {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
+async fn long_payments(w: &ShortWindow, starts: &Starts) -> ServiceHandle {
+    Service::new("payments")
+        .stream_settings(w.settings.clone())
+        .state(starts.clone())
+        .handler(long_charge)
+        .start(w.server.connect().await.unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instances_claimed_event_resumes_elsewhere_within_about_one_ack_wait() {
+    let w = ShortWindow::start().await;
+    let starts = Starts::default();
+    let a = long_payments(&w, &starts).await;
+    w.publish("o-1").await;
+    eventually(Duration::from_secs(5), "A to start", || starts.count() == 1).await;
+    let b = long_payments(&w, &starts).await;
+    // Long enough for A's watchdog to write its claim and refresh it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let crashed = tokio::time::Instant::now();
+    a.abort();
+    eventually(Duration::from_secs(15), "B to take the event over", || {
+        starts.count() == 2
+    })
+    .await;
+    let resumed = starts.0.lock().unwrap()[1].duration_since(crashed);
+    eprintln!("resumed {resumed:?} after the crash (ack_wait 3s)");
+    // JetStream redelivers ack_wait after A's last in-progress ack, and the
+    // redelivery of the very message A claimed takes its claim over at once
+    // (before: the claim blocked for twice ack_wait after its last refresh).
+    assert!(
+        resumed < Duration::from_millis(4500),
+        "resumed {resumed:?} after the crash, more than about one ack_wait (3 s)"
+    );
+    b.shutdown().await;
+}
+
+/// Writes the inbox key of `event` for handler `charge` as a claim of
+/// another instance with the given wall-clock time, at `revision` (0: new).
+async fn forge_claim(
+    client: &async_nats::Client,
+    event: EventId,
+    at_ms: u64,
+    revision: u64,
+) -> u64 {
+    let kv = jetstream::new(client.clone())
+        .get_key_value("choreo_inbox_payments")
+        .await
+        .unwrap();
+    let key = choreo::inbox::key("charge", event);
+    let value = format!("run 00000000deadbeef {at_ms} 0");
+    if revision == 0 {
+        kv.put(&key, value.into()).await.unwrap()
+    } else {
+        kv.update(&key, value.into(), revision).await.unwrap()
+    }
+}
+
+/// The service's bucket and consumer exist, the service is stopped, and
+/// one event waits: its id.
+async fn one_waiting_event(w: &ShortWindow, fx: &Effects) -> EventId {
+    w.payments(fx).await.shutdown().await;
+    w.publish("o-1").await.event_id
+}
+
+fn unix_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_claim_from_a_clock_an_hour_ahead_is_taken_over_after_one_lease() {
+    let w = ShortWindow::start().await;
+    let fx = Effects::new(&w.client).await;
+    let id = one_waiting_event(&w, &fx).await;
+    forge_claim(&w.client, id, unix_ms() + 3_600_000, 0).await;
+    let started = tokio::time::Instant::now();
+    let svc = w.payments(&fx).await;
+    eventually(Duration::from_secs(10), "the event handled", || {
+        fx.invocations.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let took = started.elapsed();
+    // The claim never moved for a lease (ack_wait, 1 s): stale, whatever
+    // time it carries.
+    assert!(
+        took >= Duration::from_millis(900),
+        "took {took:?}: the claim was ignored"
+    );
+    assert!(svc.stats("charge").unwrap().waited() >= 1);
+    svc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_live_claim_from_a_clock_far_behind_keeps_excluding_until_it_stops() {
+    let w = ShortWindow::start().await;
+    let fx = Effects::new(&w.client).await;
+    let id = one_waiting_event(&w, &fx).await;
+    // Another instance, alive, whose clock reads 1970: it refreshes its
+    // claim every 300 ms.
+    let mut revision = forge_claim(&w.client, id, 0, 0).await;
+    let svc = w.payments(&fx).await;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        revision = forge_claim(&w.client, id, 0, revision).await;
+        assert_eq!(
+            fx.invocations.load(Ordering::SeqCst),
+            0,
+            "ran while another instance's claim was being refreshed"
+        );
+    }
+    // It stops (crashes): the claim is taken over.
+    eventually(Duration::from_secs(10), "the event handled", || {
+        fx.invocations.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    svc.shutdown().await;
+}

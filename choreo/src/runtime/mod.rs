@@ -23,7 +23,7 @@ use crate::envelope::Envelope;
 use crate::error::StreamError;
 use crate::event::Event;
 use crate::handler::{BoxFuture, Handler, HandlerOptions, MissingState, States};
-use crate::inbox::{self, Inbox, InboxError, Record, Verdict};
+use crate::inbox::{self, Inbox, InboxError, Record, Sighting, Verdict};
 use crate::publish::Publisher;
 use crate::service::{
     FaultHook, FaultPoint, HandlerStats, RunError, consumer_name, create_consumer,
@@ -539,7 +539,12 @@ async fn handle<H: Handler>(
         let mut revision = 0;
         if let Some(inbox) = &rt.inbox {
             let seen = std::mem::replace(&mut seen, Seen::NotRead);
-            let found = look_up(rt, inbox, msg, &key, seen).await;
+            let at = Sighting {
+                attempt,
+                stream_seq: seq,
+                me: inbox.instance(),
+            };
+            let found = look_up(rt, inbox, msg, &key, seen, at).await;
             inbox.note_look_up(found.is_ok());
             match found {
                 Ok(Some(rev)) => revision = rev,
@@ -550,7 +555,7 @@ async fn handle<H: Handler>(
         // Refused only for a key already registered, so only with an inbox.
         if let Some(entered) =
             rt.watchdog
-                .enter(msg.reply.clone(), inbox_key, revision, abort.clone())
+                .enter(msg.reply.clone(), inbox_key, revision, seq, abort.clone())
         {
             break entered;
         }
@@ -807,50 +812,63 @@ async fn look_up(
     msg: &jetstream::Message,
     key: &str,
     seen: Seen,
+    at: Sighting,
 ) -> Result<Option<u64>, InboxError> {
     if let Seen::Read(record) = seen {
-        match inbox::decide(record, rt.options.ack_wait * 2, inbox::now_ms()) {
+        match inbox::decide(record, at) {
             Verdict::Run(revision) => return Ok(Some(revision)),
             Verdict::Done => return Ok(None),
-            Verdict::Busy(_) => {}
+            Verdict::Busy => {}
         }
     }
-    Box::pin(look_up_or_wait(rt, inbox, msg, key, seen)).await
+    Box::pin(look_up_or_wait(rt, inbox, msg, key, seen, at)).await
 }
 
 /// Decides from the inbox whether to run: `Ok(Some(revision))` to run (the
-/// key's revision, 0 if absent), `Ok(None)` if already handled. While another
-/// instance holds a fresh claim, waits (sending in-progress acks) until it
-/// finishes or its claim goes stale.
+/// key's revision, 0 if absent), `Ok(None)` if already handled. While
+/// another invocation's claim keeps being refreshed, waits (sending
+/// in-progress acks) until it finishes or its claim stops moving for a
+/// lease (see [`inbox::decide`]).
 async fn look_up_or_wait(
     rt: &Runtime,
     inbox: &Inbox,
     msg: &jetstream::Message,
     key: &str,
     seen: Seen,
+    at: Sighting,
 ) -> Result<Option<u64>, InboxError> {
-    let lease = rt.options.ack_wait * 2;
-    let step = (rt.options.ack_wait / 3).min(Duration::from_millis(500));
+    let lease = inbox::claim_lease(rt.options.ack_wait);
+    let step = (rt.options.ack_wait / 3)
+        .min(Duration::from_millis(500))
+        .max(Duration::from_millis(20));
     let mut seen = seen;
     let mut waited = false;
+    let mut watch = inbox::Watch::default();
     loop {
         let record = match seen {
             Seen::Read(record) => record,
             Seen::NotRead => inbox.read(key).await?,
         };
-        match inbox::decide(record, lease, inbox::now_ms()) {
+        match inbox::decide(record, at) {
             Verdict::Run(revision) => return Ok(Some(revision)),
             Verdict::Done => return Ok(None),
-            Verdict::Busy(fresh_for) => {
+            Verdict::Busy => {
+                let revision = record.map_or(0, |r| r.revision);
+                if watch.stale(revision, lease) {
+                    tracing::info!(
+                        ?lease,
+                        "the claim on this event was not refreshed for a lease; taking it over"
+                    );
+                    return Ok(Some(revision));
+                }
                 if !waited {
                     rt.stats.waited.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
-                        ?fresh_for,
                         "another instance is handling this event; waiting for its outcome"
                     );
                     waited = true;
                 }
-                tokio::time::sleep(step.min(fresh_for).max(Duration::from_millis(20))).await;
+                tokio::time::sleep(step).await;
                 let _ = msg.ack_with(AckKind::Progress).await;
                 seen = Seen::NotRead;
             }

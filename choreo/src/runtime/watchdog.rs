@@ -29,6 +29,8 @@ struct Running {
     reply: Option<Subject>,
     /// Its inbox key, if the handler has an inbox.
     key: Option<Arc<str>>,
+    /// The stream sequence of its delivery, written into its claim.
+    stream_seq: u64,
     /// The key's revision as last known (0: absent).
     revision: u64,
     /// Whether `revision` is this instance's claim.
@@ -103,6 +105,7 @@ impl Registry {
         reply: Option<Subject>,
         key: Option<&str>,
         revision: u64,
+        stream_seq: u64,
         abort: AbortHandle,
     ) -> Option<Entered<'_>> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
@@ -120,6 +123,7 @@ impl Registry {
             Running {
                 reply,
                 key,
+                stream_seq,
                 revision,
                 claimed: false,
                 claim_tried: false,
@@ -200,10 +204,11 @@ impl Drop for Keeper {
 }
 
 enum Work {
-    /// Send an in-progress ack, and refresh the claim at this revision if held.
-    Progress(u64, Subject, Option<(Arc<str>, u64)>),
-    /// Write the claim over this revision.
-    Claim(u64, Arc<str>, u64),
+    /// Send an in-progress ack, and refresh the claim (key, revision, stream
+    /// sequence) if held.
+    Progress(u64, Subject, Option<(Arc<str>, u64, u64)>),
+    /// Write the claim over this revision (key, revision, stream sequence).
+    Claim(u64, Arc<str>, u64, u64),
 }
 
 /// Runs until aborted: its [`Keeper`] is dropped with the pull loop, after
@@ -241,7 +246,7 @@ async fn run(rt: Arc<Runtime>) {
                         .key
                         .as_ref()
                         .filter(|_| r.claimed && !r.finishing)
-                        .map(|k| (k.clone(), r.revision));
+                        .map(|k| (k.clone(), r.revision, r.stream_seq));
                     work.push(Work::Progress(token, reply.clone(), refresh));
                 }
                 // Not an `else`: with a short ack_wait the in-progress acks
@@ -252,7 +257,7 @@ async fn run(rt: Arc<Runtime>) {
                     && let Some(key) = &r.key
                 {
                     r.claim_tried = true;
-                    work.push(Work::Claim(token, key.clone(), r.revision));
+                    work.push(Work::Claim(token, key.clone(), r.revision, r.stream_seq));
                 }
             }
             work
@@ -275,8 +280,8 @@ async fn perform(rt: &Runtime, work: Work) {
                     tracing::debug!(handler = %rt.handler_id, error = %e, "in-progress ack failed")
                 }
             }
-            if let (Some(inbox), Some((key, revision))) = (&rt.inbox, refresh) {
-                match inbox.refresh(&key, revision).await {
+            if let (Some(inbox), Some((key, revision, seq))) = (&rt.inbox, refresh) {
+                match inbox.refresh(&key, revision, seq).await {
                     Ok(r) => rt.watchdog.set_revision(token, r),
                     Err(e) => {
                         tracing::debug!(key = &*key, error = %e, "inbox claim refresh failed")
@@ -284,9 +289,9 @@ async fn perform(rt: &Runtime, work: Work) {
                 }
             }
         }
-        Work::Claim(token, key, revision) => {
+        Work::Claim(token, key, revision, seq) => {
             if let Some(inbox) = &rt.inbox {
-                match inbox.claim(&key, revision).await {
+                match inbox.claim(&key, revision, seq).await {
                     Ok(r) => rt.watchdog.set_revision(token, r),
                     // The key moved: the invocation just returned and wrote
                     // its record, or another delivery of the event is running
