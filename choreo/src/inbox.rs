@@ -253,6 +253,8 @@ pub(crate) struct Inbox {
     /// worked (0: none failed).
     trouble_since: Arc<AtomicU64>,
     instance: u64,
+    /// A fault hook: how long each claim write waits first.
+    claim_delay: Option<Duration>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -350,6 +352,7 @@ impl Inbox {
             direct,
             batches_paused_until: Arc::new(AtomicU64::new(0)),
             trouble_since: Arc::new(AtomicU64::new(0)),
+            claim_delay: None,
             bucket,
             instance,
         })
@@ -361,6 +364,17 @@ impl Inbox {
             self.instance,
             now_ms()
         ))
+    }
+
+    /// Makes every claim write wait `delay` first (a fault hook).
+    pub(crate) fn delay_claims(&mut self, delay: Duration) {
+        self.claim_delay = Some(delay);
+    }
+
+    async fn claim_delay(&self) {
+        if let Some(d) = self.claim_delay {
+            tokio::time::sleep(d).await;
+        }
     }
 
     /// This instance's id, as its claims carry it.
@@ -506,6 +520,7 @@ impl Inbox {
         revision: u64,
         stream_seq: u64,
     ) -> Result<u64, InboxError> {
+        self.claim_delay().await;
         self.write_at(key, self.claim_value(stream_seq), revision)
             .await
             .map_err(|(_, e)| e)
@@ -540,6 +555,7 @@ impl Inbox {
         revision: u64,
         stream_seq: u64,
     ) -> Result<u64, InboxError> {
+        self.claim_delay().await;
         self.kv
             .update(key, self.claim_value(stream_seq), revision)
             .await

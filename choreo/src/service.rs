@@ -220,6 +220,7 @@ pub struct Service {
     start_timeout: Duration,
     recovery_timeout: Duration,
     fault: Option<FaultHook>,
+    inbox_write_delay: Option<Duration>,
 }
 
 impl std::fmt::Debug for Service {
@@ -246,6 +247,7 @@ impl Service {
             start_timeout: Duration::from_secs(30),
             recovery_timeout: Duration::from_secs(60),
             fault: None,
+            inbox_write_delay: None,
         }
     }
 
@@ -278,6 +280,14 @@ impl Service {
     #[doc(hidden)]
     pub fn fault_hook(mut self, hook: FaultHook) -> Self {
         self.fault = Some(hook);
+        self
+    }
+
+    /// Delays every claim write and refresh of the inbox by `delay`, as a
+    /// slow KV bucket would. For fault tests only: not part of the stable API.
+    #[doc(hidden)]
+    pub fn slow_inbox_claims(mut self, delay: Duration) -> Self {
+        self.inbox_write_delay = Some(delay);
         self
     }
 
@@ -413,7 +423,7 @@ impl Service {
         // leader, a node catching up) is retried until `start_timeout`.
         let deadline = tokio::time::Instant::now() + self.start_timeout;
         let mut delay = Duration::from_millis(100);
-        let (inbox, consumers) = loop {
+        let (mut inbox, consumers) = loop {
             match self.prepare(&js).await {
                 Ok(done) => break done,
                 Err(e)
@@ -427,6 +437,9 @@ impl Service {
                 Err(e) => return Err(e),
             }
         };
+        if let (Some(inbox), Some(delay)) = (&mut inbox, self.inbox_write_delay) {
+            inbox.delay_claims(delay);
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let service: Arc<str> = Arc::from(name.as_str());
         let states = Arc::new(self.states);

@@ -880,3 +880,38 @@ async fn a_live_claim_from_a_clock_far_behind_keeps_excluding_until_it_stops() {
     .await;
     svc.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_progress_acks_keep_their_period_when_inbox_writes_are_slow() {
+    let w = ShortWindow::start().await;
+    let mut fx = Effects::new(&w.client).await;
+    fx.sleep_first_for = Some(Duration::from_secs(3));
+    // Every claim write takes 2.5 s, far past the 1 s ack_wait.
+    let svc = Service::new("payments")
+        .stream_settings(w.settings.clone())
+        .state(fx.clone())
+        .handler(charge)
+        .slow_inbox_claims(Duration::from_millis(2500))
+        .start(w.server.connect().await.unwrap())
+        .await
+        .unwrap();
+    w.publish("o-1").await;
+    wait_settled(&w.client).await;
+    let stats = svc.stats("charge").unwrap();
+    assert!(
+        stats.in_progress_acks() >= 6,
+        "{} in-progress acks in 3 s at a period of 333 ms",
+        stats.in_progress_acks()
+    );
+    let mut c: jetstream::consumer::PullConsumer = jetstream::new(w.client.clone())
+        .get_consumer_from_stream("payments--charge", "ORDERS")
+        .await
+        .unwrap();
+    assert_eq!(
+        c.info().await.unwrap().num_redelivered,
+        0,
+        "ack_wait lapsed while a claim was being written"
+    );
+    assert_each_handled_once(&fx, &w.client, 1).await;
+    svc.shutdown().await;
+}

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::Subject;
-use futures::future::{AbortHandle, join_all};
+use futures::future::AbortHandle;
 use tokio::time::Instant;
 
 use crate::runtime::Runtime;
@@ -37,6 +37,8 @@ struct Running {
     claimed: bool,
     /// Whether the watchdog tried to claim it (once is enough).
     claim_tried: bool,
+    /// An inbox write for it is under way.
+    writing: bool,
     /// The handler returned: in-progress acks go on until the event's
     /// verdict, but the claim is left alone while the record is written.
     finishing: bool,
@@ -127,6 +129,7 @@ impl Registry {
                 revision,
                 claimed: false,
                 claim_tried: false,
+                writing: false,
                 finishing: false,
                 abort,
                 timed_out: false,
@@ -144,6 +147,12 @@ impl Registry {
     /// Whether an invocation for this inbox key is registered.
     pub(crate) fn is_running(&self, key: &str) -> bool {
         self.lock().keys.contains(key)
+    }
+
+    fn done_writing(&self, token: u64) {
+        if let Some(r) = self.lock().running.get_mut(&token) {
+            r.writing = false;
+        }
     }
 
     fn set_revision(&self, token: u64, revision: u64) {
@@ -203,16 +212,23 @@ impl Drop for Keeper {
     }
 }
 
-enum Work {
-    /// Send an in-progress ack, and refresh the claim (key, revision, stream
-    /// sequence) if held.
-    Progress(u64, Subject, Option<(Arc<str>, u64, u64)>),
+/// Inbox work for one invocation: written by a task of its own, so that a
+/// slow KV write never delays an in-progress ack.
+enum KvWork {
+    /// Refresh the claim held at this revision.
+    Refresh(u64, Arc<str>, u64, u64),
     /// Write the claim over this revision (key, revision, stream sequence).
     Claim(u64, Arc<str>, u64, u64),
 }
 
 /// Runs until aborted: its [`Keeper`] is dropped with the pull loop, after
 /// the last invocation returned (or when the service is aborted).
+///
+/// Each tick first sends the in-progress acks that fall due (a publish
+/// each, queued on the connection), then starts the inbox writes that fall
+/// due in tasks of their own, at most one at a time per invocation. The
+/// tick never awaits an inbox write, so in-progress acks keep their period
+/// however slow the KV bucket answers.
 async fn run(rt: Arc<Runtime>) {
     let period = rt.options.ack_wait / 3;
     let timeout = rt.options.timeout;
@@ -222,12 +238,16 @@ async fn run(rt: Arc<Runtime>) {
         .max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut writes = tokio::task::JoinSet::new();
+    let warnings = Arc::new(Limited::default());
     loop {
         ticker.tick().await;
+        while writes.try_join_next().is_some() {}
         let now = Instant::now();
-        let work: Vec<Work> = {
+        let mut acks: Vec<Subject> = Vec::new();
+        let mut kv: Vec<KvWork> = Vec::new();
+        {
             let mut inner = rt.watchdog.lock();
-            let mut work = Vec::new();
             for (&token, r) in &mut inner.running {
                 if !r.finishing && !r.timed_out && now.duration_since(r.started) >= timeout {
                     // Abandoned: the invocation's future is dropped at its
@@ -238,67 +258,103 @@ async fn run(rt: Arc<Runtime>) {
                 if r.timed_out {
                     continue;
                 }
+                let mut refresh = false;
                 if now.duration_since(r.last_progress) + tick >= period
                     && let Some(reply) = &r.reply
                 {
                     r.last_progress = now;
-                    let refresh = r
-                        .key
-                        .as_ref()
-                        .filter(|_| r.claimed && !r.finishing)
-                        .map(|k| (k.clone(), r.revision, r.stream_seq));
-                    work.push(Work::Progress(token, reply.clone(), refresh));
+                    acks.push(reply.clone());
+                    refresh = r.claimed && !r.finishing;
                 }
+                if r.writing {
+                    continue;
+                }
+                let Some(key) = &r.key else { continue };
                 // Not an `else`: with a short ack_wait the in-progress acks
                 // fall due on most ticks, and must not starve the claim.
-                if !r.claim_tried
-                    && !r.finishing
-                    && now.duration_since(r.started) >= claim_after
-                    && let Some(key) = &r.key
-                {
+                if !r.claim_tried && !r.finishing && now.duration_since(r.started) >= claim_after {
                     r.claim_tried = true;
-                    work.push(Work::Claim(token, key.clone(), r.revision, r.stream_seq));
+                    r.writing = true;
+                    kv.push(KvWork::Claim(token, key.clone(), r.revision, r.stream_seq));
+                } else if refresh {
+                    r.writing = true;
+                    kv.push(KvWork::Refresh(
+                        token,
+                        key.clone(),
+                        r.revision,
+                        r.stream_seq,
+                    ));
                 }
             }
-            work
-        };
-        if work.is_empty() {
-            continue;
         }
-        join_all(work.into_iter().map(|w| perform(&rt, w))).await;
-    }
-}
-
-async fn perform(rt: &Runtime, work: Work) {
-    match work {
-        Work::Progress(token, reply, refresh) => {
+        for reply in acks {
             match rt.client.publish(reply, "+WPI".into()).await {
                 Ok(()) => {
                     rt.stats.in_progress_acks.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => {
-                    tracing::debug!(handler = %rt.handler_id, error = %e, "in-progress ack failed")
-                }
-            }
-            if let (Some(inbox), Some((key, revision, seq))) = (&rt.inbox, refresh) {
-                match inbox.refresh(&key, revision, seq).await {
-                    Ok(r) => rt.watchdog.set_revision(token, r),
-                    Err(e) => {
-                        tracing::debug!(key = &*key, error = %e, "inbox claim refresh failed")
-                    }
-                }
+                Err(e) => warnings.warn(&rt, "an in-progress ack could not be sent", &e),
             }
         }
-        Work::Claim(token, key, revision, seq) => {
-            if let Some(inbox) = &rt.inbox {
-                match inbox.claim(&key, revision, seq).await {
-                    Ok(r) => rt.watchdog.set_revision(token, r),
-                    // The key moved: the invocation just returned and wrote
-                    // its record, or another delivery of the event is running
-                    // too. Either way the record is written over it.
-                    Err(e) => tracing::debug!(key = &*key, error = %e, "inbox claim not written"),
-                }
-            }
+        for work in kv {
+            let (rt, warnings) = (rt.clone(), warnings.clone());
+            writes.spawn(async move { write(&rt, work, &warnings).await });
         }
     }
+}
+
+/// Warnings from the watchdog, at most one per [`Limited::EVERY`], with
+/// how many were held back.
+#[derive(Debug, Default)]
+struct Limited {
+    last: Mutex<Option<Instant>>,
+    held_back: AtomicU64,
+}
+
+impl Limited {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn warn(&self, rt: &Runtime, what: &str, e: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|l| now.duration_since(l) < Self::EVERY) {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(now);
+        let held_back = self.held_back.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            service = %rt.service,
+            handler = rt.handler,
+            error = %e,
+            held_back,
+            "{what} (held_back: like warnings since the last one)"
+        );
+    }
+}
+
+async fn write(rt: &Runtime, work: KvWork, warnings: &Limited) {
+    let Some(inbox) = &rt.inbox else { return };
+    let token = match work {
+        KvWork::Refresh(token, key, revision, seq) => {
+            match inbox.refresh(&key, revision, seq).await {
+                Ok(r) => rt.watchdog.set_revision(token, r),
+                Err(e) => warnings.warn(rt, "an inbox claim could not be refreshed", &e),
+            }
+            token
+        }
+        KvWork::Claim(token, key, revision, seq) => {
+            match inbox.claim(&key, revision, seq).await {
+                Ok(r) => rt.watchdog.set_revision(token, r),
+                // The key moved: the invocation just returned and wrote its
+                // record, or another delivery of the event is running too.
+                // Either way the record is written over it.
+                Err(e) => tracing::debug!(key = &*key, error = %e, "inbox claim not written"),
+            }
+            token
+        }
+    };
+    rt.watchdog.done_writing(token);
 }
