@@ -577,7 +577,7 @@ impl Inbox {
                     Some(Record {
                         state: State::Done, ..
                     }) => {
-                        tracing::warn!(
+                        tracing::info!(
                             key,
                             "another delivery recorded this event while the handler ran"
                         );

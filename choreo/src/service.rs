@@ -453,6 +453,7 @@ impl Service {
                 handler: h.name(),
                 handler_id: Arc::from(format!("{service}.{}", h.name())),
                 stream,
+                event_type: h.event_type(),
                 options,
                 publisher: publisher.clone(),
                 states: states.clone(),

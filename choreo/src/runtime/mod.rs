@@ -40,6 +40,8 @@ pub(crate) struct Runtime {
     pub(crate) handler: &'static str,
     pub(crate) handler_id: Arc<str>,
     pub(crate) stream: &'static str,
+    /// The name of the event the handler consumes.
+    pub(crate) event_type: &'static str,
     pub(crate) options: HandlerOptions,
     pub(crate) publisher: Publisher,
     pub(crate) states: Arc<States>,
@@ -64,9 +66,49 @@ pub(crate) enum Seen {
     Read(Option<Record>),
 }
 
+/// Logs a warning or error about one delivery, with its identity as fields
+/// of the line itself — service, handler, event type, event id, subject,
+/// attempt and stream sequence — so that logs kept at `warn` say which
+/// event it was, whatever the subscriber does with spans.
+macro_rules! about {
+    ($level:ident, $rt:expr, $msg:expr, $($rest:tt)+) => {{
+        let (attempt, stream_sequence) = $crate::runtime::delivery_of($msg);
+        tracing::$level!(
+            service = %$rt.service,
+            handler = %$rt.handler,
+            event_type = %$rt.event_type,
+            event_id = %$crate::runtime::event_id_of($msg),
+            subject = %$msg.subject,
+            attempt,
+            stream_sequence,
+            $($rest)+
+        )
+    }};
+}
+
+/// A delivery's attempt and stream sequence (1 and 0 if unreadable).
+pub(crate) fn delivery_of(msg: &jetstream::Message) -> (u32, u64) {
+    match msg.info() {
+        Ok(info) => (
+            u32::try_from(info.delivered).unwrap_or(u32::MAX),
+            info.stream_sequence,
+        ),
+        Err(_) => (1, 0),
+    }
+}
+
+/// A delivery's `ce-id` as sent (`-` if it has none).
+pub(crate) fn event_id_of(msg: &jetstream::Message) -> &str {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get(crate::headers::CE_ID))
+        .map_or("-", |v| v.as_str())
+}
+
 /// A handler with its event type erased.
 pub(crate) trait Erased: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
+    fn event_type(&self) -> &'static str;
     fn options(&self) -> HandlerOptions;
     fn stream(&self) -> (&'static str, &'static str, &'static str);
     fn check(&self, states: &States) -> Result<(), MissingState>;
@@ -89,6 +131,9 @@ impl<H> std::fmt::Debug for Typed<H> {
 impl<H: Handler> Erased for Typed<H> {
     fn name(&self) -> &'static str {
         self.0.name()
+    }
+    fn event_type(&self) -> &'static str {
+        H::Event::NAME
     }
     fn options(&self) -> HandlerOptions {
         self.0.options()
@@ -464,9 +509,24 @@ async fn process<H: Handler>(
         attempt,
         stream_sequence,
     };
-    handle::<H>(&handler.0, &msg, seen, &rt, delivery)
+    // The handler's own code runs under its guard inside; this one catches
+    // a panic in choreo's part (or a fault hook), so it is counted and
+    // logged with the event's identity. The event then has no verdict from
+    // this instance and is redelivered after `ack_wait`.
+    let handled = AssertUnwindSafe(handle::<H>(&handler.0, &msg, seen, &rt, delivery))
+        .catch_unwind()
         .instrument(span)
         .await;
+    if let Err(panic) = handled {
+        rt.stats.task_panics.fetch_add(1, Ordering::Relaxed);
+        about!(
+            error,
+            rt,
+            &msg,
+            panic = %panic_message(&*panic),
+            "handling the event panicked outside the handler's guard; it will be redelivered after ack_wait"
+        );
+    }
 }
 
 /// Decode → look up → run (kept alive by the watchdog) → emit → record →
@@ -493,12 +553,12 @@ async fn handle<H: Handler>(
         Err(panic) => {
             rt.stats.panicked.fetch_add(1, Ordering::Relaxed);
             let detail = format!("decoding the event panicked: {}", panic_message(&*panic));
-            tracing::warn!(error = %detail, "cannot decode the event; dead-lettering it");
+            about!(warn, rt, msg, error = %detail, "cannot decode the event; dead-lettering it");
             dead_letter(rt, msg, Reason::UndecodablePayload, &detail, attempt, seq).await;
             return;
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot decode the event; dead-lettering it");
+            about!(warn, rt, msg, error = %e, "cannot decode the event; dead-lettering it");
             dead_letter(
                 rt,
                 msg,
@@ -603,7 +663,7 @@ async fn handle<H: Handler>(
                 Done::Retry(e) => e,
             },
             Ok(Err(e)) if e.is_permanent() => {
-                tracing::warn!(error = %e, "handler failed permanently; dead-lettering the event");
+                about!(warn, rt, msg, error = %e, "handler failed permanently; dead-lettering the event");
                 release(rt, &key, claim).await;
                 dead_letter(
                     rt,
@@ -625,14 +685,14 @@ async fn handle<H: Handler>(
     };
     release(rt, &key, claim).await;
     if attempt >= rt.options.max_deliver {
-        tracing::warn!(error = %error, "failed on the last allowed delivery; dead-lettering the event");
+        about!(warn, rt, msg, error = %error, "failed on the last allowed delivery; dead-lettering the event");
         dead_letter(rt, msg, reason, &error, attempt, seq).await;
     } else {
         let delay = rt.options.delay_after(attempt);
         tracing::info!(error = %error, retry_in = ?delay, "handler failed; will retry");
         rt.stats.retried.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
-            tracing::warn!(error = %e, "nak failed; the event will be redelivered after ack_wait");
+            about!(warn, rt, msg, error = %e, "nak failed; the event will be redelivered after ack_wait");
         }
     }
 }
@@ -706,13 +766,13 @@ async fn skip(rt: &Runtime, msg: &jetstream::Message) {
     rt.stats.skipped.fetch_add(1, Ordering::Relaxed);
     tracing::info!("already handled (inbox); acked and skipped");
     if let Err(e) = msg.ack().await {
-        tracing::warn!(error = %e, "ack failed; the event will be redelivered and skipped again");
+        about!(warn, rt, msg, error = %e, "ack failed; the event will be redelivered and skipped again");
     }
 }
 
 /// Naks a delivery whose inbox key cannot be read: it comes back later.
 async fn inbox_unavailable(rt: &Runtime, msg: &jetstream::Message, attempt: u32, e: &InboxError) {
-    tracing::warn!(error = %e, "inbox unavailable; the event will come back");
+    about!(warn, rt, msg, error = %e, "inbox unavailable; the event will come back");
     let _ = msg
         .ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt))))
         .await;
@@ -743,7 +803,7 @@ async fn emit_record_ack(
         match o {
             Ok(o) => outs.push(o),
             Err(e) => {
-                tracing::error!(error = %e, "an emitted event could not be built");
+                about!(error, rt, msg, error = %e, "an emitted event could not be built");
                 return Done::DeadLetter(Reason::EmitFailed, e.to_string());
             }
         }
@@ -791,7 +851,7 @@ async fn emit_record_ack(
         return Done::Finished;
     }
     if let Err(e) = msg.ack().await {
-        tracing::warn!(error = %e, "ack failed; the event will be redelivered and skipped by the inbox");
+        about!(warn, rt, msg, error = %e, "ack failed; the event will be redelivered and skipped by the inbox");
     }
     rt.stats.handled.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(emitted, "handled");
@@ -922,12 +982,12 @@ async fn dead_letter_now(
             if let Some(reply) = &msg.reply {
                 let term = format!("+TERM {}", reason.as_str());
                 if let Err(e) = rt.client.publish(reply.clone(), term.into()).await {
-                    tracing::warn!(error = %e, "terminating the dead-lettered message failed");
+                    about!(warn, rt, msg, error = %e, "terminating the dead-lettered message failed");
                 }
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, "cannot write to the dead-letter stream; the event will come back");
+            about!(error, rt, msg, error = %e, "cannot write to the dead-letter stream; the event will come back");
             let _ = msg
                 .ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt))))
                 .await;
@@ -1106,11 +1166,33 @@ async fn handle_advisory(rt: &Runtime, msg: &jetstream::Message) {
     match send_letter(rt, &letter, headers, payload).await {
         Ok(()) => {
             rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(handler = %rt.handler_id, sequence = adv.stream_seq, "dead-lettered an event whose last delivery was lost");
+            let header = |name: &str| {
+                headers
+                    .and_then(|h| h.get(name))
+                    .map_or("-", |v| v.as_str())
+            };
+            tracing::warn!(
+                service = %rt.service,
+                handler = %rt.handler,
+                event_type = %header(crate::headers::CE_TYPE),
+                event_id = %header(crate::headers::CE_ID),
+                subject = %subject,
+                attempt = adv.deliveries,
+                stream_sequence = adv.stream_seq,
+                "dead-lettered an event whose last delivery was lost"
+            );
             let _ = msg.ack().await;
         }
         Err(e) => {
-            tracing::error!(error = %e, "cannot dead-letter a lost delivery; will retry");
+            tracing::error!(
+                service = %rt.service,
+                handler = rt.handler,
+                subject = %subject,
+                attempt = adv.deliveries,
+                stream_sequence = adv.stream_seq,
+                error = %e,
+                "cannot dead-letter a lost delivery; will retry"
+            );
             let _ = msg
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                 .await;
