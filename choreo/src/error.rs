@@ -84,6 +84,27 @@ pub enum PublishError {
     /// The event's stream could not be made ready.
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// JetStream already holds an event with this id (the same key) inside
+    /// its duplicate window, with different content: the new one was not
+    /// stored. A corrected fact is a new fact (its own key), or carries a
+    /// revision in its key.
+    #[error(
+        "{event} with key ({key}) is already in stream {stream} at sequence {sequence} with different content, \
+         so this one was not stored (event id {id}). One key is one fact: publish a correction as a new event \
+         with its own key, or put a revision in the key"
+    )]
+    Conflict {
+        /// The event's name.
+        event: &'static str,
+        /// The key's values, comma-separated.
+        key: String,
+        /// The event id both share.
+        id: crate::EventId,
+        /// Where the stored one is.
+        stream: String,
+        /// Its sequence there.
+        sequence: u64,
+    },
     /// JetStream did not store the event.
     #[error("publishing {event} on {subject} failed: {reason}")]
     Failed {

@@ -102,6 +102,15 @@ pub(crate) struct StreamOf {
     pub(crate) filter: &'static str,
 }
 
+/// What a duplicate's check compares: kept from the encoded event.
+#[derive(Debug)]
+struct Sent {
+    event: &'static str,
+    payload: Bytes,
+    version: u32,
+    key: Option<Box<crate::EventKey>>,
+}
+
 /// One encoded event, ready to send.
 #[derive(Clone, Debug)]
 pub(crate) struct Outgoing {
@@ -258,7 +267,7 @@ impl Publisher {
         let out = Metadata::root(event, &self.inner.source)
             .map_err(PublishError::from)
             .and_then(|meta| Outgoing::new(event, meta));
-        self.send_checked(out)
+        self.send_checked(out, event.key())
     }
 
     /// Publishes `event` with metadata built by the caller, for example with
@@ -271,7 +280,7 @@ impl Publisher {
         event: &E,
         meta: &Metadata,
     ) -> impl Future<Output = Result<Receipt, PublishError>> + Send + '_ {
-        self.send_checked(Outgoing::new(event, meta.clone()))
+        self.send_checked(Outgoing::new(event, meta.clone()), event.key())
     }
 
     /// Publishes an event with metadata built by the caller (for example
@@ -377,26 +386,94 @@ impl Publisher {
         Ok(())
     }
 
-    /// Checks one encoded event's size, makes sure its stream exists and
-    /// [`Self::send_one`]s it. Once the stream is known to exist, the future
-    /// is [`Self::send_one`]'s alone.
+    /// Checks one encoded event's size, makes sure its stream exists,
+    /// [`Self::send_one`]s it, and checks a duplicate's content (see
+    /// [`Self::check_duplicate`]). Once the stream is known to exist, the
+    /// future is [`Self::send_one`]'s and a small continuation.
     fn send_checked(
         &self,
         out: Result<Outgoing, PublishError>,
+        key: Option<crate::EventKey>,
     ) -> impl Future<Output = Result<Receipt, PublishError>> + Send + '_ {
-        use futures::future::{Either, ready};
+        use futures::future::{Either, TryFutureExt, ready};
         let out = match out.and_then(|o| self.check_size(&o).map(|()| o)) {
             Ok(out) => out,
             Err(e) => return Either::Left(ready(Err(e))),
         };
+        let sent = Sent {
+            event: out.event,
+            payload: out.payload.clone(),
+            version: out.meta.version(),
+            key: key.map(Box::new),
+        };
+        let check = move |r: Receipt| self.checked(r, sent);
         if self.known(out.stream.name) {
-            return Either::Right(Either::Left(self.send_one(out)));
+            return Either::Right(Either::Left(self.send_one(out).and_then(check)));
         }
         Either::Right(Either::Right(Box::pin(async move {
             self.ensure(out.stream.name, out.stream.subjects, out.stream.filter)
                 .await?;
-            self.send_one(out).await
+            check(self.send_one(out).await?).await
         })))
+    }
+
+    /// The receipt, unless it is a duplicate whose stored event differs.
+    fn checked(
+        &self,
+        r: Receipt,
+        sent: Sent,
+    ) -> futures::future::Either<
+        futures::future::Ready<Result<Receipt, PublishError>>,
+        std::pin::Pin<Box<dyn Future<Output = Result<Receipt, PublishError>> + Send + '_>>,
+    > {
+        use futures::future::{Either, ready};
+        if !r.duplicate {
+            return Either::Left(ready(Ok(r)));
+        }
+        // Only duplicates pay for the read: one get of the stored message.
+        Either::Right(Box::pin(async move {
+            self.check_duplicate(&r, &sent).await?;
+            Ok(r)
+        }))
+    }
+
+    /// JetStream dropped the publish as a duplicate: compares the stored
+    /// event (read from the stream's leader) with this one. The same
+    /// version with another payload is [`PublishError::Conflict`]; another
+    /// version of the same fact is not compared. A stored event that cannot
+    /// be read is logged and taken as the same.
+    async fn check_duplicate(&self, r: &Receipt, sent: &Sent) -> Result<(), PublishError> {
+        let stored = match self.inner.js.get_stream_no_info(&r.stream).await {
+            Ok(s) => s
+                .get_raw_message(r.sequence)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let stored = match stored {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(event = sent.event, event_id = %r.event_id, stream = %r.stream, sequence = r.sequence, error = %e, "a duplicate's stored event could not be read to compare it");
+                return Ok(());
+            }
+        };
+        let same_version = stored
+            .headers
+            .get(crate::headers::CE_EVENTVERSION)
+            .is_some_and(|v| v.as_str() == sent.version.to_string());
+        if same_version && stored.payload != sent.payload {
+            return Err(PublishError::Conflict {
+                event: sent.event,
+                key: sent
+                    .key
+                    .as_ref()
+                    .map_or_else(|| "none".to_owned(), |k| k.parts().join(", ")),
+                id: r.event_id,
+                stream: r.stream.clone(),
+                sequence: r.sequence,
+            });
+        }
+        Ok(())
     }
 
     async fn send_one(&self, mut out: Outgoing) -> Result<Receipt, PublishError> {

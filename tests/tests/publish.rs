@@ -243,3 +243,42 @@ async fn a_bad_source_name_is_refused() {
     let err = Publisher::new(server.connect().await.unwrap(), "bad name\r\n").unwrap_err();
     assert!(err.to_string().contains("ce-source"), "{err}");
 }
+
+#[tokio::test]
+async fn the_same_key_with_different_content_is_a_conflict_not_a_silent_drop() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let publisher = Publisher::new(client.clone(), "checkout").unwrap();
+    let first = OrderPlaced {
+        order_id: "o-7".into(),
+        total_cents: 100,
+    };
+    let stored = publisher.publish(&first).await.unwrap();
+    // The same fact again: a duplicate, and fine.
+    assert!(publisher.publish(&first).await.unwrap().duplicate);
+    // The same key with another total: refused with a typed error.
+    let corrected = OrderPlaced {
+        order_id: "o-7".into(),
+        total_cents: 250,
+    };
+    let err = publisher.publish(&corrected).await.unwrap_err();
+    match &err {
+        PublishError::Conflict {
+            event,
+            key,
+            id,
+            stream,
+            sequence,
+        } => {
+            assert_eq!(*event, "OrderPlaced");
+            assert_eq!(key, "o-7");
+            assert_eq!(*id, stored.event_id);
+            assert_eq!(stream, "ORDERS");
+            assert_eq!(*sequence, stored.sequence);
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert!(err.to_string().contains("with key (o-7)"), "{err}");
+    let msgs = common::stream_messages(&client, "ORDERS").await;
+    assert_eq!(msgs.len(), 1, "the stored event is the first one");
+}
