@@ -102,6 +102,12 @@ pub(crate) struct StreamOf {
     pub(crate) filter: &'static str,
 }
 
+/// A receipt at once, or after a duplicate's check.
+type Checked<'a> = futures::future::Either<
+    futures::future::Ready<Result<Receipt, PublishError>>,
+    std::pin::Pin<Box<dyn Future<Output = Result<Receipt, PublishError>> + Send + 'a>>,
+>;
+
 /// What a duplicate's check compares: kept from the encoded event.
 #[derive(Debug)]
 struct Sent {
@@ -422,10 +428,7 @@ impl Publisher {
         &self,
         r: Receipt,
         sent: Sent,
-    ) -> futures::future::Either<
-        futures::future::Ready<Result<Receipt, PublishError>>,
-        std::pin::Pin<Box<dyn Future<Output = Result<Receipt, PublishError>> + Send + '_>>,
-    > {
+    ) -> Checked<'_> {
         use futures::future::{Either, ready};
         if !r.duplicate {
             return Either::Left(ready(Ok(r)));
