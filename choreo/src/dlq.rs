@@ -305,8 +305,39 @@ pub struct DeadLetter {
 
 /// Reading or replaying dead letters failed.
 #[derive(Debug, thiserror::Error)]
-#[error("dead-letter stream: {0}")]
-pub struct DlqError(String);
+#[non_exhaustive]
+pub enum DlqError {
+    /// The server has no dead-letter stream: no choreo service has started
+    /// there (in this account and JetStream domain).
+    #[error(
+        "no dead-letter stream {DLQ_STREAM} on this server: no choreo service has started here \
+         (check the server URL, the account and the JetStream domain)"
+    )]
+    NoStream,
+    /// No handler of that name has started in that service.
+    #[error(
+        "service {service} has no handler {handler} that ever started on this server \
+         (no consumer {ADVISORY_STREAM} > {service}--{handler}--lost); check both names"
+    )]
+    UnknownHandler {
+        /// The service asked for.
+        service: String,
+        /// The handler asked for.
+        handler: String,
+    },
+    /// The server refused or did not answer.
+    #[error("dead-letter stream: {0}")]
+    Nats(String),
+}
+
+/// A [`DlqError::Nats`] from any error.
+fn nats(e: impl std::fmt::Display) -> DlqError {
+    DlqError::Nats(e.to_string())
+}
+
+/// How long [`list`] waits for the next letter before it takes the rest as
+/// gone (replayed, purged or expired while it read).
+const LIST_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn letter_from(sequence: u64, all: &HeaderMap, payload: bytes::Bytes) -> DeadLetter {
     let get = |name: &str| {
@@ -342,49 +373,80 @@ fn letter_from(sequence: u64, all: &HeaderMap, payload: bytes::Bytes) -> DeadLet
 
 /// Every dead letter of handler `handler` of service `service`, oldest first.
 ///
+/// Bounded: it reads up to the last letter present when it starts, and
+/// takes letters that vanish while it reads (replayed, purged, expired) as
+/// gone rather than waiting for them.
+///
 /// # Errors
-/// The dead-letter stream cannot be read.
+/// [`DlqError::NoStream`] on a server where no choreo service has started;
+/// [`DlqError::UnknownHandler`] for a service or handler that never
+/// started there; [`DlqError::Nats`] when the stream cannot be read.
 pub async fn list(
     client: &async_nats::Client,
     service: &str,
     handler: &str,
 ) -> Result<Vec<DeadLetter>, DlqError> {
+    use futures::StreamExt;
     let js = jetstream::new(client.clone());
-    let stream = js
-        .get_stream(DLQ_STREAM)
-        .await
-        .map_err(|e| DlqError(e.to_string()))?;
+    let not_found = |e: &jetstream::context::GetStreamError| {
+        matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+    };
+    let stream = match js.get_stream(DLQ_STREAM).await {
+        Ok(s) => s,
+        Err(e) if not_found(&e) => return Err(DlqError::NoStream),
+        Err(e) => return Err(nats(e)),
+    };
+    // Every handler that ever started has its lost-delivery consumer.
+    let known = js
+        .get_consumer_from_stream::<pull::Config, _, _>(
+            format!("{service}--{handler}--lost"),
+            ADVISORY_STREAM,
+        )
+        .await;
+    if known.is_err() {
+        return Err(DlqError::UnknownHandler {
+            service: service.to_owned(),
+            handler: handler.to_owned(),
+        });
+    }
+    let filter = subject(service, handler);
+    let last = match stream.get_last_raw_message_by_subject(&filter).await {
+        Ok(m) => m.sequence,
+        // No letter for this handler.
+        Err(_) => return Ok(Vec::new()),
+    };
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
-            filter_subject: subject(service, handler),
+            filter_subject: filter,
             deliver_policy: jetstream::consumer::DeliverPolicy::All,
             ..Default::default()
         })
         .await
-        .map_err(|e| DlqError(e.to_string()))?;
-    let mut pending = consumer.cached_info().num_pending;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| DlqError(e.to_string()))?;
+        .map_err(nats)?;
+    let mut messages = consumer.messages().await.map_err(nats)?;
     let mut out = Vec::new();
-    while pending > 0 {
-        use futures::StreamExt;
-        let Some(next) = messages.next().await else {
+    loop {
+        let Ok(next) = tokio::time::timeout(LIST_IDLE, messages.next()).await else {
+            tracing::debug!(
+                read = out.len(),
+                "no more dead letters arrived; the rest are gone"
+            );
             break;
         };
-        let msg = next.map_err(|e| DlqError(e.to_string()))?;
-        let sequence = msg
-            .info()
-            .map_err(|e| DlqError(e.to_string()))?
-            .stream_sequence;
+        let Some(next) = next else { break };
+        let msg = next.map_err(nats)?;
+        let info = msg.info().map_err(nats)?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
         let empty = HeaderMap::new();
         out.push(letter_from(
             sequence,
             msg.headers.as_ref().unwrap_or(&empty),
             msg.payload.clone(),
         ));
-        pending -= 1;
+        if pending == 0 || sequence >= last {
+            break;
+        }
     }
     Ok(out)
 }
@@ -400,7 +462,7 @@ pub async fn list(
 /// The publish or the delete failed; a failed publish leaves the letter in place.
 pub async fn replay(client: &async_nats::Client, letter: &DeadLetter) -> Result<(), DlqError> {
     if letter.original_subject.is_empty() {
-        return Err(DlqError(format!(
+        return Err(DlqError::Nats(format!(
             "dead letter {} has no original subject to replay to",
             letter.sequence
         )));
@@ -410,11 +472,11 @@ pub async fn replay(client: &async_nats::Client, letter: &DeadLetter) -> Result<
         let original = js
             .get_stream(&letter.original_stream)
             .await
-            .map_err(|e| DlqError(e.to_string()))?
+            .map_err(nats)?
             .get_raw_message(letter.original_sequence)
             .await
             .map_err(|e| {
-                DlqError(format!(
+                DlqError::Nats(format!(
                     "dead letter {} keeps only a reference, and stream {} no longer has sequence {}: {e}",
                     letter.sequence, letter.original_stream, letter.original_sequence
                 ))
@@ -441,16 +503,10 @@ pub async fn replay(client: &async_nats::Client, letter: &DeadLetter) -> Result<
     );
     js.publish_with_headers(letter.original_subject.clone(), headers, payload)
         .await
-        .map_err(|e| DlqError(e.to_string()))?
+        .map_err(nats)?
         .await
-        .map_err(|e| DlqError(e.to_string()))?;
-    let stream = js
-        .get_stream(DLQ_STREAM)
-        .await
-        .map_err(|e| DlqError(e.to_string()))?;
-    stream
-        .delete_message(letter.sequence)
-        .await
-        .map_err(|e| DlqError(e.to_string()))?;
+        .map_err(nats)?;
+    let stream = js.get_stream(DLQ_STREAM).await.map_err(nats)?;
+    stream.delete_message(letter.sequence).await.map_err(nats)?;
     Ok(())
 }

@@ -424,11 +424,7 @@ impl Publisher {
     }
 
     /// The receipt, unless it is a duplicate whose stored event differs.
-    fn checked(
-        &self,
-        r: Receipt,
-        sent: Sent,
-    ) -> Checked<'_> {
+    fn checked(&self, r: Receipt, sent: Sent) -> Checked<'_> {
         use futures::future::{Either, ready};
         if !r.duplicate {
             return Either::Left(ready(Ok(r)));

@@ -611,11 +611,14 @@ async fn dead_letters_can_be_listed_and_replayed_once_fixed() {
         l.headers.get("choreo-dlq-reason").is_none(),
         "reason headers are not part of the original"
     );
+    let unknown = dlq::list(&client, "worker", "other").await.unwrap_err();
     assert!(
-        dlq::list(&client, "worker", "other")
-            .await
-            .unwrap()
-            .is_empty()
+        matches!(&unknown, dlq::DlqError::UnknownHandler { handler, .. } if handler == "other"),
+        "{unknown:?}"
+    );
+    assert!(
+        unknown.to_string().contains("has no handler other"),
+        "{unknown}"
     );
 
     fixed.0.store(true, Ordering::SeqCst);
@@ -648,4 +651,51 @@ async fn dead_letters_can_be_listed_and_replayed_once_fixed() {
     );
     worker.shutdown().await;
     audit.shutdown().await;
+}
+
+#[tokio::test]
+async fn listing_dead_letters_where_no_service_ever_started_says_so() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let err = dlq::list(&client, "jobs", "run_job").await.unwrap_err();
+    assert!(matches!(err, dlq::DlqError::NoStream), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("no choreo service has started here"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn listing_does_not_hang_when_letters_vanish_while_it_reads() {
+    let (_server, client, _counters, svc, publisher) = setup().await;
+    for i in 0..40 {
+        publisher
+            .publish(&job(&format!("p{i}"), "permanent"))
+            .await
+            .unwrap();
+    }
+    dead_letters(&client, 40, Duration::from_secs(20)).await;
+    let lister = client.clone();
+    let listing = tokio::spawn(async move { dlq::list(&lister, "jobs", "run_job").await });
+    jetstream::new(client.clone())
+        .get_stream(dlq::DLQ_STREAM)
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    let listed = tokio::time::timeout(Duration::from_secs(15), listing)
+        .await
+        .expect("dlq::list returned")
+        .unwrap()
+        .unwrap();
+    assert!(listed.len() <= 40);
+    assert!(
+        dlq::list(&client, "jobs", "run_job")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    svc.shutdown().await;
 }
