@@ -468,6 +468,11 @@ impl Service {
                 fault: self.fault.clone(),
                 watchdog: crate::runtime::watchdog::Registry::default(),
                 recovery_timeout: self.recovery_timeout,
+                live: {
+                    let live = crate::runtime::Live::default();
+                    live.follow(consumer.cached_info());
+                    live
+                },
             });
             stats.push((h.name(), rt.stats.clone()));
             tasks.spawn(pull_loop(
@@ -534,7 +539,7 @@ impl Service {
             .await?;
             let durable = consumer_name(&self.name, h.name());
             let consumer =
-                create_consumer(js, stream, &durable, filter, &h.options(), h.name()).await?;
+                create_consumer(js, stream, &durable, filter, &h.options(), h.name(), None).await?;
             let advisory = create_advisory_consumer(js, stream, &durable, h.name()).await?;
             consumers.push((consumer, advisory));
         }
@@ -692,6 +697,15 @@ async fn check_jetstream(js: &jetstream::Context) -> Result<(), StreamError> {
     }
 }
 
+/// Creates the handler's durable, or updates it to these options.
+///
+/// Where a new durable starts is the handler's `deliver` policy, or
+/// `start_at` (a stream sequence) when the runtime recreates a durable an
+/// operator deleted: just after its last known ack floor, so nothing
+/// acknowledged is delivered again from the start of the stream. An
+/// existing durable keeps its position (its deliver policy cannot change).
+/// The options written are the ones every instance then follows, read back
+/// from the server (see `Live`).
 pub(crate) async fn create_consumer(
     js: &jetstream::Context,
     stream: &str,
@@ -699,11 +713,15 @@ pub(crate) async fn create_consumer(
     filter: &str,
     o: &HandlerOptions,
     handler: &str,
+    start_at: Option<u64>,
 ) -> Result<jetstream::consumer::PullConsumer, StartError> {
-    let deliver_policy = match o.deliver {
-        DeliverPolicy::All => jetstream::consumer::DeliverPolicy::All,
-        DeliverPolicy::New => jetstream::consumer::DeliverPolicy::New,
-        DeliverPolicy::Since(t) => {
+    let mut deliver_policy = match (start_at, o.deliver) {
+        (Some(seq), _) if seq > 1 => jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: seq,
+        },
+        (_, DeliverPolicy::All) => jetstream::consumer::DeliverPolicy::All,
+        (_, DeliverPolicy::New) => jetstream::consumer::DeliverPolicy::New,
+        (_, DeliverPolicy::Since(t)) => {
             jetstream::consumer::DeliverPolicy::ByStartTime { start_time: t }
         }
     };
@@ -729,6 +747,15 @@ pub(crate) async fn create_consumer(
         .get_stream(stream)
         .await
         .map_err(|e| err(e.to_string()))?;
+    if let Ok(mut existing) = s.get_consumer::<pull::Config>(durable).await
+        && let Ok(info) = existing.info().await
+    {
+        deliver_policy = info.config.deliver_policy;
+    }
+    let config = pull::Config {
+        deliver_policy,
+        ..config
+    };
     s.create_consumer(config).await.map_err(|e| {
         let mut reason = e.to_string();
         if let Some(p) = recent_permission_error(&js.client()) {

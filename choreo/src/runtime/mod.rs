@@ -56,6 +56,61 @@ pub(crate) struct Runtime {
     /// the inbox bucket is missing) is retried before the service stops
     /// with an error.
     pub(crate) recovery_timeout: Duration,
+    /// What the server's consumer says, read back after creating it and
+    /// every few seconds: it is the truth when instances disagree.
+    pub(crate) live: Live,
+}
+
+/// The consumer's settings as the server has them, and its ack floor.
+#[derive(Debug, Default)]
+pub(crate) struct Live {
+    max_deliver: std::sync::atomic::AtomicU32,
+    ack_wait_ms: std::sync::atomic::AtomicU64,
+    /// Every stream sequence up to this one is acknowledged.
+    ack_floor: std::sync::atomic::AtomicU64,
+}
+
+impl Live {
+    /// Takes the server's view of the consumer; says what changed.
+    pub(crate) fn follow(&self, info: &jetstream::consumer::Info) -> Option<String> {
+        let c = &info.config;
+        self.ack_floor
+            .fetch_max(info.ack_floor.stream_sequence, Ordering::Relaxed);
+        let max_deliver = u32::try_from(c.max_deliver.max(1)).unwrap_or(u32::MAX);
+        let ack_wait = u64::try_from(c.ack_wait.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(100);
+        let old_md = self.max_deliver.swap(max_deliver, Ordering::Relaxed);
+        let old_aw = self.ack_wait_ms.swap(ack_wait, Ordering::Relaxed);
+        let first = old_md == 0;
+        (!first && (old_md != max_deliver || old_aw != ack_wait)).then(|| {
+            format!("max_deliver {old_md} -> {max_deliver}, ack_wait {old_aw}ms -> {ack_wait}ms")
+        })
+    }
+
+    /// The stream sequence every earlier one of which is acknowledged.
+    pub(crate) fn ack_floor(&self) -> u64 {
+        self.ack_floor.load(Ordering::Relaxed)
+    }
+}
+
+impl Runtime {
+    /// Deliveries before the dead-letter stream, as the server's consumer
+    /// has it.
+    pub(crate) fn max_deliver(&self) -> u32 {
+        match self.live.max_deliver.load(Ordering::Relaxed) {
+            0 => self.options.max_deliver,
+            n => n,
+        }
+    }
+
+    /// The consumer's `ack_wait`, as the server has it.
+    pub(crate) fn ack_wait(&self) -> Duration {
+        match self.live.ack_wait_ms.load(Ordering::Relaxed) {
+            0 => self.options.ack_wait,
+            ms => Duration::from_millis(ms),
+        }
+    }
 }
 
 /// What the pull loop's batched inbox read said about one event.
@@ -189,6 +244,15 @@ pub(crate) async fn pull_loop(
         }
     };
     let mut inbox_check = tokio::time::interval(Duration::from_secs(1));
+    // The server's consumer is the truth: its settings (another version of
+    // the service may have changed them) and its ack floor (where to
+    // recreate it if an operator deletes it).
+    let mut config_check = tokio::time::interval(
+        rt.options
+            .ack_wait
+            .clamp(Duration::from_secs(1), Duration::from_secs(5)),
+    );
+    config_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failure = None;
     loop {
         reap(&rt, &mut running);
@@ -214,6 +278,10 @@ pub(crate) async fn pull_loop(
                     tracing::debug!(service = %rt.service, handler = rt.handler, "pull requests went silent; asking again");
                     failure = refresh_consumer(&handler, &rt, &mut puller, None, &mut stop).await.err();
                 }
+                continue;
+            }
+            _ = config_check.tick() => {
+                follow_consumer(&rt, puller.consumer()).await;
                 continue;
             }
             _ = inbox_check.tick(), if rt.inbox.as_ref().is_some_and(|i| i.troubled_for().is_some()) => {
@@ -285,6 +353,21 @@ pub(crate) async fn pull_loop(
         running.abort_all();
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// Reads the consumer back from the server and follows its settings.
+async fn follow_consumer(rt: &Runtime, consumer: &jetstream::consumer::PullConsumer) {
+    let mut consumer = consumer.clone();
+    match consumer.info().await {
+        Ok(info) => {
+            if let Some(change) = rt.live.follow(info) {
+                tracing::warn!(service = %rt.service, handler = rt.handler, change = %change, "the consumer's settings changed on the server (another version of this service?); following them");
+            }
+        }
+        Err(e) => {
+            tracing::debug!(service = %rt.service, handler = rt.handler, error = %e, "cannot read the consumer back")
+        }
+    }
 }
 
 /// Fails once the inbox has been unreadable for the recovery timeout and
@@ -402,8 +485,32 @@ async fn refresh_consumer(
         _ = stop.changed() => return Ok(()),
         () = tokio::time::sleep(Duration::from_millis(500)) => {}
     }
-    match create_consumer(&rt.js, stream, &durable, filter, &rt.options, rt.handler).await {
+    // Just after the last known ack floor: what was acknowledged is not
+    // delivered again, and what was delivered but not acknowledged is.
+    let start_at = rt.live.ack_floor() + 1;
+    let created = create_consumer(
+        &rt.js,
+        stream,
+        &durable,
+        filter,
+        &rt.options,
+        rt.handler,
+        Some(start_at),
+    )
+    .await;
+    let created = match created {
+        Ok(c) => Ok(c),
+        // Another instance may have recreated it first.
+        Err(e) => rt
+            .js
+            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(&durable, stream)
+            .await
+            .map_err(|_| e),
+    };
+    match created {
         Ok(c) => {
+            tracing::info!(service = %rt.service, handler = rt.handler, consumer = %durable, start_at, "consumer recreated just after its last known ack floor");
+            rt.live.follow(c.cached_info());
             puller.set_consumer(c);
             puller.trouble_since = None;
             Ok(())
@@ -684,7 +791,7 @@ async fn handle<H: Handler>(
         },
     };
     release(rt, &key, claim).await;
-    if attempt >= rt.options.max_deliver {
+    if attempt >= rt.max_deliver() {
         about!(warn, rt, msg, error = %error, "failed on the last allowed delivery; dead-lettering the event");
         dead_letter(rt, msg, reason, &error, attempt, seq).await;
     } else {
@@ -748,7 +855,7 @@ impl<F: Future + Unpin> Future for RequeuedPolls<F> {
 /// Waits until no invocation of this instance handles `key`, keeping the
 /// waiting delivery alive with in-progress acks.
 async fn wait_while_running(rt: &Runtime, msg: &jetstream::Message, key: &str) {
-    let progress_every = rt.options.ack_wait / 3;
+    let progress_every = rt.ack_wait() / 3;
     let mut since_progress = Duration::ZERO;
     let step = Duration::from_millis(20);
     while rt.watchdog.is_running(key) {
@@ -897,8 +1004,8 @@ async fn look_up_or_wait(
     seen: Seen,
     at: Sighting,
 ) -> Result<Option<u64>, InboxError> {
-    let lease = inbox::claim_lease(rt.options.ack_wait);
-    let step = (rt.options.ack_wait / 3)
+    let lease = inbox::claim_lease(rt.ack_wait());
+    let step = (rt.ack_wait() / 3)
         .min(Duration::from_millis(500))
         .max(Duration::from_millis(20));
     let mut seen = seen;

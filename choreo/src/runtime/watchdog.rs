@@ -230,12 +230,14 @@ enum KvWork {
 /// tick never awaits an inbox write, so in-progress acks keep their period
 /// however slow the KV bucket answers.
 async fn run(rt: Arc<Runtime>) {
-    let period = rt.options.ack_wait / 3;
     let timeout = rt.options.timeout;
-    let claim_after = claim_after(rt.options.ack_wait);
-    let tick = (claim_after / 2)
-        .min(timeout / 4)
-        .max(Duration::from_millis(10));
+    let tick_for = |ack_wait: Duration| {
+        (claim_after(ack_wait) / 2)
+            .min(timeout / 4)
+            .max(Duration::from_millis(10))
+    };
+    let mut ack_wait = rt.ack_wait();
+    let mut tick = tick_for(ack_wait);
     let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut writes = tokio::task::JoinSet::new();
@@ -243,6 +245,15 @@ async fn run(rt: Arc<Runtime>) {
     loop {
         ticker.tick().await;
         while writes.try_join_next().is_some() {}
+        // The server's ack_wait rules, and another version may change it.
+        if rt.ack_wait() != ack_wait {
+            ack_wait = rt.ack_wait();
+            tick = tick_for(ack_wait);
+            ticker = tokio::time::interval_at(Instant::now() + tick, tick);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let period = ack_wait / 3;
+        let claim_after = claim_after(ack_wait);
         let now = Instant::now();
         let mut acks: Vec<Subject> = Vec::new();
         let mut kv: Vec<KvWork> = Vec::new();
