@@ -18,7 +18,7 @@ use async_nats::jetstream::{self, consumer::pull};
 use bytes::Bytes;
 use choreo::{Event, EventId, Metadata};
 use futures::StreamExt;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::error::TestkitError;
@@ -57,10 +57,39 @@ pub struct Seen<E> {
     pub subject: String,
 }
 
-#[derive(Default)]
 struct Shared {
     events: Mutex<Vec<Recorded>>,
-    changed: Notify,
+    /// How many events are recorded: a waiter marks the count it has seen
+    /// before it looks, so an event recorded between its look and its wait
+    /// wakes it (no lost wake-ups).
+    count: watch::Sender<usize>,
+    /// The last stream sequence read from each stream (choreo event or not).
+    read_to: Mutex<HashMap<String, u64>>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            events: Mutex::new(Vec::new()),
+            count: watch::channel(0).0,
+            read_to: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Shared {
+    fn events(&self) -> std::sync::MutexGuard<'_, Vec<Recorded>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_to(&self, stream: &str) -> u64 {
+        self.read_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(stream)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// Records choreo events from JetStream streams. Stops when dropped.
@@ -137,11 +166,105 @@ impl Recorder {
 
     /// Every event recorded so far, in arrival order.
     pub fn snapshot(&self) -> Vec<Recorded> {
+        self.shared.events().clone()
+    }
+
+    /// The recorded events of one flow (copying only those).
+    fn flow_events(&self, correlation: EventId) -> Vec<Recorded> {
         self.shared
-            .events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .events()
+            .iter()
+            .filter(|r| r.meta.correlation_id() == correlation)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until every choreo consumer on the server has nothing pending
+    /// and nothing unacknowledged, and the recorder has read every stored
+    /// event, all in one pass during which no stream grew: the system has
+    /// settled. A steadier alternative to time-based quiescence; fails after
+    /// `within`, naming what was still busy.
+    ///
+    /// # Errors
+    /// Something was still pending when `within` ran out.
+    pub async fn settled(
+        &self,
+        client: &async_nats::Client,
+        within: Duration,
+    ) -> Result<(), FlowError> {
+        let js = jetstream::new(client.clone());
+        let deadline = Instant::now() + within;
+        loop {
+            let busy = match self.busy(&js).await {
+                Ok(busy) => busy,
+                Err(e) => Some(e),
+            };
+            let Some(busy) = busy else { return Ok(()) };
+            if Instant::now() >= deadline {
+                return Err(FlowError(format!(
+                    "the system did not settle within {within:?}: {busy}\n{}",
+                    self.all_trees()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What is still busy, if anything: one pass over every stream.
+    async fn busy(&self, js: &jetstream::Context) -> Result<Option<String>, String> {
+        let mut names = js.stream_names();
+        let mut streams = Vec::new();
+        while let Some(name) = names.next().await {
+            streams.push(name.map_err(|e| e.to_string())?);
+        }
+        let mut last_before = HashMap::new();
+        for name in &streams {
+            if name.starts_with("KV_") {
+                continue;
+            }
+            let mut stream = js.get_stream(name).await.map_err(|e| e.to_string())?;
+            let last = stream
+                .info()
+                .await
+                .map_err(|e| e.to_string())?
+                .state
+                .last_sequence;
+            last_before.insert(name.clone(), last);
+            if !is_infrastructure(name) && self.shared.read_to(name) < last {
+                return Ok(Some(format!(
+                    "the recorder has read stream {name} to {} of {last}",
+                    self.shared.read_to(name)
+                )));
+            }
+            let mut consumers = stream.consumers();
+            while let Some(info) = consumers.next().await {
+                let info = info.map_err(|e| e.to_string())?;
+                if info.config.durable_name.is_none() {
+                    continue;
+                }
+                if info.num_pending > 0 || info.num_ack_pending > 0 {
+                    return Ok(Some(format!(
+                        "consumer {} on {name} has {} pending and {} unacknowledged",
+                        info.name, info.num_pending, info.num_ack_pending
+                    )));
+                }
+            }
+        }
+        // Nothing grew while the pass ran (a handler acking one consumer
+        // may have published to a stream already looked at).
+        for (name, before) in last_before {
+            let mut stream = js.get_stream(&name).await.map_err(|e| e.to_string())?;
+            let now = stream
+                .info()
+                .await
+                .map_err(|e| e.to_string())?
+                .state
+                .last_sequence;
+            if now != before {
+                return Ok(Some(format!("stream {name} grew while it was checked")));
+            }
+        }
+        Ok(None)
     }
 
     /// Waits for an event of type `E`; see [`Expect`].
@@ -156,7 +279,7 @@ impl Recorder {
 
     /// The flow of `correlation` as recorded so far.
     pub fn flow(&self, correlation: EventId) -> Flow {
-        Flow::new(correlation, self.snapshot())
+        Flow::new(correlation, self.flow_events(correlation))
     }
 
     /// Waits until the flow of `correlation` has at least one event and no
@@ -171,34 +294,46 @@ impl Recorder {
         within: Duration,
     ) -> Result<Flow, FlowError> {
         let deadline = Instant::now() + within;
-        let mut count = usize::MAX;
+        let mut changed = self.shared.count.subscribe();
+        let (mut cursor, mut count) = (0, 0);
         let mut since = Instant::now();
         loop {
-            let flow = self.flow(correlation);
-            if flow.len() != count {
-                count = flow.len();
+            changed.borrow_and_update();
+            // Only what arrived since the last look is examined.
+            let new = {
+                let events = self.shared.events();
+                let new = events[cursor..]
+                    .iter()
+                    .filter(|r| r.meta.correlation_id() == correlation)
+                    .count();
+                cursor = events.len();
+                new
+            };
+            if new > 0 {
+                count += new;
                 since = Instant::now();
             }
             if count > 0 && since.elapsed() >= quiet {
-                return Ok(flow);
+                return Ok(self.flow(correlation));
             }
             if Instant::now() >= deadline {
                 return Err(FlowError(format!(
                     "flow {} did not go quiet for {quiet:?} within {within:?}\n{}",
                     correlation.short(),
-                    flow.tree()
+                    self.flow(correlation).tree()
                 )));
             }
-            let wake = (since + quiet)
-                .min(deadline)
-                .saturating_duration_since(Instant::now());
-            self.wait_change(wake.max(Duration::from_millis(5))).await;
+            let wake = if count > 0 {
+                (since + quiet).min(deadline)
+            } else {
+                deadline
+            };
+            let _ = tokio::time::timeout(
+                wake.saturating_duration_since(Instant::now()),
+                changed.changed(),
+            )
+            .await;
         }
-    }
-
-    async fn wait_change(&self, at_most: Duration) {
-        let notified = self.shared.changed.notified();
-        let _ = tokio::time::timeout(at_most, notified).await;
     }
 
     /// Every flow seen so far, as trees (for failure messages).
@@ -215,8 +350,8 @@ impl Recorder {
         }
         let shown = corrs.len().min(10);
         let mut out = format!(
-            "what arrived ({} flows{}):\n",
-            corrs.len(),
+            "what arrived ({}{}):\n",
+            plural(corrs.len(), "flow", "flows"),
             if shown < corrs.len() {
                 ", last 10 shown"
             } else {
@@ -224,7 +359,7 @@ impl Recorder {
             }
         );
         for c in &corrs[corrs.len() - shown..] {
-            out.push_str(&Flow::new(*c, events.clone()).tree());
+            out.push_str(&self.flow(*c).tree());
         }
         out
     }
@@ -236,43 +371,99 @@ async fn watch_streams(
     shared: Arc<Shared>,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
-    let mut attached: HashSet<String> = HashSet::new();
+    // Each attached stream's reader, and where it stood at the last check.
+    let mut attached: HashMap<String, (tokio::task::AbortHandle, u64)> = HashMap::new();
     let mut readers = JoinSet::new();
     let mut ready = Some(ready);
+    let mut round = 0_u64;
+    // While a node is down the JetStream API may not answer: each look is
+    // bounded, so one slow answer cannot hold the catch-up below back.
+    let quick = Duration::from_millis(800);
     loop {
-        let mut names = js.stream_names();
         let mut found = Vec::new();
-        while let Some(Ok(name)) = names.next().await {
-            found.push(name);
-        }
+        let _ = tokio::time::timeout(quick, async {
+            let mut names = js.stream_names();
+            while let Some(Ok(name)) = names.next().await {
+                found.push(name);
+            }
+        })
+        .await;
         for name in found {
             let wanted = match &only {
                 Some(set) => set.contains(&name),
                 None => !is_infrastructure(&name),
             };
             if wanted
-                && !attached.contains(&name)
-                && let Ok(stream) = js.get_stream(&name).await
+                && !attached.contains_key(&name)
+                && let Ok(Some(reader)) =
+                    tokio::time::timeout(quick * 2, attach(&js, &name, 1, &shared, &mut readers))
+                        .await
             {
-                let consumer = stream
-                    .create_consumer(pull::OrderedConfig {
-                        deliver_policy: jetstream::consumer::DeliverPolicy::All,
-                        ..Default::default()
-                    })
-                    .await;
-                if let Ok(consumer) = consumer {
-                    attached.insert(name.clone());
-                    readers.spawn(read_stream(consumer, name, shared.clone()));
-                }
+                attached.insert(name, (reader, 0));
             }
         }
         if let Some(tx) = ready.take() {
             let _ = tx.send(());
         }
+        // Once a second: a reader that stopped advancing while its stream
+        // holds more (its ordered consumer lost its stream leader, and would
+        // be rebuilt only after missed heartbeats) starts again from where it
+        // stood, so the recorder catches up within seconds of a node loss.
+        round += 1;
+        if round % 5 == 0 {
+            for (name, (reader, stood)) in &mut attached {
+                let read_to = shared.read_to(name);
+                let last = tokio::time::timeout(quick, async {
+                    let mut stream = js.get_stream(name.as_str()).await.ok()?;
+                    Some(stream.info().await.ok()?.state.last_sequence)
+                })
+                .await;
+                let Ok(Some(last)) = last else { continue };
+                let behind = read_to < last;
+                if behind && read_to == *stood {
+                    let fresh = tokio::time::timeout(
+                        quick * 2,
+                        attach(&js, name, read_to + 1, &shared, &mut readers),
+                    )
+                    .await;
+                    if let Ok(Some(fresh)) = fresh {
+                        reader.abort();
+                        *reader = fresh;
+                    }
+                }
+                *stood = read_to;
+            }
+        }
         // New streams are looked for five times a second; their consumers
         // start from the first message, so nothing is missed meanwhile.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Starts a reader of `name` from stream sequence `from`.
+async fn attach(
+    js: &jetstream::Context,
+    name: &str,
+    from: u64,
+    shared: &Arc<Shared>,
+    readers: &mut JoinSet<()>,
+) -> Option<tokio::task::AbortHandle> {
+    let stream = js.get_stream(name).await.ok()?;
+    let deliver_policy = if from <= 1 {
+        jetstream::consumer::DeliverPolicy::All
+    } else {
+        jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: from,
+        }
+    };
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+    Some(readers.spawn(read_stream(consumer, name.to_owned(), shared.clone())))
 }
 
 async fn read_stream(
@@ -285,13 +476,18 @@ async fn read_stream(
     };
     while let Some(next) = messages.next().await {
         let Ok(msg) = next else { continue };
+        let sequence = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        {
+            let mut read_to = shared.read_to.lock().unwrap_or_else(|p| p.into_inner());
+            let to = read_to.entry(stream.clone()).or_insert(0);
+            *to = (*to).max(sequence);
+        }
         let Some(headers) = msg.headers.as_ref() else {
             continue;
         };
         let Ok(meta) = Metadata::from_headers(headers) else {
             continue;
         };
-        let sequence = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let rec = Recorded {
             meta,
             subject: msg.subject.to_string(),
@@ -299,12 +495,20 @@ async fn read_stream(
             sequence,
             payload: msg.payload.clone(),
         };
-        shared
-            .events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(rec);
-        shared.changed.notify_waiters();
+        let mut events = shared.events();
+        // A reader restarted after a stall may read a few events again.
+        if events
+            .iter()
+            .rev()
+            .take(64)
+            .any(|r| r.stream == rec.stream && r.sequence == rec.sequence)
+        {
+            continue;
+        }
+        events.push(rec);
+        let len = events.len();
+        drop(events);
+        shared.count.send_replace(len);
     }
 }
 
@@ -360,14 +564,18 @@ impl<'r, E: Event, Mode> Wait<'r, E, Mode> {
         self
     }
 
-    /// The first recorded event that counts.
-    fn first_match(&self) -> Option<(E, Recorded)> {
-        self.recorder.snapshot().into_iter().find_map(|r| {
+    /// The first event that counts among those recorded from `cursor` on;
+    /// moves `cursor` past what it examined. Copies only the match.
+    fn next_match(&self, cursor: &mut usize) -> Option<(E, Recorded)> {
+        let events = self.recorder.shared.events();
+        let from = (*cursor).min(events.len());
+        *cursor = events.len();
+        events[from..].iter().find_map(|r| {
             if self.flow.is_some_and(|c| c != r.meta.correlation_id()) {
                 return None;
             }
-            let e = decode::<E>(&r)?;
-            (self.filter)(&e, &r.meta).then_some((e, r))
+            let e = decode::<E>(r)?;
+            (self.filter)(&e, &r.meta).then(|| (e, r.clone()))
         })
     }
 }
@@ -379,8 +587,11 @@ impl<E: Event> Wait<'_, E, Present> {
     /// None arrived in time; the message shows what did.
     pub async fn within(self, timeout: Duration) -> Result<Seen<E>, FlowError> {
         let deadline = Instant::now() + timeout;
+        let mut changed = self.recorder.shared.count.subscribe();
+        let mut cursor = 0;
         loop {
-            if let Some((event, r)) = self.first_match() {
+            changed.borrow_and_update();
+            if let Some((event, r)) = self.next_match(&mut cursor) {
                 return Ok(Seen {
                     event,
                     meta: r.meta,
@@ -398,7 +609,7 @@ impl<E: Event> Wait<'_, E, Present> {
                     E::NAME
                 )));
             }
-            self.recorder.wait_change(left).await;
+            let _ = tokio::time::timeout(left, changed.changed()).await;
         }
     }
 }
@@ -410,8 +621,11 @@ impl<E: Event> Wait<'_, E, Absent> {
     /// A matching event arrived; the message shows its flow.
     pub async fn during(self, window: Duration) -> Result<(), FlowError> {
         let deadline = Instant::now() + window;
+        let mut changed = self.recorder.shared.count.subscribe();
+        let mut cursor = 0;
         loop {
-            if let Some((_, r)) = self.first_match() {
+            changed.borrow_and_update();
+            if let Some((_, r)) = self.next_match(&mut cursor) {
                 let flow = self.recorder.flow(r.meta.correlation_id());
                 return Err(FlowError(format!(
                     "expected no {} within {window:?}, but {} arrived from {}\n{}",
@@ -425,7 +639,7 @@ impl<E: Event> Wait<'_, E, Absent> {
             if left.is_zero() {
                 return Ok(());
             }
-            self.recorder.wait_change(left).await;
+            let _ = tokio::time::timeout(left, changed.changed()).await;
         }
     }
 }
@@ -643,12 +857,16 @@ impl Flow {
     /// ```
     pub fn tree(&self) -> String {
         let mut out = format!(
-            "flow {}: {} events",
+            "flow {}: {}",
             self.correlation.short(),
-            self.events.len()
+            plural(self.events.len(), "event", "events")
         );
         if !self.duplicates.is_empty() {
-            let _ = write!(out, ", {} duplicate copies", self.duplicates.len());
+            let _ = write!(
+                out,
+                ", {}",
+                plural(self.duplicates.len(), "duplicate copy", "duplicate copies")
+            );
         }
         out.push('\n');
         if self.events.is_empty() {
@@ -667,20 +885,20 @@ impl Flow {
         w.out
     }
 
-    /// The flow as a Mermaid sequence diagram between services: a root is a
-    /// note over its service; every other event is an arrow from the service
-    /// that emitted its cause to the service that emitted it.
+    /// The flow as a Mermaid sequence diagram between services. Each arrow
+    /// starts at the service that emitted the event it is labelled with and
+    /// ends at each service that reacted to it (emitted an event it caused);
+    /// an event nobody in the flow reacted to is a note over its emitter.
     ///
     /// ```text
     /// sequenceDiagram
     ///     participant checkout
     ///     participant payments
-    ///     Note over checkout: OrderPlaced
-    ///     checkout->>payments: PaymentCaptured
+    ///     checkout->>payments: OrderPlaced
+    ///     Note over payments: PaymentCaptured
     /// ```
     pub fn mermaid(&self) -> String {
-        let by_id: HashMap<EventId, &Recorded> =
-            self.events.iter().map(|r| (r.meta.id(), r)).collect();
+        let children = self.children();
         let mut out = String::from("sequenceDiagram\n");
         let mut participants: Vec<&str> = Vec::new();
         for r in &self.events {
@@ -692,28 +910,37 @@ impl Flow {
             let _ = writeln!(out, "    participant {p}");
         }
         for r in &self.events {
-            match r.meta.causation_id().and_then(|c| by_id.get(&c)) {
-                Some(cause) => {
-                    let _ = writeln!(
-                        out,
-                        "    {}->>{}: {}",
-                        cause.meta.source(),
-                        r.meta.source(),
-                        r.meta.event_type()
-                    );
+            let mut reactors: Vec<&str> = Vec::new();
+            for &k in children.get(&r.meta.id()).map_or(&[][..], Vec::as_slice) {
+                let s = self.events[k].meta.source();
+                if !reactors.contains(&s) {
+                    reactors.push(s);
                 }
-                None => {
-                    let _ = writeln!(
-                        out,
-                        "    Note over {}: {}",
-                        r.meta.source(),
-                        r.meta.event_type()
-                    );
-                }
+            }
+            if reactors.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "    Note over {}: {}",
+                    r.meta.source(),
+                    r.meta.event_type()
+                );
+            }
+            for to in reactors {
+                let _ = writeln!(
+                    out,
+                    "    {}->>{to}: {}",
+                    r.meta.source(),
+                    r.meta.event_type()
+                );
             }
         }
         out
     }
+}
+
+/// `1 event`, `2 events`.
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// Writes a causation tree, one line per event.

@@ -78,11 +78,16 @@
 //!     participant checkout
 //!     participant payments
 //!     participant shipping
-//!     Note over checkout: OrderPlaced
-//!     checkout->>payments: PaymentCaptured
-//!     checkout->>payments: ReceiptIssued
-//!     payments->>shipping: OrderShipped
+//!     checkout->>payments: OrderPlaced
+//!     payments->>shipping: PaymentCaptured
+//!     Note over payments: ReceiptIssued
+//!     Note over shipping: OrderShipped
 //! ```
+//!
+//! Each arrow starts at the service that emitted its event and ends at the
+//! service that reacted to it. [`Recorder::settled`] waits until every
+//! consumer on the server is drained and the recorder has read everything:
+//! a steadier end-of-test condition than a quiet period.
 
 mod cluster;
 mod error;

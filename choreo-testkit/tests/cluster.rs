@@ -84,3 +84,47 @@ async fn a_missing_stream_has_no_leader_and_the_error_shows_every_log() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn the_recorder_catches_up_within_seconds_of_losing_a_node() {
+    let mut cluster = NatsCluster::start(3).await.unwrap();
+    let client = cluster.connect().await.unwrap();
+    let recorder = choreo_testkit::Recorder::start(&client).await.unwrap();
+    let publisher = Publisher::new(client.clone(), "checkout")
+        .unwrap()
+        .with_stream_settings(StreamSettings::default().replicas(3));
+    let place = |id: String| OrderPlaced { order_id: id };
+    publisher.publish(&place("before".into())).await.unwrap();
+    recorder
+        .expect::<OrderPlaced>()
+        .matching(|o| o.order_id == "before")
+        .within(Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Each node in turn: whichever one holds the recorder's consumer dies
+    // once.
+    let mut worst = Duration::ZERO;
+    for n in 0..3 {
+        cluster.kill(n);
+        cluster
+            .wait_for_stream_leader(&client, "ORDERS", Duration::from_secs(20))
+            .await
+            .unwrap();
+        let id = format!("after-{n}");
+        publisher.publish(&place(id.clone())).await.unwrap();
+        let published = std::time::Instant::now();
+        recorder
+            .expect::<OrderPlaced>()
+            .matching(move |o| o.order_id == id)
+            .within(Duration::from_secs(40))
+            .await
+            .unwrap();
+        worst = worst.max(published.elapsed());
+        cluster.restart(n).await.unwrap();
+    }
+    eprintln!("the recorder was at most {worst:?} behind after a node loss");
+    assert!(
+        worst < Duration::from_secs(6),
+        "the recorder was {worst:?} behind after a node loss"
+    );
+}

@@ -274,7 +274,7 @@ async fn a_fact_stored_twice_is_a_duplicate() {
         )),
         "{err}"
     );
-    assert!(err.contains("1 duplicate copies"), "{err}");
+    assert!(err.contains("1 event, 1 duplicate copy\n"), "{err}");
 }
 
 #[tokio::test]
@@ -339,20 +339,119 @@ async fn a_flow_renders_as_a_tree_and_as_a_mermaid_sequence_diagram() {
     assert!(tree == a || tree == b, "unexpected tree:\n{tree}");
     assert!(flow.tree().lines().nth(1).unwrap().ends_with("+0ms"));
 
+    // Each arrow starts at the service that emitted its event and ends at
+    // the service that reacted to it; a leaf is a note over its emitter.
     let mermaid = flow.mermaid();
-    assert!(mermaid.starts_with("sequenceDiagram\n    participant checkout\n    participant payments\n    participant shipping\n    Note over checkout: OrderPlaced\n"), "{mermaid}");
     assert!(
-        mermaid.contains("    checkout->>payments: PaymentCaptured\n"),
+        mermaid.starts_with(
+            "sequenceDiagram\n    participant checkout\n    participant payments\n    participant shipping\n    checkout->>payments: OrderPlaced\n"
+        ),
         "{mermaid}"
     );
+    for line in [
+        "    payments->>shipping: PaymentCaptured\n",
+        "    Note over payments: ReceiptIssued\n",
+        "    Note over shipping: OrderShipped\n",
+    ] {
+        assert!(mermaid.contains(line), "{line:?} missing from\n{mermaid}");
+    }
+    assert_eq!(mermaid.matches("->>").count(), 2, "{mermaid}");
+}
+
+#[tokio::test]
+async fn a_one_event_flow_reads_in_the_singular() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let recorder = Recorder::start(&client).await.unwrap();
+    let root = Publisher::new(client, "checkout")
+        .unwrap()
+        .publish(&OrderPlaced {
+            order_id: "o-1".into(),
+        })
+        .await
+        .unwrap()
+        .event_id;
+    let flow = recorder
+        .quiescent(root, Duration::from_millis(200), SEC)
+        .await
+        .unwrap();
     assert!(
-        mermaid.contains("    checkout->>payments: ReceiptIssued\n"),
-        "{mermaid}"
+        flow.tree()
+            .starts_with(&format!("flow {}: 1 event\n", root.short())),
+        "{}",
+        flow.tree()
     );
     assert!(
-        mermaid.contains("    payments->>shipping: OrderShipped\n"),
-        "{mermaid}"
+        flow.mermaid()
+            .contains("    Note over checkout: OrderPlaced\n")
     );
+}
+
+#[tokio::test]
+async fn settled_waits_until_every_consumer_is_drained_and_recorded() {
+    let shop = shop().await;
+    let client = shop.publisher.client().clone();
+    let mut roots = Vec::new();
+    for i in 0..20 {
+        roots.push(place(&shop, &format!("o-{i}")).await);
+    }
+    shop.recorder.settled(&client, SEC * 2).await.unwrap();
+    // Settled means done: every flow is complete at once, without waiting.
+    for root in roots {
+        let flow = shop.recorder.flow(root);
+        assert_eq!(flow.len(), 4, "{}", flow.tree());
+    }
+}
+
+#[tokio::test]
+async fn settled_fails_naming_what_is_still_pending() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let recorder = Recorder::start(&client).await.unwrap();
+    // A handler whose service is stopped: its event stays pending.
+    let mut payments =
+        TestService::start(client.clone(), || Service::new("payments").handler(charge))
+            .await
+            .unwrap();
+    payments.stop().await;
+    Publisher::new(client.clone(), "checkout")
+        .unwrap()
+        .publish(&OrderPlaced {
+            order_id: "o-1".into(),
+        })
+        .await
+        .unwrap();
+    let err = recorder
+        .settled(&client, Duration::from_millis(500))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("consumer payments--charge on ORDERS has 1 pending"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_wait_sees_an_event_recorded_just_before_it_started_waiting() {
+    let shop = shop().await;
+    // Many waits, each started while its event may be arriving: a lost
+    // wake-up would make one of them take its full timeout.
+    for i in 0..30 {
+        let root = place(&shop, &format!("w-{i}")).await;
+        let started = std::time::Instant::now();
+        shop.recorder
+            .expect::<OrderShipped>()
+            .in_flow(root)
+            .within(Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a wait took {:?}",
+            started.elapsed()
+        );
+    }
 }
 
 #[tokio::test]
