@@ -410,7 +410,7 @@ async fn watch_streams(
         // be rebuilt only after missed heartbeats) starts again from where it
         // stood, so the recorder catches up within seconds of a node loss.
         round += 1;
-        if round % 5 == 0 {
+        if round.is_multiple_of(5) {
             for (name, (reader, stood)) in &mut attached {
                 let read_to = shared.read_to(name);
                 let last = tokio::time::timeout(quick, async {
