@@ -437,14 +437,28 @@ impl Inbox {
         keys: &[&str],
     ) -> Result<HashMap<String, Record>, InboxError> {
         let read = self.read_batch(keys).await;
-        if read.is_err() {
-            let until = now_ms().saturating_add(BATCH_PAUSE_MS);
-            self.batches_paused_until.store(until, Ordering::Relaxed);
+        if let Err((failure, e)) = &read {
+            // Only a failure that will happen again pauses batched reads: a
+            // refusal (a server without batched gets), or no answer while a
+            // permission violation was reported (a denied batch). A timeout
+            // or no responders during an election passes; the batch's
+            // events read their own keys this once.
+            let lasting =
+                failure.recurs(|| crate::error::recent_permission_error(&self.client).is_some());
+            if lasting {
+                let until = now_ms().saturating_add(BATCH_PAUSE_MS);
+                self.batches_paused_until.store(until, Ordering::Relaxed);
+            }
+            tracing::debug!(bucket = %self.bucket, error = %e, paused = lasting, "batched inbox read failed");
         }
-        read
+        read.map_err(|(_, e)| e)
     }
 
-    async fn read_batch(&self, keys: &[&str]) -> Result<HashMap<String, Record>, InboxError> {
+    async fn read_batch(
+        &self,
+        keys: &[&str],
+    ) -> Result<HashMap<String, Record>, (BatchFailure, InboxError)> {
+        let unavailable = |e: InboxError| (BatchFailure::Unavailable, e);
         let mut found = HashMap::new();
         if keys.is_empty() {
             return Ok(found);
@@ -454,7 +468,7 @@ impl Inbox {
             .map(|k| format!("{}{k}", self.key_prefix))
             .collect();
         let request = serde_json::json!({ "multi_last": subjects, "batch": keys.len() });
-        let body = serde_json::to_vec(&request).map_err(|e| self.err(e))?;
+        let body = serde_json::to_vec(&request).map_err(|e| unavailable(self.err(e)))?;
         let token = self.answers.next.fetch_add(1, Ordering::Relaxed);
         let reply = format!("{}.{token}", self.answers.prefix);
         let (tx, mut answers) = mpsc::unbounded_channel();
@@ -466,26 +480,36 @@ impl Inbox {
         self.client
             .publish_with_reply(self.direct_get.clone(), reply, body.into())
             .await
-            .map_err(|e| self.err(format!("cannot read: {e}")))?;
+            .map_err(|e| unavailable(self.err(format!("cannot read: {e}"))))?;
         let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
         loop {
             let answer = tokio::time::timeout_at(deadline, answers.recv())
                 .await
                 .map_err(|_| {
-                    self.err(format!(
-                        "no answer to a batched read within {READ_TIMEOUT:?}"
-                    ))
+                    (
+                        BatchFailure::NoAnswer,
+                        self.err(format!(
+                            "no answer to a batched read within {READ_TIMEOUT:?}"
+                        )),
+                    )
                 })?
-                .ok_or_else(|| self.err("the connection closed during a batched read"))?;
+                .ok_or_else(|| {
+                    unavailable(self.err("the connection closed during a batched read"))
+                })?;
             if let Some(status) = answer.status {
                 return match status.as_u16() {
                     // End of batch, or none of the keys has a value.
                     204 | 404 => Ok(found),
-                    503 => Err(self.err("the bucket's stream is not available (no responders)")),
-                    code => Err(self.err(format!(
-                        "batched read failed: {code} {}",
-                        answer.description.as_deref().unwrap_or("")
-                    ))),
+                    503 => Err(unavailable(
+                        self.err("the bucket's stream is not available (no responders)"),
+                    )),
+                    code => Err((
+                        BatchFailure::Refused,
+                        self.err(format!(
+                            "batched read failed: {code} {}",
+                            answer.description.as_deref().unwrap_or("")
+                        )),
+                    )),
                 };
             }
             let Some(headers) = answer.headers.as_ref() else {
@@ -599,6 +623,29 @@ impl Inbox {
     }
 }
 
+/// How a batched read failed, for whether batched reads pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchFailure {
+    /// The server answered with an error: it will again.
+    Refused,
+    /// No answer in time (an election, or a denied request).
+    NoAnswer,
+    /// No responders, or the connection failed: passing.
+    Unavailable,
+}
+
+impl BatchFailure {
+    /// Whether it will happen again, so batched reads should pause:
+    /// `denied` says whether the connection reported a permission violation.
+    fn recurs(self, denied: impl FnOnce() -> bool) -> bool {
+        match self {
+            Self::Refused => true,
+            Self::NoAnswer => denied(),
+            Self::Unavailable => false,
+        }
+    }
+}
+
 /// How long a batched read may take (it answers in milliseconds; a read
 /// that does not is given up and its events read their own keys).
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
@@ -689,6 +736,16 @@ mod tests {
         assert!(!w.stale(4, lease));
         tokio::time::advance(Duration::from_millis(600)).await;
         assert!(w.stale(4, lease));
+    }
+
+    #[test]
+    fn only_failures_that_recur_pause_batched_reads() {
+        assert!(BatchFailure::Refused.recurs(|| false));
+        // A denied batch gets no answer, and the connection says why.
+        assert!(BatchFailure::NoAnswer.recurs(|| true));
+        // A timeout during an election, or no responders, passes.
+        assert!(!BatchFailure::NoAnswer.recurs(|| false));
+        assert!(!BatchFailure::Unavailable.recurs(|| true));
     }
 
     #[test]

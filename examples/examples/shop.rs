@@ -159,6 +159,8 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     )
     .await;
     bar.finish_and_clear();
+    // A count that could not be made fails the run: it never passes unseen.
+    let summary = summary?;
 
     // One flow as a causation tree: an order with a compensation if there is one.
     if let Some(root) = roots.get(3).or(roots.first()) {

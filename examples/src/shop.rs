@@ -372,16 +372,25 @@ impl Summary {
 
 /// Counts the endings of `run`'s `n` orders from what the recorder saw, and
 /// the duplicates in the event streams and the ledger.
+///
+/// # Errors
+/// The ledger could not be read whole: the count would be a guess, so the
+/// run must fail rather than pass.
 pub async fn summarize(
     recorder: &Recorder,
     client: &async_nats::Client,
     run: &str,
     n: u64,
-) -> Summary {
+) -> Result<Summary, LedgerError> {
     let (mut summary, duplicate_ids) = scan(recorder, run, n);
-    summary.duplicates = duplicate_ids + ledger_duplicates(client, run).await;
-    summary
+    summary.duplicates = duplicate_ids + ledger_duplicates(client, run).await?;
+    Ok(summary)
 }
+
+/// The ledger could not be read, so duplicates cannot be counted.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the ledger stream {LEDGER_STREAM} to count duplicate effects: {0}")]
+pub struct LedgerError(String);
 
 /// The endings of `run`'s orders (no ledger scan: cheap enough for a
 /// progress display), with `duplicates` left at 0.
@@ -426,34 +435,52 @@ fn scan(recorder: &Recorder, run: &str, n: u64) -> (Summary, u64) {
     (summary, duplicate_ids)
 }
 
-/// Effects of `run` recorded more than once in the ledger.
-async fn ledger_duplicates(client: &async_nats::Client, run: &str) -> u64 {
+/// Effects of `run` recorded more than once in the ledger: one pass over
+/// the stream's headers (an ordered consumer, no payloads), up to its last
+/// message when the count starts.
+async fn ledger_duplicates(client: &async_nats::Client, run: &str) -> Result<u64, LedgerError> {
+    use futures::StreamExt;
+    let fail = |e: &dyn std::fmt::Display| LedgerError(e.to_string());
     let js = jetstream::new(client.clone());
-    let Ok(mut stream) = js.get_stream(LEDGER_STREAM).await else {
-        return 0;
-    };
-    let Ok(info) = stream.info().await else {
-        return 0;
-    };
-    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut stream = js.get_stream(LEDGER_STREAM).await.map_err(|e| fail(&e))?;
+    let info = stream.info().await.map_err(|e| fail(&e))?;
+    let last = info.state.last_sequence;
     if info.state.messages == 0 {
-        return 0;
+        return Ok(0);
     }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            headers_only: true,
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| fail(&e))?;
+    let mut messages = consumer.messages().await.map_err(|e| fail(&e))?;
+    let marker = format!(".{run}-");
     let mut seen = HashSet::new();
     let mut dup = 0;
-    for seq in first..=last {
-        if let Ok(m) = stream.get_raw_message(seq).await
-            && m.subject.contains(&format!(".{run}-"))
-            && !seen.insert(m.subject.to_string())
-        {
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .map_err(|_| LedgerError("no message for 10 s while reading it".into()))?
+            .ok_or_else(|| LedgerError("the read ended early".into()))?
+            .map_err(|e| fail(&e))?;
+        let seq = next.info().map_err(|e| fail(&e))?.stream_sequence;
+        if next.subject.contains(&marker) && !seen.insert(next.subject.to_string()) {
             dup += 1;
         }
+        if seq >= last {
+            return Ok(dup);
+        }
     }
-    dup
 }
 
 /// Waits until every order of `run` has ended or nothing has changed for
 /// `stall`; `progress` is called with the running summary.
+///
+/// # Errors
+/// See [`summarize`].
 pub async fn wait_for_endings(
     recorder: &Recorder,
     client: &async_nats::Client,
@@ -461,7 +488,7 @@ pub async fn wait_for_endings(
     n: u64,
     stall: Duration,
     mut progress: impl FnMut(&Summary),
-) -> Summary {
+) -> Result<Summary, LedgerError> {
     let mut last_change = Instant::now();
     let mut last_ended = u64::MAX;
     loop {

@@ -237,7 +237,8 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
         Duration::from_secs(90),
         |_| {},
     )
-    .await;
+    .await
+    .unwrap();
     eprintln!(
         "failover: {summary} faults=[{}] time={:.1}s",
         faults.join("; "),

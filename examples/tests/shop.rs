@@ -61,7 +61,8 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
         Duration::from_secs(30),
         |_| {},
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(summary, Summary::expected(200), "{summary}");
     assert!(summary.is_clean());
     assert_eq!(
@@ -117,7 +118,8 @@ async fn placing_the_same_orders_again_changes_nothing() {
         Duration::from_secs(30),
         |_| {},
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(summary, Summary::expected(50), "{summary}");
     for h in handles {
         h.shutdown().await;
@@ -225,5 +227,20 @@ async fn a_service_process_stops_gracefully_on_sigterm() {
         out.1.contains("shutdown requested") && out.1.contains("service stopped"),
         "{}",
         out.1
+    );
+}
+
+#[tokio::test]
+async fn a_ledger_that_cannot_be_read_fails_the_count_instead_of_passing_it() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let recorder = Recorder::start(&client).await.unwrap();
+    // No ledger stream at all: the duplicate count cannot be made.
+    let err = shop::summarize(&recorder, &client, "r", 0)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("cannot read the ledger stream"),
+        "{err}"
     );
 }

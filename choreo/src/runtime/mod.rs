@@ -570,7 +570,7 @@ async fn read_inbox<'a>(
             tracing::debug!(handler = %rt.handler_id, keys = wanted.len(), found = found.len(), "batched inbox read")
         }
         Err(e) => {
-            tracing::warn!(handler = %rt.handler_id, keys = wanted.len(), error = %e, "batched inbox read failed; events read their own keys for a minute")
+            tracing::warn!(service = %rt.service, handler = rt.handler, keys = wanted.len(), error = %e, paused = !inbox.reads_in_batches(), "batched inbox read failed; these events read their own keys (for a minute if the failure will recur)")
         }
     }
     keys.into_iter()
