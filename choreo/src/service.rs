@@ -262,6 +262,14 @@ impl Service {
     /// How long start-up retries timeouts before it fails (default 30 s,
     /// enough for a cluster to elect leaders). Errors that cannot pass —
     /// a permission denial, no JetStream, a bad name — fail at once.
+    ///
+    /// While nodes keep failing, a start can run out of time (seen in 2 of
+    /// ~100 starts with a node killed every 4–8 s). Choose what happens
+    /// then: keep the default and let a supervisor restart the process on
+    /// the error (systemd `Restart=on-failure`, a Kubernetes restart
+    /// policy) — the error says what failed — or pass `Duration::MAX` to
+    /// retry (with backoff up to 2 s) for as long as the errors are
+    /// transient.
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
         self
@@ -421,14 +429,15 @@ impl Service {
             .with_stream_settings(self.stream_settings.clone());
         // Everything below is idempotent; a timeout (a cluster electing a
         // leader, a node catching up) is retried until `start_timeout`.
-        let deadline = tokio::time::Instant::now() + self.start_timeout;
+        // `None`: retry for as long as the errors are transient.
+        let deadline = tokio::time::Instant::now().checked_add(self.start_timeout);
         let mut delay = Duration::from_millis(100);
         let (mut inbox, consumers) = loop {
             match self.prepare(&js).await {
                 Ok(done) => break done,
                 Err(e)
                     if is_transient(&client, &e)
-                        && tokio::time::Instant::now() + delay < deadline =>
+                        && deadline.is_none_or(|d| tokio::time::Instant::now() + delay < d) =>
                 {
                     tracing::warn!(service = %name, error = %e, retry_in = ?delay, "service start failed; retrying");
                     tokio::time::sleep(delay).await;

@@ -144,3 +144,33 @@ async fn a_service_connects_from_a_url_and_options() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn with_an_unbounded_start_timeout_a_start_waits_out_a_cluster_without_quorum() {
+    let mut cluster = choreo_testkit::NatsCluster::start(3).await.unwrap();
+    let client = cluster.connect().await.unwrap();
+    // Two of three nodes down: JetStream has no quorum and every request
+    // times out, as in an outage that outlasts the default 30 s.
+    cluster.stop(1);
+    cluster.stop(2);
+    let starting = tokio::spawn(
+        Service::new("payments")
+            .handler(on_order)
+            .stream_settings(choreo::StreamSettings::default().replicas(3))
+            .start_timeout(Duration::MAX)
+            .start(client.clone()),
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !starting.is_finished(),
+        "gave up while the errors were transient"
+    );
+    cluster.restart(1).await.unwrap();
+    cluster.restart(2).await.unwrap();
+    let svc = tokio::time::timeout(Duration::from_secs(60), starting)
+        .await
+        .expect("started once the cluster was back")
+        .unwrap()
+        .unwrap();
+    svc.shutdown().await;
+}
