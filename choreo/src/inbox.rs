@@ -9,12 +9,14 @@
 //!   returned `Ok` and every event it emitted was acknowledged by JetStream,
 //!   and before the handled event is acked. A delivery that finds it is acked
 //!   and skipped.
-//! - `run <instance> <unix ms>`: a **claim**, written by the handler's
-//!   watchdog once the handler has run for a second (or a third of its
-//!   `ack_wait`, if less) and refreshed with each in-progress ack. While it is
-//!   fresh, another delivery of the same event waits for the outcome instead
-//!   of running the handler a second time. A claim not refreshed within twice
-//!   the handler's `ack_wait` belongs to a stopped instance and is ignored.
+//! - `run <instance> <unix ms> <stream sequence>`: a **claim**, written by
+//!   the handler's watchdog once the handler has run for a second (or a third
+//!   of its `ack_wait`, if less) and refreshed with each in-progress ack.
+//!   While it is fresh, another delivery of the same event waits for the
+//!   outcome instead of running the handler a second time. No clock judges
+//!   it (see `decide`): a redelivery of the message it names takes it over,
+//!   and any other waiter takes it over once it has not moved for one
+//!   `ack_wait`. The time is for people reading the bucket.
 //!
 //! When eight or more pulled events wait at once, the keys of the whole
 //! batch are read with one batched direct get (`multi_last`), so under load
