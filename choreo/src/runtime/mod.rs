@@ -243,27 +243,29 @@ pub(crate) async fn pull_loop(
             }
         }
     };
-    let mut inbox_check = tokio::time::interval(Duration::from_secs(1));
-    // The server's consumer is the truth: its settings (another version of
-    // the service may have changed them) and its ack floor (where to
-    // recreate it if an operator deletes it).
-    let mut config_check = tokio::time::interval(
-        rt.options
-            .ack_wait
-            .clamp(Duration::from_secs(1), Duration::from_secs(5)),
-    );
-    config_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One timer for the slow checks, armed once: a loop iteration (one per
+    // pulled chunk) creates no timer and no semaphore waiter of its own.
+    // Once a second: silent pull requests and a missing inbox; every
+    // `ack_wait` (1 to 5 s): the consumer as the server has it — its
+    // settings (another version of the service may have changed them) and
+    // its ack floor (where to recreate it if an operator deletes it).
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let config_every = rt.options.ack_wait.as_secs().clamp(1, 5);
+    let mut ticks = 0_u64;
+    let mut permits_free = Box::pin(puller.wait_for_permits());
+    // The threshold the pending wait was made with: renewed when fewer
+    // outstanding events call for a smaller one.
+    let mut waiting_for = puller.threshold();
     let mut failure = None;
     loop {
         reap(&rt, &mut running);
         if failure.is_some() {
             break;
         }
-        let permits_free = puller.wait_for_permits();
-        let silent_at = puller.silence_deadline();
         let first = tokio::select! {
             _ = stop.changed() => break,
-            permit = permits_free => {
+            permit = &mut permits_free => {
                 if let Err(e) = puller.send(permit).await {
                     tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot request events; retrying in 1s");
                     tokio::select! {
@@ -271,21 +273,28 @@ pub(crate) async fn pull_loop(
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
+                permits_free.set(puller.wait_for_permits());
+                waiting_for = puller.threshold();
                 continue;
             }
-            () = tokio::time::sleep_until(silent_at), if puller.outstanding() > 0 => {
+            _ = housekeeping.tick() => {
+                ticks += 1;
                 if puller.check_silence() {
                     tracing::debug!(service = %rt.service, handler = rt.handler, "pull requests went silent; asking again");
                     failure = refresh_consumer(&handler, &rt, &mut puller, None, &mut stop).await.err();
                 }
-                continue;
-            }
-            _ = config_check.tick() => {
-                follow_consumer(&rt, puller.consumer()).await;
-                continue;
-            }
-            _ = inbox_check.tick(), if rt.inbox.as_ref().is_some_and(|i| i.troubled_for().is_some()) => {
-                failure = check_inbox(&rt).await.err();
+                if puller.threshold() < waiting_for {
+                    // Requests expired or were forgotten: fewer free
+                    // permits are enough to ask again.
+                    permits_free.set(puller.wait_for_permits());
+                    waiting_for = puller.threshold();
+                }
+                if failure.is_none() && rt.inbox.as_ref().is_some_and(|i| i.troubled_for().is_some()) {
+                    failure = check_inbox(&rt).await.err();
+                }
+                if ticks.is_multiple_of(config_every) {
+                    follow_consumer(&rt, puller.consumer()).await;
+                }
                 continue;
             }
             p = puller.next() => p,
@@ -296,7 +305,7 @@ pub(crate) async fn pull_loop(
         let mut next = Some(first);
         while let Some(pulled) = next.take() {
             match pulled {
-                Pulled::Event(msg, slot) => chunk.push((*msg, slot)),
+                Pulled::Event(msg, slot) => chunk.push((msg, slot)),
                 Pulled::Status => {}
                 Pulled::ConsumerGone(why) => {
                     spawn_all(&handler, &rt, &mut running, chunk).await;
@@ -328,6 +337,10 @@ pub(crate) async fn pull_loop(
             }
         }
         spawn_all(&handler, &rt, &mut running, chunk).await;
+        if puller.threshold() < waiting_for {
+            permits_free.set(puller.wait_for_permits());
+            waiting_for = puller.threshold();
+        }
     }
     // Shutdown: no more requests. What the server sent before it saw the
     // unsubscribe still arrives, and runs: it was pulled with a permit.
@@ -335,7 +348,7 @@ pub(crate) async fn pull_loop(
     loop {
         match tokio::time::timeout(Duration::from_secs(5), puller.next()).await {
             Ok(Pulled::Event(msg, slot)) => {
-                spawn(&handler, &rt, &mut running, *msg, Seen::NotRead, slot)
+                spawn(&handler, &rt, &mut running, msg, Seen::NotRead, slot)
             }
             Ok(Pulled::Status | Pulled::ConsumerGone(_)) => {}
             Ok(Pulled::Ended) | Err(_) => break,
