@@ -45,6 +45,17 @@ pub enum StreamError {
         /// The server's message, naming the subject.
         reason: String,
     },
+    /// The cluster cannot serve the stream right now: peers offline, no
+    /// quorum, no leader. It passes when the nodes are back.
+    #[error(
+        "stream {stream}: the cluster cannot serve it right now ({reason}); it passes when its nodes are back"
+    )]
+    ClusterUnavailable {
+        /// The stream.
+        stream: String,
+        /// What the server said.
+        reason: String,
+    },
     /// Any other failure.
     #[error("stream {stream}: {reason}")]
     Other {
@@ -199,6 +210,21 @@ pub(crate) fn redact_url(url: &str) -> String {
     }
 }
 
+/// JetStream error codes that say a cluster cannot serve a request right
+/// now, and will when its nodes are back.
+pub(crate) fn is_cluster_unavailable(code: jetstream::ErrorCode) -> bool {
+    use jetstream::ErrorCode as C;
+    [
+        C::CLUSTER_NO_PEERS,
+        C::CLUSTER_NOT_AVAILABLE,
+        C::CLUSTER_INCOMPLETE,
+        C::CLUSTER_NOT_ASSIGNED,
+        C::CLUSTER_NOT_LEADER,
+        C::CLUSTER_NOT_ACTIVE,
+    ]
+    .contains(&code)
+}
+
 pub(crate) fn classify_jetstream(
     e: &jetstream::context::GetStreamError,
 ) -> Option<jetstream::ErrorCode> {
@@ -223,6 +249,14 @@ impl StreamError {
         subjects: &[String],
         e: &jetstream::context::CreateStreamError,
     ) -> Self {
+        if let jetstream::context::CreateStreamErrorKind::JetStream(j) = e.kind()
+            && is_cluster_unavailable(j.error_code())
+        {
+            return Self::ClusterUnavailable {
+                stream: stream.to_owned(),
+                reason: j.to_string(),
+            };
+        }
         if let jetstream::context::CreateStreamErrorKind::JetStream(j) = e.kind()
             && j.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP
         {

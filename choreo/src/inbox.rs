@@ -58,6 +58,15 @@ pub fn key(handler: &str, event: EventId) -> String {
 pub struct InboxError {
     bucket: String,
     reason: String,
+    /// The cluster could not serve the bucket (peers offline, no quorum).
+    cluster_unavailable: bool,
+}
+
+impl InboxError {
+    /// Whether the cluster could not serve the bucket right now.
+    pub(crate) fn cluster_unavailable(&self) -> bool {
+        self.cluster_unavailable
+    }
 }
 
 /// What the inbox says about one key, as read.
@@ -312,6 +321,7 @@ impl Inbox {
         let err = |reason: String| InboxError {
             bucket: bucket.clone(),
             reason,
+            cluster_unavailable: false,
         };
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
@@ -332,10 +342,18 @@ impl Inbox {
                 match created {
                     Ok(kv) => kv,
                     // Another instance may have created it in between.
-                    Err(e) => js
-                        .get_key_value(&bucket)
-                        .await
-                        .map_err(|_| err(format!("cannot create the bucket: {e}")))?,
+                    Err(e) => js.get_key_value(&bucket).await.map_err(|_| {
+                        let mut failed = err(format!("cannot create the bucket: {e}"));
+                        failed.cluster_unavailable = std::error::Error::source(&e)
+                            .and_then(|s| {
+                                s.downcast_ref::<jetstream::context::CreateStreamError>()
+                            })
+                            .is_some_and(|c| {
+                                matches!(c.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j)
+                                    if crate::error::is_cluster_unavailable(j.error_code()))
+                            });
+                        failed
+                    })?,
                 }
             }
         };
@@ -388,6 +406,7 @@ impl Inbox {
         InboxError {
             bucket: self.bucket.clone(),
             reason: reason.to_string(),
+            cluster_unavailable: false,
         }
     }
 

@@ -527,9 +527,11 @@ impl Service {
             )
             .await;
             Some(opened.map_err(|e| {
-                StartError::Stream(StreamError::Other {
-                    stream: inbox::bucket(&self.name),
-                    reason: e.to_string(),
+                let (stream, reason) = (inbox::bucket(&self.name), e.to_string());
+                StartError::Stream(if e.cluster_unavailable() {
+                    StreamError::ClusterUnavailable { stream, reason }
+                } else {
+                    StreamError::Other { stream, reason }
                 })
             })?)
         } else {
@@ -559,6 +561,12 @@ impl Service {
 /// A start-up failure worth retrying: a timeout with no permission violation
 /// reported (a denied request also ends in a timeout, and retrying it cannot help).
 fn is_transient(client: &async_nats::Client, e: &StartError) -> bool {
+    if matches!(
+        e,
+        StartError::Stream(StreamError::ClusterUnavailable { .. })
+    ) {
+        return true;
+    }
     let text = e.to_string().to_lowercase();
     let timed_out = text.contains("timed out") || text.contains("timeout");
     timed_out
