@@ -107,7 +107,7 @@ pub use choreo_macros::event;
 /// | `concurrency = N` | events handled at once per instance (1–10000) | 256 |
 /// | `max_deliver = N` | deliveries before the dead-letter stream (1–10000) | 5 |
 /// | `backoff = ["1s", "5s"]` | delay before redelivery after the n-th failure; the last repeats | 1s, 5s, 30s |
-/// | `ack_wait = "30s"` | silence before JetStream redelivers (in-progress acks are sent meanwhile) | 30s |
+/// | `ack_wait = "30s"` | silence before JetStream redelivers (in-progress acks are sent meanwhile); an instance's events resume elsewhere about one `ack_wait` after it dies | 30s |
 /// | `timeout = "5m"` | how long one invocation may run before it is abandoned and retried (dead letter reason `timeout` on the last delivery) | 5m |
 /// | `deliver = all` / `new` | where a new consumer starts | `all` |
 /// | `deliver_since = "RFC 3339"` | a new consumer starts at this time | |
