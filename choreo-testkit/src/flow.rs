@@ -478,9 +478,15 @@ async fn read_stream(
         let Ok(msg) = next else { continue };
         let sequence = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         {
+            // A reader restarted after a stall starts just after what was
+            // read, while the one it replaces may still deliver: whichever
+            // reads a sequence first records it.
             let mut read_to = shared.read_to.lock().unwrap_or_else(|p| p.into_inner());
             let to = read_to.entry(stream.clone()).or_insert(0);
-            *to = (*to).max(sequence);
+            if sequence <= *to {
+                continue;
+            }
+            *to = sequence;
         }
         let Some(headers) = msg.headers.as_ref() else {
             continue;
@@ -496,15 +502,6 @@ async fn read_stream(
             payload: msg.payload.clone(),
         };
         let mut events = shared.events();
-        // A reader restarted after a stall may read a few events again.
-        if events
-            .iter()
-            .rev()
-            .take(64)
-            .any(|r| r.stream == rec.stream && r.sequence == rec.sequence)
-        {
-            continue;
-        }
         events.push(rec);
         let len = events.len();
         drop(events);

@@ -557,8 +557,9 @@ impl Inbox {
         }
     }
 
-    /// Claims `key` (at `revision`, 0 if absent) for this instance; returns
-    /// the claim's revision.
+    /// Claims `key` (at `revision`, 0 if absent) for this instance, or
+    /// refreshes the claim it holds at `revision`; returns the claim's new
+    /// revision.
     pub(crate) async fn claim(
         &self,
         key: &str,
@@ -591,20 +592,6 @@ impl Inbox {
                 (moved, self.err(e))
             })
         }
-    }
-
-    /// Refreshes a claim this instance holds; returns its new revision.
-    pub(crate) async fn refresh(
-        &self,
-        key: &str,
-        revision: u64,
-        stream_seq: u64,
-    ) -> Result<u64, InboxError> {
-        self.claim_delay().await;
-        self.kv
-            .update(key, self.claim_value(stream_seq), revision)
-            .await
-            .map_err(|e| self.err(e))
     }
 
     /// Records the event as handled. `revision` is the key's revision as

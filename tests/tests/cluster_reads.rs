@@ -8,12 +8,10 @@
 use choreo::async_nats::jetstream::{self, kv};
 use choreo_testkit::NatsCluster;
 
-#[tokio::test]
-async fn a_record_written_on_the_leader_is_read_back_at_once_from_every_node() {
-    let cluster = NatsCluster::start(3).await.unwrap();
+/// An R3 bucket written through node 0, as the inbox makes one.
+async fn r3_bucket(cluster: &NatsCluster) -> kv::Store {
     let writer = cluster.node(0).connect().await.unwrap();
-    let js = jetstream::new(writer.clone());
-    let bucket = js
+    jetstream::new(writer)
         .create_key_value(kv::Config {
             bucket: "reads".into(),
             history: 1,
@@ -21,7 +19,13 @@ async fn a_record_written_on_the_leader_is_read_back_at_once_from_every_node() {
             ..Default::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_record_written_on_the_leader_is_read_back_at_once_from_every_node() {
+    let cluster = NatsCluster::start(3).await.unwrap();
+    let bucket = r3_bucket(&cluster).await;
     // Readers on every node: direct gets go to whichever replica answers.
     let mut readers = Vec::new();
     for i in 0..3 {
@@ -65,17 +69,7 @@ async fn a_record_written_on_the_leader_is_read_back_at_once_from_every_node() {
 #[tokio::test]
 async fn a_node_back_from_an_outage_answers_no_direct_get_with_a_stale_record() {
     let mut cluster = NatsCluster::start(3).await.unwrap();
-    let writer = cluster.node(0).connect().await.unwrap();
-    let js = jetstream::new(writer.clone());
-    let bucket = js
-        .create_key_value(kv::Config {
-            bucket: "reads".into(),
-            history: 1,
-            num_replicas: 3,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let bucket = r3_bucket(&cluster).await;
     bucket.put("h.warm", "done 1".into()).await.unwrap();
     cluster.kill(2);
     let n = 400;

@@ -350,7 +350,7 @@ async fn write(rt: &Runtime, work: KvWork, warnings: &Limited) {
     let Some(inbox) = &rt.inbox else { return };
     let token = match work {
         KvWork::Refresh(token, key, revision, seq) => {
-            match inbox.refresh(&key, revision, seq).await {
+            match inbox.claim(&key, revision, seq).await {
                 Ok(r) => rt.watchdog.set_revision(token, r),
                 Err(e) => warnings.warn(rt, "an inbox claim could not be refreshed", &e),
             }
