@@ -915,3 +915,63 @@ async fn in_progress_acks_keep_their_period_when_inbox_writes_are_slow() {
     assert_each_handled_once(&fx, &w.client, 1).await;
     svc.shutdown().await;
 }
+
+/// Hangs on its first invocation (until its 3 s timeout), then succeeds.
+#[event_handler(name = "charge", ack_wait = "2s", timeout = "3s", backoff = ["100ms"])]
+async fn charge_or_hang(_order: OrderPlaced, State(starts): State<Starts>) {
+    let first = {
+        let mut s = starts.0.lock().unwrap();
+        s.push(tokio::time::Instant::now());
+        s.len() == 1
+    };
+    if first {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_waiting_on_a_timed_out_invocation_runs_once_it_is_abandoned() {
+    let w = ShortWindow::start().await;
+    let starts = Starts::default();
+    let start = |client| {
+        Service::new("payments")
+            .stream_settings(w.settings.clone())
+            .state(starts.clone())
+            .handler(charge_or_hang)
+            .start(client)
+    };
+    let a = start(w.server.connect().await.unwrap()).await.unwrap();
+    let first = w.publish("o-1").await;
+    eventually(Duration::from_secs(5), "A to start", || starts.count() == 1).await;
+    // A stops pulling; its invocation hangs on. B pulls only the copy,
+    // published outside the 500 ms duplicate window, and finds A's claim.
+    let a_stopping = tokio::spawn(a.shutdown());
+    let b = start(w.server.connect().await.unwrap()).await.unwrap();
+    // Past the claim (written at the watchdog's first tick after a third of
+    // ack_wait, about 1 s) and the duplicate window.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let second = w.publish("o-1").await;
+    assert_ne!(second.sequence, first.sequence);
+    eventually(Duration::from_secs(10), "the copy to run on B", || {
+        starts.count() == 2
+    })
+    .await;
+    let after = {
+        let s = starts.0.lock().unwrap();
+        s[1].duration_since(s[0])
+    };
+    assert!(
+        b.stats("charge").unwrap().waited() >= 1,
+        "the copy never waited"
+    );
+    // At A's timeout (3 s) its invocation is abandoned: the claim is
+    // released and the delivery nak'd (and redelivered to B, which takes the
+    // claim of that very message over). Either way B runs the event then,
+    // not after the copy has waited out a lease (2 s) of unrefreshed claim.
+    assert!(
+        after < Duration::from_millis(4200),
+        "the copy ran {after:?} after the first invocation started"
+    );
+    a_stopping.await.unwrap();
+    b.shutdown().await;
+}
