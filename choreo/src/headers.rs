@@ -95,11 +95,17 @@ impl Metadata {
     /// # Errors
     /// `source` is not a legal header value (see [`check_source`]).
     pub fn root<E: Event>(event: &E, source: &str) -> Result<Self, HeaderError> {
+        Self::root_with_key::<E>(event.key().as_ref(), source)
+    }
+
+    /// [`root`](Self::root) for an event whose key the caller already has
+    /// (the publisher keeps it for a duplicate's check).
+    pub(crate) fn root_with_key<E: Event>(
+        key: Option<&crate::EventKey>,
+        source: &str,
+    ) -> Result<Self, HeaderError> {
         check_source(source)?;
-        let id = match event.key() {
-            Some(key) => EventId::keyed(E::NAME, &key),
-            None => EventId::new_random(),
-        };
+        let id = key.map_or_else(EventId::new_random, |key| EventId::keyed(E::NAME, key));
         Ok(Self::new::<E>(id, source, id, None))
     }
 

@@ -114,7 +114,7 @@ struct Sent {
     event: &'static str,
     payload: Bytes,
     version: u32,
-    key: Option<Box<crate::EventKey>>,
+    key: Option<crate::EventKey>,
 }
 
 /// One encoded event, ready to send.
@@ -270,10 +270,12 @@ impl Publisher {
         &self,
         event: &E,
     ) -> impl Future<Output = Result<Receipt, PublishError>> + Send + '_ {
-        let out = Metadata::root(event, &self.inner.source)
+        // One key for the id and for a duplicate's check.
+        let key = event.key();
+        let out = Metadata::root_with_key::<E>(key.as_ref(), &self.inner.source)
             .map_err(PublishError::from)
             .and_then(|meta| Outgoing::new(event, meta));
-        self.send_checked(out, event.key())
+        self.send_checked(out, key)
     }
 
     /// Publishes `event` with metadata built by the caller, for example with
@@ -410,7 +412,7 @@ impl Publisher {
             event: out.event,
             payload: out.payload.clone(),
             version: out.meta.version(),
-            key: key.map(Box::new),
+            key,
         };
         let check = move |r: Receipt| self.checked(r, sent);
         if self.known(out.stream.name) {

@@ -1,271 +1,273 @@
-//! Pulling events for one handler: pull requests sized to the handler's free
-//! permits, so no event waits unwatched in the client.
-//!
-//! A handler may run `concurrency` events at once. Before asking the server
-//! for `n` events, the pull loop takes `n` permits; each event that arrives
-//! brings its permit into the task that runs it, and a request that ends
-//! with fewer events than asked (it expired, the server said why) gives the
-//! rest back. So every event this instance has pulled is already running,
-//! watched by the watchdog — nothing sits in a prefetch buffer counting down
-//! its `ack_wait`, and graceful shutdown has nothing to hand back (a nak
-//! would spend a delivery attempt).
-//!
-//! All requests of one handler share one reply subscription, as async-nats'
-//! own pull stream does. On shutdown it is drained: the server stops sending
-//! once it sees the unsubscribe, and what it sent before arrives and runs.
+//! The pull loop of one handler: asks for events as permits free up (see
+//! `requests`), reads a pulled batch's inbox keys with one request, and
+//! spawns one task per event; on shutdown, drains and lets them finish.
 
-use std::sync::Arc;
-use std::time::Duration;
+#[allow(clippy::wildcard_imports)]
+use super::*;
 
-use async_nats::jetstream::{self, consumer::pull};
-use async_nats::{StatusCode, Subject};
-use futures::StreamExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
-
-/// How long one pull request waits at the server for events.
-pub(crate) const EXPIRES: Duration = Duration::from_secs(10);
-/// How often the server says it is alive while a request waits.
-pub(crate) const HEARTBEAT: Duration = Duration::from_secs(2);
-/// Silence after which outstanding requests are taken to be gone (their
-/// consumer's leader moved, the connection was re-established).
-const SILENCE: Duration = Duration::from_secs(5);
-
-/// A permit of the handler's concurrency, held by the task that runs one
-/// event (or by a pull request, for an event not yet arrived).
-pub(crate) type Slot = Option<OwnedSemaphorePermit>;
-
-/// What one read from the reply subscription brought.
-// Events are the common case by far: boxing them would cost an allocation
-// per event to make the rare variants smaller.
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum Pulled {
-    /// An event, with the permit its request reserved for it.
-    Event(jetstream::Message, Slot),
-    /// A status (heartbeat, a request's end) was accounted for.
-    Status,
-    /// The consumer is gone: get it again, or recreate it.
-    ConsumerGone(String),
-    /// The subscription ended (after a drain, or the connection closed).
-    Ended,
-}
-
-/// Pull requests of one handler and the permits they hold.
-pub(crate) struct Puller {
-    js: jetstream::Context,
+pub(crate) async fn pull_loop(
+    handler: Arc<dyn Erased>,
+    rt: Arc<Runtime>,
     consumer: jetstream::consumer::PullConsumer,
-    permits: Arc<Semaphore>,
-    /// Most events one request asks for.
-    max_request: usize,
-    inbox: Subject,
-    sub: async_nats::Subscriber,
-    /// Permits reserved for events requested and not yet arrived.
-    reserved: Vec<OwnedSemaphorePermit>,
-    last_heard: Instant,
-    /// Since when the consumer could not be recreated.
-    pub(crate) trouble_since: Option<Instant>,
-}
-
-impl Puller {
-    pub(crate) async fn new(
-        js: jetstream::Context,
-        consumer: jetstream::consumer::PullConsumer,
-        permits: Arc<Semaphore>,
-        max_request: usize,
-    ) -> Result<Self, async_nats::SubscribeError> {
-        let client = js.client();
-        let inbox: Subject = client.new_inbox().into();
-        let sub = client.subscribe(inbox.clone()).await?;
-        Ok(Self {
-            js,
-            consumer,
-            permits,
-            max_request: max_request.max(1),
-            inbox,
-            sub,
-            reserved: Vec::new(),
-            last_heard: Instant::now(),
-            trouble_since: None,
-        })
-    }
-
-    /// Replaces the consumer (after it was recreated); outstanding requests
-    /// died with the old one.
-    pub(crate) fn set_consumer(&mut self, consumer: jetstream::consumer::PullConsumer) {
-        self.consumer = consumer;
-        self.forget_requests();
-    }
-
-    /// The consumer requests go to.
-    pub(crate) fn consumer(&self) -> &jetstream::consumer::PullConsumer {
-        &self.consumer
-    }
-
-    /// How many free permits make a new request worth sending: one when
-    /// nothing is outstanding (always keep a request open), else a
-    /// thirty-second of a full request (8 of 256). Measured: waiting for half
-    /// a request leaves the server without demand between requests (inbox-off
-    /// handler at 0.85–0.89 of the raw relay); asking for every single free
-    /// permit floods it with requests (0.81–0.93); an eighth of a request is
-    /// between (0.85–0.95); this, 0.89–0.98.
-    pub(crate) fn threshold(&self) -> usize {
-        if self.reserved.is_empty() {
-            1
-        } else {
-            (self.max_request / 32).max(1)
-        }
-    }
-
-    /// Waits until enough permits are free for a new request and takes
-    /// them. Cancel-safe; give the permits to [`send`](Self::send).
-    pub(crate) fn wait_for_permits(
-        &self,
-    ) -> impl std::future::Future<Output = OwnedSemaphorePermit> + Send + 'static {
-        let want = u32::try_from(self.threshold()).unwrap_or(u32::MAX);
-        let permits = self.permits.clone();
-        async move {
-            match permits.acquire_many_owned(want).await {
-                Ok(p) => p,
-                // The semaphore is never closed; wait rather than spin.
-                Err(_) => std::future::pending().await,
-            }
-        }
-    }
-
-    /// Sends a request for the permits `first` holds, plus any others free
-    /// (up to a full request), reserving them for the events it brings. On
-    /// error the permits are given back.
-    pub(crate) async fn send(
-        &mut self,
-        first: OwnedSemaphorePermit,
-    ) -> Result<(), pull::BatchRequestError> {
-        let mut taken = vec![first];
-        let have = self.reserved.len() + taken[0].num_permits();
-        let room = self.max_request.saturating_sub(have);
-        let extra = self.permits.available_permits().min(room);
-        if extra > 0
-            && let Ok(p) = self
-                .permits
-                .clone()
-                .try_acquire_many_owned(u32::try_from(extra).unwrap_or(u32::MAX))
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) -> Result<(), RunError> {
+    let permits = Arc::new(Semaphore::new(rt.options.concurrency));
+    let mut running = JoinSet::new();
+    let _keeper = watchdog::Keeper::start(rt.clone());
+    let max_request = rt.options.concurrency.clamp(1, 500);
+    let mut puller = loop {
+        match Puller::new(
+            rt.js.clone(),
+            consumer.clone(),
+            permits.clone(),
+            max_request,
+        )
+        .await
         {
-            taken.push(p);
-        }
-        let n: usize = taken.iter().map(OwnedSemaphorePermit::num_permits).sum();
-        self.consumer
-            .request_batch(
-                pull::BatchConfig {
-                    batch: n,
-                    expires: Some(EXPIRES),
-                    idle_heartbeat: HEARTBEAT,
-                    ..Default::default()
-                },
-                self.inbox.clone(),
-            )
-            .await?;
-        if self.reserved.is_empty() {
-            // Silence is measured from the first request that waits.
-            self.last_heard = Instant::now();
-        }
-        for mut p in taken {
-            while p.num_permits() > 1 {
-                if let Some(one) = p.split(1) {
-                    self.reserved.push(one);
+            Ok(p) => break p,
+            Err(e) => {
+                tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot subscribe for pulled events; retrying in 1s");
+                tokio::select! {
+                    _ = stop.changed() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
-            self.reserved.push(p);
         }
-        Ok(())
-    }
-
-    /// Whether outstanding requests have been silent for too long: no event
-    /// and no heartbeat. They are then forgotten and their permits freed.
-    pub(crate) fn check_silence(&mut self) -> bool {
-        if !self.reserved.is_empty() && self.last_heard.elapsed() > SILENCE {
-            self.forget_requests();
-            return true;
+    };
+    // One timer for the slow checks, armed once: a loop iteration (one per
+    // pulled chunk) creates no timer and no semaphore waiter of its own.
+    // Once a second: silent pull requests and a missing inbox; every
+    // `ack_wait` (1 to 5 s): the consumer as the server has it — its
+    // settings (another version of the service may have changed them) and
+    // its ack floor (where to recreate it if an operator deletes it).
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let config_every = rt.options.ack_wait.as_secs().clamp(1, 5);
+    let mut ticks = 0_u64;
+    let mut permits_free = puller.wait_for_permits();
+    let mut waiting_for = puller.threshold();
+    let mut failure = None;
+    loop {
+        reap(&rt, &mut running);
+        if failure.is_some() {
+            break;
         }
-        false
-    }
-
-    fn forget_requests(&mut self) {
-        self.reserved.clear();
-    }
-
-    /// The next message on the reply subscription, waiting for it.
-    pub(crate) async fn next(&mut self) -> Pulled {
-        match self.sub.next().await {
-            Some(msg) => self.account(msg),
-            None => Pulled::Ended,
-        }
-    }
-
-    /// The next message if one is already here.
-    pub(crate) fn next_now(&mut self) -> Option<Pulled> {
-        use futures::FutureExt;
-        match self.sub.next().now_or_never()? {
-            Some(msg) => Some(self.account(msg)),
-            None => Some(Pulled::Ended),
-        }
-    }
-
-    fn account(&mut self, msg: async_nats::Message) -> Pulled {
-        self.last_heard = Instant::now();
-        let status = msg.status.unwrap_or(StatusCode::OK);
-        if status == StatusCode::OK {
-            // An event without a reservation comes from a request already
-            // forgotten (after a silence): it runs with a permit if one is
-            // free, or beyond the limit, rather than being handed back.
-            let slot = self
-                .reserved
-                .pop()
-                .or_else(|| self.permits.clone().try_acquire_owned().ok());
-            return Pulled::Event(
-                jetstream::Message {
-                    message: msg,
-                    context: self.js.clone(),
-                },
-                slot,
-            );
-        }
-        if status == StatusCode::IDLE_HEARTBEAT {
-            return Pulled::Status;
-        }
-        let description = msg.description.clone().unwrap_or_default();
-        if description.eq_ignore_ascii_case("consumer deleted") {
-            self.forget_requests();
-            return Pulled::ConsumerGone(description);
-        }
-        if status == StatusCode::NO_RESPONDERS {
-            // The request reached no server: nothing is outstanding for it.
-            self.forget_requests();
-            return Pulled::ConsumerGone("no responders".to_owned());
-        }
-        // A request ended (expired, completed, a leadership change, a
-        // limit): it says how many of its events will not come.
-        let unfilled = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Pending-Messages"))
-            .and_then(|v| v.as_str().parse::<usize>().ok());
-        match unfilled {
-            Some(n) => {
-                let keep = self.reserved.len().saturating_sub(n);
-                self.reserved.truncate(keep);
+        let first = tokio::select! {
+            _ = stop.changed() => break,
+            permit = &mut permits_free => {
+                if let Err(e) = puller.send(permit).await {
+                    tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot request events; retrying in 1s");
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                rearm(&puller, &mut permits_free, &mut waiting_for, true);
+                continue;
             }
-            None => {
-                tracing::debug!(%status, %description, "pull request ended without a count; forgetting outstanding requests");
-                self.forget_requests();
+            _ = housekeeping.tick() => {
+                ticks += 1;
+                if puller.check_silence() {
+                    tracing::debug!(service = %rt.service, handler = rt.handler, "pull requests went silent; asking again");
+                    failure = refresh_consumer(&handler, &rt, &mut puller, None, &mut stop).await.err();
+                }
+                rearm(&puller, &mut permits_free, &mut waiting_for, false);
+                if failure.is_none() && rt.inbox.as_ref().is_some_and(|i| i.troubled_for().is_some()) {
+                    failure = check_inbox(&rt).await.err();
+                }
+                if ticks.is_multiple_of(config_every) {
+                    follow_consumer(&rt, puller.consumer()).await;
+                }
+                continue;
+            }
+            p = puller.next() => p,
+        };
+        // Everything already pulled goes in one batch, whose inbox keys are
+        // read with one request.
+        let mut chunk = Vec::new();
+        let mut next = Some(first);
+        while let Some(pulled) = next.take() {
+            match pulled {
+                Pulled::Event(msg, slot) => chunk.push((msg, slot)),
+                Pulled::Status => {}
+                Pulled::ConsumerGone(why) => {
+                    spawn_all(&handler, &rt, &mut running, chunk).await;
+                    failure = refresh_consumer(&handler, &rt, &mut puller, Some(&why), &mut stop)
+                        .await
+                        .err();
+                    chunk = Vec::new();
+                    break;
+                }
+                Pulled::Ended => {
+                    spawn_all(&handler, &rt, &mut running, chunk).await;
+                    chunk = Vec::new();
+                    tracing::warn!(service = %rt.service, handler = rt.handler, "the pull subscription ended; subscribing again");
+                    if let Ok(p) = Puller::new(
+                        rt.js.clone(),
+                        puller.consumer().clone(),
+                        permits.clone(),
+                        max_request,
+                    )
+                    .await
+                    {
+                        puller = p;
+                    }
+                    break;
+                }
+            }
+            if chunk.len() < inbox::READ_BATCH {
+                next = puller.next_now();
             }
         }
-        Pulled::Status
+        spawn_all(&handler, &rt, &mut running, chunk).await;
+        rearm(&puller, &mut permits_free, &mut waiting_for, false);
     }
-
-    /// Unsubscribes, keeping what the server already sent: read on until
-    /// [`Pulled::Ended`].
-    pub(crate) async fn drain(&mut self) {
-        if let Err(e) = self.sub.drain().await {
-            tracing::debug!(error = %e, "draining the pull subscription failed");
+    // Shutdown: no more requests. What the server sent before it saw the
+    // unsubscribe still arrives, and runs: it was pulled with a permit.
+    puller.drain().await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), puller.next()).await {
+            Ok(Pulled::Event(msg, slot)) => {
+                spawn(&handler, &rt, &mut running, msg, Seen::NotRead, slot)
+            }
+            Ok(Pulled::Status | Pulled::ConsumerGone(_)) => {}
+            Ok(Pulled::Ended) | Err(_) => break,
         }
     }
+    // Let running handlers finish.
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(done) = running.join_next().await {
+            count_task_failure(&rt, done);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(service = %rt.service, handler = rt.handler, "handlers still running after the grace period were abandoned; their events will be redelivered");
+        running.abort_all();
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+/// Renews the pending wait for free permits after a request was sent
+/// (`sent`), or when fewer outstanding events (requests expired, were
+/// forgotten, or filled) call for a smaller threshold than the one it was
+/// made with (`waiting_for`).
+pub(super) fn rearm(
+    puller: &Puller,
+    permits_free: &mut PermitWait,
+    waiting_for: &mut usize,
+    sent: bool,
+) {
+    if sent || puller.threshold() < *waiting_for {
+        *permits_free = puller.wait_for_permits();
+        *waiting_for = puller.threshold();
+    }
+}
+
+/// Runs a pulled batch: reads its inbox keys (with one request when it is
+/// large), then spawns one task per event, each holding its permit.
+pub(super) async fn spawn_all(
+    handler: &Arc<dyn Erased>,
+    rt: &Arc<Runtime>,
+    running: &mut JoinSet<()>,
+    chunk: Vec<(jetstream::Message, Slot)>,
+) {
+    if chunk.is_empty() {
+        return;
+    }
+    let seen = read_inbox(rt, chunk.iter().map(|(m, _)| m)).await;
+    for ((msg, slot), seen) in chunk.into_iter().zip(seen) {
+        spawn(handler, rt, running, msg, seen, slot);
+    }
+}
+
+pub(super) fn spawn(
+    handler: &Arc<dyn Erased>,
+    rt: &Arc<Runtime>,
+    running: &mut JoinSet<()>,
+    msg: jetstream::Message,
+    seen: Seen,
+    slot: Slot,
+) {
+    let fut = handler.clone().process(msg, seen, rt.clone());
+    running.spawn(async move {
+        fut.await;
+        drop(slot);
+    });
+}
+
+/// Collects finished tasks, counting any that panicked.
+pub(super) fn reap(rt: &Runtime, running: &mut JoinSet<()>) {
+    while let Some(done) = running.try_join_next() {
+        count_task_failure(rt, done);
+    }
+}
+
+/// A task that runs one event panicked outside the handler's panic guard
+/// (a bug in choreo, or a fault hook): its event gets no verdict from this
+/// instance and is redelivered after `ack_wait`.
+pub(super) fn count_task_failure(rt: &Runtime, done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        rt.stats.task_panics.fetch_add(1, Ordering::Relaxed);
+        let panic = e.into_panic();
+        tracing::error!(
+            service = %rt.service,
+            handler = rt.handler,
+            panic = %panic_message(&*panic),
+            "a task handling an event panicked outside the panic guard; the event will be redelivered after ack_wait"
+        );
+    }
+}
+
+/// The inbox key of a pulled event, from its `ce-id` header; `None` if it
+/// has none readable (decoding will dead-letter it).
+pub(super) fn key_of(rt: &Runtime, msg: &jetstream::Message) -> Option<String> {
+    let id = msg.headers.as_ref()?.get(crate::headers::CE_ID)?.as_str();
+    let id: crate::EventId = id.parse().ok()?;
+    Some(inbox::key(rt.handler, id))
+}
+
+/// Below this many events pulled at once, each event reads its own inbox
+/// key in its own task (in parallel), so that under light load no event
+/// waits in the pull loop for a batch's read.
+pub(super) const BATCHED_READ_FROM: usize = 8;
+
+/// Reads the inbox keys of a pulled batch with one request (see
+/// [`BATCHED_READ_FROM`]).
+pub(super) async fn read_inbox<'a>(
+    rt: &Runtime,
+    chunk: impl ExactSizeIterator<Item = &'a jetstream::Message>,
+) -> Vec<Seen> {
+    let len = chunk.len();
+    let Some(inbox) = rt
+        .inbox
+        .as_ref()
+        .filter(|i| i.reads_in_batches() && len >= BATCHED_READ_FROM)
+    else {
+        return (0..len).map(|_| Seen::NotRead).collect();
+    };
+    let keys: Vec<Option<String>> = chunk.map(|m| key_of(rt, m)).collect();
+    let wanted: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
+    let read = inbox.read_many(&wanted).await;
+    rt.stats.inbox_batch_reads.fetch_add(1, Ordering::Relaxed);
+    match &read {
+        Ok(found) => {
+            tracing::debug!(handler = %rt.handler_id, keys = wanted.len(), found = found.len(), "batched inbox read")
+        }
+        Err(e) => {
+            tracing::warn!(service = %rt.service, handler = rt.handler, keys = wanted.len(), error = %e, paused = !inbox.reads_in_batches(), "batched inbox read failed; these events read their own keys (for a minute if the failure will recur)")
+        }
+    }
+    keys.into_iter()
+        .map(|key| match (&read, key) {
+            (_, None) => Seen::NotRead,
+            (Ok(found), Some(key)) => Seen::Read(found.get(&key).copied()),
+            // Each event reads its own key; if the inbox is down, those
+            // reads fail too and the events come back.
+            (Err(_), Some(_)) => Seen::NotRead,
+        })
+        .collect()
 }

@@ -1,0 +1,378 @@
+//! Handling one event: decode, look it up in the inbox (waiting on another
+//! invocation's claim), run the handler under the panic guard and its
+//! timeout, then settle (see `settle`).
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+pub(super) async fn process<H: Handler>(
+    handler: Arc<Typed<H>>,
+    msg: jetstream::Message,
+    seen: Seen,
+    rt: Arc<Runtime>,
+) {
+    let (attempt, stream_sequence) = delivery_of(&msg);
+    let subject = msg.subject.to_string();
+    let span = tracing::info_span!(
+        "choreo.handle",
+        service = %rt.service,
+        handler = rt.handler,
+        event_type = H::Event::NAME,
+        event_id = tracing::field::Empty,
+        correlation_id = tracing::field::Empty,
+        causation_id = tracing::field::Empty,
+        traceparent = tracing::field::Empty,
+        attempt,
+        stream_sequence,
+        subject = %subject,
+    );
+    let delivery = Delivery {
+        subject,
+        attempt,
+        stream_sequence,
+    };
+    // The handler's own code runs under its guard inside; this one catches
+    // a panic in choreo's part (or a fault hook), so it is counted and
+    // logged with the event's identity. The event then has no verdict from
+    // this instance and is redelivered after `ack_wait`.
+    let handled = AssertUnwindSafe(handle::<H>(&handler.0, &msg, seen, &rt, delivery))
+        .catch_unwind()
+        .instrument(span)
+        .await;
+    if let Err(panic) = handled {
+        rt.stats.task_panics.fetch_add(1, Ordering::Relaxed);
+        about!(
+            error,
+            rt,
+            &msg,
+            panic = %panic_message(&*panic),
+            "handling the event panicked outside the handler's guard; it will be redelivered after ack_wait"
+        );
+    }
+}
+
+/// Decode → look up → run (kept alive by the watchdog) → emit → record →
+/// ack, or nak / dead-letter. Every path ends with a verdict, except a fault
+/// point.
+pub(super) async fn handle<H: Handler>(
+    handler: &H,
+    msg: &jetstream::Message,
+    seen: Seen,
+    rt: &Runtime,
+    delivery: Delivery,
+) {
+    let (attempt, seq) = (delivery.attempt, delivery.stream_sequence);
+    let empty = async_nats::HeaderMap::new();
+    let headers = msg.headers.as_ref().unwrap_or(&empty);
+    // Decoding runs the event's `Deserialize` and `From` upcasts: user code,
+    // under the panic guard. A panic there is as deterministic as a bad
+    // payload, so the event is dead-lettered at once.
+    let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        Envelope::<H::Event>::decode(&delivery.subject, headers, &msg.payload)
+    }));
+    let env = match decoded {
+        Ok(Ok(env)) => env,
+        Err(panic) => {
+            rt.stats.panicked.fetch_add(1, Ordering::Relaxed);
+            let detail = format!("decoding the event panicked: {}", panic_message(&*panic));
+            about!(warn, rt, msg, error = %detail, "cannot decode the event; dead-lettering it");
+            dead_letter(rt, msg, Reason::UndecodablePayload, &detail, attempt, seq).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            about!(warn, rt, msg, error = %e, "cannot decode the event; dead-lettering it");
+            dead_letter(
+                rt,
+                msg,
+                Reason::from_decode(&e),
+                &e.to_string(),
+                attempt,
+                seq,
+            )
+            .await;
+            return;
+        }
+    };
+    let meta = env.meta();
+    let span = tracing::Span::current();
+    span.record("event_id", tracing::field::display(meta.id()));
+    span.record(
+        "correlation_id",
+        tracing::field::display(meta.correlation_id()),
+    );
+    if let Some(c) = meta.causation_id() {
+        span.record("causation_id", tracing::field::display(c));
+    }
+    if let Some(t) = meta.traceparent() {
+        span.record("traceparent", t);
+    }
+
+    // The inbox: skip what is handled, wait for what another instance runs.
+    // Then registered until the verdict: the watchdog sends in-progress acks
+    // (and writes the claim) meanwhile, and another copy of the same event
+    // pulled by this instance waits for this one's outcome, then looks again.
+    let id = meta.id();
+    let key = inbox::key(rt.handler, id);
+    let inbox_key = rt.inbox.as_ref().map(|_| key.as_str());
+    let mut seen = seen;
+    let mut waited = false;
+    let (abort, abort_registration) = AbortHandle::new_pair();
+    let entered = loop {
+        let mut revision = 0;
+        if let Some(inbox) = &rt.inbox {
+            let seen = std::mem::replace(&mut seen, Seen::NotRead);
+            let at = Sighting {
+                attempt,
+                stream_seq: seq,
+                me: inbox.instance(),
+            };
+            let found = look_up(rt, inbox, msg, &key, seen, at).await;
+            inbox.note_look_up(found.is_ok());
+            match found {
+                Ok(Some(rev)) => revision = rev,
+                Ok(None) => return skip(rt, msg).await,
+                Err(e) => return inbox_unavailable(rt, msg, attempt, &e).await,
+            }
+        }
+        // Refused only for a key already registered, so only with an inbox.
+        if let Some(entered) =
+            rt.watchdog
+                .enter(msg.reply.clone(), inbox_key, revision, seq, abort.clone())
+        {
+            break entered;
+        }
+        if !waited {
+            rt.stats.waited.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                "another copy of this event is being handled here; waiting for its outcome"
+            );
+            waited = true;
+        }
+        Box::pin(wait_while_running(rt, msg, &key)).await;
+    };
+    let ctx = Context::new(
+        meta.clone(),
+        delivery,
+        rt.service.clone(),
+        rt.handler,
+        rt.handler_id.clone(),
+        rt.states.clone(),
+    );
+    // Everything the handler's code does runs under the panic guard: its
+    // extractors and a hand-written `call` as well as the future. The
+    // watchdog aborts it at its timeout.
+    let guarded = AssertUnwindSafe(async { handler.call(env, &ctx).await }).catch_unwind();
+    let guarded = std::pin::pin!(Abortable::new(guarded, abort_registration));
+    let result = RequeuedPolls::new(guarded).await;
+    let KeyState { revision, claimed } = entered.finish();
+    let claim = claimed.then_some(revision);
+    let outgoing = ctx.take_outgoing();
+    let mut reason = Reason::MaxDeliverExceeded;
+    let error = match result {
+        Err(Aborted) => {
+            rt.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            reason = Reason::Timeout;
+            format!("the handler timed out after {:?}", rt.options.timeout)
+        }
+        Ok(result) => match result {
+            Ok(Ok(())) => match emit_record_ack(rt, msg, id, outgoing, &key, revision).await {
+                Done::Finished => return,
+                Done::DeadLetter(reason, detail) => {
+                    release(rt, &key, claim).await;
+                    dead_letter(rt, msg, reason, &detail, attempt, seq).await;
+                    return;
+                }
+                Done::Retry(e) => e,
+            },
+            Ok(Err(e)) if e.is_permanent() => {
+                about!(warn, rt, msg, error = %e, "handler failed permanently; dead-lettering the event");
+                release(rt, &key, claim).await;
+                dead_letter(
+                    rt,
+                    msg,
+                    Reason::PermanentError,
+                    &e.to_string(),
+                    attempt,
+                    seq,
+                )
+                .await;
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => {
+                rt.stats.panicked.fetch_add(1, Ordering::Relaxed);
+                format!("handler panicked: {}", panic_message(&*panic))
+            }
+        },
+    };
+    release(rt, &key, claim).await;
+    if attempt >= rt.max_deliver() {
+        about!(warn, rt, msg, error = %error, "failed on the last allowed delivery; dead-lettering the event");
+        dead_letter(rt, msg, reason, &error, attempt, seq).await;
+    } else {
+        let delay = rt.options.delay_after(attempt);
+        tracing::info!(error = %error, retry_in = ?delay, "handler failed; will retry");
+        rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+            about!(warn, rt, msg, error = %e, "nak failed; the event will be redelivered after ack_wait");
+        }
+    }
+}
+
+/// Polls the handler only from the back of its worker's run queue, with an
+/// idle worker told, so that a handler blocking its thread does not freeze
+/// the runtime.
+///
+/// Tokio drives I/O and timers from one idle worker at a time. A task woken
+/// by that driver runs next on the very worker that was driving, and no
+/// other worker is told (nothing else is queued). If the handler then blocks
+/// its thread, nobody drives: every connection and timer of the runtime
+/// stops, the watchdog's in-progress acks with them, and the event is
+/// redelivered elsewhere after `ack_wait`. (Without this, the test whose
+/// handler blocks in its first poll failed about one run in twelve, and the
+/// one whose handler blocks after awaiting a timer 16 runs in 20.)
+///
+/// So before each poll the task wakes itself and returns `Pending`: tokio
+/// puts a task woken while running at the back of the run queue, where
+/// other workers can take it, and tells an idle worker, which takes the
+/// driver over when it finds nothing to do. (`tokio::task::yield_now` does
+/// not promise this: it defers the wake until the worker has polled its
+/// driver, after which the task can run on that worker again with nobody
+/// told.)
+pub(super) struct RequeuedPolls<F> {
+    inner: F,
+    requeued: bool,
+}
+
+impl<F> RequeuedPolls<F> {
+    fn new(inner: F) -> Self {
+        Self {
+            inner,
+            requeued: false,
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for RequeuedPolls<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        if !self.requeued {
+            self.requeued = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.requeued = false;
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
+/// Waits until no invocation of this instance handles `key`, keeping the
+/// waiting delivery alive with in-progress acks.
+pub(super) async fn wait_while_running(rt: &Runtime, msg: &jetstream::Message, key: &str) {
+    let progress_every = rt.ack_wait() / 3;
+    let mut since_progress = Duration::ZERO;
+    let step = Duration::from_millis(20);
+    while rt.watchdog.is_running(key) {
+        tokio::time::sleep(step).await;
+        since_progress += step;
+        if since_progress >= progress_every {
+            let _ = msg.ack_with(AckKind::Progress).await;
+            since_progress = Duration::ZERO;
+        }
+    }
+}
+
+/// Acks a delivery the inbox shows handled.
+pub(super) async fn skip(rt: &Runtime, msg: &jetstream::Message) {
+    rt.stats.skipped.fetch_add(1, Ordering::Relaxed);
+    tracing::info!("already handled (inbox); acked and skipped");
+    if let Err(e) = msg.ack().await {
+        about!(warn, rt, msg, error = %e, "ack failed; the event will be redelivered and skipped again");
+    }
+}
+
+/// Naks a delivery whose inbox key cannot be read: it comes back later.
+pub(super) async fn inbox_unavailable(
+    rt: &Runtime,
+    msg: &jetstream::Message,
+    attempt: u32,
+    e: &InboxError,
+) {
+    about!(warn, rt, msg, error = %e, "inbox unavailable; the event will come back");
+    let _ = msg
+        .ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt))))
+        .await;
+}
+
+/// [`look_up_or_wait`], without a wait (or an allocation) when the pull
+/// loop's batched read already settled it.
+pub(super) async fn look_up(
+    rt: &Runtime,
+    inbox: &Inbox,
+    msg: &jetstream::Message,
+    key: &str,
+    seen: Seen,
+    at: Sighting,
+) -> Result<Option<u64>, InboxError> {
+    if let Seen::Read(record) = seen {
+        match inbox::decide(record, at) {
+            Verdict::Run(revision) => return Ok(Some(revision)),
+            Verdict::Done => return Ok(None),
+            Verdict::Busy => {}
+        }
+    }
+    Box::pin(look_up_or_wait(rt, inbox, msg, key, seen, at)).await
+}
+
+/// Decides from the inbox whether to run: `Ok(Some(revision))` to run (the
+/// key's revision, 0 if absent), `Ok(None)` if already handled. While
+/// another invocation's claim keeps being refreshed, waits (sending
+/// in-progress acks) until it finishes or its claim stops moving for a
+/// lease (see [`inbox::decide`]).
+pub(super) async fn look_up_or_wait(
+    rt: &Runtime,
+    inbox: &Inbox,
+    msg: &jetstream::Message,
+    key: &str,
+    seen: Seen,
+    at: Sighting,
+) -> Result<Option<u64>, InboxError> {
+    let lease = inbox::claim_lease(rt.ack_wait());
+    let step = (rt.ack_wait() / 3)
+        .min(Duration::from_millis(500))
+        .max(Duration::from_millis(20));
+    let mut seen = seen;
+    let mut waited = false;
+    let mut watch = inbox::Watch::default();
+    loop {
+        let record = match seen {
+            Seen::Read(record) => record,
+            Seen::NotRead => inbox.read(key).await?,
+        };
+        match inbox::decide(record, at) {
+            Verdict::Run(revision) => return Ok(Some(revision)),
+            Verdict::Done => return Ok(None),
+            Verdict::Busy => {
+                let revision = record.map_or(0, |r| r.revision);
+                if watch.stale(revision, lease) {
+                    tracing::info!(
+                        ?lease,
+                        "the claim on this event was not refreshed for a lease; taking it over"
+                    );
+                    return Ok(Some(revision));
+                }
+                if !waited {
+                    rt.stats.waited.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        "another instance is handling this event; waiting for its outcome"
+                    );
+                    waited = true;
+                }
+                tokio::time::sleep(step).await;
+                let _ = msg.ack_with(AckKind::Progress).await;
+                seen = Seen::NotRead;
+            }
+        }
+    }
+}

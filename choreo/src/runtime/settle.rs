@@ -1,0 +1,159 @@
+//! The verdict on one event: emit, record, ack — or dead-letter.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+pub(super) enum Done {
+    /// Acked (or stopped at a fault point).
+    Finished,
+    /// No retry can succeed.
+    DeadLetter(Reason, String),
+    /// Try again later.
+    Retry(String),
+}
+
+/// After `Ok`: publish every emission (awaiting each PubAck), record the
+/// event in the inbox, then ack.
+pub(super) async fn emit_record_ack(
+    rt: &Runtime,
+    msg: &jetstream::Message,
+    id: crate::EventId,
+    outgoing: Vec<Result<crate::publish::Outgoing, crate::PublishError>>,
+    key: &str,
+    revision: u64,
+) -> Done {
+    let fault = |point| rt.fault.as_ref().is_some_and(|f| f(point, id));
+    let mut outs = Vec::with_capacity(outgoing.len());
+    for o in outgoing {
+        match o {
+            Ok(o) => outs.push(o),
+            Err(e) => {
+                about!(error, rt, msg, error = %e, "an emitted event could not be built");
+                return Done::DeadLetter(Reason::EmitFailed, e.to_string());
+            }
+        }
+    }
+    if fault(FaultPoint::BeforeEmit) {
+        return Done::Finished;
+    }
+    // With a fault hook, the first emission goes alone so a test can stop
+    // between two emissions; otherwise all are pipelined.
+    let emitted = outs.len();
+    let rest = if rt.fault.is_some() && outs.len() > 1 {
+        outs.split_off(1)
+    } else {
+        Vec::new()
+    };
+    for (i, part) in [outs, rest].into_iter().enumerate() {
+        if part.is_empty() {
+            continue;
+        }
+        if i == 1 && fault(FaultPoint::BetweenEmits) {
+            return Done::Finished;
+        }
+        match rt.publisher.send_all(part).await {
+            Ok(_) => {}
+            Err(
+                e @ (crate::PublishError::TooLarge { .. }
+                | crate::PublishError::Stream(StreamError::DoesNotCover { .. })),
+            ) => {
+                return Done::DeadLetter(Reason::EmitFailed, e.to_string());
+            }
+            Err(e) => return Done::Retry(format!("publishing emitted events failed: {e}")),
+        }
+    }
+    if fault(FaultPoint::AfterEmit) {
+        return Done::Finished;
+    }
+    // Not recorded, so not acked: it comes back, and its emissions (same
+    // ids) are deduplicated.
+    if let Some(inbox) = &rt.inbox
+        && let Err(e) = Box::pin(inbox.done(key, revision)).await
+    {
+        return Done::Retry(format!("recording the event in the inbox failed: {e}"));
+    }
+    if fault(FaultPoint::AfterRecord) {
+        return Done::Finished;
+    }
+    if let Err(e) = msg.ack().await {
+        about!(warn, rt, msg, error = %e, "ack failed; the event will be redelivered and skipped by the inbox");
+    }
+    rt.stats.handled.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(emitted, "handled");
+    Done::Finished
+}
+
+pub(super) async fn release(rt: &Runtime, key: &str, claim: Option<u64>) {
+    if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
+        Box::pin(inbox.release(key, rev)).await;
+    }
+}
+
+/// Copies the message to the dead-letter stream, then terminates it. If the
+/// copy fails the message is nak'd instead, so it comes back: never lost.
+/// Boxed: a rare path that would otherwise enlarge every event's future.
+pub(super) fn dead_letter<'a>(
+    rt: &'a Runtime,
+    msg: &'a jetstream::Message,
+    reason: Reason,
+    detail: &'a str,
+    attempt: u32,
+    seq: u64,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    Box::pin(dead_letter_now(rt, msg, reason, detail, attempt, seq))
+}
+
+pub(super) async fn dead_letter_now(
+    rt: &Runtime,
+    msg: &jetstream::Message,
+    reason: Reason,
+    detail: &str,
+    attempt: u32,
+    seq: u64,
+) {
+    let letter = Letter {
+        service: &rt.service,
+        handler: rt.handler,
+        reason,
+        detail: detail.to_owned(),
+        deliveries: u64::from(attempt),
+        stream: rt.stream,
+        sequence: seq,
+        subject: &msg.subject,
+    };
+    match send_letter(rt, &letter, msg.headers.as_ref(), msg.payload.clone()).await {
+        Ok(()) => {
+            rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            // `+TERM <reason>` shows the reason in JetStream's MSG_TERMINATED advisory.
+            if let Some(reply) = &msg.reply {
+                let term = format!("+TERM {}", reason.as_str());
+                if let Err(e) = rt.client.publish(reply.clone(), term.into()).await {
+                    about!(warn, rt, msg, error = %e, "terminating the dead-lettered message failed");
+                }
+            }
+        }
+        Err(e) => {
+            about!(error, rt, msg, error = %e, "cannot write to the dead-letter stream; the event will come back");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt))))
+                .await;
+        }
+    }
+}
+
+pub(super) async fn send_letter(
+    rt: &Runtime,
+    letter: &Letter<'_>,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: bytes::Bytes,
+) -> Result<(), String> {
+    let subject = dlq::subject(&rt.service, rt.handler);
+    let max_payload = rt.client.server_info().max_payload;
+    let (headers, payload) = letter.message(headers, payload, max_payload);
+    let ack = rt
+        .js
+        .publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map(|_| ()).map_err(|e| e.to_string())
+}
