@@ -220,7 +220,7 @@ pub struct Service {
     start_timeout: Duration,
     recovery_timeout: Duration,
     fault: Option<FaultHook>,
-    inbox_write_delay: Option<Duration>,
+    claim_delay: Option<Duration>,
 }
 
 impl std::fmt::Debug for Service {
@@ -247,7 +247,7 @@ impl Service {
             start_timeout: Duration::from_secs(30),
             recovery_timeout: Duration::from_secs(60),
             fault: None,
-            inbox_write_delay: None,
+            claim_delay: None,
         }
     }
 
@@ -295,7 +295,7 @@ impl Service {
     /// slow KV bucket would. For fault tests only: not part of the stable API.
     #[doc(hidden)]
     pub fn slow_inbox_claims(mut self, delay: Duration) -> Self {
-        self.inbox_write_delay = Some(delay);
+        self.claim_delay = Some(delay);
         self
     }
 
@@ -446,7 +446,7 @@ impl Service {
                 Err(e) => return Err(e),
             }
         };
-        if let (Some(inbox), Some(delay)) = (&mut inbox, self.inbox_write_delay) {
+        if let (Some(inbox), Some(delay)) = (&mut inbox, self.claim_delay) {
             inbox.delay_claims(delay);
         }
         let (stop_tx, stop_rx) = watch::channel(false);
