@@ -22,6 +22,23 @@ async fn r3_bucket(cluster: &NatsCluster) -> kv::Store {
         .unwrap()
 }
 
+/// A put that waits out a leader election: when the killed node led the
+/// bucket's stream, writes have no responder until the others elect a new
+/// leader (a second or two).
+async fn put_through_election(bucket: &kv::Store, key: &str) -> u64 {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match bucket.put(key, "done 1".into()).await {
+            Ok(revision) => return revision,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("put {key} during the election: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("put {key}: no leader within 20 s: {e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_record_written_on_the_leader_is_read_back_at_once_from_every_node() {
     let cluster = NatsCluster::start(3).await.unwrap();
@@ -75,12 +92,7 @@ async fn a_node_back_from_an_outage_answers_no_direct_get_with_a_stale_record() 
     let n = 400;
     let mut revisions = Vec::new();
     for i in 0..n {
-        revisions.push(
-            bucket
-                .put(&format!("h.k{i}"), "done 1".into())
-                .await
-                .unwrap(),
-        );
+        revisions.push(put_through_election(&bucket, &format!("h.k{i}")).await);
     }
     cluster.restart(2).await.unwrap();
     // At once, through the node that missed every write.
