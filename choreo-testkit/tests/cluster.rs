@@ -19,7 +19,7 @@ async fn r3_streams_survive_losing_and_restarting_the_leader() {
     let client = cluster.connect().await.unwrap();
     let publisher = Publisher::new(client.clone(), "checkout")
         .unwrap()
-        .with_stream_settings(StreamSettings::default().replicas(3));
+        .stream_settings(StreamSettings::default().replicas(3));
     for i in 0..10 {
         publisher
             .publish(&OrderPlaced {
@@ -92,7 +92,7 @@ async fn the_recorder_catches_up_within_seconds_of_losing_a_node() {
     let recorder = choreo_testkit::Recorder::start(&client).await.unwrap();
     let publisher = Publisher::new(client.clone(), "checkout")
         .unwrap()
-        .with_stream_settings(StreamSettings::default().replicas(3));
+        .stream_settings(StreamSettings::default().replicas(3));
     let place = |id: String| OrderPlaced { order_id: id };
     publisher.publish(&place("before".into())).await.unwrap();
     recorder

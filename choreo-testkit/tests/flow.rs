@@ -247,9 +247,7 @@ async fn a_fact_stored_twice_is_a_duplicate() {
     let recorder = Recorder::streams(&client, &["ORDERS"]).await.unwrap();
     let publisher = Publisher::new(client, "checkout")
         .unwrap()
-        .with_stream_settings(
-            StreamSettings::default().duplicate_window(Duration::from_millis(200)),
-        );
+        .stream_settings(StreamSettings::default().duplicate_window(Duration::from_millis(200)));
     let order = OrderPlaced {
         order_id: "o-1".into(),
     };

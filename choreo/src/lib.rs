@@ -1,40 +1,77 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod codec;
-mod connect;
-pub mod context;
+/// Implements `Debug` as the error's message (`{:?}` is what a test that
+/// returns the error prints), and as the derived field list with `{:#?}`.
+macro_rules! debug_as_display {
+    ($t:ty) => {
+        impl ::std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                ::std::fmt::Display::fmt(self, f)?;
+                let mut source = ::std::error::Error::source(self);
+                if f.alternate() {
+                    while let Some(s) = source {
+                        write!(f, "\n  caused by: {s}")?;
+                        source = s.source();
+                    }
+                }
+                Ok(())
+            }
+        }
+    };
+}
+pub(crate) use debug_as_display;
+
+// The layers, lowest first; each uses only those above it in this list.
+mod event;
+mod nats;
+mod wire;
+
+mod topology;
+
+mod handler;
+mod publish;
+
 pub mod dlq;
-pub mod envelope;
-pub mod error;
-pub mod event;
-pub mod handler;
-pub mod headers;
-pub mod id;
-pub mod inbox;
-pub mod publish;
+mod inbox;
+
 mod runtime;
-pub mod service;
-pub mod subject;
+
+mod service;
 
 /// The NATS client choreo is built on, re-exported so users share its version.
 pub use async_nats;
 
-pub use codec::{DecodeError, EncodeError};
-pub use connect::connect;
-pub use context::{Context, EmittedEvent};
-pub use envelope::{Envelope, EnvelopeError};
-pub use error::{ConnectError, PublishError, StreamError};
-pub use event::Event;
-pub use handler::{
-    Attempt, DeliverPolicy, EventArg, FromContext, Handler, HandlerError, HandlerOptions,
-    IntoHandlerResult, MissingState, State, States,
+pub use event::error::CodecFailure;
+pub use event::subject::MAX_SUBJECT_LEN;
+pub use event::{
+    DecodeError, DecodeErrorKind, EncodeError, Event, EventId, EventKey, HeaderError,
+    HeaderErrorKind, SubjectError,
 };
-pub use headers::{HeaderError, Metadata};
-pub use id::{EventId, EventKey};
-pub use publish::{Publisher, Receipt, StreamSettings};
-pub use service::{HandlerStats, RunError, Service, ServiceHandle, StartError};
-pub use subject::SubjectError;
+pub use handler::{
+    Attempt, BoxFuture, Context, DEFAULT_TIMEOUT, DeliverPolicy, EmittedEvent, EventArg,
+    FromContext, Handler, HandlerError, HandlerErrorKind, HandlerOptions, IntoHandlerResult,
+    MissingState, State, States,
+};
+pub use inbox::{DEFAULT_RETENTION as DEFAULT_INBOX_RETENTION, InboxError, InboxErrorKind};
+pub use nats::{ConnectError, ConnectErrorKind, connect};
+pub use publish::{PublishError, PublishErrorKind, Publisher, Receipt};
+pub use runtime::HandlerStats;
+pub use service::{RunError, RunErrorKind, Service, ServiceHandle, StartError, StartErrorKind};
+pub use topology::{
+    ConsumerError, ConsumerErrorKind, StreamError, StreamErrorKind, StreamSettings,
+};
+pub use wire::envelope::{Envelope, EnvelopeError};
+pub use wire::headers::Metadata;
+pub use wire::{codec, headers};
+
+/// The names most handlers and services use: `use choreo::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Attempt, Context, Envelope, Event, EventId, HandlerError, Metadata, Publisher, Service,
+        State, event, event_handler,
+    };
+}
 
 /// Marks a type as a choreo event and implements [`Event`] for it.
 ///
@@ -121,12 +158,15 @@ pub use choreo_macros::event_handler;
 pub mod __private {
     pub use serde;
 
-    use crate::id::EventKey;
+    use crate::event::id::EventKey;
     use std::fmt::Display;
 
-    pub use crate::codec::{decode_cbor, unknown_version};
+    pub use crate::event::subject::{check_token, covers};
     pub use crate::handler::BoxFuture;
     use crate::handler::{DeliverPolicy, HandlerError};
+    pub use crate::runtime::{FaultHook, FaultPoint};
+    pub use crate::topology::{consumer_name, inbox_bucket, inbox_key};
+    pub use crate::wire::codec::{decode_cbor, unknown_version};
 
     /// A handler future that fails at once (an extractor failed).
     pub fn ready_err(e: HandlerError) -> BoxFuture<Result<(), HandlerError>> {
@@ -138,7 +178,7 @@ pub mod __private {
         time::OffsetDateTime::from_unix_timestamp_nanos(unix_nanos)
             .map_or(DeliverPolicy::All, DeliverPolicy::Since)
     }
-    pub use crate::subject::render as render_subject;
+    pub use crate::event::subject::render as render_subject;
 
     /// A field as `&dyn Display`; a field without `Display` fails here, at the field.
     pub fn as_display<T: Display>(value: &T) -> &dyn Display {

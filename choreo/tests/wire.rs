@@ -1,9 +1,11 @@
 //! The wire contract: headers, CBOR payloads, subjects and event ids.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+use choreo::__private as subject;
+use choreo::HeaderError;
 use choreo::async_nats::HeaderMap;
-use choreo::headers::{self, HeaderError};
-use choreo::{DecodeError, Envelope, Event, EventId, EventKey, Metadata, event, subject};
+use choreo::headers;
+use choreo::{DecodeError, Envelope, Event, EventId, EventKey, Metadata, event};
 use proptest::prelude::*;
 
 #[event(subject = "orders.{order_id}.placed", key = order_id)]

@@ -132,7 +132,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     }
     let recorder = Recorder::start(&client).await?;
     let run = choreo::EventId::new_random().short();
-    let publisher = Publisher::new(client.clone(), "storefront")?.with_stream_settings(settings);
+    let publisher = Publisher::new(client.clone(), "storefront")?.stream_settings(settings);
 
     let bar = ProgressBar::new(args.orders);
     bar.set_style(

@@ -62,7 +62,7 @@ fn spawn_payments(urls: &str, log: &std::path::Path) -> Child {
 async fn publisher_streams(client: &choreo::async_nats::Client) {
     let p = Publisher::new(client.clone(), "setup")
         .unwrap()
-        .with_stream_settings(StreamSettings::default().replicas(3));
+        .stream_settings(StreamSettings::default().replicas(3));
     p.ensure_stream::<shop::OrderPlaced>().await.unwrap();
     p.ensure_stream::<shop::PaymentCaptured>().await.unwrap();
     p.ensure_stream::<shop::StockReserved>().await.unwrap();
@@ -146,7 +146,7 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
     let started_load = Instant::now();
     let publisher = Publisher::new(client.clone(), "storefront")
         .unwrap()
-        .with_stream_settings(settings);
+        .stream_settings(settings);
     // 2000 orders paced at 100/s, so the faults below land mid-run.
     let placing = tokio::spawn({
         let publisher = publisher.clone();

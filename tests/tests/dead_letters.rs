@@ -523,14 +523,18 @@ async fn a_payload_just_below_max_payload_becomes_a_letter_with_a_reference() {
         "{omitted}"
     );
     assert_eq!(header(l, dlq::SEQUENCE), Some(receipt_seq.to_string()));
-    let listed = dlq::list(&client, "jobs", "run_job").await.unwrap();
+    let listed = dlq::list(&jetstream::new(client.clone()), "jobs", "run_job")
+        .await
+        .unwrap();
     assert_eq!(listed.len(), 1);
     assert!(listed[0].omitted.is_some());
     assert_eq!(listed[0].original_stream, "JOBS");
     assert_eq!(listed[0].original_sequence, receipt_seq);
     // Replay reads the event from its stream: the full payload goes back on
     // its subject (and, still undecodable, comes back as a new letter).
-    dlq::replay(&client, &listed[0]).await.unwrap();
+    dlq::replay(&jetstream::new(client.clone()), &listed[0])
+        .await
+        .unwrap();
     let replayed = common::stream_messages(&client, "JOBS").await;
     let last = replayed.last().unwrap();
     assert_eq!(last.subject.as_str(), "jobs.big.queued");
@@ -598,7 +602,9 @@ async fn dead_letters_can_be_listed_and_replayed_once_fixed() {
     })
     .await;
 
-    let letters = dlq::list(&client, "worker", "picky").await.unwrap();
+    let letters = dlq::list(&jetstream::new(client.clone()), "worker", "picky")
+        .await
+        .unwrap();
     assert_eq!(letters.len(), 1);
     let l = &letters[0];
     assert_eq!(
@@ -611,7 +617,9 @@ async fn dead_letters_can_be_listed_and_replayed_once_fixed() {
         l.headers.get("choreo-dlq-reason").is_none(),
         "reason headers are not part of the original"
     );
-    let unknown = dlq::list(&client, "worker", "other").await.unwrap_err();
+    let unknown = dlq::list(&jetstream::new(client.clone()), "worker", "other")
+        .await
+        .unwrap_err();
     assert!(
         matches!(&unknown, dlq::DlqError::UnknownHandler { handler, .. } if handler == "other"),
         "{unknown:?}"
@@ -622,13 +630,15 @@ async fn dead_letters_can_be_listed_and_replayed_once_fixed() {
     );
 
     fixed.0.store(true, Ordering::SeqCst);
-    dlq::replay(&client, l).await.unwrap();
+    dlq::replay(&jetstream::new(client.clone()), l)
+        .await
+        .unwrap();
     eventually(Duration::from_secs(10), "the replayed job handled", || {
         picky_counts.ok.load(Ordering::SeqCst) == 1
     })
     .await;
     assert!(
-        dlq::list(&client, "worker", "picky")
+        dlq::list(&jetstream::new(client.clone()), "worker", "picky")
             .await
             .unwrap()
             .is_empty(),
@@ -657,7 +667,9 @@ async fn dead_letters_can_be_listed_and_replayed_once_fixed() {
 async fn listing_dead_letters_where_no_service_ever_started_says_so() {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
-    let err = dlq::list(&client, "jobs", "run_job").await.unwrap_err();
+    let err = dlq::list(&jetstream::new(client.clone()), "jobs", "run_job")
+        .await
+        .unwrap_err();
     assert!(matches!(err, dlq::DlqError::NoStream), "{err:?}");
     assert!(
         err.to_string()
@@ -677,7 +689,10 @@ async fn listing_does_not_hang_when_letters_vanish_while_it_reads() {
     }
     dead_letters(&client, 40, Duration::from_secs(20)).await;
     let lister = client.clone();
-    let listing = tokio::spawn(async move { dlq::list(&lister, "jobs", "run_job").await });
+    let listing =
+        tokio::spawn(
+            async move { dlq::list(&jetstream::new(lister.clone()), "jobs", "run_job").await },
+        );
     jetstream::new(client.clone())
         .get_stream(dlq::DLQ_STREAM)
         .await
@@ -692,7 +707,7 @@ async fn listing_does_not_hang_when_letters_vanish_while_it_reads() {
         .unwrap();
     assert!(listed.len() <= 40);
     assert!(
-        dlq::list(&client, "jobs", "run_job")
+        dlq::list(&jetstream::new(client.clone()), "jobs", "run_job")
             .await
             .unwrap()
             .is_empty()

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use choreo::__private::FaultPoint;
 use choreo::async_nats::{self, jetstream};
-use choreo::service::FaultPoint;
 use choreo::{
     Context, EventId, HandlerError, Publisher, Service, ServiceHandle, State, StreamSettings,
     event, event_handler,
@@ -207,7 +207,7 @@ impl ShortWindow {
         let settings = StreamSettings::default().duplicate_window(Duration::from_millis(500));
         let publisher = Publisher::new(client.clone(), "checkout")
             .unwrap()
-            .with_stream_settings(settings.clone());
+            .stream_settings(settings.clone());
         Self {
             server,
             client,
@@ -399,7 +399,7 @@ async fn crash_at(point: FaultPoint) -> (u32, Arc<AtomicU32>) {
     let fx = Effects::new(&client).await;
     let fired = Arc::new(AtomicBool::new(false));
     let hook_fired = fired.clone();
-    let hook: choreo::service::FaultHook =
+    let hook: choreo::__private::FaultHook =
         Arc::new(move |p, _| p == point && !hook_fired.swap(true, Ordering::SeqCst));
     let first: ServiceHandle = Service::new("payments")
         .state(fx.clone())
@@ -487,7 +487,7 @@ fn child_service_that_stops_after_emitting() {
         let client = async_nats::connect(url).await.unwrap();
         let fx = Effects::new(&client).await;
         let marker = client.clone();
-        let hook: choreo::service::FaultHook = Arc::new(move |p, id| {
+        let hook: choreo::__private::FaultHook = Arc::new(move |p, id| {
             if p == FaultPoint::AfterEmit {
                 // Tell the parent where we are, then hang until killed.
                 let marker = marker.clone();
@@ -806,7 +806,7 @@ async fn forge_claim(
         .get_key_value("choreo_inbox_payments")
         .await
         .unwrap();
-    let key = choreo::inbox::key("charge", event);
+    let key = choreo::__private::inbox_key("charge", event);
     let value = format!("run 00000000deadbeef {at_ms} 0");
     if revision == 0 {
         kv.put(&key, value.into()).await.unwrap()

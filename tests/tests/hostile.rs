@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use choreo::MAX_SUBJECT_LEN;
 use choreo::async_nats::{HeaderMap, jetstream};
 use choreo::headers as h;
-use choreo::subject::MAX_SUBJECT_LEN;
 use choreo::{
     Context, Envelope, Metadata, PublishError, Publisher, Service, State, SubjectError, dlq, event,
     event_handler,

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use choreo::handler::BoxFuture;
-use choreo::service::FaultPoint;
+use choreo::__private::FaultPoint;
+use choreo::BoxFuture;
 use choreo::{
     Context, Envelope, FromContext, Handler, HandlerError, HandlerOptions, Publisher, Service,
     State, event, event_handler,

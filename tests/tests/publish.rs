@@ -215,7 +215,7 @@ async fn stream_settings_apply_to_streams_choreo_creates() {
     let client = server.connect().await.unwrap();
     let publisher = Publisher::new(client.clone(), "svc")
         .unwrap()
-        .with_stream_settings(
+        .stream_settings(
             StreamSettings::default().duplicate_window(std::time::Duration::from_secs(5)),
         );
     publisher

@@ -130,13 +130,13 @@ async fn a_service_connects_from_a_url_and_options() {
         .unwrap();
     let handle = Service::new("orders")
         .handler(on_order)
-        .start_at(&server.url(), ConnectOptions::with_token("t-0k".into()))
+        .connect_and_start(&server.url(), ConnectOptions::with_token("t-0k".into()))
         .await
         .unwrap();
     handle.shutdown().await;
     let err = Service::new("orders")
         .handler(on_order)
-        .start_at(&server.url(), ConnectOptions::with_token("wrong".into()))
+        .connect_and_start(&server.url(), ConnectOptions::with_token("wrong".into()))
         .await
         .unwrap_err();
     assert!(

@@ -45,35 +45,37 @@ pub(crate) fn expand(m: &Model, item: &DeriveInput) -> TokenStream {
         }
     });
 
-    let upcast_fns = (!m.upcasts.is_empty()).then(|| {
-        let olds = &m.upcasts;
-        let accepts = olds.iter().map(
-            |old| quote_spanned!(old.span()=> || <#old as #krate::Event>::accepts_version(version)),
-        );
-        let decodes = olds.iter().map(|old| {
-            quote_spanned! {old.span()=>
-                if <#old as #krate::Event>::accepts_version(version) {
-                    return <#old as #krate::Event>::decode_payload(version, payload)
-                        .map(<Self as ::core::convert::From<#old>>::from);
-                }
+    let olds = &m.upcasts;
+    let accepts = olds.iter().map(
+        |old| quote_spanned!(old.span()=> || <#old as #krate::Event>::accepts_version(version)),
+    );
+    let decodes = olds.iter().map(|old| {
+        quote_spanned! {old.span()=>
+            if <#old as #krate::Event>::accepts_version(version) {
+                return <#old as #krate::Event>::decode_payload(version, payload)
+                    .map(<Self as ::core::convert::From<#old>>::from);
             }
-        });
+        }
+    });
+    let accepts_fn = (!olds.is_empty()).then(|| {
         quote! {
             fn accepts_version(version: u32) -> bool {
                 version == #version #(#accepts)*
             }
-            fn decode_payload(
-                version: u32,
-                payload: &[u8],
-            ) -> ::core::result::Result<Self, #krate::DecodeError> {
-                if version == #version {
-                    return #p::decode_cbor::<Self>(#name, version, payload);
-                }
-                #(#decodes)*
-                ::core::result::Result::Err(#p::unknown_version::<Self>(version))
-            }
         }
     });
+    let decode_fn = quote! {
+        fn decode_payload(
+            version: u32,
+            payload: &[u8],
+        ) -> ::core::result::Result<Self, #krate::DecodeError> {
+            if version == #version {
+                return #p::decode_cbor::<Self>(#name, version, payload);
+            }
+            #(#decodes)*
+            ::core::result::Result::Err(#p::unknown_version::<Self>(version))
+        }
+    };
     let upcast_checks = m.upcasts.iter().map(|old| {
         let msg = format!(
             "`upcast_from = {}`: the older type must have the same event name as `{ident}` (`name = \"{name}\"`) \
@@ -109,7 +111,8 @@ pub(crate) fn expand(m: &Model, item: &DeriveInput) -> TokenStream {
                 #p::render_subject(#name, #subject, &[#(#values),*])
             }
             #key_fn
-            #upcast_fns
+            #accepts_fn
+            #decode_fn
         }
         #(#upcast_checks)*
     }

@@ -10,7 +10,7 @@ pub(crate) async fn advisory_loop(
     rt: Arc<Runtime>,
     consumer: jetstream::consumer::PullConsumer,
     mut stop: watch::Receiver<bool>,
-) -> Result<(), RunError> {
+) -> Result<(), Stopped> {
     loop {
         let mut messages = match consumer
             .stream()
@@ -88,14 +88,14 @@ pub(super) async fn vet_advisory(
     let Ok(original) = stream.get_raw_message(adv.stream_seq).await else {
         return Ok(None);
     };
-    if !filter.is_empty() && !crate::subject::covers(&filter, &original.subject) {
+    if !filter.is_empty() && !crate::event::subject::covers(&filter, &original.subject) {
         return Err("the message is not on the handler's subjects");
     }
     if let (Some(inbox), Some(id)) = (
         &rt.inbox,
         original
             .headers
-            .get(crate::headers::CE_ID)
+            .get(crate::wire::headers::CE_ID)
             .and_then(|v| v.as_str().parse::<crate::EventId>().ok()),
     ) && let Ok(Some(record)) = inbox.read(&inbox::key(rt.handler, id)).await
         && record.state == inbox::State::Done
@@ -166,8 +166,8 @@ pub(super) async fn handle_advisory(rt: &Runtime, msg: &jetstream::Message) {
             tracing::warn!(
                 service = %rt.service,
                 handler = %rt.handler,
-                event_type = %header(crate::headers::CE_TYPE),
-                event_id = %header(crate::headers::CE_ID),
+                event_type = %header(crate::wire::headers::CE_TYPE),
+                event_id = %header(crate::wire::headers::CE_ID),
                 subject = %subject,
                 attempt = adv.deliveries,
                 stream_sequence = adv.stream_seq,

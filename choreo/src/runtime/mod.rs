@@ -20,27 +20,47 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::context::{Context, Delivery};
 use crate::dlq::{self, Letter, Reason};
-use crate::envelope::Envelope;
-use crate::error::StreamError;
 use crate::event::Event;
-use crate::handler::{BoxFuture, Handler, HandlerOptions, MissingState, States};
+use crate::handler::{BoxFuture, Context, Delivery, Handler, HandlerOptions, MissingState, States};
 use crate::inbox::{self, Inbox, InboxError, Record, Sighting, Verdict};
 use crate::publish::Publisher;
-use crate::service::{
-    FaultHook, FaultPoint, HandlerStats, RunError, consumer_name, create_consumer,
-};
+use crate::topology::consumer::create_consumer;
+use crate::topology::{ConsumerError, StreamError, consumer_name};
+use crate::wire::envelope::Envelope;
 use requests::{PermitWait, Pulled, Puller, Slot};
-use watchdog::{KeyState, Registry};
+use watchdog::KeyState;
 
 mod advisory;
+mod fault;
 mod process;
 mod pull;
 mod requests;
 mod settle;
+mod stats;
 mod upkeep;
 pub(crate) mod watchdog;
+
+pub use fault::{FaultHook, FaultPoint};
+pub use stats::HandlerStats;
+pub(crate) use watchdog::Registry;
+
+/// Why a handler's tasks stopped the service: a failure that did not pass
+/// within the recovery timeout. The service turns it into a `RunError`.
+#[derive(Debug)]
+pub(crate) enum Stopped {
+    /// The handler's consumer could not be recreated.
+    ConsumerLost {
+        handler: String,
+        failing_for: Duration,
+        source: ConsumerError,
+    },
+    /// The inbox bucket was missing.
+    InboxLost {
+        bucket: String,
+        missing_for: Duration,
+    },
+}
 
 pub(crate) use advisory::advisory_loop;
 use process::process;
@@ -171,7 +191,7 @@ pub(crate) fn delivery_of(msg: &jetstream::Message) -> (u32, u64) {
 pub(crate) fn event_id_of(msg: &jetstream::Message) -> &str {
     msg.headers
         .as_ref()
-        .and_then(|h| h.get(crate::headers::CE_ID))
+        .and_then(|h| h.get(crate::wire::headers::CE_ID))
         .map_or("-", |v| v.as_str())
 }
 

@@ -11,7 +11,7 @@ pub(crate) async fn pull_loop(
     consumer: jetstream::consumer::PullConsumer,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
-) -> Result<(), RunError> {
+) -> Result<(), Stopped> {
     let permits = Arc::new(Semaphore::new(rt.options.concurrency));
     let mut running = JoinSet::new();
     let _keeper = watchdog::Keeper::start(rt.clone());
@@ -225,7 +225,11 @@ pub(super) fn count_task_failure(rt: &Runtime, done: Result<(), tokio::task::Joi
 /// The inbox key of a pulled event, from its `ce-id` header; `None` if it
 /// has none readable (decoding will dead-letter it).
 pub(super) fn key_of(rt: &Runtime, msg: &jetstream::Message) -> Option<String> {
-    let id = msg.headers.as_ref()?.get(crate::headers::CE_ID)?.as_str();
+    let id = msg
+        .headers
+        .as_ref()?
+        .get(crate::wire::headers::CE_ID)?
+        .as_str();
     let id: crate::EventId = id.parse().ok()?;
     Some(inbox::key(rt.handler, id))
 }

@@ -23,7 +23,7 @@ pub(super) async fn follow_consumer(rt: &Runtime, consumer: &jetstream::consumer
 /// Fails once the inbox has been unreadable for the recovery timeout and
 /// its bucket does not exist; an inbox that exists but fails (an election,
 /// a slow server) is waited for.
-pub(super) async fn check_inbox(rt: &Runtime) -> Result<(), RunError> {
+pub(super) async fn check_inbox(rt: &Runtime) -> Result<(), Stopped> {
     let Some(inbox) = &rt.inbox else {
         return Ok(());
     };
@@ -40,8 +40,7 @@ pub(super) async fn check_inbox(rt: &Runtime) -> Result<(), RunError> {
                 if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
         {
             tracing::error!(service = %rt.service, handler = rt.handler, bucket = inbox.bucket(), ?troubled, error = %e, "the inbox bucket is gone; stopping the service");
-            Err(RunError::InboxLost {
-                service: rt.service.to_string(),
+            Err(Stopped::InboxLost {
                 bucket: inbox.bucket().to_owned(),
                 missing_for: troubled,
             })
@@ -59,7 +58,7 @@ pub(super) async fn refresh_consumer(
     puller: &mut Puller,
     why: Option<&str>,
     stop: &mut watch::Receiver<bool>,
-) -> Result<(), RunError> {
+) -> Result<(), Stopped> {
     let (stream, _, filter) = handler.stream();
     let durable = consumer_name(&rt.service, rt.handler);
     if why.is_none()
@@ -114,11 +113,10 @@ pub(super) async fn refresh_consumer(
                 .get_or_insert_with(tokio::time::Instant::now);
             if since.elapsed() >= rt.recovery_timeout {
                 tracing::error!(service = %rt.service, handler = rt.handler, consumer = %durable, error = %e, "the consumer cannot be recreated; stopping the service");
-                return Err(RunError::ConsumerLost {
-                    service: rt.service.to_string(),
+                return Err(Stopped::ConsumerLost {
                     handler: rt.handler.to_owned(),
                     failing_for: since.elapsed(),
-                    source: Box::new(e),
+                    source: e,
                 });
             }
             tracing::warn!(service = %rt.service, handler = rt.handler, consumer = %durable, error = %e, "cannot recreate the consumer; retrying");

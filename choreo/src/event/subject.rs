@@ -107,7 +107,7 @@ pub fn check_token(value: &str) -> Result<(), TokenProblem> {
 }
 
 /// The placeholder name of a template token, if the token is `{name}`.
-pub fn placeholder(token: &str) -> Option<&str> {
+pub(crate) fn placeholder(token: &str) -> Option<&str> {
     token.strip_prefix('{')?.strip_suffix('}')
 }
 
@@ -178,7 +178,8 @@ pub fn render(
 }
 
 /// The wildcard form of a template: each `{field}` token becomes `*`.
-pub fn filter(template: &str) -> String {
+#[cfg(test)]
+pub(crate) fn filter(template: &str) -> String {
     template
         .split('.')
         .map(|t| if placeholder(t).is_some() { "*" } else { t })

@@ -6,10 +6,9 @@ use std::ops::Deref;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
-use crate::codec::{self, DecodeError, EncodeError};
-use crate::event::Event;
-use crate::headers::{HeaderError, Metadata};
-use crate::subject::SubjectError;
+use crate::event::{DecodeError, EncodeError, Event, HeaderError, SubjectError};
+use crate::wire::codec;
+use crate::wire::headers::Metadata;
 
 /// An event with its subject and the metadata its headers carry.
 ///

@@ -1,11 +1,17 @@
-//! The [`Event`] trait that `#[event]` implements.
+//! Events: the [`Event`] trait that `#[event]` implements, event ids and
+//! keys ([`id`]), subject templates ([`subject`]), and what can go wrong
+//! encoding or decoding one ([`error`]). Nothing here touches NATS.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec::{self, DecodeError};
-use crate::id::EventKey;
-use crate::subject::SubjectError;
+pub(crate) mod error;
+pub(crate) mod id;
+pub(crate) mod subject;
+
+pub use error::{DecodeError, DecodeErrorKind, EncodeError, HeaderError, HeaderErrorKind};
+pub use id::{EventId, EventKey};
+pub use subject::SubjectError;
 
 /// A fact that services publish and react to.
 ///
@@ -49,15 +55,12 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
         version == Self::VERSION
     }
 
-    /// Decodes a CBOR payload written with schema `version`.
+    /// Decodes a CBOR payload written with schema `version`, directly or
+    /// through the `upcast_from` chain. `#[event]` writes it; a hand-written
+    /// impl decodes its own version with `serde` from CBOR and returns
+    /// [`DecodeError::UnknownVersion`] for any other.
     ///
     /// # Errors
     /// An unknown version, or a payload that is not this type in CBOR.
-    fn decode_payload(version: u32, payload: &[u8]) -> Result<Self, DecodeError> {
-        if version == Self::VERSION {
-            codec::decode_cbor::<Self>(Self::NAME, version, payload)
-        } else {
-            Err(codec::unknown_version::<Self>(version))
-        }
-    }
+    fn decode_payload(version: u32, payload: &[u8]) -> Result<Self, DecodeError>;
 }

@@ -24,9 +24,8 @@ use async_nats::{HeaderMap, HeaderName};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::codec::CONTENT_TYPE as CBOR;
-use crate::event::Event;
-use crate::id::EventId;
+use crate::event::{Event, EventId, HeaderError};
+use crate::wire::codec::CONTENT_TYPE as CBOR;
 
 /// `Nats-Msg-Id`: JetStream's deduplication key; the event id.
 pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
@@ -52,28 +51,6 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const CONTENT_TYPE: &str = "content-type";
 /// The CloudEvents spec version choreo writes and accepts.
 pub const SPEC_VERSION: &str = "1.0";
-
-/// A header is missing or malformed.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum HeaderError {
-    /// A required header is absent.
-    #[error("header `{header}` is missing")]
-    Missing {
-        /// The header's name.
-        header: &'static str,
-    },
-    /// A header's value is not what the wire format allows.
-    #[error("header `{header}` has value {value:?}, expected {expected}")]
-    Malformed {
-        /// The header's name.
-        header: &'static str,
-        /// The value found (every value, joined by `, `, when it appears more than once).
-        value: String,
-        /// What the wire format allows there.
-        expected: &'static str,
-    },
-}
 
 /// What the headers of one event say about it.
 #[derive(Clone, Debug, PartialEq, Eq)]

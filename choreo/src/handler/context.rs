@@ -4,12 +4,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::error::PublishError;
-use crate::event::Event;
-use crate::handler::States;
-use crate::headers::Metadata;
-use crate::id::EventId;
-use crate::publish::Outgoing;
+use super::States;
+use crate::event::{Event, EventId};
+use crate::publish::{Outgoing, PublishError};
+use crate::wire::headers::Metadata;
 
 /// The handled event's metadata and delivery, the service's state, and the
 /// buffer of events the handler emits.

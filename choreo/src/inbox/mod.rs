@@ -36,38 +36,82 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::id::EventId;
+use crate::nats::{Cause, Source, recent_permission_error, source};
+pub(crate) use crate::topology::inbox_bucket as bucket;
 
 /// How long records are kept by default: 7 days, far more than the streams'
 /// 2-minute duplicate window, so a re-published event is still recognised.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// The bucket name of a service's inbox.
-pub fn bucket(service: &str) -> String {
-    format!("choreo_inbox_{service}")
-}
-
-/// The key of one handler's record of one event.
-pub fn key(handler: &str, event: EventId) -> String {
-    format!("{handler}.{event}")
-}
+pub(crate) use crate::topology::inbox_key as key;
 
 /// The inbox could not be read or written.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("inbox {bucket}: {reason}")]
+///
+/// `{:?}` prints the message; `{:#?}` the fields.
+#[derive(Clone, thiserror::Error)]
+#[error("inbox {bucket}: {what}{}", source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
 pub struct InboxError {
     bucket: String,
-    reason: String,
+    what: String,
+    #[source]
+    source: Option<Source>,
+    kind: InboxErrorKind,
+}
+
+/// What kind of [`InboxError`] happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum InboxErrorKind {
     /// The cluster could not serve the bucket (peers offline, no quorum).
-    cluster_unavailable: bool,
+    ClusterUnavailable,
+    /// No answer in time.
+    TimedOut,
+    /// The server refused for permissions.
+    PermissionDenied,
+    /// Anything else.
+    Other,
 }
 
 impl InboxError {
-    /// Whether the cluster could not serve the bucket right now.
-    pub(crate) fn cluster_unavailable(&self) -> bool {
-        self.cluster_unavailable
+    fn new(
+        client: &async_nats::Client,
+        bucket: &str,
+        what: impl Into<String>,
+        e: Option<Source>,
+    ) -> Self {
+        let cause = e.as_deref().map_or(Cause::Other, |e| Cause::of(e));
+        let kind = if recent_permission_error(client).is_some() {
+            InboxErrorKind::PermissionDenied
+        } else if cause.cluster_unavailable() {
+            InboxErrorKind::ClusterUnavailable
+        } else if cause == Cause::TimedOut {
+            InboxErrorKind::TimedOut
+        } else {
+            InboxErrorKind::Other
+        };
+        Self {
+            bucket: bucket.to_owned(),
+            what: what.into(),
+            source: e,
+            kind,
+        }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> InboxErrorKind {
+        self.kind
+    }
+
+    /// Whether trying again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.kind,
+            InboxErrorKind::ClusterUnavailable | InboxErrorKind::TimedOut
+        )
     }
 }
+
+crate::debug_as_display!(InboxError);
 
 /// What the inbox says about one key, as read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,11 +362,7 @@ impl Inbox {
         replicas: usize,
     ) -> Result<Self, InboxError> {
         let bucket = bucket(service);
-        let err = |reason: String| InboxError {
-            bucket: bucket.clone(),
-            reason,
-            cluster_unavailable: false,
-        };
+        let client = js.client();
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
             Err(_) => {
@@ -343,26 +383,26 @@ impl Inbox {
                     Ok(kv) => kv,
                     // Another instance may have created it in between.
                     Err(e) => js.get_key_value(&bucket).await.map_err(|_| {
-                        let mut failed = err(format!("cannot create the bucket: {e}"));
-                        failed.cluster_unavailable = std::error::Error::source(&e)
-                            .and_then(|s| {
-                                s.downcast_ref::<jetstream::context::CreateStreamError>()
-                            })
-                            .is_some_and(|c| {
-                                matches!(c.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j)
-                                    if crate::error::is_cluster_unavailable(j.error_code()))
-                            });
-                        failed
+                        InboxError::new(
+                            &client,
+                            &bucket,
+                            "cannot create the bucket",
+                            Some(source(e)),
+                        )
                     })?,
                 }
             }
         };
         let instance = uuid::Uuid::now_v7().as_u64_pair().1.max(1);
         let direct = kv.status().await.is_ok_and(|s| s.info.config.allow_direct);
-        let client = js.client();
-        let answers = Answers::start(&client)
-            .await
-            .map_err(|e| err(format!("cannot subscribe for answers: {e}")))?;
+        let answers = Answers::start(&client).await.map_err(|e| {
+            InboxError::new(
+                &client,
+                &bucket,
+                "cannot subscribe for answers",
+                Some(source(e)),
+            )
+        })?;
         Ok(Self {
             kv,
             client,
@@ -402,12 +442,14 @@ impl Inbox {
         self.instance
     }
 
-    fn err(&self, reason: impl std::fmt::Display) -> InboxError {
-        InboxError {
-            bucket: self.bucket.clone(),
-            reason: reason.to_string(),
-            cluster_unavailable: false,
-        }
+    /// An error of this bucket: `what` failed, because of `e`.
+    fn fail(&self, what: &str, e: impl std::error::Error + Send + Sync + 'static) -> InboxError {
+        InboxError::new(&self.client, &self.bucket, what, Some(source(e)))
+    }
+
+    /// An error of this bucket that choreo itself detected.
+    fn err(&self, what: impl Into<String>) -> InboxError {
+        InboxError::new(&self.client, &self.bucket, what, None)
     }
 
     /// The bucket's name.
@@ -447,7 +489,11 @@ impl Inbox {
 
     /// Reads one key.
     pub(crate) async fn read(&self, key: &str) -> Result<Option<Record>, InboxError> {
-        let entry = self.kv.entry(key).await.map_err(|e| self.err(e))?;
+        let entry = self
+            .kv
+            .entry(key)
+            .await
+            .map_err(|e| self.fail("cannot read", e))?;
         Ok(entry.as_ref().map(record_of))
     }
 
@@ -464,8 +510,7 @@ impl Inbox {
             // permission violation was reported (a denied batch). A timeout
             // or no responders during an election passes; the batch's
             // events read their own keys this once.
-            let lasting =
-                failure.recurs(|| crate::error::recent_permission_error(&self.client).is_some());
+            let lasting = failure.recurs(|| recent_permission_error(&self.client).is_some());
             if lasting {
                 let until = now_ms().saturating_add(BATCH_PAUSE_MS);
                 self.batches_paused_until.store(until, Ordering::Relaxed);
@@ -489,7 +534,8 @@ impl Inbox {
             .map(|k| format!("{}{k}", self.key_prefix))
             .collect();
         let request = serde_json::json!({ "multi_last": subjects, "batch": keys.len() });
-        let body = serde_json::to_vec(&request).map_err(|e| unavailable(self.err(e)))?;
+        let body = serde_json::to_vec(&request)
+            .map_err(|e| unavailable(self.fail("cannot encode a batched read", e)))?;
         let token = self.answers.next.fetch_add(1, Ordering::Relaxed);
         let reply = format!("{}.{token}", self.answers.prefix);
         let (tx, mut answers) = mpsc::unbounded_channel();
@@ -501,7 +547,7 @@ impl Inbox {
         self.client
             .publish_with_reply(self.direct_get.clone(), reply, body.into())
             .await
-            .map_err(|e| unavailable(self.err(format!("cannot read: {e}"))))?;
+            .map_err(|e| unavailable(self.fail("cannot read", e)))?;
         let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
         loop {
             let answer = tokio::time::timeout_at(deadline, answers.recv())
@@ -584,12 +630,12 @@ impl Inbox {
         if revision == 0 {
             self.kv.create(key, value).await.map_err(|e| {
                 let moved = e.kind() == kv::CreateErrorKind::AlreadyExists;
-                (moved, self.err(e))
+                (moved, self.fail("cannot write", e))
             })
         } else {
             self.kv.update(key, value, revision).await.map_err(|e| {
                 let moved = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
-                (moved, self.err(e))
+                (moved, self.fail("cannot write", e))
             })
         }
     }

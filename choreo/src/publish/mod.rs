@@ -6,75 +6,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::jetstream::{self, context::PublishErrorKind as NatsPublishErrorKind};
 use bytes::Bytes;
 use futures::future::try_join_all;
 
-use crate::envelope::Envelope;
-use crate::error::{PublishError, StreamError, classify_jetstream};
+mod error;
+
+pub use error::{PublishError, PublishErrorKind};
+
 use crate::event::Event;
-use crate::headers::{self, Metadata};
-use crate::id::EventId;
-use crate::subject;
-
-/// How choreo creates a stream that does not exist yet. An existing stream is
-/// used as it is.
-///
-/// Defaults: file storage, limits retention (messages stay after they are
-/// consumed, so every service can read them and dedup survives restarts),
-/// one replica, a two-minute duplicate window, no age or size limit.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct StreamSettings {
-    /// Replicas of each stream (3 on a production cluster).
-    pub replicas: usize,
-    /// How long JetStream remembers a `Nats-Msg-Id` to drop repeats.
-    pub duplicate_window: Duration,
-    /// How long messages are kept; `Duration::ZERO` keeps them until limits
-    /// are set by hand.
-    pub max_age: Duration,
-}
-
-impl Default for StreamSettings {
-    fn default() -> Self {
-        Self {
-            replicas: 1,
-            duplicate_window: Duration::from_secs(120),
-            max_age: Duration::ZERO,
-        }
-    }
-}
-
-impl StreamSettings {
-    /// Sets the number of replicas.
-    pub fn replicas(mut self, replicas: usize) -> Self {
-        self.replicas = replicas;
-        self
-    }
-    /// Sets the duplicate window.
-    pub fn duplicate_window(mut self, window: Duration) -> Self {
-        self.duplicate_window = window;
-        self
-    }
-    /// Sets the maximum message age.
-    pub fn max_age(mut self, max_age: Duration) -> Self {
-        self.max_age = max_age;
-        self
-    }
-
-    pub(crate) fn config(&self, name: &str, subjects: Vec<String>) -> stream::Config {
-        stream::Config {
-            name: name.to_owned(),
-            subjects,
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            num_replicas: self.replicas,
-            duplicate_window: self.duplicate_window,
-            max_age: self.max_age,
-            ..Default::default()
-        }
-    }
-}
+use crate::event::EventId;
+use crate::topology::StreamSettings;
+use crate::topology::stream::ensure_stream;
+use crate::wire::envelope::Envelope;
+use crate::wire::headers::{self, Metadata};
 
 /// What JetStream said about one published event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,7 +91,7 @@ impl Outgoing {
             },
             subject: event.subject()?,
             headers: meta.to_headers(),
-            payload: Bytes::from(crate::codec::encode(event)?),
+            payload: Bytes::from(crate::wire::codec::encode(event)?),
             id: meta.id(),
             correlation_id: meta.correlation_id(),
             meta: Box::new(meta),
@@ -155,7 +100,7 @@ impl Outgoing {
 
     /// Size on the wire as NATS counts it against `max_payload`.
     fn size(&self) -> usize {
-        crate::headers::wire_size(&self.headers, self.payload.len())
+        crate::wire::headers::wire_size(&self.headers, self.payload.len())
     }
 }
 
@@ -221,13 +166,13 @@ impl Publisher {
     }
 
     /// Uses `settings` for streams this publisher creates.
-    pub fn with_stream_settings(self, settings: StreamSettings) -> Self {
+    pub fn stream_settings(self, settings: StreamSettings) -> Self {
         self.rebuild(|i| i.settings = settings)
     }
 
     /// How long transient failures are retried before a publish fails
     /// (default 30 s, enough for a cluster to elect a new stream leader).
-    pub fn with_retry_for(self, retry_for: Duration) -> Self {
+    pub fn retry_for(self, retry_for: Duration) -> Self {
         self.rebuild(|i| i.retry_for = retry_for)
     }
 
@@ -460,7 +405,7 @@ impl Publisher {
         };
         let same_version = stored
             .headers
-            .get(crate::headers::CE_EVENTVERSION)
+            .get(crate::wire::headers::CE_EVENTVERSION)
             .is_some_and(|v| v.as_str() == sent.version.to_string());
         if same_version && stored.payload != sent.payload {
             return Err(PublishError::Conflict {
@@ -529,7 +474,7 @@ impl Publisher {
         let mut delay = Duration::from_millis(50);
         let mut error = first;
         loop {
-            if error.kind() == PublishErrorKind::MaxPayloadExceeded {
+            if error.kind() == NatsPublishErrorKind::MaxPayloadExceeded {
                 // The server's limit changed (a reconnect to another server).
                 let max = self.inner.client.server_info().max_payload;
                 self.inner.max_payload.store(max, Ordering::Relaxed);
@@ -538,10 +483,10 @@ impl Publisher {
             }
             let transient = matches!(
                 error.kind(),
-                PublishErrorKind::TimedOut
-                    | PublishErrorKind::StreamNotFound
-                    | PublishErrorKind::BrokenPipe
-                    | PublishErrorKind::MaxAckPending
+                NatsPublishErrorKind::TimedOut
+                    | NatsPublishErrorKind::StreamNotFound
+                    | NatsPublishErrorKind::BrokenPipe
+                    | NatsPublishErrorKind::MaxAckPending
             );
             if !transient || tokio::time::Instant::now() + delay > deadline {
                 return Err(PublishError::from_nats(
@@ -563,60 +508,4 @@ impl Publisher {
             }
         }
     }
-}
-
-/// Creates stream `name` if missing; checks an existing one covers `filter`.
-pub(crate) async fn ensure_stream(
-    js: &jetstream::Context,
-    settings: &StreamSettings,
-    name: &str,
-    subjects: Vec<String>,
-    filter: &str,
-) -> Result<(), StreamError> {
-    for _ in 0..3 {
-        match js.get_stream(name).await {
-            Ok(stream) => {
-                let have = &stream.cached_info().config.subjects;
-                if have.iter().any(|s| subject::covers(s, filter)) {
-                    return Ok(());
-                }
-                return Err(StreamError::DoesNotCover {
-                    stream: name.to_owned(),
-                    subjects: have.clone(),
-                    needed: filter.to_owned(),
-                });
-            }
-            Err(e) => match classify_jetstream(&e) {
-                Some(code) if code == jetstream::ErrorCode::STREAM_NOT_FOUND => {}
-                _ => return Err(StreamError::from_get(&js.client(), name, &e)),
-            },
-        }
-        match js
-            .create_stream(settings.config(name, subjects.clone()))
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(
-                    stream = name,
-                    ?subjects,
-                    replicas = settings.replicas,
-                    "created stream"
-                );
-                return Ok(());
-            }
-            Err(e) => {
-                // Another instance created it first: look again.
-                if matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST)
-                {
-                    continue;
-                }
-                return Err(StreamError::from_create(&js.client(), name, &subjects, &e));
-            }
-        }
-    }
-    Err(StreamError::Other {
-        stream: name.to_owned(),
-        reason: "the stream kept changing while it was being created".into(),
-    })
 }

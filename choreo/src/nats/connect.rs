@@ -4,7 +4,8 @@ use std::sync::{Arc, OnceLock};
 
 use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 
-use crate::error::{ConnKey, ConnectError, conn_key, record_permission_error, redact_url};
+use super::error::{ConnectError, redact_url};
+use super::permissions::{self, ConnKey, conn_key, record_permission_error};
 
 /// Connects to NATS at `url` (or a comma-separated list of URLs) with
 /// `options` (credentials, TLS, ...), turning failures into a [`ConnectError`]
@@ -56,7 +57,7 @@ pub async fn connect(
         async move {
             match event {
                 async_nats::Event::ServerError(async_nats::ServerError::Other(msg))
-                    if msg.to_lowercase().contains("permissions violation") =>
+                    if permissions::is_violation(&msg) =>
                 {
                     tracing::error!(error = %msg, "NATS permission violation");
                     if let Some(k) = key.get() {
@@ -73,14 +74,17 @@ pub async fn connect(
         }
     });
     let client = options.connect(addrs).await.map_err(|e| {
-        let reason = e.to_string();
-        match e.kind() {
-            ConnectErrorKind::ServerParse => ConnectError::InvalidUrl { url: shown, reason },
+        let source = Arc::new(e);
+        match source.kind() {
+            ConnectErrorKind::ServerParse => ConnectError::InvalidUrl {
+                url: shown,
+                reason: source.to_string(),
+            },
             ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
-                ConnectError::Auth { url: shown, reason }
+                ConnectError::Auth { url: shown, source }
             }
-            ConnectErrorKind::Tls => ConnectError::Tls { url: shown, reason },
-            _ => ConnectError::Unreachable { url: shown, reason },
+            ConnectErrorKind::Tls => ConnectError::Tls { url: shown, source },
+            _ => ConnectError::Unreachable { url: shown, source },
         }
     })?;
     let _ = key.set(conn_key(&client));

@@ -1,0 +1,60 @@
+//! Handlers: the [`Handler`] trait that `#[event_handler]` implements, its
+//! [options](HandlerOptions), its [arguments](FromContext) and
+//! [`Context`], and its [errors](HandlerError).
+
+use std::future::Future;
+use std::pin::Pin;
+
+mod context;
+mod error;
+mod extract;
+mod options;
+
+pub(crate) use context::Delivery;
+pub use context::{Context, EmittedEvent};
+pub use error::{HandlerError, HandlerErrorKind, IntoHandlerResult};
+pub use extract::{Attempt, EventArg, FromContext, MissingState, State, States};
+pub use options::{DEFAULT_TIMEOUT, DeliverPolicy, HandlerOptions};
+
+use crate::event::Event;
+use crate::wire::envelope::Envelope;
+
+/// A boxed, sendable future, as handlers return it.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// An async function that handles one event type. Write it with
+/// [`#[event_handler]`](macro@crate::event_handler); implement it by hand only
+/// for handlers built at run time.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a choreo handler",
+    label = "not a handler",
+    note = "annotate an `async fn` with `#[choreo::event_handler]` and pass its name"
+)]
+pub trait Handler: Send + Sync + 'static {
+    /// The event it handles.
+    type Event: Event;
+
+    /// The handler's name: unique within a service, a Rust identifier.
+    fn name(&self) -> &'static str;
+
+    /// How it consumes events.
+    fn options(&self) -> HandlerOptions {
+        HandlerOptions::default()
+    }
+
+    /// Checks, at service start, that the state its arguments need exists.
+    ///
+    /// # Errors
+    /// The type name of the first missing state.
+    fn check(&self, states: &States) -> Result<(), MissingState> {
+        let _ = states;
+        Ok(())
+    }
+
+    /// Handles one event.
+    fn call(
+        &self,
+        event: Envelope<Self::Event>,
+        ctx: &Context,
+    ) -> BoxFuture<Result<(), HandlerError>>;
+}

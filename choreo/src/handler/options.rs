@@ -1,0 +1,122 @@
+//! [`HandlerOptions`]: how one handler consumes its events.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+/// Where a new durable consumer starts reading its stream. Applies only when
+/// the consumer is created; an existing durable keeps its position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliverPolicy {
+    /// Every event still in the stream (the default): nothing published
+    /// before the service's first start is missed.
+    All,
+    /// Only events published after the consumer is created.
+    New,
+    /// Events published at or after this time.
+    Since(OffsetDateTime),
+}
+
+/// The default [`HandlerOptions::timeout`]: 5 minutes, long enough for any
+/// handler that is making progress, short enough that a hung one frees its
+/// event within one deploy's patience.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How one handler consumes its events. `#[event_handler(...)]` sets these;
+/// every field has a default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HandlerOptions {
+    /// Events handled at once by one service instance. Default 256: handlers
+    /// mostly wait on I/O, and JetStream needs many acks in flight to be fast.
+    pub concurrency: usize,
+    /// Deliveries before an event goes to the dead-letter stream. Default 5;
+    /// never unlimited.
+    pub max_deliver: u32,
+    /// Delay before redelivery after the n-th failed attempt (the last entry
+    /// repeats). Default 1 s, 5 s, 30 s.
+    pub backoff: Vec<Duration>,
+    /// How long JetStream waits for a verdict before redelivering. Running
+    /// handlers send in-progress acks, so this bounds silence, not handler
+    /// time. Default 30 s.
+    pub ack_wait: Duration,
+    /// How long one invocation may run before it is abandoned: its future
+    /// is dropped, in-progress acks stop, and the attempt counts as a
+    /// retryable failure (on the last allowed delivery the event is
+    /// dead-lettered with reason `timeout`). Default 5 minutes. A handler
+    /// that blocks its thread cannot be dropped; its in-progress acks still
+    /// stop, so JetStream redelivers the event elsewhere after `ack_wait`.
+    pub timeout: Duration,
+    /// Where a new consumer starts. Default [`DeliverPolicy::All`].
+    pub deliver: DeliverPolicy,
+    /// Whether the service's inbox skips events this handler already
+    /// handled. Default on.
+    pub idempotent: bool,
+}
+
+impl Default for HandlerOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 256,
+            max_deliver: 5,
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+            ack_wait: Duration::from_secs(30),
+            timeout: DEFAULT_TIMEOUT,
+            deliver: DeliverPolicy::All,
+            idempotent: true,
+        }
+    }
+}
+
+impl HandlerOptions {
+    /// Sets [`concurrency`](Self::concurrency).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+    /// Sets [`max_deliver`](Self::max_deliver).
+    pub fn max_deliver(mut self, n: u32) -> Self {
+        self.max_deliver = n;
+        self
+    }
+    /// Sets [`backoff`](Self::backoff).
+    pub fn backoff(mut self, delays: Vec<Duration>) -> Self {
+        self.backoff = delays;
+        self
+    }
+    /// Sets [`ack_wait`](Self::ack_wait).
+    pub fn ack_wait(mut self, d: Duration) -> Self {
+        self.ack_wait = d;
+        self
+    }
+    /// Sets [`timeout`](Self::timeout).
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+    /// Sets [`deliver`](Self::deliver).
+    pub fn deliver(mut self, d: DeliverPolicy) -> Self {
+        self.deliver = d;
+        self
+    }
+    /// Sets [`idempotent`](Self::idempotent).
+    pub fn idempotent(mut self, on: bool) -> Self {
+        self.idempotent = on;
+        self
+    }
+
+    /// The redelivery delay after failed attempt `attempt` (1-based).
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let i = usize::try_from(attempt.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.backoff
+            .get(i)
+            .or(self.backoff.last())
+            .copied()
+            .unwrap_or(Duration::ZERO)
+    }
+}

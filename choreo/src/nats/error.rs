@@ -1,0 +1,217 @@
+//! [`ConnectError`], and the helpers every module uses to read a NATS error:
+//! URL redaction and the JetStream error codes that mean "try again".
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+
+/// A NATS connection could not be made.
+///
+/// `{:?}` prints the message (so a test returning it reads well); `{:#?}`
+/// the fields.
+#[derive(Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The URL is not a NATS URL.
+    #[error("invalid NATS URL {url:?}: {reason}; expected e.g. nats://127.0.0.1:4222")]
+    InvalidUrl {
+        /// The URL, with any password removed.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No server answered.
+    #[error(
+        "cannot reach a NATS server at {url}: {source}; is nats-server running and the address right?"
+    )]
+    Unreachable {
+        /// The URL, with any password removed.
+        url: String,
+        /// What the client said.
+        #[source]
+        source: Arc<async_nats::ConnectError>,
+    },
+    /// The server refused the credentials.
+    #[error(
+        "the NATS server at {url} refused the credentials ({source}); check the user, token, nkey or creds file"
+    )]
+    Auth {
+        /// The URL, with any password removed.
+        url: String,
+        /// What the server said.
+        #[source]
+        source: Arc<async_nats::ConnectError>,
+    },
+    /// TLS could not be set up.
+    #[error("TLS with the NATS server at {url} failed: {source}")]
+    Tls {
+        /// The URL, with any password removed.
+        url: String,
+        /// What failed.
+        #[source]
+        source: Arc<async_nats::ConnectError>,
+    },
+}
+
+/// What kind of [`ConnectError`] happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ConnectErrorKind {
+    /// [`ConnectError::InvalidUrl`].
+    InvalidUrl,
+    /// [`ConnectError::Unreachable`].
+    Unreachable,
+    /// [`ConnectError::Auth`].
+    Auth,
+    /// [`ConnectError::Tls`].
+    Tls,
+}
+
+impl ConnectError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ConnectErrorKind {
+        match self {
+            Self::InvalidUrl { .. } => ConnectErrorKind::InvalidUrl,
+            Self::Unreachable { .. } => ConnectErrorKind::Unreachable,
+            Self::Auth { .. } => ConnectErrorKind::Auth,
+            Self::Tls { .. } => ConnectErrorKind::Tls,
+        }
+    }
+}
+
+crate::debug_as_display!(ConnectError);
+
+/// Removes `user:password@` from a URL for messages.
+pub(crate) fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        (None, Some(at)) => format!("***@{}", &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// JetStream error codes that say a cluster cannot serve a request right
+/// now, and will when its nodes are back.
+pub(crate) fn is_cluster_unavailable(code: jetstream::ErrorCode) -> bool {
+    use jetstream::ErrorCode as C;
+    [
+        C::CLUSTER_NO_PEERS,
+        C::CLUSTER_NOT_AVAILABLE,
+        C::CLUSTER_INCOMPLETE,
+        C::CLUSTER_NOT_ASSIGNED,
+        C::CLUSTER_NOT_LEADER,
+        C::CLUSTER_NOT_ACTIVE,
+    ]
+    .contains(&code)
+}
+
+/// What an async-nats error comes down to, read from its kinds (never its
+/// text): the classes choreo acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// No answer in time (a leader election, a slow node, or a request the
+    /// server refused for permissions, which it reports only asynchronously).
+    TimedOut,
+    /// Nobody serves the subject: no JetStream here, or none in this domain.
+    NoResponders,
+    /// The server answered with this JetStream error.
+    Code(jetstream::ErrorCode),
+    /// Anything else.
+    Other,
+}
+
+impl Cause {
+    /// Reads the first error in `e`'s chain whose kind says something.
+    pub(crate) fn of(e: &(dyn std::error::Error + 'static)) -> Self {
+        use jetstream::context as c;
+        let mut next = Some(e);
+        while let Some(e) = next {
+            let cause = if let Some(e) = e.downcast_ref::<c::RequestError>() {
+                match e.kind() {
+                    c::RequestErrorKind::TimedOut => Self::TimedOut,
+                    c::RequestErrorKind::NoResponders => Self::NoResponders,
+                    _ => Self::Other,
+                }
+            } else if let Some(e) = e.downcast_ref::<c::GetStreamError>() {
+                match e.kind() {
+                    c::GetStreamErrorKind::JetStream(j) => Self::Code(j.error_code()),
+                    _ => Self::Other,
+                }
+            } else if let Some(e) = e.downcast_ref::<c::CreateStreamError>() {
+                match e.kind() {
+                    c::CreateStreamErrorKind::JetStream(j) => Self::Code(j.error_code()),
+                    c::CreateStreamErrorKind::TimedOut => Self::TimedOut,
+                    c::CreateStreamErrorKind::JetStreamUnavailable => Self::NoResponders,
+                    _ => Self::Other,
+                }
+            } else if let Some(e) = e.downcast_ref::<c::AccountError>() {
+                match e.kind() {
+                    c::AccountErrorKind::JetStream(j) => Self::Code(j.error_code()),
+                    c::AccountErrorKind::TimedOut => Self::TimedOut,
+                    c::AccountErrorKind::JetStreamUnavailable => Self::NoResponders,
+                    _ => Self::Other,
+                }
+            } else if let Some(e) = e.downcast_ref::<jetstream::stream::ConsumerError>() {
+                match e.kind() {
+                    jetstream::stream::ConsumerErrorKind::JetStream(j) => {
+                        Self::Code(j.error_code())
+                    }
+                    jetstream::stream::ConsumerErrorKind::TimedOut => Self::TimedOut,
+                    _ => Self::Other,
+                }
+            } else if let Some(e) = e.downcast_ref::<c::ConsumerInfoError>() {
+                match e.kind() {
+                    c::ConsumerInfoErrorKind::JetStream(j) => Self::Code(j.error_code()),
+                    c::ConsumerInfoErrorKind::TimedOut => Self::TimedOut,
+                    c::ConsumerInfoErrorKind::NoResponders => Self::NoResponders,
+                    _ => Self::Other,
+                }
+            } else if let Some(j) = e.downcast_ref::<jetstream::Error>() {
+                Self::Code(j.error_code())
+            } else {
+                Self::Other
+            };
+            if cause != Self::Other {
+                return cause;
+            }
+            next = e.source();
+        }
+        Self::Other
+    }
+
+    /// Whether the cluster cannot serve the request right now.
+    pub(crate) fn cluster_unavailable(self) -> bool {
+        matches!(self, Self::Code(code) if is_cluster_unavailable(code))
+    }
+
+    /// Whether JetStream is off (or absent in this domain).
+    pub(crate) fn jetstream_off(self) -> bool {
+        use jetstream::ErrorCode as C;
+        matches!(self, Self::NoResponders)
+            || matches!(self, Self::Code(c) if c == C::JETSTREAM_NOT_ENABLED
+                || c == C::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT)
+    }
+}
+
+/// An error as a shareable source.
+pub(crate) type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Wraps any error as a [`Source`].
+pub(crate) fn source(e: impl std::error::Error + Send + Sync + 'static) -> Source {
+    Arc::new(e)
+}
+
+/// A plain message as a [`Source`], for failures choreo itself detects.
+pub(crate) fn message(text: impl Into<String>) -> Source {
+    #[derive(Debug)]
+    struct Message(String);
+    impl std::fmt::Display for Message {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+    impl std::error::Error for Message {}
+    Arc::new(Message(text.into()))
+}

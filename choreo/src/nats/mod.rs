@@ -1,0 +1,12 @@
+//! Talking to NATS: [`connect`] (a connection whose failures say what to
+//! do), [`ConnectError`], the permission violations a server reports on a
+//! connection, and reading async-nats errors by their kinds.
+
+mod connect;
+pub(crate) mod error;
+pub(crate) mod permissions;
+
+pub use connect::connect;
+pub(crate) use error::{Cause, Source, message, source};
+pub use error::{ConnectError, ConnectErrorKind};
+pub(crate) use permissions::recent_permission_error;

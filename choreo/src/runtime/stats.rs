@@ -1,0 +1,68 @@
+//! [`HandlerStats`]: the counters of one handler in one service instance.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of one handler, shared by every task of one service instance.
+#[derive(Debug, Default)]
+pub struct HandlerStats {
+    pub(crate) handled: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) panicked: AtomicU64,
+    pub(crate) skipped: AtomicU64,
+    pub(crate) waited: AtomicU64,
+    pub(crate) in_progress_acks: AtomicU64,
+    pub(crate) inbox_batch_reads: AtomicU64,
+    pub(crate) task_panics: AtomicU64,
+    pub(crate) timed_out: AtomicU64,
+}
+
+impl HandlerStats {
+    /// Events handled successfully (emissions published, acked).
+    pub fn handled(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
+    }
+    /// Deliveries that failed and were scheduled for redelivery.
+    pub fn retried(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+    /// Events sent to the dead-letter stream.
+    pub fn dead_lettered(&self) -> u64 {
+        self.dead_lettered.load(Ordering::Relaxed)
+    }
+    /// Invocations that panicked (each also counted as retried or dead-lettered).
+    pub fn panicked(&self) -> u64 {
+        self.panicked.load(Ordering::Relaxed)
+    }
+    /// Deliveries that found another instance running the handler for the
+    /// same event (its claim in the inbox) and waited for its outcome.
+    pub fn waited(&self) -> u64 {
+        self.waited.load(Ordering::Relaxed)
+    }
+    /// Deliveries acked and skipped because the inbox shows the event handled.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+    /// In-progress acks the watchdog sent for invocations running longer
+    /// than a third of `ack_wait`.
+    pub fn in_progress_acks(&self) -> u64 {
+        self.in_progress_acks.load(Ordering::Relaxed)
+    }
+    /// Tasks that panicked outside the handler's panic guard (a bug in
+    /// choreo or a fault hook); each is logged at `error`, and its event is
+    /// redelivered after `ack_wait`.
+    pub fn task_panics(&self) -> u64 {
+        self.task_panics.load(Ordering::Relaxed)
+    }
+    /// Invocations abandoned because they ran past the handler's
+    /// [`timeout`](crate::HandlerOptions::timeout) (each also counted as
+    /// retried or dead-lettered).
+    pub fn timed_out(&self) -> u64 {
+        self.timed_out.load(Ordering::Relaxed)
+    }
+    /// Batched inbox reads: one per pulled batch of eight or more events,
+    /// each reading the whole batch's keys with one request.
+    pub fn inbox_batch_reads(&self) -> u64 {
+        self.inbox_batch_reads.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,439 @@
+//! [`Service`]: a named set of handlers, each run as a durable JetStream
+//! pull consumer; [`ServiceHandle`] to wait on it or stop it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+mod error;
+mod handle;
+
+pub use error::{RunError, RunErrorKind, StartError, StartErrorKind};
+pub use handle::ServiceHandle;
+
+use crate::handler::{Handler, HandlerOptions, States};
+use crate::inbox::{self, Inbox};
+use crate::publish::Publisher;
+use crate::runtime::{
+    Erased, FaultHook, HandlerStats, Live, Registry, Runtime, Typed, advisory_loop, pull_loop,
+};
+use crate::topology::consumer::{create_advisory_consumer, create_consumer, ensure_streams};
+use crate::topology::stream::{check_jetstream, ensure_stream};
+use crate::topology::{StreamSettings, consumer_name};
+
+/// A named set of handlers that run as one service.
+///
+/// ```no_run
+/// use choreo::{event, event_handler, Context, HandlerError, Service};
+///
+/// #[event(subject = "orders.{order_id}.placed", key = order_id)]
+/// pub struct OrderPlaced { pub order_id: String, pub total_cents: u64 }
+///
+/// #[event(subject = "payments.{order_id}.captured", key = order_id)]
+/// pub struct PaymentCaptured { pub order_id: String }
+///
+/// #[event_handler(concurrency = 32, max_deliver = 5)]
+/// async fn charge_payment(order: OrderPlaced, ctx: Context) -> Result<(), HandlerError> {
+///     ctx.emit(PaymentCaptured { order_id: order.order_id });
+///     Ok(())
+/// }
+///
+/// # async fn t() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = choreo::connect("nats://127.0.0.1:4222", Default::default()).await?;
+/// Service::new("payments").handler(charge_payment).run(client).await?;
+/// # Ok(()) }
+/// ```
+pub struct Service {
+    name: String,
+    states: States,
+    handlers: Vec<Arc<dyn Erased>>,
+    stream_settings: StreamSettings,
+    shutdown_grace: Duration,
+    inbox_retention: Duration,
+    start_timeout: Duration,
+    recovery_timeout: Duration,
+    fault: Option<FaultHook>,
+    claim_delay: Option<Duration>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .field("handlers", &self.handlers)
+            .field("states", &self.states)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    /// A service named `name`: it is `ce-source` of what the service emits
+    /// and part of its consumer names.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            states: States::default(),
+            handlers: Vec::new(),
+            stream_settings: StreamSettings::default(),
+            shutdown_grace: Duration::from_secs(30),
+            inbox_retention: inbox::DEFAULT_RETENTION,
+            start_timeout: Duration::from_secs(30),
+            recovery_timeout: Duration::from_secs(60),
+            fault: None,
+            claim_delay: None,
+        }
+    }
+
+    /// How long the inbox remembers handled events (default 7 days; keep it
+    /// at least the streams' duplicate window). Bucket-wide, so it applies
+    /// when the bucket is created.
+    pub fn inbox_retention(mut self, retention: Duration) -> Self {
+        self.inbox_retention = retention;
+        self
+    }
+
+    /// How long start-up retries timeouts before it fails (default 30 s,
+    /// enough for a cluster to elect leaders). Errors that cannot pass —
+    /// a permission denial, no JetStream, a bad name — fail at once.
+    ///
+    /// While nodes keep failing, a start can run out of time (seen in 2 of
+    /// ~100 starts with a node killed every 4–8 s). Choose what happens
+    /// then: keep the default and let a supervisor restart the process on
+    /// the error (systemd `Restart=on-failure`, a Kubernetes restart
+    /// policy) — the error says what failed — or pass `Duration::MAX` to
+    /// retry (with backoff up to 2 s) for as long as the errors are
+    /// transient.
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+
+    /// How long a running service retries a failure that may pass — a
+    /// handler's consumer deleted and not recreatable, the inbox bucket
+    /// missing — before it stops and [`ServiceHandle::wait`] (or
+    /// [`run`](Self::run)) returns the [`RunError`]. Default 60 s.
+    pub fn recovery_timeout(mut self, timeout: Duration) -> Self {
+        self.recovery_timeout = timeout;
+        self
+    }
+
+    /// Installs a fault hook. For fault tests only: not part of the stable API.
+    #[doc(hidden)]
+    pub fn fault_hook(mut self, hook: FaultHook) -> Self {
+        self.fault = Some(hook);
+        self
+    }
+
+    /// Delays every claim write and refresh of the inbox by `delay`, as a
+    /// slow KV bucket would. For fault tests only: not part of the stable API.
+    #[doc(hidden)]
+    pub fn slow_inbox_claims(mut self, delay: Duration) -> Self {
+        self.claim_delay = Some(delay);
+        self
+    }
+
+    /// Registers shared state that handlers take as [`State<T>`](crate::State).
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.states.insert(value);
+        self
+    }
+
+    /// Adds a handler (the value `#[event_handler]` makes of an `async fn`).
+    pub fn handler<H: Handler>(mut self, handler: H) -> Self {
+        self.handlers.push(Arc::new(Typed(handler)));
+        self
+    }
+
+    /// Settings for the streams this service creates when missing.
+    pub fn stream_settings(mut self, settings: StreamSettings) -> Self {
+        self.stream_settings = settings;
+        self
+    }
+
+    /// How long shutdown waits for running handlers (default 30 s); those
+    /// still running then are abandoned and their events redelivered.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Connects to `url` with `options` (credentials, TLS) through
+    /// [`connect`](crate::connect()), then [`run`](Self::run)s.
+    ///
+    /// # Errors
+    /// See [`RunError`]; a connection failure is [`StartError::Connect`].
+    pub async fn connect_and_run(
+        self,
+        url: &str,
+        options: async_nats::ConnectOptions,
+    ) -> Result<(), RunError> {
+        let client = crate::connect(url, options)
+            .await
+            .map_err(StartError::from)?;
+        self.run(client).await
+    }
+
+    /// Connects to `url` with `options` (credentials, TLS) through
+    /// [`connect`](crate::connect()), then [`start`](Self::start)s.
+    ///
+    /// # Errors
+    /// See [`StartError`]; a connection failure is [`StartError::Connect`].
+    pub async fn connect_and_start(
+        self,
+        url: &str,
+        options: async_nats::ConnectOptions,
+    ) -> Result<ServiceHandle, StartError> {
+        let client = crate::connect(url, options).await?;
+        self.start(client).await
+    }
+
+    /// Runs until Ctrl-C or SIGTERM, then shuts down gracefully.
+    ///
+    /// # Errors
+    /// The service could not start, or stopped on a failure it could not
+    /// recover from (see [`RunError`]).
+    pub async fn run(self, client: async_nats::Client) -> Result<(), RunError> {
+        self.run_until(client, shutdown_signal()).await
+    }
+
+    /// Runs until `shutdown` completes, then shuts down gracefully: for
+    /// applications that own their signals (or tests).
+    ///
+    /// ```no_run
+    /// # async fn t(service: choreo::Service, client: choreo::async_nats::Client) -> Result<(), choreo::RunError> {
+    /// let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    /// // ... hand `tx` to whatever decides to stop ...
+    /// # drop(tx);
+    /// service.run_until(client, async { let _ = rx.await; }).await
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`run`](Self::run).
+    pub async fn run_until(
+        self,
+        client: async_nats::Client,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), RunError> {
+        let mut handle = self.start(client).await?;
+        tokio::select! {
+            () = shutdown => {
+                tracing::info!(service = %handle.name, "shutdown requested");
+                handle.shutdown().await;
+                Ok(())
+            }
+            failed = handle.wait() => failed,
+        }
+    }
+
+    /// Starts every handler and returns a handle to stop them.
+    ///
+    /// # Errors
+    /// See [`StartError`]; on error nothing is left running.
+    pub async fn start(self, client: async_nats::Client) -> Result<ServiceHandle, StartError> {
+        let name = self.name.clone();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(StartError::InvalidName { name });
+        }
+        let mut seen = HashSet::new();
+        for h in &self.handlers {
+            if !seen.insert(h.name()) {
+                return Err(StartError::DuplicateHandler {
+                    service: name,
+                    handler: h.name().into(),
+                });
+            }
+            h.check(&self.states)
+                .map_err(|missing| StartError::MissingState {
+                    handler: h.name().into(),
+                    missing,
+                })?;
+            validate_options(h.name(), &h.options())?;
+        }
+
+        let js = jetstream::new(client.clone());
+        let publisher = Publisher::new(client.clone(), &name)
+            .map_err(|_| StartError::InvalidName { name: name.clone() })?
+            .stream_settings(self.stream_settings.clone());
+        // Everything below is idempotent; a timeout (a cluster electing a
+        // leader, a node catching up) is retried until `start_timeout`.
+        // `None`: retry for as long as the errors are transient.
+        let deadline = tokio::time::Instant::now().checked_add(self.start_timeout);
+        let mut delay = Duration::from_millis(100);
+        let (mut inbox, consumers) = loop {
+            match self.prepare(&js).await {
+                Ok(done) => break done,
+                Err(e)
+                    if e.is_transient()
+                        && deadline.is_none_or(|d| tokio::time::Instant::now() + delay < d) =>
+                {
+                    tracing::warn!(service = %name, error = %e, retry_in = ?delay, "service start failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if let (Some(inbox), Some(delay)) = (&mut inbox, self.claim_delay) {
+            inbox.delay_claims(delay);
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let service: Arc<str> = Arc::from(name.as_str());
+        let states = Arc::new(self.states);
+        let mut tasks = JoinSet::new();
+        let mut stats = Vec::new();
+        for (h, (consumer, advisory)) in self.handlers.into_iter().zip(consumers) {
+            let (stream, _, _) = h.stream();
+            let options = h.options();
+            let rt = Arc::new(Runtime {
+                service: service.clone(),
+                handler: h.name(),
+                handler_id: Arc::from(format!("{service}.{}", h.name())),
+                stream,
+                event_type: h.event_type(),
+                options,
+                publisher: publisher.clone(),
+                states: states.clone(),
+                stats: Arc::new(HandlerStats::default()),
+                client: client.clone(),
+                js: js.clone(),
+                inbox: if h.options().idempotent {
+                    inbox.clone()
+                } else {
+                    None
+                },
+                fault: self.fault.clone(),
+                watchdog: Registry::default(),
+                recovery_timeout: self.recovery_timeout,
+                live: {
+                    let live = Live::default();
+                    live.follow(consumer.cached_info());
+                    live
+                },
+            });
+            stats.push((h.name(), rt.stats.clone()));
+            tasks.spawn(pull_loop(
+                h.clone(),
+                rt.clone(),
+                consumer,
+                stop_rx.clone(),
+                self.shutdown_grace,
+            ));
+            tasks.spawn(advisory_loop(rt, advisory, stop_rx.clone()));
+        }
+        tracing::info!(service = %service, handlers = stats.len(), "service started");
+        Ok(ServiceHandle {
+            name: service,
+            stop: stop_tx,
+            tasks,
+            stats,
+            client,
+        })
+    }
+}
+
+type Consumers = Vec<(
+    jetstream::consumer::PullConsumer,
+    jetstream::consumer::PullConsumer,
+)>;
+
+impl Service {
+    /// Creates what the service needs on the server: streams, the inbox, and
+    /// each handler's consumer and lost-delivery consumer.
+    async fn prepare(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<(Option<Inbox>, Consumers), StartError> {
+        check_jetstream(js).await?;
+        ensure_streams(js, &self.stream_settings).await?;
+        let inbox = if self.handlers.iter().any(|h| h.options().idempotent) {
+            Some(
+                Inbox::open(
+                    js,
+                    &self.name,
+                    self.inbox_retention,
+                    self.stream_settings.replicas,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let mut consumers = Vec::with_capacity(self.handlers.len());
+        for h in &self.handlers {
+            let (stream, subjects, filter) = h.stream();
+            ensure_stream(
+                js,
+                &self.stream_settings,
+                stream,
+                vec![subjects.to_owned()],
+                filter,
+            )
+            .await?;
+            let durable = consumer_name(&self.name, h.name());
+            let consumer =
+                create_consumer(js, stream, &durable, filter, &h.options(), h.name(), None).await?;
+            let advisory = create_advisory_consumer(js, stream, &durable, h.name()).await?;
+            consumers.push((consumer, advisory));
+        }
+        Ok((inbox, consumers))
+    }
+}
+
+fn validate_options(handler: &str, o: &HandlerOptions) -> Result<(), StartError> {
+    let problem = if o.concurrency == 0 {
+        Some("concurrency must be at least 1")
+    } else if o.max_deliver == 0 {
+        Some("max_deliver must be at least 1")
+    } else if o.ack_wait < Duration::from_millis(100) {
+        Some("ack_wait must be at least 100ms")
+    } else if o.timeout < Duration::from_millis(100) {
+        Some("timeout must be at least 100ms")
+    } else if !handler
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        || handler.is_empty()
+    {
+        Some("a handler name must be a non-empty identifier (A-Z, a-z, 0-9, _)")
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(StartError::InvalidOptions {
+            handler: handler.into(),
+            problem: p.into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

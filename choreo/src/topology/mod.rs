@@ -1,0 +1,53 @@
+//! Topology: the name and configuration of every stream, consumer, bucket
+//! and subject choreo creates or uses on the server, in one place.
+//!
+//! | what | name | made by |
+//! | --- | --- | --- |
+//! | an event type's stream | `#[event(stream = ...)]`, default the subject's first token upper-cased; subjects `<first token>.>` | [`stream::ensure_stream`] |
+//! | a handler's durable | `<service>--<handler>` ([`consumer_name`]) | [`consumer::create_consumer`] |
+//! | a handler's lost-delivery consumer | `<service>--<handler>--lost` on [`ADVISORY_STREAM`] | [`consumer::create_advisory_consumer`] |
+//! | the dead-letter stream | [`DLQ_STREAM`], subjects [`DLQ_SUBJECTS`]; a handler's letters on [`dlq_subject`] | [`consumer::ensure_streams`] |
+//! | the advisory stream | [`ADVISORY_STREAM`], subjects [`ADVISORY_SUBJECTS`], kept 7 days | [`consumer::ensure_streams`] |
+//! | a service's inbox | KV bucket [`inbox_bucket`], key [`inbox_key`] | `Inbox::open` |
+//!
+//! `docs/deployment.md` lists the same with the permissions each needs.
+
+pub(crate) mod consumer;
+mod error;
+pub(crate) mod stream;
+
+pub use error::{ConsumerError, ConsumerErrorKind, StreamError, StreamErrorKind};
+pub use stream::StreamSettings;
+
+pub use consumer::consumer_name;
+
+use crate::event::id::EventId;
+
+/// The stream that stores dead letters.
+pub const DLQ_STREAM: &str = "CHOREO_DLQ";
+/// Its subjects: `choreo.dlq.<service>.<handler>`.
+pub const DLQ_SUBJECTS: &str = "choreo.dlq.>";
+/// The stream that keeps JetStream's `MAX_DELIVERIES` advisories.
+pub const ADVISORY_STREAM: &str = "CHOREO_ADVISORIES";
+/// The advisories it keeps.
+pub(crate) const ADVISORY_SUBJECTS: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>";
+
+/// The subject of a handler's dead letters.
+pub fn dlq_subject(service: &str, handler: &str) -> String {
+    format!("choreo.dlq.{service}.{handler}")
+}
+
+/// The subject of the `MAX_DELIVERIES` advisories of one durable.
+pub(crate) fn advisory_subject(stream: &str, durable: &str) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{durable}")
+}
+
+/// The bucket name of a service's inbox.
+pub fn inbox_bucket(service: &str) -> String {
+    format!("choreo_inbox_{service}")
+}
+
+/// The key of one handler's record of one event.
+pub fn inbox_key(handler: &str, event: EventId) -> String {
+    format!("{handler}.{event}")
+}
