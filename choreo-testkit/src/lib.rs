@@ -29,6 +29,53 @@
 //! #[event(subject = "orders.{order_id}.placed", key = order_id)]
 //! pub struct OrderPlaced { pub order_id: String }
 //!
+//! #[event(subject = "payments.{order_id}.captured", key = order_id)]
+//! pub struct PaymentCaptured { pub order_id: String }
+//!
+//! #[event(subject = "shipments.{order_id}.sent", key = order_id)]
+//! pub struct OrderShipped { pub order_id: String }
+//!
+//! #[event_handler]
+//! async fn charge(order: OrderPlaced, ctx: Context) {
+//!     ctx.emit(PaymentCaptured { order_id: order.order_id });
+//! }
+//!
+//! #[event_handler]
+//! async fn ship(payment: PaymentCaptured, ctx: Context) {
+//!     ctx.emit(OrderShipped { order_id: payment.order_id });
+//! }
+//!
+//! #[tokio::test]
+//! async fn an_order_is_charged_then_shipped() -> Result<(), Box<dyn std::error::Error>> {
+//!     let server = NatsServer::start().await?;
+//!     let client = server.connect().await?;
+//!     let recorder = Recorder::start(&client).await?;
+//!     let _payments = TestService::start(client.clone(), || Service::new("payments").handler(charge)).await?;
+//!     let _shipping = TestService::start(client.clone(), || Service::new("shipping").handler(ship)).await?;
+//!
+//!     let root = Publisher::new(client, "checkout")?
+//!         .publish(&OrderPlaced { order_id: "o-1".into() })
+//!         .await?
+//!         .event_id;
+//!
+//!     let flow = recorder.quiescent(root, Duration::from_millis(200), Duration::from_secs(5)).await?;
+//!     flow.assert_path(&["OrderPlaced", "PaymentCaptured", "OrderShipped"])?;
+//!     flow.assert_no_duplicates()?;
+//!     println!("{}", flow.tree());
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Waiting for one event, then asserting causes
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use choreo::{event, event_handler, Context, Publisher, Service};
+//! use choreo_testkit::{NatsServer, Recorder, TestService};
+//!
+//! #[event(subject = "orders.{order_id}.placed", key = order_id)]
+//! pub struct OrderPlaced { pub order_id: String }
+//!
 //! #[event(subject = "payments.{order_id}.captured")]
 //! pub struct PaymentCaptured { pub order_id: String }
 //!

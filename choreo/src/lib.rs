@@ -65,6 +65,15 @@ pub use wire::envelope::{Envelope, EnvelopeError};
 pub use wire::headers::Metadata;
 pub use wire::{codec, headers};
 
+/// Unit-testing handlers without a server. Needs the `test-util` feature
+/// (add `choreo = { version = "...", features = ["test-util"] }` under
+/// `[dev-dependencies]`).
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod testing {
+    pub use crate::handler::testing::{HandlerTest, TestRun};
+}
+
 /// The names most handlers and services use: `use choreo::prelude::*;`.
 pub mod prelude {
     pub use crate::{
@@ -136,7 +145,7 @@ pub use choreo_macros::event;
 /// [`Attempt`]. The return type is `()` or `Result<(), E>` with
 /// `E: Into<HandlerError>`. The function stays callable as
 /// `charge_payment(order, ctx, state).await` for unit tests (see
-/// [`Context::for_test`]).
+/// `choreo::testing::HandlerTest`, feature `test-util`).
 ///
 /// | option | meaning | default |
 /// | --- | --- | --- |

@@ -7,7 +7,9 @@ fn rust_blocks(markdown: &str) -> Vec<String> {
     let mut current: Option<String> = None;
     for line in markdown.lines() {
         match (&mut current, line.trim_start()) {
-            (None, l) if l.starts_with("```rust") => current = Some(String::new()),
+            (None, l) if l.starts_with("```rust") || l.starts_with("```no_run") => {
+                current = Some(String::new())
+            }
             (Some(block), "```") => {
                 out.push(std::mem::take(block));
                 current = None;
@@ -31,16 +33,48 @@ fn testkit_docs() -> String {
         .collect()
 }
 
-#[test]
-fn readme_examples_are_tested_crate_docs() {
-    let readme = include_str!("../../README.md");
-    let crate_docs = format!("{}{}", include_str!("../README.md"), testkit_docs());
-    let blocks = rust_blocks(readme);
-    assert!(!blocks.is_empty(), "README has no Rust example");
+/// A doctest block without its hidden lines (`# ...`), as it renders.
+fn shown(block: &str) -> String {
+    block
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            t != "#" && !t.starts_with("# ")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The rendered blocks of the crate docs, where rustdoc compiles them.
+fn compiled_blocks() -> Vec<String> {
+    let mut docs = rust_blocks(include_str!("../README.md"));
+    docs.extend(rust_blocks(&testkit_docs()));
+    docs.iter().map(|b| shown(b)).collect()
+}
+
+fn check(name: &str, markdown: &str) {
+    let compiled = compiled_blocks();
+    let blocks = rust_blocks(markdown);
+    assert!(!blocks.is_empty(), "{name} has no Rust example");
     for block in blocks {
+        assert_eq!(
+            shown(&block),
+            block,
+            "{name} shows hidden doctest lines (`# ...`) in rendered Markdown:\n{block}"
+        );
         assert!(
-            crate_docs.contains(&block),
-            "this README example is in neither choreo/README.md nor the testkit's crate docs, so no test compiles it:\n{block}"
+            compiled.iter().any(|c| c.contains(&block)),
+            "this {name} example is in neither choreo/README.md nor the testkit's crate docs, so no test compiles it:\n{block}"
         );
     }
+}
+
+#[test]
+fn readme_examples_are_tested_crate_docs() {
+    check("README", include_str!("../../README.md"));
+}
+
+#[test]
+fn guide_examples_are_tested_crate_docs() {
+    check("docs/guide.md", include_str!("../../docs/guide.md"));
 }

@@ -392,6 +392,12 @@ async fn a_handler_stays_callable_as_a_plain_async_fn() {
     let meta = Metadata::root(&order, "checkout").unwrap();
     let ctx = Context::for_test("payments", "charge", meta.clone(), States::default());
     charge(order, ctx.clone()).await.unwrap();
+    assert_eq!(
+        ctx.emitted::<PaymentCaptured>(),
+        vec![PaymentCaptured {
+            order_id: "o-9".into()
+        }]
+    );
     let emitted = ctx.take_emitted();
     assert_eq!(emitted.len(), 1);
     assert_eq!(emitted[0].event_type, "PaymentCaptured");
@@ -567,4 +573,70 @@ async fn shutdown_spends_no_delivery_attempt_on_events_never_run() {
             .collect::<Vec<_>>()
     );
     b.shutdown().await;
+}
+
+#[derive(Clone)]
+struct Rate(u64);
+
+#[event_handler]
+async fn charge_at_rate(
+    order: OrderPlaced,
+    ctx: Context,
+    State(rate): State<Rate>,
+) -> Result<(), HandlerError> {
+    if order.total_cents > rate.0 {
+        return Err(HandlerError::permanent(std::io::Error::other(
+            "above the limit",
+        )));
+    }
+    ctx.emit(PaymentCaptured {
+        order_id: order.order_id,
+    });
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_handler_test_gives_each_state_once_and_reads_typed_emissions() {
+    use choreo::testing::HandlerTest;
+    let test = HandlerTest::new("payments").state(Rate(100));
+    let ok = test
+        .call(
+            charge_at_rate,
+            OrderPlaced {
+                order_id: "o-1".into(),
+                total_cents: 40,
+            },
+        )
+        .await;
+    assert!(ok.result.is_ok(), "{:?}", ok.result);
+    assert_eq!(
+        ok.emitted::<PaymentCaptured>(),
+        vec![PaymentCaptured {
+            order_id: "o-1".into()
+        }]
+    );
+    assert_eq!(ok.emitted_events()[0].subject, "payments.o-1.captured");
+    let refused = test
+        .call(
+            charge_at_rate,
+            OrderPlaced {
+                order_id: "o-2".into(),
+                total_cents: 400,
+            },
+        )
+        .await;
+    assert!(refused.result.as_ref().unwrap_err().is_permanent());
+    assert!(refused.emitted::<PaymentCaptured>().is_empty());
+    // A state the test did not give fails like a service start would.
+    let missing = HandlerTest::new("payments")
+        .call(
+            charge_at_rate,
+            OrderPlaced {
+                order_id: "o-3".into(),
+                total_cents: 1,
+            },
+        )
+        .await;
+    let e = missing.result.unwrap_err();
+    assert!(e.to_string().contains("Rate"), "{e}");
 }

@@ -7,21 +7,52 @@ use syn::spanned::Spanned;
 
 use super::check::Model;
 
-pub(crate) fn serde_derives(krate: &syn::Path) -> TokenStream {
+/// The serde derives the item lacks, through choreo's re-export of serde.
+/// A type that derives `Serialize` or `Deserialize` itself (with its own
+/// serde dependency) keeps its derive; `#[serde(...)]` attributes apply
+/// either way.
+pub(crate) fn serde_derives(krate: &syn::Path, item: &DeriveInput) -> TokenStream {
+    let has = |name: &str| {
+        derives(item)
+            .iter()
+            .any(|p| p.segments.last().is_some_and(|s| s.ident == name))
+    };
+    let mut wanted = Vec::new();
+    if !has("Serialize") {
+        wanted.push(quote!(#krate::__private::serde::Serialize));
+    }
+    if !has("Deserialize") {
+        wanted.push(quote!(#krate::__private::serde::Deserialize));
+    }
+    if wanted.is_empty() {
+        return TokenStream::new();
+    }
     let serde_path = format!(
         "{}::__private::serde",
         quote!(#krate).to_string().replace(' ', "")
     );
     quote! {
-        #[derive(#krate::__private::serde::Serialize, #krate::__private::serde::Deserialize)]
+        #[derive(#(#wanted),*)]
         #[serde(crate = #serde_path)]
     }
+}
+
+/// The paths in the item's `#[derive(...)]` attributes.
+fn derives(item: &DeriveInput) -> Vec<syn::Path> {
+    let mut out = Vec::new();
+    for attr in item.attrs.iter().filter(|a| a.path().is_ident("derive")) {
+        let _ = attr.parse_nested_meta(|meta| {
+            out.push(meta.path);
+            Ok(())
+        });
+    }
+    out
 }
 
 pub(crate) fn expand(m: &Model, item: &DeriveInput) -> TokenStream {
     let krate = &m.krate;
     let ident = &m.ident;
-    let derives = serde_derives(krate);
+    let derives = serde_derives(krate, item);
     let (name, version, subject, filter, stream, stream_subjects) = (
         &m.name,
         m.version,

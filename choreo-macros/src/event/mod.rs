@@ -29,7 +29,7 @@ pub(crate) fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
         _ => {
             // Keep the user's item (with its serde derives) so one mistake does
             // not cascade into "type not found" errors elsewhere.
-            let derives = expand::serde_derives(&check::crate_path(&attr));
+            let derives = expand::serde_derives(&check::crate_path(&attr), &item);
             let errors = cx.into_compile_errors();
             let fallback = match &item.data {
                 syn::Data::Union(_) => quote!(#item),

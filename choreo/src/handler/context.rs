@@ -77,7 +77,12 @@ impl Context {
     /// A context for calling a handler function directly in a unit test,
     /// without a server: `service` and `handler` name the handler, `meta` is
     /// the handled event's metadata, and `states` its service's state.
-    /// [`take_emitted`](Self::take_emitted) then shows what it emitted.
+    /// [`emitted`](Self::emitted) then shows what it emitted. With a
+    /// handler that takes [`State`](crate::State), prefer
+    /// [`HandlerTest`](crate::testing::HandlerTest), which is given each
+    /// state once. Needs the `test-util` feature.
+    #[cfg(feature = "test-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn for_test(service: &str, handler: &'static str, meta: Metadata, states: States) -> Self {
         let delivery = Delivery {
             subject: String::new(),
@@ -176,9 +181,32 @@ impl Context {
         emitted.out.push(out);
     }
 
+    /// The events of type `E` emitted so far, decoded back from what would
+    /// be published, in emission order. Needs the `test-util` feature.
+    ///
+    /// # Panics
+    /// An emitted payload does not decode as `E` (a bug in its serde impl).
+    #[cfg(feature = "test-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+    pub fn emitted<E: Event>(&self) -> Vec<E> {
+        let emitted = self.inner.emitted.lock().unwrap_or_else(|p| p.into_inner());
+        emitted
+            .out
+            .iter()
+            .filter_map(|o| o.as_ref().ok())
+            .filter(|o| o.event == E::NAME)
+            .map(|o| match E::decode_payload(E::VERSION, &o.payload) {
+                Ok(e) => e,
+                Err(err) => panic!("an emitted {} does not decode: {err}", E::NAME),
+            })
+            .collect()
+    }
+
     /// Takes the emitted events (with their ids and subjects) and refuses
-    /// later emissions. The runtime calls this after the handler returns;
-    /// unit tests may call it to check what a handler emitted.
+    /// later emissions, as the runtime does after the handler returns.
+    /// Needs the `test-util` feature.
+    #[cfg(feature = "test-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn take_emitted(&self) -> Vec<EmittedEvent> {
         self.take_outgoing()
             .into_iter()
@@ -206,7 +234,8 @@ impl Context {
     }
 }
 
-/// One event a handler emitted, as [`Context::take_emitted`] reports it.
+/// One event a handler emitted, as `Context::take_emitted` (feature
+/// `test-util`) reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EmittedEvent {

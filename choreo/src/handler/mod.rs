@@ -9,6 +9,8 @@ mod context;
 mod error;
 mod extract;
 mod options;
+#[cfg(feature = "test-util")]
+pub(crate) mod testing;
 
 pub(crate) use context::Delivery;
 pub use context::{Context, EmittedEvent};

@@ -1,4 +1,4 @@
-//! Talking to NATS: [`connect`] (a connection whose failures say what to
+//! Talking to NATS: [`connect()`] (a connection whose failures say what to
 //! do), [`ConnectError`], the permission violations a server reports on a
 //! connection, and reading async-nats errors by their kinds.
 

@@ -168,6 +168,7 @@ pub(super) async fn handle<H: Handler>(
     let claim = claimed.then_some(revision);
     let outgoing = ctx.take_outgoing();
     let mut reason = Reason::MaxDeliverExceeded;
+    let mut retry_after = None;
     let error = match result {
         Err(Aborted) => {
             rt.stats.timed_out.fetch_add(1, Ordering::Relaxed);
@@ -198,7 +199,10 @@ pub(super) async fn handle<H: Handler>(
                 .await;
                 return;
             }
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => {
+                retry_after = e.retry_delay();
+                e.to_string()
+            }
             Err(panic) => {
                 rt.stats.panicked.fetch_add(1, Ordering::Relaxed);
                 format!("handler panicked: {}", panic_message(&*panic))
@@ -210,7 +214,8 @@ pub(super) async fn handle<H: Handler>(
         about!(warn, rt, msg, error = %error, "failed on the last allowed delivery; dead-lettering the event");
         dead_letter(rt, msg, reason, &error, attempt, seq).await;
     } else {
-        let delay = rt.options.delay_after(attempt);
+        // The handler's own delay for this once, else the backoff.
+        let delay = retry_after.unwrap_or_else(|| rt.options.delay_after(attempt));
         tracing::info!(error = %error, retry_in = ?delay, "handler failed; will retry");
         rt.stats.retried.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {

@@ -13,7 +13,7 @@ use crate::topology::{ConsumerError, StreamError};
 #[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
-    /// The connection could not be made ([`Service::start_at`], [`Service::run_at`]).
+    /// The connection could not be made ([`Service::connect_and_start`](crate::Service::connect_and_start), [`Service::connect_and_run`](crate::Service::connect_and_run)).
     #[error(transparent)]
     Connect(#[from] ConnectError),
     /// The service name is not allowed.
