@@ -22,18 +22,20 @@ macro_rules! debug_as_display {
 }
 pub(crate) use debug_as_display;
 
-// The layers, lowest first; each uses only those above it in this list.
+// The layers, lowest first; each uses only those above it in this list
+// (`tests/layout.rs` checks it).
 mod event;
 mod nats;
 mod wire;
 
 mod topology;
 
-mod handler;
 mod publish;
 
-pub mod dlq;
+mod handler;
+
 mod inbox;
+pub mod dlq;
 
 mod runtime;
 

@@ -74,6 +74,21 @@ impl Default for HandlerOptions {
 }
 
 impl HandlerOptions {
+    /// The durable's configuration these options make.
+    pub(crate) fn consumer_spec(&self) -> crate::topology::consumer::ConsumerSpec {
+        use async_nats::jetstream::consumer::DeliverPolicy as D;
+        crate::topology::consumer::ConsumerSpec {
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            concurrency: self.concurrency,
+            deliver: match self.deliver {
+                DeliverPolicy::All => D::All,
+                DeliverPolicy::New => D::New,
+                DeliverPolicy::Since(t) => D::ByStartTime { start_time: t },
+            },
+        }
+    }
+
     /// Sets [`concurrency`](Self::concurrency).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;

@@ -85,7 +85,7 @@ pub(super) async fn refresh_consumer(
         stream,
         &durable,
         filter,
-        &rt.options,
+        &rt.options.consumer_spec(),
         rt.handler,
         Some(start_at),
     )

@@ -380,8 +380,16 @@ impl Service {
             )
             .await?;
             let durable = consumer_name(&self.name, h.name());
-            let consumer =
-                create_consumer(js, stream, &durable, filter, &h.options(), h.name(), None).await?;
+            let consumer = create_consumer(
+                js,
+                stream,
+                &durable,
+                filter,
+                &h.options().consumer_spec(),
+                h.name(),
+                None,
+            )
+            .await?;
             let advisory = create_advisory_consumer(js, stream, &durable, h.name()).await?;
             consumers.push((consumer, advisory));
         }

@@ -4,7 +4,16 @@ use async_nats::jetstream::{self, consumer::pull};
 
 use super::stream::ensure_stream;
 use super::*;
-use crate::handler::{DeliverPolicy, HandlerOptions};
+
+/// What a handler's durable is made with: its options, in JetStream's terms.
+#[derive(Clone, Debug)]
+pub(crate) struct ConsumerSpec {
+    pub(crate) ack_wait: std::time::Duration,
+    pub(crate) max_deliver: u32,
+    pub(crate) concurrency: usize,
+    /// Where a new durable starts.
+    pub(crate) deliver: jetstream::consumer::DeliverPolicy,
+}
 
 /// The durable consumer name of a handler: `<service>--<handler>`. Handler
 /// names are Rust identifiers (no `-`), so the last `--` separates the two.
@@ -26,19 +35,15 @@ pub(crate) async fn create_consumer(
     stream: &str,
     durable: &str,
     filter: &str,
-    o: &HandlerOptions,
+    o: &ConsumerSpec,
     handler: &str,
     start_at: Option<u64>,
 ) -> Result<jetstream::consumer::PullConsumer, ConsumerError> {
-    let mut deliver_policy = match (start_at, o.deliver) {
-        (Some(seq), _) if seq > 1 => jetstream::consumer::DeliverPolicy::ByStartSequence {
+    let mut deliver_policy = match start_at {
+        Some(seq) if seq > 1 => jetstream::consumer::DeliverPolicy::ByStartSequence {
             start_sequence: seq,
         },
-        (_, DeliverPolicy::All) => jetstream::consumer::DeliverPolicy::All,
-        (_, DeliverPolicy::New) => jetstream::consumer::DeliverPolicy::New,
-        (_, DeliverPolicy::Since(t)) => {
-            jetstream::consumer::DeliverPolicy::ByStartTime { start_time: t }
-        }
+        _ => o.deliver,
     };
     let config = pull::Config {
         durable_name: Some(durable.to_owned()),

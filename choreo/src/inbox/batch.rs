@@ -1,0 +1,238 @@
+//! Batched reads: the keys of a whole pulled batch read with one direct
+//! get (`multi_last`), answered on one long-lived subscription.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::record::{Record, parse};
+use super::{Inbox, InboxError, now_ms};
+use crate::nats::recent_permission_error;
+
+/// Answers to batched reads arrive on one long-lived subscription
+/// (`<inbox prefix>.*`) and are routed by their last token, so a read costs
+/// one request and no subscription of its own.
+#[derive(Debug)]
+pub(super) struct Answers {
+    prefix: String,
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>>,
+    router: tokio::task::AbortHandle,
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
+impl Answers {
+    pub(super) async fn start(
+        client: &async_nats::Client,
+    ) -> Result<Arc<Self>, async_nats::SubscribeError> {
+        let prefix = client.new_inbox();
+        let mut sub = client.subscribe(format!("{prefix}.*")).await?;
+        Ok(Arc::new_cyclic(|me: &std::sync::Weak<Self>| {
+            let me = me.clone();
+            let router = tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    let Some(answers) = me.upgrade() else { break };
+                    let token = msg
+                        .subject
+                        .rsplit_once('.')
+                        .and_then(|(_, t)| t.parse::<u64>().ok());
+                    if let Some(token) = token
+                        && let Some(tx) = answers.lock().get(&token)
+                    {
+                        let _ = tx.send(msg);
+                    }
+                }
+            })
+            .abort_handle();
+            Self {
+                prefix,
+                next: AtomicU64::new(0),
+                waiting: Mutex::new(HashMap::new()),
+                router,
+            }
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Unregisters a read's answers when the read ends, however it ends.
+struct Waiting<'a> {
+    answers: &'a Answers,
+    token: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.answers.lock().remove(&self.token);
+    }
+}
+
+/// Most keys one batched read asks for (the server's limit is far higher).
+pub(crate) const READ_BATCH: usize = 256;
+
+impl Inbox {
+    /// Reads up to [`READ_BATCH`] keys with one batched direct get; keys
+    /// without a value are absent from the answer.
+    pub(crate) async fn read_many(
+        &self,
+        keys: &[&str],
+    ) -> Result<HashMap<String, Record>, InboxError> {
+        let read = self.read_batch(keys).await;
+        if let Err((failure, e)) = &read {
+            // Only a failure that will happen again pauses batched reads: a
+            // refusal (a server without batched gets), or no answer while a
+            // permission violation was reported (a denied batch). A timeout
+            // or no responders during an election passes; the batch's
+            // events read their own keys this once.
+            let lasting = failure.recurs(|| recent_permission_error(&self.client).is_some());
+            if lasting {
+                let until = now_ms().saturating_add(BATCH_PAUSE_MS);
+                self.batches_paused_until.store(until, Ordering::Relaxed);
+            }
+            tracing::debug!(bucket = %self.bucket, error = %e, paused = lasting, "batched inbox read failed");
+        }
+        read.map_err(|(_, e)| e)
+    }
+
+    async fn read_batch(
+        &self,
+        keys: &[&str],
+    ) -> Result<HashMap<String, Record>, (BatchFailure, InboxError)> {
+        let unavailable = |e: InboxError| (BatchFailure::Unavailable, e);
+        let mut found = HashMap::new();
+        if keys.is_empty() {
+            return Ok(found);
+        }
+        let subjects: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{}{k}", self.key_prefix))
+            .collect();
+        let request = serde_json::json!({ "multi_last": subjects, "batch": keys.len() });
+        let body = serde_json::to_vec(&request)
+            .map_err(|e| unavailable(self.fail("cannot encode a batched read", e)))?;
+        let token = self.answers.next.fetch_add(1, Ordering::Relaxed);
+        let reply = format!("{}.{token}", self.answers.prefix);
+        let (tx, mut answers) = mpsc::unbounded_channel();
+        self.answers.lock().insert(token, tx);
+        let _waiting = Waiting {
+            answers: &self.answers,
+            token,
+        };
+        self.client
+            .publish_with_reply(self.direct_get.clone(), reply, body.into())
+            .await
+            .map_err(|e| unavailable(self.fail("cannot read", e)))?;
+        let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+        loop {
+            let answer = tokio::time::timeout_at(deadline, answers.recv())
+                .await
+                .map_err(|_| {
+                    (
+                        BatchFailure::NoAnswer,
+                        self.err(format!(
+                            "no answer to a batched read within {READ_TIMEOUT:?}"
+                        )),
+                    )
+                })?
+                .ok_or_else(|| {
+                    unavailable(self.err("the connection closed during a batched read"))
+                })?;
+            if let Some(status) = answer.status {
+                return match status.as_u16() {
+                    // End of batch, or none of the keys has a value.
+                    204 | 404 => Ok(found),
+                    503 => Err(unavailable(
+                        self.err("the bucket's stream is not available (no responders)"),
+                    )),
+                    code => Err((
+                        BatchFailure::Refused,
+                        self.err(format!(
+                            "batched read failed: {code} {}",
+                            answer.description.as_deref().unwrap_or("")
+                        )),
+                    )),
+                };
+            }
+            let Some(headers) = answer.headers.as_ref() else {
+                continue;
+            };
+            let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+            let (Some(subject), Some(revision)) = (
+                header("Nats-Subject"),
+                header("Nats-Sequence").and_then(|s| s.parse().ok()),
+            ) else {
+                continue;
+            };
+            let Some(key) = subject.strip_prefix(&self.key_prefix) else {
+                continue;
+            };
+            let deleted = header("KV-Operation").is_some();
+            found.insert(
+                key.to_owned(),
+                Record {
+                    revision,
+                    state: parse(&answer.payload, deleted),
+                },
+            );
+        }
+    }
+}
+
+/// How a batched read failed, for whether batched reads pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchFailure {
+    /// The server answered with an error: it will again.
+    Refused,
+    /// No answer in time (an election, or a denied request).
+    NoAnswer,
+    /// No responders, or the connection failed: passing.
+    Unavailable,
+}
+
+impl BatchFailure {
+    /// Whether it will happen again, so batched reads should pause:
+    /// `denied` says whether the connection reported a permission violation.
+    fn recurs(self, denied: impl FnOnce() -> bool) -> bool {
+        match self {
+            Self::Refused => true,
+            Self::NoAnswer => denied(),
+            Self::Unavailable => false,
+        }
+    }
+}
+
+/// How long a batched read may take (it answers in milliseconds; a read
+/// that does not is given up and its events read their own keys).
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long batched reads pause after one failed.
+const BATCH_PAUSE_MS: u64 = 60_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_that_recur_pause_batched_reads() {
+        assert!(BatchFailure::Refused.recurs(|| false));
+        // A denied batch gets no answer, and the connection says why.
+        assert!(BatchFailure::NoAnswer.recurs(|| true));
+        // A timeout during an election, or no responders, passes.
+        assert!(!BatchFailure::NoAnswer.recurs(|| false));
+        assert!(!BatchFailure::Unavailable.recurs(|| true));
+    }
+}
