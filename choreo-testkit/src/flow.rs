@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull};
 use bytes::Bytes;
+use choreo::JetStreamApi;
 use choreo::{Event, EventId, Metadata};
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -95,6 +96,7 @@ impl Shared {
 /// Records choreo events from JetStream streams. Stops when dropped.
 pub struct Recorder {
     shared: Arc<Shared>,
+    api: JetStreamApi,
     // Dropping the recorder aborts its stream readers.
     _tasks: JoinSet<()>,
 }
@@ -122,7 +124,19 @@ impl Recorder {
     /// # Errors
     /// JetStream is not reachable.
     pub async fn start(client: &async_nats::Client) -> Result<Self, TestkitError> {
-        Self::launch(client, None).await
+        Self::launch(client, None, JetStreamApi::default()).await
+    }
+
+    /// As [`start`](Self::start), through `api` (a JetStream domain or an
+    /// API prefix).
+    ///
+    /// # Errors
+    /// JetStream is not reachable there.
+    pub async fn start_with(
+        client: &async_nats::Client,
+        api: &JetStreamApi,
+    ) -> Result<Self, TestkitError> {
+        Self::launch(client, None, api.clone()).await
     }
 
     /// Records only the named streams (they may be created later).
@@ -136,6 +150,7 @@ impl Recorder {
         Self::launch(
             client,
             Some(streams.iter().map(|s| (*s).to_owned()).collect()),
+            JetStreamApi::default(),
         )
         .await
     }
@@ -143,8 +158,9 @@ impl Recorder {
     async fn launch(
         client: &async_nats::Client,
         only: Option<HashSet<String>>,
+        api: JetStreamApi,
     ) -> Result<Self, TestkitError> {
-        let js = jetstream::new(client.clone());
+        let js = api.context(client.clone());
         js.query_account()
             .await
             .map_err(|e| TestkitError::Connect {
@@ -160,6 +176,7 @@ impl Recorder {
         let _ = ready_rx.await;
         Ok(Self {
             shared,
+            api,
             _tasks: tasks,
         })
     }
@@ -192,7 +209,7 @@ impl Recorder {
         client: &async_nats::Client,
         within: Duration,
     ) -> Result<(), FlowError> {
-        let js = jetstream::new(client.clone());
+        let js = self.api.context(client.clone());
         let deadline = Instant::now() + within;
         loop {
             let busy = match self.busy(&js).await {

@@ -70,6 +70,7 @@ pub fn find_binary() -> Result<PathBuf, TestkitError> {
 pub struct NatsServerBuilder {
     extra_config: String,
     jetstream: Option<bool>,
+    domain: Option<String>,
     cluster: Option<ClusterSpec>,
 }
 
@@ -95,6 +96,13 @@ impl NatsServerBuilder {
     /// react to a server without it.
     pub fn without_jetstream(mut self) -> Self {
         self.jetstream = Some(false);
+        self
+    }
+
+    /// Gives the server's JetStream the domain `domain`: clients then reach
+    /// it at `$JS.<domain>.API` too ([`choreo::JetStreamApi::domain`]).
+    pub fn jetstream_domain(mut self, domain: &str) -> Self {
+        self.domain = Some(domain.to_owned());
         self
     }
 
@@ -297,9 +305,15 @@ impl NatsServer {
         };
         let _ = writeln!(c, "http: \"127.0.0.1:{mport}\"");
         if self.builder.jetstream != Some(false) {
+            let domain = self
+                .builder
+                .domain
+                .as_ref()
+                .map(|d| format!(", domain: {d:?}"))
+                .unwrap_or_default();
             let _ = writeln!(
                 c,
-                "jetstream {{ store_dir: {:?} }}",
+                "jetstream {{ store_dir: {:?}{domain} }}",
                 dir.join("js").display().to_string()
             );
         }

@@ -124,7 +124,7 @@ pub(crate) struct Inbox {
     client: async_nats::Client,
     answers: Arc<Answers>,
     bucket: String,
-    /// `$JS.API.DIRECT.GET.KV_<bucket>`.
+    /// `<API prefix>.DIRECT.GET.KV_<bucket>`.
     direct_get: String,
     /// `$KV.<bucket>.`
     key_prefix: String,
@@ -153,6 +153,7 @@ impl Inbox {
     /// Opens the service's bucket, creating it if missing.
     pub(crate) async fn open(
         js: &jetstream::Context,
+        api_prefix: &str,
         service: &str,
         retention: Duration,
         replicas: usize,
@@ -203,7 +204,7 @@ impl Inbox {
             kv,
             client,
             answers,
-            direct_get: format!("$JS.API.DIRECT.GET.KV_{bucket}"),
+            direct_get: format!("{api_prefix}.DIRECT.GET.KV_{bucket}"),
             key_prefix: format!("$KV.{bucket}."),
             direct,
             batches_paused_until: Arc::new(AtomicU64::new(0)),

@@ -2,10 +2,12 @@
 //! do), [`ConnectError`], the permission violations a server reports on a
 //! connection, and reading async-nats errors by their kinds.
 
+mod api;
 mod connect;
 pub(crate) mod error;
 pub(crate) mod permissions;
 
+pub use api::JetStreamApi;
 pub use connect::connect;
 pub(crate) use error::{Cause, Source, message, source};
 pub use error::{ConnectError, ConnectErrorKind};

@@ -16,6 +16,7 @@ pub use error::{PublishError, PublishErrorKind};
 
 use crate::event::Event;
 use crate::event::EventId;
+use crate::nats::JetStreamApi;
 use crate::topology::StreamSettings;
 use crate::topology::stream::ensure_stream;
 use crate::wire::envelope::Envelope;
@@ -163,6 +164,13 @@ impl Publisher {
                 max_payload,
             }),
         })
+    }
+
+    /// Publishes through `api`: a JetStream domain or an API prefix
+    /// instead of the account's own JetStream.
+    pub fn jetstream(self, api: &JetStreamApi) -> Self {
+        let js = api.context(self.inner.client.clone());
+        self.rebuild(|i| i.js = js)
     }
 
     /// Uses `settings` for streams this publisher creates.

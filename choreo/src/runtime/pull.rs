@@ -262,6 +262,9 @@ pub(super) async fn read_inbox<'a>(
             tracing::debug!(handler = %rt.handler_id, keys = wanted.len(), found = found.len(), "batched inbox read")
         }
         Err(e) => {
+            rt.stats
+                .inbox_batch_failures
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(service = %rt.service, handler = rt.handler, keys = wanted.len(), error = %e, paused = !inbox.reads_in_batches(), "batched inbox read failed; these events read their own keys (for a minute if the failure will recur)")
         }
     }

@@ -13,6 +13,7 @@ pub struct HandlerStats {
     pub(crate) waited: AtomicU64,
     pub(crate) in_progress_acks: AtomicU64,
     pub(crate) inbox_batch_reads: AtomicU64,
+    pub(crate) inbox_batch_failures: AtomicU64,
     pub(crate) task_panics: AtomicU64,
     pub(crate) timed_out: AtomicU64,
 }
@@ -64,5 +65,10 @@ impl HandlerStats {
     /// each reading the whole batch's keys with one request.
     pub fn inbox_batch_reads(&self) -> u64 {
         self.inbox_batch_reads.load(Ordering::Relaxed)
+    }
+    /// Batched inbox reads that failed (their events then read their own
+    /// keys): a denied or refused request, no answer in time.
+    pub fn inbox_batch_failures(&self) -> u64 {
+        self.inbox_batch_failures.load(Ordering::Relaxed)
     }
 }

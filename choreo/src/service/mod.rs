@@ -17,6 +17,7 @@ pub use handle::ServiceHandle;
 
 use crate::handler::{Handler, HandlerOptions, States};
 use crate::inbox::{self, Inbox};
+use crate::nats::JetStreamApi;
 use crate::publish::Publisher;
 use crate::runtime::{
     Erased, FaultHook, HandlerStats, Live, Registry, Runtime, Typed, advisory_loop, pull_loop,
@@ -58,6 +59,7 @@ pub struct Service {
     recovery_timeout: Duration,
     fault: Option<FaultHook>,
     claim_delay: Option<Duration>,
+    api: JetStreamApi,
 }
 
 impl std::fmt::Debug for Service {
@@ -85,6 +87,7 @@ impl Service {
             recovery_timeout: Duration::from_secs(60),
             fault: None,
             claim_delay: None,
+            api: JetStreamApi::default(),
         }
     }
 
@@ -145,6 +148,14 @@ impl Service {
     /// Adds a handler (the value `#[event_handler]` makes of an `async fn`).
     pub fn handler<H: Handler>(mut self, handler: H) -> Self {
         self.handlers.push(Arc::new(Typed(handler)));
+        self
+    }
+
+    /// Runs against `api`: a JetStream domain or an API prefix instead of
+    /// the account's own JetStream. Every request goes there, the inbox's
+    /// batched reads included.
+    pub fn jetstream(mut self, api: JetStreamApi) -> Self {
+        self.api = api;
         self
     }
 
@@ -260,9 +271,10 @@ impl Service {
             validate_options(h.name(), &h.options())?;
         }
 
-        let js = jetstream::new(client.clone());
+        let js = self.api.context(client.clone());
         let publisher = Publisher::new(client.clone(), &name)
             .map_err(|_| StartError::InvalidName { name: name.clone() })?
+            .jetstream(&self.api)
             .stream_settings(self.stream_settings.clone());
         // Everything below is idempotent; a timeout (a cluster electing a
         // leader, a node catching up) is retried until `start_timeout`.
@@ -359,6 +371,7 @@ impl Service {
             Some(
                 Inbox::open(
                     js,
+                    &self.api.prefix(),
                     &self.name,
                     self.inbox_retention,
                     self.stream_settings.replicas,
