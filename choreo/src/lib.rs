@@ -61,7 +61,7 @@ pub use publish::{PublishError, PublishErrorKind, Publisher, Receipt};
 pub use runtime::HandlerStats;
 pub use service::{RunError, RunErrorKind, Service, ServiceHandle, StartError, StartErrorKind};
 pub use topology::{
-    ConsumerError, ConsumerErrorKind, StreamError, StreamErrorKind, StreamSettings,
+    ConsumerError, ConsumerErrorKind, Permissions, StreamError, StreamErrorKind, StreamSettings,
 };
 pub use wire::envelope::{Envelope, EnvelopeError};
 pub use wire::headers::Metadata;

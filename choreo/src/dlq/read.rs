@@ -187,7 +187,11 @@ pub async fn list(
     let last = match stream.get_last_raw_message_by_subject(&filter).await {
         Ok(m) => m.sequence,
         // No letter for this handler.
-        Err(_) => return Ok(Vec::new()),
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            return Ok(Vec::new());
+        }
+        // Anything else (a denied or timed-out read) is not "no letters".
+        Err(e) => return Err(nats(e)),
     };
     let consumer = stream
         .create_consumer(pull::OrderedConfig {

@@ -24,7 +24,7 @@ use crate::runtime::{
 };
 use crate::topology::consumer::{create_advisory_consumer, create_consumer, ensure_streams};
 use crate::topology::stream::{check_jetstream, ensure_stream};
-use crate::topology::{StreamSettings, consumer_name};
+use crate::topology::{Permissions, StreamSettings, consumer_name};
 
 /// A named set of handlers that run as one service.
 ///
@@ -149,6 +149,36 @@ impl Service {
     pub fn handler<H: Handler>(mut self, handler: H) -> Self {
         self.handlers.push(Arc::new(Typed(handler)));
         self
+    }
+
+    /// The least NATS permissions this service needs for its handlers, its
+    /// inbox and its dead letters. Add those of the events its handlers
+    /// emit with [`Permissions::publishes`]; `docs/deployment.md` explains
+    /// each subject.
+    ///
+    /// ```
+    /// # use choreo::{event, event_handler, Context, Service};
+    /// # #[event(subject = "orders.{order_id}.placed")]
+    /// # pub struct OrderPlaced { pub order_id: String }
+    /// # #[event(subject = "payments.{order_id}.captured")]
+    /// # pub struct PaymentCaptured { pub order_id: String }
+    /// # #[event_handler]
+    /// # async fn charge(order: OrderPlaced, ctx: Context) {
+    /// #     ctx.emit(PaymentCaptured { order_id: order.order_id });
+    /// # }
+    /// let service = Service::new("payments").handler(charge);
+    /// let needs = service.permissions().publishes::<PaymentCaptured>(&Default::default());
+    /// assert!(needs.publish().contains(&"$JS.API.CONSUMER.MSG.NEXT.ORDERS.payments--charge".to_owned()));
+    /// println!("permissions: {}", needs.to_config());
+    /// ```
+    pub fn permissions(&self) -> Permissions {
+        Permissions::service(
+            &self.name,
+            &self.api,
+            self.handlers
+                .iter()
+                .map(|h| (h.name(), h.stream().0, h.options().idempotent)),
+        )
     }
 
     /// Runs against `api`: a JetStream domain or an API prefix instead of

@@ -52,8 +52,8 @@ pub enum StreamError {
     },
     /// The server refused the request because of permissions.
     #[error(
-        "permission denied while using stream {stream}: {violation}; see docs/deployment.md for the \
-         permissions a service needs"
+        "permission denied while using stream {stream}: {violation}; `Service::permissions()` lists \
+         every subject a service needs"
     )]
     PermissionDenied {
         /// The stream.

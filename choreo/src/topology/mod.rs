@@ -14,9 +14,11 @@
 
 pub(crate) mod consumer;
 mod error;
+mod permissions;
 pub(crate) mod stream;
 
 pub use error::{ConsumerError, ConsumerErrorKind, StreamError, StreamErrorKind};
+pub use permissions::Permissions;
 pub use stream::StreamSettings;
 
 pub use consumer::consumer_name;

@@ -1,0 +1,139 @@
+//! [`Permissions`]: the least NATS permissions a service or a publisher
+//! needs, built from the same names choreo uses to create and read them.
+
+use std::collections::BTreeSet;
+
+use super::{ADVISORY_STREAM, DLQ_STREAM, consumer_name, dlq_subject, inbox_bucket};
+use crate::event::Event;
+use crate::nats::JetStreamApi;
+
+/// The subjects a NATS user must be allowed to publish to and subscribe
+/// to, for a service ([`Service::permissions`](crate::Service::permissions))
+/// or a publisher ([`Permissions::publishes`]). Render them with
+/// [`to_config`](Self::to_config) into a nats-server `permissions` block.
+///
+/// ```
+/// use choreo::{event, Permissions};
+///
+/// #[event(subject = "orders.{order_id}.placed")]
+/// pub struct OrderPlaced { pub order_id: String }
+///
+/// let checkout = Permissions::default().publishes::<OrderPlaced>(&Default::default());
+/// assert!(checkout.publish().contains(&"orders.*.placed".to_owned()));
+/// assert!(checkout.publish().contains(&"$JS.API.STREAM.INFO.ORDERS".to_owned()));
+/// assert_eq!(checkout.subscribe(), ["_INBOX.>"]);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Permissions {
+    publish: BTreeSet<String>,
+    subscribe: BTreeSet<String>,
+}
+
+impl Permissions {
+    /// Subjects to allow for publishing, sorted.
+    pub fn publish(&self) -> Vec<String> {
+        self.publish.iter().cloned().collect()
+    }
+
+    /// Subjects to allow for subscribing, sorted.
+    pub fn subscribe(&self) -> Vec<String> {
+        self.subscribe.iter().cloned().collect()
+    }
+
+    /// Adds what publishing events of type `E` through `api` needs: its
+    /// subjects, looking its stream up (and creating it if missing), and
+    /// reading a stored copy back when a duplicate has to be compared.
+    #[must_use]
+    pub fn publishes<E: Event>(mut self, api: &JetStreamApi) -> Self {
+        let p = api.prefix();
+        self.replies();
+        self.publish.insert(E::SUBJECT_FILTER.to_owned());
+        self.stream(&p, E::STREAM);
+        self.publish
+            .insert(format!("{p}.STREAM.MSG.GET.{}", E::STREAM));
+        self
+    }
+
+    /// Adds another set.
+    #[must_use]
+    pub fn and(mut self, other: Permissions) -> Self {
+        self.publish.extend(other.publish);
+        self.subscribe.extend(other.subscribe);
+        self
+    }
+
+    /// A nats-server `permissions` value: `{ publish: { allow: [...] },
+    /// subscribe: { allow: [...] } }`.
+    pub fn to_config(&self) -> String {
+        let list = |s: &BTreeSet<String>| {
+            s.iter()
+                .map(|x| format!("{x:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "{{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }} }}",
+            list(&self.publish),
+            list(&self.subscribe)
+        )
+    }
+
+    fn replies(&mut self) {
+        self.subscribe.insert("_INBOX.>".to_owned());
+    }
+
+    fn stream(&mut self, p: &str, stream: &str) {
+        self.publish.insert(format!("{p}.STREAM.INFO.{stream}"));
+        self.publish.insert(format!("{p}.STREAM.CREATE.{stream}"));
+    }
+
+    /// A consumer `durable` on `stream`: creating or updating it, reading
+    /// its info, pulling, and acknowledging.
+    fn consumer(&mut self, p: &str, stream: &str, durable: &str) {
+        self.publish
+            .insert(format!("{p}.CONSUMER.CREATE.{stream}.{durable}.>"));
+        self.publish
+            .insert(format!("{p}.CONSUMER.INFO.{stream}.{durable}"));
+        self.publish
+            .insert(format!("{p}.CONSUMER.MSG.NEXT.{stream}.{durable}"));
+        self.publish.insert(format!("$JS.ACK.{stream}.{durable}.>"));
+    }
+
+    /// What service `service` needs for its infrastructure through `api`,
+    /// and per handler `(name, stream, idempotent)`.
+    pub(crate) fn service(
+        service: &str,
+        api: &JetStreamApi,
+        handlers: impl IntoIterator<Item = (&'static str, &'static str, bool)>,
+    ) -> Self {
+        let p = api.prefix();
+        let mut me = Self::default();
+        me.replies();
+        me.publish.insert(format!("{p}.INFO"));
+        me.stream(&p, DLQ_STREAM);
+        me.stream(&p, ADVISORY_STREAM);
+        let mut inbox = false;
+        for (handler, stream, idempotent) in handlers {
+            let durable = consumer_name(service, handler);
+            me.stream(&p, stream);
+            me.consumer(&p, stream, &durable);
+            me.consumer(&p, ADVISORY_STREAM, &format!("{durable}--lost"));
+            // The event a lost delivery names, read back to dead-letter it.
+            me.publish.insert(format!("{p}.STREAM.MSG.GET.{stream}"));
+            me.publish.insert(dlq_subject(service, handler));
+            inbox |= idempotent;
+        }
+        if inbox {
+            let bucket = inbox_bucket(service);
+            me.stream(&p, &format!("KV_{bucket}"));
+            me.publish.insert(format!("{p}.DIRECT.GET.KV_{bucket}"));
+            me.publish.insert(format!("{p}.DIRECT.GET.KV_{bucket}.>"));
+            me.publish.insert(format!("$KV.{bucket}.>"));
+            if *api != JetStreamApi::Local {
+                // async-nats writes keys through the API prefix then.
+                me.publish.insert(format!("{p}.$KV.{bucket}.>"));
+            }
+        }
+        me
+    }
+}

@@ -1,0 +1,162 @@
+//! The permissions contract: a service runs with exactly
+//! `Service::permissions()` plus what its emissions need, a publisher with
+//! `Permissions::publishes`, and the testkit's recorder with publish on
+//! `$JS.API.>` and subscribe on `_INBOX.>` — and nothing is denied: events
+//! are handled, the inbox answers batched reads, duplicates are compared
+//! and skipped, and a permanent failure is dead-lettered.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use choreo::async_nats::ConnectOptions;
+use choreo::{
+    Context, HandlerError, Permissions, Publisher, Service, connect, dlq, event, event_handler,
+};
+use choreo_testkit::{NatsServer, Recorder};
+use common::eventually;
+
+#[event(subject = "orders.{order_id}.placed", key = order_id)]
+#[derive(Debug, Clone)]
+pub struct OrderPlaced {
+    pub order_id: String,
+    pub total_cents: u64,
+}
+
+#[event(subject = "payments.{order_id}.captured", key = order_id)]
+#[derive(Debug, Clone)]
+pub struct PaymentCaptured {
+    pub order_id: String,
+}
+
+#[event_handler(max_deliver = 2, backoff = ["100ms"])]
+async fn charge(order: OrderPlaced, ctx: Context) -> Result<(), HandlerError> {
+    if order.total_cents == 0 {
+        return Err(HandlerError::permanent(std::io::Error::other(
+            "nothing to charge",
+        )));
+    }
+    ctx.emit(PaymentCaptured {
+        order_id: order.order_id,
+    });
+    Ok(())
+}
+
+fn payments() -> Service {
+    Service::new("payments").handler(charge)
+}
+
+async fn user(server: &NatsServer, name: &str) -> choreo::async_nats::Client {
+    let opts = ConnectOptions::with_user_and_password(name.into(), "pw".into())
+        .request_timeout(Some(Duration::from_secs(2)));
+    connect(&server.url(), opts).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_service_a_publisher_and_the_recorder_run_with_the_documented_permissions() {
+    let api = Default::default();
+    let service = payments().permissions().publishes::<PaymentCaptured>(&api);
+    let checkout = Permissions::default().publishes::<OrderPlaced>(&api);
+    let recorder = r#"{ publish: { allow: ["$JS.API.>"] }, subscribe: { allow: ["_INBOX.>"] } }"#;
+    let config = format!(
+        "authorization {{ users = [ \
+           {{ user: payments, password: pw, permissions: {} }}, \
+           {{ user: checkout, password: pw, permissions: {} }}, \
+           {{ user: recorder, password: pw, permissions: {recorder} }} ] }}",
+        service.to_config(),
+        checkout.to_config(),
+    );
+    let server = NatsServer::builder().config(&config).start().await.unwrap();
+    let recorder_client = user(&server, "recorder").await;
+    let recorder = Recorder::start(&recorder_client).await.unwrap();
+
+    // Orders first, so the service's first pulls read the inbox in batches.
+    let publisher = Publisher::new(user(&server, "checkout").await, "checkout").unwrap();
+    for i in 0..100 {
+        let order = OrderPlaced {
+            order_id: format!("o-{i}"),
+            total_cents: if i == 13 { 0 } else { 250 },
+        };
+        publisher.publish(&order).await.unwrap();
+    }
+    // The same fact again: JetStream reports a duplicate, which the
+    // publisher compares with the stored copy (a read of the stream).
+    let again = publisher
+        .publish(&OrderPlaced {
+            order_id: "o-1".into(),
+            total_cents: 250,
+        })
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+
+    let svc = payments()
+        .start(user(&server, "payments").await)
+        .await
+        .unwrap();
+    let stats = svc.stats("charge").unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "99 handled and 1 dead letter",
+        || stats.handled() == 99 && stats.dead_lettered() == 1,
+    )
+    .await;
+    assert!(stats.inbox_batch_reads() >= 1);
+    assert_eq!(
+        stats.inbox_batch_failures(),
+        0,
+        "a batched inbox read was refused"
+    );
+    recorder
+        .settled(&recorder_client, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let captured = recorder
+        .snapshot()
+        .iter()
+        .filter(|r| r.meta.event_type() == "PaymentCaptured")
+        .count();
+    assert_eq!(captured, 99);
+    // A redelivered copy is skipped through the inbox (a read and no write).
+    svc.shutdown().await;
+    let svc = payments()
+        .start(user(&server, "payments").await)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(svc.stats("charge").unwrap().handled(), 0);
+    svc.shutdown().await;
+
+    let admin_view = dlq::list(
+        &choreo::async_nats::jetstream::new(user(&server, "payments").await),
+        "payments",
+        "charge",
+    )
+    .await;
+    // Listing letters is an operator's job, not the service's: it is denied.
+    assert!(admin_view.is_err());
+}
+
+#[tokio::test]
+async fn without_one_of_them_the_service_does_not_start() {
+    // The set is not a formality: without the right to create its
+    // consumer, start fails naming the subject.
+    let allowed = payments()
+        .permissions()
+        .publishes::<PaymentCaptured>(&Default::default());
+    let create = "$JS.API.CONSUMER.CREATE.ORDERS.payments--charge.>";
+    assert!(allowed.publish().contains(&create.to_owned()));
+    let rendered = allowed.to_config().replace(&format!("{create:?}, "), "");
+    assert!(!rendered.contains(create));
+    let config = format!(
+        "authorization {{ users = [ {{ user: payments, password: pw, permissions: {rendered} }} ] }}"
+    );
+    let server = NatsServer::builder().config(&config).start().await.unwrap();
+    let err = payments()
+        .start_timeout(Duration::from_secs(3))
+        .start(user(&server, "payments").await)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("CONSUMER.CREATE.ORDERS"), "{err}");
+}
