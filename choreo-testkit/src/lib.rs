@@ -143,7 +143,7 @@ mod server;
 mod service;
 
 pub use cluster::NatsCluster;
-pub use error::TestkitError;
+pub use error::{TestkitError, TestkitErrorKind};
 pub use flow::{Expect, ExpectNone, Flow, FlowError, Recorded, Recorder, Seen, Wait};
 pub use server::{NATS_SERVER_BIN, NatsServer, NatsServerBuilder, find_binary};
 pub use service::TestService;

@@ -202,7 +202,7 @@ impl NatsServer {
             .await
             .map_err(|e| TestkitError::Connect {
                 url: self.url(),
-                reason: e.to_string(),
+                source: Box::new(e),
             })
     }
 

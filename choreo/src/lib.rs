@@ -48,7 +48,7 @@ pub use event::error::CodecFailure;
 pub use event::subject::MAX_SUBJECT_LEN;
 pub use event::{
     DecodeError, DecodeErrorKind, EncodeError, Event, EventId, EventKey, HeaderError,
-    HeaderErrorKind, SubjectError,
+    HeaderErrorKind, SubjectError, SubjectErrorKind,
 };
 pub use handler::{
     Attempt, BoxFuture, Context, DEFAULT_TIMEOUT, DeliverPolicy, EmittedEvent, EventArg,
@@ -63,9 +63,23 @@ pub use service::{RunError, RunErrorKind, Service, ServiceHandle, StartError, St
 pub use topology::{
     ConsumerError, ConsumerErrorKind, Permissions, StreamError, StreamErrorKind, StreamSettings,
 };
-pub use wire::envelope::{Envelope, EnvelopeError};
+pub use wire::envelope::{Envelope, EnvelopeError, EnvelopeErrorKind};
 pub use wire::headers::Metadata;
-pub use wire::{codec, headers};
+
+/// The payload codec: events travel as CBOR (RFC 8949), written from the
+/// type's serde shape (a struct is a map keyed by field name).
+pub mod codec {
+    pub use crate::wire::codec::{CONTENT_TYPE, decode, encode};
+}
+
+/// The header names of the wire format (CloudEvents 1.0 in binary mode)
+/// and the rule for a `ce-source`. `docs/wire-format.md` is the contract.
+pub mod headers {
+    pub use crate::wire::headers::{
+        CE_CAUSATIONID, CE_CORRELATIONID, CE_EVENTVERSION, CE_ID, CE_SOURCE, CE_SPECVERSION,
+        CE_TIME, CE_TYPE, CONTENT_TYPE, NATS_MSG_ID, SPEC_VERSION, TRACEPARENT, check_source,
+    };
+}
 
 /// Unit-testing handlers without a server. Needs the `test-util` feature
 /// (add `choreo = { version = "...", features = ["test-util"] }` under

@@ -92,6 +92,29 @@ pub enum SubjectError {
     },
 }
 
+/// What kind of [`SubjectError`] happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SubjectErrorKind {
+    /// [`SubjectError::InvalidToken`].
+    InvalidToken,
+    /// [`SubjectError::TooLong`].
+    TooLong,
+    /// [`SubjectError::ArityMismatch`].
+    ArityMismatch,
+}
+
+impl SubjectError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> SubjectErrorKind {
+        match self {
+            Self::InvalidToken { .. } => SubjectErrorKind::InvalidToken,
+            Self::TooLong { .. } => SubjectErrorKind::TooLong,
+            Self::ArityMismatch { .. } => SubjectErrorKind::ArityMismatch,
+        }
+    }
+}
+
 /// Checks that `value` is one legal NATS subject token.
 pub fn check_token(value: &str) -> Result<(), TokenProblem> {
     if value.is_empty() {

@@ -36,6 +36,29 @@ pub enum EnvelopeError {
     Header(#[from] HeaderError),
 }
 
+/// What kind of [`EnvelopeError`] happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EnvelopeErrorKind {
+    /// [`EnvelopeError::Subject`].
+    Subject,
+    /// [`EnvelopeError::Encode`].
+    Encode,
+    /// [`EnvelopeError::Header`].
+    Header,
+}
+
+impl EnvelopeError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> EnvelopeErrorKind {
+        match self {
+            Self::Subject(_) => EnvelopeErrorKind::Subject,
+            Self::Encode(_) => EnvelopeErrorKind::Encode,
+            Self::Header(_) => EnvelopeErrorKind::Header,
+        }
+    }
+}
+
 impl<E: Event> Envelope<E> {
     /// Wraps `event` with `meta`, rendering its subject.
     ///

@@ -3,6 +3,6 @@
 //! CBOR ([`codec`]), and an [`Envelope`](crate::Envelope) holds both
 //! decoded. `docs/wire-format.md` is the specification.
 
-pub mod codec;
+pub(crate) mod codec;
 pub(crate) mod envelope;
-pub mod headers;
+pub(crate) mod headers;
