@@ -48,7 +48,7 @@ pub use event::error::CodecFailure;
 pub use event::subject::MAX_SUBJECT_LEN;
 pub use event::{
     DecodeError, DecodeErrorKind, EncodeError, Event, EventId, EventKey, HeaderError,
-    HeaderErrorKind, SubjectError, SubjectErrorKind,
+    HeaderErrorKind, SubjectError, SubjectErrorKind, TokenProblem,
 };
 pub use handler::{
     Attempt, BoxFuture, Context, DEFAULT_TIMEOUT, DeliverPolicy, EmittedEvent, EventArg,

@@ -11,7 +11,7 @@ pub(crate) mod subject;
 
 pub use error::{DecodeError, DecodeErrorKind, EncodeError, HeaderError, HeaderErrorKind};
 pub use id::{EventId, EventKey};
-pub use subject::{SubjectError, SubjectErrorKind};
+pub use subject::{SubjectError, SubjectErrorKind, TokenProblem};
 
 /// A fact that services publish and react to.
 ///
