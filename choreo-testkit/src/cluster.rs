@@ -64,7 +64,12 @@ impl NatsCluster {
         for _ in 0..3 {
             match Self::try_start(n).await {
                 Ok(c) => return Ok(c),
-                Err(e) if e.to_string().contains("address already in use") => last_err = Some(e),
+                // The server process says so only in its log.
+                Err(e @ TestkitError::StartFailed { .. })
+                    if e.log_says("address already in use") =>
+                {
+                    last_err = Some(e)
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -74,6 +74,17 @@ pub enum TestkitErrorKind {
 }
 
 impl TestkitError {
+    /// Whether the server's log tail (kept in the error) has `line`.
+    pub(crate) fn log_says(&self, line: &str) -> bool {
+        match self {
+            Self::StartFailed { why, log_tail, .. } => {
+                why.contains(line) || log_tail.contains(line)
+            }
+            Self::Cluster { log_tails, .. } => log_tails.contains(line),
+            _ => false,
+        }
+    }
+
     /// What kind of failure this is.
     pub fn kind(&self) -> TestkitErrorKind {
         match self {
