@@ -4,43 +4,17 @@
 //! API prefix.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+#[path = "common/charging.rs"]
+mod charging;
 mod common;
 
 use std::time::Duration;
 
+use charging::{charge, order};
 use choreo::async_nats::ConnectOptions;
-use choreo::{
-    Context, HandlerError, JetStreamApi, Publisher, Service, StartErrorKind, connect, dlq, event,
-    event_handler,
-};
+use choreo::{JetStreamApi, Publisher, Service, StartErrorKind, connect, dlq};
 use choreo_testkit::{NatsServer, Recorder};
 use common::eventually;
-
-#[event(subject = "orders.{order_id}.placed", key = order_id)]
-#[derive(Debug, Clone)]
-pub struct OrderPlaced {
-    pub order_id: String,
-    pub total_cents: u64,
-}
-
-#[event(subject = "payments.{order_id}.captured", key = order_id)]
-#[derive(Debug, Clone)]
-pub struct PaymentCaptured {
-    pub order_id: String,
-}
-
-#[event_handler(max_deliver = 2, backoff = ["100ms"])]
-async fn charge(order: OrderPlaced, ctx: Context) -> Result<(), HandlerError> {
-    if order.total_cents == 0 {
-        return Err(HandlerError::permanent(std::io::Error::other(
-            "nothing to charge",
-        )));
-    }
-    ctx.emit(PaymentCaptured {
-        order_id: order.order_id,
-    });
-    Ok(())
-}
 
 /// A hub whose JetStream has domain `hub`, and a leaf node without
 /// JetStream connected to it, with a client on the leaf: there, `$JS.API`
@@ -91,11 +65,7 @@ async fn a_service_and_a_publisher_run_through_a_jetstream_domain() {
     // batches whose keys the inbox reads with one batched direct get.
     let mut roots = Vec::new();
     for i in 0..200 {
-        let order = OrderPlaced {
-            order_id: format!("o-{i}"),
-            total_cents: if i == 7 { 0 } else { 100 },
-        };
-        roots.push(publisher.publish(&order).await.unwrap().event_id);
+        roots.push(publisher.publish(&order(i)).await.unwrap().event_id);
     }
     let svc = Service::new("payments")
         .jetstream(api.clone())
@@ -104,13 +74,7 @@ async fn a_service_and_a_publisher_run_through_a_jetstream_domain() {
         .await
         .unwrap();
     // The same event again: the inbox (read through the domain) skips it.
-    publisher
-        .publish(&OrderPlaced {
-            order_id: "o-1".into(),
-            total_cents: 100,
-        })
-        .await
-        .unwrap();
+    publisher.publish(&order(1)).await.unwrap();
     let stats = svc.stats("charge").unwrap();
     eventually(
         Duration::from_secs(15),

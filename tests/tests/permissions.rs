@@ -6,42 +6,17 @@
 //! and skipped, and a permanent failure is dead-lettered.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+#[path = "common/charging.rs"]
+mod charging;
 mod common;
 
 use std::time::Duration;
 
+use charging::{OrderPlaced, PaymentCaptured, charge, order};
 use choreo::async_nats::ConnectOptions;
-use choreo::{
-    Context, HandlerError, Permissions, Publisher, Service, connect, dlq, event, event_handler,
-};
+use choreo::{Permissions, Publisher, Service, connect, dlq};
 use choreo_testkit::{NatsServer, Recorder};
 use common::eventually;
-
-#[event(subject = "orders.{order_id}.placed", key = order_id)]
-#[derive(Debug, Clone)]
-pub struct OrderPlaced {
-    pub order_id: String,
-    pub total_cents: u64,
-}
-
-#[event(subject = "payments.{order_id}.captured", key = order_id)]
-#[derive(Debug, Clone)]
-pub struct PaymentCaptured {
-    pub order_id: String,
-}
-
-#[event_handler(max_deliver = 2, backoff = ["100ms"])]
-async fn charge(order: OrderPlaced, ctx: Context) -> Result<(), HandlerError> {
-    if order.total_cents == 0 {
-        return Err(HandlerError::permanent(std::io::Error::other(
-            "nothing to charge",
-        )));
-    }
-    ctx.emit(PaymentCaptured {
-        order_id: order.order_id,
-    });
-    Ok(())
-}
 
 fn payments() -> Service {
     Service::new("payments").handler(charge)
@@ -74,21 +49,11 @@ async fn a_service_a_publisher_and_the_recorder_run_with_the_documented_permissi
     // Orders first, so the service's first pulls read the inbox in batches.
     let publisher = Publisher::new(user(&server, "checkout").await, "checkout").unwrap();
     for i in 0..100 {
-        let order = OrderPlaced {
-            order_id: format!("o-{i}"),
-            total_cents: if i == 13 { 0 } else { 250 },
-        };
-        publisher.publish(&order).await.unwrap();
+        publisher.publish(&order(i)).await.unwrap();
     }
     // The same fact again: JetStream reports a duplicate, which the
     // publisher compares with the stored copy (a read of the stream).
-    let again = publisher
-        .publish(&OrderPlaced {
-            order_id: "o-1".into(),
-            total_cents: 250,
-        })
-        .await
-        .unwrap();
+    let again = publisher.publish(&order(1)).await.unwrap();
     assert!(again.duplicate);
 
     let svc = payments()

@@ -14,17 +14,21 @@ impl CodecFailure {
         Self(Arc::new(e))
     }
     pub(crate) fn message(text: String) -> Self {
-        #[derive(Debug)]
-        struct Message(String);
-        impl std::fmt::Display for Message {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-        impl std::error::Error for Message {}
         Self(Arc::new(Message(text)))
     }
 }
+
+/// A failure choreo itself detects, as an error with only its text.
+#[derive(Debug)]
+pub(crate) struct Message(pub(crate) String);
+
+impl std::fmt::Display for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Message {}
 
 impl PartialEq for CodecFailure {
     fn eq(&self, other: &Self) -> bool {

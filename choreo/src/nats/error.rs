@@ -205,13 +205,5 @@ pub(crate) fn source(e: impl std::error::Error + Send + Sync + 'static) -> Sourc
 
 /// A plain message as a [`Source`], for failures choreo itself detects.
 pub(crate) fn message(text: impl Into<String>) -> Source {
-    #[derive(Debug)]
-    struct Message(String);
-    impl std::fmt::Display for Message {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(&self.0)
-        }
-    }
-    impl std::error::Error for Message {}
-    Arc::new(Message(text.into()))
+    Arc::new(crate::event::error::Message(text.into()))
 }
