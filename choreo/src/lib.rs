@@ -56,7 +56,7 @@ pub use handler::{
     MissingState, State, States,
 };
 pub use inbox::{DEFAULT_RETENTION as DEFAULT_INBOX_RETENTION, InboxError, InboxErrorKind};
-pub use nats::{ConnectError, ConnectErrorKind, JetStreamApi, connect};
+pub use nats::{ConnectError, ConnectErrorKind, JetStreamApi, Source, connect};
 pub use publish::{PublishError, PublishErrorKind, Publisher, Receipt};
 pub use runtime::HandlerStats;
 pub use service::{RunError, RunErrorKind, Service, ServiceHandle, StartError, StartErrorKind};

@@ -47,9 +47,10 @@ impl std::fmt::Debug for CodecFailure {
         self.0.fmt(f)
     }
 }
-impl std::error::Error for CodecFailure {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.source()
+impl std::ops::Deref for CodecFailure {
+    type Target = dyn std::error::Error + Send + Sync + 'static;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
     }
 }
 

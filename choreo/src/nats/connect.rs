@@ -74,12 +74,11 @@ pub async fn connect(
         }
     });
     let client = options.connect(addrs).await.map_err(|e| {
-        let source = Arc::new(e);
-        match source.kind() {
-            ConnectErrorKind::ServerParse => ConnectError::InvalidUrl {
-                url: shown,
-                reason: source.to_string(),
-            },
+        let kind = e.kind();
+        let reason = e.to_string();
+        let source = super::error::source(e);
+        match kind {
+            ConnectErrorKind::ServerParse => ConnectError::InvalidUrl { url: shown, reason },
             ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
                 ConnectError::Auth { url: shown, source }
             }

@@ -29,7 +29,7 @@ pub enum ConnectError {
         url: String,
         /// What the client said.
         #[source]
-        source: Arc<async_nats::ConnectError>,
+        source: Source,
     },
     /// The server refused the credentials.
     #[error(
@@ -40,7 +40,7 @@ pub enum ConnectError {
         url: String,
         /// What the server said.
         #[source]
-        source: Arc<async_nats::ConnectError>,
+        source: Source,
     },
     /// TLS could not be set up.
     #[error("TLS with the NATS server at {url} failed: {source}")]
@@ -49,7 +49,7 @@ pub enum ConnectError {
         url: String,
         /// What failed.
         #[source]
-        source: Arc<async_nats::ConnectError>,
+        source: Source,
     },
 }
 
@@ -195,15 +195,44 @@ impl Cause {
     }
 }
 
-/// An error as a shareable source.
-pub(crate) type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
+/// The cause of a choreo error: the error async-nats (or the server)
+/// gave, shared so that choreo's errors can be cloned. It dereferences to
+/// that error, so `source()` of a choreo error returns it and a caller can
+/// `downcast_ref` it to its async-nats type.
+#[derive(Clone)]
+pub struct Source(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl std::ops::Deref for Source {
+    type Target = dyn std::error::Error + Send + Sync + 'static;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl From<Box<dyn std::error::Error + Send + Sync + 'static>> for Source {
+    fn from(e: Box<dyn std::error::Error + Send + Sync + 'static>) -> Self {
+        Self(Arc::from(e))
+    }
+}
 
 /// Wraps any error as a [`Source`].
 pub(crate) fn source(e: impl std::error::Error + Send + Sync + 'static) -> Source {
-    Arc::new(e)
+    Source(Arc::new(e))
 }
 
 /// A plain message as a [`Source`], for failures choreo itself detects.
 pub(crate) fn message(text: impl Into<String>) -> Source {
-    Arc::new(crate::event::error::Message(text.into()))
+    Source(Arc::new(crate::event::error::Message(text.into())))
 }

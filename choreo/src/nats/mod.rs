@@ -9,6 +9,6 @@ pub(crate) mod permissions;
 
 pub use api::JetStreamApi;
 pub use connect::connect;
-pub(crate) use error::{Cause, Source, message, source};
-pub use error::{ConnectError, ConnectErrorKind};
+pub(crate) use error::{Cause, message, source};
+pub use error::{ConnectError, ConnectErrorKind, Source};
 pub(crate) use permissions::recent_permission_error;
