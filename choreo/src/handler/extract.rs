@@ -110,6 +110,7 @@ impl<T: Clone + Send + Sync + 'static> FromContext for State<T> {
 /// A handler needs a state that the service does not have.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("no state of type `{type_name}`: register it with `Service::state(value)`")]
+#[non_exhaustive]
 pub struct MissingState {
     /// The missing type.
     pub type_name: &'static str,
