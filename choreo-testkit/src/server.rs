@@ -254,6 +254,12 @@ impl NatsServer {
         }
     }
 
+    /// The server process's id while it runs (to read its memory or CPU
+    /// from `/proc` in a benchmark).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// The monitoring port (`/healthz`, `/jsz`, ...).
     pub fn monitor_port(&self) -> u16 {
         self.monitor_port
