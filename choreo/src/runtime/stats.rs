@@ -14,11 +14,25 @@ pub struct HandlerStats {
     pub(crate) in_progress_acks: AtomicU64,
     pub(crate) inbox_batch_reads: AtomicU64,
     pub(crate) inbox_batch_failures: AtomicU64,
+    pub(crate) backlog_at_start: u64,
     pub(crate) task_panics: AtomicU64,
     pub(crate) timed_out: AtomicU64,
 }
 
 impl HandlerStats {
+    pub(crate) fn starting_with(backlog: u64) -> Self {
+        Self {
+            backlog_at_start: backlog,
+            ..Self::default()
+        }
+    }
+
+    /// Events stored on the handler's subjects that its consumer had yet to
+    /// deliver when the instance started: for a new consumer, what its
+    /// `deliver` policy takes from the stream's history.
+    pub fn backlog_at_start(&self) -> u64 {
+        self.backlog_at_start
+    }
     /// Events handled successfully (emissions published, acked).
     pub fn handled(&self) -> u64 {
         self.handled.load(Ordering::Relaxed)

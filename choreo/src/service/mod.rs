@@ -345,7 +345,9 @@ impl Service {
                 options,
                 publisher: publisher.clone(),
                 states: states.clone(),
-                stats: Arc::new(HandlerStats::default()),
+                stats: Arc::new(HandlerStats::starting_with(
+                    consumer.cached_info().num_pending,
+                )),
                 client: client.clone(),
                 js: js.clone(),
                 inbox: if h.options().idempotent {
@@ -434,9 +436,49 @@ impl Service {
             )
             .await?;
             let advisory = create_advisory_consumer(js, stream, &durable, h.name()).await?;
+            say_backlog(
+                &self.name,
+                h.name(),
+                stream,
+                &h.options(),
+                consumer.cached_info(),
+            );
             consumers.push((consumer, advisory));
         }
         Ok((inbox, consumers))
+    }
+}
+
+/// Says at start how many stored events the handler has ahead of it: for a
+/// new consumer, what its `deliver` policy takes from the stream's history
+/// (a new notifications service should not mail every past customer: give
+/// it `deliver = new`); for an existing one, its backlog.
+fn say_backlog(
+    service: &str,
+    handler: &str,
+    stream: &str,
+    options: &HandlerOptions,
+    info: &jetstream::consumer::Info,
+) {
+    let pending = info.num_pending;
+    let new = info.delivered.stream_sequence == 0 && info.ack_floor.stream_sequence == 0;
+    if new {
+        tracing::info!(
+            service,
+            handler,
+            stream,
+            pending,
+            deliver = ?options.deliver,
+            "new consumer: the handler will process {pending} events already in the stream"
+        );
+    } else {
+        tracing::info!(
+            service,
+            handler,
+            stream,
+            pending,
+            "consumer resumes with {pending} events to process"
+        );
     }
 }
 
