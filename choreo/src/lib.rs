@@ -47,7 +47,7 @@ pub use async_nats;
 pub use event::error::CodecFailure;
 pub use event::subject::MAX_SUBJECT_LEN;
 pub use event::{
-    DecodeError, DecodeErrorKind, EncodeError, Event, EventId, EventKey, HeaderError,
+    DecodeError, DecodeErrorKind, EncodeError, Event, EventId, EventKey, EventType, HeaderError,
     HeaderErrorKind, SubjectError, SubjectErrorKind, TokenProblem,
 };
 pub use handler::{
@@ -174,6 +174,7 @@ pub use choreo_macros::event;
 /// | `deliver = all` / `new` | where a new consumer starts | `all` |
 /// | `deliver_since = "RFC 3339"` | a new consumer starts at this time | |
 /// | `idempotent = false` | turn the inbox off for this handler | on |
+/// | `emits = [A, B]` (or `emits = A`) | the event types it may emit: emitting another fails it permanently (dead letter `emit-failed`, naming the type and the declaration), and `Service::permissions` includes their subjects | undeclared |
 /// | `crate = "path"` | where `choreo` is, if renamed | `choreo` |
 pub use choreo_macros::event_handler;
 

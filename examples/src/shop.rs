@@ -185,7 +185,10 @@ impl Ledger {
 
 // ---- the services -------------------------------------------------------------
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
+#[event_handler(
+    max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
+    emits = [PaymentCaptured, PaymentDeclined]
+)]
 async fn charge_payment(
     order: OrderPlaced,
     ctx: Context,
@@ -207,7 +210,10 @@ async fn charge_payment(
     Ok(())
 }
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
+#[event_handler(
+    max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
+    emits = PaymentRefunded
+)]
 async fn refund_payment(
     missing: StockUnavailable,
     ctx: Context,
@@ -221,7 +227,10 @@ async fn refund_payment(
     Ok(())
 }
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
+#[event_handler(
+    max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
+    emits = [StockReserved, StockUnavailable]
+)]
 async fn reserve_stock(
     payment: PaymentCaptured,
     ctx: Context,
@@ -242,7 +251,10 @@ async fn reserve_stock(
     Ok(())
 }
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
+#[event_handler(
+    max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
+    emits = OrderShipped
+)]
 async fn ship_order(
     reserved: StockReserved,
     ctx: Context,
@@ -257,7 +269,10 @@ async fn ship_order(
     Ok(())
 }
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
+#[event_handler(
+    max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
+    emits = OrderRejected
+)]
 async fn reject_order(declined: PaymentDeclined, ctx: Context) {
     ctx.emit(OrderRejected {
         order_id: declined.order_id,
@@ -265,7 +280,10 @@ async fn reject_order(declined: PaymentDeclined, ctx: Context) {
     });
 }
 
-#[event_handler(max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s")]
+#[event_handler(
+    max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
+    emits = OrderCancelled
+)]
 async fn cancel_order(refunded: PaymentRefunded, ctx: Context) {
     ctx.emit(OrderCancelled {
         order_id: refunded.order_id,

@@ -7,7 +7,7 @@ use crate::ctxt::Ctxt;
 use crate::opts::{self, Opt, set};
 
 pub(crate) const OPTIONS: &str = "`name`, `concurrency`, `max_deliver`, `backoff`, `ack_wait`, `timeout`, `deliver`, \
-     `deliver_since`, `idempotent`, `crate`";
+     `deliver_since`, `idempotent`, `emits`, `crate`";
 
 pub(crate) enum Deliver {
     All,
@@ -25,6 +25,7 @@ pub(crate) struct HandlerAttr {
     pub(crate) deliver: Option<Opt<(Deliver, Span)>>,
     pub(crate) deliver_since: Option<Opt<LitStr>>,
     pub(crate) idempotent: Option<Opt<LitBool>>,
+    pub(crate) emits: Option<Opt<Vec<syn::Type>>>,
     pub(crate) krate: Option<Opt<syn::Path>>,
 }
 
@@ -95,6 +96,21 @@ pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> HandlerAttr {
                 "idempotent" => {
                     let v = meta.value()?.parse()?;
                     set(cx, &mut attr.idempotent, "idempotent", span, v);
+                }
+                "emits" => {
+                    // `emits = [A, B]`, or `emits = A` for one.
+                    let input = meta.value()?;
+                    let types: Vec<syn::Type> = if input.peek(syn::token::Bracket) {
+                        let content;
+                        syn::bracketed!(content in input);
+                        content
+                            .parse_terminated(|i| i.parse::<syn::Type>(), Token![,])?
+                            .into_iter()
+                            .collect()
+                    } else {
+                        vec![input.parse()?]
+                    };
+                    set(cx, &mut attr.emits, "emits", span, types);
                 }
                 "crate" => {
                     let path = opts::crate_path(&meta)?;

@@ -263,6 +263,18 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
         quote_spanned!(ret_span=> <#ret as #krate::IntoHandlerResult>::into_handler_result);
     let inputs = &f.sig.inputs;
     let output = &f.sig.output;
+    let emits_fn = a.emits.as_ref().map(|o| {
+        let declared = o
+            .value
+            .iter()
+            .map(|t| quote_spanned!(t.span()=> #krate::EventType::of::<#t>()));
+        quote! {
+            fn emits(&self) -> ::core::option::Option<&'static [#krate::EventType]> {
+                const EMITS: &[#krate::EventType] = &[#(#declared),*];
+                ::core::option::Option::Some(EMITS)
+            }
+        }
+    });
     let boxed = quote_spanned! {f.sig.ident.span()=>
         |#(#args: #tys),*| -> #p::BoxFuture<#ret> { ::std::boxed::Box::pin(#ident::#inner(#(#args),*)) }
     };
@@ -297,6 +309,8 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
             fn options(&self) -> #krate::HandlerOptions {
                 <#krate::HandlerOptions as ::core::default::Default>::default() #(#setters)*
             }
+
+            #emits_fn
 
             fn check(&self, states: &#krate::States) -> ::core::result::Result<(), #krate::MissingState> {
                 #( #checks(states)?; )*

@@ -64,3 +64,37 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// An unknown version, or a payload that is not this type in CBOR.
     fn decode_payload(version: u32, payload: &[u8]) -> Result<Self, DecodeError>;
 }
+
+/// An event type's description as data: what a handler declares it emits
+/// (`#[event_handler(emits = [..])]`), and what the permissions and the
+/// registry are built from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct EventType {
+    /// [`Event::NAME`].
+    pub name: &'static str,
+    /// [`Event::VERSION`].
+    pub version: u32,
+    /// [`Event::SUBJECT`].
+    pub subject: &'static str,
+    /// [`Event::SUBJECT_FILTER`].
+    pub subject_filter: &'static str,
+    /// [`Event::STREAM`].
+    pub stream: &'static str,
+    /// [`Event::STREAM_SUBJECTS`].
+    pub stream_subjects: &'static str,
+}
+
+impl EventType {
+    /// The description of `E`.
+    pub const fn of<E: Event>() -> Self {
+        Self {
+            name: E::NAME,
+            version: E::VERSION,
+            subject: E::SUBJECT,
+            subject_filter: E::SUBJECT_FILTER,
+            stream: E::STREAM,
+            stream_subjects: E::STREAM_SUBJECTS,
+        }
+    }
+}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::States;
-use crate::event::{Event, EventId};
+use crate::event::{Event, EventId, EventType};
 use crate::publish::{Outgoing, PublishError};
 use crate::wire::headers::Metadata;
 
@@ -32,6 +32,8 @@ struct Inner {
     handler: &'static str,
     handler_id: Arc<str>,
     states: Arc<States>,
+    /// What the handler declares it emits (`None`: undeclared).
+    emits: Option<&'static [EventType]>,
     emitted: Mutex<Emitted>,
 }
 
@@ -58,6 +60,7 @@ impl Context {
         handler: &'static str,
         handler_id: Arc<str>,
         states: Arc<States>,
+        emits: Option<&'static [EventType]>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -69,6 +72,7 @@ impl Context {
                 handler,
                 handler_id,
                 states,
+                emits,
                 emitted: Mutex::new(Emitted::default()),
             }),
         }
@@ -96,6 +100,7 @@ impl Context {
             handler,
             Arc::from(format!("{service}.{handler}")),
             Arc::new(states),
+            None,
         )
     }
 
@@ -164,6 +169,16 @@ impl Context {
                 handler = %self.inner.handler_id,
                 "emit() after the handler returned is ignored: emit before returning"
             );
+            return;
+        }
+        if let Some(declared) = self.inner.emits
+            && !declared.iter().any(|t| t.name == E::NAME)
+        {
+            emitted.out.push(Err(PublishError::Undeclared {
+                event: E::NAME,
+                handler: self.inner.handler_id.to_string(),
+                declared: declared.iter().map(|t| t.name).collect(),
+            }));
             return;
         }
         let count = emitted.counts.entry(E::NAME).or_insert(0);

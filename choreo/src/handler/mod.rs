@@ -44,6 +44,14 @@ pub trait Handler: Send + Sync + 'static {
         HandlerOptions::default()
     }
 
+    /// The event types it may emit, when it declares them
+    /// (`#[event_handler(emits = [PaymentCaptured, PaymentDeclined])]`).
+    /// Emitting another type then fails the handler permanently, naming the
+    /// type and the declaration. `None` (the default): undeclared.
+    fn emits(&self) -> Option<&'static [crate::event::EventType]> {
+        None
+    }
+
     /// Checks, at service start, that the state its arguments need exists.
     ///
     /// # Errors

@@ -108,6 +108,7 @@ impl HandlerTest {
             handler.name(),
             std::sync::Arc::from(format!("{}.{}", self.service, handler.name())),
             std::sync::Arc::new(self.states.clone()),
+            handler.emits(),
         );
         let result = match handler.check(&self.states) {
             Ok(()) => handler.call(envelope, &ctx).await,

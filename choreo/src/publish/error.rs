@@ -60,6 +60,21 @@ pub enum PublishError {
         /// Its sequence there.
         sequence: u64,
     },
+    /// A handler that declares what it emits emitted another type. Its
+    /// event is dead-lettered (reason `emit-failed`), nothing is published.
+    #[error(
+        "handler {handler} emitted {event}, which its `#[event_handler(emits = [{}])]` does not declare: \
+         add {event} to `emits`, or emit one of the declared types",
+        declared.join(", ")
+    )]
+    Undeclared {
+        /// The event's name.
+        event: &'static str,
+        /// The handler, `<service>.<handler>`.
+        handler: String,
+        /// The names it declares.
+        declared: Vec<&'static str>,
+    },
     /// JetStream did not store the event.
     #[error("publishing {event} on {subject} failed: {source}{}", denied.as_ref().map(|p| format!("; the server reported: {p}")).unwrap_or_default())]
     Failed {
@@ -92,6 +107,8 @@ pub enum PublishErrorKind {
     Stream,
     /// [`PublishError::Conflict`].
     Conflict,
+    /// [`PublishError::Undeclared`].
+    Undeclared,
     /// [`PublishError::Failed`] with a permission violation reported.
     PermissionDenied,
     /// [`PublishError::Failed`] otherwise.
@@ -108,6 +125,7 @@ impl PublishError {
             Self::TooLarge { .. } => PublishErrorKind::TooLarge,
             Self::Stream(_) => PublishErrorKind::Stream,
             Self::Conflict { .. } => PublishErrorKind::Conflict,
+            Self::Undeclared { .. } => PublishErrorKind::Undeclared,
             Self::Failed {
                 denied: Some(_), ..
             } => PublishErrorKind::PermissionDenied,

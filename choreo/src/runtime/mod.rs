@@ -201,6 +201,7 @@ pub(crate) trait Erased: Send + Sync + std::fmt::Debug {
     fn event_type(&self) -> &'static str;
     fn options(&self) -> HandlerOptions;
     fn stream(&self) -> (&'static str, &'static str, &'static str);
+    fn emits(&self) -> Option<&'static [crate::event::EventType]>;
     fn check(&self, states: &States) -> Result<(), MissingState>;
     fn process(
         self: Arc<Self>,
@@ -224,6 +225,9 @@ impl<H: Handler> Erased for Typed<H> {
     }
     fn event_type(&self) -> &'static str {
         H::Event::NAME
+    }
+    fn emits(&self) -> Option<&'static [crate::event::EventType]> {
+        self.0.emits()
     }
     fn options(&self) -> HandlerOptions {
         self.0.options()

@@ -157,6 +157,7 @@ pub(super) async fn handle<H: Handler>(
         rt.handler,
         rt.handler_id.clone(),
         rt.states.clone(),
+        handler.emits(),
     );
     // Everything the handler's code does runs under the panic guard: its
     // extractors and a hand-written `call` as well as the future. The

@@ -152,9 +152,10 @@ impl Service {
     }
 
     /// The least NATS permissions this service needs for its handlers, its
-    /// inbox and its dead letters. Add those of the events its handlers
-    /// emit with [`Permissions::publishes`]; `docs/deployment.md` explains
-    /// each subject.
+    /// inbox, its dead letters and the events its handlers declare they emit
+    /// (`emits = [..]`). Add those of undeclared emissions with
+    /// [`Permissions::publishes`]; `docs/deployment.md` explains each
+    /// subject.
     ///
     /// ```
     /// # use choreo::{event, event_handler, Context, Service};
@@ -172,13 +173,20 @@ impl Service {
     /// println!("permissions: {}", needs.to_config());
     /// ```
     pub fn permissions(&self) -> Permissions {
-        Permissions::service(
+        let mut needs = Permissions::service(
             &self.name,
             &self.api,
             self.handlers
                 .iter()
                 .map(|h| (h.name(), h.stream().0, h.options().idempotent)),
-        )
+        );
+        // What handlers declare they emit (`emits = [..]`).
+        for declared in self.handlers.iter().filter_map(|h| h.emits()) {
+            for t in declared {
+                needs = needs.publishes_type(t, &self.api);
+            }
+        }
+        needs
     }
 
     /// Runs against `api`: a JetStream domain or an API prefix instead of

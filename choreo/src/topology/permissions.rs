@@ -44,13 +44,19 @@ impl Permissions {
     /// subjects, looking its stream up (and creating it if missing), and
     /// reading a stored copy back when a duplicate has to be compared.
     #[must_use]
-    pub fn publishes<E: Event>(mut self, api: &JetStreamApi) -> Self {
+    pub fn publishes<E: Event>(self, api: &JetStreamApi) -> Self {
+        self.publishes_type(&crate::event::EventType::of::<E>(), api)
+    }
+
+    /// As [`publishes`](Self::publishes), for an event type described as data.
+    #[must_use]
+    pub fn publishes_type(mut self, event: &crate::event::EventType, api: &JetStreamApi) -> Self {
         let p = api.prefix();
         self.replies();
-        self.publish.insert(E::SUBJECT_FILTER.to_owned());
-        self.stream(&p, E::STREAM);
+        self.publish.insert(event.subject_filter.to_owned());
+        self.stream(&p, event.stream);
         self.publish
-            .insert(format!("{p}.STREAM.MSG.GET.{}", E::STREAM));
+            .insert(format!("{p}.STREAM.MSG.GET.{}", event.stream));
         self
     }
 
