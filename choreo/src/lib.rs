@@ -26,6 +26,7 @@ pub(crate) use debug_as_display;
 // (`tests/layout.rs` checks it).
 mod event;
 mod nats;
+pub mod observe;
 mod wire;
 
 mod topology;

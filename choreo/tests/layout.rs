@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 /// Lowest first: a module may use only those before it.
 const LAYERS: &[&str] = &[
-    "event", "nats", "wire", "topology", "publish", "handler", "inbox", "dlq", "runtime", "service",
+    "event", "nats", "observe", "wire", "topology", "publish", "handler", "inbox", "dlq",
+    "runtime", "service",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

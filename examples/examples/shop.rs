@@ -1,5 +1,5 @@
 //! The shop, end to end: `scripts/shop` or
-//! `cargo run --release -p choreo-examples --example shop -- [--orders N] [--service NAME] [--replicas R]`.
+//! `cargo run --release -p choreo-examples --example shop -- [--orders N] [--service NAME] [--replicas R] [--metrics ADDR]`.
 //!
 //! - With no `NATS_URL`, it starts a local nats-server itself.
 //! - Without `--service`, all four services run in this process; with
@@ -24,6 +24,7 @@ struct Args {
     orders: u64,
     service: Option<String>,
     replicas: usize,
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -31,6 +32,7 @@ fn parse() -> Result<Args, String> {
         orders: 100,
         service: None,
         replicas: 1,
+        metrics: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -53,8 +55,14 @@ fn parse() -> Result<Args, String> {
                     .parse()
                     .map_err(|_| "--replicas takes a number".to_owned())?
             }
+            "--metrics" => {
+                args.metrics = Some(value("--metrics")?.parse().map_err(|_| {
+                    "--metrics takes an address to serve Prometheus text on, like 127.0.0.1:9464"
+                        .to_owned()
+                })?)
+            }
             "-h" | "--help" => {
-                return Err("usage: shop [--orders N] [--service orders|payments|inventory|shipping] [--replicas R]\n\
+                return Err("usage: shop [--orders N] [--service orders|payments|inventory|shipping] [--replicas R] [--metrics ADDR]\n\
                             NATS_URL selects the server (comma-separated for a cluster); without it a local one is started"
                     .into());
             }
@@ -80,6 +88,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(addr) = args.metrics {
+        // choreo records through the `metrics` facade; this exporter serves
+        // what it records as Prometheus text.
+        if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+        {
+            eprintln!("shop: cannot serve metrics on {addr}: {e}");
+            return ExitCode::from(2);
+        }
+        eprintln!("serving metrics on http://{addr}/");
+    }
     match run(args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -170,6 +190,11 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     for h in handles {
         h.shutdown().await;
     }
+    if let Some(addr) = args.metrics {
+        // Keep the scrape endpoint up so what the run did can be read.
+        println!("metrics: serving on http://{addr}/ until Ctrl-C or SIGTERM");
+        wait_for_signal().await;
+    }
     drop(recorder);
     let _ = client.drain().await;
     let expected = Summary::expected(args.orders);
@@ -177,4 +202,18 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         eprintln!("expected {expected}");
     }
     Ok(summary.is_clean() && summary == expected)
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -244,3 +244,125 @@ async fn a_ledger_that_cannot_be_read_fails_the_count_instead_of_passing_it() {
         "{err}"
     );
 }
+
+/// Sums the samples of `name` whose labels include every `k="v"` of `with`.
+fn sample(text: &str, name: &str, with: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && with
+                    .iter()
+                    .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(shop_binary())
+        .args(["--orders", "40", "--metrics", &addr.to_string()])
+        .env_remove("NATS_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Read until the run is over and the endpoint stays up for us.
+    let lines = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let done = line.starts_with("metrics: serving");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "orders=40 shipped=32 cancelled=4 rejected=4 duplicates=0 lost=0"),
+        "{lines:?}"
+    );
+    let text = scrape(addr);
+    let handled = |handler: &str| {
+        sample(
+            &text,
+            "choreo_handler_outcomes",
+            &[("choreo_handler", handler), ("choreo_outcome", "handled")],
+        )
+    };
+    // 40 orders: 4 declined, 4 out of stock (refunded, cancelled), 32 shipped.
+    assert_eq!(handled("charge_payment"), 40.0, "{text}");
+    assert_eq!(handled("reserve_stock"), 36.0, "{text}");
+    assert_eq!(handled("ship_order"), 32.0, "{text}");
+    assert_eq!(handled("refund_payment"), 4.0, "{text}");
+    assert_eq!(handled("reject_order"), 4.0, "{text}");
+    assert_eq!(handled("cancel_order"), 4.0, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "choreo_handler_outcomes",
+            &[("choreo_outcome", "dead_lettered")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "messaging_client_sent_messages",
+            &[("choreo_source", "storefront")]
+        ),
+        40.0,
+        "every order placed is counted as sent: {text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "messaging_client_consumed_messages",
+            &[("choreo_handler", "charge_payment")]
+        ),
+        40.0
+    );
+    assert!(
+        text.contains("messaging_process_duration") && text.contains("choreo_event_age"),
+        "{text}"
+    );
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

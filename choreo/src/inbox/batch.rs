@@ -91,6 +91,7 @@ impl Inbox {
         &self,
         keys: &[&str],
     ) -> Result<HashMap<String, Record>, InboxError> {
+        self.metrics.batch_reads.increment(1);
         let read = self.read_batch(keys).await;
         if let Err((failure, e)) = &read {
             // Only a failure that will happen again pauses batched reads: a

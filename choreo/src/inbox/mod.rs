@@ -139,6 +139,7 @@ pub(crate) struct Inbox {
     /// worked (0: none failed).
     trouble_since: Arc<AtomicU64>,
     instance: u64,
+    metrics: crate::observe::InboxMetrics,
     /// A fault hook: how long each claim write waits first.
     claim_delay: Option<Duration>,
 }
@@ -210,6 +211,7 @@ impl Inbox {
             batches_paused_until: Arc::new(AtomicU64::new(0)),
             trouble_since: Arc::new(AtomicU64::new(0)),
             claim_delay: None,
+            metrics: crate::observe::InboxMetrics::new(service),
             bucket,
             instance,
         })
@@ -286,6 +288,7 @@ impl Inbox {
 
     /// Reads one key.
     pub(crate) async fn read(&self, key: &str) -> Result<Option<Record>, InboxError> {
+        self.metrics.key_reads.increment(1);
         let entry = self
             .kv
             .entry(key)
@@ -304,6 +307,7 @@ impl Inbox {
         stream_seq: u64,
     ) -> Result<u64, InboxError> {
         self.claim_delay().await;
+        self.metrics.claims.increment(1);
         self.write_at(key, self.claim_value(stream_seq), revision)
             .await
             .map_err(|(_, e)| e)
@@ -337,6 +341,7 @@ impl Inbox {
     /// handling is complete either way.
     pub(crate) async fn done(&self, key: &str, revision: u64) -> Result<(), InboxError> {
         let value = Bytes::from(format!("done {}", now_ms()));
+        self.metrics.records.increment(1);
         let mut revision = revision;
         for _ in 0..3 {
             match self.write_at(key, value.clone(), revision).await {

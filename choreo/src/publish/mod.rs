@@ -140,6 +140,8 @@ struct Inner {
     /// clones the whole INFO block, too costly per event) and refreshed when
     /// the client reports the limit exceeded.
     max_payload: AtomicUsize,
+    /// Metric handles per stream, taken on its first publish.
+    metrics: Mutex<std::collections::HashMap<&'static str, crate::observe::PublishMetrics>>,
 }
 
 impl Publisher {
@@ -162,6 +164,7 @@ impl Publisher {
                 ensured: Mutex::new(HashSet::new()),
                 ensuring: tokio::sync::Mutex::new(()),
                 max_payload,
+                metrics: Mutex::new(std::collections::HashMap::new()),
             }),
         })
     }
@@ -194,6 +197,7 @@ impl Publisher {
             ensured: Mutex::new(HashSet::new()),
             ensuring: tokio::sync::Mutex::new(()),
             max_payload: AtomicUsize::new(self.inner.max_payload.load(Ordering::Relaxed)),
+            metrics: Mutex::new(std::collections::HashMap::new()),
         };
         f(&mut inner);
         Self {
@@ -430,7 +434,16 @@ impl Publisher {
         Ok(())
     }
 
+    fn metrics(&self, stream: &'static str) -> crate::observe::PublishMetrics {
+        let mut map = self.inner.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(stream)
+            .or_insert_with(|| crate::observe::PublishMetrics::new(&self.inner.source, stream))
+            .clone()
+    }
+
     async fn send_one(&self, mut out: Outgoing) -> Result<Receipt, PublishError> {
+        let metrics = self.metrics(out.stream.name);
+        let started = std::time::Instant::now();
         let subject = async_nats::Subject::from(std::mem::take(&mut out.subject));
         let headers = std::mem::take(&mut out.headers);
         let ack = match self
@@ -439,8 +452,18 @@ impl Publisher {
         {
             Ok(ack) => ack,
             // The slow path, boxed so it does not enlarge every publish.
-            Err(e) => Box::pin(self.retry(e, out.event, &subject, &out.meta, &out.payload)).await?,
+            Err(e) => {
+                match Box::pin(self.retry(e, out.event, &subject, &out.meta, &out.payload)).await {
+                    Ok(ack) => ack,
+                    Err(e) => {
+                        metrics.failures.increment(1);
+                        return Err(e);
+                    }
+                }
+            }
         };
+        metrics.duration.record(started.elapsed());
+        metrics.sent.increment(1);
         Ok(Receipt {
             event_id: out.id,
             correlation_id: out.correlation_id,

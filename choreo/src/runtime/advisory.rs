@@ -158,6 +158,7 @@ pub(super) async fn handle_advisory(rt: &Runtime, msg: &jetstream::Message) {
     match send_letter(rt, &letter, headers, payload).await {
         Ok(()) => {
             rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            rt.metrics.dead_lettered.increment(1);
             let header = |name: &str| {
                 headers
                     .and_then(|h| h.get(name))

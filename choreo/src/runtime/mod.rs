@@ -80,6 +80,7 @@ pub(crate) struct Runtime {
     pub(crate) publisher: Publisher,
     pub(crate) states: Arc<States>,
     pub(crate) stats: Arc<HandlerStats>,
+    pub(crate) metrics: crate::observe::HandlerMetrics,
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
     pub(crate) inbox: Option<Inbox>,

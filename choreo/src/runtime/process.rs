@@ -112,6 +112,7 @@ pub(super) async fn handle<H: Handler>(
     // (and writes the claim) meanwhile, and another copy of the same event
     // pulled by this instance waits for this one's outcome, then looks again.
     let id = meta.id();
+    let time = meta.time();
     let key = inbox::key(rt.handler, id);
     let inbox_key = rt.inbox.as_ref().map(|_| key.as_str());
     let mut seen = seen;
@@ -173,19 +174,22 @@ pub(super) async fn handle<H: Handler>(
     let error = match result {
         Err(Aborted) => {
             rt.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            rt.metrics.timed_out.increment(1);
             reason = Reason::Timeout;
             format!("the handler timed out after {:?}", rt.options.timeout)
         }
         Ok(result) => match result {
-            Ok(Ok(())) => match emit_record_ack(rt, msg, id, outgoing, &key, revision).await {
-                Done::Finished => return,
-                Done::DeadLetter(reason, detail) => {
-                    release(rt, &key, claim).await;
-                    dead_letter(rt, msg, reason, &detail, attempt, seq).await;
-                    return;
+            Ok(Ok(())) => {
+                match emit_record_ack(rt, msg, (id, time), outgoing, &key, revision).await {
+                    Done::Finished => return,
+                    Done::DeadLetter(reason, detail) => {
+                        release(rt, &key, claim).await;
+                        dead_letter(rt, msg, reason, &detail, attempt, seq).await;
+                        return;
+                    }
+                    Done::Retry(e) => e,
                 }
-                Done::Retry(e) => e,
-            },
+            }
             Ok(Err(e)) if e.is_permanent() => {
                 about!(warn, rt, msg, error = %e, "handler failed permanently; dead-lettering the event");
                 release(rt, &key, claim).await;
@@ -219,6 +223,7 @@ pub(super) async fn handle<H: Handler>(
         let delay = retry_after.unwrap_or_else(|| rt.options.delay_after(attempt));
         tracing::info!(error = %error, retry_in = ?delay, "handler failed; will retry");
         rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+        rt.metrics.retried.increment(1);
         if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
             about!(warn, rt, msg, error = %e, "nak failed; the event will be redelivered after ack_wait");
         }
@@ -292,6 +297,7 @@ pub(super) async fn wait_while_running(rt: &Runtime, msg: &jetstream::Message, k
 /// Acks a delivery the inbox shows handled.
 pub(super) async fn skip(rt: &Runtime, msg: &jetstream::Message) {
     rt.stats.skipped.fetch_add(1, Ordering::Relaxed);
+    rt.metrics.skipped.increment(1);
     tracing::info!("already handled (inbox); acked and skipped");
     if let Err(e) = msg.ack().await {
         about!(warn, rt, msg, error = %e, "ack failed; the event will be redelivered and skipped again");

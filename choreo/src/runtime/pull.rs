@@ -190,9 +190,18 @@ pub(super) fn spawn(
     seen: Seen,
     slot: Slot,
 ) {
+    rt.metrics.consumed.increment(1);
+    if let Ok(info) = msg.info() {
+        // What waits behind this delivery: the lag, at no extra request.
+        #[allow(clippy::cast_precision_loss)]
+        rt.metrics.lag.set(info.pending as f64);
+    }
+    let started = std::time::Instant::now();
     let fut = handler.clone().process(msg, seen, rt.clone());
+    let rt = rt.clone();
     running.spawn(async move {
         fut.await;
+        rt.metrics.duration.record(started.elapsed());
         drop(slot);
     });
 }

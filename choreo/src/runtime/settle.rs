@@ -17,7 +17,7 @@ pub(super) enum Done {
 pub(super) async fn emit_record_ack(
     rt: &Runtime,
     msg: &jetstream::Message,
-    id: crate::EventId,
+    (id, time): (crate::EventId, time::OffsetDateTime),
     outgoing: Vec<Result<crate::publish::Outgoing, crate::PublishError>>,
     key: &str,
     revision: u64,
@@ -79,6 +79,10 @@ pub(super) async fn emit_record_ack(
         about!(warn, rt, msg, error = %e, "ack failed; the event will be redelivered and skipped by the inbox");
     }
     rt.stats.handled.fetch_add(1, Ordering::Relaxed);
+    rt.metrics.handled.increment(1);
+    // The event's age end to end, from its `ce-time` (clocks permitting).
+    let age = time::OffsetDateTime::now_utc() - time;
+    rt.metrics.age.record(age.as_seconds_f64().max(0.0));
     tracing::debug!(emitted, "handled");
     Done::Finished
 }
@@ -124,6 +128,7 @@ pub(super) async fn dead_letter_now(
     match send_letter(rt, &letter, msg.headers.as_ref(), msg.payload.clone()).await {
         Ok(()) => {
             rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            rt.metrics.dead_lettered.increment(1);
             // `+TERM <reason>` shows the reason in JetStream's MSG_TERMINATED advisory.
             if let Some(reply) = &msg.reply {
                 let term = format!("+TERM {}", reason.as_str());

@@ -353,6 +353,12 @@ impl Service {
                 options,
                 publisher: publisher.clone(),
                 states: states.clone(),
+                metrics: crate::observe::HandlerMetrics::new(
+                    &service,
+                    h.name(),
+                    &consumer_name(&service, h.name()),
+                    stream,
+                ),
                 stats: Arc::new(HandlerStats::starting_with(
                     consumer.cached_info().num_pending,
                 )),
