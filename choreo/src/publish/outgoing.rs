@@ -1,0 +1,59 @@
+//! [`Outgoing`]: one event encoded and ready to send, with its stream.
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use super::PublishError;
+use crate::event::{Event, EventId};
+use crate::wire::headers::Metadata;
+
+/// An event type's stream: its name, the subjects choreo creates it with,
+/// and the type's subject filter.
+#[derive(Debug)]
+pub(crate) struct StreamOf {
+    pub(crate) name: &'static str,
+    pub(crate) subjects: &'static str,
+    pub(crate) filter: &'static str,
+}
+
+/// One encoded event, ready to send.
+#[derive(Clone, Debug)]
+pub(crate) struct Outgoing {
+    pub(crate) event: &'static str,
+    pub(crate) stream: &'static StreamOf,
+    pub(crate) subject: String,
+    pub(crate) headers: HeaderMap,
+    /// To rebuild the headers for a retry (the first attempt consumes them).
+    /// Boxed, like `stream` behind a reference, to keep every publish future
+    /// small: it is allocated and moved once per event.
+    pub(crate) meta: Box<Metadata>,
+    pub(crate) payload: Bytes,
+    pub(crate) id: EventId,
+    pub(crate) correlation_id: EventId,
+}
+
+impl Outgoing {
+    pub(crate) fn new<E: Event>(event: &E, meta: Metadata) -> Result<Self, PublishError> {
+        Ok(Self {
+            event: E::NAME,
+            stream: const {
+                &StreamOf {
+                    name: E::STREAM,
+                    subjects: E::STREAM_SUBJECTS,
+                    filter: E::SUBJECT_FILTER,
+                }
+            },
+            subject: event.subject()?,
+            headers: meta.to_headers(),
+            payload: Bytes::from(crate::wire::codec::encode(event)?),
+            id: meta.id(),
+            correlation_id: meta.correlation_id(),
+            meta: Box::new(meta),
+        })
+    }
+
+    /// Size on the wire as NATS counts it against `max_payload`.
+    pub(super) fn size(&self) -> usize {
+        crate::wire::headers::wire_size(&self.headers, self.payload.len())
+    }
+}
