@@ -123,8 +123,11 @@ async fn the_recorder_catches_up_within_seconds_of_losing_a_node() {
         cluster.restart(n).await.unwrap();
     }
     eprintln!("the recorder was at most {worst:?} behind after a node loss");
+    // Alone it is about 1.6 s; on a loaded CI machine, where the restarted
+    // reader's consumer can take a few tries while the node rejoins, once
+    // 7.2 s. Before readers were restarted it was 33 s: the bound catches that.
     assert!(
-        worst < Duration::from_secs(6),
+        worst < Duration::from_secs(15),
         "the recorder was {worst:?} behind after a node loss"
     );
 }
