@@ -37,6 +37,7 @@ mod handler;
 
 pub mod dlq;
 mod inbox;
+pub mod registry;
 
 mod runtime;
 

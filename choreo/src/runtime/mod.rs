@@ -203,6 +203,8 @@ pub(crate) trait Erased: Send + Sync + std::fmt::Debug {
     fn options(&self) -> HandlerOptions;
     fn stream(&self) -> (&'static str, &'static str, &'static str);
     fn emits(&self) -> Option<&'static [crate::event::EventType]>;
+    fn consumes(&self) -> crate::event::EventType;
+    fn accepted_versions(&self) -> Vec<u32>;
     fn check(&self, states: &States) -> Result<(), MissingState>;
     fn process(
         self: Arc<Self>,
@@ -229,6 +231,14 @@ impl<H: Handler> Erased for Typed<H> {
     }
     fn emits(&self) -> Option<&'static [crate::event::EventType]> {
         self.0.emits()
+    }
+    fn consumes(&self) -> crate::event::EventType {
+        crate::event::EventType::of::<H::Event>()
+    }
+    fn accepted_versions(&self) -> Vec<u32> {
+        (1..=H::Event::VERSION)
+            .filter(|v| H::Event::accepts_version(*v))
+            .collect()
     }
     fn options(&self) -> HandlerOptions {
         self.0.options()

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 mod checks;
+mod describe;
 mod error;
 mod handle;
 
@@ -26,7 +27,7 @@ use crate::runtime::{
 };
 use crate::topology::consumer::{create_advisory_consumer, create_consumer, ensure_streams};
 use crate::topology::stream::{check_jetstream, ensure_stream};
-use crate::topology::{Permissions, StreamSettings, consumer_name};
+use crate::topology::{StreamSettings, consumer_name};
 
 /// A named set of handlers that run as one service.
 ///
@@ -62,6 +63,7 @@ pub struct Service {
     fault: Option<FaultHook>,
     claim_delay: Option<Duration>,
     api: JetStreamApi,
+    heartbeat: Duration,
 }
 
 impl std::fmt::Debug for Service {
@@ -90,6 +92,7 @@ impl Service {
             fault: None,
             claim_delay: None,
             api: JetStreamApi::default(),
+            heartbeat: crate::registry::HEARTBEAT,
         }
     }
 
@@ -153,42 +156,13 @@ impl Service {
         self
     }
 
-    /// The least NATS permissions this service needs for its handlers, its
-    /// inbox, its dead letters and the events its handlers declare they emit
-    /// (`emits = [..]`). Add those of undeclared emissions with
-    /// [`Permissions::publishes`]; `docs/deployment.md` explains each
-    /// subject.
-    ///
-    /// ```
-    /// # use choreo::{event, event_handler, Context, Service};
-    /// # #[event(subject = "orders.{order_id}.placed")]
-    /// # pub struct OrderPlaced { pub order_id: String }
-    /// # #[event(subject = "payments.{order_id}.captured")]
-    /// # pub struct PaymentCaptured { pub order_id: String }
-    /// # #[event_handler]
-    /// # async fn charge(order: OrderPlaced, ctx: Context) {
-    /// #     ctx.emit(PaymentCaptured { order_id: order.order_id });
-    /// # }
-    /// let service = Service::new("payments").handler(charge);
-    /// let needs = service.permissions().publishes::<PaymentCaptured>(&Default::default());
-    /// assert!(needs.publish().contains(&"$JS.API.CONSUMER.MSG.NEXT.ORDERS.payments--charge".to_owned()));
-    /// println!("permissions: {}", needs.to_config());
-    /// ```
-    pub fn permissions(&self) -> Permissions {
-        let mut needs = Permissions::service(
-            &self.name,
-            &self.api,
-            self.handlers
-                .iter()
-                .map(|h| (h.name(), h.stream().0, h.options().idempotent)),
-        );
-        // What handlers declare they emit (`emits = [..]`).
-        for declared in self.handlers.iter().filter_map(|h| h.emits()) {
-            for t in declared {
-                needs = needs.publishes_type(t, &self.api);
-            }
-        }
-        needs
+    /// How often each instance refreshes its record in the registry
+    /// (default 10 s, [`registry::HEARTBEAT`](crate::registry::HEARTBEAT)).
+    /// A record two heartbeats old shows as stale; the bucket drops it a
+    /// minute after its last write.
+    pub fn registry_heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every.max(Duration::from_millis(100));
+        self
     }
 
     /// Runs against `api`: a JetStream domain or an API prefix instead of
@@ -311,6 +285,7 @@ impl Service {
             validate_options(h.name(), &h.options())?;
         }
 
+        let manifest = self.manifest();
         let js = self.api.context(client.clone());
         let publisher = Publisher::new(client.clone(), &name)
             .map_err(|_| StartError::InvalidName { name: name.clone() })?
@@ -390,6 +365,29 @@ impl Service {
             ));
             tasks.spawn(advisory_loop(rt, advisory, stop_rx.clone()));
         }
+        let instance = inbox.as_ref().map_or_else(
+            || uuid::Uuid::now_v7().as_u64_pair().1.max(1),
+            Inbox::instance,
+        );
+        let beat = crate::registry::heartbeat(
+            js.clone(),
+            crate::registry::Record {
+                instance: crate::registry::Instance {
+                    instance: format!("{instance:016x}"),
+                    host: std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".to_owned()),
+                    started_at_ms: crate::registry::now_ms(),
+                    heartbeat_at_ms: 0,
+                    heartbeat_ms: u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX),
+                    manifest,
+                },
+                replicas: self.stream_settings.replicas,
+            },
+            stop_rx.clone(),
+        );
+        tasks.spawn(async move {
+            beat.await;
+            Ok(())
+        });
         tracing::info!(service = %service, handlers = stats.len(), "service started");
         Ok(ServiceHandle {
             name: service,

@@ -34,6 +34,9 @@ pub const ADVISORY_STREAM: &str = "CHOREO_ADVISORIES";
 /// The advisories it keeps.
 pub(crate) const ADVISORY_SUBJECTS: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>";
 
+/// The registry's bucket (also `choreo::registry::BUCKET`).
+pub(crate) const REGISTRY_BUCKET: &str = "choreo_registry";
+
 /// The subject of a handler's dead letters.
 pub fn dlq_subject(service: &str, handler: &str) -> String {
     format!("choreo.dlq.{service}.{handler}")

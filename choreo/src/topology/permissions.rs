@@ -129,6 +129,18 @@ impl Permissions {
             me.publish.insert(dlq_subject(service, handler));
             inbox |= idempotent;
         }
+        // Its record in the registry.
+        me.stream(&p, &format!("KV_{}", crate::topology::REGISTRY_BUCKET));
+        me.publish.insert(format!(
+            "$KV.{}.services.{service}.>",
+            crate::topology::REGISTRY_BUCKET
+        ));
+        if *api != JetStreamApi::Local {
+            me.publish.insert(format!(
+                "{p}.$KV.{}.services.{service}.>",
+                crate::topology::REGISTRY_BUCKET
+            ));
+        }
         if inbox {
             let bucket = inbox_bucket(service);
             me.stream(&p, &format!("KV_{bucket}"));

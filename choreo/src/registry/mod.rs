@@ -1,0 +1,163 @@
+//! The registry: a service described as data ([`Manifest`], what
+//! [`Service::manifest`](crate::Service::manifest) returns without a
+//! server, so CI can read a service's handlers, what they consume and emit,
+//! and their options offline), and each running instance's record in the
+//! KV bucket [`BUCKET`] ([`instances`]).
+
+use serde::{Deserialize, Serialize};
+
+mod live;
+
+pub use live::{BUCKET, HEARTBEAT, Instance, MAX_AGE, instances};
+pub(crate) use live::{Record, heartbeat, now_ms};
+
+use crate::event::EventType;
+use crate::handler::{DeliverPolicy, HandlerOptions};
+
+/// A service's description: its handlers, what each consumes and emits,
+/// and their options. Serializes to JSON with [`to_json`](Self::to_json).
+///
+/// ```
+/// use choreo::{event, event_handler, Context, Service};
+///
+/// #[event(subject = "orders.{order_id}.placed", key = order_id)]
+/// pub struct OrderPlaced { pub order_id: String }
+///
+/// #[event(subject = "payments.{order_id}.captured", key = order_id)]
+/// pub struct PaymentCaptured { pub order_id: String }
+///
+/// #[event_handler(emits = [PaymentCaptured], max_deliver = 3)]
+/// async fn charge(order: OrderPlaced, ctx: Context) {
+///     ctx.emit(PaymentCaptured { order_id: order.order_id });
+/// }
+///
+/// let manifest = Service::new("payments").handler(charge).manifest();
+/// let h = &manifest.handlers[0];
+/// assert_eq!(h.durable, "payments--charge");
+/// assert_eq!(h.consumes.event, "OrderPlaced");
+/// assert_eq!(h.emits.as_ref().unwrap()[0].event, "PaymentCaptured");
+/// assert_eq!(h.options.max_deliver, 3);
+/// println!("{}", manifest.to_json());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Manifest {
+    /// The service's name.
+    pub service: String,
+    /// The choreo version that built it.
+    pub choreo_version: String,
+    /// Its handlers, in the order they were added.
+    pub handlers: Vec<HandlerManifest>,
+}
+
+/// One handler in a [`Manifest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct HandlerManifest {
+    /// The handler's name.
+    pub name: String,
+    /// Its durable consumer, `<service>--<handler>`.
+    pub durable: String,
+    /// The event it consumes, and the versions it accepts (through
+    /// `upcast_from`).
+    pub consumes: ConsumedEvent,
+    /// What it declares it emits (`emits = [..]`); `None`: undeclared.
+    pub emits: Option<Vec<EventManifest>>,
+    /// Its options.
+    pub options: OptionsManifest,
+}
+
+/// An event type in a [`Manifest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct EventManifest {
+    /// `ce-type`.
+    pub event: String,
+    /// The schema version.
+    pub version: u32,
+    /// The subject template.
+    pub subject: String,
+    /// Its wildcard form.
+    pub subject_filter: String,
+    /// The stream that stores it.
+    pub stream: String,
+}
+
+/// The event a handler consumes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ConsumedEvent {
+    /// `ce-type`.
+    pub event: String,
+    /// The newest version it reads.
+    pub version: u32,
+    /// Every version it reads, directly or through `upcast_from`.
+    pub accepts_versions: Vec<u32>,
+    /// The subject filter of its consumer.
+    pub subject_filter: String,
+    /// The stream it reads.
+    pub stream: String,
+}
+
+/// A handler's options in a [`Manifest`], durations in milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct OptionsManifest {
+    /// [`HandlerOptions::concurrency`].
+    pub concurrency: usize,
+    /// [`HandlerOptions::max_deliver`].
+    pub max_deliver: u32,
+    /// [`HandlerOptions::backoff`].
+    pub backoff_ms: Vec<u64>,
+    /// [`HandlerOptions::ack_wait`].
+    pub ack_wait_ms: u64,
+    /// [`HandlerOptions::timeout`].
+    pub timeout_ms: u64,
+    /// [`HandlerOptions::deliver`]: `all`, `new` or an RFC 3339 time.
+    pub deliver: String,
+    /// [`HandlerOptions::idempotent`].
+    pub idempotent: bool,
+}
+
+impl Manifest {
+    /// The manifest as pretty-printed JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+impl From<&EventType> for EventManifest {
+    fn from(t: &EventType) -> Self {
+        Self {
+            event: t.name.to_owned(),
+            version: t.version,
+            subject: t.subject.to_owned(),
+            subject_filter: t.subject_filter.to_owned(),
+            stream: t.stream.to_owned(),
+        }
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl From<&HandlerOptions> for OptionsManifest {
+    fn from(o: &HandlerOptions) -> Self {
+        Self {
+            concurrency: o.concurrency,
+            max_deliver: o.max_deliver,
+            backoff_ms: o.backoff.iter().copied().map(millis).collect(),
+            ack_wait_ms: millis(o.ack_wait),
+            timeout_ms: millis(o.timeout),
+            deliver: match o.deliver {
+                DeliverPolicy::All => "all".to_owned(),
+                DeliverPolicy::New => "new".to_owned(),
+                DeliverPolicy::Since(t) => t
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            },
+            idempotent: o.idempotent,
+        }
+    }
+}

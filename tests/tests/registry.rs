@@ -1,0 +1,167 @@
+//! The registry: `Service::manifest()` describes a service offline, and each
+//! running instance keeps its record in `choreo_registry`: written at start,
+//! refreshed every heartbeat, deleted on a graceful stop, stale after two
+//! missed heartbeats when it crashed, and gone when the bucket's `max_age`
+//! passes.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use choreo::async_nats::jetstream::{self, kv};
+use choreo::registry::{self, Manifest};
+use choreo::{Context, Service, event, event_handler};
+use choreo_testkit::NatsServer;
+
+#[event(subject = "orders.{order_id}.placed", key = order_id, name = "OrderPlaced")]
+pub struct OrderPlacedV1 {
+    pub order_id: String,
+}
+
+#[event(subject = "orders.{order_id}.placed", key = order_id, name = "OrderPlaced", version = 2, upcast_from = OrderPlacedV1)]
+pub struct OrderPlaced {
+    pub order_id: String,
+    pub total_cents: u64,
+}
+
+impl From<OrderPlacedV1> for OrderPlaced {
+    fn from(v1: OrderPlacedV1) -> Self {
+        Self {
+            order_id: v1.order_id,
+            total_cents: 0,
+        }
+    }
+}
+
+#[event(subject = "payments.{order_id}.captured", key = order_id)]
+pub struct PaymentCaptured {
+    pub order_id: String,
+}
+
+#[event_handler(emits = [PaymentCaptured], max_deliver = 3, deliver = new)]
+async fn charge(order: OrderPlaced, ctx: Context) {
+    ctx.emit(PaymentCaptured {
+        order_id: order.order_id,
+    });
+}
+
+#[event_handler(idempotent = false)]
+async fn audit(_order: OrderPlaced) {}
+
+fn payments() -> Service {
+    Service::new("payments").handler(charge).handler(audit)
+}
+
+#[test]
+fn a_manifest_describes_the_service_without_a_server() {
+    let m = payments().manifest();
+    assert_eq!(m.service, "payments");
+    assert_eq!(m.choreo_version, env!("CARGO_PKG_VERSION"));
+    let h = &m.handlers[0];
+    assert_eq!(h.durable, "payments--charge");
+    assert_eq!(h.consumes.event, "OrderPlaced");
+    assert_eq!(h.consumes.version, 2);
+    assert_eq!(
+        h.consumes.accepts_versions,
+        vec![1, 2],
+        "through upcast_from"
+    );
+    assert_eq!(h.consumes.subject_filter, "orders.*.placed");
+    assert_eq!(h.consumes.stream, "ORDERS");
+    let emits = h.emits.as_ref().unwrap();
+    assert_eq!(emits[0].event, "PaymentCaptured");
+    assert_eq!(emits[0].subject, "payments.{order_id}.captured");
+    assert_eq!(h.options.max_deliver, 3);
+    assert_eq!(h.options.deliver, "new");
+    assert!(
+        m.handlers[1].emits.is_none(),
+        "audit's emissions are undeclared"
+    );
+    assert!(!m.handlers[1].options.idempotent);
+    // JSON for CI, and back.
+    let json = m.to_json();
+    assert!(json.contains("\"accepts_versions\""), "{json}");
+    let back: Manifest = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, m);
+}
+
+async fn records(client: &choreo::async_nats::Client) -> Vec<registry::Instance> {
+    registry::instances(&jetstream::new(client.clone()))
+        .await
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_instance_is_listed_while_it_runs_and_gone_when_it_stops() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let svc = payments()
+        .registry_heartbeat(Duration::from_millis(200))
+        .start(client.clone())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let listed = loop {
+        let r = records(&client).await;
+        if !r.is_empty() || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let me = &listed[0];
+    assert_eq!(me.manifest, payments().manifest());
+    assert_eq!(me.instance.len(), 16);
+    assert!(!me.stale(registry_now()), "a live instance is not stale");
+    // Heartbeats move the record on.
+    let first = me.heartbeat_at_ms;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(records(&client).await[0].heartbeat_at_ms > first);
+    svc.shutdown().await;
+    assert!(
+        records(&client).await.is_empty(),
+        "a graceful stop deletes the record"
+    );
+}
+
+fn registry_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test]
+async fn a_crashed_instance_shows_as_stale_then_goes() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    // A bucket with a short max_age, made before any service (an existing
+    // bucket keeps its configuration), so "goes" takes seconds, not a minute.
+    jetstream::new(client.clone())
+        .create_key_value(kv::Config {
+            bucket: registry::BUCKET.into(),
+            history: 1,
+            max_age: Duration::from_secs(3),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let svc = payments()
+        .registry_heartbeat(Duration::from_millis(300))
+        .start(client.clone())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(records(&client).await.len(), 1);
+    svc.abort();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let after = records(&client).await;
+    assert_eq!(after.len(), 1, "still listed after the crash");
+    assert!(
+        after[0].stale(registry_now()),
+        "two heartbeats missed: stale"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(records(&client).await.is_empty(), "gone after max_age");
+}
