@@ -26,6 +26,9 @@
 //!   handler that survives a crash can do by hand.
 //! - `latency`: a 3-hop chain at a fixed rate, each hop as `handler_inbox`;
 //!   end-to-end p50 and p99.
+//! - `handler_metrics`: the 1-hop handler (inbox off) with a Prometheus
+//!   metrics recorder taking choreo's metrics, against the same handler
+//!   with none: the price of the metrics (its ratio is on / off).
 //! - `handler_inbox_write_only`, `latency_write_only`: the same, against a
 //!   raw relay that writes the key but never reads it. Not the same work
 //!   (a copy of an event is emitted again), shown to price the read: no
@@ -43,7 +46,7 @@
 use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
@@ -56,6 +59,75 @@ use tokio::sync::{Mutex, Semaphore};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const IN_FLIGHT: usize = 256;
+
+// ---- a metrics recorder that can be switched on and off ---------------------
+
+/// Whether the recorder hands out real handles. choreo takes its handles
+/// when a service starts, so a service started while it is off records
+/// nothing: one process can run both sides of `handler_metrics`.
+static METRICS_ON: AtomicBool = AtomicBool::new(false);
+
+struct Switch(metrics_exporter_prometheus::PrometheusRecorder);
+
+impl metrics::Recorder for Switch {
+    fn describe_counter(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.0.describe_counter(k, u, d);
+    }
+    fn describe_gauge(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.0.describe_gauge(k, u, d);
+    }
+    fn describe_histogram(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.0.describe_histogram(k, u, d);
+    }
+    fn register_counter(&self, key: &metrics::Key, m: &metrics::Metadata<'_>) -> metrics::Counter {
+        if METRICS_ON.load(Ordering::Relaxed) {
+            self.0.register_counter(key, m)
+        } else {
+            metrics::Counter::noop()
+        }
+    }
+    fn register_gauge(&self, key: &metrics::Key, m: &metrics::Metadata<'_>) -> metrics::Gauge {
+        if METRICS_ON.load(Ordering::Relaxed) {
+            self.0.register_gauge(key, m)
+        } else {
+            metrics::Gauge::noop()
+        }
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        m: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        if METRICS_ON.load(Ordering::Relaxed) {
+            self.0.register_histogram(key, m)
+        } else {
+            metrics::Histogram::noop()
+        }
+    }
+}
+
+/// The 1-hop handler with the recorder on or off.
+async fn handler_with_metrics(n: u64, on: bool) -> Result<f64, BoxError> {
+    METRICS_ON.store(on, Ordering::Relaxed);
+    let rate = choreo_handler(n, false).await;
+    METRICS_ON.store(false, Ordering::Relaxed);
+    rate
+}
 
 // ---- events --------------------------------------------------------------------
 
@@ -933,6 +1005,18 @@ async fn main() -> Result<(), BoxError> {
                 ratios.push((case, ratio));
             }
         }
+    }
+    if wanted("handler_metrics") {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::set_global_recorder(Switch(recorder)).map_err(|e| e.to_string())?;
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || handler_with_metrics(n, true),
+            || handler_with_metrics(n, false),
+        )
+        .await?;
+        rows.push(("handler, metrics on vs off", c, r, ratio));
+        ratios.push(("handler_metrics", ratio));
     }
     if wanted("latency") {
         let (p50, p99) = latency_pair(repeat, ln, rate, RawKv::ReadThenWrite).await?;
