@@ -32,7 +32,7 @@ async fn user(server: &NatsServer, name: &str) -> choreo::async_nats::Client {
 async fn a_service_a_publisher_and_the_recorder_run_with_the_documented_permissions() {
     let api = Default::default();
     let service = payments().permissions().publishes::<PaymentCaptured>(&api);
-    let checkout = Permissions::default().publishes::<OrderPlaced>(&api);
+    let checkout = Permissions::publisher("checkout", &api).publishes::<OrderPlaced>(&api);
     let recorder = r#"{ publish: { allow: ["$JS.API.>"] }, subscribe: { allow: ["_INBOX.>"] } }"#;
     let config = format!(
         "authorization {{ users = [ \
@@ -55,6 +55,20 @@ async fn a_service_a_publisher_and_the_recorder_run_with_the_documented_permissi
     // publisher compares with the stored copy (a read of the stream).
     let again = publisher.publish(&order(1)).await.unwrap();
     assert!(again.duplicate);
+    // The publisher's record in the registry was allowed too.
+    let js = choreo::async_nats::jetstream::new(recorder_client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while choreo::registry::publishers(&js)
+        .await
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the publisher could not record itself"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let svc = payments()
         .start(user(&server, "payments").await)

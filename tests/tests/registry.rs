@@ -165,3 +165,37 @@ async fn a_crashed_instance_shows_as_stale_then_goes() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(records(&client).await.is_empty(), "gone after max_age");
 }
+
+#[tokio::test]
+async fn a_publisher_records_the_root_events_it_publishes_once_each() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let publisher = choreo::Publisher::new(client.clone(), "checkout").unwrap();
+    for i in 0..5 {
+        publisher
+            .publish(&OrderPlaced {
+                order_id: format!("o-{i}"),
+                total_cents: 1,
+            })
+            .await
+            .unwrap();
+    }
+    let js = jetstream::new(client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let recorded = loop {
+        let r = registry::publishers(&js).await.unwrap_or_default();
+        if !r.is_empty() || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0].source, "checkout");
+    assert_eq!(recorded[0].event.event, "OrderPlaced");
+    assert_eq!(recorded[0].event.version, 2);
+    assert_eq!(recorded[0].event.stream, "ORDERS");
+    // Once per type: five publishes wrote one record.
+    let store = js.get_key_value(registry::PUBLISHERS_BUCKET).await.unwrap();
+    let status = store.status().await.unwrap();
+    assert_eq!(status.info.state.messages, 1);
+}

@@ -98,3 +98,39 @@ impl EventType {
         }
     }
 }
+
+/// An event type as the registry stores it: [`EventType`] as owned,
+/// serializable data.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct EventManifest {
+    /// `ce-type`.
+    pub event: String,
+    /// The schema version.
+    pub version: u32,
+    /// The subject template.
+    pub subject: String,
+    /// Its wildcard form.
+    pub subject_filter: String,
+    /// The stream that stores it.
+    pub stream: String,
+}
+
+impl From<&EventType> for EventManifest {
+    fn from(t: &EventType) -> Self {
+        Self {
+            event: t.name.to_owned(),
+            version: t.version,
+            subject: t.subject.to_owned(),
+            subject_filter: t.subject_filter.to_owned(),
+            stream: t.stream.to_owned(),
+        }
+    }
+}
+
+/// Unix time in milliseconds (0 before 1970).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

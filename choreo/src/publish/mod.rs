@@ -12,9 +12,11 @@ use futures::future::try_join_all;
 
 mod error;
 mod outgoing;
+mod record;
 
 pub use error::{PublishError, PublishErrorKind};
 pub(crate) use outgoing::Outgoing;
+pub use record::{PUBLISHERS_BUCKET, PublishedEvent};
 
 use crate::event::Event;
 use crate::event::EventId;
@@ -84,6 +86,8 @@ struct Inner {
     settings: StreamSettings,
     retry_for: Duration,
     ensured: Mutex<HashSet<&'static str>>,
+    /// The root event types recorded in the registry so far.
+    recorded: Mutex<HashSet<&'static str>>,
     /// Held while a stream is being looked up or created, so that many
     /// concurrent first publishes make one request, not hundreds.
     ensuring: tokio::sync::Mutex<()>,
@@ -116,6 +120,7 @@ impl Publisher {
                 ensuring: tokio::sync::Mutex::new(()),
                 max_payload,
                 metrics: Mutex::new(std::collections::HashMap::new()),
+                recorded: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -149,6 +154,7 @@ impl Publisher {
             ensuring: tokio::sync::Mutex::new(()),
             max_payload: AtomicUsize::new(self.inner.max_payload.load(Ordering::Relaxed)),
             metrics: Mutex::new(std::collections::HashMap::new()),
+            recorded: Mutex::new(HashSet::new()),
         };
         f(&mut inner);
         Self {
@@ -178,6 +184,7 @@ impl Publisher {
         &self,
         event: &E,
     ) -> impl Future<Output = Result<Receipt, PublishError>> + Send + '_ {
+        self.record::<E>();
         // One key for the id and for a duplicate's check.
         let key = event.key();
         let out = Metadata::root_with_key::<E>(key.as_ref(), &self.inner.source)
@@ -196,7 +203,27 @@ impl Publisher {
         event: &E,
         meta: &Metadata,
     ) -> impl Future<Output = Result<Receipt, PublishError>> + Send + '_ {
+        self.record::<E>();
         self.send_checked(Outgoing::new(event, meta.clone()), event.key())
+    }
+
+    /// Records, the first time this publisher publishes an `E`, that it
+    /// publishes `E` (bucket `choreo_publishers`, in the background).
+    fn record<E: Event>(&self) {
+        let first = self
+            .inner
+            .recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(E::NAME);
+        if first {
+            record::record_publisher(
+                &self.inner.js,
+                &self.inner.source,
+                &crate::event::EventType::of::<E>(),
+                self.inner.settings.replicas,
+            );
+        }
     }
 
     /// Publishes an event with metadata built by the caller (for example

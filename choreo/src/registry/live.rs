@@ -52,11 +52,7 @@ impl Instance {
     }
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub(crate) use crate::event::now_ms;
 
 /// The registry bucket, created if missing.
 pub(crate) async fn open(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, String> {
@@ -155,4 +151,31 @@ pub(crate) async fn heartbeat(
     {
         tracing::debug!(key = %key, error = %e, "could not delete the registry record; it expires on its own");
     }
+}
+
+pub use crate::publish::{PUBLISHERS_BUCKET, PublishedEvent};
+
+/// Every root event type publishers have recorded, sorted by source.
+///
+/// # Errors
+/// The bucket cannot be read (none exists before the first publish).
+pub async fn publishers(
+    js: &jetstream::Context,
+) -> Result<Vec<PublishedEvent>, crate::nats::Source> {
+    let store = js
+        .get_key_value(PUBLISHERS_BUCKET)
+        .await
+        .map_err(crate::nats::source)?;
+    let mut keys = store.keys().await.map_err(crate::nats::source)?;
+    let mut out = Vec::new();
+    while let Some(k) = keys.next().await {
+        let Ok(k) = k else { continue };
+        if let Ok(Some(v)) = store.get(&k).await
+            && let Ok(p) = serde_json::from_slice::<PublishedEvent>(&v)
+        {
+            out.push(p);
+        }
+    }
+    out.sort_by(|a, b| (&a.source, &a.event.event).cmp(&(&b.source, &b.event.event)));
+    Ok(out)
 }

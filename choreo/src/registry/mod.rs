@@ -8,10 +8,12 @@ use serde::{Deserialize, Serialize};
 
 mod live;
 
-pub use live::{BUCKET, HEARTBEAT, Instance, MAX_AGE, instances};
+pub use live::{
+    BUCKET, HEARTBEAT, Instance, MAX_AGE, PUBLISHERS_BUCKET, PublishedEvent, instances, publishers,
+};
 pub(crate) use live::{Record, heartbeat, now_ms};
 
-use crate::event::EventType;
+pub use crate::event::EventManifest;
 use crate::handler::{DeliverPolicy, HandlerOptions};
 
 /// A service's description: its handlers, what each consumes and emits,
@@ -67,22 +69,6 @@ pub struct HandlerManifest {
     pub options: OptionsManifest,
 }
 
-/// An event type in a [`Manifest`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct EventManifest {
-    /// `ce-type`.
-    pub event: String,
-    /// The schema version.
-    pub version: u32,
-    /// The subject template.
-    pub subject: String,
-    /// Its wildcard form.
-    pub subject_filter: String,
-    /// The stream that stores it.
-    pub stream: String,
-}
-
 /// The event a handler consumes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -123,18 +109,6 @@ impl Manifest {
     /// The manifest as pretty-printed JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
-    }
-}
-
-impl From<&EventType> for EventManifest {
-    fn from(t: &EventType) -> Self {
-        Self {
-            event: t.name.to_owned(),
-            version: t.version,
-            subject: t.subject.to_owned(),
-            subject_filter: t.subject_filter.to_owned(),
-            stream: t.stream.to_owned(),
-        }
     }
 }
 

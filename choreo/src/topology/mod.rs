@@ -36,6 +36,8 @@ pub(crate) const ADVISORY_SUBJECTS: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELI
 
 /// The registry's bucket (also `choreo::registry::BUCKET`).
 pub(crate) const REGISTRY_BUCKET: &str = "choreo_registry";
+/// Where publishers record their root events (`choreo::registry::PUBLISHERS_BUCKET`).
+pub(crate) const PUBLISHERS_BUCKET: &str = "choreo_publishers";
 
 /// The subject of a handler's dead letters.
 pub fn dlq_subject(service: &str, handler: &str) -> String {

@@ -48,6 +48,25 @@ impl Permissions {
         self.publishes_type(&crate::event::EventType::of::<E>(), api)
     }
 
+    /// What a publisher named `source` needs to record, once per event
+    /// type, the root events it publishes in the registry; add each type
+    /// with [`publishes`](Self::publishes).
+    #[must_use]
+    pub fn publisher(source: &str, api: &JetStreamApi) -> Self {
+        let p = api.prefix();
+        let mut me = Self::default();
+        me.replies();
+        let bucket = crate::topology::PUBLISHERS_BUCKET;
+        // Creating a bucket reads the account's limits first.
+        me.publish.insert(format!("{p}.INFO"));
+        me.stream(&p, &format!("KV_{bucket}"));
+        me.publish.insert(format!("$KV.{bucket}.{source}.>"));
+        if *api != JetStreamApi::Local {
+            me.publish.insert(format!("{p}.$KV.{bucket}.{source}.>"));
+        }
+        me
+    }
+
     /// As [`publishes`](Self::publishes), for an event type described as data.
     #[must_use]
     pub fn publishes_type(mut self, event: &crate::event::EventType, api: &JetStreamApi) -> Self {

@@ -1,0 +1,66 @@
+//! Recording, once per publisher and event type, which root events a
+//! publisher publishes (read back by `choreo::registry::publishers`).
+
+use async_nats::jetstream::{self, kv};
+use serde::{Deserialize, Serialize};
+
+use crate::event::now_ms;
+
+/// The bucket where publishers record the root events they publish.
+pub const PUBLISHERS_BUCKET: &str = crate::topology::PUBLISHERS_BUCKET;
+
+/// A root event type a publisher has published, as the registry keeps it
+/// (key `<source>.<event name>`, kept until deleted by hand).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PublishedEvent {
+    /// The publisher's `ce-source`.
+    pub source: String,
+    /// The event type.
+    pub event: crate::event::EventManifest,
+    /// When this publisher (instance) first published it, Unix milliseconds.
+    pub first_published_at_ms: u64,
+}
+
+/// Records that `source` publishes `event`, once per publisher and type, in
+/// the background; a failure is logged and never fails a publish.
+pub(crate) fn record_publisher(
+    js: &jetstream::Context,
+    source: &str,
+    event: &crate::event::EventType,
+    replicas: usize,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let js = js.clone();
+    let record = PublishedEvent {
+        source: source.to_owned(),
+        event: crate::event::EventManifest::from(event),
+        first_published_at_ms: now_ms(),
+    };
+    runtime.spawn(async move {
+        let store = match js.get_key_value(PUBLISHERS_BUCKET).await {
+            Ok(s) => Ok(s),
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: PUBLISHERS_BUCKET.to_owned(),
+                    description: "choreo: which publisher publishes which root events".to_owned(),
+                    history: 1,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        let key = format!("{}.{}", record.source, record.event.event);
+        let value = serde_json::to_vec(&record).unwrap_or_default();
+        let put = match store {
+            Ok(s) => s.put(&key, value.into()).await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = put {
+            tracing::warn!(source = %record.source, event = %record.event.event, error = %e, "cannot record the publisher in the registry");
+        }
+    });
+}
