@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use choreo::{Context, Publisher, Service, event, event_handler};
+use choreo_examples::arg;
 use choreo_testkit::NatsServer;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{Mutex, Semaphore};
@@ -927,14 +928,6 @@ fn side() -> Option<&'static str> {
         Some("raw") => Some("raw"),
         _ => None,
     }
-}
-
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 #[tokio::main]

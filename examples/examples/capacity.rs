@@ -28,6 +28,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use choreo::{Publisher, Service, event, event_handler};
+use choreo_examples::arg;
 use choreo_testkit::NatsServer;
 use futures::StreamExt;
 
@@ -152,14 +153,6 @@ fn human(bytes: f64) -> String {
         unit += 1;
     }
     format!("{v:.1} {}", UNITS[unit])
-}
-
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 #[tokio::main]

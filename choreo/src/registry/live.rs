@@ -86,8 +86,18 @@ fn key(service: &str, instance: &str) -> String {
 /// # Errors
 /// The bucket cannot be read (none exists when no service ever started).
 pub async fn instances(js: &jetstream::Context) -> Result<Vec<Instance>, crate::nats::Source> {
+    let mut out: Vec<Instance> = read_all(js, BUCKET).await?;
+    out.sort_by(|a, b| (&a.manifest.service, &a.instance).cmp(&(&b.manifest.service, &b.instance)));
+    Ok(out)
+}
+
+/// Every value of `bucket` that reads as a `T` (others are skipped).
+async fn read_all<T: serde::de::DeserializeOwned>(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<Vec<T>, crate::nats::Source> {
     let store = js
-        .get_key_value(BUCKET)
+        .get_key_value(bucket)
         .await
         .map_err(crate::nats::source)?;
     let mut keys = store.keys().await.map_err(crate::nats::source)?;
@@ -95,12 +105,11 @@ pub async fn instances(js: &jetstream::Context) -> Result<Vec<Instance>, crate::
     while let Some(k) = keys.next().await {
         let Ok(k) = k else { continue };
         if let Ok(Some(v)) = store.get(&k).await
-            && let Ok(i) = serde_json::from_slice::<Instance>(&v)
+            && let Ok(t) = serde_json::from_slice::<T>(&v)
         {
-            out.push(i);
+            out.push(t);
         }
     }
-    out.sort_by(|a, b| (&a.manifest.service, &a.instance).cmp(&(&b.manifest.service, &b.instance)));
     Ok(out)
 }
 
@@ -162,20 +171,7 @@ pub use crate::publish::{PUBLISHERS_BUCKET, PublishedEvent};
 pub async fn publishers(
     js: &jetstream::Context,
 ) -> Result<Vec<PublishedEvent>, crate::nats::Source> {
-    let store = js
-        .get_key_value(PUBLISHERS_BUCKET)
-        .await
-        .map_err(crate::nats::source)?;
-    let mut keys = store.keys().await.map_err(crate::nats::source)?;
-    let mut out = Vec::new();
-    while let Some(k) = keys.next().await {
-        let Ok(k) = k else { continue };
-        if let Ok(Some(v)) = store.get(&k).await
-            && let Ok(p) = serde_json::from_slice::<PublishedEvent>(&v)
-        {
-            out.push(p);
-        }
-    }
+    let mut out: Vec<PublishedEvent> = read_all(js, PUBLISHERS_BUCKET).await?;
     out.sort_by(|a, b| (&a.source, &a.event.event).cmp(&(&b.source, &b.event.event)));
     Ok(out)
 }
