@@ -6,8 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+mod lint;
 mod live;
 
+pub use lint::{Finding, FindingKind, Graph, Severity, lint};
 pub use live::{
     BUCKET, HEARTBEAT, Instance, MAX_AGE, PUBLISHERS_BUCKET, PublishedEvent, instances, publishers,
 };
