@@ -32,6 +32,16 @@ fn choreo() -> Command {
     Command::new(env!("CARGO_BIN_EXE_choreo"))
 }
 
+/// Runs `choreo <args> --manifests <dir>`.
+fn on_files(args: &[&str], dir: &tempfile::TempDir) -> std::process::Output {
+    choreo()
+        .args(args)
+        .arg("--manifests")
+        .arg(dir.path())
+        .output()
+        .unwrap()
+}
+
 fn services() -> Vec<Service> {
     vec![
         Service::new("payments").handler(charge),
@@ -62,11 +72,7 @@ fn manifests(version: u32) -> tempfile::TempDir {
 #[test]
 fn lint_passes_a_clean_choreography_and_fails_one_with_errors() {
     let clean = manifests(1);
-    let out = choreo()
-        .args(["lint", "--manifests"])
-        .arg(clean.path())
-        .output()
-        .unwrap();
+    let out = on_files(&["lint"], &clean);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
@@ -75,11 +81,7 @@ fn lint_passes_a_clean_choreography_and_fails_one_with_errors() {
     );
 
     let broken = manifests(2);
-    let out = choreo()
-        .args(["lint", "--manifests"])
-        .arg(broken.path())
-        .output()
-        .unwrap();
+    let out = on_files(&["lint"], &broken);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -91,11 +93,7 @@ fn lint_passes_a_clean_choreography_and_fails_one_with_errors() {
         "{stdout}"
     );
     // And as JSON for scripts.
-    let out = choreo()
-        .args(["lint", "--json", "--manifests"])
-        .arg(broken.path())
-        .output()
-        .unwrap();
+    let out = on_files(&["lint", "--json"], &broken);
     let findings: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(findings[0]["kind"], "VersionNotAccepted");
     assert_eq!(findings[0]["severity"], "Error");
@@ -104,11 +102,7 @@ fn lint_passes_a_clean_choreography_and_fails_one_with_errors() {
 #[test]
 fn graph_draws_the_choreography_from_files() {
     let dir = manifests(1);
-    let out = choreo()
-        .args(["graph", "--manifests"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = on_files(&["graph"], &dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(
@@ -119,11 +113,7 @@ fn graph_draws_the_choreography_from_files() {
         stdout.contains("payments.charge -->|PaymentCaptured| shipping.ship"),
         "{stdout}"
     );
-    let out = choreo()
-        .args(["graph", "--dot", "--manifests"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = on_files(&["graph", "--dot"], &dir);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("digraph choreography {"));
 }
 
@@ -192,11 +182,7 @@ fn an_unreachable_server_is_one_line_and_exit_code_2() {
 fn a_file_that_is_not_a_manifest_is_named() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("junk.json"), "{\"hello\": 1}").unwrap();
-    let out = choreo()
-        .args(["lint", "--manifests"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = on_files(&["lint"], &dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(
