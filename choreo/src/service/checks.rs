@@ -67,24 +67,28 @@ pub(super) fn validate_options(handler: &str, o: &HandlerOptions) -> Result<(), 
     }
 }
 
-pub(super) async fn shutdown_signal() {
+/// Ctrl-C or SIGTERM. The SIGTERM handler is installed when this is
+/// called, not when the future is first polled, so a SIGTERM that arrives
+/// while the service is still starting is not lost (nor does it kill the
+/// process): the service stops gracefully as soon as it has started.
+pub(super) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let Some(mut term) = term else {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
             };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
