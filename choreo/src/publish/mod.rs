@@ -412,15 +412,17 @@ impl Publisher {
         Ok(())
     }
 
-    fn metrics(&self, stream: &'static str) -> crate::observe::PublishMetrics {
+    /// Runs `f` on the metric handles of `stream` (taken on its first
+    /// publish), under one lock and with no handle cloned.
+    fn with_metrics(&self, stream: &'static str, f: impl FnOnce(&crate::observe::PublishMetrics)) {
         let mut map = self.inner.metrics.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(stream)
-            .or_insert_with(|| crate::observe::PublishMetrics::new(&self.inner.source, stream))
-            .clone()
+        f(map
+            .entry(stream)
+            .or_insert_with(|| crate::observe::PublishMetrics::new(&self.inner.source, stream)));
     }
 
     async fn send_one(&self, mut out: Outgoing) -> Result<Receipt, PublishError> {
-        let metrics = self.metrics(out.stream.name);
+        let stream = out.stream.name;
         let started = std::time::Instant::now();
         let subject = async_nats::Subject::from(std::mem::take(&mut out.subject));
         let headers = std::mem::take(&mut out.headers);
@@ -434,14 +436,16 @@ impl Publisher {
                 match Box::pin(self.retry(e, out.event, &subject, &out.meta, &out.payload)).await {
                     Ok(ack) => ack,
                     Err(e) => {
-                        metrics.failures.increment(1);
+                        self.with_metrics(stream, |m| m.failures.increment(1));
                         return Err(e);
                     }
                 }
             }
         };
-        metrics.duration.record(started.elapsed());
-        metrics.sent.increment(1);
+        self.with_metrics(stream, |m| {
+            m.duration.record(started.elapsed());
+            m.sent.increment(1);
+        });
         Ok(Receipt {
             event_id: out.id,
             correlation_id: out.correlation_id,

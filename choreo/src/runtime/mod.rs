@@ -179,12 +179,20 @@ pub(crate) use about;
 
 /// A delivery's attempt and stream sequence (1 and 0 if unreadable).
 pub(crate) fn delivery_of(msg: &jetstream::Message) -> (u32, u64) {
+    let (attempt, sequence, _) = delivery_and_pending(msg);
+    (attempt, sequence)
+}
+
+/// [`delivery_of`], and the delivery's pending count, from one read of its
+/// reply subject.
+pub(crate) fn delivery_and_pending(msg: &jetstream::Message) -> (u32, u64, u64) {
     match msg.info() {
         Ok(info) => (
             u32::try_from(info.delivered).unwrap_or(u32::MAX),
             info.stream_sequence,
+            info.pending,
         ),
-        Err(_) => (1, 0),
+        Err(_) => (1, 0, 0),
     }
 }
 

@@ -191,11 +191,6 @@ pub(super) fn spawn(
     slot: Slot,
 ) {
     rt.metrics.consumed.increment(1);
-    if let Ok(info) = msg.info() {
-        // What waits behind this delivery: the lag, at no extra request.
-        #[allow(clippy::cast_precision_loss)]
-        rt.metrics.lag.set(info.pending as f64);
-    }
     let started = std::time::Instant::now();
     let fut = handler.clone().process(msg, seen, rt.clone());
     let rt = rt.clone();
