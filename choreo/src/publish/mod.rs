@@ -207,25 +207,6 @@ impl Publisher {
         self.send_checked(Outgoing::new(event, meta.clone()), event.key())
     }
 
-    /// Records, the first time this publisher publishes an `E`, that it
-    /// publishes `E` (bucket `choreo_publishers`, in the background).
-    fn record<E: Event>(&self) {
-        let first = self
-            .inner
-            .recorded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(E::NAME);
-        if first {
-            record::record_publisher(
-                &self.inner.js,
-                &self.inner.source,
-                &crate::event::EventType::of::<E>(),
-                self.inner.settings.replicas,
-            );
-        }
-    }
-
     /// Publishes an event with metadata built by the caller (for example
     /// with [`Metadata::emitted`], to continue a flow).
     ///
@@ -410,15 +391,6 @@ impl Publisher {
             });
         }
         Ok(())
-    }
-
-    /// Runs `f` on the metric handles of `stream` (taken on its first
-    /// publish), under one lock and with no handle cloned.
-    fn with_metrics(&self, stream: &'static str, f: impl FnOnce(&crate::observe::PublishMetrics)) {
-        let mut map = self.inner.metrics.lock().unwrap_or_else(|p| p.into_inner());
-        f(map
-            .entry(stream)
-            .or_insert_with(|| crate::observe::PublishMetrics::new(&self.inner.source, stream)));
     }
 
     async fn send_one(&self, mut out: Outgoing) -> Result<Receipt, PublishError> {

@@ -64,3 +64,37 @@ pub(crate) fn record_publisher(
         }
     });
 }
+
+impl super::Publisher {
+    /// Records, the first time this publisher publishes an `E`, that it
+    /// publishes `E` (bucket `choreo_publishers`, in the background).
+    pub(super) fn record<E: crate::event::Event>(&self) {
+        let first = self
+            .inner
+            .recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(E::NAME);
+        if first {
+            record_publisher(
+                &self.inner.js,
+                &self.inner.source,
+                &crate::event::EventType::of::<E>(),
+                self.inner.settings.replicas,
+            );
+        }
+    }
+
+    /// Runs `f` on the metric handles of `stream` (taken on its first
+    /// publish), under one lock and with no handle cloned.
+    pub(super) fn with_metrics(
+        &self,
+        stream: &'static str,
+        f: impl FnOnce(&crate::observe::PublishMetrics),
+    ) {
+        let mut map = self.inner.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        f(map
+            .entry(stream)
+            .or_insert_with(|| crate::observe::PublishMetrics::new(&self.inner.source, stream)));
+    }
+}
