@@ -1,20 +1,26 @@
 //! `choreo`: see a choreography from NATS alone, or from manifest files.
 //!
 //! ```sh
+//! choreo status --watch                    # instances and handlers, every 2 s
 //! choreo graph --mermaid                   # who emits what to whom, from the registry
 //! choreo lint --manifests ci/manifests     # offline, for CI: non-zero exit on errors
+//! choreo asyncapi > asyncapi.json          # an AsyncAPI 3.0 document of the system
 //! ```
 //!
-//! A thin layer over `choreo::registry`. Connection flags are spelled as
-//! the `nats` CLI spells them. Exit codes: 0 fine, 1 the lint found errors,
-//! 2 the command could not run (a bad flag, an unreachable server, refused
-//! credentials, a missing permission, an unreadable manifest).
+//! A thin layer over `choreo::admin`. Connection flags are spelled as the
+//! `nats` CLI spells them. Exit codes: 0 fine, 1 the lint found errors (or
+//! `status` found a handler STALLED or STOPPED), 2 the command could not
+//! run (a bad flag, an unreachable server, refused credentials, a missing
+//! permission, an unreadable manifest).
+
+mod table;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use choreo::admin::{self, Graph, Severity, State};
 use choreo::async_nats::ConnectOptions;
-use choreo::registry::{self, Graph, Manifest, PublishedEvent, Severity};
+use choreo::registry::{self, Manifest, PublishedEvent};
 use choreo::{JetStreamApi, connect};
 use clap::{Args, Parser, Subcommand};
 
@@ -73,6 +79,18 @@ struct Connection {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Services, instances and every handler's backlog, lag, dead letters,
+    /// inbox records and state (OK, LAGGING, STALLED, STOPPED). Exits 1
+    /// when a handler is STALLED or STOPPED.
+    Status {
+        /// Keep printing, one reading every interval, each judged against
+        /// the one before.
+        #[arg(long)]
+        watch: bool,
+        /// The time between two readings; a state is judged over it.
+        #[arg(long, default_value = "1s", value_parser = duration)]
+        interval: std::time::Duration,
+    },
     /// Who emits what to whom: services, events and handlers.
     Graph {
         /// A Mermaid flowchart (the default for text).
@@ -90,6 +108,27 @@ enum Command {
         #[command(flatten)]
         source: Source,
     },
+    /// An AsyncAPI 3.0 document (JSON) of every service and publisher.
+    Asyncapi {
+        #[command(flatten)]
+        source: Source,
+    },
+}
+
+/// `500ms`, `2s`, `1m`.
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 2s or 1m"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?} is not a duration like 500ms, 2s or 1m")),
+    }
 }
 
 /// Where the manifests come from.
@@ -116,6 +155,17 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     match &cli.command {
+        Command::Status { watch, interval } => status(&cli, *watch, *interval).await,
+        Command::Asyncapi { source } => {
+            let (manifests, publishers) = load(&cli.conn, source).await?;
+            let server = source
+                .manifests
+                .is_none()
+                .then_some(cli.conn.server.as_str());
+            let doc = admin::asyncapi(&manifests, &publishers, server);
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Graph {
             mermaid: _,
             dot,
@@ -134,7 +184,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         }
         Command::Lint { source } => {
             let (manifests, publishers) = load(&cli.conn, source).await?;
-            let findings = registry::lint(&manifests, &publishers);
+            let findings = admin::lint(&manifests, &publishers);
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&findings)?);
             } else {
@@ -208,24 +258,59 @@ fn from_files(dir: &Path) -> Result<(Vec<Manifest>, Vec<PublishedEvent>), BoxErr
 async fn from_registry(
     conn: &Connection,
 ) -> Result<(Vec<Manifest>, Vec<PublishedEvent>), BoxError> {
+    let js = jetstream(conn).await?;
+    admin::manifests(&js).await.map_err(registry_error)
+}
+
+/// The one-line error for a registry that cannot be read.
+fn registry_error(e: choreo::Source) -> BoxError {
+    format!(
+        "cannot read the registry (bucket {}): {e}; has a choreo service started on this server?",
+        registry::BUCKET
+    )
+    .into()
+}
+
+async fn jetstream(conn: &Connection) -> Result<choreo::async_nats::jetstream::Context, BoxError> {
     let client = connect(&conn.server, options(conn).await?).await?;
     let api = conn
         .domain
         .as_ref()
         .map_or_else(JetStreamApi::default, JetStreamApi::domain);
-    let js = api.context(client);
-    // One manifest per service: its instances run the same code, or are
-    // being rolled out (the newest start wins).
-    let mut instances = registry::instances(&js).await.map_err(|e| {
-        format!("cannot read the registry (bucket {}): {e}; has a choreo service started on this server?", registry::BUCKET)
-    })?;
-    instances.sort_by_key(|i| i.started_at_ms);
-    let mut by_service = std::collections::BTreeMap::new();
-    for i in instances {
-        by_service.insert(i.manifest.service.clone(), i.manifest);
+    Ok(api.context(client))
+}
+
+/// `choreo status`: one judged reading, or with `--watch` one per interval.
+async fn status(
+    cli: &Cli,
+    watch: bool,
+    interval: std::time::Duration,
+) -> Result<ExitCode, BoxError> {
+    let js = jetstream(&cli.conn).await?;
+    let mut before = admin::Snapshot::take(&js).await.map_err(registry_error)?;
+    loop {
+        tokio::time::sleep(interval).await;
+        let after = admin::Snapshot::take(&js).await.map_err(registry_error)?;
+        let status = admin::Status::judge(&before, &after);
+        if cli.json {
+            println!("{}", serde_json::to_string(&status)?);
+        } else {
+            print!("{}", table::status(&status));
+        }
+        if !watch {
+            let bad = status
+                .handlers
+                .iter()
+                .any(|h| matches!(h.state, State::Stalled | State::Stopped));
+            return Ok(if bad {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        println!();
+        before = after;
     }
-    let publishers = registry::publishers(&js).await.unwrap_or_default();
-    Ok((by_service.into_values().collect(), publishers))
 }
 
 async fn options(conn: &Connection) -> Result<ConnectOptions, BoxError> {

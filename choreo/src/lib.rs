@@ -35,6 +35,7 @@ mod publish;
 
 mod handler;
 
+pub mod admin;
 pub mod dlq;
 mod inbox;
 pub mod registry;
@@ -180,11 +181,52 @@ pub use choreo_macros::event;
 /// | `crate = "path"` | where `choreo` is, if renamed | `choreo` |
 pub use choreo_macros::event_handler;
 
+/// `Some(schema::<T>())`, or with the `schemars` feature off, an error
+/// on `#[event(schema)]`.
+#[cfg(feature = "schemars")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __schema_of {
+    ($t:ty) => {
+        ::core::option::Option::Some($crate::__private::schema::<$t>())
+    };
+}
+
+#[cfg(not(feature = "schemars"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __schema_of {
+    ($t:ty) => {
+        ::core::compile_error!(
+            "`#[event(schema)]` needs choreo's `schemars` feature: choreo = { version = \"0.1\", features = [\"schemars\"] }, and `#[derive(schemars::JsonSchema)]` on the event"
+        )
+    };
+}
+
 /// Support for the code the macros generate. Not public API: it may change
 /// in any release.
 #[doc(hidden)]
 pub mod __private {
     pub use serde;
+    pub use serde_json;
+
+    pub use crate::__schema_of as schema_of;
+
+    /// `T`'s JSON Schema for [`Event::schema`](crate::Event::schema):
+    /// draft-07, every subschema inlined (an AsyncAPI document embeds it,
+    /// where a `#/definitions/..` reference would point elsewhere), no
+    /// `$schema` key.
+    #[cfg(feature = "schemars")]
+    pub fn schema<T: schemars::JsonSchema>() -> serde_json::Value {
+        let mut settings = schemars::generate::SchemaSettings::draft07();
+        settings.inline_subschemas = true;
+        let schema = settings.into_generator().into_root_schema_for::<T>();
+        let mut value = schema.to_value();
+        if let Some(map) = value.as_object_mut() {
+            map.remove("$schema");
+        }
+        value
+    }
 
     use crate::event::id::EventKey;
     use std::fmt::Display;

@@ -3,7 +3,8 @@
 //! it.
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use choreo::registry::{self, FindingKind, Graph, Manifest, PublishedEvent, Severity};
+use choreo::admin::{self, FindingKind, Graph, Severity};
+use choreo::registry::{Manifest, PublishedEvent};
 use choreo::{Context, Service, event, event_handler};
 
 #[event(subject = "orders.{order_id}.placed", key = order_id)]
@@ -91,7 +92,7 @@ fn clean() -> Vec<Manifest> {
 
 #[test]
 fn a_choreography_where_every_event_has_a_producer_and_a_consumer_is_clean() {
-    let findings = registry::lint(&clean(), &[checkout(1)]);
+    let findings = admin::lint(&clean(), &[checkout(1)]);
     assert!(findings.is_empty(), "{findings:#?}");
 }
 
@@ -125,7 +126,7 @@ fn each_kind_of_problem_is_found_with_its_severity() {
     let mut manifests = clean();
     manifests.push(Service::new("billing").handler(receipt).manifest());
     manifests.push(Service::new("refunds").handler(refund).manifest());
-    let findings = registry::lint(&manifests, &[checkout(2)]);
+    let findings = admin::lint(&manifests, &[checkout(2)]);
     let of = |k: FindingKind| {
         findings
             .iter()
@@ -165,7 +166,7 @@ fn each_kind_of_problem_is_found_with_its_severity() {
 fn a_loop_of_events_is_an_error() {
     let mut manifests = clean();
     manifests.push(Service::new("retries").handler(replace).manifest());
-    let findings = registry::lint(&manifests, &[checkout(1)]);
+    let findings = admin::lint(&manifests, &[checkout(1)]);
     let cycles: Vec<_> = findings
         .iter()
         .filter(|f| f.kind == FindingKind::Cycle)

@@ -9,8 +9,7 @@ use syn::{Ident, LitInt, LitStr, Token};
 use crate::ctxt::Ctxt;
 use crate::opts::{self, Opt, set};
 
-pub(crate) const OPTIONS: &str =
-    "`subject`, `name`, `version`, `stream`, `key`, `upcast_from`, `crate`, `command_name_ok`";
+pub(crate) const OPTIONS: &str = "`subject`, `name`, `version`, `stream`, `key`, `upcast_from`, `schema`, `crate`, `command_name_ok`";
 
 #[derive(Default)]
 pub(crate) struct EventAttr {
@@ -22,6 +21,8 @@ pub(crate) struct EventAttr {
     pub(crate) upcast_from: Option<Opt<Vec<syn::Path>>>,
     pub(crate) krate: Option<Opt<syn::Path>>,
     pub(crate) command_name_ok: Option<Opt<()>>,
+    /// `schema`: the payload's JSON Schema comes from `schemars::JsonSchema`.
+    pub(crate) schema: Option<Opt<()>>,
 }
 
 /// `x` or `(x, y, ...)`.
@@ -73,6 +74,7 @@ pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> EventAttr {
                 set(cx, &mut attr.krate, "crate", span, path);
             }
             "command_name_ok" => set(cx, &mut attr.command_name_ok, "command_name_ok", span, ()),
+            "schema" => set(cx, &mut attr.schema, "schema", span, ()),
             _ => opts::unknown(cx, "event", OPTIONS, &meta, span)?,
         }
         Ok(())

@@ -21,6 +21,8 @@ pub(crate) struct Model {
     /// The key fields, spanned at the field.
     pub(crate) key: Option<Vec<Ident>>,
     pub(crate) upcasts: Vec<syn::Path>,
+    /// Where `schema` was written, if it was.
+    pub(crate) schema: Option<proc_macro2::Span>,
 }
 
 pub(crate) fn crate_path(attr: &EventAttr) -> syn::Path {
@@ -255,6 +257,7 @@ pub(crate) fn check(cx: &mut Ctxt, attr: &EventAttr, item: &DeriveInput) -> Opti
     }
 
     Some(Model {
+        schema: attr.schema.as_ref().map(|o| o.key),
         krate: crate_path(attr),
         ident,
         name,

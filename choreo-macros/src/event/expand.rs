@@ -126,6 +126,16 @@ pub(crate) fn expand(m: &Model, item: &DeriveInput) -> TokenStream {
         }
     });
 
+    // The feature check happens in `choreo`, whose macro knows whether its
+    // `schemars` feature is on; the span points at `schema`.
+    let schema_fn = m.schema.map(|span| {
+        quote_spanned! {span=>
+            fn schema() -> ::core::option::Option<#p::serde_json::Value> {
+                #p::schema_of!(Self)
+            }
+        }
+    });
+
     quote! {
         #derives
         #item
@@ -144,6 +154,7 @@ pub(crate) fn expand(m: &Model, item: &DeriveInput) -> TokenStream {
             #key_fn
             #accepts_fn
             #decode_fn
+            #schema_fn
         }
         #(#upcast_checks)*
     }

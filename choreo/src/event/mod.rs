@@ -63,12 +63,20 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// # Errors
     /// An unknown version, or a payload that is not this type in CBOR.
     fn decode_payload(version: u32, payload: &[u8]) -> Result<Self, DecodeError>;
+
+    /// The payload's JSON Schema (draft-07, subschemas inlined), which
+    /// `choreo asyncapi` puts in its document and the registry carries.
+    /// `#[event(schema)]` fills it from the type's `schemars::JsonSchema`
+    /// (choreo's `schemars` feature); `None` otherwise.
+    fn schema() -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// An event type's description as data: what a handler declares it emits
 /// (`#[event_handler(emits = [..])]`), and what the permissions and the
 /// registry are built from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug)]
 #[non_exhaustive]
 pub struct EventType {
     /// [`Event::NAME`].
@@ -83,9 +91,38 @@ pub struct EventType {
     pub stream: &'static str,
     /// [`Event::STREAM_SUBJECTS`].
     pub stream_subjects: &'static str,
+    /// [`Event::schema`].
+    pub schema: fn() -> Option<serde_json::Value>,
+}
+
+/// Two descriptions are equal when every field but the schema function is.
+impl PartialEq for EventType {
+    fn eq(&self, other: &Self) -> bool {
+        self.identity() == other.identity()
+    }
+}
+
+impl Eq for EventType {}
+
+impl std::hash::Hash for EventType {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.identity().hash(state);
+    }
 }
 
 impl EventType {
+    #[allow(clippy::type_complexity)]
+    fn identity(&self) -> (&str, u32, &str, &str, &str, &str) {
+        (
+            self.name,
+            self.version,
+            self.subject,
+            self.subject_filter,
+            self.stream,
+            self.stream_subjects,
+        )
+    }
+
     /// The description of `E`.
     pub const fn of<E: Event>() -> Self {
         Self {
@@ -95,6 +132,7 @@ impl EventType {
             subject_filter: E::SUBJECT_FILTER,
             stream: E::STREAM,
             stream_subjects: E::STREAM_SUBJECTS,
+            schema: E::schema,
         }
     }
 }
@@ -114,6 +152,10 @@ pub struct EventManifest {
     pub subject_filter: String,
     /// The stream that stores it.
     pub stream: String,
+    /// The payload's JSON Schema, when the type provides one
+    /// ([`Event::schema`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<serde_json::Value>,
 }
 
 impl From<&EventType> for EventManifest {
@@ -124,6 +166,7 @@ impl From<&EventType> for EventManifest {
             subject: t.subject.to_owned(),
             subject_filter: t.subject_filter.to_owned(),
             stream: t.stream.to_owned(),
+            schema: (t.schema)(),
         }
     }
 }

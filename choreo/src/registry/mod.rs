@@ -6,10 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-mod lint;
 mod live;
 
-pub use lint::{Finding, FindingKind, Graph, Severity, lint};
 pub use live::{
     BUCKET, HEARTBEAT, Instance, MAX_AGE, PUBLISHERS_BUCKET, PublishedEvent, instances, publishers,
 };
@@ -81,10 +79,17 @@ pub struct ConsumedEvent {
     pub version: u32,
     /// Every version it reads, directly or through `upcast_from`.
     pub accepts_versions: Vec<u32>,
+    /// The subject template of the version it reads
+    /// (`orders.{order_id}.placed`).
+    #[serde(default)]
+    pub subject: String,
     /// The subject filter of its consumer.
     pub subject_filter: String,
     /// The stream it reads.
     pub stream: String,
+    /// The payload's JSON Schema, when the type provides one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<serde_json::Value>,
 }
 
 /// A handler's options in a [`Manifest`], durations in milliseconds.

@@ -25,8 +25,10 @@ impl Service {
                             event: consumed.name.to_owned(),
                             version: consumed.version,
                             accepts_versions: h.accepted_versions(),
+                            subject: consumed.subject.to_owned(),
                             subject_filter: consumed.subject_filter.to_owned(),
                             stream: consumed.stream.to_owned(),
+                            schema: (consumed.schema)(),
                         },
                         emits: h
                             .emits()

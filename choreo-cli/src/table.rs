@@ -1,0 +1,111 @@
+//! Text tables for people; `--json` is for scripts.
+
+use choreo::admin::Status;
+
+/// Columns padded to their widest cell, two spaces apart.
+fn render(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// A duration in milliseconds as `850ms`, `12s` or `3m`.
+fn age(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..120_000 => format!("{}s", ms / 1000),
+        _ => format!("{}m", ms / 60_000),
+    }
+}
+
+/// The instances, then the handlers, then what could not be read.
+pub(crate) fn status(s: &Status) -> String {
+    let mut rows = vec![
+        [
+            "SERVICE",
+            "INSTANCE",
+            "HOST",
+            "VERSION",
+            "UP",
+            "HEARTBEAT",
+            "STATE",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for i in &s.instances {
+        rows.push(vec![
+            i.service.clone(),
+            i.instance.clone(),
+            i.host.clone(),
+            i.choreo_version.clone(),
+            age(s.taken_at_ms.saturating_sub(i.started_at_ms)),
+            format!("{} ago", age(i.heartbeat_age_ms)),
+            if i.live { "live" } else { "stale" }.to_owned(),
+        ]);
+    }
+    let mut out = render(&rows);
+    out.push('\n');
+    let mut rows = vec![
+        [
+            "SERVICE",
+            "HANDLER",
+            "STATE",
+            "PENDING",
+            "UNACKED",
+            "REDELIVERED",
+            "LAG",
+            "LAG(s)",
+            "DEAD",
+            "INBOX",
+            "WHY",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for h in &s.handlers {
+        rows.push(vec![
+            h.service.clone(),
+            h.handler.clone(),
+            h.state.to_string(),
+            or_dash(h.pending),
+            or_dash(h.unacked),
+            or_dash(h.redelivered),
+            or_dash(h.lag_messages),
+            or_dash(h.lag_seconds.map(|s| format!("{s:.1}"))),
+            h.dead_letters.to_string(),
+            or_dash(h.inbox_records),
+            h.reason.clone(),
+        ]);
+    }
+    out.push_str(&render(&rows));
+    for p in &s.problems {
+        out.push_str(&format!("warning: {p}\n"));
+    }
+    out
+}

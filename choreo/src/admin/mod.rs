@@ -1,0 +1,53 @@
+//! See a running choreography from NATS alone: what the `choreo` tool
+//! shows, as a library.
+//!
+//! - [`status`]: every instance, and per handler its backlog, lag,
+//!   dead letters, inbox records and [`State`].
+//! - [`Graph`]: who emits what to whom; [`lint`]: what would go wrong.
+//! - [`asyncapi`]: an AsyncAPI 3.0 document of the whole system.
+//! - [`manifests`]: each service's manifest and the publishers' records,
+//!   from the registry, which the others take.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = choreo::connect("nats://127.0.0.1:4222", Default::default()).await?;
+//! let js = choreo::async_nats::jetstream::new(client);
+//! let (manifests, publishers) = choreo::admin::manifests(&js).await?;
+//! for finding in choreo::admin::lint(&manifests, &publishers) {
+//!     println!("{}", finding.message);
+//! }
+//! # Ok(()) }
+//! ```
+
+use async_nats::jetstream;
+
+use crate::nats::Source;
+use crate::registry::{self, Manifest, PublishedEvent};
+
+mod asyncapi;
+mod graph;
+mod status;
+
+pub use asyncapi::asyncapi;
+pub use graph::{Finding, FindingKind, Graph, Severity, lint};
+pub use status::{HandlerStatus, InstanceStatus, Snapshot, State, Status, status};
+
+/// One manifest per service (from its newest instance: instances run the
+/// same code, or are being rolled out) and every publisher record.
+///
+/// # Errors
+/// The registry cannot be read (no service ever started on this server,
+/// or the credentials may not read its bucket). No publisher records is
+/// not an error.
+pub async fn manifests(
+    js: &jetstream::Context,
+) -> Result<(Vec<Manifest>, Vec<PublishedEvent>), Source> {
+    let mut instances = registry::instances(js).await?;
+    instances.sort_by_key(|i| i.started_at_ms);
+    let mut by_service = std::collections::BTreeMap::new();
+    for i in instances {
+        by_service.insert(i.manifest.service.clone(), i.manifest);
+    }
+    let publishers = registry::publishers(js).await.unwrap_or_default();
+    Ok((by_service.into_values().collect(), publishers))
+}

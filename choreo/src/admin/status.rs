@@ -1,0 +1,495 @@
+//! The state of every handler of a running choreography, read from NATS
+//! alone: the registry's instance records, each stream's consumer list
+//! (one request per stream for every handler on it), the dead-letter
+//! stream's per-subject counts (one request), and per handler with work
+//! waiting, the oldest event not yet done (one request).
+//!
+//! A [`Snapshot`] is one reading; [`Status::judge`] compares two readings
+//! and gives each handler a [`State`] by the rules documented on it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::nats::Source;
+use crate::registry::{self, HandlerManifest, Instance};
+use crate::topology::{DLQ_STREAM, DLQ_SUBJECTS, inbox_bucket};
+
+/// A handler's state, judged over the window between two readings.
+///
+/// The rules use no thresholds of their own; the only time they use is the
+/// handler's own `ack_wait`, the time JetStream gives one delivery before it
+/// counts it as lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[non_exhaustive]
+pub enum State {
+    /// Live instances run it, and it keeps up: nothing waits, or what waits
+    /// did not grow while the ack floor advanced.
+    Ok,
+    /// Live instances run it, and it falls behind: the events waiting (not
+    /// yet delivered, or delivered and not yet done) grew over the window,
+    /// or the ack floor did not advance while other events were done.
+    Lagging,
+    /// Events wait, the ack floor did not advance over the window, and no
+    /// event was done for longer than the handler's `ack_wait`: nothing
+    /// gets through.
+    Stalled,
+    /// No live instance runs it: every instance's record is stale (two
+    /// missed heartbeats) or gone, while its durable consumer remains.
+    Stopped,
+}
+
+impl State {
+    /// `OK`, `LAGGING`, `STALLED` or `STOPPED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "OK",
+            Self::Lagging => "LAGGING",
+            Self::Stalled => "STALLED",
+            Self::Stopped => "STOPPED",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One handler's durable consumer as read at one moment.
+#[derive(Clone, Debug, PartialEq)]
+struct Reading {
+    service: String,
+    handler: String,
+    durable: String,
+    stream: String,
+    pending: u64,
+    unacked: u64,
+    redelivered: u64,
+    ack_floor: u64,
+    /// When the consumer last had an event acked (or was created), Unix ms.
+    last_ack_ms: u64,
+    /// The server's time of the oldest event not yet done, Unix ms.
+    oldest_waiting_ms: Option<u64>,
+    inbox_records: Option<u64>,
+}
+
+/// One reading of the whole choreography: see the module docs for what it
+/// reads. Two of them make a [`Status`].
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    taken_at_ms: u64,
+    instances: Vec<Instance>,
+    /// By durable name.
+    readings: BTreeMap<String, Reading>,
+    dead_letters: BTreeMap<String, u64>,
+    /// What could not be read, one line each.
+    problems: Vec<String>,
+}
+
+/// One service instance in a [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct InstanceStatus {
+    /// Its service.
+    pub service: String,
+    /// Its instance id.
+    pub instance: String,
+    /// Its host.
+    pub host: String,
+    /// The choreo version it runs.
+    pub choreo_version: String,
+    /// When it started, Unix milliseconds.
+    pub started_at_ms: u64,
+    /// How long ago it last wrote its record, milliseconds.
+    pub heartbeat_age_ms: u64,
+    /// `false` once it missed two heartbeats.
+    pub live: bool,
+}
+
+/// One handler in a [`Status`]. A figure is `None` when it could not be
+/// read (the reason is in [`Status::problems`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct HandlerStatus {
+    /// Its service.
+    pub service: String,
+    /// The handler's name.
+    pub handler: String,
+    /// Its durable consumer.
+    pub durable: String,
+    /// The stream it reads.
+    pub stream: String,
+    /// Its state, by the rules on [`State`].
+    pub state: State,
+    /// Which rule gave the state, in words.
+    pub reason: String,
+    /// How many live instances run it.
+    pub live_instances: usize,
+    /// Events not yet delivered (the consumer's `num_pending`).
+    pub pending: Option<u64>,
+    /// Events delivered and not yet done (`num_ack_pending`).
+    pub unacked: Option<u64>,
+    /// Events delivered more than once and not yet done (`num_redelivered`).
+    pub redelivered: Option<u64>,
+    /// Events not yet done: `pending + unacked`.
+    pub lag_messages: Option<u64>,
+    /// How long the oldest event not yet done has been in the stream,
+    /// seconds; 0 when nothing waits.
+    pub lag_seconds: Option<f64>,
+    /// Its letters in the dead-letter stream.
+    pub dead_letters: u64,
+    /// Its records in the service's inbox bucket.
+    pub inbox_records: Option<u64>,
+}
+
+/// The state of a running choreography: its instances and every handler,
+/// judged between two [`Snapshot`]s.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Status {
+    /// When the later reading was taken, Unix milliseconds.
+    pub taken_at_ms: u64,
+    /// The time between the two readings, milliseconds.
+    pub window_ms: u64,
+    /// Every instance in the registry, live and stale.
+    pub instances: Vec<InstanceStatus>,
+    /// Every handler, by service and name.
+    pub handlers: Vec<HandlerStatus>,
+    /// What could not be read, one line each.
+    pub problems: Vec<String>,
+}
+
+/// Reads the choreography twice, `window` apart, and judges each handler.
+///
+/// ```no_run
+/// # async fn demo(js: choreo::async_nats::jetstream::Context) -> Result<(), choreo::Source> {
+/// let status = choreo::admin::status(&js, std::time::Duration::from_secs(1)).await?;
+/// for h in &status.handlers {
+///     println!("{} {} {} lag={:?}", h.service, h.handler, h.state, h.lag_messages);
+/// }
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// The registry cannot be read (no service ever started on this server,
+/// or the credentials may not read its bucket).
+pub async fn status(js: &jetstream::Context, window: Duration) -> Result<Status, Source> {
+    let before = Snapshot::take(js).await?;
+    tokio::time::sleep(window).await;
+    let after = Snapshot::take(js).await?;
+    Ok(Status::judge(&before, &after))
+}
+
+impl Snapshot {
+    /// Reads the registry, every consumer on the streams it names, the
+    /// dead-letter counts and the inbox record counts.
+    ///
+    /// # Errors
+    /// The registry cannot be read. Anything else that cannot be read
+    /// leaves its figures empty and says why in [`Status::problems`].
+    pub async fn take(js: &jetstream::Context) -> Result<Snapshot, Source> {
+        let instances = registry::instances(js).await?;
+        let mut problems = Vec::new();
+        let manifests = newest_manifests(&instances);
+        let mut streams: BTreeSet<String> = BTreeSet::new();
+        for h in manifests.values().flat_map(|m| &m.handlers) {
+            streams.insert(h.consumes.stream.clone());
+        }
+        // A stopped service's record is gone, but its durable is on a stream
+        // another service reads or a publisher writes.
+        for p in registry::publishers(js).await.unwrap_or_default() {
+            streams.insert(p.event.stream);
+        }
+        let mut readings = BTreeMap::new();
+        let lists = futures::future::join_all(streams.iter().map(|s| consumers_of(js, s))).await;
+        for (s, list) in streams.iter().zip(lists) {
+            match list {
+                Ok(infos) => {
+                    for info in infos {
+                        if let Some(r) = reading(&info) {
+                            readings.insert(r.durable.clone(), r);
+                        }
+                    }
+                }
+                Err(e) => problems.push(format!("cannot list the consumers of stream {s}: {e}")),
+            }
+        }
+        let filters: BTreeMap<&str, &str> = manifests
+            .values()
+            .flat_map(|m| &m.handlers)
+            .map(|h| (h.durable.as_str(), h.consumes.subject_filter.as_str()))
+            .collect();
+        let extra =
+            futures::stream::iter(readings.values_mut()).for_each_concurrent(16, |r| async {
+                if r.pending + r.unacked > 0 {
+                    let filter = filters.get(r.durable.as_str()).copied().unwrap_or(">");
+                    r.oldest_waiting_ms = oldest_waiting(js, r, filter).await;
+                }
+                r.inbox_records = inbox_records(js, &r.service, &r.handler).await;
+            });
+        extra.await;
+        let dead_letters = match dead_letters(js).await {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!("cannot count the dead letters ({DLQ_STREAM}): {e}"));
+                BTreeMap::new()
+            }
+        };
+        Ok(Snapshot {
+            taken_at_ms: crate::event::now_ms(),
+            instances,
+            readings,
+            dead_letters,
+            problems,
+        })
+    }
+}
+
+/// Each service's manifest from its newest instance (instances run the same
+/// code, or are being rolled out, and then the newest start wins).
+fn newest_manifests(instances: &[Instance]) -> BTreeMap<String, &registry::Manifest> {
+    let mut sorted: Vec<&Instance> = instances.iter().collect();
+    sorted.sort_by_key(|i| i.started_at_ms);
+    sorted
+        .into_iter()
+        .map(|i| (i.manifest.service.clone(), &i.manifest))
+        .collect()
+}
+
+async fn consumers_of(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<Vec<consumer::Info>, Source> {
+    let s = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(crate::nats::source)?;
+    s.consumers()
+        .try_collect()
+        .await
+        .map_err(crate::nats::source)
+}
+
+/// A choreo durable (`<service>--<handler>`) as a reading.
+fn reading(info: &consumer::Info) -> Option<Reading> {
+    let durable = info.config.durable_name.clone()?;
+    let (service, handler) = durable.split_once("--")?;
+    let ms =
+        |t: time::OffsetDateTime| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    Some(Reading {
+        service: service.to_owned(),
+        handler: handler.to_owned(),
+        stream: info.stream_name.clone(),
+        pending: info.num_pending,
+        unacked: info.num_ack_pending as u64,
+        redelivered: info.num_redelivered as u64,
+        ack_floor: info.ack_floor.stream_sequence,
+        last_ack_ms: ms(info.ack_floor.last_active.unwrap_or(info.created)),
+        oldest_waiting_ms: None,
+        inbox_records: None,
+        durable,
+    })
+}
+
+/// The server's time of the first event past the ack floor on the
+/// handler's subjects.
+async fn oldest_waiting(js: &jetstream::Context, r: &Reading, filter: &str) -> Option<u64> {
+    let s = js.get_stream_no_info(&r.stream).await.ok()?;
+    let m = s
+        .raw_message_builder()
+        .sequence(r.ack_floor + 1)
+        .next_by_subject(filter)
+        .send()
+        .await
+        .ok()?;
+    u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// How many keys the handler has in its service's inbox bucket: an
+/// ephemeral consumer on its keys, last per subject, counts them without
+/// reading one.
+async fn inbox_records(js: &jetstream::Context, service: &str, handler: &str) -> Option<u64> {
+    let bucket = inbox_bucket(service);
+    let s = js.get_stream_no_info(format!("KV_{bucket}")).await.ok()?;
+    let c = s
+        .create_consumer(consumer::pull::Config {
+            filter_subject: format!("$KV.{bucket}.{handler}.>"),
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            inactive_threshold: Duration::from_secs(5),
+            memory_storage: true,
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+    let n = c.cached_info().num_pending;
+    let _ = s.delete_consumer(&c.cached_info().name).await;
+    Some(n)
+}
+
+/// Letters per `choreo.dlq.<service>.<handler>` subject.
+async fn dead_letters(js: &jetstream::Context) -> Result<BTreeMap<String, u64>, Source> {
+    let s: stream::Stream<stream::Info> = match js.get_stream(DLQ_STREAM).await {
+        Ok(s) => s,
+        // No dead letter was ever written.
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(BTreeMap::new());
+        }
+        Err(e) => return Err(crate::nats::source(e)),
+    };
+    let subjects = s
+        .info_with_subjects(DLQ_SUBJECTS)
+        .await
+        .map_err(crate::nats::source)?;
+    let counts: Vec<(String, usize)> = subjects.try_collect().await.map_err(crate::nats::source)?;
+    Ok(counts.into_iter().map(|(k, v)| (k, v as u64)).collect())
+}
+
+impl Status {
+    /// Judges each handler by comparing two readings of the same
+    /// choreography, `before` taken first; see [`State`] for the rules.
+    pub fn judge(before: &Snapshot, after: &Snapshot) -> Status {
+        let now = after.taken_at_ms;
+        let window_ms = after.taken_at_ms.saturating_sub(before.taken_at_ms);
+        let instances: Vec<InstanceStatus> = after
+            .instances
+            .iter()
+            .map(|i| InstanceStatus {
+                service: i.manifest.service.clone(),
+                instance: i.instance.clone(),
+                host: i.host.clone(),
+                choreo_version: i.manifest.choreo_version.clone(),
+                started_at_ms: i.started_at_ms,
+                heartbeat_age_ms: now.saturating_sub(i.heartbeat_at_ms),
+                live: !i.stale(now),
+            })
+            .collect();
+        let manifests = newest_manifests(&after.instances);
+        let handlers_of: BTreeMap<&str, &HandlerManifest> = manifests
+            .values()
+            .flat_map(|m| &m.handlers)
+            .map(|h| (h.durable.as_str(), h))
+            .collect();
+        let mut durables: BTreeSet<&str> = handlers_of.keys().copied().collect();
+        durables.extend(after.readings.keys().map(String::as_str));
+        let handlers = durables
+            .into_iter()
+            .filter_map(|d| {
+                let manifest = handlers_of.get(d).copied();
+                let now_r = after.readings.get(d);
+                let then_r = before.readings.get(d);
+                let (service, handler) = match (manifest, now_r) {
+                    (_, Some(r)) => (r.service.clone(), r.handler.clone()),
+                    (Some(_), None) => d
+                        .split_once("--")
+                        .map(|(s, h)| (s.to_owned(), h.to_owned()))?,
+                    (None, None) => return None,
+                };
+                let live_instances = after
+                    .instances
+                    .iter()
+                    .filter(|i| !i.stale(now) && i.manifest.handlers.iter().any(|h| h.durable == d))
+                    .count();
+                let ack_wait_ms = manifest.map_or(30_000, |m| m.options.ack_wait_ms);
+                let (state, reason) = judge(then_r, now_r, live_instances, ack_wait_ms, now);
+                let dead_letters = after
+                    .dead_letters
+                    .get(&crate::topology::dlq_subject(&service, &handler))
+                    .copied()
+                    .unwrap_or(0);
+                Some(HandlerStatus {
+                    stream: now_r.map_or_else(
+                        || {
+                            manifest
+                                .map(|m| m.consumes.stream.clone())
+                                .unwrap_or_default()
+                        },
+                        |r| r.stream.clone(),
+                    ),
+                    durable: d.to_owned(),
+                    state,
+                    reason,
+                    live_instances,
+                    pending: now_r.map(|r| r.pending),
+                    unacked: now_r.map(|r| r.unacked),
+                    redelivered: now_r.map(|r| r.redelivered),
+                    lag_messages: now_r.map(|r| r.pending + r.unacked),
+                    lag_seconds: now_r.map(|r| {
+                        r.oldest_waiting_ms
+                            .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0)
+                    }),
+                    dead_letters,
+                    inbox_records: now_r.and_then(|r| r.inbox_records),
+                    service,
+                    handler,
+                })
+            })
+            .collect();
+        let mut problems = before.problems.clone();
+        problems.extend(after.problems.iter().cloned());
+        problems.dedup();
+        Status {
+            taken_at_ms: now,
+            window_ms,
+            instances,
+            handlers,
+            problems,
+        }
+    }
+}
+
+/// The rules of [`State`], applied to one handler.
+fn judge(
+    before: Option<&Reading>,
+    after: Option<&Reading>,
+    live_instances: usize,
+    ack_wait_ms: u64,
+    now_ms: u64,
+) -> (State, String) {
+    if live_instances == 0 {
+        return (State::Stopped, "no live instance runs it".to_owned());
+    }
+    let Some(after) = after else {
+        return (State::Stalled, "its durable consumer is missing".to_owned());
+    };
+    let waiting = after.pending + after.unacked;
+    if waiting == 0 {
+        return (State::Ok, "nothing waits".to_owned());
+    }
+    let before = before.unwrap_or(after);
+    let floor_moved = after.ack_floor > before.ack_floor;
+    let quiet_ms = now_ms.saturating_sub(after.last_ack_ms);
+    if !floor_moved && quiet_ms > ack_wait_ms {
+        return (
+            State::Stalled,
+            format!(
+                "{waiting} events wait and none was done for {quiet_ms} ms, longer than its ack_wait of {ack_wait_ms} ms"
+            ),
+        );
+    }
+    let grew = waiting > before.pending + before.unacked;
+    if grew {
+        return (
+            State::Lagging,
+            format!(
+                "the events waiting grew from {} to {waiting}",
+                before.pending + before.unacked
+            ),
+        );
+    }
+    if !floor_moved {
+        return (
+            State::Lagging,
+            format!("{waiting} events wait and the ack floor did not advance"),
+        );
+    }
+    (State::Ok, format!("{waiting} events wait and it keeps up"))
+}
