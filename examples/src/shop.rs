@@ -12,6 +12,9 @@
 //! with a sold-out item is refunded and cancelled. Every event is keyed by
 //! its order, so each fact exists once per order.
 //!
+//! Every event carries its payload's JSON Schema (`#[event(schema)]`, from
+//! `schemars`), so `choreo asyncapi` documents the shop's payloads.
+//!
 //! Each service's side effect (a charge, a refund, a reservation, a shipment)
 //! is written to the ledger stream `SHOP_LEDGER` with `ctx.idempotency_key()`
 //! as its `Nats-Msg-Id`, as the README tells users to do; the summary counts
@@ -27,7 +30,7 @@ use choreo::{
 use choreo_testkit::Recorder;
 
 /// One line of an order.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct Line {
     /// The product.
     pub sku: String,
@@ -36,8 +39,8 @@ pub struct Line {
 }
 
 /// A customer placed an order.
-#[event(subject = "orders.{order_id}.placed", key = order_id)]
-#[derive(Clone, Debug, PartialEq)]
+#[event(subject = "orders.{order_id}.placed", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
 pub struct OrderPlaced {
     /// The order.
     pub order_id: String,
@@ -50,8 +53,8 @@ pub struct OrderPlaced {
 }
 
 /// The payment went through.
-#[event(subject = "payments.{order_id}.captured", key = order_id)]
-#[derive(Clone, Debug, PartialEq)]
+#[event(subject = "payments.{order_id}.captured", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
 pub struct PaymentCaptured {
     /// The order.
     pub order_id: String,
@@ -62,8 +65,8 @@ pub struct PaymentCaptured {
 }
 
 /// The card was declined.
-#[event(subject = "payments.{order_id}.declined", key = order_id)]
-#[derive(Clone, Debug, PartialEq)]
+#[event(subject = "payments.{order_id}.declined", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
 pub struct PaymentDeclined {
     /// The order.
     pub order_id: String,
@@ -72,8 +75,8 @@ pub struct PaymentDeclined {
 }
 
 /// The charge was paid back (compensation for missing stock).
-#[event(subject = "payments.{order_id}.refunded", key = order_id)]
-#[derive(Clone, Debug, PartialEq)]
+#[event(subject = "payments.{order_id}.refunded", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
 pub struct PaymentRefunded {
     /// The order.
     pub order_id: String,
@@ -82,16 +85,16 @@ pub struct PaymentRefunded {
 }
 
 /// Stock is set aside for the order.
-#[event(subject = "inventory.{order_id}.reserved", key = order_id)]
-#[derive(Clone, Debug, PartialEq)]
+#[event(subject = "inventory.{order_id}.reserved", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
 pub struct StockReserved {
     /// The order.
     pub order_id: String,
 }
 
 /// Some item is out of stock.
-#[event(subject = "inventory.{order_id}.unavailable", key = order_id)]
-#[derive(Clone, Debug, PartialEq)]
+#[event(subject = "inventory.{order_id}.unavailable", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
 pub struct StockUnavailable {
     /// The order.
     pub order_id: String,
@@ -102,8 +105,8 @@ pub struct StockUnavailable {
 }
 
 /// The parcel left the warehouse. Ends a successful order.
-#[event(subject = "shipping.{order_id}.shipped", key = order_id)]
-#[derive(Clone, Debug, PartialEq)]
+#[event(subject = "shipping.{order_id}.shipped", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
 pub struct OrderShipped {
     /// The order.
     pub order_id: String,
@@ -112,8 +115,8 @@ pub struct OrderShipped {
 }
 
 /// The order ended because the payment was declined.
-#[event(subject = "orders.{order_id}.rejected", key = order_id)]
-#[derive(Clone, Debug, PartialEq)]
+#[event(subject = "orders.{order_id}.rejected", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
 pub struct OrderRejected {
     /// The order.
     pub order_id: String,
@@ -122,8 +125,8 @@ pub struct OrderRejected {
 }
 
 /// The order ended because stock was missing; its payment was refunded.
-#[event(subject = "orders.{order_id}.cancelled", key = order_id)]
-#[derive(Clone, Debug, PartialEq)]
+#[event(subject = "orders.{order_id}.cancelled", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
 pub struct OrderCancelled {
     /// The order.
     pub order_id: String,

@@ -1,0 +1,278 @@
+//! Every `choreo` command against the shop running on a real server:
+//! `status` (text and JSON, exit codes), `graph` and `lint` (golden
+//! files), and `asyncapi` (a golden file, and valid by the AsyncAPI
+//! project's own parser). `CHOREO_BLESS=1` rewrites the golden files.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use choreo::{Publisher, StreamSettings};
+use choreo_examples::shop::{self, Ledger, SERVICES};
+use choreo_testkit::NatsServer;
+
+fn choreo(server: &NatsServer, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args(["-s", &server.url()])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Compares `actual` with `tests/golden/<name>`, or writes it there with
+/// `CHOREO_BLESS=1`.
+fn golden(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("CHOREO_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; CHOREO_BLESS=1 writes it", path.display()));
+    assert_eq!(
+        actual,
+        expected,
+        "{} differs; CHOREO_BLESS=1 rewrites it",
+        path.display()
+    );
+}
+
+/// The validation script of the pinned AsyncAPI parser, installed by
+/// `scripts/asyncapi.sh` (which `scripts/test` runs first).
+fn asyncapi_validator() -> PathBuf {
+    if let Some(p) = std::env::var_os("ASYNCAPI_VALIDATE") {
+        return p.into();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/asyncapi.sh");
+    let out = Command::new(&script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        text(&out.stderr)
+    );
+    PathBuf::from(text(&out.stdout).trim())
+}
+
+struct RunningShop {
+    server: NatsServer,
+    handles: Vec<(&'static str, choreo::ServiceHandle)>,
+}
+
+async fn shop_with_orders(n: u64) -> RunningShop {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let ledger = Ledger::open(&client, 1).await.unwrap();
+    let mut handles = Vec::new();
+    for name in SERVICES {
+        let h = shop::service(name, ledger.clone(), StreamSettings::default())
+            .start(client.clone())
+            .await
+            .unwrap();
+        handles.push((name, h));
+    }
+    let publisher = Publisher::new(client.clone(), "storefront").unwrap();
+    shop::place_orders(&publisher, "cli", n).await.unwrap();
+    RunningShop { server, handles }
+}
+
+/// `choreo status --json` until `done` holds (the registry and the flows
+/// settle in the background).
+async fn status_until(
+    server: &NatsServer,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = String::new();
+    for _ in 0..100 {
+        let out = choreo(server, &["status", "--json", "--interval", "200ms"]);
+        last = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            && done(&v)
+        {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}: {last}");
+}
+
+fn handler<'a>(status: &'a serde_json::Value, durable: &str) -> &'a serde_json::Value {
+    status["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["durable"] == durable)
+        .unwrap_or_else(|| panic!("{durable} missing: {status:#}"))
+}
+
+#[tokio::test]
+async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
+    let mut shop = shop_with_orders(40).await;
+    let all_done = |v: &serde_json::Value| {
+        let hs = v["handlers"].as_array().unwrap();
+        hs.len() == 6
+            && hs
+                .iter()
+                .all(|h| h["lag_messages"] == 0 && h["state"] == "OK")
+    };
+    let v = status_until(&shop.server, "the shop's 40 orders handled", |v| {
+        all_done(v) && handler(v, "payments--charge_payment")["inbox_records"] == 40
+    })
+    .await;
+    assert_eq!(v["instances"].as_array().unwrap().len(), 4);
+    // 40 orders: 4 declined, 4 refunded (see shop::order).
+    assert_eq!(handler(&v, "payments--refund_payment")["inbox_records"], 4);
+    assert_eq!(handler(&v, "orders--reject_order")["inbox_records"], 4);
+    assert_eq!(handler(&v, "shipping--ship_order")["inbox_records"], 32);
+    assert_eq!(handler(&v, "inventory--reserve_stock")["dead_letters"], 0);
+
+    // The table, and exit 0 while every handler is OK.
+    let out = choreo(&shop.server, &["status", "--interval", "200ms"]);
+    let table = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    let header = table
+        .lines()
+        .find(|l| l.starts_with("SERVICE    HANDLER"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(header.split_whitespace().eq([
+        "SERVICE",
+        "HANDLER",
+        "STATE",
+        "PENDING",
+        "UNACKED",
+        "REDELIVERED",
+        "LAG",
+        "LAG(s)",
+        "DEAD",
+        "INBOX",
+        "WHY"
+    ]));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("payments   charge_payment"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.split_whitespace().take(10).eq([
+            "payments",
+            "charge_payment",
+            "OK",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0.0",
+            "0",
+            "40"
+        ]),
+        "{row}"
+    );
+
+    // Shipping stops: STOPPED, and exit 1 for scripts.
+    let (_, shipping) = shop.handles.pop().unwrap();
+    shipping.shutdown().await;
+    let out = choreo(&shop.server, &["status", "--interval", "200ms"]);
+    let table = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("shipping")
+            && l.contains("STOPPED")
+            && l.contains("no live instance runs it")),
+        "{table}"
+    );
+    for (_, h) in shop.handles {
+        h.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn graph_lint_and_asyncapi_of_the_running_shop_match_their_golden_files() {
+    let shop = shop_with_orders(10).await;
+    // Wait until every service and the storefront's record are in.
+    let mut graph = String::new();
+    for _ in 0..100 {
+        graph = text(&choreo(&shop.server, &["graph"]).stdout);
+        if SERVICES.iter().all(|s| graph.contains(&format!("{s}."))) && graph.contains("storefront")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    golden("shop-graph.mmd", &graph);
+    golden(
+        "shop-graph.dot",
+        &text(&choreo(&shop.server, &["graph", "--dot"]).stdout),
+    );
+
+    let out = choreo(&shop.server, &["lint"]);
+    assert_eq!(out.status.code(), Some(0), "the shop has no lint errors");
+    golden("shop-lint.txt", &text(&out.stdout));
+
+    let out = choreo(&shop.server, &["asyncapi"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc = text(&out.stdout).replace(&shop.server.url()["nats://".len()..], "127.0.0.1:PORT");
+    golden("shop-asyncapi.json", &doc);
+    let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let placed = &v["components"]["messages"]["OrderPlaced.v1"];
+    assert_eq!(
+        placed["payload"]["properties"]["lines"]["items"]["properties"]["sku"]["type"],
+        "string"
+    );
+    assert_eq!(
+        placed["headers"]["properties"]["ce-type"]["const"],
+        "OrderPlaced"
+    );
+    assert_eq!(
+        v["channels"]["OrderPlaced"]["address"],
+        "orders.{order_id}.placed"
+    );
+    assert_eq!(
+        v["operations"]["payments.charge_payment"]["action"],
+        "receive"
+    );
+    assert_eq!(
+        v["operations"]["storefront.publishes.OrderPlaced"]["action"],
+        "send"
+    );
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &doc).unwrap();
+    let out = Command::new("node")
+        .arg(asyncapi_validator())
+        .arg(file.path())
+        .output()
+        .unwrap();
+    let report = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the AsyncAPI parser rejects the document:\n{report}{}",
+        text(&out.stderr)
+    );
+    assert!(
+        report.contains("valid: AsyncAPI 3.0.0, 9 channels"),
+        "{report}"
+    );
+    // The parser does catch a broken document: an operation on a channel
+    // that does not exist.
+    let mut broken = v.clone();
+    broken["operations"]["payments.charge_payment"]["channel"]["$ref"] =
+        "#/channels/Nowhere".into();
+    std::fs::write(file.path(), broken.to_string()).unwrap();
+    let out = Command::new("node")
+        .arg(asyncapi_validator())
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    for (_, h) in shop.handles {
+        h.shutdown().await;
+    }
+}
