@@ -20,7 +20,7 @@ use std::process::ExitCode;
 
 use choreo::admin::{self, Graph, Severity, State};
 use choreo::async_nats::ConnectOptions;
-use choreo::registry::{self, Manifest, PublishedEvent};
+use choreo::registry::{Manifest, PublishedEvent};
 use choreo::{JetStreamApi, connect};
 use clap::{Args, Parser, Subcommand};
 
@@ -259,16 +259,7 @@ async fn from_registry(
     conn: &Connection,
 ) -> Result<(Vec<Manifest>, Vec<PublishedEvent>), BoxError> {
     let js = jetstream(conn).await?;
-    admin::manifests(&js).await.map_err(registry_error)
-}
-
-/// The one-line error for a registry that cannot be read.
-fn registry_error(e: choreo::Source) -> BoxError {
-    format!(
-        "cannot read the registry (bucket {}): {e}; has a choreo service started on this server?",
-        registry::BUCKET
-    )
-    .into()
+    Ok(admin::manifests(&js).await?)
 }
 
 async fn jetstream(conn: &Connection) -> Result<choreo::async_nats::jetstream::Context, BoxError> {
@@ -287,10 +278,10 @@ async fn status(
     interval: std::time::Duration,
 ) -> Result<ExitCode, BoxError> {
     let js = jetstream(&cli.conn).await?;
-    let mut before = admin::Snapshot::take(&js).await.map_err(registry_error)?;
+    let mut before = admin::Snapshot::take(&js).await?;
     loop {
         tokio::time::sleep(interval).await;
-        let after = admin::Snapshot::take(&js).await.map_err(registry_error)?;
+        let after = admin::Snapshot::take(&js).await?;
         let status = admin::Status::judge(&before, &after);
         if cli.json {
             println!("{}", serde_json::to_string(&status)?);

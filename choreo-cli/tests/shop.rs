@@ -276,3 +276,95 @@ async fn graph_lint_and_asyncapi_of_the_running_shop_match_their_golden_files() 
         h.shutdown().await;
     }
 }
+
+/// A server with three users: `shop` may do anything, `viewer` has
+/// `Permissions::observer`, `nobody` may only connect.
+async fn guarded_shop() -> RunningShop {
+    let config = format!(
+        "jetstream {{}}\nauthorization {{ users = [ \
+           {{ user: shop, password: pw }}, \
+           {{ user: viewer, password: pw, permissions: {} }}, \
+           {{ user: nobody, password: pw, permissions: {{ publish: {{ allow: [\"_INBOX.>\"] }}, subscribe: {{ allow: [\"_INBOX.>\"] }} }} }} ] }}",
+        choreo::Permissions::observer(&Default::default()).to_config()
+    );
+    let server = NatsServer::builder().config(&config).start().await.unwrap();
+    let client = choreo::connect(
+        &server.url(),
+        choreo::async_nats::ConnectOptions::new().user_and_password("shop".into(), "pw".into()),
+    )
+    .await
+    .unwrap();
+    let ledger = Ledger::open(&client, 1).await.unwrap();
+    let mut handles = Vec::new();
+    for name in SERVICES {
+        let h = shop::service(name, ledger.clone(), StreamSettings::default())
+            .start(client.clone())
+            .await
+            .unwrap();
+        handles.push((name, h));
+    }
+    let publisher = Publisher::new(client.clone(), "storefront").unwrap();
+    shop::place_orders(&publisher, "guarded", 10).await.unwrap();
+    RunningShop { server, handles }
+}
+
+#[tokio::test]
+async fn an_observer_reads_everything_and_a_refusal_or_a_denial_is_one_clear_line() {
+    let shop = guarded_shop().await;
+    let as_user = |user: &str, args: &[&str]| {
+        let mut all = vec!["--user", user, "--password", "pw"];
+        all.extend_from_slice(args);
+        choreo(&shop.server, &all)
+    };
+    // The observer's permissions are enough for every command.
+    let mut last = String::new();
+    let mut settled = false;
+    for _ in 0..100 {
+        let out = as_user("viewer", &["status", "--json", "--interval", "200ms"]);
+        last = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            && v["handlers"].as_array().unwrap().len() == 6
+            && v["handlers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|h| h["lag_messages"] == 0)
+        {
+            assert_eq!(v["problems"], serde_json::json!([]), "{v:#}");
+            assert_eq!(handler(&v, "payments--charge_payment")["inbox_records"], 10);
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "the viewer never saw the shop settle: {last}");
+    for args in [&["graph"][..], &["lint"], &["asyncapi"]] {
+        let out = as_user("viewer", args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+
+    // A wrong password.
+    let out = choreo(
+        &shop.server,
+        &["--user", "viewer", "--password", "wrong", "status"],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("authorization"), "{stderr}");
+
+    // A user who may not read the registry is told which subject and what to grant.
+    let out = as_user("nobody", &["status"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot read the registry (bucket choreo_registry)")
+            && stderr.contains("$JS.API.STREAM.INFO.KV_choreo_registry")
+            && stderr.contains("choreo::Permissions::observer"),
+        "{stderr}"
+    );
+    for (_, h) in shop.handles {
+        h.shutdown().await;
+    }
+}

@@ -21,14 +21,15 @@
 
 use async_nats::jetstream;
 
-use crate::nats::Source;
 use crate::registry::{self, Manifest, PublishedEvent};
 
 mod asyncapi;
+mod error;
 mod graph;
 mod status;
 
 pub use asyncapi::asyncapi;
+pub use error::{AdminError, AdminErrorKind};
 pub use graph::{Finding, FindingKind, Graph, Severity, lint};
 pub use status::{HandlerStatus, InstanceStatus, Snapshot, State, Status, status};
 
@@ -41,8 +42,8 @@ pub use status::{HandlerStatus, InstanceStatus, Snapshot, State, Status, status}
 /// not an error.
 pub async fn manifests(
     js: &jetstream::Context,
-) -> Result<(Vec<Manifest>, Vec<PublishedEvent>), Source> {
-    let mut instances = registry::instances(js).await?;
+) -> Result<(Vec<Manifest>, Vec<PublishedEvent>), AdminError> {
+    let mut instances = read_registry(js).await?;
     instances.sort_by_key(|i| i.started_at_ms);
     let mut by_service = std::collections::BTreeMap::new();
     for i in instances {
@@ -50,4 +51,15 @@ pub async fn manifests(
     }
     let publishers = registry::publishers(js).await.unwrap_or_default();
     Ok((by_service.into_values().collect(), publishers))
+}
+
+/// Every instance record, or an error that says why there are none.
+pub(crate) async fn read_registry(
+    js: &jetstream::Context,
+) -> Result<Vec<registry::Instance>, AdminError> {
+    let what = format!("the registry (bucket {})", registry::BUCKET);
+    match crate::nats::or_denied(&js.client(), registry::instances(js)).await {
+        Ok(read) => read.map_err(|e| AdminError::new(js, what, e)),
+        Err(violation) => Err(AdminError::denied(what, violation)),
+    }
 }

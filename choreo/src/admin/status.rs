@@ -14,6 +14,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
+use super::{AdminError, read_registry};
 use crate::nats::Source;
 use crate::registry::{self, HandlerManifest, Instance};
 use crate::topology::{DLQ_STREAM, DLQ_SUBJECTS, inbox_bucket};
@@ -168,7 +169,7 @@ pub struct Status {
 /// Reads the choreography twice, `window` apart, and judges each handler.
 ///
 /// ```no_run
-/// # async fn demo(js: choreo::async_nats::jetstream::Context) -> Result<(), choreo::Source> {
+/// # async fn demo(js: choreo::async_nats::jetstream::Context) -> Result<(), choreo::admin::AdminError> {
 /// let status = choreo::admin::status(&js, std::time::Duration::from_secs(1)).await?;
 /// for h in &status.handlers {
 ///     println!("{} {} {} lag={:?}", h.service, h.handler, h.state, h.lag_messages);
@@ -179,7 +180,7 @@ pub struct Status {
 /// # Errors
 /// The registry cannot be read (no service ever started on this server,
 /// or the credentials may not read its bucket).
-pub async fn status(js: &jetstream::Context, window: Duration) -> Result<Status, Source> {
+pub async fn status(js: &jetstream::Context, window: Duration) -> Result<Status, AdminError> {
     let before = Snapshot::take(js).await?;
     tokio::time::sleep(window).await;
     let after = Snapshot::take(js).await?;
@@ -193,8 +194,8 @@ impl Snapshot {
     /// # Errors
     /// The registry cannot be read. Anything else that cannot be read
     /// leaves its figures empty and says why in [`Status::problems`].
-    pub async fn take(js: &jetstream::Context) -> Result<Snapshot, Source> {
-        let instances = registry::instances(js).await?;
+    pub async fn take(js: &jetstream::Context) -> Result<Snapshot, AdminError> {
+        let instances = read_registry(js).await?;
         let mut problems = Vec::new();
         let manifests = newest_manifests(&instances);
         let mut streams: BTreeSet<String> = BTreeSet::new();
@@ -229,12 +230,21 @@ impl Snapshot {
             futures::stream::iter(readings.values_mut()).for_each_concurrent(16, |r| async {
                 if r.pending + r.unacked > 0 {
                     let filter = filters.get(r.durable.as_str()).copied().unwrap_or(">");
-                    r.oldest_waiting_ms = oldest_waiting(js, r, filter).await;
+                    r.oldest_waiting_ms =
+                        guarded(js, async { Ok(oldest_waiting(js, r, filter).await) })
+                            .await
+                            .ok()
+                            .flatten();
                 }
-                r.inbox_records = inbox_records(js, &r.service, &r.handler).await;
+                r.inbox_records = guarded(js, async {
+                    Ok(inbox_records(js, &r.service, &r.handler).await)
+                })
+                .await
+                .ok()
+                .flatten();
             });
         extra.await;
-        let dead_letters = match dead_letters(js).await {
+        let dead_letters = match guarded(js, dead_letters(js)).await {
             Ok(d) => d,
             Err(e) => {
                 problems.push(format!("cannot count the dead letters ({DLQ_STREAM}): {e}"));
@@ -262,18 +272,31 @@ fn newest_manifests(instances: &[Instance]) -> BTreeMap<String, &registry::Manif
         .collect()
 }
 
+/// `read`, or at once the permission violation it caused.
+async fn guarded<T>(
+    js: &jetstream::Context,
+    read: impl std::future::Future<Output = Result<T, Source>>,
+) -> Result<T, Source> {
+    crate::nats::or_denied(&js.client(), read)
+        .await
+        .unwrap_or_else(|v| Err(crate::nats::message(format!("the server denied it ({v})"))))
+}
+
 async fn consumers_of(
     js: &jetstream::Context,
     stream: &str,
 ) -> Result<Vec<consumer::Info>, Source> {
-    let s = js
-        .get_stream_no_info(stream)
-        .await
-        .map_err(crate::nats::source)?;
-    s.consumers()
-        .try_collect()
-        .await
-        .map_err(crate::nats::source)
+    guarded(js, async {
+        let s = js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(crate::nats::source)?;
+        s.consumers()
+            .try_collect()
+            .await
+            .map_err(crate::nats::source)
+    })
+    .await
 }
 
 /// A choreo durable (`<service>--<handler>`) as a reading.
@@ -313,7 +336,7 @@ async fn oldest_waiting(js: &jetstream::Context, r: &Reading, filter: &str) -> O
 
 /// How many keys the handler has in its service's inbox bucket: an
 /// ephemeral consumer on its keys, last per subject, counts them without
-/// reading one.
+/// reading one (the server works them out from its subject index).
 async fn inbox_records(js: &jetstream::Context, service: &str, handler: &str) -> Option<u64> {
     let bucket = inbox_bucket(service);
     let s = js.get_stream_no_info(format!("KV_{bucket}")).await.ok()?;
@@ -321,15 +344,15 @@ async fn inbox_records(js: &jetstream::Context, service: &str, handler: &str) ->
         .create_consumer(consumer::pull::Config {
             filter_subject: format!("$KV.{bucket}.{handler}.>"),
             deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-            inactive_threshold: Duration::from_secs(5),
+            // Never deleted by hand (an observer may not delete
+            // consumers): the server drops it once idle this long.
+            inactive_threshold: Duration::from_secs(2),
             memory_storage: true,
             ..Default::default()
         })
         .await
         .ok()?;
-    let n = c.cached_info().num_pending;
-    let _ = s.delete_consumer(&c.cached_info().name).await;
-    Some(n)
+    Some(c.cached_info().num_pending)
 }
 
 /// Letters per `choreo.dlq.<service>.<handler>` subject.

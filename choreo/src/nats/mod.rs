@@ -11,4 +11,4 @@ pub use api::JetStreamApi;
 pub use connect::connect;
 pub(crate) use error::{Cause, message, source};
 pub use error::{ConnectError, ConnectErrorKind, Source};
-pub(crate) use permissions::recent_permission_error;
+pub(crate) use permissions::{or_denied, recent_permission_error};

@@ -62,3 +62,43 @@ pub(crate) fn recent_permission_error(client: &async_nats::Client) -> Option<Str
         .find(|(at, _)| at.elapsed() < PERMISSION_MEMORY)
         .map(|(_, m)| m.clone())
 }
+
+/// A permission violation the server reported on `client`'s connection
+/// after `since`.
+pub(crate) fn permission_error_since(
+    client: &async_nats::Client,
+    since: Instant,
+) -> Option<String> {
+    let key = conn_key(client);
+    let guard = PERMISSION_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+    guard
+        .as_ref()?
+        .get(&key)?
+        .iter()
+        .rev()
+        .find(|(at, _)| *at >= since)
+        .map(|(_, m)| m.clone())
+}
+
+/// Runs `request`, or gives up as soon as the server reports a permission
+/// violation on `client`'s connection (the request would otherwise wait
+/// for its timeout, since the server never answers a denied request).
+/// `Err` holds the violation.
+pub(crate) async fn or_denied<T>(
+    client: &async_nats::Client,
+    request: impl std::future::Future<Output = T>,
+) -> Result<T, String> {
+    let since = Instant::now();
+    let watch = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Some(v) = permission_error_since(client, since) {
+                return v;
+            }
+        }
+    };
+    tokio::select! {
+        out = request => Ok(out),
+        v = watch => Err(v),
+    }
+}

@@ -67,6 +67,46 @@ impl Permissions {
         me
     }
 
+    /// What an observer needs to read a running choreography through
+    /// `api`: `choreo status`, `graph`, `lint` and `asyncapi`, or
+    /// `choreo::admin`. It reads the registry's buckets, lists the
+    /// consumers of every stream, counts dead letters, reads the oldest
+    /// waiting event of a lagging handler (`STREAM.MSG.GET`), and counts
+    /// inbox records with short-lived consumers of its own, which the
+    /// server removes once idle. It may read every stream's events; it
+    /// cannot publish an event, acknowledge one, or change or delete a
+    /// stream, a durable consumer or a key.
+    ///
+    /// ```
+    /// let viewer = choreo::Permissions::observer(&Default::default());
+    /// assert!(viewer.publish().contains(&"$JS.API.CONSUMER.LIST.*".to_owned()));
+    /// assert!(!viewer.publish().iter().any(|s| s.contains("DELETE") || s.starts_with("$JS.ACK")));
+    /// ```
+    #[must_use]
+    pub fn observer(api: &JetStreamApi) -> Self {
+        let p = api.prefix();
+        let mut me = Self::default();
+        me.replies();
+        for s in [
+            "STREAM.INFO.*",
+            "STREAM.MSG.GET.*",
+            "CONSUMER.LIST.*",
+            "CONSUMER.CREATE.*",
+        ] {
+            me.publish.insert(format!("{p}.{s}"));
+        }
+        for bucket in [
+            crate::topology::REGISTRY_BUCKET,
+            crate::topology::PUBLISHERS_BUCKET,
+        ] {
+            me.publish.insert(format!("{p}.DIRECT.GET.KV_{bucket}"));
+            me.publish.insert(format!("{p}.DIRECT.GET.KV_{bucket}.>"));
+            // Listing a bucket's keys: its ordered consumer's flow control.
+            me.publish.insert(format!("$JS.FC.KV_{bucket}.>"));
+        }
+        me
+    }
+
     /// As [`publishes`](Self::publishes), for an event type described as data.
     #[must_use]
     pub fn publishes_type(mut self, event: &crate::event::EventType, api: &JetStreamApi) -> Self {
