@@ -26,6 +26,20 @@ use clap::{Args, Parser, Subcommand};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Writes to stdout; a closed pipe (`choreo status --watch | head`) ends
+/// the command quietly instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            return Err(e.into());
+        }
+    }};
+}
+
 /// See a running choreography from NATS alone.
 #[derive(Parser, Debug)]
 #[command(name = "choreo", version, about)]
@@ -88,7 +102,7 @@ enum Command {
         #[arg(long)]
         watch: bool,
         /// The time between two readings; a state is judged over it.
-        #[arg(long, default_value = "1s", value_parser = duration)]
+        #[arg(long, default_value = "500ms", value_parser = duration)]
         interval: std::time::Duration,
     },
     /// Who emits what to whom: services, events and handlers.
@@ -163,7 +177,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 .is_none()
                 .then_some(cli.conn.server.as_str());
             let doc = admin::asyncapi(&manifests, &publishers, server);
-            println!("{}", serde_json::to_string_pretty(&doc)?);
+            out!("{}\n", serde_json::to_string_pretty(&doc)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Graph {
@@ -174,11 +188,11 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let (manifests, publishers) = load(&cli.conn, source).await?;
             let graph = Graph::new(&manifests, &publishers);
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&graph)?);
+                out!("{}\n", serde_json::to_string_pretty(&graph)?);
             } else if *dot {
-                print!("{}", graph.dot());
+                out!("{}", graph.dot());
             } else {
-                print!("{}", graph.mermaid());
+                out!("{}", graph.mermaid());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -186,21 +200,21 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let (manifests, publishers) = load(&cli.conn, source).await?;
             let findings = admin::lint(&manifests, &publishers);
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&findings)?);
+                out!("{}\n", serde_json::to_string_pretty(&findings)?);
             } else {
                 for f in &findings {
                     let level = match f.severity {
                         Severity::Error => "error",
                         _ => "warning",
                     };
-                    println!("{level}: {}", f.message);
+                    out!("{level}: {}\n", f.message);
                 }
                 let errors = findings
                     .iter()
                     .filter(|f| f.severity == Severity::Error)
                     .count();
-                println!(
-                    "{} services, {errors} errors, {} warnings",
+                out!(
+                    "{} services, {errors} errors, {} warnings\n",
                     manifests.len(),
                     findings.len() - errors
                 );
@@ -284,9 +298,9 @@ async fn status(
         let after = admin::Snapshot::take(&js).await?;
         let status = admin::Status::judge(&before, &after);
         if cli.json {
-            println!("{}", serde_json::to_string(&status)?);
+            out!("{}\n", serde_json::to_string(&status)?);
         } else {
-            print!("{}", table::status(&status));
+            out!("{}", table::status(&status));
         }
         if !watch {
             let bad = status
@@ -299,7 +313,7 @@ async fn status(
                 ExitCode::SUCCESS
             });
         }
-        println!();
+        out!("\n");
         before = after;
     }
 }

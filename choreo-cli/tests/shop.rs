@@ -176,6 +176,47 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
         "{row}"
     );
 
+    // --watch: one judged reading per interval, each a line of JSON.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args([
+            "-s",
+            &shop.server.url(),
+            "status",
+            "--watch",
+            "--json",
+            "--interval",
+            "200ms",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map(Result::unwrap)
+            .filter(|l| !l.is_empty())
+            .take(3)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    let readings: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(readings.len(), 3);
+    assert!(
+        readings
+            .iter()
+            .all(|r| r["handlers"].as_array().unwrap().len() == 6
+                && r["window_ms"].as_u64().unwrap() >= 200)
+    );
+    assert!(readings[0]["taken_at_ms"].as_u64() < readings[2]["taken_at_ms"].as_u64());
+
     // Shipping stops: STOPPED, and exit 1 for scripts.
     let (_, shipping) = shop.handles.pop().unwrap();
     shipping.shutdown().await;

@@ -1,11 +1,11 @@
 //! See a running choreography from NATS alone: what the `choreo` tool
 //! shows, as a library.
 //!
-//! - [`status`]: every instance, and per handler its backlog, lag,
+//! - [`status()`]: every instance, and per handler its backlog, lag,
 //!   dead letters, inbox records and [`State`].
 //! - [`Graph`]: who emits what to whom; [`lint`]: what would go wrong.
-//! - [`asyncapi`]: an AsyncAPI 3.0 document of the whole system.
-//! - [`manifests`]: each service's manifest and the publishers' records,
+//! - [`asyncapi()`]: an AsyncAPI 3.0 document of the whole system.
+//! - [`manifests()`]: each service's manifest and the publishers' records,
 //!   from the registry, which the others take.
 //!
 //! ```no_run

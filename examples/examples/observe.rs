@@ -1,0 +1,314 @@
+//! What seeing a choreography costs, measured against raw async-nats in the
+//! same run: `scripts/bench observe`.
+//!
+//! - `status_100`: one reading of `choreo::admin` (`Snapshot::take`) over
+//!   100 handlers (20 services of 5 handlers, 1,000 events handled), against
+//!   the same reads written in raw async-nats (the stream's consumer list,
+//!   the registry's keys and records, a last-per-subject consumer per
+//!   handler to count its inbox records, the dead-letter counts); and the whole `choreo status` (two readings, its
+//!   default 500 ms apart), which must stay under 1 s.
+//! - `lag`: the `choreo.consumer.lag` gauge a handler sets from each
+//!   delivery's pending count, against the consumer's `num_pending` read
+//!   from the server at the same moment, at a steady 10,000 events/s.
+//!
+//! `cargo run --release -p choreo-examples --example observe -- [--rate R] [--seconds S]`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use choreo::admin::{self, Snapshot};
+use choreo::{Publisher, Service, event, event_handler};
+use choreo_examples::arg;
+use choreo_testkit::NatsServer;
+use futures::{StreamExt, TryStreamExt};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The events every handler reads.
+#[event(subject = "observe.{n}.ticked", key = n)]
+pub struct Ticked {
+    /// Its number.
+    pub n: u64,
+}
+
+#[event_handler(emits = [])]
+async fn h1(_t: Ticked) {}
+#[event_handler(emits = [])]
+async fn h2(_t: Ticked) {}
+#[event_handler(emits = [])]
+async fn h3(_t: Ticked) {}
+#[event_handler(emits = [])]
+async fn h4(_t: Ticked) {}
+#[event_handler(emits = [])]
+async fn h5(_t: Ticked) {}
+
+// ---- a recorder that keeps the lag gauge where the bench can read it -------
+
+struct LagCell(AtomicU64);
+
+impl metrics::GaugeFn for LagCell {
+    fn increment(&self, v: f64) {
+        self.set(f64::from_bits(self.0.load(Ordering::Relaxed)) + v);
+    }
+    fn decrement(&self, v: f64) {
+        self.set(f64::from_bits(self.0.load(Ordering::Relaxed)) - v);
+    }
+    fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+}
+
+struct LagRecorder(Arc<LagCell>);
+
+impl metrics::Recorder for LagRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        if key.name() == choreo::observe::LAG {
+            metrics::Gauge::from_arc(self.0.clone())
+        } else {
+            metrics::Gauge::noop()
+        }
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let i = ((xs.len() as f64 - 1.0) * p).round() as usize;
+    xs[i]
+}
+
+async fn wait_handled(js: &jetstream::Context, n: u64) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = js
+            .get_stream_no_info(<Ticked as choreo::Event>::STREAM)
+            .await?;
+        let infos: Vec<jetstream::consumer::Info> = s.consumers().try_collect().await?;
+        if infos.len() >= 100 && infos.iter().all(|i| i.ack_floor.stream_sequence >= n) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err("the 100 handlers did not finish in 120 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One reading of 100 handlers, against the raw reads under it.
+async fn status_100() -> Result<(), BoxError> {
+    let server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let js = jetstream::new(client.clone());
+    let mut services = Vec::new();
+    for i in 0..20 {
+        let s = Service::new(format!("svc{i:02}"))
+            .handler(h1)
+            .handler(h2)
+            .handler(h3)
+            .handler(h4)
+            .handler(h5)
+            .start(client.clone())
+            .await?;
+        services.push(s);
+    }
+    let publisher = Publisher::new(client.clone(), "observe")?;
+    futures::stream::iter(0..1000u64)
+        .map(|n| {
+            let p = publisher.clone();
+            async move { p.publish(&Ticked { n }).await }
+        })
+        .buffered(256)
+        .try_collect::<Vec<_>>()
+        .await?;
+    wait_handled(&js, 1000).await?;
+
+    let mut choreo_ms = Vec::new();
+    let mut raw_ms = Vec::new();
+    let mut handlers = 0;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let s = Snapshot::take(&js).await?;
+        choreo_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        handlers = admin::Status::judge(&s, &s).handlers.len();
+
+        let t = Instant::now();
+        let stream = js
+            .get_stream_no_info(<Ticked as choreo::Event>::STREAM)
+            .await?;
+        let infos: Vec<jetstream::consumer::Info> = stream.consumers().try_collect().await?;
+        let kv = js.get_key_value(choreo::registry::BUCKET).await?;
+        let keys: Vec<String> = kv.keys().await?.try_collect().await?;
+        for k in &keys {
+            let _ = kv.get(k).await?;
+        }
+        // The same inbox counts: a last-per-subject consumer per handler.
+        futures::stream::iter(infos.iter())
+            .for_each_concurrent(16, |i| {
+                let js = js.clone();
+                async move {
+                    let name = i.name.clone();
+                    let (svc, handler) = name.split_once("--").unwrap_or_default();
+                    let bucket = format!("choreo_inbox_{svc}");
+                    if let Ok(s) = js.get_stream_no_info(format!("KV_{bucket}")).await {
+                        let _ = s
+                            .create_consumer(jetstream::consumer::pull::Config {
+                                filter_subject: format!("$KV.{bucket}.{handler}.>"),
+                                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                                inactive_threshold: Duration::from_secs(2),
+                                memory_storage: true,
+                                ..Default::default()
+                            })
+                            .await;
+                    }
+                }
+            })
+            .await;
+        if let Ok(dlq) = js.get_stream(choreo::dlq::DLQ_STREAM).await {
+            let _: Vec<(String, usize)> = dlq
+                .info_with_subjects("choreo.dlq.>")
+                .await?
+                .try_collect()
+                .await?;
+        }
+        raw_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(infos.len() >= 100 && keys.len() == 20);
+    }
+    let t = Instant::now();
+    let status = admin::status(&js, Duration::from_millis(500)).await?;
+    let whole = t.elapsed().as_secs_f64() * 1e3;
+    let (c, r) = (median(choreo_ms.clone()), median(raw_ms));
+    println!(
+        "status_100: {handlers} handlers; one reading {c:.1} ms (median of 10, max {:.1}), the same reads in raw async-nats {r:.1} ms; ratio {:.2}",
+        choreo_ms.iter().copied().fold(0.0, f64::max),
+        r / c
+    );
+    println!(
+        "status_100: `choreo status` (two readings 500 ms apart) {whole:.0} ms for {} handlers, all {}",
+        status.handlers.len(),
+        if status.handlers.iter().all(|h| h.state == admin::State::Ok) {
+            "OK"
+        } else {
+            "judged"
+        }
+    );
+    for s in services {
+        s.shutdown().await;
+    }
+    Ok(())
+}
+
+/// The lag gauge against `num_pending` at a steady input rate.
+async fn lag(rate: u64, seconds: u64, cell: Arc<LagCell>) -> Result<(), BoxError> {
+    let server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let js = jetstream::new(client.clone());
+    let svc = Service::new("lagsvc")
+        .handler(h1)
+        .start(client.clone())
+        .await?;
+    let publisher = Publisher::new(client.clone(), "observe")?;
+    publisher.publish(&Ticked { n: 0 }).await?;
+    // Paced: every 10 ms, rate/100 publishes in flight at once.
+    let per_tick = (rate / 100).max(1);
+    let feeding = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut n = 1u64;
+        loop {
+            tick.tick().await;
+            let batch: Vec<u64> = (n..n + per_tick).collect();
+            n += per_tick;
+            let p = publisher.clone();
+            tokio::spawn(async move {
+                futures::future::join_all(batch.into_iter().map(|n| {
+                    let p = p.clone();
+                    async move { p.publish(&Ticked { n }).await }
+                }))
+                .await
+            });
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stream = js
+        .get_stream_no_info(<Ticked as choreo::Event>::STREAM)
+        .await?;
+    let mut diffs = Vec::new();
+    let mut pendings = Vec::new();
+    let start_seq = stream.get_info().await?.state.last_sequence;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(seconds) {
+        let before = f64::from_bits(cell.0.load(Ordering::Relaxed));
+        let info = stream.consumer_info("lagsvc--h1").await?;
+        let after = f64::from_bits(cell.0.load(Ordering::Relaxed));
+        let p = info.num_pending as f64;
+        // The gauge read nearest the server's figure.
+        let d = (p - before).abs().min((p - after).abs());
+        diffs.push(d);
+        pendings.push(p);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let end_seq = stream.get_info().await?.state.last_sequence;
+    feeding.abort();
+    let achieved = (end_seq - start_seq) as f64 / t0.elapsed().as_secs_f64();
+    let within = diffs.iter().filter(|d| **d <= 1.0).count();
+    println!(
+        "lag: at {achieved:.0} events/s in, {} samples: |gauge - num_pending| median {:.0}, p90 {:.0}, max {:.0}; within ±1 in {within} ({:.0}%); num_pending itself median {:.0}",
+        diffs.len(),
+        median(diffs.clone()),
+        percentile(diffs.clone(), 0.9),
+        diffs.iter().copied().fold(0.0, f64::max),
+        100.0 * within as f64 / diffs.len() as f64,
+        median(pendings),
+    );
+    svc.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args: Vec<String> = std::env::args().collect();
+    let rate = arg(&args, "--rate", 10_000);
+    let seconds = arg(&args, "--seconds", 5);
+    let cell = Arc::new(LagCell(AtomicU64::new(0)));
+    metrics::set_global_recorder(LagRecorder(cell.clone()))
+        .map_err(|_| "a metrics recorder is already installed")?;
+    status_100().await?;
+    lag(rate, seconds, cell).await?;
+    Ok(())
+}
