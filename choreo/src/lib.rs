@@ -54,9 +54,9 @@ pub use event::{
     HeaderErrorKind, SubjectError, SubjectErrorKind, TokenProblem,
 };
 pub use handler::{
-    Attempt, BoxFuture, Context, DEFAULT_TIMEOUT, DeliverPolicy, EmittedEvent, EventArg,
-    FromContext, Handler, HandlerError, HandlerErrorKind, HandlerOptions, IntoHandlerResult,
-    MissingState, State, States,
+    Attempt, BoxFuture, Context, DEFAULT_PARTITIONS, DEFAULT_TIMEOUT, DeliverPolicy, EmittedEvent,
+    EventArg, FromContext, Handler, HandlerError, HandlerErrorKind, HandlerOptions,
+    IntoHandlerResult, MissingState, Ordered, State, States,
 };
 pub use inbox::{DEFAULT_RETENTION as DEFAULT_INBOX_RETENTION, InboxError, InboxErrorKind};
 pub use nats::{ConnectError, ConnectErrorKind, JetStreamApi, Source, connect};
@@ -258,6 +258,22 @@ pub mod __private {
     /// Builds a key from the `Display` text of the key fields.
     pub fn event_key(parts: &[&dyn Display]) -> EventKey {
         EventKey::new(parts.iter().map(|p| p.to_string()))
+    }
+
+    /// Const check for `#[event_handler(ordered_by = ..)]`: every ordering
+    /// field fills a `{field}` of the subject, and there is at least one.
+    pub const fn orderable<E: crate::Event>(fields: &[&str]) -> bool {
+        if fields.is_empty() {
+            return false;
+        }
+        let mut i = 0;
+        while i < fields.len() {
+            if crate::handler::placeholder_index(E::PLACEHOLDERS, fields[i]).is_none() {
+                return false;
+            }
+            i += 1;
+        }
+        true
     }
 
     /// Const check that `upcast_from` names an older version of the same event.

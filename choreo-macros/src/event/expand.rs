@@ -136,6 +136,9 @@ pub(crate) fn expand(m: &Model, item: &DeriveInput) -> TokenStream {
         }
     });
 
+    let placeholder_names: Vec<String> = m.placeholders.iter().map(|i| i.to_string()).collect();
+    let key_names: Vec<String> = m.key.iter().flatten().map(|i| i.to_string()).collect();
+
     quote! {
         #derives
         #item
@@ -147,6 +150,8 @@ pub(crate) fn expand(m: &Model, item: &DeriveInput) -> TokenStream {
             const SUBJECT_FILTER: &'static str = #filter;
             const STREAM: &'static str = #stream;
             const STREAM_SUBJECTS: &'static str = #stream_subjects;
+            const PLACEHOLDERS: &'static [&'static str] = &[#(#placeholder_names),*];
+            const KEY_FIELDS: &'static [&'static str] = &[#(#key_names),*];
 
             fn subject(&self) -> ::core::result::Result<::std::string::String, #krate::SubjectError> {
                 #p::render_subject(#name, #subject, &[#(#values),*])

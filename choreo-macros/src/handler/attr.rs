@@ -7,7 +7,7 @@ use crate::ctxt::Ctxt;
 use crate::opts::{self, Opt, set};
 
 pub(crate) const OPTIONS: &str = "`name`, `concurrency`, `max_deliver`, `backoff`, `ack_wait`, `timeout`, `deliver`, \
-     `deliver_since`, `idempotent`, `emits`, `crate`";
+     `deliver_since`, `idempotent`, `emits`, `ordered`, `ordered_by`, `partitions`, `crate`";
 
 pub(crate) enum Deliver {
     All,
@@ -26,6 +26,9 @@ pub(crate) struct HandlerAttr {
     pub(crate) deliver_since: Option<Opt<LitStr>>,
     pub(crate) idempotent: Option<Opt<LitBool>>,
     pub(crate) emits: Option<Opt<Vec<syn::Type>>>,
+    pub(crate) ordered: Option<Opt<()>>,
+    pub(crate) ordered_by: Option<Opt<Vec<Ident>>>,
+    pub(crate) partitions: Option<Opt<LitInt>>,
     pub(crate) krate: Option<Opt<syn::Path>>,
 }
 
@@ -111,6 +114,26 @@ pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> HandlerAttr {
                         vec![input.parse()?]
                     };
                     set(cx, &mut attr.emits, "emits", span, types);
+                }
+                "ordered" => set(cx, &mut attr.ordered, "ordered", span, ()),
+                "ordered_by" => {
+                    // `ordered_by = field`, or `ordered_by = (a, b)`.
+                    let input = meta.value()?;
+                    let fields: Vec<Ident> = if input.peek(syn::token::Paren) {
+                        let content;
+                        syn::parenthesized!(content in input);
+                        content
+                            .parse_terminated(|i| i.parse::<Ident>(), Token![,])?
+                            .into_iter()
+                            .collect()
+                    } else {
+                        vec![input.parse()?]
+                    };
+                    set(cx, &mut attr.ordered_by, "ordered_by", span, fields);
+                }
+                "partitions" => {
+                    let v = meta.value()?.parse()?;
+                    set(cx, &mut attr.partitions, "partitions", span, v);
                 }
                 "crate" => {
                     let path = opts::crate_path(&meta)?;

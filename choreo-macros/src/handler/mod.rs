@@ -204,6 +204,40 @@ fn options(cx: &mut Ctxt, a: &HandlerAttr, f: &ItemFn) -> Options {
         let v = o.value.value;
         setters.push(quote!(.idempotent(#v)));
     }
+    let ordered = a.ordered.is_some() || a.ordered_by.is_some();
+    if let (Some(o), None) = (&a.ordered, &a.ordered_by) {
+        cx.error_at(
+            o.key,
+            "say which fields group the events to order: `ordered_by = account` (an event's `key` names one fact, \
+             so events with the same key are one event; order by the field their keys share)",
+        );
+    }
+    if let (true, Some(c)) = (ordered, &a.concurrency) {
+        cx.error_at(
+            c.key,
+            "an ordered handler runs one event per partition at a time: set `partitions`, not `concurrency`",
+        );
+    }
+    if let Some(o) = &a.partitions
+        && !ordered
+    {
+        cx.error_at(
+            o.key,
+            "`partitions` applies to an ordered handler: add `ordered_by = field`",
+        );
+    }
+    if ordered {
+        let n = a
+            .partitions
+            .as_ref()
+            .map_or(0, |o| int_in(cx, &o.value, "partitions", 1, 1024) as u16);
+        let by: Vec<String> = a
+            .ordered_by
+            .as_ref()
+            .map(|o| o.value.iter().map(|i| i.to_string()).collect())
+            .unwrap_or_default();
+        setters.push(quote!(.ordered(&[#(#by),*], #n)));
+    }
     Options { setters, name }
 }
 
@@ -275,6 +309,23 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
             }
         }
     });
+    // An ordered handler's event must carry its ordering fields in its
+    // subject (they pick the partition); checked where `ordered` is written.
+    let order_check = a
+        .ordered_by
+        .as_ref()
+        .map(|o| (o.key, o.value.iter().map(|i| i.to_string()).collect()))
+        .map(|(span, by): (Span, Vec<String>)| {
+            let msg = format!(
+                "`ordered_by`: every field named ({}) must fill a `{{field}}` of the event's subject (the partition is chosen from the subject)",
+                by.join(", ")
+            );
+            // `assert!` reads its message as a format string.
+            let msg = msg.replace('{', "{{").replace('}', "}}");
+            quote_spanned! {span=>
+                const _: () = ::core::assert!(#p::orderable::<#event_assoc>(&[#(#by),*]), #msg);
+            }
+        });
     let boxed = quote_spanned! {f.sig.ident.span()=>
         |#(#args: #tys),*| -> #p::BoxFuture<#ret> { ::std::boxed::Box::pin(#ident::#inner(#(#args),*)) }
     };
@@ -298,6 +349,8 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
                 &CALL
             }
         }
+
+        #order_check
 
         impl #krate::Handler for #ident {
             type Event = #event_assoc;

@@ -44,6 +44,13 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// A field value that is not a legal NATS token.
     fn subject(&self) -> Result<String, SubjectError>;
 
+    /// The fields that fill the subject template's `{field}` tokens, in
+    /// order (what an ordered handler partitions by).
+    const PLACEHOLDERS: &'static [&'static str] = &[];
+
+    /// The fields of [`key`](Self::key), in order; empty without a key.
+    const KEY_FIELDS: &'static [&'static str] = &[];
+
     /// The values of the type's `key` fields, if it declares a key.
     fn key(&self) -> Option<EventKey> {
         None

@@ -16,7 +16,8 @@ pub(crate) use context::Delivery;
 pub use context::{Context, EmittedEvent};
 pub use error::{HandlerError, HandlerErrorKind, IntoHandlerResult};
 pub use extract::{Attempt, EventArg, FromContext, MissingState, State, States};
-pub use options::{DEFAULT_TIMEOUT, DeliverPolicy, HandlerOptions};
+pub(crate) use options::placeholder_index;
+pub use options::{DEFAULT_PARTITIONS, DEFAULT_TIMEOUT, DeliverPolicy, HandlerOptions, Ordered};
 
 use crate::event::Event;
 use crate::wire::envelope::Envelope;

@@ -53,6 +53,46 @@ pub struct HandlerOptions {
     /// Whether the service's inbox skips events this handler already
     /// handled. Default on.
     pub idempotent: bool,
+    /// Per-key order (`#[event_handler(ordered_by = ..)]`), or `None`:
+    /// events run in any order, up to `concurrency` at once.
+    pub ordered: Option<Ordered>,
+}
+
+/// The default number of partitions of an ordered handler: 16 events of
+/// different keys at once across its instances, 16 durable consumers.
+pub const DEFAULT_PARTITIONS: u16 = 16;
+
+/// How an ordered handler orders its events (`#[event_handler(ordered_by
+/// = account)]`, `partitions = n`). Events whose ordering fields are equal
+/// go to the same partition; a partition runs one event at a time, in
+/// stream order, on one instance at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Ordered {
+    /// The fields that group the events to order (each fills a `{field}`
+    /// of the event's subject).
+    pub by: &'static [&'static str],
+    /// How many partitions ([`DEFAULT_PARTITIONS`] by default).
+    pub partitions: u16,
+}
+
+/// Where `field` fills a `{field}` token among `placeholders`.
+pub(crate) const fn placeholder_index(placeholders: &[&str], field: &str) -> Option<usize> {
+    let mut i = 0;
+    while i < placeholders.len() {
+        let (a, b) = (placeholders[i].as_bytes(), field.as_bytes());
+        if a.len() == b.len() {
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return Some(i);
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 impl Default for HandlerOptions {
@@ -69,6 +109,7 @@ impl Default for HandlerOptions {
             timeout: DEFAULT_TIMEOUT,
             deliver: DeliverPolicy::All,
             idempotent: true,
+            ordered: None,
         }
     }
 }
@@ -87,6 +128,20 @@ impl HandlerOptions {
                 DeliverPolicy::Since(t) => D::ByStartTime { start_time: t },
             },
         }
+    }
+
+    /// Makes the handler ordered by the fields `by` over `partitions`
+    /// partitions (0: [`DEFAULT_PARTITIONS`]).
+    pub fn ordered(mut self, by: &'static [&'static str], partitions: u16) -> Self {
+        self.ordered = Some(Ordered {
+            by,
+            partitions: if partitions == 0 {
+                DEFAULT_PARTITIONS
+            } else {
+                partitions
+            },
+        });
+        self
     }
 
     /// Sets [`concurrency`](Self::concurrency).

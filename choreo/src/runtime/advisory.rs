@@ -62,13 +62,13 @@ pub(super) async fn vet_advisory(
     rt: &Runtime,
     adv: &dlq::MaxDeliveries,
 ) -> Result<Option<jetstream::message::StreamMessage>, &'static str> {
-    let durable = consumer_name(&rt.service, rt.handler);
-    if adv.stream != rt.stream || adv.consumer != durable {
+    let durable = &*rt.durable;
+    if adv.stream != *rt.consumer_stream || adv.consumer != durable {
         return Err("it names another stream or consumer");
     }
     let mut consumer: jetstream::consumer::PullConsumer = rt
         .js
-        .get_consumer_from_stream(&durable, rt.stream)
+        .get_consumer_from_stream(durable, &*rt.consumer_stream)
         .await
         .map_err(|_| "the consumer cannot be read")?;
     let info = consumer
@@ -82,7 +82,7 @@ pub(super) async fn vet_advisory(
         return Err("the consumer has not delivered that sequence");
     }
     let filter = info.config.filter_subject.clone();
-    let Ok(stream) = rt.js.get_stream(rt.stream).await else {
+    let Ok(stream) = rt.js.get_stream(&*rt.consumer_stream).await else {
         return Err("the stream cannot be read");
     };
     let Ok(original) = stream.get_raw_message(adv.stream_seq).await else {
@@ -133,7 +133,7 @@ pub(super) async fn handle_advisory(rt: &Runtime, msg: &jetstream::Message) {
     };
     let (subject, headers, payload, detail) = match &original {
         Some(m) => (
-            m.subject.to_string(),
+            rt.original_subject(&m.subject).to_owned(),
             Some(&m.headers),
             m.payload.clone(),
             "the last allowed delivery ended without a verdict (the process stopped, or ack_wait ran out)".to_owned(),
@@ -151,7 +151,7 @@ pub(super) async fn handle_advisory(rt: &Runtime, msg: &jetstream::Message) {
         reason: Reason::DeliveryLost,
         detail,
         deliveries: adv.deliveries,
-        stream: rt.stream,
+        stream: &rt.consumer_stream,
         sequence: adv.stream_seq,
         subject: &subject,
     };

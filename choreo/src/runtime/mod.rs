@@ -26,7 +26,7 @@ use crate::handler::{BoxFuture, Context, Delivery, Handler, HandlerOptions, Miss
 use crate::inbox::{self, Inbox, InboxError, Record, Sighting, Verdict};
 use crate::publish::Publisher;
 use crate::topology::consumer::create_consumer;
-use crate::topology::{ConsumerError, StreamError, consumer_name};
+use crate::topology::{ConsumerError, StreamError};
 use crate::wire::envelope::Envelope;
 use requests::{PermitWait, Pulled, Puller, Slot};
 use watchdog::KeyState;
@@ -74,6 +74,14 @@ pub(crate) struct Runtime {
     pub(crate) handler: &'static str,
     pub(crate) handler_id: Arc<str>,
     pub(crate) stream: &'static str,
+    /// The durable this runtime pulls from: `<service>--<handler>`, or a
+    /// partition's `<service>--<handler>--p<n>`.
+    pub(crate) durable: Arc<str>,
+    /// The stream that durable is on: `stream`, or the ordered handler's
+    /// partition stream.
+    pub(crate) consumer_stream: Arc<str>,
+    /// For a partition of an ordered handler: which, and how to remake it.
+    pub(crate) partition: Option<Partition>,
     /// The name of the event the handler consumes.
     pub(crate) event_type: &'static str,
     pub(crate) options: HandlerOptions,
@@ -94,6 +102,29 @@ pub(crate) struct Runtime {
     /// What the server's consumer says, read back after creating it and
     /// every few seconds: it is the truth when instances disagree.
     pub(crate) live: Live,
+}
+
+/// One partition of an ordered handler.
+#[derive(Debug)]
+pub(crate) struct Partition {
+    pub(crate) part: u16,
+    pub(crate) partitions: u16,
+    /// The 1-based `*` positions of the ordering fields in the filter.
+    pub(crate) wildcards: Vec<usize>,
+}
+
+impl Runtime {
+    /// An event's subject as published: a partition stream's subjects
+    /// carry the partition prefix in front.
+    pub(crate) fn original_subject<'s>(&self, subject: &'s str) -> &'s str {
+        if self.partition.is_none() {
+            return subject;
+        }
+        subject
+            .splitn(crate::topology::ordered::PREFIX_TOKENS + 1, '.')
+            .nth(crate::topology::ordered::PREFIX_TOKENS)
+            .unwrap_or(subject)
+    }
 }
 
 /// The consumer's settings as the server has them, and its ack floor.
@@ -213,6 +244,9 @@ pub(crate) trait Erased: Send + Sync + std::fmt::Debug {
     fn emits(&self) -> Option<&'static [crate::event::EventType]>;
     fn consumes(&self) -> crate::event::EventType;
     fn accepted_versions(&self) -> Vec<u32>;
+    /// For an ordered handler: the 1-based `*` positions, in the event's
+    /// subject filter, of the fields it orders by.
+    fn ordering_wildcards(&self) -> Option<Vec<usize>>;
     fn check(&self, states: &States) -> Result<(), MissingState>;
     fn process(
         self: Arc<Self>,
@@ -250,6 +284,15 @@ impl<H: Handler> Erased for Typed<H> {
     }
     fn options(&self) -> HandlerOptions {
         self.0.options()
+    }
+    fn ordering_wildcards(&self) -> Option<Vec<usize>> {
+        let ordered = self.0.options().ordered?;
+        // `{field}` tokens become `*` in the filter, in template order.
+        ordered
+            .by
+            .iter()
+            .map(|f| crate::handler::placeholder_index(H::Event::PLACEHOLDERS, f).map(|i| i + 1))
+            .collect()
     }
     fn stream(&self) -> (&'static str, &'static str, &'static str) {
         (

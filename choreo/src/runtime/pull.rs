@@ -192,6 +192,13 @@ pub(super) fn spawn(
 ) {
     rt.metrics.consumed.increment(1);
     let started = std::time::Instant::now();
+    let mut msg = msg;
+    if rt.partition.is_some() {
+        // The handler, its logs and its dead letters see the subject the
+        // event was published on.
+        let original = rt.original_subject(&msg.message.subject).to_owned();
+        msg.message.subject = original.into();
+    }
     let fut = handler.clone().process(msg, seen, rt.clone());
     let rt = rt.clone();
     running.spawn(async move {

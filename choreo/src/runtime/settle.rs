@@ -121,7 +121,7 @@ pub(super) async fn dead_letter_now(
         reason,
         detail: detail.to_owned(),
         deliveries: u64::from(attempt),
-        stream: rt.stream,
+        stream: &rt.consumer_stream,
         sequence: seq,
         subject: &msg.subject,
     };

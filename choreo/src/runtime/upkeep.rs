@@ -59,12 +59,13 @@ pub(super) async fn refresh_consumer(
     why: Option<&str>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), Stopped> {
-    let (stream, _, filter) = handler.stream();
-    let durable = consumer_name(&rt.service, rt.handler);
+    let (_, _, filter) = handler.stream();
+    let stream = &*rt.consumer_stream;
+    let durable = &*rt.durable;
     if why.is_none()
         && rt
             .js
-            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(&durable, stream)
+            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(durable, stream)
             .await
             .is_ok()
     {
@@ -80,22 +81,44 @@ pub(super) async fn refresh_consumer(
     // Just after the last known ack floor: what was acknowledged is not
     // delivered again, and what was delivered but not acknowledged is.
     let start_at = rt.live.ack_floor() + 1;
-    let created = create_consumer(
-        &rt.js,
-        stream,
-        &durable,
-        filter,
-        &rt.options.consumer_spec(),
-        rt.handler,
-        Some(start_at),
-    )
-    .await;
+    let created = match &rt.partition {
+        // A partition of a work queue: what was acknowledged is gone, so a
+        // new durable starts at the first event left.
+        Some(p) => {
+            crate::topology::ordered::create_partition_consumer(
+                &rt.js,
+                &crate::topology::ordered::Partitioning {
+                    service: &rt.service,
+                    handler: rt.handler,
+                    origin: rt.stream,
+                    filter,
+                    wildcards: p.wildcards.clone(),
+                    partitions: p.partitions,
+                },
+                p.part,
+                &rt.options.consumer_spec(),
+            )
+            .await
+        }
+        None => {
+            create_consumer(
+                &rt.js,
+                stream,
+                durable,
+                filter,
+                &rt.options.consumer_spec(),
+                rt.handler,
+                Some(start_at),
+            )
+            .await
+        }
+    };
     let created = match created {
         Ok(c) => Ok(c),
         // Another instance may have recreated it first.
         Err(e) => rt
             .js
-            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(&durable, stream)
+            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(durable, stream)
             .await
             .map_err(|_| e),
     };

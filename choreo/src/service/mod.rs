@@ -5,7 +5,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -13,8 +12,9 @@ mod checks;
 mod describe;
 mod error;
 mod handle;
+mod prepare;
 
-use checks::{say_backlog, shutdown_signal, validate_options};
+use checks::{shutdown_signal, validate_options};
 pub use error::{RunError, RunErrorKind, StartError, StartErrorKind};
 pub use handle::ServiceHandle;
 
@@ -25,8 +25,6 @@ use crate::publish::Publisher;
 use crate::runtime::{
     Erased, FaultHook, HandlerStats, Live, Registry, Runtime, Typed, advisory_loop, pull_loop,
 };
-use crate::topology::consumer::{create_advisory_consumer, create_consumer, ensure_streams};
-use crate::topology::stream::{check_jetstream, ensure_stream};
 use crate::topology::{StreamSettings, consumer_name};
 
 /// A named set of handlers that run as one service.
@@ -318,52 +316,63 @@ impl Service {
         let states = Arc::new(self.states);
         let mut tasks = JoinSet::new();
         let mut stats = Vec::new();
-        for (h, (consumer, advisory)) in self.handlers.into_iter().zip(consumers) {
+        for (h, durables) in self.handlers.into_iter().zip(consumers) {
             let (stream, _, _) = h.stream();
             let options = h.options();
-            let rt = Arc::new(Runtime {
-                service: service.clone(),
-                handler: h.name(),
-                handler_id: Arc::from(format!("{service}.{}", h.name())),
-                stream,
-                event_type: h.event_type(),
-                options,
-                publisher: publisher.clone(),
-                states: states.clone(),
-                metrics: crate::observe::HandlerMetrics::new(
-                    &service,
-                    h.name(),
-                    &consumer_name(&service, h.name()),
+            let durable = consumer_name(&service, h.name());
+            let backlog: u64 = durables
+                .iter()
+                .map(|d| d.consumer.cached_info().num_pending)
+                .sum();
+            let handler_stats = Arc::new(HandlerStats::starting_with(backlog));
+            let metrics = crate::observe::HandlerMetrics::new(&service, h.name(), &durable, stream);
+            stats.push((h.name(), handler_stats.clone()));
+            for d in durables {
+                let info = d.consumer.cached_info();
+                let rt = Arc::new(Runtime {
+                    service: service.clone(),
+                    handler: h.name(),
+                    handler_id: Arc::from(format!("{service}.{}", h.name())),
                     stream,
-                ),
-                stats: Arc::new(HandlerStats::starting_with(
-                    consumer.cached_info().num_pending,
-                )),
-                client: client.clone(),
-                js: js.clone(),
-                inbox: if h.options().idempotent {
-                    inbox.clone()
-                } else {
-                    None
-                },
-                fault: self.fault.clone(),
-                watchdog: Registry::default(),
-                recovery_timeout: self.recovery_timeout,
-                live: {
-                    let live = Live::default();
-                    live.follow(consumer.cached_info());
-                    live
-                },
-            });
-            stats.push((h.name(), rt.stats.clone()));
-            tasks.spawn(pull_loop(
-                h.clone(),
-                rt.clone(),
-                consumer,
-                stop_rx.clone(),
-                self.shutdown_grace,
-            ));
-            tasks.spawn(advisory_loop(rt, advisory, stop_rx.clone()));
+                    durable: Arc::from(info.name.as_str()),
+                    consumer_stream: Arc::from(info.stream_name.as_str()),
+                    partition: d.partition,
+                    event_type: h.event_type(),
+                    // A partition runs one event at a time.
+                    options: if options.ordered.is_some() {
+                        options.clone().concurrency(1)
+                    } else {
+                        options.clone()
+                    },
+                    publisher: publisher.clone(),
+                    states: states.clone(),
+                    metrics: metrics.clone(),
+                    stats: handler_stats.clone(),
+                    client: client.clone(),
+                    js: js.clone(),
+                    inbox: if options.idempotent {
+                        inbox.clone()
+                    } else {
+                        None
+                    },
+                    fault: self.fault.clone(),
+                    watchdog: Registry::default(),
+                    recovery_timeout: self.recovery_timeout,
+                    live: {
+                        let live = Live::default();
+                        live.follow(info);
+                        live
+                    },
+                });
+                tasks.spawn(pull_loop(
+                    h.clone(),
+                    rt.clone(),
+                    d.consumer,
+                    stop_rx.clone(),
+                    self.shutdown_grace,
+                ));
+                tasks.spawn(advisory_loop(rt, d.advisory, stop_rx.clone()));
+            }
         }
         let instance = inbox.as_ref().map_or_else(
             || uuid::Uuid::now_v7().as_u64_pair().1.max(1),
@@ -396,69 +405,5 @@ impl Service {
             stats,
             client,
         })
-    }
-}
-
-type Consumers = Vec<(
-    jetstream::consumer::PullConsumer,
-    jetstream::consumer::PullConsumer,
-)>;
-
-impl Service {
-    /// Creates what the service needs on the server: streams, the inbox, and
-    /// each handler's consumer and lost-delivery consumer.
-    async fn prepare(
-        &self,
-        js: &jetstream::Context,
-    ) -> Result<(Option<Inbox>, Consumers), StartError> {
-        check_jetstream(js).await?;
-        ensure_streams(js, &self.stream_settings).await?;
-        let inbox = if self.handlers.iter().any(|h| h.options().idempotent) {
-            Some(
-                Inbox::open(
-                    js,
-                    &self.api.prefix(),
-                    &self.name,
-                    self.inbox_retention,
-                    self.stream_settings.replicas,
-                )
-                .await?,
-            )
-        } else {
-            None
-        };
-        let mut consumers = Vec::with_capacity(self.handlers.len());
-        for h in &self.handlers {
-            let (stream, subjects, filter) = h.stream();
-            ensure_stream(
-                js,
-                &self.stream_settings,
-                stream,
-                vec![subjects.to_owned()],
-                filter,
-            )
-            .await?;
-            let durable = consumer_name(&self.name, h.name());
-            let consumer = create_consumer(
-                js,
-                stream,
-                &durable,
-                filter,
-                &h.options().consumer_spec(),
-                h.name(),
-                None,
-            )
-            .await?;
-            let advisory = create_advisory_consumer(js, stream, &durable, h.name()).await?;
-            say_backlog(
-                &self.name,
-                h.name(),
-                stream,
-                &h.options(),
-                consumer.cached_info(),
-            );
-            consumers.push((consumer, advisory));
-        }
-        Ok((inbox, consumers))
     }
 }

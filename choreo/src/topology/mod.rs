@@ -14,6 +14,7 @@
 
 pub(crate) mod consumer;
 mod error;
+pub(crate) mod ordered;
 mod permissions;
 pub(crate) mod stream;
 

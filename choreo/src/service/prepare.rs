@@ -1,0 +1,131 @@
+//! What a service creates on the server before its handlers run: streams,
+//! the inbox, each handler's durable (an ordered handler's partition
+//! stream and one durable per partition) and lost-delivery consumer.
+
+use async_nats::jetstream;
+
+use super::checks::say_backlog;
+use super::{Service, StartError};
+use crate::inbox::Inbox;
+use crate::runtime::Erased;
+use crate::topology::consumer::{create_advisory_consumer, create_consumer, ensure_streams};
+use crate::topology::consumer_name;
+use crate::topology::stream::{check_jetstream, ensure_stream};
+
+/// One durable a handler pulls from (an ordered handler has one per
+/// partition), and its lost-delivery consumer.
+pub(super) struct Durable {
+    pub(super) consumer: jetstream::consumer::PullConsumer,
+    pub(super) advisory: jetstream::consumer::PullConsumer,
+    pub(super) partition: Option<crate::runtime::Partition>,
+}
+
+/// Per handler, its durables.
+pub(super) type Consumers = Vec<Vec<Durable>>;
+
+impl Service {
+    /// Creates what the service needs on the server: streams, the inbox, and
+    /// each handler's consumer and lost-delivery consumer.
+    pub(super) async fn prepare(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<(Option<Inbox>, Consumers), StartError> {
+        check_jetstream(js).await?;
+        ensure_streams(js, &self.stream_settings).await?;
+        let inbox = if self.handlers.iter().any(|h| h.options().idempotent) {
+            Some(
+                Inbox::open(
+                    js,
+                    &self.api.prefix(),
+                    &self.name,
+                    self.inbox_retention,
+                    self.stream_settings.replicas,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let mut consumers = Vec::with_capacity(self.handlers.len());
+        for h in &self.handlers {
+            let (stream, subjects, filter) = h.stream();
+            ensure_stream(
+                js,
+                &self.stream_settings,
+                stream,
+                vec![subjects.to_owned()],
+                filter,
+            )
+            .await?;
+            let durable = consumer_name(&self.name, h.name());
+            if let (Some(ordered), Some(wildcards)) = (h.options().ordered, h.ordering_wildcards())
+            {
+                consumers.push(self.partitions(js, &**h, ordered, wildcards).await?);
+                continue;
+            }
+            let consumer = create_consumer(
+                js,
+                stream,
+                &durable,
+                filter,
+                &h.options().consumer_spec(),
+                h.name(),
+                None,
+            )
+            .await?;
+            let advisory = create_advisory_consumer(js, stream, &durable, h.name()).await?;
+            say_backlog(
+                &self.name,
+                h.name(),
+                stream,
+                &h.options(),
+                consumer.cached_info(),
+            );
+            consumers.push(vec![Durable {
+                consumer,
+                advisory,
+                partition: None,
+            }]);
+        }
+        Ok((inbox, consumers))
+    }
+
+    /// An ordered handler's partition stream and its partitions' durables.
+    async fn partitions(
+        &self,
+        js: &jetstream::Context,
+        h: &dyn Erased,
+        ordered: crate::handler::Ordered,
+        wildcards: Vec<usize>,
+    ) -> Result<Vec<Durable>, StartError> {
+        use crate::topology::ordered;
+        let (stream, _, filter) = h.stream();
+        let spec = h.options().consumer_spec();
+        let p = ordered::Partitioning {
+            service: &self.name,
+            handler: h.name(),
+            origin: stream,
+            filter,
+            wildcards: wildcards.clone(),
+            partitions: ordered.partitions,
+        };
+        ordered::ensure_stream(js, &self.stream_settings, &p, spec.deliver).await?;
+        let on = ordered::stream_name(&self.name, h.name());
+        let mut out = Vec::with_capacity(usize::from(ordered.partitions));
+        for part in 0..ordered.partitions {
+            let consumer = ordered::create_partition_consumer(js, &p, part, &spec).await?;
+            let advisory =
+                create_advisory_consumer(js, &on, &consumer.cached_info().name, h.name()).await?;
+            out.push(Durable {
+                consumer,
+                advisory,
+                partition: Some(crate::runtime::Partition {
+                    part,
+                    partitions: ordered.partitions,
+                    wildcards: wildcards.clone(),
+                }),
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,334 @@
+//! Ordered handlers (`#[event_handler(ordered_by = account)]`) against a real server:
+//! each key's events run one at a time and in publish order across several
+//! instances, through an instance killed and a new one started mid-run; a
+//! failing event holds back its own key only; a slow key does not hold up
+//! the others.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use choreo::{Context, HandlerError, Publisher, Service, State, event, event_handler};
+use choreo_testkit::NatsServer;
+
+#[event(subject = "ledger.{account}.stepped", key = (account, n))]
+pub struct Stepped {
+    pub account: String,
+    pub n: u32,
+}
+
+/// What the handlers did, in the order they did it.
+#[derive(Clone, Default)]
+struct Log {
+    /// (account, n, idempotency key), in the order the handlers ran.
+    ran: Arc<Mutex<Vec<(String, u32, String)>>>,
+    /// Accounts with a handler running now.
+    running: Arc<Mutex<HashSet<String>>>,
+    /// Two events of one account ran at once.
+    overlaps: Arc<Mutex<Vec<String>>>,
+}
+
+/// An account's handler running; dropped when it ends, or when the
+/// killed instance drops its future.
+struct Running(Arc<Mutex<HashSet<String>>>, String);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().remove(&self.1);
+    }
+}
+
+impl Log {
+    fn enter(&self, account: &str) -> Running {
+        if !self.running.lock().unwrap().insert(account.to_owned()) {
+            self.overlaps.lock().unwrap().push(account.to_owned());
+        }
+        Running(self.running.clone(), account.to_owned())
+    }
+    fn leave(&self, account: &str, n: u32, key: String) {
+        self.ran.lock().unwrap().push((account.to_owned(), n, key));
+    }
+    fn distinct(&self) -> usize {
+        self.ran
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| &r.2)
+            .collect::<HashSet<_>>()
+            .len()
+    }
+    /// Each account's `n`s in the order they ran.
+    fn by_account(&self) -> HashMap<String, Vec<u32>> {
+        let mut out: HashMap<String, Vec<u32>> = HashMap::new();
+        for (a, n, _) in self.ran.lock().unwrap().iter() {
+            out.entry(a.clone()).or_default().push(*n);
+        }
+        out
+    }
+}
+
+#[event_handler(ordered_by = account, emits = [], ack_wait = "2s", backoff = ["100ms"])]
+async fn apply(s: Stepped, State(log): State<Log>, ctx: Context) {
+    let _running = log.enter(&s.account);
+    // Long enough for events to pile up behind each other.
+    if s.n.is_multiple_of(7) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    } else {
+        tokio::task::yield_now().await;
+    }
+    log.leave(&s.account, s.n, ctx.idempotency_key());
+}
+
+fn ledger(log: &Log) -> Service {
+    Service::new("ledger")
+        .state(log.clone())
+        .registry_heartbeat(Duration::from_millis(200))
+        .handler(apply)
+}
+
+#[tokio::test]
+async fn each_keys_events_run_in_order_across_instances_through_a_kill_and_a_new_instance() {
+    const KEYS: u32 = 1_000;
+    const STEPS: u32 = 20;
+    let server = NatsServer::start().await.unwrap();
+    let log = Log::default();
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let client = server.connect().await.unwrap();
+        instances.push(ledger(&log).start(client).await.unwrap());
+    }
+    let publisher = Publisher::new(server.connect().await.unwrap(), "teller").unwrap();
+    // Interleaved: step 0 of every account, then step 1, ...
+    let feeding = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let events = (0..STEPS).flat_map(|n| (0..KEYS).map(move |k| (k, n)));
+            futures::stream::iter(events)
+                .map(|(k, n)| {
+                    let p = publisher.clone();
+                    async move {
+                        p.publish(&Stepped {
+                            account: format!("acct-{k}"),
+                            n,
+                        })
+                        .await
+                        .unwrap()
+                    }
+                })
+                .buffered(64)
+                .collect::<Vec<_>>()
+                .await;
+        })
+    };
+    let total = (KEYS * STEPS) as usize;
+    common::eventually(Duration::from_secs(120), "a quarter handled", || {
+        log.distinct() >= total / 4
+    })
+    .await;
+    // kill -9 of one instance: its tasks stop where they are, nothing is
+    // acknowledged or handed back.
+    instances.remove(0).abort();
+    instances.push(
+        ledger(&log)
+            .start(server.connect().await.unwrap())
+            .await
+            .unwrap(),
+    );
+    feeding.await.unwrap();
+    common::eventually(Duration::from_secs(180), "every event handled", || {
+        log.distinct() >= total
+    })
+    .await;
+
+    assert_eq!(
+        log.overlaps.lock().unwrap().clone(),
+        Vec::<String>::new(),
+        "two events of one account ran at once"
+    );
+    let by_account = log.by_account();
+    assert_eq!(by_account.len(), KEYS as usize);
+    let mut reruns = 0;
+    for (account, ns) in &by_account {
+        // In publish order; an event the killed instance was running may
+        // run again, right after itself, never after a later one.
+        assert!(
+            ns.windows(2).all(|w| w[0] <= w[1]),
+            "{account} ran out of order: {ns:?}"
+        );
+        let distinct: Vec<u32> = {
+            let mut d = ns.clone();
+            d.dedup();
+            d
+        };
+        assert_eq!(
+            distinct,
+            (0..STEPS).collect::<Vec<_>>(),
+            "{account}: every step once"
+        );
+        reruns += ns.len() - distinct.len();
+    }
+    // At most the events in flight on the killed instance (one per partition).
+    assert!(
+        reruns <= usize::from(choreo::DEFAULT_PARTITIONS),
+        "{reruns} re-runs"
+    );
+    for i in instances {
+        i.shutdown().await;
+    }
+}
+
+static FAILS_LEFT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(2);
+
+/// `acct-bad` step 3 fails twice, then succeeds; step 6 always fails and is
+/// dead-lettered; `acct-slow` step 0 takes 3 s.
+#[event_handler(ordered_by = account, name = "apply", emits = [], max_deliver = 3, ack_wait = "5s", backoff = ["200ms"])]
+async fn picky(s: Stepped, State(log): State<Log>, ctx: Context) -> Result<(), HandlerError> {
+    let _running = log.enter(&s.account);
+    if s.account == "acct-slow" && s.n == 0 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    if s.account == "acct-bad"
+        && ((s.n == 3
+            && FAILS_LEFT
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |f| f.checked_sub(1),
+                )
+                .is_ok())
+            || s.n == 6)
+    {
+        return Err(HandlerError::retryable(format!(
+            "step {} is not ready",
+            s.n
+        )));
+    }
+    log.leave(&s.account, s.n, ctx.idempotency_key());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failure_holds_back_its_own_key_and_a_slow_key_holds_up_no_other_partition() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let log = Log::default();
+    let svc = Service::new("picky")
+        .state(log.clone())
+        .handler(picky)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let publisher = Publisher::new(client.clone(), "teller").unwrap();
+    for n in 0..10 {
+        for account in ["acct-bad", "acct-slow"] {
+            publisher
+                .publish(&Stepped {
+                    account: account.into(),
+                    n,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    for k in 0..64 {
+        publisher
+            .publish(&Stepped {
+                account: format!("acct-{k}"),
+                n: 0,
+            })
+            .await
+            .unwrap();
+    }
+    // While acct-slow sleeps, the accounts in other partitions go through.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let done_early = log
+        .by_account()
+        .keys()
+        .filter(|a| a.starts_with("acct-") && a[5..].parse::<u32>().is_ok())
+        .count();
+    assert!(
+        !log.by_account().contains_key("acct-slow"),
+        "acct-slow's first step is still sleeping"
+    );
+    assert!(
+        done_early >= 48,
+        "only {done_early} of 64 other accounts went through while acct-slow slept"
+    );
+
+    // acct-bad: 3 waited for its retries, 6 was dead-lettered, the rest ran
+    // in order after them.
+    common::eventually(
+        Duration::from_secs(30),
+        "acct-bad and acct-slow done",
+        || {
+            let b = log.by_account();
+            b.get("acct-bad").is_some_and(|v| v.len() == 9)
+                && b.get("acct-slow").is_some_and(|v| v.len() == 10)
+        },
+    )
+    .await;
+    let b = log.by_account();
+    assert_eq!(b["acct-bad"], vec![0, 1, 2, 3, 4, 5, 7, 8, 9]);
+    assert_eq!(b["acct-slow"], (0..10).collect::<Vec<_>>());
+    let letters = common::dead_letters(&client, 1, Duration::from_secs(10)).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        common::header(&letters[0], "choreo-dlq-subject").as_deref(),
+        Some("ledger.acct-bad.stepped")
+    );
+    assert!(log.overlaps.lock().unwrap().is_empty());
+    svc.shutdown().await;
+}
+
+#[event_handler(name = "apply", emits = [])]
+async fn unordered(s: Stepped, State(log): State<Log>, ctx: Context) {
+    let _running = log.enter(&s.account);
+    tokio::time::sleep(Duration::from_millis(u64::from(s.n % 3))).await;
+    log.leave(&s.account, s.n, ctx.idempotency_key());
+}
+
+/// The check above can fail: the same flow through an unordered handler
+/// runs one account's events at once and out of order.
+#[tokio::test]
+async fn without_ordering_the_same_flow_overlaps_and_reorders() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let log = Log::default();
+    let svc = Service::new("loose")
+        .state(log.clone())
+        .handler(unordered)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let publisher = Publisher::new(client.clone(), "teller").unwrap();
+    for n in 0..50 {
+        for k in 0..4 {
+            publisher
+                .publish(&Stepped {
+                    account: format!("acct-{k}"),
+                    n,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    common::eventually(Duration::from_secs(30), "all handled", || {
+        log.distinct() >= 200
+    })
+    .await;
+    let out_of_order = log
+        .by_account()
+        .values()
+        .filter(|ns| ns.windows(2).any(|w| w[0] > w[1]))
+        .count();
+    let overlaps = log.overlaps.lock().unwrap().len();
+    assert!(
+        overlaps > 0 || out_of_order > 0,
+        "overlaps {overlaps}, accounts out of order {out_of_order}"
+    );
+    svc.shutdown().await;
+}
