@@ -29,6 +29,10 @@
 //! - `handler_metrics`: the 1-hop handler (inbox off) with a Prometheus
 //!   metrics recorder taking choreo's metrics, against the same handler
 //!   with none: the price of the metrics (its ratio is on / off).
+//! - `ordered`: N steps of 1,000 accounts through a 1-hop handler with the
+//!   inbox on, `ordered_by = account` (16 partitions) against the same
+//!   handler in any order: the price of order on many keys (choreo on both
+//!   sides; its ratio is ordered / any order).
 //! - `handler_inbox_write_only`, `latency_write_only`: the same, against a
 //!   raw relay that writes the key but never reads it. Not the same work
 //!   (a copy of an event is emitted again), shown to price the read: no
@@ -223,6 +227,74 @@ async fn hop3(e: Hop2Seen, ctx: Context) {
         id: e.id,
         note: e.note,
     });
+}
+
+/// One step of one account, for the ordered case.
+#[event(subject = "benchord.{account}.stepped", key = (account, n))]
+pub struct BenchStep {
+    /// The account: what the ordered handler orders by.
+    pub account: String,
+    /// The step.
+    pub n: u64,
+    /// Filler.
+    pub note: String,
+}
+
+#[event_handler(name = "step")]
+async fn step_any_order(e: BenchStep, ctx: Context) {
+    ctx.emit(BenchRelayed {
+        id: e.n,
+        note: e.note,
+    });
+}
+
+#[event_handler(name = "step", ordered_by = account)]
+async fn step_in_order(e: BenchStep, ctx: Context) {
+    ctx.emit(BenchRelayed {
+        id: e.n,
+        note: e.note,
+    });
+}
+
+/// `n` steps of 1,000 accounts through the 1-hop handler (inbox on),
+/// ordered by account or not: the price of order on many keys.
+async fn choreo_steps(n: u64, ordered: bool) -> Result<f64, BoxError> {
+    use futures::{StreamExt, TryStreamExt};
+    let server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let publisher = Publisher::new(client.clone(), "bench")?;
+    publisher.ensure_stream::<BenchRelayed>().await?;
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let p = publisher.clone();
+            async move {
+                p.publish(&BenchStep {
+                    account: format!("acct-{}", i % 1000),
+                    n: i,
+                    note: note(),
+                })
+                .await
+            }
+        })
+        .buffered(IN_FLIGHT)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let svc = if ordered {
+        Service::new("steps").handler(step_in_order)
+    } else {
+        Service::new("steps").handler(step_any_order)
+    };
+    let started = (Instant::now(), cpu_seconds());
+    let handle = svc.start(client).await?;
+    let stats = || handle.stats("step").map_or(0, |s| s.handled());
+    let what = if ordered {
+        "choreo ordered handler"
+    } else {
+        "choreo handler, any order"
+    };
+    let rate = rate_until(stats, n, what, started).await?;
+    handle.shutdown().await;
+    Ok(rate)
 }
 
 // ---- the raw side: the same wire format, by hand ------------------------------------
@@ -998,6 +1070,12 @@ async fn main() -> Result<(), BoxError> {
                 ratios.push((case, ratio));
             }
         }
+    }
+    if wanted("ordered") {
+        let (c, r, ratio) =
+            median_pair(repeat, || choreo_steps(n, true), || choreo_steps(n, false)).await?;
+        rows.push(("ordered vs any order (msgs/s)", c, r, ratio));
+        ratios.push(("ordered", ratio));
     }
     if wanted("handler_metrics") {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();

@@ -338,7 +338,9 @@ impl Service {
                     consumer_stream: Arc::from(info.stream_name.as_str()),
                     partition: d.partition,
                     event_type: h.event_type(),
-                    // A partition runs one event at a time.
+                    // A partition runs one event at a time (the server sends
+                    // the next once the one before is acknowledged; asking
+                    // for more per request measured no faster).
                     options: if options.ordered.is_some() {
                         options.clone().concurrency(1)
                     } else {
