@@ -322,7 +322,7 @@ async fn graph_lint_and_asyncapi_of_the_running_shop_match_their_golden_files() 
 /// `Permissions::observer`, `nobody` may only connect.
 async fn guarded_shop() -> RunningShop {
     let config = format!(
-        "jetstream {{}}\nauthorization {{ users = [ \
+        "authorization {{ users = [ \
            {{ user: shop, password: pw }}, \
            {{ user: viewer, password: pw, permissions: {} }}, \
            {{ user: nobody, password: pw, permissions: {{ publish: {{ allow: [\"_INBOX.>\"] }}, subscribe: {{ allow: [\"_INBOX.>\"] }} }} }} ] }}",

@@ -171,6 +171,26 @@ async fn each_keys_events_run_in_order_across_instances_through_a_kill_and_a_new
         );
         reruns += ns.len() - distinct.len();
     }
+    // `choreo status` reads the 16 partitions as one handler.
+    let js = choreo::async_nats::jetstream::new(server.connect().await.unwrap());
+    let mut seen = None;
+    for _ in 0..50 {
+        let s = choreo::admin::status(&js, Duration::from_millis(200))
+            .await
+            .unwrap();
+        if let Some(h) = s.handlers.iter().find(|h| h.durable == "ledger--apply")
+            && h.lag_messages == Some(0)
+            && h.inbox_records == Some(u64::from(KEYS * STEPS))
+        {
+            seen = Some((h.state, h.stream.clone(), s.handlers.len()));
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        Some((choreo::admin::State::Ok, "LEDGER".to_owned(), 1)),
+        "status shows the ordered handler once, done"
+    );
     // At most the events in flight on the killed instance (one per partition).
     assert!(
         reruns <= usize::from(choreo::DEFAULT_PARTITIONS),
@@ -330,5 +350,59 @@ async fn without_ordering_the_same_flow_overlaps_and_reorders() {
         overlaps > 0 || out_of_order > 0,
         "overlaps {overlaps}, accounts out of order {out_of_order}"
     );
+    svc.shutdown().await;
+}
+
+/// An ordered service runs with exactly `Service::permissions()`: its
+/// partition stream and durables are in it.
+#[tokio::test]
+async fn an_ordered_service_runs_with_its_documented_permissions() {
+    let api = Default::default();
+    let log = Log::default();
+    let needs = ledger(&log).permissions();
+    let teller = choreo::Permissions::publisher("teller", &api).publishes::<Stepped>(&api);
+    let config = format!(
+        "authorization {{ users = [ \
+           {{ user: ledger, password: pw, permissions: {} }}, \
+           {{ user: teller, password: pw, permissions: {} }} ] }}",
+        needs.to_config(),
+        teller.to_config()
+    );
+    let server = NatsServer::builder().config(&config).start().await.unwrap();
+    let as_user = |name: &'static str| {
+        let url = server.url();
+        async move {
+            let opts = choreo::async_nats::ConnectOptions::with_user_and_password(
+                name.into(),
+                "pw".into(),
+            )
+            .request_timeout(Some(Duration::from_secs(2)));
+            choreo::connect(&url, opts).await.unwrap()
+        }
+    };
+    let svc = ledger(&log)
+        .start_timeout(Duration::from_secs(5))
+        .start(as_user("ledger").await)
+        .await
+        .unwrap();
+    let publisher = Publisher::new(as_user("teller").await, "teller").unwrap();
+    for n in 0..10 {
+        for k in 0..5 {
+            publisher
+                .publish(&Stepped {
+                    account: format!("acct-{k}"),
+                    n,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    common::eventually(Duration::from_secs(20), "50 handled", || {
+        log.distinct() >= 50
+    })
+    .await;
+    for ns in log.by_account().values() {
+        assert_eq!(ns, &(0..10).collect::<Vec<_>>());
+    }
     svc.shutdown().await;
 }

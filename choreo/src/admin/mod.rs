@@ -26,6 +26,7 @@ use crate::registry::{self, Manifest, PublishedEvent};
 mod asyncapi;
 mod error;
 mod graph;
+mod read;
 mod status;
 
 pub use asyncapi::asyncapi;

@@ -10,14 +10,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
-use futures::{StreamExt, TryStreamExt};
+use async_nats::jetstream;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use super::read::{
+    Reading, consumers_of, dead_letters, guarded, inbox_records, merge_partitions, oldest_waiting,
+    reading,
+};
 use super::{AdminError, read_registry};
-use crate::nats::Source;
 use crate::registry::{self, HandlerManifest, Instance};
-use crate::topology::{DLQ_STREAM, DLQ_SUBJECTS, inbox_bucket};
+use crate::topology::DLQ_STREAM;
 
 /// A handler's state, judged over the window between two readings.
 ///
@@ -60,24 +63,6 @@ impl std::fmt::Display for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// One handler's durable consumer as read at one moment.
-#[derive(Clone, Debug, PartialEq)]
-struct Reading {
-    service: String,
-    handler: String,
-    durable: String,
-    stream: String,
-    pending: u64,
-    unacked: u64,
-    redelivered: u64,
-    ack_floor: u64,
-    /// When the consumer last had an event acked (or was created), Unix ms.
-    last_ack_ms: u64,
-    /// The server's time of the oldest event not yet done, Unix ms.
-    oldest_waiting_ms: Option<u64>,
-    inbox_records: Option<u64>,
 }
 
 /// One reading of the whole choreography: see the module docs for what it
@@ -199,8 +184,14 @@ impl Snapshot {
         let mut problems = Vec::new();
         let manifests = newest_manifests(&instances);
         let mut streams: BTreeSet<String> = BTreeSet::new();
-        for h in manifests.values().flat_map(|m| &m.handlers) {
+        for (service, h) in manifests
+            .values()
+            .flat_map(|m| m.handlers.iter().map(move |h| (&m.service, h)))
+        {
             streams.insert(h.consumes.stream.clone());
+            if h.options.partitions > 0 {
+                streams.insert(crate::topology::ordered::stream_name(service, &h.name));
+            }
         }
         // A stopped service's record is gone, but its durable is on a stream
         // another service reads or a publisher writes.
@@ -221,6 +212,7 @@ impl Snapshot {
                 Err(e) => problems.push(format!("cannot list the consumers of stream {s}: {e}")),
             }
         }
+        merge_partitions(&manifests, &mut readings);
         let filters: BTreeMap<&str, &str> = manifests
             .values()
             .flat_map(|m| &m.handlers)
@@ -270,110 +262,6 @@ fn newest_manifests(instances: &[Instance]) -> BTreeMap<String, &registry::Manif
         .into_iter()
         .map(|i| (i.manifest.service.clone(), &i.manifest))
         .collect()
-}
-
-/// `read`, or at once the permission violation it caused.
-async fn guarded<T>(
-    js: &jetstream::Context,
-    read: impl std::future::Future<Output = Result<T, Source>>,
-) -> Result<T, Source> {
-    crate::nats::or_denied(&js.client(), read)
-        .await
-        .unwrap_or_else(|v| Err(crate::nats::message(format!("the server denied it ({v})"))))
-}
-
-async fn consumers_of(
-    js: &jetstream::Context,
-    stream: &str,
-) -> Result<Vec<consumer::Info>, Source> {
-    guarded(js, async {
-        let s = js
-            .get_stream_no_info(stream)
-            .await
-            .map_err(crate::nats::source)?;
-        s.consumers()
-            .try_collect()
-            .await
-            .map_err(crate::nats::source)
-    })
-    .await
-}
-
-/// A choreo durable (`<service>--<handler>`) as a reading.
-fn reading(info: &consumer::Info) -> Option<Reading> {
-    let durable = info.config.durable_name.clone()?;
-    let (service, handler) = durable.split_once("--")?;
-    let ms =
-        |t: time::OffsetDateTime| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-    Some(Reading {
-        service: service.to_owned(),
-        handler: handler.to_owned(),
-        stream: info.stream_name.clone(),
-        pending: info.num_pending,
-        unacked: info.num_ack_pending as u64,
-        redelivered: info.num_redelivered as u64,
-        ack_floor: info.ack_floor.stream_sequence,
-        last_ack_ms: ms(info.ack_floor.last_active.unwrap_or(info.created)),
-        oldest_waiting_ms: None,
-        inbox_records: None,
-        durable,
-    })
-}
-
-/// The server's time of the first event past the ack floor on the
-/// handler's subjects.
-async fn oldest_waiting(js: &jetstream::Context, r: &Reading, filter: &str) -> Option<u64> {
-    let s = js.get_stream_no_info(&r.stream).await.ok()?;
-    let m = s
-        .raw_message_builder()
-        .sequence(r.ack_floor + 1)
-        .next_by_subject(filter)
-        .send()
-        .await
-        .ok()?;
-    u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).ok()
-}
-
-/// How many keys the handler has in its service's inbox bucket: an
-/// ephemeral consumer on its keys, last per subject, counts them without
-/// reading one (the server works them out from its subject index).
-async fn inbox_records(js: &jetstream::Context, service: &str, handler: &str) -> Option<u64> {
-    let bucket = inbox_bucket(service);
-    let s = js.get_stream_no_info(format!("KV_{bucket}")).await.ok()?;
-    let c = s
-        .create_consumer(consumer::pull::Config {
-            filter_subject: format!("$KV.{bucket}.{handler}.>"),
-            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-            // Never deleted by hand (an observer may not delete
-            // consumers): the server drops it once idle this long.
-            inactive_threshold: Duration::from_secs(2),
-            memory_storage: true,
-            ..Default::default()
-        })
-        .await
-        .ok()?;
-    Some(c.cached_info().num_pending)
-}
-
-/// Letters per `choreo.dlq.<service>.<handler>` subject.
-async fn dead_letters(js: &jetstream::Context) -> Result<BTreeMap<String, u64>, Source> {
-    let s: stream::Stream<stream::Info> = match js.get_stream(DLQ_STREAM).await {
-        Ok(s) => s,
-        // No dead letter was ever written.
-        Err(e)
-            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
-                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            return Ok(BTreeMap::new());
-        }
-        Err(e) => return Err(crate::nats::source(e)),
-    };
-    let subjects = s
-        .info_with_subjects(DLQ_SUBJECTS)
-        .await
-        .map_err(crate::nats::source)?;
-    let counts: Vec<(String, usize)> = subjects.try_collect().await.map_err(crate::nats::source)?;
-    Ok(counts.into_iter().map(|(k, v)| (k, v as u64)).collect())
 }
 
 impl Status {
@@ -429,14 +317,10 @@ impl Status {
                     .copied()
                     .unwrap_or(0);
                 Some(HandlerStatus {
-                    stream: now_r.map_or_else(
-                        || {
-                            manifest
-                                .map(|m| m.consumes.stream.clone())
-                                .unwrap_or_default()
-                        },
-                        |r| r.stream.clone(),
-                    ),
+                    stream: manifest
+                        .map(|m| m.consumes.stream.clone())
+                        .or_else(|| now_r.map(|r| r.stream.clone()))
+                        .unwrap_or_default(),
                     durable: d.to_owned(),
                     state,
                     reason,

@@ -110,6 +110,16 @@ pub struct OptionsManifest {
     pub deliver: String,
     /// [`HandlerOptions::idempotent`].
     pub idempotent: bool,
+    /// The fields an ordered handler orders by (empty: any order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ordered_by: Vec<String>,
+    /// An ordered handler's partitions (0: any order).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub partitions: u16,
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
 }
 
 impl Manifest {
@@ -139,6 +149,12 @@ impl From<&HandlerOptions> for OptionsManifest {
                     .unwrap_or_default(),
             },
             idempotent: o.idempotent,
+            ordered_by: o
+                .ordered
+                .iter()
+                .flat_map(|x| x.by.iter().map(|f| (*f).to_owned()))
+                .collect(),
+            partitions: o.ordered.map_or(0, |x| x.partitions),
         }
     }
 }

@@ -65,9 +65,15 @@ impl Service {
         let mut needs = Permissions::service(
             &self.name,
             &self.api,
-            self.handlers
-                .iter()
-                .map(|h| (h.name(), h.stream().0, h.options().idempotent)),
+            self.handlers.iter().map(|h| {
+                let o = h.options();
+                (
+                    h.name(),
+                    h.stream().0,
+                    o.idempotent,
+                    o.ordered.map_or(0, |x| x.partitions),
+                )
+            }),
         );
         // What handlers declare they emit (`emits = [..]`).
         for declared in self.handlers.iter().filter_map(|h| h.emits()) {

@@ -165,11 +165,12 @@ impl Permissions {
     }
 
     /// What service `service` needs for its infrastructure through `api`,
-    /// and per handler `(name, stream, idempotent)`.
+    /// and per handler `(name, stream, idempotent, partitions)` (0
+    /// partitions: not ordered).
     pub(crate) fn service(
         service: &str,
         api: &JetStreamApi,
-        handlers: impl IntoIterator<Item = (&'static str, &'static str, bool)>,
+        handlers: impl IntoIterator<Item = (&'static str, &'static str, bool, u16)>,
     ) -> Self {
         let p = api.prefix();
         let mut me = Self::default();
@@ -178,13 +179,25 @@ impl Permissions {
         me.stream(&p, DLQ_STREAM);
         me.stream(&p, ADVISORY_STREAM);
         let mut inbox = false;
-        for (handler, stream, idempotent) in handlers {
+        for (handler, stream, idempotent, partitions) in handlers {
             let durable = consumer_name(service, handler);
             me.stream(&p, stream);
-            me.consumer(&p, stream, &durable);
-            me.consumer(&p, ADVISORY_STREAM, &format!("{durable}--lost"));
-            // The event a lost delivery names, read back to dead-letter it.
-            me.publish.insert(format!("{p}.STREAM.MSG.GET.{stream}"));
+            if partitions == 0 {
+                me.consumer(&p, stream, &durable);
+                me.consumer(&p, ADVISORY_STREAM, &format!("{durable}--lost"));
+                // The event a lost delivery names, read back to dead-letter it.
+                me.publish.insert(format!("{p}.STREAM.MSG.GET.{stream}"));
+            } else {
+                // Its partition stream (sourcing from `stream`) and durables.
+                let queue = super::ordered::stream_name(service, handler);
+                me.stream(&p, &queue);
+                me.publish.insert(format!("{p}.STREAM.MSG.GET.{queue}"));
+                for part in 0..partitions {
+                    let d = super::ordered::partition_durable(service, handler, part);
+                    me.consumer(&p, &queue, &d);
+                    me.consumer(&p, ADVISORY_STREAM, &format!("{d}--lost"));
+                }
+            }
             me.publish.insert(dlq_subject(service, handler));
             inbox |= idempotent;
         }
