@@ -177,6 +177,8 @@ pub use choreo_macros::event;
 /// | `deliver = all` / `new` | where a new consumer starts | `all` |
 /// | `deliver_since = "RFC 3339"` | a new consumer starts at this time | |
 /// | `idempotent = false` | turn the inbox off for this handler | on |
+/// | `ordered_by = account` (or `(a, b)`) | events with equal fields run one at a time, in stream order, across all instances; each field must fill a `{field}` of the subject (`docs/ordering.md`) | any order |
+/// | `partitions = N` | an ordered handler's partitions: how many orderings run at once (1–1024) | 16 |
 /// | `emits = [A, B]` (or `emits = A`) | the event types it may emit: emitting another fails it permanently (dead letter `emit-failed`, naming the type and the declaration), and `Service::permissions` includes their subjects | undeclared |
 /// | `crate = "path"` | where `choreo` is, if renamed | `choreo` |
 pub use choreo_macros::event_handler;
