@@ -300,6 +300,16 @@ async fn a_failure_holds_back_its_own_key_and_a_slow_key_holds_up_no_other_parti
         common::header(&letters[0], "choreo-dlq-subject").as_deref(),
         Some("ledger.acct-bad.stepped")
     );
+    // It names the event where it is stored, in LEDGER (acct-bad's step 6
+    // was the 13th event published), not in the partition stream's copy.
+    assert_eq!(
+        common::header(&letters[0], "choreo-dlq-stream").as_deref(),
+        Some("LEDGER")
+    );
+    assert_eq!(
+        common::header(&letters[0], "choreo-dlq-sequence").as_deref(),
+        Some("13")
+    );
     assert!(log.overlaps.lock().unwrap().is_empty());
     svc.shutdown().await;
 }

@@ -145,14 +145,15 @@ pub(super) async fn handle_advisory(rt: &Runtime, msg: &jetstream::Message) {
             "the last allowed delivery ended without a verdict, and the message is no longer in its stream".to_owned(),
         ),
     };
+    let (stream, sequence) = rt.origin_of(headers, adv.stream_seq);
     let letter = Letter {
         service: &rt.service,
         handler: rt.handler,
         reason: Reason::DeliveryLost,
         detail,
         deliveries: adv.deliveries,
-        stream: &rt.consumer_stream,
-        sequence: adv.stream_seq,
+        stream: &stream,
+        sequence,
         subject: &subject,
     };
     match send_letter(rt, &letter, headers, payload).await {

@@ -114,6 +114,31 @@ pub(crate) struct Partition {
 }
 
 impl Runtime {
+    /// Where an event is stored in its own stream, for its dead letter: a
+    /// partition stream's copy names its origin in `Nats-Stream-Source`
+    /// (`<stream> <sequence> ...`), which a replay reads back.
+    pub(crate) fn origin_of(
+        &self,
+        headers: Option<&async_nats::HeaderMap>,
+        seq: u64,
+    ) -> (String, u64) {
+        if self.partition.is_none() {
+            return (self.stream.to_owned(), seq);
+        }
+        let source = headers
+            .and_then(|h| h.get("Nats-Stream-Source"))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let mut tokens = source.split_whitespace();
+        match (
+            tokens.next(),
+            tokens.next().and_then(|s| s.parse::<u64>().ok()),
+        ) {
+            (Some(stream), Some(origin_seq)) => (stream.to_owned(), origin_seq),
+            _ => (self.consumer_stream.to_string(), seq),
+        }
+    }
+
     /// An event's subject as published: a partition stream's subjects
     /// carry the partition prefix in front.
     pub(crate) fn original_subject<'s>(&self, subject: &'s str) -> &'s str {

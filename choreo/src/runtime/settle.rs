@@ -115,14 +115,15 @@ pub(super) async fn dead_letter_now(
     attempt: u32,
     seq: u64,
 ) {
+    let (stream, sequence) = rt.origin_of(msg.headers.as_ref(), seq);
     let letter = Letter {
         service: &rt.service,
         handler: rt.handler,
         reason,
         detail: detail.to_owned(),
         deliveries: u64::from(attempt),
-        stream: &rt.consumer_stream,
-        sequence: seq,
+        stream: &stream,
+        sequence,
         subject: &msg.subject,
     };
     match send_letter(rt, &letter, msg.headers.as_ref(), msg.payload.clone()).await {
