@@ -13,8 +13,6 @@
 //! run (a bad flag, an unreachable server, refused credentials, a missing
 //! permission, an unreadable manifest).
 
-mod table;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -24,7 +22,7 @@ use choreo::registry::{Manifest, PublishedEvent};
 use choreo::{JetStreamApi, connect};
 use clap::{Args, Parser, Subcommand};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Writes to stdout; a closed pipe (`choreo status --watch | head`) ends
 /// the command quietly instead of panicking.
@@ -39,6 +37,10 @@ macro_rules! out {
         }
     }};
 }
+
+// After `out!`, which they use.
+mod dlq;
+mod table;
 
 /// See a running choreography from NATS alone.
 #[derive(Parser, Debug)]
@@ -122,6 +124,11 @@ enum Command {
         #[command(flatten)]
         source: Source,
     },
+    /// The dead-letter workbench: list, summary, show, replay, purge.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
     /// An AsyncAPI 3.0 document (JSON) of every service and publisher.
     Asyncapi {
         #[command(flatten)]
@@ -170,6 +177,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     match &cli.command {
         Command::Status { watch, interval } => status(&cli, *watch, *interval).await,
+        Command::Dlq { command } => dlq::run(&jetstream(&cli.conn).await?, command, cli.json).await,
         Command::Asyncapi { source } => {
             let (manifests, publishers) = load(&cli.conn, source).await?;
             let server = source

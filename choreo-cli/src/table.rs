@@ -3,7 +3,7 @@
 use choreo::admin::Status;
 
 /// Columns padded to their widest cell, two spaces apart.
-fn render(rows: &[Vec<String>]) -> String {
+pub(crate) fn render(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {

@@ -15,9 +15,14 @@
 use async_nats::HeaderMap;
 
 mod read;
+mod work;
 
 pub use crate::topology::{ADVISORY_STREAM, DLQ_STREAM, DLQ_SUBJECTS, dlq_subject as subject};
 pub use read::{DeadLetter, DlqError, DlqErrorKind, list, replay};
+pub use work::{
+    Filter, SummaryLine, letter, letters, payload_from_json, payload_to_json, purge,
+    replay_corrected, summary,
+};
 
 /// Header: why the event was dead-lettered (a [`Reason`] code).
 pub const REASON: &str = "choreo-dlq-reason";
@@ -62,6 +67,19 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason.
+    pub const ALL: [Reason; 9] = [
+        Self::BadHeader,
+        Self::WrongType,
+        Self::UnknownVersion,
+        Self::UndecodablePayload,
+        Self::PermanentError,
+        Self::MaxDeliverExceeded,
+        Self::DeliveryLost,
+        Self::Timeout,
+        Self::EmitFailed,
+    ];
+
     /// The code written in [`REASON`].
     pub fn as_str(self) -> &'static str {
         match self {

@@ -7,7 +7,7 @@ use super::*;
 use crate::nats::{Cause, Source, source};
 
 /// A dead letter read back from [`DLQ_STREAM`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct DeadLetter {
     /// Its sequence in the dead-letter stream.
@@ -36,6 +36,66 @@ pub struct DeadLetter {
     /// full copy would have exceeded `max_payload` (the [`OMITTED`]
     /// header); [`replay`] then reads the event from its stream.
     pub omitted: Option<String>,
+    /// When the letter was written (the dead-letter stream's time).
+    pub dead_lettered_at: Option<time::OffsetDateTime>,
+}
+
+impl DeadLetter {
+    /// The event's type (`ce-type`), or empty.
+    pub fn event_type(&self) -> &str {
+        self.headers
+            .get(crate::wire::headers::CE_TYPE)
+            .map_or("", |v| v.as_str())
+    }
+
+    /// The event's id (`ce-id`), or empty.
+    pub fn event_id(&self) -> &str {
+        self.headers
+            .get(crate::wire::headers::CE_ID)
+            .map_or("", |v| v.as_str())
+    }
+
+    /// The [`Reason`], read back from its code (`None` for a code this
+    /// version does not know).
+    pub fn reason_code(&self) -> Option<Reason> {
+        self.reason.parse().ok()
+    }
+}
+
+/// One line with what a person looks for first, then the payload's size
+/// rather than its bytes; `{:#?}` adds the headers.
+impl std::fmt::Debug for DeadLetter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "dead letter {} of {}.{}: {} after {} deliveries ({}); event {} {} on {} (stream {} #{}), {} payload bytes{}",
+            self.sequence,
+            self.service,
+            self.handler,
+            self.reason,
+            self.deliveries,
+            self.detail,
+            self.event_type(),
+            self.event_id(),
+            self.original_subject,
+            self.original_stream,
+            self.original_sequence,
+            self.payload.len(),
+            if self.omitted.is_some() {
+                " (omitted: only a reference)"
+            } else {
+                ""
+            },
+        )?;
+        if f.alternate() {
+            for (name, values) in self.headers.iter() {
+                for v in values {
+                    write!(f, "\n  {}: {}", name.as_ref() as &str, v.as_str())?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Reading or replaying dead letters failed.
@@ -59,6 +119,14 @@ pub enum DlqError {
         service: String,
         /// The handler asked for.
         handler: String,
+    },
+    /// No letter at that sequence (replayed, purged, or never written).
+    #[error(
+        "no dead letter at sequence {sequence} of {DLQ_STREAM} (replayed, purged, or never written)"
+    )]
+    NoLetter {
+        /// The sequence asked for.
+        sequence: u64,
     },
     /// A letter cannot be replayed as it is.
     #[error("dead letter {sequence} cannot be replayed: {why}")]
@@ -85,6 +153,8 @@ pub enum DlqErrorKind {
     NoStream,
     /// [`DlqError::UnknownHandler`].
     UnknownHandler,
+    /// [`DlqError::NoLetter`].
+    NoLetter,
     /// [`DlqError::NotReplayable`].
     NotReplayable,
     /// [`DlqError::Nats`].
@@ -97,6 +167,7 @@ impl DlqError {
         match self {
             Self::NoStream => DlqErrorKind::NoStream,
             Self::UnknownHandler { .. } => DlqErrorKind::UnknownHandler,
+            Self::NoLetter { .. } => DlqErrorKind::NoLetter,
             Self::NotReplayable { .. } => DlqErrorKind::NotReplayable,
             Self::Nats { .. } => DlqErrorKind::Nats,
         }
@@ -106,7 +177,7 @@ impl DlqError {
 crate::debug_as_display!(DlqError);
 
 /// A [`DlqError::Nats`] from any error.
-fn nats(e: impl std::error::Error + Send + Sync + 'static) -> DlqError {
+pub(super) fn nats(e: impl std::error::Error + Send + Sync + 'static) -> DlqError {
     DlqError::Nats { source: source(e) }
 }
 
@@ -114,7 +185,12 @@ fn nats(e: impl std::error::Error + Send + Sync + 'static) -> DlqError {
 /// gone (replayed, purged or expired while it read).
 const LIST_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn letter_from(sequence: u64, all: &HeaderMap, payload: bytes::Bytes) -> DeadLetter {
+pub(super) fn letter_from(
+    sequence: u64,
+    all: &HeaderMap,
+    payload: bytes::Bytes,
+    at: Option<time::OffsetDateTime>,
+) -> DeadLetter {
     let get = |name: &str| {
         all.get(name)
             .map(|v| v.as_str().to_owned())
@@ -143,6 +219,20 @@ fn letter_from(sequence: u64, all: &HeaderMap, payload: bytes::Bytes) -> DeadLet
         original_stream: get(STREAM),
         original_sequence: get(SEQUENCE).parse().unwrap_or(0),
         omitted: all.get(OMITTED).map(|v| v.as_str().to_owned()),
+        dead_lettered_at: at,
+    }
+}
+
+/// The dead-letter stream, or [`DlqError::NoStream`].
+pub(super) async fn dlq_stream(
+    js: &jetstream::Context,
+) -> Result<jetstream::stream::Stream, DlqError> {
+    match js.get_stream(DLQ_STREAM).await {
+        Ok(s) => Ok(s),
+        Err(e) if Cause::of(&e) == Cause::Code(jetstream::ErrorCode::STREAM_NOT_FOUND) => {
+            Err(DlqError::NoStream)
+        }
+        Err(e) => Err(nats(e)),
     }
 }
 
@@ -161,15 +251,7 @@ pub async fn list(
     service: &str,
     handler: &str,
 ) -> Result<Vec<DeadLetter>, DlqError> {
-    use futures::StreamExt;
-    let not_found = |e: &jetstream::context::GetStreamError| {
-        Cause::of(e) == Cause::Code(jetstream::ErrorCode::STREAM_NOT_FOUND)
-    };
-    let stream = match js.get_stream(DLQ_STREAM).await {
-        Ok(s) => s,
-        Err(e) if not_found(&e) => return Err(DlqError::NoStream),
-        Err(e) => return Err(nats(e)),
-    };
+    let _ = dlq_stream(js).await?;
     // Every handler that ever started has its lost-delivery consumer.
     let known = js
         .get_consumer_from_stream::<pull::Config, _, _>(
@@ -183,7 +265,17 @@ pub async fn list(
             handler: handler.to_owned(),
         });
     }
-    let filter = subject(service, handler);
+    read_letters(js, subject(service, handler)).await
+}
+
+/// Every letter on `filter` (a subject of the dead-letter stream), oldest
+/// first, up to the last one present when it starts.
+pub(super) async fn read_letters(
+    js: &jetstream::Context,
+    filter: String,
+) -> Result<Vec<DeadLetter>, DlqError> {
+    use futures::StreamExt;
+    let stream = dlq_stream(js).await?;
     let last = match stream.get_last_raw_message_by_subject(&filter).await {
         Ok(m) => m.sequence,
         // No letter for this handler.
@@ -222,6 +314,7 @@ pub async fn list(
             sequence,
             msg.headers.as_ref().unwrap_or(&empty),
             msg.payload.clone(),
+            Some(info.published),
         ));
         if pending == 0 || sequence >= last {
             break;
@@ -240,13 +333,22 @@ pub async fn list(
 /// # Errors
 /// The publish or the delete failed; a failed publish leaves the letter in place.
 pub async fn replay(js: &jetstream::Context, letter: &DeadLetter) -> Result<(), DlqError> {
+    replay_payload(js, letter, None).await
+}
+
+/// [`replay`], with `corrected` in place of the letter's payload.
+pub(super) async fn replay_payload(
+    js: &jetstream::Context,
+    letter: &DeadLetter,
+    corrected: Option<bytes::Bytes>,
+) -> Result<(), DlqError> {
     if letter.original_subject.is_empty() {
         return Err(DlqError::NotReplayable {
             sequence: letter.sequence,
             why: "it has no original subject to replay to".into(),
         });
     }
-    let (mut headers, payload) = if letter.omitted.is_some() {
+    let (mut headers, payload) = if letter.omitted.is_some() && corrected.is_none() {
         let original = js
             .get_stream(&letter.original_stream)
             .await
@@ -272,6 +374,7 @@ pub async fn replay(js: &jetstream::Context, letter: &DeadLetter) -> Result<(), 
     } else {
         (letter.headers.clone(), letter.payload.clone())
     };
+    let payload = corrected.unwrap_or(payload);
     let id = headers
         .get(crate::wire::headers::CE_ID)
         .map(|v| v.as_str().to_owned())

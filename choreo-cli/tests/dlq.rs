@@ -1,0 +1,272 @@
+//! `choreo dlq` against a real server: a handler dead-letters ten events
+//! because of a bug; the letters are listed, summed up and shown; bad input
+//! changes nothing; the bug is fixed and `choreo dlq replay` brings each of
+//! them through once, re-running nothing else and duplicating nothing
+//! downstream; a corrected payload replays one letter; purge asks for --yes.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use choreo::{Context, HandlerError, Publisher, Service, State, event, event_handler};
+use choreo_testkit::NatsServer;
+
+#[event(subject = "invoices.{order_id}.requested", key = order_id)]
+pub struct InvoiceRequested {
+    pub order_id: String,
+    pub amount: u64,
+}
+
+#[event(subject = "invoices.{order_id}.billed", key = order_id)]
+pub struct Billed {
+    pub order_id: String,
+    pub amount: u64,
+}
+
+#[derive(Clone, Default)]
+struct World {
+    bug: Arc<AtomicBool>,
+    /// Successful runs of `bill`, by order.
+    billed: Arc<Mutex<HashMap<String, u32>>>,
+    /// Mails sent downstream, by order.
+    mailed: Arc<Mutex<HashMap<String, (u32, u64)>>>,
+}
+
+#[event_handler(emits = [Billed], max_deliver = 1)]
+async fn bill(
+    r: InvoiceRequested,
+    State(w): State<World>,
+    ctx: Context,
+) -> Result<(), HandlerError> {
+    if r.amount == 0 {
+        return Err(HandlerError::permanent("amount must be positive"));
+    }
+    if w.bug.load(Ordering::SeqCst) {
+        return Err(HandlerError::permanent("bug: the tax table is empty"));
+    }
+    *w.billed
+        .lock()
+        .unwrap()
+        .entry(r.order_id.clone())
+        .or_default() += 1;
+    ctx.emit(Billed {
+        order_id: r.order_id,
+        amount: r.amount,
+    });
+    Ok(())
+}
+
+#[event_handler(emits = [])]
+async fn mail(b: Billed, State(w): State<World>) {
+    let mut m = w.mailed.lock().unwrap();
+    let e = m.entry(b.order_id).or_default();
+    e.0 += 1;
+    e.1 = b.amount;
+}
+
+fn choreo(server: &NatsServer, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args(["-s", &server.url()])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn letters(server: &NatsServer) -> Vec<serde_json::Value> {
+    let (code, out, err) = choreo(server, &["dlq", "list", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
+}
+
+async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn ten_letters_from_a_bug_are_listed_shown_and_replayed_once_each_after_the_fix() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let w = World::default();
+    let billing = Service::new("billing")
+        .state(w.clone())
+        .handler(bill)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let mailer = Service::new("mailer")
+        .state(w.clone())
+        .handler(mail)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let shop = Publisher::new(client.clone(), "shop").unwrap();
+    for i in 0..5 {
+        shop.publish(&InvoiceRequested {
+            order_id: format!("ok-{i}"),
+            amount: 10,
+        })
+        .await
+        .unwrap();
+    }
+    until("5 billed", || w.billed.lock().unwrap().len() == 5).await;
+    w.bug.store(true, Ordering::SeqCst);
+    for i in 0..10 {
+        shop.publish(&InvoiceRequested {
+            order_id: format!("bug-{i}"),
+            amount: 20,
+        })
+        .await
+        .unwrap();
+    }
+    let mut list = Vec::new();
+    for _ in 0..100 {
+        list = letters(&server);
+        if list.len() == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(list.len(), 10);
+    assert!(
+        list.iter()
+            .all(|l| l["reason"] == "permanent-error" && l["handler"] == "bill")
+    );
+    assert_eq!(list[0]["payload"]["order_id"], "bug-0");
+
+    // The summary, and one letter shown.
+    let (code, out, _) = choreo(&server, &["dlq", "summary"]);
+    assert_eq!(code, Some(0));
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("billing"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        row.split_whitespace()
+            .take(4)
+            .eq(["billing", "bill", "permanent-error", "10"]),
+        "{row}"
+    );
+    let first = list[0]["sequence"].as_u64().unwrap().to_string();
+    let (code, out, _) = choreo(&server, &["dlq", "show", &first]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("detail: permanent error: bug: the tax table is empty"), "{out}");
+    assert!(out.contains("ce-type: InvoiceRequested"), "{out}");
+    assert!(out.contains("\"order_id\": \"bug-0\""), "{out}");
+
+    // Bad input: a clear line, exit 2, nothing changed.
+    for (args, says) in [
+        (
+            vec!["dlq", "show", "9999"],
+            "no dead letter at sequence 9999",
+        ),
+        (
+            vec!["dlq", "replay", first.as_str(), "--payload", "{oops"],
+            "the payload is not JSON",
+        ),
+        (vec!["dlq", "replay"], "say which letters"),
+        (
+            vec!["dlq", "replay", "--service", "nope", first.as_str()],
+            "not both",
+        ),
+        (
+            vec!["dlq", "list", "--reason", "sad"],
+            "not a dead-letter reason",
+        ),
+        (vec!["dlq", "purge", "--all"], "run it again with --yes"),
+    ] {
+        let (code, _, err) = choreo(&server, &args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let (code, out, _) = choreo(&server, &["dlq", "replay", "--all", "--dry-run"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("would replay 10 letters:"), "{out}");
+    assert_eq!(out.lines().count(), 11, "{out}");
+    assert_eq!(letters(&server).len(), 10, "nothing changed");
+
+    // Fixed and replayed: each of the ten once, nothing else again.
+    w.bug.store(false, Ordering::SeqCst);
+    let (code, out, err) = choreo(&server, &["dlq", "replay", "--service", "billing"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.ends_with("replayed 10 letters\n"), "{out}");
+    until("15 mailed", || w.mailed.lock().unwrap().len() == 15).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        w.billed.lock().unwrap().values().all(|n| *n == 1),
+        "billed twice: {:?}",
+        w.billed.lock().unwrap()
+    );
+    assert!(
+        w.mailed.lock().unwrap().values().all(|m| m.0 == 1),
+        "mailed twice: {:?}",
+        w.mailed.lock().unwrap()
+    );
+    assert!(letters(&server).is_empty());
+
+    // A corrected payload: the handler decides, and takes it.
+    shop.publish(&InvoiceRequested {
+        order_id: "zero".into(),
+        amount: 0,
+    })
+    .await
+    .unwrap();
+    let mut seq = String::new();
+    until("the zero letter", || {
+        let l = letters(&server);
+        if let Some(first) = l.first() {
+            seq = first["sequence"].to_string();
+        }
+        l.len() == 1
+    })
+    .await;
+    let (code, _, err) = choreo(
+        &server,
+        &[
+            "dlq",
+            "replay",
+            &seq,
+            "--payload",
+            r#"{"order_id": "zero", "amount": 5}"#,
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    until("zero mailed", || {
+        w.mailed.lock().unwrap().get("zero") == Some(&(1, 5))
+    })
+    .await;
+
+    // Purge asks first, then deletes.
+    w.bug.store(true, Ordering::SeqCst);
+    for i in 0..2 {
+        shop.publish(&InvoiceRequested {
+            order_id: format!("late-{i}"),
+            amount: 1,
+        })
+        .await
+        .unwrap();
+    }
+    until("2 letters", || letters(&server).len() == 2).await;
+    let (code, out, err) = choreo(
+        &server,
+        &["dlq", "purge", "--reason", "permanent-error", "--yes"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "purged 2 letters\n");
+    assert!(letters(&server).is_empty());
+    billing.shutdown().await;
+    mailer.shutdown().await;
+}
