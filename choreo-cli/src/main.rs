@@ -1,13 +1,14 @@
 //! `choreo`: see a choreography from NATS alone, or from manifest files.
 //!
 //! ```sh
-//! choreo status --watch                    # instances and handlers, every 2 s
+//! choreo status --watch                    # instances and handlers, every 500 ms
 //! choreo graph --mermaid                   # who emits what to whom, from the registry
 //! choreo lint --manifests ci/manifests     # offline, for CI: non-zero exit on errors
 //! choreo asyncapi > asyncapi.json          # an AsyncAPI 3.0 document of the system
+//! choreo dlq summary                       # dead letters by handler and reason
 //! ```
 //!
-//! A thin layer over `choreo::admin`. Connection flags are spelled as the
+//! A thin layer over `choreo::admin` and `choreo::dlq`. Connection flags are spelled as the
 //! `nats` CLI spells them. Exit codes: 0 fine, 1 the lint found errors (or
 //! `status` found a handler STALLED or STOPPED), 2 the command could not
 //! run (a bad flag, an unreachable server, refused credentials, a missing
