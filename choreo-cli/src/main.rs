@@ -130,11 +130,52 @@ enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Rewinds one handler over a stretch of its stream while its instances
+    /// run: by default the inbox skips what it already handled (recovery);
+    /// with --rerun it runs them again (rebuilding a read model).
+    Replay {
+        /// The service.
+        service: String,
+        /// The handler.
+        handler: String,
+        /// Where to start: a stream sequence, or an RFC 3339 time.
+        #[arg(long, value_parser = point)]
+        from: admin::Point,
+        /// Where to end (inclusive for a sequence, exclusive for a time);
+        /// default the stream's end.
+        #[arg(long, value_parser = point)]
+        until: Option<admin::Point>,
+        /// Say exactly how many events are in range and how many the inbox
+        /// will skip; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Run the handler again for events it already handled.
+        #[arg(long)]
+        rerun: bool,
+        /// For servers before 2.14 (no consumer reset): delete the durable
+        /// and make it again at the start, while no instance runs.
+        #[arg(long)]
+        recreate: bool,
+    },
     /// An AsyncAPI 3.0 document (JSON) of every service and publisher.
     Asyncapi {
         #[command(flatten)]
         source: Source,
     },
+}
+
+/// A stream sequence (`42`) or an RFC 3339 time.
+fn point(s: &str) -> Result<admin::Point, String> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(admin::Point::Sequence(n));
+    }
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(admin::Point::Time)
+        .map_err(|_| {
+            format!(
+                "{s:?} is neither a stream sequence nor an RFC 3339 time like 2026-12-01T09:30:00Z"
+            )
+        })
 }
 
 /// `500ms`, `2s`, `1m`.
@@ -179,6 +220,56 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     match &cli.command {
         Command::Status { watch, interval } => status(&cli, *watch, *interval).await,
         Command::Dlq { command } => dlq::run(&jetstream(&cli.conn).await?, command, cli.json).await,
+        Command::Replay {
+            service,
+            handler,
+            from,
+            until,
+            dry_run,
+            rerun,
+            recreate,
+        } => {
+            let js = jetstream(&cli.conn).await?;
+            let plan = admin::plan(&js, service, handler, *from, *until, *rerun).await?;
+            let skip = if *rerun {
+                "run again (--rerun)"
+            } else {
+                "skipped by the inbox"
+            };
+            let what = format!(
+                "{} events of {}.{} in {} {}..={}: {} already handled ({skip}), {} to run",
+                plan.events,
+                plan.service,
+                plan.handler,
+                plan.stream,
+                plan.from,
+                plan.until,
+                plan.already_handled,
+                if *rerun {
+                    plan.events
+                } else {
+                    plan.events - plan.already_handled
+                }
+            );
+            if cli.json {
+                out!("{}\n", serde_json::to_string_pretty(&plan)?);
+            }
+            if *dry_run {
+                if !cli.json {
+                    out!("would replay {what}\n");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let how = admin::replay(&js, &plan, *recreate).await?;
+            if !cli.json {
+                let how = match how {
+                    admin::Rewound::Reset => "reset by the server",
+                    _ => "recreated at the start",
+                };
+                out!("replaying {what}; durable {} {how}\n", plan.durable);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Asyncapi { source } => {
             let (manifests, publishers) = load(&cli.conn, source).await?;
             let server = source

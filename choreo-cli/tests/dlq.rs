@@ -96,7 +96,9 @@ async fn until(what: &str, mut ok: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-#[tokio::test]
+// Several threads: the `choreo` commands block the test's thread while
+// the services they act on keep running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_letters_from_a_bug_are_listed_shown_and_replayed_once_each_after_the_fix() {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
@@ -163,7 +165,10 @@ async fn ten_letters_from_a_bug_are_listed_shown_and_replayed_once_each_after_th
     let first = list[0]["sequence"].as_u64().unwrap().to_string();
     let (code, out, _) = choreo(&server, &["dlq", "show", &first]);
     assert_eq!(code, Some(0));
-    assert!(out.contains("detail: permanent error: bug: the tax table is empty"), "{out}");
+    assert!(
+        out.contains("detail: permanent error: bug: the tax table is empty"),
+        "{out}"
+    );
     assert!(out.contains("ce-type: InvoiceRequested"), "{out}");
     assert!(out.contains("\"order_id\": \"bug-0\""), "{out}");
 

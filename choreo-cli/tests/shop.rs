@@ -114,7 +114,7 @@ fn handler<'a>(status: &'a serde_json::Value, durable: &str) -> &'a serde_json::
         .unwrap_or_else(|| panic!("{durable} missing: {status:#}"))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
     let mut shop = shop_with_orders(40).await;
     let all_done = |v: &serde_json::Value| {
@@ -234,7 +234,7 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graph_lint_and_asyncapi_of_the_running_shop_match_their_golden_files() {
     let shop = shop_with_orders(10).await;
     // Wait until every service and the storefront's record are in.
@@ -349,7 +349,7 @@ async fn guarded_shop() -> RunningShop {
     RunningShop { server, handles }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_observer_reads_everything_and_a_refusal_or_a_denial_is_one_clear_line() {
     let shop = guarded_shop().await;
     let as_user = |user: &str, args: &[&str]| {

@@ -199,7 +199,11 @@ async fn a_handler_slower_than_its_input_is_lagging() {
         h.lag_messages.unwrap() > 0 && h.lag_seconds.unwrap() > 0.0,
         "{h:#?}"
     );
-    assert!(h.reason.contains("grew"), "{h:#?}");
+    // Usually "grew"; on a loaded machine the floor may also stand still.
+    assert!(
+        h.reason.contains("grew") || h.reason.contains("did not advance"),
+        "{h:#?}"
+    );
     feeding.abort();
     svc.shutdown().await;
 }

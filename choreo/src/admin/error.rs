@@ -16,6 +16,9 @@ pub enum AdminErrorKind {
     Denied,
     /// No JetStream answered: it is off, or absent in this domain.
     NoJetStream,
+    /// The request itself cannot be carried out (an unknown handler, a
+    /// time in the future, a sequence past the end); nothing was changed.
+    BadRequest,
     /// Anything else (a timeout, a lost connection).
     Other,
 }
@@ -23,7 +26,7 @@ pub enum AdminErrorKind {
 /// What `choreo::admin` could not read: one line that says what, why, and
 /// what to do. `source()` is the async-nats error.
 #[derive(Clone, thiserror::Error)]
-#[error("cannot read {what}: {}", self.explain())]
+#[error("{}", self.line())]
 pub struct AdminError {
     kind: AdminErrorKind,
     what: String,
@@ -66,9 +69,27 @@ impl AdminError {
         }
     }
 
+    /// A request that cannot be carried out, and why.
+    pub(crate) fn bad_request(what: impl Into<String>, why: String) -> Self {
+        Self {
+            kind: AdminErrorKind::BadRequest,
+            what: what.into(),
+            source: crate::nats::message(why),
+            denied: None,
+        }
+    }
+
     /// What kind of failure it is.
     pub fn kind(&self) -> AdminErrorKind {
         self.kind
+    }
+
+    fn line(&self) -> String {
+        if self.kind == AdminErrorKind::BadRequest {
+            format!("cannot do {}: {}", self.what, self.source)
+        } else {
+            format!("cannot read {}: {}", self.what, self.explain())
+        }
     }
 
     fn explain(&self) -> String {

@@ -5,6 +5,8 @@
 //!   dead letters, inbox records and [`State`].
 //! - [`Graph`]: who emits what to whom; [`lint`]: what would go wrong.
 //! - [`asyncapi()`]: an AsyncAPI 3.0 document of the whole system.
+//! - [`plan`] and [`replay()`]: rewind one handler over a stretch of its
+//!   stream while its instances run.
 //! - [`manifests()`]: each service's manifest and the publishers' records,
 //!   from the registry, which the others take.
 //!
@@ -27,11 +29,13 @@ mod asyncapi;
 mod error;
 mod graph;
 mod read;
+mod replay;
 mod status;
 
 pub use asyncapi::asyncapi;
 pub use error::{AdminError, AdminErrorKind};
 pub use graph::{Finding, FindingKind, Graph, Severity, lint};
+pub use replay::{Plan, Point, Rewound, plan, replay};
 pub use status::{HandlerStatus, InstanceStatus, Snapshot, State, Status, status};
 
 /// One manifest per service (from its newest instance: instances run the

@@ -28,6 +28,7 @@ struct Inner {
     subject: String,
     attempt: u32,
     stream_sequence: u64,
+    replay: bool,
     service: Arc<str>,
     handler: &'static str,
     handler_id: Arc<str>,
@@ -50,6 +51,8 @@ pub(crate) struct Delivery {
     pub(crate) subject: String,
     pub(crate) attempt: u32,
     pub(crate) stream_sequence: u64,
+    /// Delivered again by `choreo replay` (`admin::replay`).
+    pub(crate) replay: bool,
 }
 
 impl Context {
@@ -68,6 +71,7 @@ impl Context {
                 subject: delivery.subject,
                 attempt: delivery.attempt,
                 stream_sequence: delivery.stream_sequence,
+                replay: delivery.replay,
                 service,
                 handler,
                 handler_id,
@@ -92,6 +96,7 @@ impl Context {
             subject: String::new(),
             attempt: 1,
             stream_sequence: 0,
+            replay: false,
         };
         Self::new(
             meta,
@@ -131,6 +136,13 @@ impl Context {
     /// The event's sequence in its stream.
     pub fn stream_sequence(&self) -> u64 {
         self.inner.stream_sequence
+    }
+    /// Whether this delivery comes from a replay of the handler
+    /// (`choreo replay`, or `choreo::admin::replay`): the
+    /// event is in the replayed range. A handler that sends mail may skip
+    /// it when the replay rebuilds a read model (`--rerun`).
+    pub fn is_replay(&self) -> bool {
+        self.inner.replay
     }
     /// The service's name.
     pub fn service(&self) -> &str {

@@ -66,7 +66,7 @@ pub(crate) use advisory::advisory_loop;
 use process::process;
 pub(crate) use pull::pull_loop;
 use settle::{Done, dead_letter, emit_record_ack, release, send_letter};
-use upkeep::{check_inbox, follow_consumer, refresh_consumer};
+use upkeep::{check_inbox, follow_consumer, follow_replay, refresh_consumer};
 
 /// What every task of one handler shares.
 pub(crate) struct Runtime {
@@ -102,6 +102,9 @@ pub(crate) struct Runtime {
     /// What the server's consumer says, read back after creating it and
     /// every few seconds: it is the truth when instances disagree.
     pub(crate) live: Live,
+    /// The range `choreo replay` rewound the handler over, read from its
+    /// marker every second (`admin::replay`).
+    pub(crate) replay: std::sync::RwLock<Option<(u64, u64)>>,
 }
 
 /// One partition of an ordered handler.
@@ -114,6 +117,15 @@ pub(crate) struct Partition {
 }
 
 impl Runtime {
+    /// Whether stream sequence `seq` is in a replayed range.
+    pub(crate) fn replaying(&self, seq: u64) -> bool {
+        self.replay
+            .read()
+            .ok()
+            .and_then(|r| *r)
+            .is_some_and(|(from, until)| (from..=until).contains(&seq))
+    }
+
     /// Where an event is stored in its own stream, for its dead letter: a
     /// partition stream's copy names its origin in `Nats-Stream-Source`
     /// (`<stream> <sequence> ...`), which a replay reads back.

@@ -29,10 +29,18 @@ pub(super) async fn process<H: Handler>(
         stream_sequence,
         subject = %subject,
     );
+    // A delivery below the ack floor this instance knew comes from a
+    // rewind: read the replay marker now rather than at the next tick.
+    let mut replay = rt.replaying(stream_sequence);
+    if !replay && stream_sequence > 0 && stream_sequence <= rt.live.ack_floor() {
+        super::upkeep::follow_replay(&rt).await;
+        replay = rt.replaying(stream_sequence);
+    }
     let delivery = Delivery {
         subject,
         attempt,
         stream_sequence,
+        replay,
     };
     // The handler's own code runs under its guard inside; this one catches
     // a panic in choreo's part (or a fault hook), so it is counted and

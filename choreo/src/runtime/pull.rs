@@ -78,6 +78,7 @@ pub(crate) async fn pull_loop(
                 }
                 if ticks.is_multiple_of(config_every) {
                     follow_consumer(&rt, puller.consumer()).await;
+                    follow_replay(&rt).await;
                 }
                 continue;
             }

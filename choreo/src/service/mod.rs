@@ -365,6 +365,7 @@ impl Service {
                         live.follow(info);
                         live
                     },
+                    replay: std::sync::RwLock::new(None),
                 });
                 tasks.spawn(pull_loop(
                     h.clone(),

@@ -40,6 +40,23 @@ pub(crate) const REGISTRY_BUCKET: &str = "choreo_registry";
 /// Where publishers record their root events (`choreo::registry::PUBLISHERS_BUCKET`).
 pub(crate) const PUBLISHERS_BUCKET: &str = "choreo_publishers";
 
+/// Where `choreo replay` leaves a marker for a handler's instances.
+pub(crate) const REPLAYS_BUCKET: &str = "choreo_replays";
+
+/// The marker's key: `<service>.<handler>`.
+pub(crate) fn replay_key(service: &str, handler: &str) -> String {
+    format!("{service}.{handler}")
+}
+
+/// What a replay marker says: the stream sequences being replayed.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ReplayMarker {
+    pub(crate) from: u64,
+    pub(crate) until: u64,
+    pub(crate) rerun: bool,
+    pub(crate) at_ms: u64,
+}
+
 /// The subject of a handler's dead letters.
 pub fn dlq_subject(service: &str, handler: &str) -> String {
     format!("choreo.dlq.{service}.{handler}")

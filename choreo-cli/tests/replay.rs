@@ -1,0 +1,284 @@
+//! `choreo replay` against a real server while the handlers keep running:
+//! after a bug dead-lettered ten events and was fixed, a replay from the
+//! start brings each of them through once and re-runs nothing else; with
+//! `--rerun` the handler runs again for every event while its emissions keep
+//! their ids, so nothing downstream runs twice; bad input changes nothing.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use choreo::async_nats::jetstream;
+use choreo::{Context, HandlerError, Publisher, Service, State, event, event_handler};
+use choreo_testkit::NatsServer;
+
+#[event(subject = "invoices.{order_id}.requested", key = order_id)]
+pub struct InvoiceRequested {
+    pub order_id: String,
+    pub amount: u64,
+}
+
+#[event(subject = "billed.{order_id}.done", key = order_id)]
+pub struct Billed {
+    pub order_id: String,
+    pub amount: u64,
+}
+
+#[derive(Clone, Default)]
+struct World {
+    bug: Arc<AtomicBool>,
+    billed: Arc<Mutex<HashMap<String, u32>>>,
+    mailed: Arc<Mutex<HashMap<String, u32>>>,
+    replays_seen: Arc<AtomicU32>,
+}
+
+#[event_handler(emits = [Billed], max_deliver = 1, ack_wait = "1s")]
+async fn bill(
+    r: InvoiceRequested,
+    State(w): State<World>,
+    ctx: Context,
+) -> Result<(), HandlerError> {
+    if w.bug.load(Ordering::SeqCst) {
+        return Err(HandlerError::permanent("bug: the tax table is empty"));
+    }
+    if ctx.is_replay() {
+        w.replays_seen.fetch_add(1, Ordering::SeqCst);
+    }
+    *w.billed
+        .lock()
+        .unwrap()
+        .entry(r.order_id.clone())
+        .or_default() += 1;
+    ctx.emit(Billed {
+        order_id: r.order_id,
+        amount: r.amount,
+    });
+    Ok(())
+}
+
+#[event_handler(emits = [])]
+async fn mail(b: Billed, State(w): State<World>) {
+    *w.mailed.lock().unwrap().entry(b.order_id).or_default() += 1;
+}
+
+fn choreo(server: &NatsServer, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args(["-s", &server.url()])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn ack_floor(js: &jetstream::Context) -> u64 {
+    let mut c: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("billing--bill", "INVOICES")
+        .await
+        .unwrap();
+    c.info().await.unwrap().ack_floor.stream_sequence
+}
+
+// Several threads: the `choreo` commands block the test's thread while
+// the services they act on keep running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_recovers_what_a_bug_dead_lettered_and_a_rerun_duplicates_nothing_downstream() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let w = World::default();
+    let billing = Service::new("billing")
+        .state(w.clone())
+        .handler(bill)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let mailer = Service::new("mailer")
+        .state(w.clone())
+        .handler(mail)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let shop = Publisher::new(client.clone(), "shop").unwrap();
+    for i in 0..5 {
+        shop.publish(&InvoiceRequested {
+            order_id: format!("ok-{i}"),
+            amount: 10,
+        })
+        .await
+        .unwrap();
+    }
+    until("5 mailed", || w.mailed.lock().unwrap().len() == 5).await;
+    w.bug.store(true, Ordering::SeqCst);
+    for i in 0..10 {
+        shop.publish(&InvoiceRequested {
+            order_id: format!("bug-{i}"),
+            amount: 20,
+        })
+        .await
+        .unwrap();
+    }
+    for _ in 0..100 {
+        if ack_floor(&js).await == 15 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ack_floor(&js).await, 15, "the ten were dead-lettered");
+
+    // Bad input: one line, exit 2, the durable untouched.
+    for (args, says) in [
+        (
+            vec!["replay", "billing", "nope", "--from", "1"],
+            "service billing has no handler nope",
+        ),
+        (
+            vec!["replay", "shipping", "bill", "--from", "1"],
+            "no service shipping",
+        ),
+        (
+            vec![
+                "replay",
+                "billing",
+                "bill",
+                "--from",
+                "2099-01-01T00:00:00Z",
+            ],
+            "is in the future",
+        ),
+        (
+            vec!["replay", "billing", "bill", "--from", "99999"],
+            "ends at sequence 15; 99999 is past its end",
+        ),
+        (
+            vec!["replay", "billing", "bill", "--from", "soon"],
+            "neither a stream sequence nor an RFC 3339 time",
+        ),
+        (
+            vec!["replay", "billing", "bill", "--from", "1", "--recreate"],
+            "stop them before --recreate",
+        ),
+    ] {
+        let (code, _, err) = choreo(&server, &args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(ack_floor(&js).await, 15, "nothing changed");
+
+    // The bug is fixed; the dry run says exactly what will happen.
+    w.bug.store(false, Ordering::SeqCst);
+    let (code, out, err) = choreo(
+        &server,
+        &["replay", "billing", "bill", "--from", "1", "--dry-run"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "would replay 15 events of billing.bill in INVOICES 1..=15: 5 already handled (skipped by the inbox), 10 to run\n"
+    );
+    let (code, out, err) = choreo(&server, &["replay", "billing", "bill", "--from", "1"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("durable billing--bill reset by the server"),
+        "{out}"
+    );
+    until("15 mailed", || w.mailed.lock().unwrap().len() == 15).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        w.billed.lock().unwrap().values().all(|n| *n == 1),
+        "{:?}",
+        w.billed.lock().unwrap()
+    );
+    assert!(
+        w.mailed.lock().unwrap().values().all(|n| *n == 1),
+        "{:?}",
+        w.mailed.lock().unwrap()
+    );
+    assert_eq!(
+        w.replays_seen.load(Ordering::SeqCst),
+        10,
+        "the ten knew they were replays"
+    );
+
+    // --rerun: the handler runs again for all 15, its emissions keep their
+    // ids, and the mailer skips them.
+    let (code, out, err) = choreo(
+        &server,
+        &["replay", "billing", "bill", "--from", "1", "--rerun"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("15 already handled (run again (--rerun)), 15 to run"),
+        "{out}"
+    );
+    until("15 billed twice", || {
+        w.billed.lock().unwrap().values().all(|n| *n == 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        w.mailed.lock().unwrap().values().all(|n| *n == 1),
+        "mailed again: {:?}",
+        w.mailed.lock().unwrap()
+    );
+    assert_eq!(w.replays_seen.load(Ordering::SeqCst), 25);
+
+    // The fallback for servers before 2.14: with the service stopped, the
+    // durable is made again at the start, with its settings.
+    billing.shutdown().await;
+    let (code, out, err) = choreo(
+        &server,
+        &["replay", "billing", "bill", "--from", "1", "--recreate"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("durable billing--bill recreated at the start"),
+        "{out}"
+    );
+    let mut c: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("billing--bill", "INVOICES")
+        .await
+        .unwrap();
+    let info = c.info().await.unwrap();
+    assert_eq!(
+        info.config.ack_wait,
+        Duration::from_secs(1),
+        "its settings kept"
+    );
+    assert_eq!(info.num_pending, 15, "all 15 to deliver again");
+    let billing = Service::new("billing")
+        .state(w.clone())
+        .handler(bill)
+        .start(client.clone())
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if ack_floor(&js).await == 15 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ack_floor(&js).await, 15);
+    assert!(
+        w.billed.lock().unwrap().values().all(|n| *n == 2),
+        "the inbox skipped all 15"
+    );
+    billing.shutdown().await;
+    mailer.shutdown().await;
+}
