@@ -6,6 +6,7 @@
 //! choreo lint --manifests ci/manifests     # offline, for CI: non-zero exit on errors
 //! choreo asyncapi > asyncapi.json          # an AsyncAPI 3.0 document of the system
 //! choreo dlq summary                       # dead letters by handler and reason
+//! choreo replay billing bill --from 1200     # rewind one handler while it runs
 //! ```
 //!
 //! A thin layer over `choreo::admin` and `choreo::dlq`. Connection flags are spelled as the
