@@ -7,6 +7,7 @@
 //! choreo asyncapi > asyncapi.json          # an AsyncAPI 3.0 document of the system
 //! choreo dlq summary                       # dead letters by handler and reason
 //! choreo replay billing bill --from 1200     # rewind one handler while it runs
+//! choreo trace 'orders.o-42.>'              # one order's flows, as causation trees
 //! ```
 //!
 //! A thin layer over `choreo::admin` and `choreo::dlq`. Connection flags are spelled as the
@@ -158,6 +159,29 @@ enum Command {
         #[arg(long)]
         recreate: bool,
     },
+    /// One flow as its causation tree, with every handler's state for every
+    /// event: by event id, correlation id, or subject (`orders.o-42.>`).
+    Trace {
+        /// An event id, a correlation id, or a subject filter.
+        #[arg(value_parser = |s: &str| s.parse::<admin::Query>())]
+        query: admin::Query,
+        /// Where the window starts (RFC 3339); default: a random root id's
+        /// time, else an hour ago.
+        #[arg(long, value_parser = |s: &str| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| format!("{s:?} is not an RFC 3339 time")))]
+        since: Option<time::OffsetDateTime>,
+        /// How long the window is.
+        #[arg(long, default_value = "1h", value_parser = duration)]
+        window: std::time::Duration,
+        /// A Mermaid sequence diagram.
+        #[arg(long)]
+        mermaid: bool,
+        /// Leave out the times (for output to compare).
+        #[arg(long)]
+        no_times: bool,
+        /// Keep printing as the flow goes on.
+        #[arg(long)]
+        follow: bool,
+    },
     /// An AsyncAPI 3.0 document (JSON) of every service and publisher.
     Asyncapi {
         #[command(flatten)]
@@ -191,6 +215,7 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
         "ms" => Ok(std::time::Duration::from_millis(n)),
         "s" => Ok(std::time::Duration::from_secs(n)),
         "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        "h" => Ok(std::time::Duration::from_secs(n * 3600)),
         _ => Err(format!("{s:?} is not a duration like 500ms, 2s or 1m")),
     }
 }
@@ -220,6 +245,43 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     match &cli.command {
         Command::Status { watch, interval } => status(&cli, *watch, *interval).await,
+        Command::Trace {
+            query,
+            since,
+            window,
+            mermaid,
+            no_times,
+            follow,
+        } => {
+            let js = jetstream(&cli.conn).await?;
+            let mut last = String::new();
+            loop {
+                let t = admin::trace(&js, query, *since, *window).await?;
+                let text = if cli.json {
+                    format!("{}\n", serde_json::to_string_pretty(&t)?)
+                } else if *mermaid {
+                    t.flows
+                        .iter()
+                        .map(admin::Flow::mermaid)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                } else {
+                    t.flows
+                        .iter()
+                        .map(|f| f.tree(!*no_times))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                };
+                if text != last {
+                    out!("{text}");
+                    last = text;
+                }
+                if !*follow {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
         Command::Dlq { command } => dlq::run(&jetstream(&cli.conn).await?, command, cli.json).await,
         Command::Replay {
             service,

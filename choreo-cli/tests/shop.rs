@@ -409,3 +409,78 @@ async fn an_observer_reads_everything_and_a_refusal_or_a_denial_is_one_clear_lin
         h.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_draws_a_compensated_order_as_its_causation_tree() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let ledger = Ledger::open(&client, 1).await.unwrap();
+    let mut handles = Vec::new();
+    for name in SERVICES {
+        handles.push(
+            shop::service(name, ledger.clone(), StreamSettings::default())
+                .start(client.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let publisher = Publisher::new(client.clone(), "storefront").unwrap();
+    // Order 3 of a run has a sold-out item: paid, refunded, cancelled.
+    shop::place_orders(&publisher, "golden", 5).await.unwrap();
+    let mut tree = String::new();
+    for _ in 0..100 {
+        let out = choreo(&server, &["trace", "*.golden-3.*", "--no-times"]);
+        tree = text(&out.stdout);
+        if tree.contains("OrderCancelled")
+            && !tree.contains("not yet delivered")
+            && !tree.contains("in flight")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    golden("trace-compensated-order.txt", &tree);
+    // By its root's id, the same flow; as JSON, every handler's state.
+    let root = tree
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("flow ")
+        .to_owned();
+    let out = choreo(&server, &["trace", &root, "--no-times"]);
+    assert_eq!(text(&out.stdout), tree);
+    let out = choreo(&server, &["trace", &root, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let events = v["flows"][0]["events"].as_array().unwrap();
+    assert_eq!(
+        events.len(),
+        5,
+        "placed, captured, unavailable, refunded, cancelled: {v:#}"
+    );
+    assert!(
+        events
+            .iter()
+            .flat_map(|e| e["handlers"].as_array().unwrap())
+            .all(|h| h["step"]["state"] == "handled")
+    );
+    let out = choreo(&server, &["trace", &root, "--mermaid"]);
+    assert!(
+        text(&out.stdout)
+            .starts_with("sequenceDiagram\n    storefront->>payments: OrderPlaced (handled)"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Nothing there, and not a query: one line, exit 2.
+    let out = choreo(&server, &["trace", "*.nobody.*"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("no event matches"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = choreo(&server, &["trace", "hello"]);
+    assert_eq!(out.status.code(), Some(2));
+    for h in handles {
+        h.shutdown().await;
+    }
+}

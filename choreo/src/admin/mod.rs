@@ -5,6 +5,8 @@
 //!   dead letters, inbox records and [`State`].
 //! - [`Graph`]: who emits what to whom; [`lint`]: what would go wrong.
 //! - [`asyncapi()`]: an AsyncAPI 3.0 document of the whole system.
+//! - [`trace()`]: one flow as its causation tree, with every handler's
+//!   state for every event.
 //! - [`plan`] and [`replay()`]: rewind one handler over a stretch of its
 //!   stream while its instances run.
 //! - [`manifests()`]: each service's manifest and the publishers' records,
@@ -31,12 +33,14 @@ mod graph;
 mod read;
 mod replay;
 mod status;
+mod trace;
 
 pub use asyncapi::asyncapi;
 pub use error::{AdminError, AdminErrorKind};
 pub use graph::{Finding, FindingKind, Graph, Severity, lint};
 pub use replay::{Plan, Point, Rewound, plan, replay};
 pub use status::{HandlerStatus, InstanceStatus, Snapshot, State, Status, status};
+pub use trace::{Flow, HandlerStep, Query, Step, Trace, TracedEvent, trace};
 
 /// One manifest per service (from its newest instance: instances run the
 /// same code, or are being rolled out) and every publisher record.
