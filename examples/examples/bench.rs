@@ -29,6 +29,9 @@
 //! - `handler_metrics`: the 1-hop handler (inbox off) with a Prometheus
 //!   metrics recorder taking choreo's metrics, against the same handler
 //!   with none: the price of the metrics (its ratio is on / off).
+//! - `replay`: the 1-hop handler (inbox on) over N events live, then
+//!   `choreo::admin::replay` with `rerun` over all of them while it runs:
+//!   the replay's rate against the live rate, in the same run.
 //! - `ordered`: N steps of 1,000 accounts through a 1-hop handler with the
 //!   inbox on, `ordered_by = account` (16 partitions) against the same
 //!   handler in any order: the price of order on many keys (choreo on both
@@ -295,6 +298,42 @@ async fn choreo_steps(n: u64, ordered: bool) -> Result<f64, BoxError> {
     let rate = rate_until(stats, n, what, started).await?;
     handle.shutdown().await;
     Ok(rate)
+}
+
+/// The 1-hop handler (inbox on) over `n` events, then `choreo replay
+/// --rerun` over all of them while it runs: (live rate, replay rate). The
+/// replay's rate counts from the durable's reset to the last event handled
+/// again (the 6 s it waits for instances to see its marker is not in it).
+async fn live_then_replay(n: u64) -> Result<(f64, f64), BoxError> {
+    let server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let js = jetstream::new(client.clone());
+    let publisher = Publisher::new(client.clone(), "bench")?;
+    publisher.ensure_stream::<BenchPlaced>().await?;
+    publisher.ensure_stream::<BenchRelayed>().await?;
+    raw_publish(&js, "bench", "BenchPlaced", n).await?;
+    let started = (Instant::now(), cpu_seconds());
+    let handle = Service::new("relay")
+        .handler(relay_inbox)
+        .start(client.clone())
+        .await?;
+    let stats = || handle.stats("relay_inbox").map_or(0, |s| s.handled());
+    let live = rate_until(stats, n, "live handler", started).await?;
+    let plan = choreo::admin::plan(
+        &js,
+        "relay",
+        "relay_inbox",
+        choreo::admin::Point::Sequence(1),
+        None,
+        true,
+    )
+    .await?;
+    choreo::admin::replay(&js, &plan, false).await?;
+    let started = (Instant::now(), cpu_seconds());
+    let again = || stats().saturating_sub(n);
+    let replay = rate_until(again, n, "replay --rerun", started).await?;
+    handle.shutdown().await;
+    Ok((live, replay))
 }
 
 // ---- the raw side: the same wire format, by hand ------------------------------------
@@ -1076,6 +1115,17 @@ async fn main() -> Result<(), BoxError> {
             median_pair(repeat, || choreo_steps(n, true), || choreo_steps(n, false)).await?;
         rows.push(("ordered vs any order (msgs/s)", c, r, ratio));
         ratios.push(("ordered", ratio));
+    }
+    if wanted("replay") {
+        let mut pairs = Vec::new();
+        for _ in 0..repeat {
+            pairs.push(live_then_replay(n).await?);
+        }
+        let live = median(pairs.iter().map(|p| p.0).collect());
+        let replayed = median(pairs.iter().map(|p| p.1).collect());
+        let ratio = median(pairs.iter().map(|p| p.1 / p.0).collect());
+        rows.push(("replay --rerun vs live (msgs/s)", replayed, live, ratio));
+        ratios.push(("replay", ratio));
     }
     if wanted("handler_metrics") {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();

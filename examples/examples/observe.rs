@@ -11,7 +11,10 @@
 //!   delivery's pending count, against the consumer's `num_pending` read
 //!   from the server at the same moment, at a steady 10,000 events/s.
 //!
-//! `cargo run --release -p choreo-examples --example observe -- [--rate R] [--seconds S]`
+//! - `trace`: `choreo::admin::trace` of one flow by subject in a stream of
+//!   `--trace-events` events (100,000), with the default window.
+//!
+//! `cargo run --release -p choreo-examples --example observe -- [--rate R] [--seconds S] [--trace-events N] [--trace-only]`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -234,6 +237,61 @@ async fn status_100() -> Result<(), BoxError> {
     Ok(())
 }
 
+/// `choreo trace` of one flow by its subject, in a stream holding `n`
+/// events, with the default window (the last hour: all of them).
+async fn trace_in(n: u64) -> Result<(), BoxError> {
+    let server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let js = jetstream::new(client.clone());
+    let svc = Service::new("tracesvc")
+        .handler(h1)
+        .start(client.clone())
+        .await?;
+    let publisher = Publisher::new(client.clone(), "observe")?;
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let p = publisher.clone();
+            async move { p.publish(&Ticked { n: i }).await }
+        })
+        .buffered(256)
+        .try_collect::<Vec<_>>()
+        .await?;
+    wait_handled_by(&js, "tracesvc--h1", n).await?;
+    let mut ms = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let q: admin::Query = format!("observe.{}.ticked", n / 2).parse()?;
+        let found = admin::trace(&js, &q, None, Duration::from_secs(3600)).await?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(found.flows.len(), 1);
+    }
+    println!(
+        "trace: one flow by subject in a stream of {n} events (default window): {:.0} ms median of 3",
+        median(ms)
+    );
+    svc.shutdown().await;
+    Ok(())
+}
+
+async fn wait_handled_by(js: &jetstream::Context, durable: &str, n: u64) -> Result<(), BoxError> {
+    let stream = js
+        .get_stream_no_info(<Ticked as choreo::Event>::STREAM)
+        .await?;
+    for _ in 0..1200 {
+        if stream
+            .consumer_info(durable)
+            .await?
+            .ack_floor
+            .stream_sequence
+            >= n
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{durable} did not finish").into())
+}
+
 /// The lag gauge against `num_pending` at a steady input rate.
 async fn lag(rate: u64, seconds: u64, cell: Arc<LagCell>) -> Result<(), BoxError> {
     let server = NatsServer::start().await?;
@@ -308,7 +366,11 @@ async fn main() -> Result<(), BoxError> {
     let cell = Arc::new(LagCell(AtomicU64::new(0)));
     metrics::set_global_recorder(LagRecorder(cell.clone()))
         .map_err(|_| "a metrics recorder is already installed")?;
-    status_100().await?;
-    lag(rate, seconds, cell).await?;
+    let trace_events = arg(&args, "--trace-events", 100_000);
+    if !args.iter().any(|a| a == "--trace-only") {
+        status_100().await?;
+        lag(rate, seconds, cell).await?;
+    }
+    trace_in(trace_events).await?;
     Ok(())
 }

@@ -3,7 +3,8 @@
 //!
 //! Reads are bounded. Only headers are read, with ordered consumers that
 //! start at the window's start on each stream the registry names (and the
-//! dead-letter stream). The window is the hour after a random (v7) root id's
+//! dead-letter stream); a subject query reads only its subjects, so the
+//! server's subject index does the search. The window is the hour after a random (v7) root id's
 //! time, or the given one (`since`, default the last hour) for keyed ids
 //! and subjects.
 
@@ -175,9 +176,15 @@ pub async fn trace(
     for p in &publishers {
         streams.insert(p.event.stream.clone());
     }
+    // A subject query reads only its subjects (the server filters by its
+    // subject index); an id query reads every header in the window.
+    let filter = match query {
+        Query::Subject(f) => f.as_str(),
+        Query::Id(_) => ">",
+    };
     let mut seen = Vec::new();
     for s in &streams {
-        read(js, s, ">", start, end, &mut seen).await;
+        read(js, s, filter, start, end, &mut seen).await;
     }
     // Which correlation ids the query names.
     let wanted: BTreeSet<String> = match query {
@@ -291,9 +298,14 @@ async fn read(
     end: time::OffsetDateTime,
     out: &mut Vec<Seen>,
 ) {
-    let Ok(s) = js.get_stream_no_info(stream).await else {
+    let Ok(s) = js.get_stream(stream).await else {
         return;
     };
+    // Nothing stored in the window: no need to wait for it.
+    let state = &s.cached_info().state;
+    if state.messages == 0 || state.last_timestamp < start {
+        return;
+    }
     let Ok(c) = s
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: filter.to_owned(),
