@@ -5,35 +5,14 @@
 //! downstream; a corrected payload replays one letter; purge asks for --yes.
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use choreo::{Context, HandlerError, Publisher, Service, State, event, event_handler};
+use choreo::{Context, HandlerError, Publisher, State, event_handler};
 use choreo_testkit::NatsServer;
-
-#[event(subject = "invoices.{order_id}.requested", key = order_id)]
-pub struct InvoiceRequested {
-    pub order_id: String,
-    pub amount: u64,
-}
-
-#[event(subject = "invoices.{order_id}.billed", key = order_id)]
-pub struct Billed {
-    pub order_id: String,
-    pub amount: u64,
-}
-
-#[derive(Clone, Default)]
-struct World {
-    bug: Arc<AtomicBool>,
-    /// Successful runs of `bill`, by order.
-    billed: Arc<Mutex<HashMap<String, u32>>>,
-    /// Mails sent downstream, by order.
-    mailed: Arc<Mutex<HashMap<String, (u32, u64)>>>,
-}
+use common::{Billed, InvoiceRequested, World, choreo, request, start, until};
 
 #[event_handler(emits = [Billed], max_deliver = 1)]
 async fn bill(
@@ -67,33 +46,10 @@ async fn mail(b: Billed, State(w): State<World>) {
     e.1 = b.amount;
 }
 
-fn choreo(server: &NatsServer, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_choreo"))
-        .args(["-s", &server.url()])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn letters(server: &NatsServer) -> Vec<serde_json::Value> {
     let (code, out, err) = choreo(server, &["dlq", "list", "--json"]);
     assert_eq!(code, Some(0), "{err}");
     serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
-}
-
-async fn until(what: &str, mut ok: impl FnMut() -> bool) {
-    for _ in 0..300 {
-        if ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 // Several threads: the `choreo` commands block the test's thread while
@@ -103,37 +59,13 @@ async fn ten_letters_from_a_bug_are_listed_shown_and_replayed_once_each_after_th
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     let w = World::default();
-    let billing = Service::new("billing")
-        .state(w.clone())
-        .handler(bill)
-        .start(client.clone())
-        .await
-        .unwrap();
-    let mailer = Service::new("mailer")
-        .state(w.clone())
-        .handler(mail)
-        .start(client.clone())
-        .await
-        .unwrap();
+    let billing = start(&client, "billing", &w, bill).await;
+    let mailer = start(&client, "mailer", &w, mail).await;
     let shop = Publisher::new(client.clone(), "shop").unwrap();
-    for i in 0..5 {
-        shop.publish(&InvoiceRequested {
-            order_id: format!("ok-{i}"),
-            amount: 10,
-        })
-        .await
-        .unwrap();
-    }
+    request(&shop, "ok", 5, 10).await;
     until("5 billed", || w.billed.lock().unwrap().len() == 5).await;
     w.bug.store(true, Ordering::SeqCst);
-    for i in 0..10 {
-        shop.publish(&InvoiceRequested {
-            order_id: format!("bug-{i}"),
-            amount: 20,
-        })
-        .await
-        .unwrap();
-    }
+    request(&shop, "bug", 10, 20).await;
     let mut list = Vec::new();
     for _ in 0..100 {
         list = letters(&server);
@@ -261,14 +193,7 @@ async fn ten_letters_from_a_bug_are_listed_shown_and_replayed_once_each_after_th
 
     // Purge asks first, then deletes.
     w.bug.store(true, Ordering::SeqCst);
-    for i in 0..2 {
-        shop.publish(&InvoiceRequested {
-            order_id: format!("late-{i}"),
-            amount: 1,
-        })
-        .await
-        .unwrap();
-    }
+    request(&shop, "late", 2, 1).await;
     until("2 letters", || letters(&server).len() == 2).await;
     let (code, out, err) = choreo(
         &server,

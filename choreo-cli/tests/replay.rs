@@ -5,35 +5,15 @@
 //! their ids, so nothing downstream runs twice; bad input changes nothing.
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use choreo::async_nats::jetstream;
-use choreo::{Context, HandlerError, Publisher, Service, State, event, event_handler};
+use choreo::{Context, HandlerError, Publisher, State, event_handler};
 use choreo_testkit::NatsServer;
-
-#[event(subject = "invoices.{order_id}.requested", key = order_id)]
-pub struct InvoiceRequested {
-    pub order_id: String,
-    pub amount: u64,
-}
-
-#[event(subject = "billed.{order_id}.done", key = order_id)]
-pub struct Billed {
-    pub order_id: String,
-    pub amount: u64,
-}
-
-#[derive(Clone, Default)]
-struct World {
-    bug: Arc<AtomicBool>,
-    billed: Arc<Mutex<HashMap<String, u32>>>,
-    mailed: Arc<Mutex<HashMap<String, u32>>>,
-    replays_seen: Arc<AtomicU32>,
-}
+use common::{Billed, InvoiceRequested, World, choreo, request, start, until};
 
 #[event_handler(emits = [Billed], max_deliver = 1, ack_wait = "1s")]
 async fn bill(
@@ -61,30 +41,7 @@ async fn bill(
 
 #[event_handler(emits = [])]
 async fn mail(b: Billed, State(w): State<World>) {
-    *w.mailed.lock().unwrap().entry(b.order_id).or_default() += 1;
-}
-
-fn choreo(server: &NatsServer, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_choreo"))
-        .args(["-s", &server.url()])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-async fn until(what: &str, mut ok: impl FnMut() -> bool) {
-    for _ in 0..400 {
-        if ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
+    w.mailed.lock().unwrap().entry(b.order_id).or_default().0 += 1;
 }
 
 async fn ack_floor(js: &jetstream::Context) -> u64 {
@@ -103,37 +60,13 @@ async fn a_replay_recovers_what_a_bug_dead_lettered_and_a_rerun_duplicates_nothi
     let client = server.connect().await.unwrap();
     let js = jetstream::new(client.clone());
     let w = World::default();
-    let billing = Service::new("billing")
-        .state(w.clone())
-        .handler(bill)
-        .start(client.clone())
-        .await
-        .unwrap();
-    let mailer = Service::new("mailer")
-        .state(w.clone())
-        .handler(mail)
-        .start(client.clone())
-        .await
-        .unwrap();
+    let billing = start(&client, "billing", &w, bill).await;
+    let mailer = start(&client, "mailer", &w, mail).await;
     let shop = Publisher::new(client.clone(), "shop").unwrap();
-    for i in 0..5 {
-        shop.publish(&InvoiceRequested {
-            order_id: format!("ok-{i}"),
-            amount: 10,
-        })
-        .await
-        .unwrap();
-    }
+    request(&shop, "ok", 5, 10).await;
     until("5 mailed", || w.mailed.lock().unwrap().len() == 5).await;
     w.bug.store(true, Ordering::SeqCst);
-    for i in 0..10 {
-        shop.publish(&InvoiceRequested {
-            order_id: format!("bug-{i}"),
-            amount: 20,
-        })
-        .await
-        .unwrap();
-    }
+    request(&shop, "bug", 10, 20).await;
     for _ in 0..100 {
         if ack_floor(&js).await == 15 {
             break;
@@ -206,7 +139,7 @@ async fn a_replay_recovers_what_a_bug_dead_lettered_and_a_rerun_duplicates_nothi
         w.billed.lock().unwrap()
     );
     assert!(
-        w.mailed.lock().unwrap().values().all(|n| *n == 1),
+        w.mailed.lock().unwrap().values().all(|n| n.0 == 1),
         "{:?}",
         w.mailed.lock().unwrap()
     );
@@ -233,7 +166,7 @@ async fn a_replay_recovers_what_a_bug_dead_lettered_and_a_rerun_duplicates_nothi
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        w.mailed.lock().unwrap().values().all(|n| *n == 1),
+        w.mailed.lock().unwrap().values().all(|n| n.0 == 1),
         "mailed again: {:?}",
         w.mailed.lock().unwrap()
     );
@@ -262,12 +195,7 @@ async fn a_replay_recovers_what_a_bug_dead_lettered_and_a_rerun_duplicates_nothi
         "its settings kept"
     );
     assert_eq!(info.num_pending, 15, "all 15 to deliver again");
-    let billing = Service::new("billing")
-        .state(w.clone())
-        .handler(bill)
-        .start(client.clone())
-        .await
-        .unwrap();
+    let billing = start(&client, "billing", &w, bill).await;
     for _ in 0..100 {
         if ack_floor(&js).await == 15 {
             break;

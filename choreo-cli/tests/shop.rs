@@ -70,7 +70,17 @@ struct RunningShop {
 async fn shop_with_orders(n: u64) -> RunningShop {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
-    let ledger = Ledger::open(&client, 1).await.unwrap();
+    let handles = run_shop(&client, "cli", n).await;
+    RunningShop { server, handles }
+}
+
+/// The shop's four services on `client`, and `n` orders of run `run`.
+async fn run_shop(
+    client: &choreo::async_nats::Client,
+    run: &str,
+    n: u64,
+) -> Vec<(&'static str, choreo::ServiceHandle)> {
+    let ledger = Ledger::open(client, 1).await.unwrap();
     let mut handles = Vec::new();
     for name in SERVICES {
         let h = shop::service(name, ledger.clone(), StreamSettings::default())
@@ -80,8 +90,8 @@ async fn shop_with_orders(n: u64) -> RunningShop {
         handles.push((name, h));
     }
     let publisher = Publisher::new(client.clone(), "storefront").unwrap();
-    shop::place_orders(&publisher, "cli", n).await.unwrap();
-    RunningShop { server, handles }
+    shop::place_orders(&publisher, run, n).await.unwrap();
+    handles
 }
 
 /// `choreo status --json` until `done` holds (the registry and the flows
@@ -335,17 +345,7 @@ async fn guarded_shop() -> RunningShop {
     )
     .await
     .unwrap();
-    let ledger = Ledger::open(&client, 1).await.unwrap();
-    let mut handles = Vec::new();
-    for name in SERVICES {
-        let h = shop::service(name, ledger.clone(), StreamSettings::default())
-            .start(client.clone())
-            .await
-            .unwrap();
-        handles.push((name, h));
-    }
-    let publisher = Publisher::new(client.clone(), "storefront").unwrap();
-    shop::place_orders(&publisher, "guarded", 10).await.unwrap();
+    let handles = run_shop(&client, "guarded", 10).await;
     RunningShop { server, handles }
 }
 
@@ -414,19 +414,8 @@ async fn an_observer_reads_everything_and_a_refusal_or_a_denial_is_one_clear_lin
 async fn trace_draws_a_compensated_order_as_its_causation_tree() {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
-    let ledger = Ledger::open(&client, 1).await.unwrap();
-    let mut handles = Vec::new();
-    for name in SERVICES {
-        handles.push(
-            shop::service(name, ledger.clone(), StreamSettings::default())
-                .start(client.clone())
-                .await
-                .unwrap(),
-        );
-    }
-    let publisher = Publisher::new(client.clone(), "storefront").unwrap();
     // Order 3 of a run has a sold-out item: paid, refunded, cancelled.
-    shop::place_orders(&publisher, "golden", 5).await.unwrap();
+    let handles = run_shop(&client, "golden", 5).await;
     let mut tree = String::new();
     for _ in 0..100 {
         let out = choreo(&server, &["trace", "*.golden-3.*", "--no-times"]);
@@ -480,7 +469,7 @@ async fn trace_draws_a_compensated_order_as_its_causation_tree() {
     );
     let out = choreo(&server, &["trace", "hello"]);
     assert_eq!(out.status.code(), Some(2));
-    for h in handles {
+    for (_, h) in handles {
         h.shutdown().await;
     }
 }

@@ -52,15 +52,7 @@ pub(crate) fn record_permission_error(conn: &ConnKey, msg: String) {
 /// The latest permission violation the server reported on `client`'s
 /// connection in the last 30 seconds.
 pub(crate) fn recent_permission_error(client: &async_nats::Client) -> Option<String> {
-    let key = conn_key(client);
-    let guard = PERMISSION_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
-    guard
-        .as_ref()?
-        .get(&key)?
-        .iter()
-        .rev()
-        .find(|(at, _)| at.elapsed() < PERMISSION_MEMORY)
-        .map(|(_, m)| m.clone())
+    latest(client, |at| at.elapsed() < PERMISSION_MEMORY)
 }
 
 /// A permission violation the server reported on `client`'s connection
@@ -69,6 +61,11 @@ pub(crate) fn permission_error_since(
     client: &async_nats::Client,
     since: Instant,
 ) -> Option<String> {
+    latest(client, |at| at >= since)
+}
+
+/// The newest violation on `client`'s connection whose time passes `when`.
+fn latest(client: &async_nats::Client, when: impl Fn(Instant) -> bool) -> Option<String> {
     let key = conn_key(client);
     let guard = PERMISSION_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
     guard
@@ -76,7 +73,7 @@ pub(crate) fn permission_error_since(
         .get(&key)?
         .iter()
         .rev()
-        .find(|(at, _)| *at >= since)
+        .find(|(at, _)| when(*at))
         .map(|(_, m)| m.clone())
 }
 
