@@ -11,10 +11,7 @@ pub(super) async fn process<H: Handler>(
     seen: Seen,
     rt: Arc<Runtime>,
 ) {
-    let (attempt, stream_sequence, pending) = delivery_and_pending(&msg);
-    // What waits behind this delivery: the lag, at no extra request.
-    #[allow(clippy::cast_precision_loss)]
-    rt.metrics.lag.set(pending as f64);
+    let (attempt, stream_sequence) = delivery_of(&msg);
     let subject = msg.subject.to_string();
     let span = tracing::info_span!(
         "choreo.handle",

@@ -192,6 +192,12 @@ pub(super) fn spawn(
     slot: Slot,
 ) {
     rt.metrics.consumed.increment(1);
+    // What waits behind this delivery: the lag, at no extra request. Set
+    // here, in arrival order, so the gauge holds the newest delivery's
+    // count rather than that of whichever task of a batch ran last.
+    let (_, _, pending) = delivery_and_pending(&msg);
+    #[allow(clippy::cast_precision_loss)]
+    rt.metrics.lag.set(pending as f64);
     let started = std::time::Instant::now();
     let mut msg = msg;
     if rt.partition.is_some() {
