@@ -29,13 +29,8 @@ pub(crate) enum DlqCommand {
     /// Publishes letters again on their subjects with their ids (handlers
     /// that already handled one skip it), then deletes them.
     Replay {
-        /// Letters by sequence; or choose with the filters, or `--all`.
-        sequences: Vec<u64>,
         #[command(flatten)]
-        pick: Pick,
-        /// Every letter.
-        #[arg(long)]
-        all: bool,
+        which: Which,
         /// Say exactly what would be replayed, and change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -46,17 +41,24 @@ pub(crate) enum DlqCommand {
     },
     /// Deletes letters for good.
     Purge {
-        /// Letters by sequence; or choose with the filters, or `--all`.
-        sequences: Vec<u64>,
         #[command(flatten)]
-        pick: Pick,
-        /// Every letter.
-        #[arg(long)]
-        all: bool,
+        which: Which,
         /// Really delete them.
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// The letters a replay or purge acts on.
+#[derive(Args, Debug)]
+pub(crate) struct Which {
+    /// Letters by sequence; or choose with the filters, or `--all`.
+    sequences: Vec<u64>,
+    #[command(flatten)]
+    pick: Pick,
+    /// Every letter.
+    #[arg(long)]
+    all: bool,
 }
 
 /// Which letters.
@@ -170,13 +172,13 @@ const HEADER: [&str; 8] = [
 
 /// The letters a replay or purge acts on: by sequence, by filter, or all;
 /// never an empty choice by accident.
-async fn chosen(
-    js: &jetstream::Context,
-    sequences: &[u64],
-    pick: &Pick,
-    all: bool,
-) -> Result<Vec<DeadLetter>, BoxError> {
-    match (sequences.is_empty(), pick.any() || all) {
+async fn chosen(js: &jetstream::Context, which: &Which) -> Result<Vec<DeadLetter>, BoxError> {
+    let Which {
+        sequences,
+        pick,
+        all,
+    } = which;
+    match (sequences.is_empty(), pick.any() || *all) {
         (true, false) => Err("say which letters: their sequences, a filter (--service, --reason, --type, --since, --until), or --all".into()),
         (false, true) => Err("give either sequences or a filter / --all, not both".into()),
         (false, false) => {
@@ -272,18 +274,16 @@ pub(crate) async fn run(
             }
         }
         DlqCommand::Replay {
-            sequences,
-            pick,
-            all,
+            which,
             dry_run,
             payload,
         } => {
-            if payload.is_some() && sequences.len() != 1 {
+            if payload.is_some() && which.sequences.len() != 1 {
                 return Err("--payload corrects one letter: give exactly one sequence".into());
             }
             // Checked before anything is read or changed.
             let corrected = payload.as_deref().map(dlq::payload_from_json).transpose()?;
-            let letters = chosen(js, sequences, pick, *all).await?;
+            let letters = chosen(js, which).await?;
             if *dry_run {
                 out!("would replay {} letters:\n", letters.len());
                 for l in &letters {
@@ -312,13 +312,8 @@ pub(crate) async fn run(
             }
             out!("replayed {} letters\n", letters.len());
         }
-        DlqCommand::Purge {
-            sequences,
-            pick,
-            all,
-            yes,
-        } => {
-            let letters = chosen(js, sequences, pick, *all).await?;
+        DlqCommand::Purge { which, yes } => {
+            let letters = chosen(js, which).await?;
             if !yes {
                 return Err(format!(
                     "purge deletes {} letters for good; run it again with --yes (see them with `choreo dlq list`)",

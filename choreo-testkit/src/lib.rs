@@ -139,11 +139,13 @@
 mod cluster;
 mod error;
 pub mod flow;
+mod gauge;
 mod server;
 mod service;
 
 pub use cluster::NatsCluster;
 pub use error::{TestkitError, TestkitErrorKind};
 pub use flow::{Expect, ExpectNone, Flow, FlowError, Recorded, Recorder, Seen, Wait};
+pub use gauge::GaugeProbe;
 pub use server::{NATS_SERVER_BIN, NatsServer, NatsServerBuilder, find_binary};
 pub use service::TestService;

@@ -16,8 +16,6 @@
 //!
 //! `cargo run --release -p choreo-examples --example observe -- [--rate R] [--seconds S] [--trace-events N] [--trace-only]`
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -46,65 +44,6 @@ async fn h3(_t: Ticked) {}
 async fn h4(_t: Ticked) {}
 #[event_handler(emits = [])]
 async fn h5(_t: Ticked) {}
-
-// ---- a recorder that keeps the lag gauge where the bench can read it -------
-
-struct LagCell(AtomicU64);
-
-impl metrics::GaugeFn for LagCell {
-    fn increment(&self, v: f64) {
-        self.set(f64::from_bits(self.0.load(Ordering::Relaxed)) + v);
-    }
-    fn decrement(&self, v: f64) {
-        self.set(f64::from_bits(self.0.load(Ordering::Relaxed)) - v);
-    }
-    fn set(&self, v: f64) {
-        self.0.store(v.to_bits(), Ordering::Relaxed);
-    }
-}
-
-struct LagRecorder(Arc<LagCell>);
-
-impl metrics::Recorder for LagRecorder {
-    fn describe_counter(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_gauge(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_histogram(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        metrics::Counter::noop()
-    }
-    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        if key.name() == choreo::observe::LAG {
-            metrics::Gauge::from_arc(self.0.clone())
-        } else {
-            metrics::Gauge::noop()
-        }
-    }
-    fn register_histogram(
-        &self,
-        _: &metrics::Key,
-        _: &metrics::Metadata<'_>,
-    ) -> metrics::Histogram {
-        metrics::Histogram::noop()
-    }
-}
 
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
@@ -293,7 +232,7 @@ async fn wait_handled_by(js: &jetstream::Context, durable: &str, n: u64) -> Resu
 }
 
 /// The lag gauge against `num_pending` at a steady input rate.
-async fn lag(rate: u64, seconds: u64, cell: Arc<LagCell>) -> Result<(), BoxError> {
+async fn lag(rate: u64, seconds: u64, probe: &choreo_testkit::GaugeProbe) -> Result<(), BoxError> {
     let server = NatsServer::start().await?;
     let client = server.connect().await?;
     let js = jetstream::new(client.clone());
@@ -331,9 +270,9 @@ async fn lag(rate: u64, seconds: u64, cell: Arc<LagCell>) -> Result<(), BoxError
     let start_seq = stream.get_info().await?.state.last_sequence;
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(seconds) {
-        let before = f64::from_bits(cell.0.load(Ordering::Relaxed));
+        let before = probe.value().unwrap_or(f64::NAN);
         let info = stream.consumer_info("lagsvc--h1").await?;
-        let after = f64::from_bits(cell.0.load(Ordering::Relaxed));
+        let after = probe.value().unwrap_or(f64::NAN);
         let p = info.num_pending as f64;
         // The gauge read nearest the server's figure.
         let d = (p - before).abs().min((p - after).abs());
@@ -363,13 +302,11 @@ async fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().collect();
     let rate = arg(&args, "--rate", 10_000);
     let seconds = arg(&args, "--seconds", 5);
-    let cell = Arc::new(LagCell(AtomicU64::new(0)));
-    metrics::set_global_recorder(LagRecorder(cell.clone()))
-        .map_err(|_| "a metrics recorder is already installed")?;
+    let probe = choreo_testkit::GaugeProbe::install(choreo::observe::LAG)?;
     let trace_events = arg(&args, "--trace-events", 100_000);
     if !args.iter().any(|a| a == "--trace-only") {
         status_100().await?;
-        lag(rate, seconds, cell).await?;
+        lag(rate, seconds, &probe).await?;
     }
     trace_in(trace_events).await?;
     Ok(())

@@ -4,8 +4,6 @@
 //! reads 0 once the backlog is gone.
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use choreo::async_nats::jetstream;
@@ -22,69 +20,10 @@ async fn slow(_t: Ticked) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// The gauge's value, as the recorder holds it.
-struct Cell(AtomicU64);
-
-impl metrics::GaugeFn for Cell {
-    fn increment(&self, v: f64) {
-        self.set(f64::from_bits(self.0.load(Ordering::Relaxed)) + v);
-    }
-    fn decrement(&self, v: f64) {
-        self.set(f64::from_bits(self.0.load(Ordering::Relaxed)) - v);
-    }
-    fn set(&self, v: f64) {
-        self.0.store(v.to_bits(), Ordering::Relaxed);
-    }
-}
-
-struct LagOnly(Arc<Cell>);
-
-impl metrics::Recorder for LagOnly {
-    fn describe_counter(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_gauge(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_histogram(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        metrics::Counter::noop()
-    }
-    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        if key.name() == choreo::observe::LAG {
-            metrics::Gauge::from_arc(self.0.clone())
-        } else {
-            metrics::Gauge::noop()
-        }
-    }
-    fn register_histogram(
-        &self,
-        _: &metrics::Key,
-        _: &metrics::Metadata<'_>,
-    ) -> metrics::Histogram {
-        metrics::Histogram::noop()
-    }
-}
-
 #[tokio::test]
 async fn the_lag_gauge_follows_num_pending_through_a_backlog() {
-    let cell = Arc::new(Cell(AtomicU64::new(f64::NAN.to_bits())));
-    metrics::set_global_recorder(LagOnly(cell.clone())).unwrap();
-    let gauge = || f64::from_bits(cell.0.load(Ordering::Relaxed));
+    let probe = choreo_testkit::GaugeProbe::install(choreo::observe::LAG).unwrap();
+    let gauge = || probe.value().unwrap_or(f64::NAN);
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     let publisher = Publisher::new(client.clone(), "ticker").unwrap();

@@ -35,6 +35,7 @@ mod advisory;
 mod fault;
 mod process;
 mod pull;
+mod replay;
 mod requests;
 mod settle;
 mod stats;
@@ -66,7 +67,7 @@ pub(crate) use advisory::advisory_loop;
 use process::process;
 pub(crate) use pull::pull_loop;
 use settle::{Done, dead_letter, emit_record_ack, release, send_letter};
-use upkeep::{check_inbox, follow_consumer, follow_replay, refresh_consumer};
+use upkeep::{check_inbox, follow_consumer, refresh_consumer};
 
 /// What every task of one handler shares.
 pub(crate) struct Runtime {
@@ -102,9 +103,8 @@ pub(crate) struct Runtime {
     /// What the server's consumer says, read back after creating it and
     /// every few seconds: it is the truth when instances disagree.
     pub(crate) live: Live,
-    /// The range `choreo replay` rewound the handler over, read from its
-    /// marker every second (`admin::replay`).
-    pub(crate) replay: std::sync::RwLock<Option<(u64, u64)>>,
+    /// The range `choreo replay` rewound the handler over.
+    pub(crate) replay: replay::Replayed,
 }
 
 /// One partition of an ordered handler.
@@ -117,13 +117,14 @@ pub(crate) struct Partition {
 }
 
 impl Runtime {
-    /// Whether stream sequence `seq` is in a replayed range.
-    pub(crate) fn replaying(&self, seq: u64) -> bool {
-        self.replay
-            .read()
-            .ok()
-            .and_then(|r| *r)
-            .is_some_and(|(from, until)| (from..=until).contains(&seq))
+    /// Reads the replay marker (at most once a second). Ordered handlers
+    /// cannot be replayed, so their partitions never read it.
+    pub(crate) async fn follow_replay(&self) {
+        if self.partition.is_none() {
+            self.replay
+                .refresh(&self.js, &self.service, self.handler)
+                .await;
+        }
     }
 
     /// Where an event is stored in its own stream, for its dead letter: a
@@ -285,9 +286,12 @@ pub(crate) trait Erased: Send + Sync + std::fmt::Debug {
     /// subject filter, of the fields it orders by.
     fn ordering_wildcards(&self) -> Option<Vec<usize>>;
     fn check(&self, states: &States) -> Result<(), MissingState>;
+    /// Handles one delivery; `at` is its attempt and stream sequence, read
+    /// from its reply subject once, where it arrived.
     fn process(
         self: Arc<Self>,
         msg: jetstream::Message,
+        at: (u32, u64),
         seen: Seen,
         rt: Arc<Runtime>,
     ) -> BoxFuture<()>;
@@ -344,10 +348,11 @@ impl<H: Handler> Erased for Typed<H> {
     fn process(
         self: Arc<Self>,
         msg: jetstream::Message,
+        at: (u32, u64),
         seen: Seen,
         rt: Arc<Runtime>,
     ) -> BoxFuture<()> {
-        Box::pin(process::<H>(self, msg, seen, rt))
+        Box::pin(process::<H>(self, msg, at, seen, rt))
     }
 }
 

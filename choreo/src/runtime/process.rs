@@ -8,10 +8,10 @@ use super::*;
 pub(super) async fn process<H: Handler>(
     handler: Arc<Typed<H>>,
     msg: jetstream::Message,
+    (attempt, stream_sequence): (u32, u64),
     seen: Seen,
     rt: Arc<Runtime>,
 ) {
-    let (attempt, stream_sequence) = delivery_of(&msg);
     let subject = msg.subject.to_string();
     let span = tracing::info_span!(
         "choreo.handle",
@@ -28,10 +28,10 @@ pub(super) async fn process<H: Handler>(
     );
     // A delivery below the ack floor this instance knew comes from a
     // rewind: read the replay marker now rather than at the next tick.
-    let mut replay = rt.replaying(stream_sequence);
+    let mut replay = rt.replay.covers(stream_sequence);
     if !replay && stream_sequence > 0 && stream_sequence <= rt.live.ack_floor() {
-        super::upkeep::follow_replay(&rt).await;
-        replay = rt.replaying(stream_sequence);
+        rt.follow_replay().await;
+        replay = rt.replay.covers(stream_sequence);
     }
     let delivery = Delivery {
         subject,

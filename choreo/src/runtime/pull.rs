@@ -78,7 +78,7 @@ pub(crate) async fn pull_loop(
                 }
                 if ticks.is_multiple_of(config_every) {
                     follow_consumer(&rt, puller.consumer()).await;
-                    follow_replay(&rt).await;
+                    rt.follow_replay().await;
                 }
                 continue;
             }
@@ -195,7 +195,7 @@ pub(super) fn spawn(
     // What waits behind this delivery: the lag, at no extra request. Set
     // here, in arrival order, so the gauge holds the newest delivery's
     // count rather than that of whichever task of a batch ran last.
-    let (_, _, pending) = delivery_and_pending(&msg);
+    let (attempt, sequence, pending) = delivery_and_pending(&msg);
     #[allow(clippy::cast_precision_loss)]
     rt.metrics.lag.set(pending as f64);
     let started = std::time::Instant::now();
@@ -206,7 +206,9 @@ pub(super) fn spawn(
         let original = rt.original_subject(&msg.message.subject).to_owned();
         msg.message.subject = original.into();
     }
-    let fut = handler.clone().process(msg, seen, rt.clone());
+    let fut = handler
+        .clone()
+        .process(msg, (attempt, sequence), seen, rt.clone());
     let rt = rt.clone();
     running.spawn(async move {
         fut.await;

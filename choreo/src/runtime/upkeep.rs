@@ -147,21 +147,3 @@ pub(super) async fn refresh_consumer(
         }
     }
 }
-
-/// Reads the handler's replay marker (`choreo replay` writes it before it
-/// rewinds the durable): the range whose deliveries are replays.
-pub(super) async fn follow_replay(rt: &Runtime) {
-    let key = crate::topology::replay_key(&rt.service, rt.handler);
-    let range = match rt.js.get_key_value(crate::topology::REPLAYS_BUCKET).await {
-        Ok(store) => match store.get(&key).await {
-            Ok(Some(v)) => serde_json::from_slice::<crate::topology::ReplayMarker>(&v)
-                .ok()
-                .map(|m| (m.from, m.until)),
-            _ => None,
-        },
-        Err(_) => None,
-    };
-    if let Ok(mut r) = rt.replay.write() {
-        *r = range;
-    }
-}

@@ -365,7 +365,7 @@ impl Service {
                         live.follow(info);
                         live
                     },
-                    replay: std::sync::RwLock::new(None),
+                    replay: Default::default(),
                 });
                 tasks.spawn(pull_loop(
                     h.clone(),
