@@ -64,7 +64,8 @@ pub use publish::{PublishError, PublishErrorKind, Publisher, Receipt};
 pub use runtime::HandlerStats;
 pub use service::{RunError, RunErrorKind, Service, ServiceHandle, StartError, StartErrorKind};
 pub use topology::{
-    ConsumerError, ConsumerErrorKind, Permissions, StreamError, StreamErrorKind, StreamSettings,
+    ConsumerError, ConsumerErrorKind, DEFAULT_INBOX_GROUPS, MAX_INBOX_GROUPS, Permissions,
+    StreamError, StreamErrorKind, StreamSettings,
 };
 pub use wire::envelope::{Envelope, EnvelopeError, EnvelopeErrorKind};
 pub use wire::headers::Metadata;
@@ -237,8 +238,22 @@ pub mod __private {
     pub use crate::handler::BoxFuture;
     use crate::handler::{DeliverPolicy, HandlerError};
     pub use crate::runtime::{FaultHook, FaultPoint};
-    pub use crate::topology::{consumer_name, inbox_bucket, inbox_key};
+    pub use crate::topology::{consumer_name, inbox_bucket, inbox_group_key, inbox_key};
     pub use crate::wire::codec::{decode_cbor, unknown_version};
+
+    /// When `handler` of `service` recorded `event` in its inbox (unix ms),
+    /// if it did: for tests and tools that check the inbox.
+    pub async fn inbox_handled_at(
+        js: &async_nats::jetstream::Context,
+        service: &str,
+        handler: &str,
+        event: crate::EventId,
+    ) -> Option<u64> {
+        crate::inbox::View::open(js, service)
+            .await?
+            .handled_at(handler, event)
+            .await
+    }
 
     /// A handler future that fails at once (an extractor failed).
     pub fn ready_err(e: HandlerError) -> BoxFuture<Result<(), HandlerError>> {

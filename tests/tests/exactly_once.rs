@@ -181,14 +181,10 @@ async fn wait_settled(client: &async_nats::Client) {
 }
 
 async fn inbox_says_done(client: &async_nats::Client, event: EventId) -> bool {
-    let kv = jetstream::new(client.clone())
-        .get_key_value("choreo_inbox_payments")
+    let js = jetstream::new(client.clone());
+    choreo::__private::inbox_handled_at(&js, "payments", "charge", event)
         .await
-        .unwrap();
-    kv.get(format!("charge.{event}"))
-        .await
-        .unwrap()
-        .is_some_and(|v| v.starts_with(b"done"))
+        .is_some()
 }
 
 /// A server whose streams keep a 500 ms duplicate window, so a test can

@@ -152,7 +152,8 @@ pub(super) async fn oldest_waiting(
     u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
-/// How many keys the handler has in its service's inbox bucket: an
+/// How many keys (record groups and claims) the handler has in its
+/// service's inbox bucket: an
 /// ephemeral consumer on its keys, last per subject, counts them without
 /// reading one (the server works them out from its subject index).
 pub(super) async fn inbox_records(

@@ -54,7 +54,7 @@ pub struct Plan {
     /// Whether handled events run again.
     pub rerun: bool,
     #[serde(skip)]
-    handled_keys: Vec<String>,
+    handled: Vec<crate::EventId>,
 }
 
 /// How long instances take to see a marker: they read it every
@@ -118,16 +118,13 @@ pub async fn plan(
         return Err(bad(&what, format!("the range {start}..={end} is empty")));
     }
     let ids = event_ids(js, stream, &h, start, end).await?;
-    let mut handled_keys = Vec::new();
+    let mut handled = Vec::new();
     if h.idempotent
-        && let Ok(store) = js.get_key_value(inbox_bucket(service)).await
+        && let Some(inbox) = crate::inbox::View::open(js, service).await
     {
         for id in &ids {
-            let key = crate::topology::inbox_key(handler, *id);
-            if let Ok(Some(v)) = store.get(&key).await
-                && v.starts_with(b"done")
-            {
-                handled_keys.push(key);
+            if inbox.handled_at(handler, *id).await.is_some() {
+                handled.push(*id);
             }
         }
     }
@@ -139,9 +136,9 @@ pub async fn plan(
         from: start,
         until: end,
         events: ids.len() as u64,
-        already_handled: handled_keys.len() as u64,
+        already_handled: handled.len() as u64,
         rerun,
-        handled_keys,
+        handled,
     })
 }
 
@@ -363,11 +360,12 @@ pub async fn replay(
         .await
         .map_err(|e| fail(&e))?;
     if plan.rerun
-        && let Ok(inbox) = js.get_key_value(inbox_bucket(&plan.service)).await
+        && let Some(inbox) = crate::inbox::View::open(js, &plan.service).await
     {
-        for key in &plan.handled_keys {
-            inbox.delete(key).await.map_err(|e| fail(&e))?;
-        }
+        inbox
+            .forget(&plan.handler, &plan.handled)
+            .await
+            .map_err(|e| fail(&e))?;
     }
     if recreate {
         let s = js.get_stream(&plan.stream).await.map_err(|e| fail(&e))?;

@@ -358,14 +358,9 @@ async fn step_of(
         };
     }
     if hm.options.idempotent
-        && let Ok(store) = js
-            .get_key_value(crate::topology::inbox_bucket(service))
-            .await
-        && let Ok(Some(v)) = store.get(format!("{}.{id}", hm.name)).await
-        && let Some(ms) = std::str::from_utf8(&v)
-            .ok()
-            .and_then(|t| t.strip_prefix("done "))
-            .and_then(|t| t.trim().parse().ok())
+        && let Ok(id) = id.parse()
+        && let Some(inbox) = crate::inbox::View::open(js, service).await
+        && let Some(ms) = inbox.handled_at(&hm.name, id).await
     {
         return Step::Handled { at_ms: ms };
     }

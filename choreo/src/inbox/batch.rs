@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::record::{Record, parse};
-use super::{Inbox, InboxError, now_ms};
+use super::record::Record;
+use super::{Inbox, InboxError, Raw, now_ms};
 use crate::nats::recent_permission_error;
 
 /// Answers to batched reads arrive on one long-lived subscription
@@ -85,14 +85,23 @@ impl Drop for Waiting<'_> {
 pub(crate) const READ_BATCH: usize = 256;
 
 impl Inbox {
-    /// Reads up to [`READ_BATCH`] keys with one batched direct get; keys
-    /// without a value are absent from the answer.
+    /// Reads the claim keys of up to [`READ_BATCH`] events and their
+    /// groups with one batched direct get; returns what the inbox says of
+    /// each (see [`Inbox::judge`]), without the events it says nothing of.
     pub(crate) async fn read_many(
         &self,
         keys: &[&str],
     ) -> Result<HashMap<String, Record>, InboxError> {
         self.metrics.batch_reads.increment(1);
-        let read = self.read_batch(keys).await;
+        let groups: Vec<Option<String>> = keys
+            .iter()
+            .map(|k| self.group_of(k).map(|(g, _)| g))
+            .collect();
+        let mut subjects: Vec<&str> = keys.to_vec();
+        subjects.extend(groups.iter().flatten().map(String::as_str));
+        subjects.sort_unstable();
+        subjects.dedup();
+        let read = self.read_batch(&subjects).await;
         if let Err((failure, e)) = &read {
             // Only a failure that will happen again pauses batched reads: a
             // refusal (a server without batched gets), or no answer while a
@@ -106,13 +115,24 @@ impl Inbox {
             }
             tracing::debug!(bucket = %self.bucket, error = %e, paused = lasting, "batched inbox read failed");
         }
-        read.map_err(|(_, e)| e)
+        let found = read.map_err(|(_, e)| e)?;
+        Ok(keys
+            .iter()
+            .zip(&groups)
+            .filter_map(|(key, group)| {
+                let group = group
+                    .as_deref()
+                    .and_then(|g| found.get(g).map(|raw| (g, raw)));
+                self.judge(key, found.get(*key), group)
+                    .map(|r| ((*key).to_owned(), r))
+            })
+            .collect())
     }
 
     async fn read_batch(
         &self,
         keys: &[&str],
-    ) -> Result<HashMap<String, Record>, (BatchFailure, InboxError)> {
+    ) -> Result<HashMap<String, Raw>, (BatchFailure, InboxError)> {
         let unavailable = |e: InboxError| (BatchFailure::Unavailable, e);
         let mut found = HashMap::new();
         if keys.is_empty() {
@@ -184,9 +204,10 @@ impl Inbox {
             let deleted = header("KV-Operation").is_some();
             found.insert(
                 key.to_owned(),
-                Record {
+                Raw {
                     revision,
-                    state: parse(&answer.payload, deleted),
+                    deleted,
+                    value: answer.payload,
                 },
             );
         }

@@ -2,32 +2,45 @@
 //! events each handler has handled, so a redelivered or re-published event is
 //! acknowledged and skipped instead of handled again.
 //!
-//! Bucket `choreo_inbox_<service>`, key `<handler>.<event id>`. A key holds
-//! one of two values:
+//! Bucket `choreo_inbox_<service>`. Three kinds of key:
 //!
-//! - `done <unix ms>`: the **record**, written only after the handler
-//!   returned `Ok` and every event it emitted was acknowledged by JetStream,
-//!   and before the handled event is acked. A delivery that finds it is acked
-//!   and skipped.
-//! - `run <instance> <unix ms> <stream sequence>`: a **claim**, written by
-//!   the handler's watchdog once the handler has run for a second (or a third
-//!   of its `ack_wait`, if less) and refreshed with each in-progress ack.
-//!   While it is fresh, another delivery of the same event waits for the
-//!   outcome instead of running the handler a second time. No clock judges
-//!   it (see `decide`): a redelivery of the message it names takes it over,
-//!   and any other waiter takes it over once it has not moved for one
-//!   `ack_wait`. The time is for people reading the bucket.
+//! - `<handler>.g.<n>`: a **group** of records (see
+//!   [`crate::topology::inbox_group_key`]): the ids of the events the
+//!   handler has handled whose id hashes to group `n`, each with the time it
+//!   was recorded. A record is added — with a compare-and-set on the group's
+//!   revision, retried on a conflict — only after the handler returned `Ok`
+//!   and every event it emitted was acknowledged by JetStream, and before the
+//!   handled event is acked. A delivery whose id is in its group is acked and
+//!   skipped. Records older than the horizon are dropped at each write, and a
+//!   group left unwritten for a horizon expires, so the server holds at most
+//!   the group count of keys per handler, however many events it handled.
+//! - `<handler>.<event id>`: a **claim**, `run <instance> <unix ms> <stream
+//!   sequence>`, written by the handler's watchdog once the handler has run
+//!   for a second (or a third of its `ack_wait`, if less) and refreshed with
+//!   each in-progress ack. While it is fresh, another delivery of the same
+//!   event waits for the outcome instead of running the handler a second
+//!   time. No clock judges it (see `decide`): a redelivery of the message it
+//!   names takes it over, and any other waiter takes it over once it has not
+//!   moved for one `ack_wait`. Claims carry a per-message TTL (nats-server
+//!   2.11+), so they leave the server on their own. Buckets written by
+//!   choreo before records were grouped hold `done <unix ms>` records under
+//!   these keys; they are still read as records.
 //!
-//! When eight or more pulled events wait at once, the keys of the whole
-//! batch are read with one batched direct get (`multi_last`), so under load
-//! the common path costs one write per event: the record. Fewer events read
-//! their own keys, each in its own task. A failed handler's claim is
-//! deleted, so its retry runs at once. If the inbox cannot be read or
-//! written, the event is not acked and comes back: never handled without
-//! being looked up, never acked without a record.
+//! The group count is kept in the bucket stream's metadata
+//! (`choreo_inbox_groups`), and a service configured with another count
+//! refuses to start (see `layout`).
+//!
+//! When eight or more pulled events wait at once, the claim and group keys
+//! of the whole batch are read with one batched direct get (`multi_last`),
+//! so under load the common path costs one write per event: the group's.
+//! Fewer events read their own two keys, each in its own task. A failed
+//! handler's claim is deleted, so its retry runs at once. If the inbox
+//! cannot be read or written, the event is not acked and comes back: never
+//! handled without being looked up, never acked without a record.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -35,12 +48,19 @@ use bytes::Bytes;
 
 use crate::nats::{Cause, Source, recent_permission_error, source};
 mod batch;
+mod layout;
 mod record;
+mod view;
+
+pub(crate) use view::View;
 
 use batch::Answers;
 pub(crate) use batch::READ_BATCH;
 use record::record_of;
-pub(crate) use record::{Record, Sighting, State, Verdict, Watch, claim_lease, decide};
+pub(crate) use record::{Record, Sighting, State, Verdict, Watch, claim_lease, claim_ttl, decide};
+
+use crate::event::id::EventId;
+use crate::topology::inbox_group::{Group, inbox_group_key};
 
 pub(crate) use crate::topology::inbox_bucket as bucket;
 
@@ -121,6 +141,7 @@ crate::debug_as_display!(InboxError);
 #[derive(Clone, Debug)]
 pub(crate) struct Inbox {
     kv: kv::Store,
+    js: jetstream::Context,
     client: async_nats::Client,
     answers: Arc<Answers>,
     bucket: String,
@@ -128,9 +149,23 @@ pub(crate) struct Inbox {
     direct_get: String,
     /// `$KV.<bucket>.`
     key_prefix: String,
+    /// Where keys are written: `key_prefix`, behind the API prefix for a
+    /// JetStream domain (as async-nats writes them).
+    put_prefix: String,
     /// Whether the bucket answers direct gets, which batched reads use (a
     /// bucket made by hand or by an old client may not).
     direct: bool,
+    /// How many groups each handler's records are spread over.
+    groups: u32,
+    /// How long records are kept, in ms.
+    horizon_ms: u64,
+    /// Whether the bucket allows per-message TTLs, so claims can expire
+    /// (cleared if a write with one is refused: a bucket made again by hand).
+    claims_expire: Arc<AtomicBool>,
+    /// The newest value and revision this instance saw of groups it read or
+    /// wrote lately, so adding a record rarely needs a read of its own (a
+    /// stale one only costs a conflict and a read).
+    known: Arc<Mutex<HashMap<String, (u64, Bytes)>>>,
     /// After a batched read fails (a permission that allows reading one key
     /// but not a batch, a leader election), batched reads pause until this
     /// unix time in ms, and events read their own keys meanwhile.
@@ -146,14 +181,29 @@ pub(crate) struct Inbox {
 
 pub(crate) use crate::event::now_ms;
 
+/// How many groups' values an instance keeps in memory (each is at most a
+/// few KB): enough for every event in flight.
+const KNOWN_GROUPS: usize = 4096;
+
+/// A key's newest message, as read: its revision, whether it is a delete
+/// or purge marker, and its value.
+#[derive(Debug, Clone)]
+pub(crate) struct Raw {
+    pub(crate) revision: u64,
+    pub(crate) deleted: bool,
+    pub(crate) value: Bytes,
+}
+
 impl Inbox {
-    /// Opens the service's bucket, creating it if missing.
+    /// Opens the service's bucket, creating it if missing, and checks (or
+    /// records) its group count.
     pub(crate) async fn open(
         js: &jetstream::Context,
         api_prefix: &str,
         service: &str,
         retention: Duration,
         replicas: usize,
+        groups: u32,
     ) -> Result<Self, InboxError> {
         let bucket = bucket(service);
         let client = js.client();
@@ -187,8 +237,8 @@ impl Inbox {
                 }
             }
         };
+        let layout = layout::settle(js, &client, &bucket, groups).await?;
         let instance = uuid::Uuid::now_v7().as_u64_pair().1.max(1);
-        let direct = kv.status().await.is_ok_and(|s| s.info.config.allow_direct);
         let answers = Answers::start(&client).await.map_err(|e| {
             InboxError::new(
                 &client,
@@ -197,13 +247,29 @@ impl Inbox {
                 Some(source(e)),
             )
         })?;
+        let key_prefix = format!("$KV.{bucket}.");
+        let put_prefix = match (&kv.put_prefix, kv.use_jetstream_prefix) {
+            (Some(p), true) => format!("{api_prefix}.{p}"),
+            (Some(p), false) => p.clone(),
+            (None, true) => format!("{api_prefix}.{key_prefix}"),
+            (None, false) => key_prefix.clone(),
+        };
         Ok(Self {
             kv,
+            js: js.clone(),
             client,
             answers,
             direct_get: format!("{api_prefix}.DIRECT.GET.KV_{bucket}"),
-            key_prefix: format!("$KV.{bucket}."),
-            direct,
+            key_prefix,
+            put_prefix,
+            direct: layout.direct,
+            groups,
+            horizon_ms: match layout.max_age {
+                Duration::ZERO => u64::MAX,
+                age => u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+            },
+            claims_expire: Arc::new(AtomicBool::new(layout.ttl)),
+            known: Arc::new(Mutex::new(HashMap::new())),
             batches_paused_until: Arc::new(AtomicU64::new(0)),
             trouble_since: Arc::new(AtomicU64::new(0)),
             claim_delay: None,
@@ -282,89 +348,230 @@ impl Inbox {
         self.direct && now_ms() >= self.batches_paused_until.load(Ordering::Relaxed)
     }
 
-    /// Reads one key.
-    pub(crate) async fn read(&self, key: &str) -> Result<Option<Record>, InboxError> {
-        self.metrics.key_reads.increment(1);
+    /// The group key that holds the record of the event whose claim key is
+    /// `key` (`<handler>.<event id>`), and the event's id.
+    pub(crate) fn group_of(&self, key: &str) -> Option<(String, EventId)> {
+        let (handler, id) = key.rsplit_once('.')?;
+        let id: EventId = id.parse().ok()?;
+        Some((inbox_group_key(handler, id, self.groups), id))
+    }
+
+    /// What the inbox says of the event whose claim key is `key`, from that
+    /// key's newest message and its group's: handled if its group records
+    /// it (or, in a bucket from before groups, its key holds `done`), else
+    /// what its claim key says.
+    pub(crate) fn judge(
+        &self,
+        key: &str,
+        claim: Option<&Raw>,
+        group: Option<(&str, &Raw)>,
+    ) -> Option<Record> {
+        let claim = claim.map(|r| Record {
+            revision: r.revision,
+            state: record::parse(&r.value, r.deleted),
+        });
+        if let Some((group_key, raw)) = group {
+            self.remember(group_key, raw);
+            let handled = self.group_of(key).is_some_and(|(_, id)| {
+                !raw.deleted && Group::parse(&raw.value).recorded(id).is_some()
+            });
+            if handled {
+                return Some(Record {
+                    revision: claim.map_or(0, |c| c.revision),
+                    state: State::Done,
+                });
+            }
+        }
+        claim
+    }
+
+    fn remember(&self, group_key: &str, raw: &Raw) {
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.len() >= KNOWN_GROUPS && !known.contains_key(group_key) {
+            known.clear();
+        }
+        let newer = known.get(group_key).is_none_or(|(r, _)| *r < raw.revision);
+        if newer {
+            let value = if raw.deleted {
+                Bytes::new()
+            } else {
+                raw.value.clone()
+            };
+            known.insert(group_key.to_owned(), (raw.revision, value));
+        }
+    }
+
+    fn forget(&self, group_key: &str) {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(group_key);
+    }
+
+    async fn entry(&self, key: &str) -> Result<Option<Raw>, InboxError> {
         let entry = self
             .kv
             .entry(key)
             .await
             .map_err(|e| self.fail("cannot read", e))?;
-        Ok(entry.as_ref().map(record_of))
+        Ok(entry.map(|e| Raw {
+            revision: e.revision,
+            deleted: !matches!(e.operation, kv::Operation::Put),
+            value: e.value,
+        }))
+    }
+
+    /// Reads one event's claim key and its group.
+    pub(crate) async fn read(&self, key: &str) -> Result<Option<Record>, InboxError> {
+        self.metrics.key_reads.increment(1);
+        let Some((group, _)) = self.group_of(key) else {
+            return Ok(self.entry(key).await?.map(|r| record_of(&r)));
+        };
+        let (claim, grouped) = tokio::try_join!(self.entry(key), self.entry(&group))?;
+        Ok(self.judge(
+            key,
+            claim.as_ref(),
+            grouped.as_ref().map(|g| (group.as_str(), g)),
+        ))
     }
 
     /// Claims `key` (at `revision`, 0 if absent) for this instance, or
     /// refreshes the claim it holds at `revision`; returns the claim's new
-    /// revision.
+    /// revision. Where the bucket allows it, the claim expires `ttl` after
+    /// its last refresh.
     pub(crate) async fn claim(
         &self,
         key: &str,
         revision: u64,
         stream_seq: u64,
+        ttl: Duration,
     ) -> Result<u64, InboxError> {
         self.claim_delay().await;
         self.metrics.claims.increment(1);
-        self.write_at(key, self.claim_value(stream_seq), revision)
+        if self.claims_expire.load(Ordering::Relaxed) {
+            match self
+                .write_at(key, self.claim_value(stream_seq), revision, Some(ttl))
+                .await
+            {
+                Err((false, e)) if e.to_string().contains("TTL") => {
+                    tracing::warn!(bucket = %self.bucket, error = %e, "the inbox bucket refuses per-message TTLs; claims now last until the horizon");
+                    self.claims_expire.store(false, Ordering::Relaxed);
+                }
+                written => return written.map_err(|(_, e)| e),
+            }
+        }
+        self.write_at(key, self.claim_value(stream_seq), revision, None)
             .await
             .map_err(|(_, e)| e)
     }
 
     /// Writes `value` over `key` if the key is still at `revision` (0:
-    /// absent); returns the new revision. The error says whether the key
-    /// had moved on.
+    /// never written), with a TTL if given; returns the new revision. The
+    /// error says whether the key had moved on.
     async fn write_at(
         &self,
         key: &str,
         value: Bytes,
         revision: u64,
+        ttl: Option<Duration>,
     ) -> Result<u64, (bool, InboxError)> {
-        if revision == 0 {
-            self.kv.create(key, value).await.map_err(|e| {
-                let moved = e.kind() == kv::CreateErrorKind::AlreadyExists;
-                (moved, self.fail("cannot write", e))
-            })
-        } else {
-            self.kv.update(key, value, revision).await.map_err(|e| {
-                let moved = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
-                (moved, self.fail("cannot write", e))
-            })
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            revision.to_string().as_str(),
+        );
+        if let Some(ttl) = ttl {
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_TTL,
+                format!("{}s", ttl.as_secs().max(1)).as_str(),
+            );
         }
+        let subject = format!("{}{key}", self.put_prefix);
+        let moved = |e: &jetstream::context::PublishError| {
+            e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence
+        };
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, value)
+            .await
+            .map_err(|e| (moved(&e), self.fail("cannot write", e)))?;
+        ack.await
+            .map(|a| a.sequence)
+            .map_err(|e| (moved(&e), self.fail("cannot write", e)))
     }
 
-    /// Records the event as handled. `revision` is the key's revision as
-    /// this instance last knew it (0: absent). If the key moved on meanwhile
-    /// (a claim written or taken over), the record is written over it: the
-    /// handling is complete either way.
-    pub(crate) async fn done(&self, key: &str, revision: u64) -> Result<(), InboxError> {
-        let value = Bytes::from(format!("done {}", now_ms()));
+    /// Records the event whose claim key is `key` as handled, in its group.
+    /// If another delivery recorded it meanwhile, that is enough.
+    pub(crate) async fn done(&self, key: &str) -> Result<(), InboxError> {
         self.metrics.records.increment(1);
-        let mut revision = revision;
-        for _ in 0..3 {
-            match self.write_at(key, value.clone(), revision).await {
-                Ok(_) => return Ok(()),
-                Err((false, e)) => return Err(e),
-                Err((true, _)) => match self.read(key).await? {
-                    Some(Record {
-                        state: State::Done, ..
-                    }) => {
-                        tracing::info!(
-                            key,
-                            "another delivery recorded this event while the handler ran"
-                        );
-                        return Ok(());
-                    }
-                    Some(r) => revision = r.revision,
-                    None => revision = 0,
+        let Some((group, id)) = self.group_of(key) else {
+            return Err(self.err(format!("{key} names no event id")));
+        };
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&group)
+            .cloned();
+        for _ in 0..GROUP_WRITE_TRIES {
+            let (revision, value) = match known.take() {
+                Some(k) => k,
+                None => match self.entry(&group).await? {
+                    Some(r) if !r.deleted => (r.revision, r.value),
+                    Some(r) => (r.revision, Bytes::new()),
+                    None => (0, Bytes::new()),
                 },
+            };
+            let mut records = Group::parse(&value);
+            let now = now_ms();
+            if !records.insert(id, now, now.saturating_sub(self.horizon_ms)) {
+                tracing::info!(
+                    key,
+                    "another delivery recorded this event while the handler ran"
+                );
+                return Ok(());
+            }
+            let value = Bytes::from(records.encode());
+            match self.write_at(&group, value.clone(), revision, None).await {
+                Ok(revision) => {
+                    self.remember(
+                        &group,
+                        &Raw {
+                            revision,
+                            deleted: false,
+                            value,
+                        },
+                    );
+                    return Ok(());
+                }
+                Err((true, _)) => self.forget(&group),
+                Err((false, e)) => return Err(e),
             }
         }
-        Err(self.err("the key kept changing while the record was written"))
+        Err(self.err(format!(
+            "group {group} kept changing while the record was written ({GROUP_WRITE_TRIES} tries)"
+        )))
     }
 
     /// Gives a claim up after a failure, so the retry can run at once.
     pub(crate) async fn release(&self, key: &str, revision: u64) {
-        if let Err(e) = self.kv.delete_expect_revision(key, Some(revision)).await {
+        let released = if self.claims_expire.load(Ordering::Relaxed) {
+            self.kv
+                .purge_expect_revision_with_ttl(key, revision, claim_ttl(Duration::ZERO))
+                .await
+        } else {
+            self.kv.delete_expect_revision(key, Some(revision)).await
+        };
+        if let Err(e) = released {
             tracing::debug!(key, error = %e, "could not release the inbox claim; it will expire");
         }
     }
 }
+
+/// How many times adding a record re-reads its group after a conflict (an
+/// instance writing another record of the same group in between) before
+/// the event is left to come back.
+const GROUP_WRITE_TRIES: usize = 32;

@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
-
 /// What the inbox says about one key, as read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Record {
@@ -91,6 +89,14 @@ pub(crate) fn claim_lease(ack_wait: Duration) -> Duration {
     ack_wait
 }
 
+/// How long a claim outlives its last refresh before the server drops it
+/// (where the bucket allows per-message TTLs): three leases, at least ten
+/// seconds. A waiter judges a claim stale after one lease, so the TTL only
+/// cleans up; it never decides.
+pub(crate) fn claim_ttl(ack_wait: Duration) -> Duration {
+    (claim_lease(ack_wait) * 3).max(Duration::from_secs(10))
+}
+
 /// A waiter's view of one claim: stale once its revision has not changed
 /// for the lease, on the waiter's monotonic clock.
 #[derive(Debug, Default)]
@@ -138,10 +144,10 @@ pub(super) fn parse(value: &[u8], deleted: bool) -> State {
     }
 }
 
-pub(super) fn record_of(entry: &kv::Entry) -> Record {
+pub(super) fn record_of(raw: &super::Raw) -> Record {
     Record {
-        revision: entry.revision,
-        state: parse(&entry.value, !matches!(entry.operation, kv::Operation::Put)),
+        revision: raw.revision,
+        state: parse(&raw.value, raw.deleted),
     }
 }
 

@@ -187,17 +187,15 @@ pub(super) async fn handle<H: Handler>(
             format!("the handler timed out after {:?}", rt.options.timeout)
         }
         Ok(result) => match result {
-            Ok(Ok(())) => {
-                match emit_record_ack(rt, msg, (id, time), outgoing, &key, revision).await {
-                    Done::Finished => return,
-                    Done::DeadLetter(reason, detail) => {
-                        release(rt, &key, claim).await;
-                        dead_letter(rt, msg, reason, &detail, attempt, seq).await;
-                        return;
-                    }
-                    Done::Retry(e) => e,
+            Ok(Ok(())) => match emit_record_ack(rt, msg, (id, time), outgoing, &key).await {
+                Done::Finished => return,
+                Done::DeadLetter(reason, detail) => {
+                    release(rt, &key, claim).await;
+                    dead_letter(rt, msg, reason, &detail, attempt, seq).await;
+                    return;
                 }
-            }
+                Done::Retry(e) => e,
+            },
             Ok(Err(e)) if e.is_permanent() => {
                 about!(warn, rt, msg, error = %e, "handler failed permanently; dead-lettering the event");
                 release(rt, &key, claim).await;

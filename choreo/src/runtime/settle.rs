@@ -20,7 +20,6 @@ pub(super) async fn emit_record_ack(
     (id, time): (crate::EventId, time::OffsetDateTime),
     outgoing: Vec<Result<crate::publish::Outgoing, crate::PublishError>>,
     key: &str,
-    revision: u64,
 ) -> Done {
     let fault = |point| rt.fault.as_ref().is_some_and(|f| f(point, id));
     let mut outs = Vec::with_capacity(outgoing.len());
@@ -68,7 +67,7 @@ pub(super) async fn emit_record_ack(
     // Not recorded, so not acked: it comes back, and its emissions (same
     // ids) are deduplicated.
     if let Some(inbox) = &rt.inbox
-        && let Err(e) = Box::pin(inbox.done(key, revision)).await
+        && let Err(e) = Box::pin(inbox.done(key)).await
     {
         return Done::Retry(format!("recording the event in the inbox failed: {e}"));
     }

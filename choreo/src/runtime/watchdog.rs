@@ -350,14 +350,20 @@ async fn write(rt: &Runtime, work: KvWork, warnings: &Limited) {
     let Some(inbox) = &rt.inbox else { return };
     let token = match work {
         KvWork::Refresh(token, key, revision, seq) => {
-            match inbox.claim(&key, revision, seq).await {
+            match inbox
+                .claim(&key, revision, seq, crate::inbox::claim_ttl(rt.ack_wait()))
+                .await
+            {
                 Ok(r) => rt.watchdog.set_revision(token, r),
                 Err(e) => warnings.warn(rt, "an inbox claim could not be refreshed", &e),
             }
             token
         }
         KvWork::Claim(token, key, revision, seq) => {
-            match inbox.claim(&key, revision, seq).await {
+            match inbox
+                .claim(&key, revision, seq, crate::inbox::claim_ttl(rt.ack_wait()))
+                .await
+            {
                 Ok(r) => rt.watchdog.set_revision(token, r),
                 // The key moved: the invocation just returned and wrote its
                 // record, or another delivery of the event is running too.

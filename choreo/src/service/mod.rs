@@ -56,6 +56,7 @@ pub struct Service {
     stream_settings: StreamSettings,
     shutdown_grace: Duration,
     inbox_retention: Duration,
+    inbox_groups: u32,
     start_timeout: Duration,
     recovery_timeout: Duration,
     fault: Option<FaultHook>,
@@ -85,6 +86,7 @@ impl Service {
             stream_settings: StreamSettings::default(),
             shutdown_grace: Duration::from_secs(30),
             inbox_retention: inbox::DEFAULT_RETENTION,
+            inbox_groups: crate::topology::DEFAULT_INBOX_GROUPS,
             start_timeout: Duration::from_secs(30),
             recovery_timeout: Duration::from_secs(60),
             fault: None,
@@ -99,6 +101,22 @@ impl Service {
     /// when the bucket is created.
     pub fn inbox_retention(mut self, retention: Duration) -> Self {
         self.inbox_retention = retention;
+        self
+    }
+
+    /// How many groups each handler's inbox records are spread over
+    /// (default [`DEFAULT_INBOX_GROUPS`](crate::DEFAULT_INBOX_GROUPS),
+    /// clamped to 1..=[`MAX_INBOX_GROUPS`](crate::MAX_INBOX_GROUPS)).
+    ///
+    /// The server holds one key per group, about 350 bytes of its memory
+    /// each, so a handler's inbox costs at most `groups × 350` bytes of
+    /// server memory however many events it remembers; each record written
+    /// rewrites its group, about `24 × rate × horizon / groups` bytes. See
+    /// `docs/capacity.md` for choosing it. The count is recorded in the
+    /// bucket when it is created, and an instance configured with another
+    /// count refuses to start.
+    pub fn inbox_groups(mut self, groups: u32) -> Self {
+        self.inbox_groups = groups.clamp(1, crate::topology::MAX_INBOX_GROUPS);
         self
     }
 

@@ -40,6 +40,7 @@ impl Service {
                     &self.name,
                     self.inbox_retention,
                     self.stream_settings.replicas,
+                    self.inbox_groups,
                 )
                 .await?,
             )

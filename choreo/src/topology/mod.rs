@@ -8,12 +8,13 @@
 //! | a handler's lost-delivery consumer | `<service>--<handler>--lost` on [`ADVISORY_STREAM`] | [`consumer::create_advisory_consumer`] |
 //! | the dead-letter stream | [`DLQ_STREAM`], subjects [`DLQ_SUBJECTS`]; a handler's letters on [`dlq_subject`] | [`consumer::ensure_streams`] |
 //! | the advisory stream | [`ADVISORY_STREAM`], subjects [`ADVISORY_SUBJECTS`], kept 7 days | [`consumer::ensure_streams`] |
-//! | a service's inbox | KV bucket [`inbox_bucket`], key [`inbox_key`] | `Inbox::open` |
+//! | a service's inbox | KV bucket [`inbox_bucket`]: records in group keys [`inbox_group_key`], claims in [`inbox_key`], the group count in its stream's metadata [`GROUPS_METADATA`] | `Inbox::open` |
 //!
 //! `docs/deployment.md` lists the same with the permissions each needs.
 
 pub(crate) mod consumer;
 mod error;
+pub(crate) mod inbox_group;
 pub(crate) mod ordered;
 mod permissions;
 pub(crate) mod stream;
@@ -23,6 +24,8 @@ pub use permissions::Permissions;
 pub use stream::StreamSettings;
 
 pub use consumer::consumer_name;
+pub use inbox_group::{DEFAULT_INBOX_GROUPS, MAX_INBOX_GROUPS, inbox_group_key};
+pub(crate) use inbox_group::{GROUPS_METADATA, recorded_groups};
 
 use crate::event::id::EventId;
 
@@ -72,7 +75,8 @@ pub fn inbox_bucket(service: &str) -> String {
     format!("choreo_inbox_{service}")
 }
 
-/// The key of one handler's record of one event.
+/// The key of one handler's claim on one event while it runs (and, in
+/// buckets written before records were grouped, its record).
 pub fn inbox_key(handler: &str, event: EventId) -> String {
     format!("{handler}.{event}")
 }
