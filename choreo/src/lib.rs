@@ -255,6 +255,19 @@ pub mod __private {
             .await
     }
 
+    /// How many events `handler` of `service` has recorded in its inbox (a
+    /// full scan of its groups: for tests and benchmarks).
+    pub async fn inbox_records(
+        js: &async_nats::jetstream::Context,
+        service: &str,
+        handler: &str,
+    ) -> Result<u64, crate::Source> {
+        match crate::inbox::View::open(js, service).await {
+            Some(v) => v.records(handler).await,
+            None => Ok(0),
+        }
+    }
+
     /// A handler future that fails at once (an extractor failed).
     pub fn ready_err(e: HandlerError) -> BoxFuture<Result<(), HandlerError>> {
         Box::pin(std::future::ready(Err(e)))

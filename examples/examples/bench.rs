@@ -697,13 +697,21 @@ async fn choreo_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
     let stats = || handle.stats(name).map_or(0, |s| s.handled());
     let rate = rate_until(stats, n, "choreo handler", started).await?;
     let js = jetstream::new(handle_client);
-    let bucket = inbox.then_some("choreo_inbox_relay");
+    let recorded = if inbox {
+        Some(
+            choreo::__private::inbox_records(&js, "relay", name)
+                .await
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
     check_work(
         &js,
         "choreo",
         <BenchRelayed as choreo::Event>::STREAM,
         n,
-        bucket,
+        recorded,
     )
     .await?;
     handle.shutdown().await;
@@ -743,35 +751,34 @@ async fn raw_handler(n: u64, inbox: RawKv) -> Result<f64, BoxError> {
     let task = raw_relay.run("RAWIN", "relay").await?;
     let rate = rate_until(|| done.load(Ordering::Relaxed), n, "raw handler", started).await?;
     task.abort();
-    let bucket = (inbox != RawKv::Off).then_some("raw_inbox");
-    check_work(&js, "raw", "RAWOUT", n, bucket).await?;
-    Ok(rate)
-}
-
-/// Fails unless a handler run left `n` emissions in `stream` and, with a
-/// `bucket`, `n` keys in it: both sides did the work they are timed for.
-async fn check_work(
-    js: &jetstream::Context,
-    side: &str,
-    stream: &str,
-    n: u64,
-    bucket: Option<&str>,
-) -> Result<(), BoxError> {
-    let emitted = js.get_stream(stream).await?.info().await?.state.messages;
-    let recorded = match bucket {
-        Some(b) => Some(
-            js.get_stream(format!("KV_{b}"))
+    let recorded = match inbox {
+        RawKv::Off => None,
+        _ => Some(
+            js.get_stream("KV_raw_inbox")
                 .await?
                 .info()
                 .await?
                 .state
                 .messages,
         ),
-        None => None,
     };
+    check_work(&js, "raw", "RAWOUT", n, recorded).await?;
+    Ok(rate)
+}
+
+/// Fails unless a handler run left `n` emissions in `stream` and, with an
+/// inbox, `n` records in it: both sides did the work they are timed for.
+async fn check_work(
+    js: &jetstream::Context,
+    side: &str,
+    stream: &str,
+    n: u64,
+    recorded: Option<u64>,
+) -> Result<(), BoxError> {
+    let emitted = js.get_stream(stream).await?.info().await?.state.messages;
     if emitted != n || recorded.is_some_and(|r| r != n) {
         return Err(format!(
-            "{side}: {emitted} emissions and {recorded:?} inbox keys after {n} events"
+            "{side}: {emitted} emissions and {recorded:?} inbox records after {n} events"
         )
         .into());
     }

@@ -1,26 +1,35 @@
 //! What choreo keeps on a nats-server, measured: server memory and disk per
-//! retained event and per inbox record, and what the defaults cost at a
-//! given rate. `scripts/bench capacity` runs it.
+//! retained event and per inbox record, for the inbox's grouped layout and
+//! for one key per event, and what the defaults cost at a given rate.
+//! `scripts/bench capacity` runs it.
 //!
 //! ```sh
-//! cargo run --release -p choreo-examples --example capacity -- --events 100000
+//! cargo run --release -p choreo-examples --example capacity -- --events 100000 --groups 1024
 //! ```
 //!
-//! Two fresh servers (one nats-server each, started by choreo-testkit):
+//! Three fresh servers (one nats-server each, started by choreo-testkit):
 //!
 //! 1. **events only**: `--events` keyed events (about 128 bytes of CBOR
 //!    each, as in the benchmark) published into their stream;
-//! 2. **events and inbox**: the same events, then handled by a service
-//!    whose handler remembers them in its inbox (one record per event) and
-//!    emits nothing.
+//! 2. **one key per event**: the same events, and for each a key
+//!    `<handler>.<id>` = `done <ms>` written into a bucket like choreo's
+//!    inbox (the layout choreo used before records were grouped, and what a
+//!    hand-written relay does);
+//! 3. **grouped inbox**: the same events, handled by a choreo service whose
+//!    handler remembers them in its inbox, spread over `--groups` groups,
+//!    and emits nothing. With `--events` well above `--groups` each group
+//!    holds as many records as a default inbox (65,536 groups) holds at
+//!    `events / groups × 65,536` remembered events: the steady state of a
+//!    busy handler, reached in seconds.
 //!
 //! Each server's resident memory (`VmRSS` from `/proc`) and its store's
 //! size on disk are read before, after writing, and after a restart (when
 //! the server has rebuilt its index from disk: what a long-running server
-//! holds). The differences, divided by the number of events, give the cost
-//! of one retained event and of one inbox record. A projection then prices
-//! the defaults: streams keep every event (no age limit), the inbox keeps a
-//! record per handled event for 7 days.
+//! holds); the bytes the server wrote (`wchar` from `/proc/<pid>/io`) and
+//! the handling rate are read while the inbox is written. The differences,
+//! divided by the number of events, give the cost of one retained event and
+//! of one remembered event in each layout. A projection then prices the
+//! defaults.
 //!
 //! It prints a table and one `capacity <metric> <value>` line per figure.
 
@@ -47,6 +56,18 @@ pub struct CapacityPlaced {
 /// Remembers each event in the inbox, and does nothing else.
 #[event_handler(concurrency = 256)]
 async fn remember(_e: CapacityPlaced) {}
+
+/// Bytes the server process has written (`wchar`: every write call, to
+/// its store or its clients).
+fn written(server: &NatsServer) -> u64 {
+    let Some(pid) = server.pid() else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
 
 /// The server's resident memory in bytes.
 fn rss(server: &NatsServer) -> u64 {
@@ -111,33 +132,102 @@ async fn publish_all(publisher: &Publisher, n: u64) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// One server's run: (before, after writing, after a restart).
-async fn run(n: u64, inbox: bool) -> Result<(Reading, Reading, Reading), BoxError> {
+/// What a server's run keeps: how the inbox is laid out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Layout {
+    /// Events only.
+    None,
+    /// One key per event, written by hand.
+    PerKey,
+    /// choreo's inbox, in this many groups.
+    Grouped(u32),
+}
+
+/// One server's run.
+struct Run {
+    before: Reading,
+    written: Reading,
+    restarted: Reading,
+    /// Bytes the server wrote while the inbox was written, per event.
+    wrote_per_event: f64,
+    /// Inbox records written per second.
+    rate: f64,
+}
+
+async fn run(n: u64, layout: Layout) -> Result<Run, BoxError> {
     let mut server = NatsServer::start().await?;
     let client = server.connect().await?;
     let publisher = Publisher::new(client.clone(), "capacity")?;
     publisher.ensure_stream::<CapacityPlaced>().await?;
     let before = read(&server).await;
     publish_all(&publisher, n).await?;
-    if inbox {
-        let svc = Service::new("keeper")
-            .handler(remember)
-            .start(client)
-            .await?;
-        let stats = svc.stats("remember").ok_or("no stats")?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-        while stats.handled() < n {
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!("handled {} of {n} in 300 s", stats.handled()).into());
+    let wrote_before = written(&server);
+    let started = std::time::Instant::now();
+    match layout {
+        Layout::None => {}
+        Layout::PerKey => write_keys(&client, n).await?,
+        Layout::Grouped(groups) => {
+            let svc = Service::new("keeper")
+                .inbox_groups(groups)
+                .handler(remember)
+                .start(client)
+                .await?;
+            let stats = svc.stats("remember").ok_or("no stats")?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+            while stats.handled() < n {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!("handled {} of {n} in 600 s", stats.handled()).into());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            svc.shutdown().await;
         }
-        svc.shutdown().await;
     }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let wrote_per_event = per(wrote_before, written(&server), n);
     let written = read(&server).await;
     server.restart().await?;
     let restarted = read(&server).await;
-    Ok((before, written, restarted))
+    Ok(Run {
+        before,
+        written,
+        restarted,
+        wrote_per_event,
+        rate,
+    })
+}
+
+/// One key per event, as choreo's inbox wrote them before records were
+/// grouped: `<handler>.<uuid>` = `done <unix ms>`, in a bucket made the same
+/// way (history 1, file storage).
+async fn write_keys(client: &choreo::async_nats::Client, n: u64) -> Result<(), BoxError> {
+    use choreo::async_nats::jetstream::{self, kv};
+    let js = jetstream::new(client.clone());
+    let kv = js
+        .create_key_value(kv::Config {
+            bucket: "choreo_inbox_perkey".into(),
+            history: 1,
+            max_age: choreo::DEFAULT_INBOX_RETENTION,
+            ..Default::default()
+        })
+        .await?;
+    let mut writes = futures::stream::iter(0..n)
+        .map(|_| {
+            let kv = kv.clone();
+            async move {
+                let key = format!("remember.{}", uuid::Uuid::now_v7());
+                let ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                let value = format!("done {ms}");
+                kv.put(key, value.into()).await.map(|_| ())
+            }
+        })
+        .buffer_unordered(256);
+    while let Some(r) = writes.next().await {
+        r?;
+    }
+    Ok(())
 }
 
 fn per(delta_from: u64, delta_to: u64, n: u64) -> f64 {
@@ -155,69 +245,123 @@ fn human(bytes: f64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
+/// Memory and disk per remembered event of one inbox layout, net of the
+/// events themselves (the same on every server).
+struct Cost {
+    ram_writing: f64,
+    ram: f64,
+    disk: f64,
+    wrote: f64,
+    rate: f64,
+}
+
+fn cost(events: &Run, inbox: &Run, n: u64) -> Cost {
+    let net = |e0: u64, e: u64, b0: u64| e.saturating_sub(e0) + b0;
+    Cost {
+        ram_writing: per(
+            net(events.before.rss, events.written.rss, inbox.before.rss),
+            inbox.written.rss,
+            n,
+        ),
+        ram: per(
+            net(events.before.rss, events.restarted.rss, inbox.before.rss),
+            inbox.restarted.rss,
+            n,
+        ),
+        disk: per(
+            net(events.before.disk, events.restarted.disk, inbox.before.disk),
+            inbox.restarted.disk,
+            n,
+        ),
+        wrote: inbox.wrote_per_event,
+        rate: inbox.rate,
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().collect();
     let n = arg(&args, "--events", 100_000).max(1);
+    let groups = u32::try_from(arg(&args, "--groups", 1024).clamp(1, 1 << 24)).unwrap_or(1024);
     let horizon_days = arg(&args, "--horizon-days", 7).max(1);
     if cfg!(debug_assertions) {
         eprintln!("note: a debug build; run with --release for figures worth comparing");
     }
-    eprintln!("events={n} horizon={horizon_days} days");
+    eprintln!("events={n} groups={groups} horizon={horizon_days} days");
 
-    let (e0, e1, e2) = run(n, false).await?;
-    let (b0, b1, b2) = run(n, true).await?;
+    let events = run(n, Layout::None).await?;
+    let per_key = cost(&events, &run(n, Layout::PerKey).await?, n);
+    let grouped = cost(&events, &run(n, Layout::Grouped(groups)).await?, n);
 
-    let event_ram_writing = per(e0.rss, e1.rss, n);
-    let event_ram = per(e0.rss, e2.rss, n);
-    let event_disk = per(e0.disk, e2.disk, n);
-    // The second server holds the same events plus one record each.
-    let record_ram_writing = per(e1.rss - e0.rss + b0.rss, b1.rss, n);
-    let record_ram = per(e2.rss - e0.rss + b0.rss, b2.rss, n);
-    let record_disk = per(e2.disk - e0.disk + b0.disk, b2.disk, n);
+    let event_ram_writing = per(events.before.rss, events.written.rss, n);
+    let event_ram = per(events.before.rss, events.restarted.rss, n);
+    let event_disk = per(events.before.disk, events.restarted.disk, n);
 
-    println!("{:<44} {:>12} {:>12}", "per unit", "server RAM", "disk");
+    let g = n as f64 / f64::from(groups);
     println!(
-        "{:<44} {:>12} {:>12}",
-        "retained event, while writing",
+        "{:<46} {:>11} {:>11} {:>9} {:>12} {:>10}",
+        "per unit", "RAM writing", "RAM", "disk", "written", "records/s"
+    );
+    println!(
+        "{:<46} {:>11} {:>11} {:>9}",
+        "retained event",
         format!("{event_ram_writing:.0} B"),
-        ""
-    );
-    println!(
-        "{:<44} {:>12} {:>12}",
-        "retained event, after a restart",
         format!("{event_ram:.0} B"),
-        format!("{event_disk:.0} B")
+        format!("{event_disk:.0} B"),
     );
+    for (name, c) in [
+        ("remembered event, one key per event".to_owned(), &per_key),
+        (
+            format!("remembered event, grouped ({g:.0} per group)"),
+            &grouped,
+        ),
+    ] {
+        println!(
+            "{:<46} {:>11} {:>11} {:>9} {:>12} {:>10}",
+            name,
+            format!("{:.0} B", c.ram_writing),
+            format!("{:.0} B", c.ram),
+            format!("{:.0} B", c.disk),
+            format!("{:.0} B", c.wrote),
+            format!("{:.0}", c.rate),
+        );
+    }
     println!(
-        "{:<44} {:>12} {:>12}",
-        "inbox record, while writing",
-        format!("{record_ram_writing:.0} B"),
-        ""
-    );
-    println!(
-        "{:<44} {:>12} {:>12}",
-        "inbox record, after a restart",
-        format!("{record_ram:.0} B"),
-        format!("{record_disk:.0} B")
+        "grouped / one key per event, RAM after a restart: {:.3} ({:.0}x smaller)",
+        grouped.ram / per_key.ram.max(1.0),
+        per_key.ram / grouped.ram.max(1.0)
     );
     println!();
+    // A default inbox: 65,536 groups of 24-byte records, one key each.
+    let key_ram = per_key.ram;
+    let default_groups = f64::from(choreo::DEFAULT_INBOX_GROUPS);
     let horizon = (horizon_days * 86_400) as f64;
     println!(
-        "defaults at a steady rate (one handler, inbox {horizon_days} days; streams keep every event)"
+        "defaults at a steady rate (one handler, inbox {horizon_days} days in {} groups; streams keep every event)",
+        choreo::DEFAULT_INBOX_GROUPS
     );
     println!(
-        "{:>10} {:>16} {:>16} {:>16} {:>16}",
-        "events/s", "inbox RAM", "inbox disk", "events RAM/day", "events disk/day"
+        "{:>9} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
+        "events/s",
+        "per-key RAM",
+        "inbox RAM",
+        "inbox disk",
+        "write/event",
+        "events RAM/day",
+        "events disk/day"
     );
-    for rate in [10.0, 50.0, 100.0, 1000.0] {
+    for rate in [1.0, 10.0, 50.0, 100.0, 1000.0] {
         let records = rate * horizon;
+        let keys = records.min(default_groups);
+        let per_group = records / default_groups;
         let per_day = rate * 86_400.0;
         println!(
-            "{:>10} {:>16} {:>16} {:>16} {:>16}",
+            "{:>9} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
             rate,
-            human(records * record_ram),
-            human(records * record_disk),
+            human(records * key_ram),
+            human(keys * key_ram),
+            human(records * 24.0 + keys * 200.0),
+            human(24.0 * per_group.max(1.0) + 100.0),
             human(per_day * event_ram),
             human(per_day * event_disk)
         );
@@ -225,7 +369,12 @@ async fn main() -> Result<(), BoxError> {
     println!();
     println!("capacity event_ram_bytes {event_ram:.0}");
     println!("capacity event_disk_bytes {event_disk:.0}");
-    println!("capacity record_ram_bytes {record_ram:.0}");
-    println!("capacity record_disk_bytes {record_disk:.0}");
+    println!("capacity perkey_record_ram_bytes {:.0}", per_key.ram);
+    println!("capacity perkey_record_disk_bytes {:.0}", per_key.disk);
+    println!("capacity perkey_written_bytes {:.0}", per_key.wrote);
+    println!("capacity grouped_record_ram_bytes {:.0}", grouped.ram);
+    println!("capacity grouped_record_disk_bytes {:.0}", grouped.disk);
+    println!("capacity grouped_written_bytes {:.0}", grouped.wrote);
+    println!("capacity grouped_records_per_second {:.0}", grouped.rate);
     Ok(())
 }

@@ -48,6 +48,33 @@ impl View {
             .ok()
     }
 
+    /// How many events `handler`'s groups record: every group's value, read
+    /// with one ordered consumer (a full scan: for tests and benchmarks).
+    pub(crate) async fn records(&self, handler: &str) -> Result<u64, Source> {
+        use futures::StreamExt;
+        let consumer = self
+            .store
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: format!("{}{handler}.g.>", self.store.prefix),
+                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(source)?;
+        let pending = consumer.cached_info().num_pending;
+        let mut messages = consumer.messages().await.map_err(source)?;
+        let mut records = 0;
+        for _ in 0..pending {
+            let Some(m) = messages.next().await else {
+                break;
+            };
+            let m = m.map_err(source)?;
+            records += Group::parse(&m.payload).len() as u64;
+        }
+        Ok(records)
+    }
+
     /// Forgets that `handler` handled `events`, so their next deliveries
     /// run it again; returns how many records it removed.
     pub(crate) async fn forget(&self, handler: &str, events: &[EventId]) -> Result<usize, Source> {

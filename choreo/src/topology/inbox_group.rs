@@ -121,7 +121,6 @@ impl Group {
     }
 
     /// How many events it records.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }

@@ -216,6 +216,8 @@ impl Permissions {
         if inbox {
             let bucket = inbox_bucket(service);
             me.stream(&p, &format!("KV_{bucket}"));
+            // Once: recording the group count and allowing claims' TTLs.
+            me.publish.insert(format!("{p}.STREAM.UPDATE.KV_{bucket}"));
             me.publish.insert(format!("{p}.DIRECT.GET.KV_{bucket}"));
             me.publish.insert(format!("{p}.DIRECT.GET.KV_{bucket}.>"));
             me.publish.insert(format!("$KV.{bucket}.>"));
