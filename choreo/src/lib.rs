@@ -62,7 +62,10 @@ pub use inbox::{DEFAULT_RETENTION as DEFAULT_INBOX_RETENTION, InboxError, InboxE
 pub use nats::{ConnectError, ConnectErrorKind, JetStreamApi, Source, connect};
 pub use publish::{PublishError, PublishErrorKind, Publisher, Receipt};
 pub use runtime::HandlerStats;
-pub use service::{RunError, RunErrorKind, Service, ServiceHandle, StartError, StartErrorKind};
+pub use service::{
+    DEFAULT_SERVER_BUDGET, RunError, RunErrorKind, Service, ServiceHandle, StartError,
+    StartErrorKind,
+};
 pub use topology::{
     ConsumerError, ConsumerErrorKind, DEFAULT_INBOX_GROUPS, MAX_INBOX_GROUPS, Permissions,
     StreamError, StreamErrorKind, StreamSettings,

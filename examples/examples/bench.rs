@@ -11,6 +11,14 @@
 //! `--latency-events` (10,000) and `--rate` (1,000/s) the chain's roots,
 //! `--only <case>` runs one case, `--repeat <n>` sets the runs per side, and
 //! `--side choreo|raw` runs one side only (for a profiler).
+//! `--inbox-groups G` spreads choreo's inbox records over G groups instead
+//! of the default 65,536: with G well below `--events`, each group holds
+//! `events / G` records, as a default inbox does at `events / G × 65,536`
+//! remembered events (its steady state under load). `--inbox-prefill R`
+//! writes R records of other events into every group before the run (with
+//! the default groups, R = 90 is a handler at 10 events/s for 7 days), so
+//! the inbox-on cases run against a full inbox; the raw relay's bucket
+//! starts empty either way.
 //!
 //! Cases, each run with choreo's default settings and with raw async-nats
 //! doing the same work (the same headers, CBOR payloads and acks and, where
@@ -24,6 +32,8 @@
 //!   the event's key first (skipping the event when it is there) and writes
 //!   it once the emission is acked, which is the least an idempotent
 //!   handler that survives a crash can do by hand.
+//! - `handler_inbox_cluster`: `handler_inbox` on a 3-node cluster, every
+//!   stream and bucket with 3 replicas, on both sides.
 //! - `latency`: a 3-hop chain at a fixed rate, each hop as `handler_inbox`;
 //!   end-to-end p50 and p99.
 //! - `handler_metrics`: the 1-hop handler (inbox off) with a Prometheus
@@ -58,7 +68,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
-use choreo::{Context, Publisher, Service, event, event_handler};
+use choreo::{Context, Publisher, Service, StreamSettings, event, event_handler};
 use choreo_examples::arg;
 use choreo_testkit::NatsServer;
 use futures::{StreamExt, TryStreamExt};
@@ -388,12 +398,22 @@ fn cbor(e: &RawEvent) -> bytes::Bytes {
 }
 
 async fn raw_stream(js: &jetstream::Context, name: &str, subject: &str) -> Result<(), BoxError> {
+    raw_stream_r(js, name, subject, 1).await
+}
+
+async fn raw_stream_r(
+    js: &jetstream::Context,
+    name: &str,
+    subject: &str,
+    replicas: usize,
+) -> Result<(), BoxError> {
     js.create_stream(stream::Config {
         name: name.into(),
         subjects: vec![subject.into()],
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(120),
+        num_replicas: replicas,
         ..Default::default()
     })
     .await?;
@@ -678,18 +698,104 @@ async fn raw_publish_case(n: u64) -> Result<f64, BoxError> {
     Ok(report_rate("raw publish", n, start, cpu0))
 }
 
+/// `--inbox-prefill`: records already in each inbox group before a run.
+static PREFILL: AtomicU64 = AtomicU64::new(0);
+
+/// Fills every group of the relay's inbox with `per_group` records of other
+/// events, in the layout `choreo::topology` documents (version byte 1, then
+/// 16 bytes of id and 8 of unix ms per record), as a busy handler's inbox
+/// holds them: the steady state, before the run is timed.
+async fn prefill_inbox(
+    js: &jetstream::Context,
+    per_group: u64,
+    replicas: usize,
+) -> Result<(), BoxError> {
+    let kv = js
+        .create_key_value(kv::Config {
+            bucket: "choreo_inbox_relay".into(),
+            history: 1,
+            max_age: choreo::DEFAULT_INBOX_RETENTION,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await?;
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
+    let mut puts = futures::stream::iter(0..inbox_groups())
+        .map(|g| {
+            let kv = kv.clone();
+            let mut value = vec![1u8];
+            for _ in 0..per_group {
+                value.extend_from_slice(uuid::Uuid::now_v7().as_bytes());
+                value.extend_from_slice(&now.to_be_bytes());
+            }
+            async move { kv.put(format!("relay_inbox.g.{g:x}"), value.into()).await }
+        })
+        .buffer_unordered(256);
+    while let Some(r) = puts.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+/// `--inbox-groups`.
+static INBOX_GROUPS: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(choreo::DEFAULT_INBOX_GROUPS);
+
+fn inbox_groups() -> u32 {
+    INBOX_GROUPS.load(Ordering::Relaxed)
+}
+
+/// The servers of one run: one node, or a 3-node cluster (held, never
+/// read: they stop when the run drops them).
+#[allow(dead_code)]
+enum Servers {
+    One(NatsServer),
+    Three(choreo_testkit::NatsCluster),
+}
+
+impl Servers {
+    async fn start(replicas: usize) -> Result<(Self, choreo::async_nats::Client), BoxError> {
+        if replicas > 1 {
+            let c = choreo_testkit::NatsCluster::start(3).await?;
+            let client = c.connect().await?;
+            Ok((Self::Three(c), client))
+        } else {
+            let s = NatsServer::start().await?;
+            let client = s.connect().await?;
+            Ok((Self::One(s), client))
+        }
+    }
+}
+
 async fn choreo_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
-    let server = NatsServer::start().await?;
-    let client = server.connect().await?;
-    let publisher = Publisher::new(client.clone(), "bench")?;
+    choreo_handler_r(n, inbox, 1).await
+}
+
+/// The 1-hop handler, with `replicas` replicas of every stream and bucket
+/// (3: on a 3-node cluster).
+async fn choreo_handler_r(n: u64, inbox: bool, replicas: usize) -> Result<f64, BoxError> {
+    let (_servers, client) = Servers::start(replicas).await?;
+    let settings = StreamSettings::default().replicas(replicas);
+    let publisher = Publisher::new(client.clone(), "bench")?.stream_settings(settings.clone());
     publisher.ensure_stream::<BenchPlaced>().await?;
     publisher.ensure_stream::<BenchRelayed>().await?;
     raw_publish(&jetstream::new(client.clone()), "bench", "BenchPlaced", n).await?;
+    let prefill = PREFILL.load(Ordering::Relaxed);
+    if inbox && prefill > 0 {
+        prefill_inbox(&jetstream::new(client.clone()), prefill, replicas).await?;
+    }
     let svc = if inbox {
-        Service::new("relay").handler(relay_inbox)
+        Service::new("relay")
+            .inbox_groups(inbox_groups())
+            .handler(relay_inbox)
     } else {
         Service::new("relay").handler(relay)
-    };
+    }
+    .stream_settings(settings);
     let started = (Instant::now(), cpu_seconds());
     let handle_client = client.clone();
     let handle = svc.start(client).await?;
@@ -698,11 +804,11 @@ async fn choreo_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
     let rate = rate_until(stats, n, "choreo handler", started).await?;
     let js = jetstream::new(handle_client);
     let recorded = if inbox {
-        Some(
-            choreo::__private::inbox_records(&js, "relay", name)
-                .await
-                .map_err(|e| e.to_string())?,
-        )
+        let all = choreo::__private::inbox_records(&js, "relay", name)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Less what the prefill wrote.
+        Some(all.saturating_sub(prefill * u64::from(inbox_groups())))
     } else {
         None
     };
@@ -719,17 +825,21 @@ async fn choreo_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
 }
 
 async fn raw_handler(n: u64, inbox: RawKv) -> Result<f64, BoxError> {
-    let server = NatsServer::start().await?;
-    let client = server.connect().await?;
+    raw_handler_r(n, inbox, 1).await
+}
+
+async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, BoxError> {
+    let (_servers, client) = Servers::start(replicas).await?;
     let js = jetstream::new(client.clone());
-    raw_stream(&js, "RAWIN", "rawin.>").await?;
-    raw_stream(&js, "RAWOUT", "rawout.>").await?;
+    raw_stream_r(&js, "RAWIN", "rawin.>", replicas).await?;
+    raw_stream_r(&js, "RAWOUT", "rawout.>", replicas).await?;
     raw_publish(&js, "rawin", "BenchPlaced", n).await?;
     let kv = if inbox != RawKv::Off {
         Some(
             js.create_key_value(kv::Config {
                 bucket: "raw_inbox".into(),
                 history: 1,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await?,
@@ -1052,6 +1162,16 @@ fn side() -> Option<&'static str> {
 async fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().collect();
     let n = arg(&args, "--events", 20_000);
+    let groups = arg(
+        &args,
+        "--inbox-groups",
+        u64::from(choreo::DEFAULT_INBOX_GROUPS),
+    );
+    INBOX_GROUPS.store(
+        u32::try_from(groups).unwrap_or(choreo::DEFAULT_INBOX_GROUPS),
+        Ordering::Relaxed,
+    );
+    PREFILL.store(arg(&args, "--inbox-prefill", 0), Ordering::Relaxed);
     // 10 s per run at 1,000/s: a p99 of 100 samples, steadier than one of
     // 30 (with 3,000 roots, the ratio moved 0.67–1.06 between runs).
     let ln = arg(&args, "--latency-events", 10_000);
@@ -1060,7 +1180,9 @@ async fn main() -> Result<(), BoxError> {
         eprintln!("note: a debug build; run with --release for figures worth comparing");
     }
     let repeat = arg(&args, "--repeat", 5).max(1);
-    eprintln!("events={n} latency-events={ln} rate={rate}/s in-flight={IN_FLIGHT} repeat={repeat}");
+    eprintln!(
+        "events={n} latency-events={ln} rate={rate}/s in-flight={IN_FLIGHT} repeat={repeat} inbox-groups={groups}"
+    );
 
     let only = args
         .iter()
@@ -1116,6 +1238,18 @@ async fn main() -> Result<(), BoxError> {
                 ratios.push((case, ratio));
             }
         }
+    }
+    // The inbox-on handler on a 3-node cluster, every stream and bucket R3:
+    // what outgrowing one node costs.
+    if wanted("handler_inbox_cluster") {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || choreo_handler_r(n, true, 3),
+            || raw_handler_r(n, RawKv::ReadThenWrite, 3),
+        )
+        .await?;
+        rows.push(("handler, inbox on, R3 (msgs/s)", c, r, ratio));
+        ratios.push(("handler_inbox_cluster", ratio));
     }
     if wanted("ordered") {
         let (c, r, ratio) =

@@ -34,6 +34,7 @@
 //! It prints a table and one `capacity <metric> <value>` line per figure.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use choreo::{Publisher, Service, event, event_handler};
@@ -99,6 +100,9 @@ fn disk(dir: &Path) -> u64 {
         .sum()
 }
 
+/// `--settle`: seconds to wait before each reading.
+static SETTLE: AtomicU64 = AtomicU64::new(2);
+
 /// Memory and disk of a server, once it has settled.
 #[derive(Clone, Copy, Debug)]
 struct Reading {
@@ -107,8 +111,9 @@ struct Reading {
 }
 
 async fn read(server: &NatsServer) -> Reading {
-    // Let the server finish flushing and its runtime settle.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let the server finish flushing and its runtime settle (`--settle`
+    // seconds; Go returns freed memory to the system over minutes).
+    tokio::time::sleep(Duration::from_secs(SETTLE.load(Ordering::Relaxed))).await;
     Reading {
         rss: rss(server),
         disk: disk(server.dir()),
@@ -284,6 +289,7 @@ async fn main() -> Result<(), BoxError> {
     let n = arg(&args, "--events", 100_000).max(1);
     let groups = u32::try_from(arg(&args, "--groups", 1024).clamp(1, 1 << 24)).unwrap_or(1024);
     let horizon_days = arg(&args, "--horizon-days", 7).max(1);
+    SETTLE.store(arg(&args, "--settle", 2), Ordering::Relaxed);
     if cfg!(debug_assertions) {
         eprintln!("note: a debug build; run with --release for figures worth comparing");
     }

@@ -31,7 +31,13 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for case in ["publish", "handler", "handler_inbox", "latency"] {
+    for case in [
+        "publish",
+        "handler",
+        "handler_inbox",
+        "handler_inbox_cluster",
+        "latency",
+    ] {
         let line = stdout
             .lines()
             .find(|l| l.starts_with(&format!("ratio {case} ")))

@@ -120,9 +120,7 @@ impl Inbox {
             .iter()
             .zip(&groups)
             .filter_map(|(key, group)| {
-                let group = group
-                    .as_deref()
-                    .and_then(|g| found.get(g).map(|raw| (g, raw)));
+                let group = group.as_deref().map(|g| (g, found.get(g)));
                 self.judge(key, found.get(*key), group)
                     .map(|r| ((*key).to_owned(), r))
             })

@@ -49,6 +49,7 @@ use bytes::Bytes;
 use crate::nats::source;
 mod batch;
 mod error;
+mod groups;
 mod layout;
 mod record;
 mod view;
@@ -114,10 +115,6 @@ pub(crate) struct Inbox {
 }
 
 pub(crate) use crate::event::now_ms;
-
-/// How many groups' values an instance keeps in memory (each is at most a
-/// few KB): enough for every event in flight.
-const KNOWN_GROUPS: usize = 4096;
 
 /// A key's newest message, as read: its revision, whether it is a delete
 /// or purge marker, and its value.
@@ -291,20 +288,29 @@ impl Inbox {
     }
 
     /// What the inbox says of the event whose claim key is `key`, from that
-    /// key's newest message and its group's: handled if its group records
-    /// it (or, in a bucket from before groups, its key holds `done`), else
-    /// what its claim key says.
+    /// key's newest message and its group's (`group`: the group's key, and
+    /// its newest message if it has one): handled if its group records it
+    /// (or, in a bucket from before groups, its key holds `done`), else what
+    /// its claim key says.
     pub(crate) fn judge(
         &self,
         key: &str,
         claim: Option<&Raw>,
-        group: Option<(&str, &Raw)>,
+        group: Option<(&str, Option<&Raw>)>,
     ) -> Option<Record> {
         let claim = claim.map(|r| Record {
             revision: r.revision,
             state: record::parse(&r.value, r.deleted),
         });
         if let Some((group_key, raw)) = group {
+            // A group read and found empty is remembered too: the record's
+            // write then creates it without reading it again.
+            let empty = Raw {
+                revision: 0,
+                deleted: true,
+                value: Bytes::new(),
+            };
+            let raw = raw.unwrap_or(&empty);
             self.remember(group_key, raw);
             let handled = self.group_of(key).is_some_and(|(_, id)| {
                 !raw.deleted && Group::parse(&raw.value).recorded(id).is_some()
@@ -317,32 +323,6 @@ impl Inbox {
             }
         }
         claim
-    }
-
-    fn remember(&self, group_key: &str, raw: &Raw) {
-        let mut known = self
-            .known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if known.len() >= KNOWN_GROUPS && !known.contains_key(group_key) {
-            known.clear();
-        }
-        let newer = known.get(group_key).is_none_or(|(r, _)| *r < raw.revision);
-        if newer {
-            let value = if raw.deleted {
-                Bytes::new()
-            } else {
-                raw.value.clone()
-            };
-            known.insert(group_key.to_owned(), (raw.revision, value));
-        }
-    }
-
-    fn forget(&self, group_key: &str) {
-        self.known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(group_key);
     }
 
     async fn entry(&self, key: &str) -> Result<Option<Raw>, InboxError> {
@@ -368,7 +348,7 @@ impl Inbox {
         Ok(self.judge(
             key,
             claim.as_ref(),
-            grouped.as_ref().map(|g| (group.as_str(), g)),
+            Some((group.as_str(), grouped.as_ref())),
         ))
     }
 
@@ -437,59 +417,6 @@ impl Inbox {
             .map_err(|e| (moved(&e), self.fail("cannot write", e)))
     }
 
-    /// Records the event whose claim key is `key` as handled, in its group.
-    /// If another delivery recorded it meanwhile, that is enough.
-    pub(crate) async fn done(&self, key: &str) -> Result<(), InboxError> {
-        self.metrics.records.increment(1);
-        let Some((group, id)) = self.group_of(key) else {
-            return Err(self.err(format!("{key} names no event id")));
-        };
-        let mut known = self
-            .known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&group)
-            .cloned();
-        for _ in 0..GROUP_WRITE_TRIES {
-            let (revision, value) = match known.take() {
-                Some(k) => k,
-                None => match self.entry(&group).await? {
-                    Some(r) if !r.deleted => (r.revision, r.value),
-                    Some(r) => (r.revision, Bytes::new()),
-                    None => (0, Bytes::new()),
-                },
-            };
-            let mut records = Group::parse(&value);
-            let now = now_ms();
-            if !records.insert(id, now, now.saturating_sub(self.horizon_ms)) {
-                tracing::info!(
-                    key,
-                    "another delivery recorded this event while the handler ran"
-                );
-                return Ok(());
-            }
-            let value = Bytes::from(records.encode());
-            match self.write_at(&group, value.clone(), revision, None).await {
-                Ok(revision) => {
-                    self.remember(
-                        &group,
-                        &Raw {
-                            revision,
-                            deleted: false,
-                            value,
-                        },
-                    );
-                    return Ok(());
-                }
-                Err((true, _)) => self.forget(&group),
-                Err((false, e)) => return Err(e),
-            }
-        }
-        Err(self.err(format!(
-            "group {group} kept changing while the record was written ({GROUP_WRITE_TRIES} tries)"
-        )))
-    }
-
     /// Gives a claim up after a failure, so the retry can run at once.
     pub(crate) async fn release(&self, key: &str, revision: u64) {
         let released = if self.claims_expire.load(Ordering::Relaxed) {
@@ -504,8 +431,3 @@ impl Inbox {
         }
     }
 }
-
-/// How many times adding a record re-reads its group after a conflict (an
-/// instance writing another record of the same group in between) before
-/// the event is left to come back.
-const GROUP_WRITE_TRIES: usize = 32;

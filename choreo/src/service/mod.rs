@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 mod checks;
 mod describe;
 mod error;
+mod footprint;
 mod handle;
 mod prepare;
 
@@ -57,6 +58,7 @@ pub struct Service {
     shutdown_grace: Duration,
     inbox_retention: Duration,
     inbox_groups: u32,
+    server_budget: u64,
     start_timeout: Duration,
     recovery_timeout: Duration,
     fault: Option<FaultHook>,
@@ -64,6 +66,9 @@ pub struct Service {
     api: JetStreamApi,
     heartbeat: Duration,
 }
+
+/// The default [`Service::server_budget`]: 1 GiB of nats-server memory.
+pub const DEFAULT_SERVER_BUDGET: u64 = 1 << 30;
 
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +92,7 @@ impl Service {
             shutdown_grace: Duration::from_secs(30),
             inbox_retention: inbox::DEFAULT_RETENTION,
             inbox_groups: crate::topology::DEFAULT_INBOX_GROUPS,
+            server_budget: DEFAULT_SERVER_BUDGET,
             start_timeout: Duration::from_secs(30),
             recovery_timeout: Duration::from_secs(60),
             fault: None,
@@ -117,6 +123,19 @@ impl Service {
     /// count refuses to start.
     pub fn inbox_groups(mut self, groups: u32) -> Self {
         self.inbox_groups = groups.clamp(1, crate::topology::MAX_INBOX_GROUPS);
+        self
+    }
+
+    /// How much nats-server memory this service's streams and inbox may
+    /// take (default [`DEFAULT_SERVER_BUDGET`], 1 GiB). At start the service
+    /// projects what they will hold from what the server holds now — a
+    /// stream with no `max_age`, `max_bytes` or `max_msgs` over 30 days at
+    /// its rate so far, the inbox at its group bound — and logs a warning
+    /// that says what to change when a projection passes the budget (or
+    /// when, at a stream's rate, each inbox record would rewrite more than
+    /// 16 KB of its group). It never refuses to start.
+    pub fn server_budget(mut self, bytes: u64) -> Self {
+        self.server_budget = bytes;
         self
     }
 

@@ -88,7 +88,47 @@ impl Service {
                 partition: None,
             }]);
         }
+        self.say_footprint(js).await;
         Ok((inbox, consumers))
+    }
+
+    /// Warns at start when what the service's streams and inbox will hold
+    /// projects past its budget (see [`super::footprint`]).
+    async fn say_footprint(&self, js: &jetstream::Context) {
+        use super::footprint;
+        let mut infos: Vec<jetstream::stream::Info> = Vec::new();
+        for h in &self.handlers {
+            let (stream, _, _) = h.stream();
+            if infos.iter().any(|i| i.config.name == stream) {
+                continue;
+            }
+            if let Ok(mut s) = js.get_stream(stream).await
+                && let Ok(info) = s.info().await
+            {
+                infos.push(info.clone());
+            }
+        }
+        let handlers: Vec<(&str, Option<f64>)> = self
+            .handlers
+            .iter()
+            .filter(|h| h.options().idempotent)
+            .map(|h| {
+                let (stream, _, _) = h.stream();
+                let rate = infos
+                    .iter()
+                    .find(|i| i.config.name == stream)
+                    .and_then(footprint::stream_rate);
+                (h.name(), rate)
+            })
+            .collect();
+        let found = footprint::findings(
+            &infos,
+            &handlers,
+            self.inbox_groups,
+            self.inbox_retention,
+            self.server_budget,
+        );
+        footprint::warn(&self.name, &found, self.server_budget);
     }
 
     /// An ordered handler's partition stream and its partitions' durables.

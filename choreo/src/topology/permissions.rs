@@ -218,6 +218,8 @@ impl Permissions {
             me.stream(&p, &format!("KV_{bucket}"));
             // Once: recording the group count and allowing claims' TTLs.
             me.publish.insert(format!("{p}.STREAM.UPDATE.KV_{bucket}"));
+            // A group read from the leader after a conflicting write.
+            me.publish.insert(format!("{p}.STREAM.MSG.GET.KV_{bucket}"));
             me.publish.insert(format!("{p}.DIRECT.GET.KV_{bucket}"));
             me.publish.insert(format!("{p}.DIRECT.GET.KV_{bucket}.>"));
             me.publish.insert(format!("$KV.{bucket}.>"));

@@ -1,0 +1,221 @@
+//! What a service's configuration will cost the server, projected at start
+//! from what the server already holds, and a warning when that passes the
+//! service's budget (`Service::server_budget`): a stream that keeps every
+//! event, an inbox with more groups than the budget allows, or groups so
+//! full that every record rewrites kilobytes and the handler slows.
+//!
+//! The per-unit costs are the ones `scripts/bench capacity` measured on
+//! nats-server 2.15.1 (see `docs/capacity.md`).
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+/// Server memory per distinct subject a stream holds (an event on a keyed
+/// subject, or a group key), after a restart: measured 602–617 bytes for a
+/// keyed event, 322–363 for a key.
+const SUBJECT_RAM: f64 = 600.0;
+/// Server memory per inbox group key.
+const GROUP_RAM: f64 = 350.0;
+/// Bytes one record takes in its group.
+const RECORD: f64 = 24.0;
+/// Records per group above which a warning says so: the inbox-on rate fell
+/// to 0.79 of a per-key inbox at 20 per group and 0.73 at 30
+/// (`scripts/bench --only handler_inbox --inbox-prefill R`).
+const PER_GROUP_WARN: f64 = 32.0;
+/// How far ahead a stream's growth is projected.
+const HORIZON_DAYS: f64 = 30.0;
+/// How many events a stream must hold before its rate is trusted.
+const MIN_EVENTS: u64 = 1_000;
+
+/// What one projection found worth a warning.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Finding {
+    /// A stream without limits grows past the budget within the horizon.
+    Stream {
+        stream: String,
+        rate: f64,
+        ram_per_day: f64,
+        disk_per_day: f64,
+        days_to_budget: f64,
+    },
+    /// The inbox's groups alone may hold more than the budget.
+    Groups { handlers: usize, bound: f64 },
+    /// At the stream's rate, each group holds this many records over the
+    /// horizon, each record rewrites `write` bytes, and `groups` groups
+    /// would hold ten each (at most the most a service may ask for).
+    Writes {
+        handler: String,
+        per_group: f64,
+        write: f64,
+        groups: u64,
+    },
+}
+
+/// The rate a stream has grown at (events/s), if its history is long
+/// enough to say.
+pub(crate) fn stream_rate(info: &jetstream::stream::Info) -> Option<f64> {
+    let s = &info.state;
+    let span = (s.last_timestamp - s.first_timestamp).as_seconds_f64();
+    (s.messages >= MIN_EVENTS && span >= 1.0).then(|| s.messages as f64 / span)
+}
+
+/// A stream's rate and its growth in server memory and disk a day, if it
+/// keeps every event and its history says how fast it grows.
+pub(crate) fn stream_growth(info: &jetstream::stream::Info) -> Option<(f64, f64, f64)> {
+    let c = &info.config;
+    let limited = c.max_age > Duration::ZERO || c.max_bytes > 0 || c.max_messages > 0;
+    if limited {
+        return None;
+    }
+    let rate = stream_rate(info)?;
+    let s = &info.state;
+    let subjects = s.subjects_count as f64 / s.messages as f64;
+    let ram = rate * 86_400.0 * subjects.min(1.0) * SUBJECT_RAM;
+    let disk = rate * 86_400.0 * (s.bytes as f64 / s.messages as f64);
+    Some((rate, ram, disk))
+}
+
+/// What to warn about, for streams `streams` (their info), `handlers`
+/// idempotent handlers (name and the rate of the stream it reads) sharing
+/// an inbox of `groups` groups kept `horizon`, against `budget` bytes.
+pub(crate) fn findings(
+    streams: &[jetstream::stream::Info],
+    handlers: &[(&str, Option<f64>)],
+    groups: u32,
+    horizon: Duration,
+    budget: u64,
+) -> Vec<Finding> {
+    let budget = budget as f64;
+    let mut out = Vec::new();
+    for info in streams {
+        if let Some((rate, ram, disk)) = stream_growth(info)
+            && ram * HORIZON_DAYS > budget
+        {
+            out.push(Finding::Stream {
+                stream: info.config.name.clone(),
+                rate,
+                ram_per_day: ram,
+                disk_per_day: disk,
+                days_to_budget: budget / ram,
+            });
+        }
+    }
+    let bound = handlers.len() as f64 * f64::from(groups) * GROUP_RAM;
+    if !handlers.is_empty() && bound > budget {
+        out.push(Finding::Groups {
+            handlers: handlers.len(),
+            bound,
+        });
+    }
+    for (handler, rate) in handlers {
+        let Some(rate) = rate else { continue };
+        let records = rate * horizon.as_secs_f64();
+        let per_group = records / f64::from(groups.max(1));
+        if per_group > PER_GROUP_WARN {
+            out.push(Finding::Writes {
+                handler: (*handler).to_owned(),
+                per_group,
+                write: RECORD * per_group + 100.0,
+                groups: ((records / 10.0).ceil() as u64)
+                    .min(u64::from(crate::topology::MAX_INBOX_GROUPS)),
+            });
+        }
+    }
+    out
+}
+
+/// Logs each finding as a warning that says what to change.
+pub(crate) fn warn(service: &str, findings: &[Finding], budget: u64) {
+    let budget_h = human(budget as f64);
+    for f in findings {
+        match f {
+            Finding::Stream {
+                stream,
+                rate,
+                ram_per_day,
+                disk_per_day,
+                days_to_budget,
+            } => tracing::warn!(
+                service,
+                stream = %stream,
+                rate = format!("{rate:.1}"),
+                "stream {stream} keeps every event (no max_age, max_bytes or max_msgs): at its \
+                 rate so far ({rate:.1} events/s) it grows about {} of server memory and {} of \
+                 disk a day, past this service's budget of {budget_h} in {days_to_budget:.1} \
+                 days; set StreamSettings::max_age to how far back a new handler or a replay \
+                 must reach (docs/capacity.md)",
+                human(*ram_per_day),
+                human(*disk_per_day),
+            ),
+            Finding::Groups { handlers, bound } => tracing::warn!(
+                service,
+                handlers,
+                "the inbox may hold up to {} of server memory ({handlers} handlers × their \
+                 groups × ~350 B), past this service's budget of {budget_h}; lower \
+                 Service::inbox_groups (docs/capacity.md)",
+                human(*bound),
+            ),
+            Finding::Writes {
+                handler,
+                per_group,
+                write,
+                groups,
+            } => tracing::warn!(
+                service,
+                handler = %handler,
+                "at its stream's rate so far, handler {handler}'s inbox groups will hold \
+                 ~{per_group:.0} records each over the horizon, so every record rewrites ~{} \
+                 and the handler runs slower (0.73 of a per-key inbox at 30 per group, 0.62 at \
+                 90); raise Service::inbox_groups (to {groups} for ten per group, ~{} of server \
+                 memory) or shorten Service::inbox_retention (docs/capacity.md)",
+                human(*write),
+                human(*groups as f64 * GROUP_RAM),
+            ),
+        }
+    }
+}
+
+fn human(bytes: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = bytes;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_projection_uses_the_measured_costs() {
+        let week = Duration::from_secs(7 * 86_400);
+        // 3 events/s for a week: 1,814,400 records, 28 per group.
+        let f = findings(&[], &[("h", Some(3.0))], 65_536, week, 1 << 30);
+        assert!(f.is_empty(), "{f:?}");
+        // 50 events/s: 30,240,000 records, 461 per group, 11 KB a write;
+        // 3,024,000 groups would hold ten each.
+        let f = findings(&[], &[("h", Some(50.0))], 65_536, week, 1 << 30);
+        assert!(
+            matches!(&f[..], [Finding::Writes { write, groups: 3_024_000, .. }]
+                if (*write - 11_174.0).abs() < 10.0),
+            "{f:?}"
+        );
+        let f = findings(
+            &[],
+            &[("a", None), ("b", None)],
+            1 << 24,
+            Duration::from_secs(60),
+            1 << 30,
+        );
+        assert!(
+            matches!(&f[..], [Finding::Groups { handlers: 2, .. }]),
+            "{f:?}"
+        );
+        assert_eq!(human(2_700_000_000.0), "2.7 GB");
+    }
+}

@@ -1,0 +1,129 @@
+//! A service whose streams and inbox project past its server budget says so
+//! at start, with what to change; one whose streams have limits says
+//! nothing. Alone in its test binary: tracing's per-callsite interest cache
+//! is process-wide.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use choreo::{Publisher, Service, StreamSettings, event, event_handler};
+use choreo_testkit::NatsServer;
+use futures::StreamExt;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[event(subject = "meters.{meter}.read", key = meter)]
+#[derive(Clone, Debug)]
+pub struct MeterRead {
+    pub meter: u32,
+}
+
+#[event_handler]
+async fn bill(_m: MeterRead) {}
+
+/// 3,000 keyed events over a little more than a second: a rate the
+/// projection can trust.
+async fn fill(publisher: &Publisher) {
+    let mut sends = futures::stream::iter(0..3000u32)
+        .map(|meter| async move { publisher.publish(&MeterRead { meter }).await.unwrap() })
+        .buffer_unordered(64);
+    let mut n = 0;
+    while sends.next().await.is_some() {
+        n += 1;
+        if n == 1500 {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_would_outgrow_the_budget_is_named_at_start_with_what_to_change() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    // Streams with their defaults keep every event.
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let publisher = Publisher::new(client.clone(), "meters").unwrap();
+    fill(&publisher).await;
+    let svc = Service::new("billing")
+        .inbox_groups(16)
+        .server_budget(64 << 20)
+        .handler(bill)
+        .start(client.clone())
+        .await
+        .unwrap();
+    svc.shutdown().await;
+    let text = captured.text();
+    let stream_line = text
+        .lines()
+        .find(|l| l.contains("stream METERS keeps every event"))
+        .unwrap_or_else(|| panic!("no warning about the stream:\n{text}"));
+    assert!(
+        stream_line.contains("StreamSettings::max_age")
+            && stream_line.contains("budget of 67.1 MB")
+            && stream_line.contains("service=\"billing\"")
+            && stream_line.contains("of server memory"),
+        "{stream_line}"
+    );
+    // ~2,000 events/s for 7 days over 16 groups: every record would
+    // rewrite megabytes.
+    let write_line = text
+        .lines()
+        .find(|l| l.contains("inbox groups will hold"))
+        .unwrap_or_else(|| panic!("no warning about the inbox's writes:\n{text}"));
+    assert!(
+        write_line.contains("raise Service::inbox_groups") && write_line.contains("handler=bill"),
+        "{write_line}"
+    );
+    drop(server);
+
+    // The same history in a stream kept a day, and a horizon of a minute
+    // over the default groups: nothing to say.
+    captured.0.lock().unwrap().clear();
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let settings = StreamSettings::default().max_age(Duration::from_secs(86_400));
+    let publisher = Publisher::new(client.clone(), "meters")
+        .unwrap()
+        .stream_settings(settings.clone());
+    fill(&publisher).await;
+    let svc = Service::new("billing")
+        .stream_settings(settings)
+        .inbox_retention(Duration::from_secs(120))
+        .server_budget(64 << 20)
+        .handler(bill)
+        .start(client)
+        .await
+        .unwrap();
+    svc.shutdown().await;
+    let text = captured.text();
+    assert!(
+        !text.contains("keeps every event") && !text.contains("inbox groups will hold"),
+        "warned about a bounded configuration:\n{text}"
+    );
+}
