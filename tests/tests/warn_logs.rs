@@ -6,25 +6,12 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use choreo::async_nats::{HeaderMap, jetstream};
 use choreo::{HandlerError, Metadata, Publisher, Service, event, event_handler};
 use choreo_testkit::NatsServer;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use common::Captured;
 
 #[event(subject = "audits.{id}.requested", key = id)]
 #[derive(Debug, Clone, PartialEq)]
