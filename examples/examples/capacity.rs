@@ -32,6 +32,15 @@
 //! defaults.
 //!
 //! It prints a table and one `capacity <metric> <value>` line per figure.
+//!
+//! `--shop N [--rounds K] [--horizon S]` measures the shop instead: its
+//! four services with their defaults on one fresh server, K rounds of N
+//! orders each, and the server's memory and disk per order after the rounds
+//! and after a restart, with the keys its inbox buckets and streams hold.
+//! `--groups G` gives every service's inbox G groups (65,536 by default).
+//! With `--horizon S`, the streams keep events S seconds (`max_age`), the
+//! inboxes remember S seconds, and a round starts every S seconds: many
+//! horizons, and what the server holds after each round.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -283,9 +292,122 @@ fn cost(events: &Run, inbox: &Run, n: u64) -> Cost {
     }
 }
 
+/// Keys in the inbox buckets, and subjects in the other streams (not
+/// buckets), that the server holds now.
+async fn inbox_keys_and_subjects(
+    client: &choreo::async_nats::Client,
+) -> Result<(u64, u64), BoxError> {
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let mut names = js.stream_names();
+    let (mut inbox_keys, mut stream_subjects) = (0, 0);
+    while let Some(name) = names.next().await {
+        let name = name?;
+        let info = js.get_stream(&name).await?.info().await?.clone();
+        if name.starts_with("KV_choreo_inbox_") {
+            inbox_keys += info.state.subjects_count;
+        } else if !name.starts_with("KV_") {
+            stream_subjects += info.state.subjects_count;
+        }
+    }
+    Ok((inbox_keys, stream_subjects))
+}
+
+/// The shop's four services on one fresh server, `rounds` rounds of `n`
+/// orders: what the server holds per order.
+async fn shop_run(
+    n: u64,
+    rounds: u64,
+    horizon: Option<Duration>,
+    groups: u32,
+) -> Result<(), BoxError> {
+    use choreo_examples::shop::{self, Ledger, SERVICES};
+    let mut server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let ledger = Ledger::open(&client, 1).await?;
+    let mut settings = choreo::StreamSettings::default();
+    if let Some(h) = horizon {
+        settings = settings
+            .max_age(h)
+            .duplicate_window(h.min(Duration::from_secs(120)));
+    }
+    let mut handles = Vec::new();
+    for name in SERVICES {
+        let mut svc = shop::service(name, ledger.clone(), settings.clone()).inbox_groups(groups);
+        if let Some(h) = horizon {
+            svc = svc.inbox_retention(h);
+        }
+        handles.push(svc.start(client.clone()).await?);
+    }
+    let recorder = choreo_testkit::Recorder::start(&client).await?;
+    let publisher = Publisher::new(client.clone(), "storefront")?.stream_settings(settings);
+    let before = read(&server).await;
+    for round in 0..rounds {
+        let started = tokio::time::Instant::now();
+        let run = format!("r{round}");
+        shop::place_orders(&publisher, &run, n).await?;
+        let s =
+            shop::wait_for_endings(&recorder, &client, &run, n, Duration::from_secs(60), |_| {})
+                .await?;
+        if !s.is_clean() || s.lost > 0 {
+            return Err(format!("round {round}: {s}").into());
+        }
+        let held = inbox_keys_and_subjects(&client).await?;
+        eprintln!(
+            "round {round}: {s}; server RSS {} MB; inbox keys {}, stream subjects {}",
+            rss(&server) / 1_000_000,
+            held.0,
+            held.1
+        );
+        if let Some(h) = horizon {
+            tokio::time::sleep_until(started + h).await;
+        }
+    }
+    for h in handles {
+        h.shutdown().await;
+    }
+    drop(recorder);
+    let written = read(&server).await;
+    let (inbox_keys, stream_subjects) = inbox_keys_and_subjects(&client).await?;
+    drop(client);
+    server.restart().await?;
+    let restarted = read(&server).await;
+    let orders = n * rounds;
+    println!("shop: {orders} orders in {rounds} rounds");
+    println!(
+        "server RAM per order: {:.0} B while running, {:.0} B after a restart; disk {:.0} B",
+        per(before.rss, written.rss, orders),
+        per(before.rss, restarted.rss, orders),
+        per(before.disk, restarted.disk, orders)
+    );
+    println!(
+        "keys held: {inbox_keys} in the inbox buckets (4 records per order: {}), {stream_subjects} subjects in the streams",
+        4 * orders
+    );
+    println!(
+        "capacity shop_ram_per_order_bytes {:.0}",
+        per(before.rss, restarted.rss, orders)
+    );
+    println!("capacity shop_inbox_keys {inbox_keys}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--shop") {
+        SETTLE.store(arg(&args, "--settle", 2), Ordering::Relaxed);
+        let horizon = match arg(&args, "--horizon", 0) {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
+        };
+        return shop_run(
+            arg(&args, "--shop", 3000).max(1),
+            arg(&args, "--rounds", 1).max(1),
+            horizon,
+            u32::try_from(arg(&args, "--groups", 65_536)).unwrap_or(65_536),
+        )
+        .await;
+    }
     let n = arg(&args, "--events", 100_000).max(1);
     let groups = u32::try_from(arg(&args, "--groups", 1024).clamp(1, 1 << 24)).unwrap_or(1024);
     let horizon_days = arg(&args, "--horizon-days", 7).max(1);
