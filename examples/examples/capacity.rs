@@ -410,12 +410,11 @@ async fn main() -> Result<(), BoxError> {
     }
     let n = arg(&args, "--events", 100_000).max(1);
     let groups = u32::try_from(arg(&args, "--groups", 1024).clamp(1, 1 << 24)).unwrap_or(1024);
-    let horizon_days = arg(&args, "--horizon-days", 7).max(1);
     SETTLE.store(arg(&args, "--settle", 2), Ordering::Relaxed);
     if cfg!(debug_assertions) {
         eprintln!("note: a debug build; run with --release for figures worth comparing");
     }
-    eprintln!("events={n} groups={groups} horizon={horizon_days} days");
+    eprintln!("events={n} groups={groups}");
 
     let events = run(n, Layout::None).await?;
     let per_key = cost(&events, &run(n, Layout::PerKey).await?, n);
@@ -460,40 +459,51 @@ async fn main() -> Result<(), BoxError> {
         per_key.ram / grouped.ram.max(1.0)
     );
     println!();
-    // A default inbox: 65,536 groups of 24-byte records, one key each.
+    // The sizing table of docs/capacity.md: a key (one per event, or one
+    // per group) at the measured cost of one key per event.
     let key_ram = per_key.ram;
     let default_groups = f64::from(choreo::DEFAULT_INBOX_GROUPS);
-    let horizon = (horizon_days * 86_400) as f64;
     println!(
-        "defaults at a steady rate (one handler, inbox {horizon_days} days in {} groups; streams keep every event)",
+        "sizing (one handler; a key at {key_ram:.0} B, a record 24 B; default {} groups)",
         choreo::DEFAULT_INBOX_GROUPS
     );
     println!(
-        "{:>9} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
-        "events/s",
-        "per-key RAM",
-        "inbox RAM",
-        "inbox disk",
-        "write/event",
-        "events RAM/day",
-        "events disk/day"
+        "{:>8} {:>8} {:>11} {:>14} {:>17} {:>13} {:>18}",
+        "rate/s",
+        "horizon",
+        "remembered",
+        "one key each",
+        "groups for ~10",
+        "their memory",
+        "default: per group"
     );
-    for rate in [1.0, 10.0, 50.0, 100.0, 1000.0] {
-        let records = rate * horizon;
-        let keys = records.min(default_groups);
+    for (rate, horizon_s, label) in [
+        (1.0, 7.0 * 86_400.0, "7 days"),
+        (10.0, 7.0 * 86_400.0, "7 days"),
+        (10.0, 86_400.0, "1 day"),
+        (50.0, 86_400.0, "1 day"),
+        (1000.0, 3_600.0, "1 hour"),
+    ] {
+        let records: f64 = rate * horizon_s;
+        let groups = (records / 10.0).ceil().max(default_groups);
         let per_group = records / default_groups;
-        let per_day = rate * 86_400.0;
         println!(
-            "{:>9} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
+            "{:>8} {:>8} {:>11.0} {:>14} {:>17.0} {:>13} {:>18}",
             rate,
+            label,
+            records,
             human(records * key_ram),
-            human(keys * key_ram),
-            human(records * 24.0 + keys * 200.0),
-            human(24.0 * per_group.max(1.0) + 100.0),
-            human(per_day * event_ram),
-            human(per_day * event_disk)
+            groups,
+            human(groups.min(records) * key_ram),
+            format!("{per_group:.0}, write {}", human(24.0 * per_group + 100.0)),
         );
     }
+    println!();
+    println!(
+        "events at a steady rate (streams keep every event): {} of server RAM and {} of disk a day per event/s",
+        human(86_400.0 * event_ram),
+        human(86_400.0 * event_disk)
+    );
     println!();
     println!("capacity event_ram_bytes {event_ram:.0}");
     println!("capacity event_disk_bytes {event_disk:.0}");
