@@ -15,6 +15,7 @@ use choreo::async_nats::jetstream;
 use choreo::{Publisher, Service, State, StreamSettings, event, event_handler};
 use choreo_testkit::NatsServer;
 use common::eventually;
+use futures::StreamExt;
 
 #[event(subject = "parcels.{parcel}.sent", key = parcel)]
 #[derive(Clone, Debug)]
@@ -237,5 +238,59 @@ async fn a_finished_handlers_claim_leaves_the_server_on_its_own() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(bucket_state(&s.js).await.0, 1, "only the group key is left");
+    svc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_events_in_full_groups_are_all_recognised() {
+    // 25,600 events over 256 groups: 100 records (about 2.4 KB) in each, so
+    // one batched read of 256 events brings back up to 600 KB of groups,
+    // and every record must be found in them.
+    let s = setup().await;
+    let count = Count::default();
+    let svc = Service::new("tracking")
+        .stream_settings(s.settings.clone())
+        .inbox_groups(256)
+        .state(count.clone())
+        .handler(track)
+        .start(s.server.connect().await.unwrap())
+        .await
+        .unwrap();
+    let n = 25_600u32;
+    let publish_all = || async {
+        let mut sends = futures::stream::iter(0..n)
+            .map(|parcel| {
+                let p = s.publisher.clone();
+                async move { p.publish(&ParcelSent { parcel }).await.unwrap() }
+            })
+            .buffer_unordered(256);
+        while sends.next().await.is_some() {}
+    };
+    publish_all().await;
+    eventually(Duration::from_secs(60), "every event handled", || {
+        count.0.load(Ordering::SeqCst) == n
+    })
+    .await;
+    assert_eq!(
+        choreo::__private::inbox_records(&s.js, "tracking", "track")
+            .await
+            .unwrap(),
+        u64::from(n)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish_all().await;
+    eventually(Duration::from_secs(60), "every copy skipped", || {
+        svc.stats("track").unwrap().skipped() == u64::from(n)
+    })
+    .await;
+    assert_eq!(
+        count.0.load(Ordering::SeqCst),
+        n,
+        "a copy of a recorded event ran again"
+    );
+    assert!(
+        svc.stats("track").unwrap().inbox_batch_reads() > 0,
+        "the copies were read in batches"
+    );
     svc.shutdown().await;
 }
