@@ -99,7 +99,7 @@ pub(crate) fn status(s: &Status) -> String {
             or_dash(h.lag_messages),
             or_dash(h.lag_seconds.map(|s| format!("{s:.1}"))),
             h.dead_letters.to_string(),
-            or_dash(h.inbox_records),
+            or_dash(h.inbox_keys),
             h.reason.clone(),
         ]);
     }

@@ -181,7 +181,7 @@ async fn each_keys_events_run_in_order_across_instances_through_a_kill_and_a_new
         if let Some(h) = s.handlers.iter().find(|h| h.durable == "ledger--apply")
             && h.lag_messages == Some(0)
             // Keys on the server: record groups, not one per event.
-            && h.inbox_records.is_some_and(|k| k > 0 && k <= u64::from(choreo::DEFAULT_INBOX_GROUPS))
+            && h.inbox_keys.is_some_and(|k| k > 0 && k <= u64::from(choreo::DEFAULT_INBOX_GROUPS))
             && choreo::__private::inbox_records(&js, "ledger", "apply").await.ok()
                 == Some(u64::from(KEYS * STEPS))
         {

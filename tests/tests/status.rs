@@ -120,9 +120,17 @@ async fn figures_match_what_each_handler_did_and_a_stopped_service_shows_as_stop
     );
     assert_eq!(f.state, State::Ok, "{f:#?}");
     assert_eq!(f.live_instances, 1);
+    // Keys on the server: at most one per record (records share groups).
+    assert!(
+        f.inbox_keys.is_some_and(|k| (1..=30).contains(&k)),
+        "{:?} inbox keys for 30 records",
+        f.inbox_keys
+    );
     assert_eq!(
-        f.inbox_records,
-        Some(30),
+        choreo::__private::inbox_records(&js, "fastsvc", "fast")
+            .await
+            .unwrap(),
+        30,
         "one inbox record per handled event"
     );
     assert_eq!(
@@ -132,9 +140,12 @@ async fn figures_match_what_each_handler_did_and_a_stopped_service_shows_as_stop
     assert_eq!(f.dead_letters, 0);
     let p = handler(&s, "pickysvc");
     assert_eq!(p.dead_letters, 3, "ticks 7, 17 and 27");
+    assert!(p.inbox_keys.is_some_and(|k| (1..=27).contains(&k)));
     assert_eq!(
-        p.inbox_records,
-        Some(27),
+        choreo::__private::inbox_records(&js, "pickysvc", "picky")
+            .await
+            .unwrap(),
+        27,
         "the dead-lettered ones left no record"
     );
     assert_eq!(s.instances.len(), 2);

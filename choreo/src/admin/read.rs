@@ -31,7 +31,7 @@ pub(super) struct Reading {
     /// An ordered handler's partitions, read as one: its stream is a work
     /// queue, whose first message is the oldest not yet done.
     pub(super) work_queue: bool,
-    pub(super) inbox_records: Option<u64>,
+    pub(super) inbox_keys: Option<u64>,
 }
 
 /// `read`, or at once the permission violation it caused.
@@ -93,7 +93,7 @@ pub(super) fn merge_partitions(
                 last_ack_ms: 0,
                 oldest_waiting_ms: None,
                 work_queue: true,
-                inbox_records: None,
+                inbox_keys: None,
             };
             for p in &parts {
                 merged.pending += p.pending;
@@ -124,7 +124,7 @@ pub(super) fn reading(info: &consumer::Info) -> Option<Reading> {
         last_ack_ms: ms(info.ack_floor.last_active.unwrap_or(info.created)),
         oldest_waiting_ms: None,
         work_queue: false,
-        inbox_records: None,
+        inbox_keys: None,
         durable,
     })
 }
@@ -156,7 +156,7 @@ pub(super) async fn oldest_waiting(
 /// service's inbox bucket: an
 /// ephemeral consumer on its keys, last per subject, counts them without
 /// reading one (the server works them out from its subject index).
-pub(super) async fn inbox_records(
+pub(super) async fn inbox_keys(
     js: &jetstream::Context,
     service: &str,
     handler: &str,

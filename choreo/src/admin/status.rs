@@ -15,7 +15,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::read::{
-    Reading, consumers_of, dead_letters, guarded, inbox_records, merge_partitions, oldest_waiting,
+    Reading, consumers_of, dead_letters, guarded, inbox_keys, merge_partitions, oldest_waiting,
     reading,
 };
 use super::{AdminError, read_registry};
@@ -133,7 +133,7 @@ pub struct HandlerStatus {
     /// The keys it holds in the service's inbox bucket: its record groups
     /// in use and its live claims (what its inbox costs the server, about
     /// 350 bytes of memory each), not the events it remembers.
-    pub inbox_records: Option<u64>,
+    pub inbox_keys: Option<u64>,
 }
 
 /// The state of a running choreography: its instances and every handler,
@@ -230,8 +230,8 @@ impl Snapshot {
                             .ok()
                             .flatten();
                 }
-                r.inbox_records = guarded(js, async {
-                    Ok(inbox_records(js, &r.service, &r.handler).await)
+                r.inbox_keys = guarded(js, async {
+                    Ok(inbox_keys(js, &r.service, &r.handler).await)
                 })
                 .await
                 .ok()
@@ -336,7 +336,7 @@ impl Status {
                             .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0)
                     }),
                     dead_letters,
-                    inbox_records: now_r.and_then(|r| r.inbox_records),
+                    inbox_keys: now_r.and_then(|r| r.inbox_keys),
                     service,
                     handler,
                 })
