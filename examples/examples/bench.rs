@@ -799,6 +799,14 @@ async fn choreo_handler_r(n: u64, inbox: bool, replicas: usize) -> Result<f64, B
     let started = (Instant::now(), cpu_seconds());
     let handle_client = client.clone();
     let handle = svc.start(client).await?;
+    if replicas > 1 {
+        // Inside the timed span, as on one node; said, since with R3 it
+        // is a visible part of a short run.
+        eprintln!(
+            "  choreo service start (R{replicas}): {:?}",
+            started.0.elapsed()
+        );
+    }
     let name = if inbox { "relay_inbox" } else { "relay" };
     let stats = || handle.stats(name).map_or(0, |s| s.handled());
     let rate = rate_until(stats, n, "choreo handler", started).await?;
