@@ -294,3 +294,65 @@ async fn copies_of_events_in_full_groups_are_all_recognised() {
     );
     svc.shutdown().await;
 }
+
+#[event_handler(concurrency = 16)]
+async fn track_with_others(_p: ParcelSent, State(c): State<Count>) {
+    c.0.fetch_add(1, Ordering::SeqCst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_writing_the_same_few_groups_lose_no_record() {
+    // Four groups and two instances with 16 events in flight each: nearly
+    // every record's compare-and-set races another, and each conflict is
+    // re-read from the leader and written again.
+    let s = setup().await;
+    let count = Count::default();
+    let start = || async {
+        Service::new("tracking")
+            .stream_settings(s.settings.clone())
+            .inbox_groups(4)
+            .state(count.clone())
+            .handler(track_with_others)
+            .start(s.server.connect().await.unwrap())
+            .await
+            .unwrap()
+    };
+    // The events wait first, so both instances start on a full backlog.
+    let n = 400u32;
+    for parcel in 0..n {
+        s.publisher.publish(&ParcelSent { parcel }).await.unwrap();
+    }
+    let (a, b) = tokio::join!(start(), start());
+    let handled = || {
+        a.stats("track_with_others").unwrap().handled()
+            + b.stats("track_with_others").unwrap().handled()
+    };
+    eventually(Duration::from_secs(60), "every event handled", || {
+        handled() == u64::from(n)
+    })
+    .await;
+    assert_eq!(
+        choreo::__private::inbox_records(&s.js, "tracking", "track_with_others")
+            .await
+            .unwrap(),
+        u64::from(n),
+        "a record was lost between racing writers"
+    );
+    // Every one of them is recognised afterwards.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ran = count.0.load(Ordering::SeqCst);
+    for parcel in 0..n {
+        s.publisher.publish(&ParcelSent { parcel }).await.unwrap();
+    }
+    let skipped = || {
+        a.stats("track_with_others").unwrap().skipped()
+            + b.stats("track_with_others").unwrap().skipped()
+    };
+    eventually(Duration::from_secs(60), "every copy skipped", || {
+        skipped() == u64::from(n)
+    })
+    .await;
+    assert_eq!(count.0.load(Ordering::SeqCst), ran, "a copy ran again");
+    a.shutdown().await;
+    b.shutdown().await;
+}
