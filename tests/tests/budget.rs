@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use choreo::{Publisher, Service, StreamSettings, event, event_handler};
 use choreo_testkit::NatsServer;
-use common::Captured;
 use futures::StreamExt;
 
 #[event(subject = "meters.{meter}.read", key = meter)]
@@ -39,14 +38,7 @@ async fn fill(publisher: &Publisher) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_would_outgrow_the_budget_is_named_at_start_with_what_to_change() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = common::capture_logs("warn");
 
     // Streams with their defaults keep every event.
     let server = NatsServer::start().await.unwrap();

@@ -3,8 +3,7 @@
 //! running beside this one under no subscriber can leave callsites disabled.
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
-
+mod common;
 #[path = "common/round_trip.rs"]
 mod round_trip;
 
@@ -13,32 +12,12 @@ use choreo::connect;
 use choreo_testkit::NatsServer;
 use round_trip::round_trip;
 
-/// Collects everything tracing prints.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn secrets_never_reach_logs_or_errors() {
-    let captured = Captured::default();
-    let sink = captured.clone();
     // Everything choreo logs, at every level; async-nats at DEBUG (at TRACE it
     // logs the CONNECT message itself, credentials included: documented on
     // `choreo::connect`).
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("trace,async_nats=debug"))
-        .with_writer(move || sink.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = common::capture_logs("trace,async_nats=debug");
 
     let secrets = ["pw-zebra-4471", "tok-quartz-8812"];
     let server = NatsServer::builder()
@@ -71,7 +50,7 @@ async fn secrets_never_reach_logs_or_errors() {
     .await
     .unwrap();
     round_trip(client).await;
-    let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    let log = captured.text();
     assert!(log.contains("choreo.handle"), "the capture works: {log}");
     for secret in secrets {
         assert!(!log.contains(secret), "a secret reached the log");

@@ -11,7 +11,6 @@ use std::time::Duration;
 use choreo::async_nats::{HeaderMap, jetstream};
 use choreo::{HandlerError, Metadata, Publisher, Service, event, event_handler};
 use choreo_testkit::NatsServer;
-use common::Captured;
 
 #[event(subject = "audits.{id}.requested", key = id)]
 #[derive(Debug, Clone, PartialEq)]
@@ -31,14 +30,7 @@ async fn audit(a: AuditRequested) -> Result<(), HandlerError> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn every_warning_about_an_event_names_it_on_the_line_itself() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = common::capture_logs("warn");
 
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();

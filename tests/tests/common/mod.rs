@@ -27,6 +27,19 @@ impl Captured {
     }
 }
 
+/// Captures what this thread's tracing prints under `filter` (an
+/// `EnvFilter` directive), without colours, until the guard drops.
+pub fn capture_logs(filter: &str) -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
 /// Polls `cond` every 20 ms until it holds or `within` passes.
 pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut cond: F) {
     let deadline = tokio::time::Instant::now() + within;
