@@ -233,7 +233,7 @@ pub async fn trace(
         &mut letters,
     )
     .await;
-    let mut floors: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut read = Read::default();
     let mut flows = Vec::new();
     for corr in wanted {
         let mut ids_seen = BTreeSet::new();
@@ -255,7 +255,7 @@ pub async fn trace(
                 let step = if duplicate {
                     Step::Duplicate
                 } else {
-                    step_of(js, service, hm, e, &id, &letters, &mut floors).await
+                    step_of(js, service, hm, e, &id, &letters, &mut read).await
                 };
                 handlers.push(HandlerStep {
                     handler: format!("{service}.{}", hm.name),
@@ -339,6 +339,14 @@ async fn read(
     }
 }
 
+/// What one trace has read of the server and reuses for every event: each
+/// durable's (ack floor, last delivered), and each service's inbox.
+#[derive(Default)]
+struct Read {
+    floors: HashMap<String, (u64, u64)>,
+    inboxes: HashMap<String, Option<crate::inbox::View>>,
+}
+
 async fn step_of(
     js: &jetstream::Context,
     service: &str,
@@ -346,7 +354,7 @@ async fn step_of(
     e: &Seen,
     id: &str,
     letters: &[Seen],
-    floors: &mut HashMap<String, (u64, u64)>,
+    read: &mut Read,
 ) -> Step {
     if let Some(l) = letters.iter().find(|l| {
         get(&l.headers, h::CE_ID) == id
@@ -357,13 +365,18 @@ async fn step_of(
             reason: get(&l.headers, crate::dlq::REASON),
         };
     }
+    if hm.options.idempotent && !read.inboxes.contains_key(service) {
+        let inbox = crate::inbox::View::open(js, service).await;
+        read.inboxes.insert(service.to_owned(), inbox);
+    }
     if hm.options.idempotent
         && let Ok(id) = id.parse()
-        && let Some(inbox) = crate::inbox::View::open(js, service).await
+        && let Some(Some(inbox)) = read.inboxes.get(service)
         && let Some(ms) = inbox.handled_at(&hm.name, id).await
     {
         return Step::Handled { at_ms: ms };
     }
+    let floors = &mut read.floors;
     if !floors.contains_key(&hm.durable) {
         let floor = match js
             .get_consumer_from_stream::<consumer::pull::Config, _, _>(&hm.durable, &e.stream)

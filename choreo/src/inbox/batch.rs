@@ -93,12 +93,10 @@ impl Inbox {
         keys: &[&str],
     ) -> Result<HashMap<String, Record>, InboxError> {
         self.metrics.batch_reads.increment(1);
-        let groups: Vec<Option<String>> = keys
-            .iter()
-            .map(|k| self.group_of(k).map(|(g, _)| g))
-            .collect();
+        let groups: Vec<Option<(String, crate::EventId)>> =
+            keys.iter().map(|k| self.group_of(k)).collect();
         let mut subjects: Vec<&str> = keys.to_vec();
-        subjects.extend(groups.iter().flatten().map(String::as_str));
+        subjects.extend(groups.iter().flatten().map(|(g, _)| g.as_str()));
         subjects.sort_unstable();
         subjects.dedup();
         let read = self.read_batch(&subjects).await;
@@ -120,8 +118,10 @@ impl Inbox {
             .iter()
             .zip(&groups)
             .filter_map(|(key, group)| {
-                let group = group.as_deref().map(|g| (g, found.get(g)));
-                self.judge(key, found.get(*key), group)
+                let group = group
+                    .as_ref()
+                    .map(|(g, id)| (*id, g.as_str(), found.get(g.as_str())));
+                self.judge(found.get(*key), group)
                     .map(|r| ((*key).to_owned(), r))
             })
             .collect())

@@ -287,22 +287,21 @@ impl Inbox {
         Some((inbox_group_key(handler, id, self.groups), id))
     }
 
-    /// What the inbox says of the event whose claim key is `key`, from that
-    /// key's newest message and its group's (`group`: the group's key, and
-    /// its newest message if it has one): handled if its group records it
-    /// (or, in a bucket from before groups, its key holds `done`), else what
-    /// its claim key says.
+    /// What the inbox says of one event, from its claim key's newest message
+    /// (`claim`) and its group's (`group`: the event's id, its group's key,
+    /// and that key's newest message if it has one): handled if its group
+    /// records it (or, in a bucket from before groups, its claim key holds
+    /// `done`), else what its claim key says.
     pub(crate) fn judge(
         &self,
-        key: &str,
         claim: Option<&Raw>,
-        group: Option<(&str, Option<&Raw>)>,
+        group: Option<(EventId, &str, Option<&Raw>)>,
     ) -> Option<Record> {
         let claim = claim.map(|r| Record {
             revision: r.revision,
             state: record::parse(&r.value, r.deleted),
         });
-        if let Some((group_key, raw)) = group {
+        if let Some((id, group_key, raw)) = group {
             // A group read and found empty is remembered too: the record's
             // write then creates it without reading it again.
             let empty = Raw {
@@ -312,10 +311,7 @@ impl Inbox {
             };
             let raw = raw.unwrap_or(&empty);
             self.remember(group_key, raw);
-            let handled = self.group_of(key).is_some_and(|(_, id)| {
-                !raw.deleted && Group::parse(&raw.value).recorded(id).is_some()
-            });
-            if handled {
+            if !raw.deleted && Group::recorded_in(&raw.value, id).is_some() {
                 return Some(Record {
                     revision: claim.map_or(0, |c| c.revision),
                     state: State::Done,
@@ -341,15 +337,11 @@ impl Inbox {
     /// Reads one event's claim key and its group.
     pub(crate) async fn read(&self, key: &str) -> Result<Option<Record>, InboxError> {
         self.metrics.key_reads.increment(1);
-        let Some((group, _)) = self.group_of(key) else {
+        let Some((group, id)) = self.group_of(key) else {
             return Ok(self.entry(key).await?.map(|r| record_of(&r)));
         };
         let (claim, grouped) = tokio::try_join!(self.entry(key), self.entry(&group))?;
-        Ok(self.judge(
-            key,
-            claim.as_ref(),
-            Some((group.as_str(), grouped.as_ref())),
-        ))
+        Ok(self.judge(claim.as_ref(), Some((id, group.as_str(), grouped.as_ref()))))
     }
 
     /// Claims `key` (at `revision`, 0 if absent) for this instance, or

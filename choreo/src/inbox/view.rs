@@ -35,7 +35,7 @@ impl View {
     pub(crate) async fn handled_at(&self, handler: &str, event: EventId) -> Option<u64> {
         let group = inbox_group_key(handler, event, self.groups);
         if let Ok(Some(v)) = self.store.get(&group).await
-            && let Some(ms) = Group::parse(&v).recorded(event)
+            && let Some(ms) = Group::recorded_in(&v, event)
         {
             return Some(ms);
         }

@@ -92,6 +92,20 @@ impl Group {
         out
     }
 
+    /// When `event` was recorded (unix ms), if the group value `value`
+    /// holds it: read in place, without decoding the group (a look-up's
+    /// path).
+    pub(crate) fn recorded_in(value: &[u8], event: EventId) -> Option<u64> {
+        let (&VERSION, body) = value.split_first()? else {
+            return None;
+        };
+        let id = event.as_uuid();
+        let id = id.as_bytes();
+        body.chunks_exact(ENTRY)
+            .find(|c| &c[..16] == id)
+            .map(|c| u64::from_be_bytes(c[16..].try_into().unwrap_or_default()))
+    }
+
     /// When `event` was recorded (unix ms), if it is in the group.
     pub(crate) fn recorded(&self, event: EventId) -> Option<u64> {
         let id = *event.as_uuid().as_bytes();
@@ -157,6 +171,10 @@ mod tests {
         assert_eq!(back, g);
         assert_eq!(back.recorded(id(1)), Some(1000));
         assert_eq!(back.recorded(id(3)), None);
+        // Read in place, the same answers.
+        assert_eq!(Group::recorded_in(&g.encode(), id(2)), Some(2000));
+        assert_eq!(Group::recorded_in(&g.encode(), id(3)), None);
+        assert_eq!(Group::recorded_in(b"done 17", id(1)), None);
         assert_eq!(g.encode().len(), 1 + 2 * 24);
     }
 
