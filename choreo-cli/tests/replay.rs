@@ -210,3 +210,78 @@ async fn a_replay_recovers_what_a_bug_dead_lettered_and_a_rerun_duplicates_nothi
     billing.shutdown().await;
     mailer.shutdown().await;
 }
+
+/// An inbox written before records were grouped keeps `done <ms>` under
+/// each event's own key: the plan counts those records with the grouped
+/// ones, and `--rerun` forgets both kinds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_counts_and_forgets_records_from_before_groups() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let w = World::default();
+    let mut billing = Some(start(&client, "billing", &w, bill).await);
+    let shop = Publisher::new(client.clone(), "shop").unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = shop
+            .publish(&InvoiceRequested {
+                order_id: format!("o-{i}"),
+                amount: 10,
+            })
+            .await
+            .unwrap();
+        ids.push(r.event_id);
+        if i == 2 {
+            until("3 billed", || w.billed.lock().unwrap().len() == 3).await;
+            if let Some(b) = billing.take() {
+                b.shutdown().await;
+            }
+        }
+    }
+    // The last two were handled by a choreo from before groups.
+    let inbox = js.get_key_value("choreo_inbox_billing").await.unwrap();
+    for id in &ids[3..] {
+        inbox
+            .put(format!("bill.{id}"), "done 1700000000000".into())
+            .await
+            .unwrap();
+    }
+    let (code, out, err) = choreo(
+        &server,
+        &["replay", "billing", "bill", "--from", "1", "--dry-run"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("5 events of billing.bill in INVOICES 1..=5: 5 already handled"),
+        "{out}"
+    );
+    let (code, out, err) = choreo(
+        &server,
+        &[
+            "replay",
+            "billing",
+            "bill",
+            "--from",
+            "1",
+            "--rerun",
+            "--recreate",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("recreated at the start"), "{out}");
+    for id in &ids {
+        assert_eq!(
+            choreo::__private::inbox_handled_at(&js, "billing", "bill", *id).await,
+            None,
+            "{id} forgotten"
+        );
+    }
+    let billing = start(&client, "billing", &w, bill).await;
+    until("5 billed, the first 3 twice", || {
+        let b = w.billed.lock().unwrap();
+        b.len() == 5 && b.values().sum::<u32>() == 8
+    })
+    .await;
+    billing.shutdown().await;
+}

@@ -122,11 +122,10 @@ pub async fn plan(
     if h.idempotent
         && let Some(inbox) = crate::inbox::View::open(js, service).await
     {
-        for id in &ids {
-            if inbox.handled_at(handler, *id).await.is_some() {
-                handled.push(*id);
-            }
-        }
+        handled = inbox
+            .handled(handler, &ids)
+            .await
+            .map_err(|e| AdminError::new(js, format!("the inbox of {service}"), e))?;
     }
     Ok(Plan {
         service: service.to_owned(),

@@ -11,6 +11,9 @@ use crate::nats::{Source, source};
 use crate::topology::inbox_group::{DEFAULT_INBOX_GROUPS, Group, inbox_group_key};
 use crate::topology::{inbox_bucket, inbox_key, recorded_groups};
 
+/// How many groups the tool reads or rewrites at once.
+const CONCURRENT: usize = 64;
+
 /// A service's inbox bucket, with its group count.
 #[derive(Debug, Clone)]
 pub(crate) struct View {
@@ -75,9 +78,36 @@ impl View {
         Ok(records)
     }
 
-    /// Forgets that `handler` handled `events`, so their next deliveries
-    /// run it again; returns how many records it removed.
-    pub(crate) async fn forget(&self, handler: &str, events: &[EventId]) -> Result<usize, Source> {
+    /// Which of `events` `handler` recorded as handled: each group read
+    /// once, up to [`CONCURRENT`] at a time, and the records from before
+    /// groups only where such keys exist.
+    pub(crate) async fn handled(
+        &self,
+        handler: &str,
+        events: &[EventId],
+    ) -> Result<Vec<EventId>, Source> {
+        use futures::{StreamExt, TryStreamExt};
+        let by_group = self.by_group(handler, events);
+        let mut handled: Vec<EventId> = futures::stream::iter(by_group)
+            .map(|(group, ids)| async move {
+                let value = self.store.get(&group).await.map_err(source)?;
+                Ok::<_, Source>(match value {
+                    Some(v) => ids
+                        .into_iter()
+                        .filter(|id| Group::recorded_in(&v, *id).is_some())
+                        .collect(),
+                    None => Vec::new(),
+                })
+            })
+            .buffer_unordered(CONCURRENT)
+            .try_concat()
+            .await?;
+        handled.extend(self.legacy(handler, events).await?);
+        Ok(handled)
+    }
+
+    /// The ids of `events` in `handler`'s groups.
+    fn by_group(&self, handler: &str, events: &[EventId]) -> BTreeMap<String, Vec<EventId>> {
         let mut by_group: BTreeMap<String, Vec<EventId>> = BTreeMap::new();
         for e in events {
             by_group
@@ -85,18 +115,58 @@ impl View {
                 .or_default()
                 .push(*e);
         }
-        let mut removed = 0;
-        for (group, ids) in by_group {
-            removed += self.forget_in(&group, &ids).await?;
-        }
-        for e in events {
-            let key = inbox_key(handler, *e);
-            if let Ok(Some(v)) = self.store.get(&key).await
+        by_group
+    }
+
+    /// Which of `events` have a record from before groups (`done <ms>`
+    /// under the event's own key): one stream info lists the keys of that
+    /// shape (claims share it), and only those are read.
+    async fn legacy(&self, handler: &str, events: &[EventId]) -> Result<Vec<EventId>, Source> {
+        use futures::TryStreamExt;
+        let prefix = format!("{}{handler}.", self.store.prefix);
+        let mut info = self
+            .store
+            .stream
+            .info_with_subjects(format!("{prefix}*"))
+            .await
+            .map_err(source)?;
+        let wanted: std::collections::HashSet<EventId> = events.iter().copied().collect();
+        let mut found = Vec::new();
+        while let Some((subject, _)) = info.try_next().await.map_err(source)? {
+            if let Some(id) = subject
+                .strip_prefix(&prefix)
+                .and_then(|id| id.parse::<EventId>().ok())
+                .filter(|id| wanted.contains(id))
+                && let Some(v) = self
+                    .store
+                    .get(inbox_key(handler, id))
+                    .await
+                    .map_err(source)?
                 && v.starts_with(b"done")
             {
-                self.store.delete(&key).await.map_err(source)?;
-                removed += 1;
+                found.push(id);
             }
+        }
+        Ok(found)
+    }
+
+    /// Forgets that `handler` handled `events`, so their next deliveries
+    /// run it again; returns how many records it removed. Groups are
+    /// rewritten up to [`CONCURRENT`] at a time.
+    pub(crate) async fn forget(&self, handler: &str, events: &[EventId]) -> Result<usize, Source> {
+        use futures::{StreamExt, TryStreamExt};
+        let by_group = self.by_group(handler, events);
+        let mut removed: usize = futures::stream::iter(by_group)
+            .map(|(group, ids)| async move { self.forget_in(&group, &ids).await })
+            .buffer_unordered(CONCURRENT)
+            .try_fold(0, |sum, n| async move { Ok(sum + n) })
+            .await?;
+        for id in self.legacy(handler, events).await? {
+            self.store
+                .delete(inbox_key(handler, id))
+                .await
+                .map_err(source)?;
+            removed += 1;
         }
         Ok(removed)
     }
