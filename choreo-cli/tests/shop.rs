@@ -458,6 +458,11 @@ async fn trace_draws_a_compensated_order_as_its_causation_tree() {
     let out = choreo(&server, &["trace", &root, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let events = v["flows"][0]["events"].as_array().unwrap();
+    // By the id of an event in the middle (keyed, so placed through the
+    // inbox records): the whole flow, its ancestors too.
+    let middle = events[2]["id"].as_str().unwrap();
+    let out = choreo(&server, &["trace", middle, "--no-times"]);
+    assert_eq!(text(&out.stdout), tree, "by {middle}");
     assert_eq!(
         events.len(),
         5,

@@ -39,9 +39,10 @@
 //! - `handler_metrics`: the 1-hop handler (inbox off) with a Prometheus
 //!   metrics recorder taking choreo's metrics, against the same handler
 //!   with none: the price of the metrics (its ratio is on / off).
-//! - `replay`: the 1-hop handler (inbox on) over N events live, then
-//!   `choreo::admin::replay` with `rerun` over all of them while it runs:
-//!   the replay's rate against the live rate, in the same run.
+//! - `replay`: the 1-hop handler (inbox on) over N events live, its inbox
+//!   groups each holding a record of another event (its steady state), then
+//!   `choreo::admin::replay` with `rerun` over those N while it runs: the
+//!   replay's rate against the live rate, in the same run.
 //! - `ordered`: N steps of 1,000 accounts through a 1-hop handler with the
 //!   inbox on, `ordered_by = account` (16 partitions) against the same
 //!   handler in any order: the price of order on many keys (choreo on both
@@ -313,13 +314,15 @@ async fn choreo_steps(n: u64, ordered: bool) -> Result<f64, BoxError> {
 /// The 1-hop handler (inbox on) in a handler's steady state, then `choreo
 /// replay --rerun` over what it just handled, while it runs: (live rate on a
 /// new inbox, live rate, replay rate). A first service handles `n` events
-/// into a new inbox (its rate is the first figure, not compared) and stops;
-/// `n` more are published, and a second service handles them (the live
-/// rate: its inbox groups exist and hold earlier records, as a running
-/// handler's do); then the second `n` are replayed with `rerun`, the
-/// service still running. The replay's rate counts from the durable's reset
-/// to the last event handled again (the 6 s it waits for instances to see
-/// its marker is not in it).
+/// into a new inbox (its rate is the first figure, not compared) and stops.
+/// Every inbox group is then given `--inbox-prefill` records (at least one)
+/// of other events, as a handler's groups hold them once it has run for a
+/// while; `n` more events are published, and a second service handles them
+/// (the live rate); then the second `n` are replayed with `rerun`, the
+/// service still running. So the live run and the replay both write over
+/// groups that exist. The replay's rate counts from the durable's reset to
+/// the last event handled again (the 6 s it waits for instances to see its
+/// marker is not in it).
 async fn live_then_replay(n: u64) -> Result<(f64, f64, f64), BoxError> {
     let server = NatsServer::start().await?;
     let client = server.connect().await?;
@@ -334,6 +337,7 @@ async fn live_then_replay(n: u64) -> Result<(f64, f64, f64), BoxError> {
     let handled = |h: &choreo::ServiceHandle| h.stats("relay_inbox").map_or(0, |s| s.handled());
     let new_inbox = rate_until(|| handled(&first), n, "live handler, new inbox", started).await?;
     first.shutdown().await;
+    prefill_inbox(&js, PREFILL.load(Ordering::Relaxed).max(1), 1).await?;
     raw_publish_range(&js, "bench", "BenchPlaced", n..2 * n).await?;
     let started = (Instant::now(), cpu_seconds());
     let handle = service().start(client.clone()).await?;
@@ -741,15 +745,19 @@ async fn prefill_inbox(
     per_group: u64,
     replicas: usize,
 ) -> Result<(), BoxError> {
-    let kv = js
-        .create_key_value(kv::Config {
-            bucket: "choreo_inbox_relay".into(),
-            history: 1,
-            max_age: choreo::DEFAULT_INBOX_RETENTION,
-            num_replicas: replicas,
-            ..Default::default()
-        })
-        .await?;
+    let kv = match js.get_key_value("choreo_inbox_relay").await {
+        Ok(kv) => kv,
+        Err(_) => {
+            js.create_key_value(kv::Config {
+                bucket: "choreo_inbox_relay".into(),
+                history: 1,
+                max_age: choreo::DEFAULT_INBOX_RETENTION,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await?
+        }
+    };
     let now = u64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?

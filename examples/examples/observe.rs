@@ -11,8 +11,10 @@
 //!   delivery's pending count, against the consumer's `num_pending` read
 //!   from the server at the same moment, at a steady 10,000 events/s.
 //!
-//! - `trace`: `choreo::admin::trace` of one flow by subject in a stream of
-//!   `--trace-events` events (100,000), with the default window.
+//! - `trace`: `choreo::admin::trace` of one flow in a stream of
+//!   `--trace-events` events (100,000), with the default window: by
+//!   subject, by a root's v7 id, by a keyed id (placed by inbox records),
+//!   and by the id of an event stored in the same seconds as all the others.
 //!
 //! `cargo run --release -p choreo-examples --example observe -- [--rate R] [--seconds S] [--trace-events N] [--trace-only]`
 
@@ -33,6 +35,28 @@ pub struct Ticked {
     /// Its number.
     pub n: u64,
 }
+
+/// A flow's root: no key, so a random (v7) id.
+#[event(subject = "observe.flow.started")]
+pub struct FlowStarted {
+    /// Its number.
+    pub n: u64,
+}
+
+/// What the flow's first handler emits.
+#[event(subject = "observe.flow.{n}.ended")]
+pub struct FlowEnded {
+    /// The root's number.
+    pub n: u64,
+}
+
+#[event_handler(emits = [FlowEnded])]
+async fn start_flow(s: FlowStarted, ctx: choreo::Context) {
+    ctx.emit(FlowEnded { n: s.n });
+}
+
+#[event_handler(emits = [])]
+async fn end_flow(_e: FlowEnded) {}
 
 #[event_handler(emits = [])]
 async fn h1(_t: Ticked) {}
@@ -176,18 +200,24 @@ async fn status_100() -> Result<(), BoxError> {
     Ok(())
 }
 
-/// `choreo trace` of one flow by its subject, in a stream holding `n`
-/// events, with the default window (the last hour: all of them).
+/// `choreo trace` of one flow in a stream holding `n` events, with the
+/// default window (the last hour: all of them): by subject; then by id, of
+/// a two-event flow stored after the `n` (its root's v7 id, and its second
+/// event's keyed one, which only the inbox records place); and by the id of
+/// one of the `n`, stored in the same seconds as all the others (the case
+/// an id query cannot narrow).
 async fn trace_in(n: u64) -> Result<(), BoxError> {
     let server = NatsServer::start().await?;
     let client = server.connect().await?;
     let js = jetstream::new(client.clone());
     let svc = Service::new("tracesvc")
         .handler(h1)
+        .handler(start_flow)
+        .handler(end_flow)
         .start(client.clone())
         .await?;
     let publisher = Publisher::new(client.clone(), "observe")?;
-    futures::stream::iter(0..n)
+    let receipts = futures::stream::iter(0..n)
         .map(|i| {
             let p = publisher.clone();
             async move { p.publish(&Ticked { n: i }).await }
@@ -196,17 +226,56 @@ async fn trace_in(n: u64) -> Result<(), BoxError> {
         .try_collect::<Vec<_>>()
         .await?;
     wait_handled_by(&js, "tracesvc--h1", n).await?;
-    let mut ms = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        let q: admin::Query = format!("observe.{}.ticked", n / 2).parse()?;
-        let found = admin::trace(&js, &q, None, Duration::from_secs(3600)).await?;
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
-        assert_eq!(found.flows.len(), 1);
-    }
+    let timed = |q: admin::Query| {
+        let js = js.clone();
+        async move {
+            let mut ms = Vec::new();
+            let mut events = 0;
+            for _ in 0..3 {
+                let t = Instant::now();
+                let found = admin::trace(&js, &q, None, Duration::from_secs(3600)).await?;
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+                assert_eq!(found.flows.len(), 1);
+                events = found.flows[0].events.len();
+            }
+            Ok::<_, BoxError>((median(ms), events))
+        }
+    };
+    let (ms, _) = timed(format!("observe.{}.ticked", n / 2).parse()?).await?;
     println!(
-        "trace: one flow by subject in a stream of {n} events (default window): {:.0} ms median of 3",
-        median(ms)
+        "trace: one flow by subject in a stream of {n} events (default window): {ms:.0} ms median of 3"
+    );
+    // The flow, stored at least 6 s after the last of the n (a trace by id
+    // reads 5 s either side of what it finds).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let root = publisher.publish(&FlowStarted { n }).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while svc.stats("end_flow").map_or(0, |s| s.handled()) == 0 {
+        if Instant::now() > deadline {
+            return Err("the flow did not finish in 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (ms, events) = timed(admin::Query::Id(root.event_id)).await?;
+    println!(
+        "trace: a flow by its root's id (v7) in a stream of {n} events (default window): {ms:.0} ms median of 3, {events} events"
+    );
+    let found = admin::trace(
+        &js,
+        &admin::Query::Id(root.event_id),
+        None,
+        Duration::from_secs(3600),
+    )
+    .await?;
+    let child: choreo::EventId = found.flows[0].events[1].id.parse()?;
+    let (ms, events) = timed(admin::Query::Id(child)).await?;
+    println!(
+        "trace: the same flow by its second event's (keyed) id: {ms:.0} ms median of 3, {events} events"
+    );
+    let middle = receipts[receipts.len() / 2].event_id;
+    let (ms, _) = timed(admin::Query::Id(middle)).await?;
+    println!(
+        "trace: one of the {n} by its id, all {n} stored within seconds of it: {ms:.0} ms median of 3"
     );
     svc.shutdown().await;
     Ok(())

@@ -15,14 +15,20 @@
 //!   group left unwritten for a horizon expires, so the server holds at most
 //!   the group count of keys per handler, however many events it handled.
 //! - `<handler>.<event id>`: a **claim**, `run <instance> <unix ms> <stream
-//!   sequence>`, written by the handler's watchdog once the handler has run
+//!   sequence> <attempt>/<max_deliver>`, written by the handler's watchdog once the handler has run
 //!   for a second (or a third of its `ack_wait`, if less) and refreshed with
 //!   each in-progress ack. While it is fresh, another delivery of the same
 //!   event waits for the outcome instead of running the handler a second
 //!   time. No clock judges it (see `decide`): a redelivery of the message it
 //!   names takes it over, and any other waiter takes it over once it has not
 //!   moved for one `ack_wait`. Claims carry a per-message TTL (nats-server
-//!   2.11+), so they leave the server on their own. Buckets written by
+//!   2.11+), so they leave the server on their own. After a failed attempt
+//!   that will be retried, a **retry note** takes the claim's place: `retry
+//!   <instance> <unix ms> <stream sequence> <attempt>/<max_deliver> <retry
+//!   at ms> <error>`, so `choreo trace` can say which attempt failed and
+//!   when the next is due. It frees the key as a released claim does, and
+//!   expires a claim's TTL after the retry is due (where the bucket keeps no
+//!   TTLs, no note is written). Buckets written by
 //!   choreo before records were grouped hold `done <unix ms>` records under
 //!   these keys; they are still read as records.
 //!
@@ -58,9 +64,14 @@ pub use error::{InboxError, InboxErrorKind};
 pub(crate) use view::View;
 
 use batch::Answers;
+
+/// How much of a failed attempt's error its retry note keeps.
+const NOTE_ERROR_CHARS: usize = 300;
 pub(crate) use batch::READ_BATCH;
 use record::record_of;
-pub(crate) use record::{Record, Sighting, State, Verdict, Watch, claim_lease, claim_ttl, decide};
+pub(crate) use record::{
+    Delivered, Note, Record, Sighting, State, Verdict, Watch, claim_lease, claim_ttl, decide, note,
+};
 
 use crate::event::id::EventId;
 use crate::topology::inbox_group::{Group, inbox_group_key};
@@ -210,11 +221,14 @@ impl Inbox {
         })
     }
 
-    fn claim_value(&self, stream_seq: u64) -> Bytes {
+    fn claim_value(&self, d: Delivered) -> Bytes {
         Bytes::from(format!(
-            "run {:016x} {} {stream_seq}",
+            "run {:016x} {} {} {}/{}",
             self.instance,
-            now_ms()
+            now_ms(),
+            d.stream_seq,
+            d.attempt,
+            d.of
         ))
     }
 
@@ -352,14 +366,14 @@ impl Inbox {
         &self,
         key: &str,
         revision: u64,
-        stream_seq: u64,
+        delivered: Delivered,
         ttl: Duration,
     ) -> Result<u64, InboxError> {
         self.claim_delay().await;
         self.metrics.claims.increment(1);
         if self.claims_expire.load(Ordering::Relaxed) {
             match self
-                .write_at(key, self.claim_value(stream_seq), revision, Some(ttl))
+                .write_at(key, self.claim_value(delivered), revision, Some(ttl))
                 .await
             {
                 Err((false, e)) if e.to_string().contains("TTL") => {
@@ -369,7 +383,7 @@ impl Inbox {
                 written => return written.map_err(|(_, e)| e),
             }
         }
-        self.write_at(key, self.claim_value(stream_seq), revision, None)
+        self.write_at(key, self.claim_value(delivered), revision, None)
             .await
             .map_err(|(_, e)| e)
     }
@@ -407,6 +421,50 @@ impl Inbox {
         ack.await
             .map(|a| a.sequence)
             .map_err(|e| (moved(&e), self.fail("cannot write", e)))
+    }
+
+    /// Notes on `key` (at `revision`, 0 if absent) that `delivered` failed
+    /// with `error` and is retried after `retry_in`, so `choreo trace` can
+    /// say "retrying (attempt n of m)". The note frees the key as a
+    /// released claim does, and expires `ttl` after the retry is due.
+    /// Returns whether it was written: never where the bucket keeps no
+    /// per-message TTLs (the note would stay for the horizon), nor when the
+    /// key moved on.
+    pub(crate) async fn note_retry(
+        &self,
+        key: &str,
+        revision: u64,
+        delivered: Delivered,
+        retry_in: Duration,
+        error: &str,
+        ttl: Duration,
+    ) -> bool {
+        if !self.claims_expire.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = now_ms();
+        let retry_at = now.saturating_add(u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX));
+        let mut error: String = error
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if let Some((cut, _)) = error.char_indices().nth(NOTE_ERROR_CHARS) {
+            error.truncate(cut);
+        }
+        let value = format!(
+            "retry {:016x} {now} {} {}/{} {retry_at} {error}",
+            self.instance, delivered.stream_seq, delivered.attempt, delivered.of
+        );
+        match self
+            .write_at(key, Bytes::from(value), revision, Some(retry_in + ttl))
+            .await
+        {
+            Ok(_) => true,
+            Err((_, e)) => {
+                tracing::debug!(key, error = %e, "the retry note was not written; releasing the claim");
+                false
+            }
+        }
     }
 
     /// Gives a claim up after a failure, so the retry can run at once.

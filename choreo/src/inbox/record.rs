@@ -24,6 +24,57 @@ pub(crate) enum State {
     Gone,
 }
 
+/// The delivery a claim or a retry note is about: its stream sequence,
+/// and its attempt of the handler's `max_deliver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Delivered {
+    pub(crate) stream_seq: u64,
+    pub(crate) attempt: u32,
+    pub(crate) of: u32,
+}
+
+/// What a claim key tells a reader (`choreo trace`) of an event not yet
+/// handled: a handler running it, or a failed attempt waiting for its
+/// retry. Never used to decide a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Note {
+    /// `run <instance> <unix ms> <stream seq> <attempt>/<max>`: running
+    /// since (the claim's last refresh), on this attempt.
+    Running { at_ms: u64, attempt: u32, of: u32 },
+    /// `retry <instance> <unix ms> <stream seq> <attempt>/<max> <retry at
+    /// ms> <error>`: this attempt failed with `error`; the next is due at
+    /// `retry_at_ms`.
+    Retrying {
+        attempt: u32,
+        of: u32,
+        retry_at_ms: u64,
+        error: String,
+    },
+}
+
+/// The note in a claim key's value, if it is one that says its attempt
+/// (claims of older versions do not).
+pub(crate) fn note(value: &[u8]) -> Option<Note> {
+    let text = std::str::from_utf8(value).ok()?;
+    let mut parts = text.splitn(7, ' ');
+    let kind = parts.next()?;
+    let _instance = parts.next()?;
+    let at_ms = parts.next()?.parse().ok()?;
+    let _seq = parts.next()?;
+    let (attempt, of) = parts.next()?.split_once('/')?;
+    let (attempt, of) = (attempt.parse().ok()?, of.parse().ok()?);
+    match kind {
+        "run" => Some(Note::Running { at_ms, attempt, of }),
+        "retry" => Some(Note::Retrying {
+            attempt,
+            of,
+            retry_at_ms: parts.next()?.parse().ok()?,
+            error: parts.next().unwrap_or_default().to_owned(),
+        }),
+        _ => None,
+    }
+}
+
 /// What to do with a delivery, given what the inbox says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -127,6 +178,8 @@ pub(super) fn parse(value: &[u8], deleted: bool) -> State {
     let mut parts = text.split(' ');
     match parts.next() {
         Some("done") => State::Done,
+        // A failed attempt's note frees the key, as a released claim does.
+        Some("retry") => State::Gone,
         Some("run") => {
             // `run <instance> <unix ms> <stream seq>`; the time is for
             // people reading the bucket, never for deciding.
@@ -174,6 +227,43 @@ mod tests {
             instance,
             stream_seq,
         }
+    }
+
+    #[test]
+    fn notes_say_the_attempt_and_free_the_key() {
+        let run = b"run 0000000000000abc 1700000000000 42 2/5";
+        assert_eq!(
+            note(run),
+            Some(Note::Running {
+                at_ms: 1_700_000_000_000,
+                attempt: 2,
+                of: 5
+            })
+        );
+        assert_eq!(
+            parse(run, false),
+            claim(0xabc, 42),
+            "the attempt does not change the claim"
+        );
+        let retry =
+            b"retry 0000000000000abc 1700000000000 42 3/5 1700000030000 the ledger is down: 503";
+        assert_eq!(
+            note(retry),
+            Some(Note::Retrying {
+                attempt: 3,
+                of: 5,
+                retry_at_ms: 1_700_000_030_000,
+                error: "the ledger is down: 503".into()
+            })
+        );
+        assert_eq!(parse(retry, false), State::Gone);
+        assert_eq!(
+            decide(rec(9, parse(retry, false)), first(42)),
+            Verdict::Run(9)
+        );
+        // Claims of older versions carry no attempt.
+        assert_eq!(note(b"run 0000000000000abc 1700000000000 42"), None);
+        assert_eq!(note(b"done 1700000000000"), None);
     }
 
     #[test]

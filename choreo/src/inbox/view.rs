@@ -51,6 +51,14 @@ impl View {
             .ok()
     }
 
+    /// What `handler`'s claim key for `event` notes, if it says on which
+    /// attempt: a handler running it, or an attempt that failed and waits
+    /// for its retry.
+    pub(crate) async fn note(&self, handler: &str, event: EventId) -> Option<super::Note> {
+        let value = self.store.get(inbox_key(handler, event)).await.ok()??;
+        super::note(&value)
+    }
+
     /// How many events `handler`'s groups record: every group's value, read
     /// with one ordered consumer (a full scan: for tests and benchmarks).
     pub(crate) async fn records(&self, handler: &str) -> Result<u64, Source> {

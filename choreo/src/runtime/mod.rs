@@ -66,7 +66,7 @@ pub(crate) enum Stopped {
 pub(crate) use advisory::advisory_loop;
 use process::process;
 pub(crate) use pull::pull_loop;
-use settle::{Done, dead_letter, emit_record_ack, release, send_letter};
+use settle::{Done, dead_letter, emit_record_ack, note_retry, release, send_letter};
 use upkeep::{check_inbox, follow_consumer, refresh_consumer};
 
 /// What every task of one handler shares.

@@ -144,10 +144,17 @@ pub(super) async fn handle<H: Handler>(
             }
         }
         // Refused only for a key already registered, so only with an inbox.
-        if let Some(entered) =
-            rt.watchdog
-                .enter(msg.reply.clone(), inbox_key, revision, seq, abort.clone())
-        {
+        if let Some(entered) = rt.watchdog.enter(
+            msg.reply.clone(),
+            inbox_key,
+            revision,
+            inbox::Delivered {
+                stream_seq: seq,
+                attempt,
+                of: rt.max_deliver(),
+            },
+            abort.clone(),
+        ) {
             break entered;
         }
         if !waited {
@@ -220,13 +227,19 @@ pub(super) async fn handle<H: Handler>(
             }
         },
     };
-    release(rt, &key, claim).await;
     if attempt >= rt.max_deliver() {
+        release(rt, &key, claim).await;
         about!(warn, rt, msg, error = %error, "failed on the last allowed delivery; dead-lettering the event");
         dead_letter(rt, msg, reason, &error, attempt, seq).await;
     } else {
         // The handler's own delay for this once, else the backoff.
         let delay = retry_after.unwrap_or_else(|| rt.options.delay_after(attempt));
+        let delivered = inbox::Delivered {
+            stream_seq: seq,
+            attempt,
+            of: rt.max_deliver(),
+        };
+        note_retry(rt, &key, (revision, claim), delivered, delay, &error).await;
         tracing::info!(error = %error, retry_in = ?delay, "handler failed; will retry");
         rt.stats.retried.fetch_add(1, Ordering::Relaxed);
         rt.metrics.retried.increment(1);

@@ -86,6 +86,24 @@ pub(super) async fn emit_record_ack(
     Done::Finished
 }
 
+/// After a failed attempt that will be retried: the retry note over the
+/// key (at its revision, the claim's if this instance holds one), else the
+/// claim released.
+pub(super) async fn note_retry(
+    rt: &Runtime,
+    key: &str,
+    (revision, claim): (u64, Option<u64>),
+    delivered: crate::inbox::Delivered,
+    delay: std::time::Duration,
+    error: &str,
+) {
+    let Some(inbox) = &rt.inbox else { return };
+    let ttl = crate::inbox::claim_ttl(rt.ack_wait());
+    if !Box::pin(inbox.note_retry(key, revision, delivered, delay, error, ttl)).await {
+        release(rt, key, claim).await;
+    }
+}
+
 pub(super) async fn release(rt: &Runtime, key: &str, claim: Option<u64>) {
     if let (Some(inbox), Some(rev)) = (&rt.inbox, claim) {
         Box::pin(inbox.release(key, rev)).await;

@@ -29,8 +29,8 @@ struct Running {
     reply: Option<Subject>,
     /// Its inbox key, if the handler has an inbox.
     key: Option<Arc<str>>,
-    /// The stream sequence of its delivery, written into its claim.
-    stream_seq: u64,
+    /// Its delivery (stream sequence and attempt), written into its claim.
+    delivered: crate::inbox::Delivered,
     /// The key's revision as last known (0: absent).
     revision: u64,
     /// Whether `revision` is this instance's claim.
@@ -107,7 +107,7 @@ impl Registry {
         reply: Option<Subject>,
         key: Option<&str>,
         revision: u64,
-        stream_seq: u64,
+        delivered: crate::inbox::Delivered,
         abort: AbortHandle,
     ) -> Option<Entered<'_>> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
@@ -125,7 +125,7 @@ impl Registry {
             Running {
                 reply,
                 key,
-                stream_seq,
+                delivered,
                 revision,
                 claimed: false,
                 claim_tried: false,
@@ -216,9 +216,9 @@ impl Drop for Keeper {
 /// slow KV write never delays an in-progress ack.
 enum KvWork {
     /// Refresh the claim held at this revision.
-    Refresh(u64, Arc<str>, u64, u64),
-    /// Write the claim over this revision (key, revision, stream sequence).
-    Claim(u64, Arc<str>, u64, u64),
+    Refresh(u64, Arc<str>, u64, crate::inbox::Delivered),
+    /// Write the claim over this revision (key, revision, delivery).
+    Claim(u64, Arc<str>, u64, crate::inbox::Delivered),
 }
 
 /// Runs until aborted: its [`Keeper`] is dropped with the pull loop, after
@@ -286,15 +286,10 @@ async fn run(rt: Arc<Runtime>) {
                 if !r.claim_tried && !r.finishing && now.duration_since(r.started) >= claim_after {
                     r.claim_tried = true;
                     r.writing = true;
-                    kv.push(KvWork::Claim(token, key.clone(), r.revision, r.stream_seq));
+                    kv.push(KvWork::Claim(token, key.clone(), r.revision, r.delivered));
                 } else if refresh {
                     r.writing = true;
-                    kv.push(KvWork::Refresh(
-                        token,
-                        key.clone(),
-                        r.revision,
-                        r.stream_seq,
-                    ));
+                    kv.push(KvWork::Refresh(token, key.clone(), r.revision, r.delivered));
                 }
             }
         }
@@ -349,9 +344,14 @@ impl Limited {
 async fn write(rt: &Runtime, work: KvWork, warnings: &Limited) {
     let Some(inbox) = &rt.inbox else { return };
     let token = match work {
-        KvWork::Refresh(token, key, revision, seq) => {
+        KvWork::Refresh(token, key, revision, delivered) => {
             match inbox
-                .claim(&key, revision, seq, crate::inbox::claim_ttl(rt.ack_wait()))
+                .claim(
+                    &key,
+                    revision,
+                    delivered,
+                    crate::inbox::claim_ttl(rt.ack_wait()),
+                )
                 .await
             {
                 Ok(r) => rt.watchdog.set_revision(token, r),
@@ -359,9 +359,14 @@ async fn write(rt: &Runtime, work: KvWork, warnings: &Limited) {
             }
             token
         }
-        KvWork::Claim(token, key, revision, seq) => {
+        KvWork::Claim(token, key, revision, delivered) => {
             match inbox
-                .claim(&key, revision, seq, crate::inbox::claim_ttl(rt.ack_wait()))
+                .claim(
+                    &key,
+                    revision,
+                    delivered,
+                    crate::inbox::claim_ttl(rt.ack_wait()),
+                )
                 .await
             {
                 Ok(r) => rt.watchdog.set_revision(token, r),

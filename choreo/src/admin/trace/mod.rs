@@ -4,19 +4,25 @@
 //! Reads are bounded. Only headers are read, with ordered consumers that
 //! start at the window's start on each stream the registry names (and the
 //! dead-letter stream); a subject query reads only its subjects, so the
-//! server's subject index does the search. The window is the hour after a random (v7) root id's
+//! server's subject index does the search, and an id query reads only the
+//! stretch its flow can reach (see `locate`). The window is the hour after a random (v7) root id's
 //! time, or the given one (`since`, default the last hour) for keyed ids
 //! and subjects.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
 use serde::Serialize;
 
 use super::AdminError;
 use crate::wire::headers as h;
+
+mod locate;
+mod read;
+mod render;
+
+pub(in crate::admin) use read::{read, read_where};
 
 /// What to trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,8 +66,30 @@ pub enum Step {
     Duplicate,
     /// Not delivered to the handler yet.
     NotDelivered,
-    /// Delivered, not yet done: running or waiting for a retry.
+    /// Delivered, not yet done: running or waiting for a retry (the
+    /// handler keeps no inbox, or its claim key says nothing yet: a claim is
+    /// written once a handler has run for a second).
     InFlight,
+    /// Running: its claim says on which attempt.
+    Running {
+        /// This attempt (1 for the first delivery).
+        attempt: u32,
+        /// The handler's `max_deliver`.
+        max_deliver: u32,
+        /// When the claim was last refreshed (Unix ms).
+        at_ms: u64,
+    },
+    /// An attempt failed and the next is due: what its retry note says.
+    Retrying {
+        /// The attempt that failed.
+        attempt: u32,
+        /// The handler's `max_deliver`.
+        max_deliver: u32,
+        /// When the next attempt is due (Unix ms).
+        retry_at_ms: u64,
+        /// The failed attempt's error (its first 300 characters).
+        error: String,
+    },
     /// In the dead-letter stream.
     DeadLettered {
         /// The reason code.
@@ -122,14 +150,16 @@ pub struct Trace {
 }
 
 /// Headers of one stored event.
-struct Seen {
-    headers: async_nats::HeaderMap,
-    subject: String,
-    stream: String,
-    sequence: u64,
+pub(super) struct Seen {
+    pub(super) headers: async_nats::HeaderMap,
+    pub(super) subject: String,
+    pub(super) stream: String,
+    pub(super) sequence: u64,
+    /// When the server stored it.
+    pub(super) published: time::OffsetDateTime,
 }
 
-fn get(m: &async_nats::HeaderMap, name: &str) -> String {
+pub(super) fn get(m: &async_nats::HeaderMap, name: &str) -> String {
     m.get(name)
         .map(|v| v.as_str().to_owned())
         .unwrap_or_default()
@@ -177,15 +207,27 @@ pub async fn trace(
         streams.insert(p.event.stream.clone());
     }
     // A subject query reads only its subjects (the server filters by its
-    // subject index); an id query reads every header in the window.
-    let filter = match query {
-        Query::Subject(f) => f.as_str(),
-        Query::Id(_) => ">",
+    // subject index). An id query reads only as far as its flow can reach
+    // (see `locate`), or where the id cannot be placed, every header in
+    // the window.
+    let located = match query {
+        Query::Id(id) => locate::flow_of(js, &manifests, &streams, *id, (start, end)).await,
+        Query::Subject(_) => None,
     };
-    let mut seen = Vec::new();
-    for s in &streams {
-        read(js, s, filter, start, end, &mut seen).await;
-    }
+    let seen = match located {
+        Some(seen) => seen,
+        None => {
+            let filter = match query {
+                Query::Subject(f) => f.as_str(),
+                Query::Id(_) => ">",
+            };
+            let mut seen = Vec::new();
+            for s in &streams {
+                read(js, s, filter, start, end, &mut seen).await;
+            }
+            seen
+        }
+    };
     // Which correlation ids the query names.
     let wanted: BTreeSet<String> = match query {
         Query::Id(id) => {
@@ -289,56 +331,6 @@ pub async fn trace(
     Ok(Trace { flows })
 }
 
-/// Headers of `stream`'s events on `filter` stored between `start` and `end`.
-async fn read(
-    js: &jetstream::Context,
-    stream: &str,
-    filter: &str,
-    start: time::OffsetDateTime,
-    end: time::OffsetDateTime,
-    out: &mut Vec<Seen>,
-) {
-    let Ok(s) = js.get_stream(stream).await else {
-        return;
-    };
-    // Nothing stored in the window: no need to wait for it.
-    let state = &s.cached_info().state;
-    if state.messages == 0 || state.last_timestamp < start {
-        return;
-    }
-    let Ok(c) = s
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter.to_owned(),
-            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
-            headers_only: true,
-            ..Default::default()
-        })
-        .await
-    else {
-        return;
-    };
-    let Ok(mut msgs) = c.messages().await else {
-        return;
-    };
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
-    {
-        let Ok(info) = m.info() else { break };
-        if info.published > end {
-            break;
-        }
-        let (sequence, pending) = (info.stream_sequence, info.pending);
-        out.push(Seen {
-            headers: m.headers.clone().unwrap_or_default(),
-            subject: m.subject.to_string(),
-            stream: stream.to_owned(),
-            sequence,
-        });
-        if pending == 0 {
-            break;
-        }
-    }
-}
-
 /// What one trace has read of the server and reuses for every event: each
 /// durable's (ack floor, last delivered), and each service's inbox.
 #[derive(Default)]
@@ -393,106 +385,35 @@ async fn step_of(
     }
     let (acked, delivered) = floors[&hm.durable];
     if e.sequence <= acked {
-        Step::Acknowledged
-    } else if e.sequence > delivered {
+        return Step::Acknowledged;
+    }
+    if hm.options.idempotent
+        && let Ok(id) = id.parse()
+        && let Some(Some(inbox)) = read.inboxes.get(service)
+        && let Some(note) = inbox.note(&hm.name, id).await
+    {
+        return match note {
+            crate::inbox::Note::Running { at_ms, attempt, of } => Step::Running {
+                attempt,
+                max_deliver: of,
+                at_ms,
+            },
+            crate::inbox::Note::Retrying {
+                attempt,
+                of,
+                retry_at_ms,
+                error,
+            } => Step::Retrying {
+                attempt,
+                max_deliver: of,
+                retry_at_ms,
+                error,
+            },
+        };
+    }
+    if e.sequence > delivered {
         Step::NotDelivered
     } else {
         Step::InFlight
-    }
-}
-
-impl Flow {
-    /// The flow as a causation tree, each event with its handlers' states.
-    /// With `times`, each line says when.
-    pub fn tree(&self, times: bool) -> String {
-        let by_id: BTreeMap<&str, &TracedEvent> =
-            self.events.iter().map(|e| (e.id.as_str(), e)).collect();
-        let mut children: BTreeMap<&str, Vec<&TracedEvent>> = BTreeMap::new();
-        let mut roots = Vec::new();
-        for e in &self.events {
-            match e.causation_id.as_deref().filter(|c| by_id.contains_key(c)) {
-                Some(c) => children.entry(c).or_default().push(e),
-                None => roots.push(e),
-            }
-        }
-        let mut out = format!("flow {}\n", self.correlation_id);
-        for r in roots {
-            node(&mut out, r, &children, "", true, times);
-        }
-        out
-    }
-
-    /// The flow as a Mermaid sequence diagram: each event an arrow from
-    /// its source to each handler that consumes it.
-    pub fn mermaid(&self) -> String {
-        let mut out = String::from("sequenceDiagram\n");
-        for e in &self.events {
-            if e.handlers.is_empty() {
-                out.push_str(&format!(
-                    "    {}->>{}: {}\n",
-                    e.source, e.source, e.event_type
-                ));
-            }
-            for hs in &e.handlers {
-                let service = hs.handler.split('.').next().unwrap_or_default();
-                out.push_str(&format!(
-                    "    {}->>{}: {} ({})\n",
-                    e.source,
-                    service,
-                    e.event_type,
-                    step_text(&hs.step)
-                ));
-            }
-        }
-        out
-    }
-}
-
-fn step_text(s: &Step) -> String {
-    match s {
-        Step::Handled { .. } => "handled".into(),
-        Step::Acknowledged => "acknowledged".into(),
-        Step::Duplicate => "skipped as a duplicate".into(),
-        Step::NotDelivered => "not yet delivered".into(),
-        Step::InFlight => "in flight or retrying".into(),
-        Step::DeadLettered { reason } => format!("dead-lettered: {reason}"),
-    }
-}
-
-fn node(
-    out: &mut String,
-    e: &TracedEvent,
-    children: &BTreeMap<&str, Vec<&TracedEvent>>,
-    prefix: &str,
-    last: bool,
-    times: bool,
-) {
-    let (branch, more) = if last {
-        ("└─ ", "   ")
-    } else {
-        ("├─ ", "│  ")
-    };
-    let when = if times {
-        format!(" {}", e.time)
-    } else {
-        String::new()
-    };
-    out.push_str(&format!(
-        "{prefix}{branch}{} [{}]{when} {}\n",
-        e.event_type, e.source, e.subject
-    ));
-    let inner = format!("{prefix}{more}");
-    let kids = children.get(e.id.as_str()).cloned().unwrap_or_default();
-    for (i, hs) in e.handlers.iter().enumerate() {
-        let last_line = kids.is_empty() && i + 1 == e.handlers.len();
-        let mark = if last_line { "└· " } else { "├· " };
-        out.push_str(&format!(
-            "{inner}{mark}{}: {}\n",
-            hs.handler,
-            step_text(&hs.step)
-        ));
-    }
-    for (i, k) in kids.iter().enumerate() {
-        node(out, k, children, &inner, i + 1 == kids.len(), times);
     }
 }
