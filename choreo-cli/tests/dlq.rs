@@ -64,6 +64,15 @@ async fn ten_letters_from_a_bug_are_listed_shown_and_replayed_once_each_after_th
     let shop = Publisher::new(client.clone(), "shop").unwrap();
     request(&shop, "ok", 5, 10).await;
     until("5 billed", || w.billed.lock().unwrap().len() == 5).await;
+    let recorder = choreo_testkit::Recorder::streams(
+        &client,
+        &[
+            <InvoiceRequested as choreo::Event>::STREAM,
+            <Billed as choreo::Event>::STREAM,
+        ],
+    )
+    .await
+    .unwrap();
     w.bug.store(true, Ordering::SeqCst);
     request(&shop, "bug", 10, 20).await;
     let mut list = Vec::new();
@@ -158,6 +167,21 @@ async fn ten_letters_from_a_bug_are_listed_shown_and_replayed_once_each_after_th
         w.mailed.lock().unwrap()
     );
     assert!(letters(&server).is_empty());
+    // The testkit tells the ten replayed copies from duplicates: each flow
+    // has its one replayed copy, marked with its letter, and no duplicate.
+    let replayed: Vec<choreo_testkit::Recorded> = recorder
+        .snapshot()
+        .into_iter()
+        .filter(|r| r.replay.is_some())
+        .collect();
+    assert_eq!(replayed.len(), 10, "{replayed:?}");
+    for r in &replayed {
+        assert!(r.replay.as_deref().unwrap().starts_with("dlq "), "{r:?}");
+        let flow = recorder.flow(r.meta.correlation_id());
+        assert_eq!(flow.replayed_copies(), &[r.meta.id()]);
+        flow.assert_no_duplicates().unwrap();
+        assert_eq!(flow.count::<Billed>(), 1, "{}", flow.tree());
+    }
 
     // A corrected payload: the handler decides, and takes it.
     shop.publish(&InvoiceRequested {

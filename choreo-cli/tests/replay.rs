@@ -32,6 +32,10 @@ async fn bill(
         .unwrap()
         .entry(r.order_id.clone())
         .or_default() += 1;
+    w.ledger
+        .lock()
+        .unwrap()
+        .insert(r.order_id.clone(), r.amount);
     ctx.emit(Billed {
         order_id: r.order_id,
         amount: r.amount,
@@ -284,4 +288,82 @@ async fn a_rerun_counts_and_forgets_records_from_before_groups() {
     })
     .await;
     billing.shutdown().await;
+}
+
+/// A rerun rebuilds a thrown-away read model identical to the first
+/// build. Past the stream's duplicate window, its emissions are stored
+/// again. Each copy says so (`choreo-replay: billing.bill`): the testkit
+/// counts it as a replayed copy, not a duplicate, and the mailer's inbox
+/// skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_rebuilds_the_read_model_and_past_the_duplicate_window_stores_marked_copies() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let w = World::default();
+    let settings = choreo::StreamSettings::default().duplicate_window(Duration::from_millis(500));
+    let billing = choreo::Service::new("billing")
+        .state(w.clone())
+        .handler(bill)
+        .stream_settings(settings.clone())
+        .start(client.clone())
+        .await
+        .unwrap();
+    let mailer = choreo::Service::new("mailer")
+        .state(w.clone())
+        .handler(mail)
+        .stream_settings(settings.clone())
+        .start(client.clone())
+        .await
+        .unwrap();
+    let shop = Publisher::new(client.clone(), "shop")
+        .unwrap()
+        .stream_settings(settings);
+    let recorder = choreo_testkit::Recorder::streams(
+        &client,
+        &[
+            <InvoiceRequested as choreo::Event>::STREAM,
+            <common::Billed as choreo::Event>::STREAM,
+        ],
+    )
+    .await
+    .unwrap();
+    request(&shop, "p", 3, 10).await;
+    until("3 mailed", || w.mailed.lock().unwrap().len() == 3).await;
+    // The read model is thrown away, to be rebuilt by the rerun.
+    let first_build = std::mem::take(&mut *w.ledger.lock().unwrap());
+    assert_eq!(first_build.len(), 3);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (code, out, err) = choreo(
+        &server,
+        &["replay", "billing", "bill", "--from", "1", "--rerun"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("3 already handled"), "{out}");
+    until("3 billed twice", || {
+        w.billed.lock().unwrap().values().all(|n| *n == 2)
+    })
+    .await;
+    let marked = || {
+        recorder
+            .snapshot()
+            .into_iter()
+            .filter(|r| r.replay.as_deref() == Some("billing.bill"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(*w.ledger.lock().unwrap(), first_build, "rebuilt identical");
+    until("3 marked copies", || marked().len() == 3).await;
+    for r in marked() {
+        assert_eq!(r.meta.event_type(), "Billed");
+        let flow = recorder.flow(r.meta.correlation_id());
+        assert_eq!(flow.replayed_copies(), &[r.meta.id()], "{}", flow.tree());
+        flow.assert_no_duplicates().unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        w.mailed.lock().unwrap().values().all(|m| m.0 == 1),
+        "mailed again: {:?}",
+        w.mailed.lock().unwrap()
+    );
+    billing.shutdown().await;
+    mailer.shutdown().await;
 }

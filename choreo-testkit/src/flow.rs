@@ -38,6 +38,10 @@ pub struct Recorded {
     pub sequence: u64,
     /// Its CBOR payload.
     pub payload: Bytes,
+    /// On a copy a replay stored again, what replayed it: its
+    /// `choreo-replay` header (`dlq <letter sequence>`, or the
+    /// `<service>.<handler>` that `choreo replay` rewound).
+    pub replay: Option<String>,
 }
 
 /// A flow assertion failed. Its message says what was expected and shows the
@@ -511,12 +515,16 @@ async fn read_stream(
         let Ok(meta) = Metadata::from_headers(headers) else {
             continue;
         };
+        let replay = headers
+            .get(choreo::headers::CHOREO_REPLAY)
+            .map(|v| v.as_str().to_owned());
         let rec = Recorded {
             meta,
             subject: msg.subject.to_string(),
             stream: stream.clone(),
             sequence,
             payload: msg.payload.clone(),
+            replay,
         };
         let mut events = shared.events();
         events.push(rec);
@@ -664,8 +672,12 @@ pub struct Flow {
     correlation: EventId,
     /// Distinct events by id (first recorded copy), sorted by `ce-time`.
     events: Vec<Recorded>,
-    /// Ids recorded more than once (stored twice in the streams).
+    /// Ids recorded more than once (stored twice in the streams), but for
+    /// copies a replay stored again.
     duplicates: Vec<EventId>,
+    /// Ids of the copies a replay stored again (`choreo-replay`), one entry
+    /// per copy.
+    replayed: Vec<EventId>,
 }
 
 impl Flow {
@@ -673,12 +685,15 @@ impl Flow {
         let mut seen = HashSet::new();
         let mut events = Vec::new();
         let mut duplicates = Vec::new();
+        let mut replayed = Vec::new();
         for r in all
             .into_iter()
             .filter(|r| r.meta.correlation_id() == correlation)
         {
             if seen.insert(r.meta.id()) {
                 events.push(r);
+            } else if r.replay.is_some() {
+                replayed.push(r.meta.id());
             } else {
                 duplicates.push(r.meta.id());
             }
@@ -688,6 +703,7 @@ impl Flow {
             correlation,
             events,
             duplicates,
+            replayed,
         }
     }
 
@@ -819,10 +835,20 @@ impl Flow {
         }
     }
 
-    /// Asserts that no event id was stored more than once.
+    /// The ids of the copies a replay stored again (`choreo dlq replay`,
+    /// or a handler's emissions while `choreo replay` rewound it, past the
+    /// stream's duplicate window): one entry per copy. These are not
+    /// duplicates; [`Self::assert_no_duplicates`] lets them be.
+    pub fn replayed_copies(&self) -> &[EventId] {
+        &self.replayed
+    }
+
+    /// Asserts that no event id was stored more than once, but for copies a
+    /// replay stored again and says so (its `choreo-replay` header; see
+    /// [`Self::replayed_copies`]).
     ///
     /// # Errors
-    /// Some id appears twice in the streams.
+    /// Some id appears twice in the streams without a replay's mark.
     pub fn assert_no_duplicates(&self) -> Result<(), FlowError> {
         if self.duplicates.is_empty() {
             return Ok(());
@@ -880,6 +906,13 @@ impl Flow {
                 out,
                 ", {}",
                 plural(self.duplicates.len(), "duplicate copy", "duplicate copies")
+            );
+        }
+        if !self.replayed.is_empty() {
+            let _ = write!(
+                out,
+                ", {}",
+                plural(self.replayed.len(), "replayed copy", "replayed copies")
             );
         }
         out.push('\n');

@@ -275,6 +275,74 @@ async fn a_fact_stored_twice_is_a_duplicate() {
     assert!(err.contains("1 event, 1 duplicate copy\n"), "{err}");
 }
 
+/// A copy a replay stored again carries `choreo-replay`: counted apart,
+/// not a duplicate. The same copy without the mark is one.
+#[tokio::test]
+async fn a_replayed_copy_is_told_from_a_duplicate() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let recorder = Recorder::streams(&client, &["ORDERS"]).await.unwrap();
+    let publisher = Publisher::new(client, "checkout").unwrap();
+    let root = publisher
+        .publish(&OrderPlaced {
+            order_id: "o-2".into(),
+        })
+        .await
+        .unwrap();
+    let stored = js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .get_raw_message(root.sequence)
+        .await
+        .unwrap();
+    // As `choreo dlq replay` stores it: its own `Nats-Msg-Id`, the mark.
+    let copy = |n: u32, mark: bool| {
+        let mut h = stored.headers.clone();
+        h.insert("Nats-Msg-Id", format!("copy:{n}"));
+        if mark {
+            h.insert(choreo::headers::CHOREO_REPLAY, "dlq 7");
+        }
+        h
+    };
+    let subject = stored.subject.to_string();
+    js.publish_with_headers(subject.clone(), copy(1, true), stored.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let id = root.event_id;
+    let mut flow = recorder.flow(id);
+    let deadline = std::time::Instant::now() + SEC;
+    while flow.replayed_copies().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        flow = recorder.flow(id);
+    }
+    assert_eq!(flow.replayed_copies(), &[id]);
+    flow.assert_no_duplicates().unwrap();
+    assert!(
+        flow.tree().contains("1 event, 1 replayed copy\n"),
+        "{}",
+        flow.tree()
+    );
+    js.publish_with_headers(subject, copy(2, false), stored.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + SEC;
+    while flow.assert_no_duplicates().is_ok() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        flow = recorder.flow(id);
+    }
+    let err = flow.assert_no_duplicates().unwrap_err().to_string();
+    assert!(
+        err.contains("1 event, 1 duplicate copy, 1 replayed copy\n"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn quiescence_fails_for_a_flow_that_never_started() {
     let shop = shop().await;

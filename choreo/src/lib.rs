@@ -84,7 +84,8 @@ pub mod codec {
 pub mod headers {
     pub use crate::wire::headers::{
         CE_CAUSATIONID, CE_CORRELATIONID, CE_EVENTVERSION, CE_ID, CE_SOURCE, CE_SPECVERSION,
-        CE_TIME, CE_TYPE, CONTENT_TYPE, NATS_MSG_ID, SPEC_VERSION, TRACEPARENT, check_source,
+        CE_TIME, CE_TYPE, CHOREO_REPLAY, CONTENT_TYPE, NATS_MSG_ID, SPEC_VERSION, TRACEPARENT,
+        check_source,
     };
 }
 

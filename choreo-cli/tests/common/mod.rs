@@ -33,6 +33,8 @@ pub struct World {
     pub billed: Arc<Mutex<HashMap<String, u32>>>,
     /// Mails sent downstream, by order: how many, and the last amount.
     pub mailed: Arc<Mutex<HashMap<String, (u32, u64)>>>,
+    /// A read model billing builds: the amount billed per order.
+    pub ledger: Arc<Mutex<std::collections::BTreeMap<String, u64>>>,
     /// Billing runs that were replays.
     pub replays_seen: Arc<AtomicU32>,
 }

@@ -383,6 +383,10 @@ pub(super) async fn replay_payload(
         crate::wire::headers::NATS_MSG_ID,
         format!("replay:{id}:{}", letter.sequence),
     );
+    headers.insert(
+        crate::wire::headers::CHOREO_REPLAY,
+        format!("dlq {}", letter.sequence),
+    );
     js.publish_with_headers(letter.original_subject.clone(), headers, payload)
         .await
         .map_err(nats)?

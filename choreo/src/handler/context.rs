@@ -257,7 +257,17 @@ impl Context {
     pub(crate) fn take_outgoing(&self) -> Vec<Result<Outgoing, PublishError>> {
         let mut emitted = self.inner.emitted.lock().unwrap_or_else(|p| p.into_inner());
         emitted.sealed = true;
-        std::mem::take(&mut emitted.out)
+        let mut out = std::mem::take(&mut emitted.out);
+        // A copy stored again past the duplicate window says it is one.
+        if self.is_replay() {
+            for o in out.iter_mut().flatten() {
+                o.headers.insert(
+                    crate::wire::headers::CHOREO_REPLAY,
+                    self.inner.handler_id.as_ref(),
+                );
+            }
+        }
+        out
     }
 }
 

@@ -398,6 +398,10 @@ impl Publisher {
         let started = std::time::Instant::now();
         let subject = async_nats::Subject::from(std::mem::take(&mut out.subject));
         let headers = std::mem::take(&mut out.headers);
+        // The one header not rebuilt from the metadata on a retry.
+        let replay = headers
+            .get(crate::wire::headers::CHOREO_REPLAY)
+            .map(|v| v.as_str().to_owned());
         let ack = match self
             .attempt(subject.clone(), headers, out.payload.clone())
             .await
@@ -405,7 +409,8 @@ impl Publisher {
             Ok(ack) => ack,
             // The slow path, boxed so it does not enlarge every publish.
             Err(e) => {
-                match Box::pin(self.retry(e, out.event, &subject, &out.meta, &out.payload)).await {
+                let sent = (&*out.meta, replay.as_deref(), &out.payload);
+                match Box::pin(self.retry(e, out.event, &subject, sent)).await {
                     Ok(ack) => ack,
                     Err(e) => {
                         self.with_metrics(stream, |m| m.failures.increment(1));
@@ -452,9 +457,15 @@ impl Publisher {
         first: jetstream::context::PublishError,
         event: &'static str,
         subject: &async_nats::Subject,
-        meta: &Metadata,
-        payload: &Bytes,
+        (meta, replay, payload): (&Metadata, Option<&str>, &Bytes),
     ) -> Result<jetstream::publish::PublishAck, PublishError> {
+        let headers = || {
+            let mut h = meta.to_headers();
+            if let Some(r) = replay {
+                h.insert(crate::wire::headers::CHOREO_REPLAY, r);
+            }
+            h
+        };
         let deadline = tokio::time::Instant::now() + self.inner.retry_for;
         let mut delay = Duration::from_millis(50);
         let mut error = first;
@@ -485,7 +496,7 @@ impl Publisher {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(1));
             match self
-                .attempt(subject.clone(), meta.to_headers(), payload.clone())
+                .attempt(subject.clone(), headers(), payload.clone())
                 .await
             {
                 Ok(ack) => return Ok(ack),

@@ -16,6 +16,11 @@
 //! | `ce-causationid` | the id of the event whose handler emitted this one (absent on a root) |
 //! | `traceparent` | W3C trace context, when there is one |
 //! | `content-type` | `application/cbor` |
+//! | `choreo-replay` | only on a copy that a replay stored again: `dlq <letter sequence>` (`choreo dlq replay`), or `<service>.<handler>` for what that handler emitted while `choreo replay` rewound it |
+//!
+//! `choreo-replay` is optional and informative: readers that ignore it
+//! lose nothing, and it tells a replayed copy of an event from a duplicate
+//! (what the testkit's `assert_no_duplicates` looks for).
 //!
 //! Header names are written in lower case (except `Nats-Msg-Id`, which is
 //! JetStream's spelling); lookups are case-sensitive.
@@ -49,6 +54,10 @@ pub const CE_CAUSATIONID: &str = "ce-causationid";
 pub const TRACEPARENT: &str = "traceparent";
 /// `content-type`: always `application/cbor`.
 pub const CONTENT_TYPE: &str = "content-type";
+/// `choreo-replay`: on a copy stored again by a replay, what replayed it
+/// (`dlq <letter sequence>`, or `<service>.<handler>` for the emissions of
+/// a handler that `choreo replay` rewound). Absent on everything else.
+pub const CHOREO_REPLAY: &str = "choreo-replay";
 /// The CloudEvents spec version choreo writes and accepts.
 pub const SPEC_VERSION: &str = "1.0";
 
