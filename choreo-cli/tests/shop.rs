@@ -474,13 +474,21 @@ async fn trace_draws_a_compensated_order_as_its_causation_tree() {
             .flat_map(|e| e["handlers"].as_array().unwrap())
             .all(|h| h["step"]["state"] == "handled")
     );
+    // The testkit's diagram, with each handler's state on its arrow.
     let out = choreo(&server, &["trace", &root, "--mermaid"]);
+    let diagram = text(&out.stdout);
     assert!(
-        text(&out.stdout)
-            .starts_with("sequenceDiagram\n    storefront->>payments: OrderPlaced (handled)"),
-        "{}",
-        text(&out.stdout)
+        diagram
+            .starts_with("sequenceDiagram\n    participant storefront\n    participant payments\n"),
+        "{diagram}"
     );
+    for line in [
+        "    storefront->>payments: OrderPlaced (handled)\n",
+        "    payments->>inventory: PaymentCaptured (handled)\n",
+        "    Note over orders: OrderCancelled\n",
+    ] {
+        assert!(diagram.contains(line), "{line:?} missing from\n{diagram}");
+    }
     // Nothing there, and not a query: one line, exit 2.
     let out = choreo(&server, &["trace", "*.nobody.*"]);
     assert_eq!(out.status.code(), Some(2));

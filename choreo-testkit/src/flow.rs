@@ -946,42 +946,25 @@ impl Flow {
     /// ```
     pub fn mermaid(&self) -> String {
         let children = self.children();
-        let mut out = String::from("sequenceDiagram\n");
-        let mut participants: Vec<&str> = Vec::new();
-        for r in &self.events {
-            if !participants.contains(&r.meta.source()) {
-                participants.push(r.meta.source());
-            }
-        }
-        for p in &participants {
-            let _ = writeln!(out, "    participant {p}");
-        }
-        for r in &self.events {
-            let mut reactors: Vec<&str> = Vec::new();
-            for &k in children.get(&r.meta.id()).map_or(&[][..], Vec::as_slice) {
-                let s = self.events[k].meta.source();
-                if !reactors.contains(&s) {
-                    reactors.push(s);
+        let arrows: Vec<choreo::__private::Arrow<'_>> = self
+            .events
+            .iter()
+            .map(|r| {
+                let mut to: Vec<(&str, Option<String>)> = Vec::new();
+                for &k in children.get(&r.meta.id()).map_or(&[][..], Vec::as_slice) {
+                    let s = self.events[k].meta.source();
+                    if !to.iter().any(|t| t.0 == s) {
+                        to.push((s, None));
+                    }
                 }
-            }
-            if reactors.is_empty() {
-                let _ = writeln!(
-                    out,
-                    "    Note over {}: {}",
-                    r.meta.source(),
-                    r.meta.event_type()
-                );
-            }
-            for to in reactors {
-                let _ = writeln!(
-                    out,
-                    "    {}->>{to}: {}",
-                    r.meta.source(),
-                    r.meta.event_type()
-                );
-            }
-        }
-        out
+                choreo::__private::Arrow {
+                    source: r.meta.source(),
+                    event_type: r.meta.event_type(),
+                    to,
+                }
+            })
+            .collect();
+        choreo::__private::sequence_diagram(&arrows)
     }
 }
 

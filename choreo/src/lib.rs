@@ -238,6 +238,7 @@ pub mod __private {
     use crate::event::id::EventKey;
     use std::fmt::Display;
 
+    pub use crate::admin::trace::{Arrow, sequence_diagram};
     pub use crate::event::subject::{check_token, covers};
     pub use crate::handler::BoxFuture;
     use crate::handler::{DeliverPolicy, HandlerError};

@@ -33,7 +33,7 @@ mod graph;
 mod read;
 mod replay;
 mod status;
-mod trace;
+pub(crate) mod trace;
 
 pub use asyncapi::asyncapi;
 pub use error::{AdminError, AdminErrorKind};

@@ -20,9 +20,10 @@ use crate::wire::headers as h;
 
 mod locate;
 mod read;
-mod render;
+pub(crate) mod render;
 
 pub(in crate::admin) use read::{read, read_where};
+pub use render::{Arrow, sequence_diagram};
 
 /// What to trace.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -26,30 +26,75 @@ impl Flow {
         out
     }
 
-    /// The flow as a Mermaid sequence diagram: each event an arrow from
-    /// its source to each handler that consumes it.
+    /// The flow as a Mermaid sequence diagram, in the testkit's grammar
+    /// (see [`sequence_diagram`]): an arrow from each event's source to the
+    /// service of each handler that consumes it, labelled with its state.
     pub fn mermaid(&self) -> String {
-        let mut out = String::from("sequenceDiagram\n");
-        for e in &self.events {
-            if e.handlers.is_empty() {
-                out.push_str(&format!(
-                    "    {}->>{}: {}\n",
-                    e.source, e.source, e.event_type
-                ));
-            }
-            for hs in &e.handlers {
-                let service = hs.handler.split('.').next().unwrap_or_default();
-                out.push_str(&format!(
-                    "    {}->>{}: {} ({})\n",
-                    e.source,
-                    service,
-                    e.event_type,
-                    step_text(&hs.step, false)
-                ));
-            }
-        }
-        out
+        let arrows: Vec<Arrow<'_>> = self
+            .events
+            .iter()
+            .map(|e| Arrow {
+                source: &e.source,
+                event_type: &e.event_type,
+                to: e
+                    .handlers
+                    .iter()
+                    .map(|hs| {
+                        let service = hs.handler.split('.').next().unwrap_or_default();
+                        (service, Some(step_text(&hs.step, false)))
+                    })
+                    .collect(),
+            })
+            .collect();
+        sequence_diagram(&arrows)
     }
+}
+
+/// One event in a [`sequence_diagram`]: its source, its type, and who took
+/// it, each with an optional label.
+#[derive(Debug)]
+pub struct Arrow<'a> {
+    /// The emitting service.
+    pub source: &'a str,
+    /// The event's name.
+    pub event_type: &'a str,
+    /// The services that took it, each with a label (a handler's state).
+    pub to: Vec<(&'a str, Option<String>)>,
+}
+
+/// A Mermaid sequence diagram of a flow, as both `choreo trace --mermaid`
+/// and the testkit's `Flow::mermaid` draw it: the participants in order of
+/// appearance (the sources first), then per event an arrow `source->>to:
+/// Event (label)` to each service that took it, or `Note over source:
+/// Event` when none did.
+pub fn sequence_diagram(events: &[Arrow<'_>]) -> String {
+    let mut participants: Vec<&str> = Vec::new();
+    let sources = events.iter().map(|e| e.source);
+    let targets = events.iter().flat_map(|e| e.to.iter().map(|t| t.0));
+    for p in sources.chain(targets) {
+        if !participants.contains(&p) {
+            participants.push(p);
+        }
+    }
+    let mut out = String::from("sequenceDiagram\n");
+    for p in participants {
+        out.push_str(&format!("    participant {p}\n"));
+    }
+    for e in events {
+        if e.to.is_empty() {
+            out.push_str(&format!("    Note over {}: {}\n", e.source, e.event_type));
+        }
+        for (to, label) in &e.to {
+            let label = label
+                .as_ref()
+                .map_or_else(String::new, |l| format!(" ({l})"));
+            out.push_str(&format!(
+                "    {}->>{to}: {}{label}\n",
+                e.source, e.event_type
+            ));
+        }
+    }
+    out
 }
 
 /// A Unix ms time as RFC 3339.
