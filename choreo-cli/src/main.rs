@@ -325,11 +325,22 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             }
             let how = admin::replay(&js, &plan, *recreate).await?;
             if !cli.json {
-                let how = match how {
-                    admin::Rewound::Reset => "reset by the server",
-                    _ => "recreated at the start",
-                };
-                out!("replaying {what}; durable {} {how}\n", plan.durable);
+                match how {
+                    admin::Rewound::Requeued { events } => out!(
+                        "replaying {what}; {events} events copied into the partitions of {}\n",
+                        plan.durable
+                    ),
+                    admin::Rewound::Reset => {
+                        out!(
+                            "replaying {what}; durable {} reset by the server\n",
+                            plan.durable
+                        );
+                    }
+                    _ => out!(
+                        "replaying {what}; durable {} recreated at the start\n",
+                        plan.durable
+                    ),
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -32,6 +32,7 @@ mod error;
 mod graph;
 mod read;
 mod replay;
+mod requeue;
 mod status;
 pub(crate) mod trace;
 

@@ -8,7 +8,9 @@
 //! deletes the range's inbox records (so the handler runs again for them;
 //! its emissions keep their ids, so nothing downstream runs twice), and
 //! rewinds the durable: the server's consumer reset (nats-server 2.14+), or
-//! with `recreate`, while no instance runs, a new durable at the start.
+//! with `recreate`, while no instance runs, a new durable at the start. An
+//! ordered handler has no durable to rewind: its range is copied into its
+//! partitions instead (see `requeue`).
 
 use std::time::Duration;
 
@@ -55,6 +57,13 @@ pub struct Plan {
     pub rerun: bool,
     #[serde(skip)]
     handled: Vec<crate::EventId>,
+    /// The handler's filter on `stream`.
+    #[serde(skip)]
+    pub(super) filter: String,
+    /// An ordered handler: its events are copied into its partitions
+    /// (see `requeue`), not rewound.
+    #[serde(skip)]
+    pub(super) ordered: bool,
 }
 
 /// How long instances take to see a marker: they read it every
@@ -69,7 +78,7 @@ fn bad(what: &str, why: String) -> AdminError {
 /// (default: the stream's end), without changing anything.
 ///
 /// # Errors
-/// An unknown service or handler, an ordered handler, a start in the future
+/// An unknown service or handler, a start in the future
 /// or past the stream's end, an empty range, or a server that cannot be read.
 pub async fn plan(
     js: &jetstream::Context,
@@ -138,6 +147,8 @@ pub async fn plan(
         already_handled: handled.len() as u64,
         rerun,
         handled,
+        filter: h.filter.clone(),
+        ordered: h.ordered,
     })
 }
 
@@ -147,6 +158,7 @@ struct Target {
     stream: String,
     filter: String,
     idempotent: bool,
+    ordered: bool,
 }
 
 /// The handler from the registry, or, for a stopped service (whose
@@ -167,17 +179,12 @@ async fn target(
                 format!("service {service} has no handler {handler}; its handlers are {known:?}"),
             ));
         };
-        if h.options.partitions > 0 {
-            return Err(bad(
-                what,
-                "an ordered handler cannot be replayed yet (its events are in a work queue)".into(),
-            ));
-        }
         return Ok(Target {
             durable,
             stream: h.consumes.stream.clone(),
             filter: h.consumes.subject_filter.clone(),
             idempotent: h.options.idempotent,
+            ordered: h.options.partitions > 0,
         });
     }
     let mut names = js.stream_names();
@@ -195,6 +202,7 @@ async fn target(
                 filter: c.cached_info().config.filter_subject.clone(),
                 stream,
                 idempotent,
+                ordered: false,
             });
         }
     }
@@ -298,6 +306,12 @@ pub enum Rewound {
     Reset,
     /// The durable was deleted and made again at the start (`recreate`).
     Recreated,
+    /// An ordered handler's events were copied into its partitions, in
+    /// stream order (any server version).
+    Requeued {
+        /// How many.
+        events: u64,
+    },
 }
 
 /// Carries out `plan`: the marker, the inbox records (with `rerun`), and
@@ -315,6 +329,15 @@ pub async fn replay(
 ) -> Result<Rewound, AdminError> {
     let what = format!("a replay of {}.{}", plan.service, plan.handler);
     let fail = |e: &dyn std::fmt::Display| bad(&what, e.to_string());
+    if plan.ordered && recreate {
+        return Err(bad(
+            &what,
+            format!(
+                "{} is ordered: its events are copied into its partitions on any server, so --recreate does not apply; leave it out",
+                plan.handler
+            ),
+        ));
+    }
     if recreate {
         let live = crate::registry::instances(js)
             .await
@@ -365,6 +388,10 @@ pub async fn replay(
             .forget(&plan.handler, &plan.handled)
             .await
             .map_err(|e| fail(&e))?;
+    }
+    if plan.ordered {
+        let events = super::requeue::requeue(js, plan, marker.at_ms).await?;
+        return Ok(Rewound::Requeued { events });
     }
     if recreate {
         let s = js.get_stream(&plan.stream).await.map_err(|e| fail(&e))?;

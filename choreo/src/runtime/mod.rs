@@ -117,8 +117,8 @@ pub(crate) struct Partition {
 }
 
 impl Runtime {
-    /// Reads the replay marker (at most once a second). Ordered handlers
-    /// cannot be replayed, so their partitions never read it.
+    /// Reads the replay marker (at most once a second). Ordered handlers'
+    /// partitions never read it: a replay's copies say they are replays.
     pub(crate) async fn follow_replay(&self) {
         if self.partition.is_none() {
             self.replay
@@ -148,7 +148,8 @@ impl Runtime {
             tokens.next().and_then(|s| s.parse::<u64>().ok()),
         ) {
             (Some(stream), Some(origin_seq)) => (stream.to_owned(), origin_seq),
-            _ => (self.consumer_stream.to_string(), seq),
+            _ => process::replay_copy(headers)
+                .unwrap_or_else(|| (self.consumer_stream.to_string(), seq)),
         }
     }
 

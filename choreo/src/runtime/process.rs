@@ -29,7 +29,11 @@ pub(super) async fn process<H: Handler>(
     // A delivery below the ack floor this instance knew comes from a
     // rewind: read the replay marker now rather than at the next tick.
     let mut replay = rt.replay.covers(stream_sequence);
-    if !replay && stream_sequence > 0 && stream_sequence <= rt.live.ack_floor() {
+    // An ordered handler's replay sends copies into its partitions, each
+    // saying so (see `admin::requeue`).
+    if rt.partition.is_some() {
+        replay = replay_copy(msg.headers.as_ref()).is_some();
+    } else if !replay && stream_sequence > 0 && stream_sequence <= rt.live.ack_floor() {
         rt.follow_replay().await;
         replay = rt.replay.covers(stream_sequence);
     }
@@ -57,6 +61,14 @@ pub(super) async fn process<H: Handler>(
             "handling the event panicked outside the handler's guard; it will be redelivered after ack_wait"
         );
     }
+}
+
+/// The original stream and sequence a replay's copy names in its
+/// `choreo-replay` header (`<service>.<handler> <stream> <sequence>`).
+pub(super) fn replay_copy(headers: Option<&async_nats::HeaderMap>) -> Option<(String, u64)> {
+    let v = headers?.get(crate::wire::headers::CHOREO_REPLAY)?.as_str();
+    let mut t = v.split_whitespace().skip(1);
+    Some((t.next()?.to_owned(), t.next()?.parse().ok()?))
 }
 
 /// Decode → look up → run (kept alive by the watchdog) → emit → record →
