@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use choreo::{Context, Publisher, Service, State, event, event_handler};
+use choreo::{Context, HandlerError, Publisher, Service, State, event, event_handler};
 use choreo_testkit::NatsServer;
 use common::{choreo, until};
 
@@ -28,13 +28,18 @@ struct Ledger {
     log: Arc<Mutex<BTreeMap<String, Vec<u32>>>>,
     runs: Arc<AtomicU32>,
     replays: Arc<AtomicU32>,
+    /// A step that fails for good when replayed.
+    fail: Arc<Mutex<Option<(String, u32)>>>,
 }
 
 #[event_handler(ordered_by = account, partitions = 4, emits = [])]
-async fn apply(s: Stepped, State(l): State<Ledger>, ctx: Context) {
+async fn apply(s: Stepped, State(l): State<Ledger>, ctx: Context) -> Result<(), HandlerError> {
     l.runs.fetch_add(1, Ordering::SeqCst);
     if ctx.is_replay() {
         l.replays.fetch_add(1, Ordering::SeqCst);
+        if *l.fail.lock().unwrap() == Some((s.account.clone(), s.n)) {
+            return Err(HandlerError::permanent("a bad step"));
+        }
     }
     l.log
         .lock()
@@ -42,6 +47,7 @@ async fn apply(s: Stepped, State(l): State<Ledger>, ctx: Context) {
         .entry(s.account)
         .or_default()
         .push(s.n);
+    Ok(())
 }
 
 fn in_order(log: &BTreeMap<String, Vec<u32>>) -> bool {
@@ -116,5 +122,27 @@ async fn an_ordered_handler_is_replayed_in_order_through_its_partitions() {
     assert_eq!(*l.log.lock().unwrap(), first_build, "rebuilt identical");
     assert_eq!(l.runs.load(Ordering::SeqCst), 24);
     assert_eq!(l.replays.load(Ordering::SeqCst), 12);
+
+    // A copy that fails for good is dead-lettered under the original's
+    // stream, sequence and subject (account b's step 2 was stored 8th).
+    *l.fail.lock().unwrap() = Some(("b".into(), 2));
+    let (code, _, err) = choreo(
+        &server,
+        &["replay", "ledger", "apply", "--from", "1", "--rerun"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let mut letters = Vec::new();
+    for _ in 0..100 {
+        let (_, out, _) = choreo(&server, &["dlq", "list", "--json"]);
+        letters = serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap_or_default();
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["stream"], "STEPS", "{:#}", letters[0]);
+    assert_eq!(letters[0]["stream_sequence"], 8, "{:#}", letters[0]);
+    assert_eq!(letters[0]["subject"], "steps.b.stepped");
     ledger.shutdown().await;
 }
