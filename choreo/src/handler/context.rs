@@ -265,6 +265,7 @@ impl Context {
                     crate::wire::headers::CHOREO_REPLAY,
                     self.inner.handler_id.as_ref(),
                 );
+                o.replay = Some(self.inner.handler_id.clone());
             }
         }
         out

@@ -399,9 +399,7 @@ impl Publisher {
         let subject = async_nats::Subject::from(std::mem::take(&mut out.subject));
         let headers = std::mem::take(&mut out.headers);
         // The one header not rebuilt from the metadata on a retry.
-        let replay = headers
-            .get(crate::wire::headers::CHOREO_REPLAY)
-            .map(|v| v.as_str().to_owned());
+        let replay = out.replay.take();
         let ack = match self
             .attempt(subject.clone(), headers, out.payload.clone())
             .await

@@ -30,6 +30,9 @@ pub(crate) struct Outgoing {
     pub(crate) payload: Bytes,
     pub(crate) id: EventId,
     pub(crate) correlation_id: EventId,
+    /// On an emission of a replayed delivery, its `choreo-replay` value
+    /// (also in `headers`), for a retry to write again.
+    pub(crate) replay: Option<std::sync::Arc<str>>,
 }
 
 impl Outgoing {
@@ -49,6 +52,7 @@ impl Outgoing {
             id: meta.id(),
             correlation_id: meta.correlation_id(),
             meta: Box::new(meta),
+            replay: None,
         })
     }
 
