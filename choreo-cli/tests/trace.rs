@@ -120,8 +120,48 @@ async fn trace_says_which_attempt_a_running_or_retrying_event_is_on() {
     let (_, out, _) = choreo(&server, &["trace", "invoices.down-0.>"]);
     assert!(out.contains("503 busy, next at 20"), "{out}");
 
+    // `--follow` prints the tree again when it changes: running, then
+    // handled once the slow one is released.
+    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args([
+            "-s",
+            &server.url(),
+            "trace",
+            "invoices.slow-0.>",
+            "--no-times",
+            "--follow",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_state = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Ok(line) = seen.recv_timeout(deadline - std::time::Instant::now()) {
+            if line.contains("billing.bill: ") {
+                return line;
+            }
+        }
+        panic!("--follow printed no {want} line");
+    };
+    assert!(next_state("first").ends_with("running (attempt 1 of 4)"));
     // Released, the slow one is handled: its claim no longer speaks.
     gate.open.store(true, Ordering::SeqCst);
+    assert!(next_state("second").ends_with("handled"));
+    follow.kill().unwrap();
+    follow.wait().unwrap();
     let handled = step_of(&server, "invoices.slow-0.>", |s| s["state"] == "handled");
     assert!(handled["at_ms"].as_u64().unwrap() > 0);
     billing.shutdown().await;
