@@ -77,12 +77,45 @@ async fn what_would_outgrow_the_budget_is_named_at_start_with_what_to_change() {
     );
     drop(server);
 
-    // The same history in a stream kept a day, and a horizon of a minute
+    // The same history in a stream kept a day: bounded, but a day at
+    // ~2,000 events/s is far past the budget, and the warning says what
+    // max_age fits.
+    captured.0.lock().unwrap().clear();
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let day = StreamSettings::default().max_age(Duration::from_secs(86_400));
+    let publisher = Publisher::new(client.clone(), "meters")
+        .unwrap()
+        .stream_settings(day.clone());
+    fill(&publisher).await;
+    let svc = Service::new("billing")
+        .stream_settings(day)
+        .inbox_retention(Duration::from_secs(120))
+        .server_budget(64 << 20)
+        .handler(bill)
+        .start(client)
+        .await
+        .unwrap();
+    svc.shutdown().await;
+    let text = captured.text();
+    let held_line = text
+        .lines()
+        .find(|l| l.contains("stream METERS keeps events up to its max_age 1.0 days"))
+        .unwrap_or_else(|| panic!("no warning about the day-long stream:\n{text}"));
+    assert!(
+        held_line.contains("budget of 67.1 MB")
+            && held_line.contains("days fits the budget")
+            && held_line.contains("service=\"billing\""),
+        "{held_line}"
+    );
+    drop(server);
+
+    // The same history in a stream kept 30 s, and a horizon of two minutes
     // over the default groups: nothing to say.
     captured.0.lock().unwrap().clear();
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
-    let settings = StreamSettings::default().max_age(Duration::from_secs(86_400));
+    let settings = StreamSettings::default().max_age(Duration::from_secs(30));
     let publisher = Publisher::new(client.clone(), "meters")
         .unwrap()
         .stream_settings(settings.clone());
@@ -98,7 +131,9 @@ async fn what_would_outgrow_the_budget_is_named_at_start_with_what_to_change() {
     svc.shutdown().await;
     let text = captured.text();
     assert!(
-        !text.contains("keeps every event") && !text.contains("inbox groups will hold"),
+        !text.contains("keeps every event")
+            && !text.contains("keeps events up to")
+            && !text.contains("inbox groups will hold"),
         "warned about a bounded configuration:\n{text}"
     );
 }

@@ -1,8 +1,9 @@
 //! What a service's configuration will cost the server, projected at start
 //! from what the server already holds, and a warning when that passes the
 //! service's budget (`Service::server_budget`): a stream that keeps every
-//! event, an inbox with more groups than the budget allows, or groups so
-//! full that every record rewrites kilobytes and the handler slows.
+//! event, a stream whose limits hold more than the budget at its rate, an
+//! inbox with more groups than the budget allows, or groups so full that
+//! every record rewrites kilobytes and the handler slows.
 //!
 //! The per-unit costs are the ones `scripts/bench capacity` measured on
 //! nats-server 2.15.1 (see `docs/capacity.md`).
@@ -38,6 +39,17 @@ pub(crate) enum Finding {
         ram_per_day: f64,
         disk_per_day: f64,
         days_to_budget: f64,
+    },
+    /// A stream with limits holds more than the budget at them: at its
+    /// rate, `ram` of server memory and `disk` of disk once full, for
+    /// `limit` (what bounds it); `fits_days` of `max_age` would fit.
+    Held {
+        stream: String,
+        rate: f64,
+        ram: f64,
+        disk: f64,
+        limit: String,
+        fits_days: f64,
     },
     /// The inbox's groups alone may hold more than the budget.
     Groups { handlers: usize, bound: f64 },
@@ -76,6 +88,41 @@ pub(crate) fn stream_growth(info: &jetstream::stream::Info) -> Option<(f64, f64,
     Some((rate, ram, disk))
 }
 
+/// What a stream with limits holds once full, at its rate so far: (rate,
+/// server memory, disk, what bounds it, server memory a day of events
+/// takes), if its history says how fast it grows.
+pub(crate) fn stream_held(info: &jetstream::stream::Info) -> Option<(f64, f64, f64, String, f64)> {
+    let c = &info.config;
+    let rate = stream_rate(info)?;
+    let s = &info.state;
+    let per_event = s.bytes as f64 / s.messages as f64;
+    let subjects = (s.subjects_count as f64 / s.messages as f64).min(1.0);
+    let mut held = f64::INFINITY;
+    let mut limit = String::new();
+    if c.max_age > Duration::ZERO {
+        held = rate * c.max_age.as_secs_f64();
+        limit = format!("max_age {:.1} days", c.max_age.as_secs_f64() / 86_400.0);
+    }
+    if c.max_messages > 0 && (c.max_messages as f64) < held {
+        held = c.max_messages as f64;
+        limit = format!("max_msgs {}", c.max_messages);
+    }
+    if c.max_bytes > 0 && c.max_bytes as f64 / per_event < held {
+        held = c.max_bytes as f64 / per_event;
+        limit = format!("max_bytes {}", human(c.max_bytes as f64));
+    }
+    held.is_finite().then(|| {
+        let ram_per_event = subjects * SUBJECT_RAM;
+        (
+            rate,
+            held * ram_per_event,
+            held * per_event,
+            limit,
+            rate * 86_400.0 * ram_per_event,
+        )
+    })
+}
+
 /// What to warn about, for streams `streams` (their info), `handlers`
 /// idempotent handlers (name and the rate of the stream it reads) sharing
 /// an inbox of `groups` groups kept `horizon`, against `budget` bytes.
@@ -98,6 +145,18 @@ pub(crate) fn findings(
                 ram_per_day: ram,
                 disk_per_day: disk,
                 days_to_budget: budget / ram,
+            });
+        }
+        if let Some((rate, ram, disk, limit, ram_per_day)) = stream_held(info)
+            && ram > budget
+        {
+            out.push(Finding::Held {
+                stream: info.config.name.clone(),
+                rate,
+                ram,
+                disk,
+                limit,
+                fits_days: budget / ram_per_day,
             });
         }
     }
@@ -147,6 +206,21 @@ pub(crate) fn warn(service: &str, findings: &[Finding], budget: u64) {
                  must reach (docs/capacity.md)",
                 human(*ram_per_day),
                 human(*disk_per_day),
+            ),
+            Finding::Held {
+                stream,
+                rate,
+                ram,
+                disk,
+                limit,
+                fits_days,
+            } => tracing::warn!(
+                service,
+                stream = %stream,
+                rate = format!("{rate:.1}"),
+                "stream {stream} keeps events up to its {limit}: at its rate so far ({rate:.1}                  events/s) it will hold about {} of server memory and {} of disk, past this                  service's budget of {budget_h}; a max_age of {fits_days:.2} days fits the budget                  (StreamSettings::max_age), or raise Service::server_budget (docs/capacity.md)",
+                human(*ram),
+                human(*disk),
             ),
             Finding::Groups { handlers, bound } => tracing::warn!(
                 service,

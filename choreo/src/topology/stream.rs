@@ -47,7 +47,8 @@ impl StreamSettings {
         self.duplicate_window = window;
         self
     }
-    /// Sets the maximum message age.
+    /// Sets the maximum message age. A duplicate window longer than it is
+    /// shortened to it, as the server requires.
     pub fn max_age(mut self, max_age: Duration) -> Self {
         self.max_age = max_age;
         self
@@ -60,7 +61,12 @@ impl StreamSettings {
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
-            duplicate_window: self.duplicate_window,
+            // The server refuses a window longer than the age.
+            duplicate_window: if self.max_age > Duration::ZERO {
+                self.duplicate_window.min(self.max_age)
+            } else {
+                self.duplicate_window
+            },
             max_age: self.max_age,
             ..Default::default()
         }
