@@ -243,6 +243,7 @@ pub mod __private {
     pub use crate::handler::BoxFuture;
     use crate::handler::{DeliverPolicy, HandlerError};
     pub use crate::runtime::{FaultHook, FaultPoint};
+    pub use crate::service::footprint::human as human_bytes;
     pub use crate::topology::{consumer_name, inbox_bucket, inbox_group_key, inbox_key};
     pub use crate::wire::codec::{decode_cbor, unknown_version};
 

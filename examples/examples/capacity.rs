@@ -248,16 +248,7 @@ fn per(delta_from: u64, delta_to: u64, n: u64) -> f64 {
     delta_to.saturating_sub(delta_from) as f64 / n as f64
 }
 
-fn human(bytes: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
-    let mut v = bytes;
-    let mut unit = 0;
-    while v >= 1000.0 && unit < UNITS.len() - 1 {
-        v /= 1000.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
+use choreo::__private::human_bytes as human;
 
 /// Memory and disk per remembered event of one inbox layout, net of the
 /// events themselves (the same on every server).

@@ -36,24 +36,38 @@ async fn fill(publisher: &Publisher) {
     }
 }
 
+/// What a service with a 64 MB budget warns at start, on a new server
+/// whose meter stream (made with `stream`) holds `fill`'s history.
+async fn warnings_at_start(
+    captured: &common::Captured,
+    stream: StreamSettings,
+    service: impl FnOnce(Service) -> Service,
+) -> String {
+    captured.0.lock().unwrap().clear();
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let publisher = Publisher::new(client.clone(), "meters")
+        .unwrap()
+        .stream_settings(stream.clone());
+    fill(&publisher).await;
+    let svc = service(Service::new("billing"))
+        .stream_settings(stream)
+        .server_budget(64 << 20)
+        .handler(bill)
+        .start(client)
+        .await
+        .unwrap();
+    svc.shutdown().await;
+    captured.text()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_would_outgrow_the_budget_is_named_at_start_with_what_to_change() {
     let (captured, _guard) = common::capture_logs("warn");
 
     // Streams with their defaults keep every event.
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let publisher = Publisher::new(client.clone(), "meters").unwrap();
-    fill(&publisher).await;
-    let svc = Service::new("billing")
-        .inbox_groups(16)
-        .server_budget(64 << 20)
-        .handler(bill)
-        .start(client.clone())
-        .await
-        .unwrap();
-    svc.shutdown().await;
-    let text = captured.text();
+    let text =
+        warnings_at_start(&captured, StreamSettings::default(), |s| s.inbox_groups(16)).await;
     let stream_line = text
         .lines()
         .find(|l| l.contains("stream METERS keeps every event"))
@@ -75,29 +89,15 @@ async fn what_would_outgrow_the_budget_is_named_at_start_with_what_to_change() {
         write_line.contains("raise Service::inbox_groups") && write_line.contains("handler=bill"),
         "{write_line}"
     );
-    drop(server);
 
     // The same history in a stream kept a day: bounded, but a day at
     // ~2,000 events/s is far past the budget, and the warning says what
     // max_age fits.
-    captured.0.lock().unwrap().clear();
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
     let day = StreamSettings::default().max_age(Duration::from_secs(86_400));
-    let publisher = Publisher::new(client.clone(), "meters")
-        .unwrap()
-        .stream_settings(day.clone());
-    fill(&publisher).await;
-    let svc = Service::new("billing")
-        .stream_settings(day)
-        .inbox_retention(Duration::from_secs(120))
-        .server_budget(64 << 20)
-        .handler(bill)
-        .start(client)
-        .await
-        .unwrap();
-    svc.shutdown().await;
-    let text = captured.text();
+    let text = warnings_at_start(&captured, day, |s| {
+        s.inbox_retention(Duration::from_secs(120))
+    })
+    .await;
     let held_line = text
         .lines()
         .find(|l| l.contains("stream METERS keeps events up to its max_age 1.0 days"))
@@ -108,28 +108,15 @@ async fn what_would_outgrow_the_budget_is_named_at_start_with_what_to_change() {
             && held_line.contains("service=\"billing\""),
         "{held_line}"
     );
-    drop(server);
 
-    // The same history in a stream kept 30 s, and a horizon of two minutes
-    // over the default groups: nothing to say.
-    captured.0.lock().unwrap().clear();
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let settings = StreamSettings::default().max_age(Duration::from_secs(30));
-    let publisher = Publisher::new(client.clone(), "meters")
-        .unwrap()
-        .stream_settings(settings.clone());
-    fill(&publisher).await;
-    let svc = Service::new("billing")
-        .stream_settings(settings)
-        .inbox_retention(Duration::from_secs(120))
-        .server_budget(64 << 20)
-        .handler(bill)
-        .start(client)
-        .await
-        .unwrap();
-    svc.shutdown().await;
-    let text = captured.text();
+    // The same history in a stream kept 30 s (shorter than the default
+    // duplicate window, which is shortened to it), and a horizon of two
+    // minutes over the default groups: nothing to say.
+    let half_minute = StreamSettings::default().max_age(Duration::from_secs(30));
+    let text = warnings_at_start(&captured, half_minute, |s| {
+        s.inbox_retention(Duration::from_secs(120))
+    })
+    .await;
     assert!(
         !text.contains("keeps every event")
             && !text.contains("keeps events up to")

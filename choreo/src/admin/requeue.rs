@@ -16,8 +16,9 @@
 //!   replay (`Context::is_replay`) and names the original for a dead
 //!   letter.
 //!
-//! It works on every server version choreo supports: it needs neither the
-//! consumer reset nor a stopped service.
+//! It needs neither the consumer reset (2.14+) nor a stopped service: only
+//! stream subject transforms, which every server choreo supports has
+//! (2.10+).
 
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use crate::wire::headers as h;
 const IN_FLIGHT: usize = 256;
 
 /// The subject prefix an ordered handler's work queue takes copies on.
-pub(crate) fn replay_prefix(service: &str, handler: &str) -> String {
+fn replay_prefix(service: &str, handler: &str) -> String {
     format!("choreo.replay.{service}.{handler}")
 }
 
@@ -69,18 +70,10 @@ pub(super) async fn requeue(
         if seq > plan.until {
             break;
         }
-        let mut headers = async_nats::HeaderMap::new();
-        for (name, values) in m.headers.iter().flat_map(|hd| hd.iter()) {
-            let name_str: &str = name.as_ref();
-            if !name_str
-                .get(..5)
-                .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
-            {
-                for v in values {
-                    headers.append(name.clone(), v.clone());
-                }
-            }
-        }
+        let mut headers = m
+            .headers
+            .as_ref()
+            .map_or_else(async_nats::HeaderMap::new, h::without_jetstream);
         let id = headers
             .get(h::CE_ID)
             .map(|v| v.as_str().to_owned())

@@ -123,18 +123,6 @@ pub(crate) struct Letter<'a> {
 /// `max_payload`; says what was left out.
 pub const OMITTED: &str = "choreo-dlq-omitted";
 
-/// Whether a header of the original message is kept in its dead letter.
-/// JetStream's own headers are dropped: control headers
-/// (`Nats-Expected-*`, `Nats-Rollup`, `Nats-TTL`, `Nats-Schedule*`,
-/// `Nats-Batch-*`, …) would make the dead-letter stream refuse the copy or
-/// act on it, and the rest describe the original store, which the
-/// `choreo-dlq-stream` and `choreo-dlq-sequence` headers name.
-fn kept(name: &str) -> bool {
-    !name
-        .get(..5)
-        .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
-}
-
 impl Letter<'_> {
     /// The dead letter: the original headers (less JetStream's own) and
     /// payload, plus the reason headers, with a `Nats-Msg-Id` unique to
@@ -149,17 +137,9 @@ impl Letter<'_> {
         payload: bytes::Bytes,
         max_payload: usize,
     ) -> (HeaderMap, bytes::Bytes) {
-        let mut h = HeaderMap::new();
-        if let Some(orig) = original {
-            for (name, values) in orig.iter() {
-                if !kept(name.as_ref()) {
-                    continue;
-                }
-                for v in values {
-                    h.append(name.clone(), v.clone());
-                }
-            }
-        }
+        // The original store is named by the `choreo-dlq-stream` and
+        // `choreo-dlq-sequence` headers instead of JetStream's own.
+        let mut h = original.map_or_else(HeaderMap::new, crate::wire::headers::without_jetstream);
         self.add_reason(&mut h);
         if crate::wire::headers::wire_size(&h, payload.len()) <= max_payload {
             return (h, payload);

@@ -362,15 +362,10 @@ pub(super) async fn replay_payload(
                     letter.original_stream, letter.original_sequence
                 ),
             })?;
-        let mut headers = HeaderMap::new();
-        for (name, values) in original.headers.iter() {
-            if kept(name.as_ref()) {
-                for v in values {
-                    headers.append(name.clone(), v.clone());
-                }
-            }
-        }
-        (headers, original.payload)
+        (
+            crate::wire::headers::without_jetstream(&original.headers),
+            original.payload,
+        )
     } else {
         (letter.headers.clone(), letter.payload.clone())
     };

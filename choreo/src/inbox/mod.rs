@@ -15,8 +15,8 @@
 //!   group left unwritten for a horizon expires, so the server holds at most
 //!   the group count of keys per handler, however many events it handled.
 //! - `<handler>.<event id>`: a **claim**, `run <instance> <unix ms> <stream
-//!   sequence> <attempt>/<max_deliver>`, written by the handler's watchdog once the handler has run
-//!   for a second (or a third of its `ack_wait`, if less) and refreshed with
+//!   sequence> <attempt>/<max_deliver>`, written by the handler's watchdog
+//!   once the handler has run for a second (or a third of its `ack_wait`, if less) and refreshed with
 //!   each in-progress ack. While it is fresh, another delivery of the same
 //!   event waits for the outcome instead of running the handler a second
 //!   time. No clock judges it (see `decide`): a redelivery of the message it
@@ -64,9 +64,6 @@ pub use error::{InboxError, InboxErrorKind};
 pub(crate) use view::View;
 
 use batch::Answers;
-
-/// How much of a failed attempt's error its retry note keeps.
-const NOTE_ERROR_CHARS: usize = 300;
 pub(crate) use batch::READ_BATCH;
 use record::record_of;
 pub(crate) use record::{
@@ -83,6 +80,9 @@ pub(crate) use crate::topology::inbox_bucket as bucket;
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub(crate) use crate::topology::inbox_key as key;
+
+/// How much of a failed attempt's error its retry note keeps.
+const NOTE_ERROR_CHARS: usize = 300;
 
 #[derive(Clone, Debug)]
 pub(crate) struct Inbox {
@@ -221,15 +221,17 @@ impl Inbox {
         })
     }
 
-    fn claim_value(&self, d: Delivered) -> Bytes {
+    /// What a claim key holds: `<kind> <instance> <unix ms> <stream seq>
+    /// <attempt>/<max>`, then `tail` (see the module's docs).
+    fn claim_key_value(&self, kind: &str, now: u64, d: Delivered, tail: &str) -> Bytes {
         Bytes::from(format!(
-            "run {:016x} {} {} {}/{}",
-            self.instance,
-            now_ms(),
-            d.stream_seq,
-            d.attempt,
-            d.of
+            "{kind} {:016x} {now} {} {}/{}{tail}",
+            self.instance, d.stream_seq, d.attempt, d.of
         ))
+    }
+
+    fn claim_value(&self, d: Delivered) -> Bytes {
+        self.claim_key_value("run", now_ms(), d, "")
     }
 
     /// Makes every claim write wait `delay` first (a fault hook).
@@ -451,12 +453,9 @@ impl Inbox {
         if let Some((cut, _)) = error.char_indices().nth(NOTE_ERROR_CHARS) {
             error.truncate(cut);
         }
-        let value = format!(
-            "retry {:016x} {now} {} {}/{} {retry_at} {error}",
-            self.instance, delivered.stream_seq, delivered.attempt, delivered.of
-        );
+        let value = self.claim_key_value("retry", now, delivered, &format!(" {retry_at} {error}"));
         match self
-            .write_at(key, Bytes::from(value), revision, Some(retry_in + ttl))
+            .write_at(key, value, revision, Some(retry_in + ttl))
             .await
         {
             Ok(_) => true,

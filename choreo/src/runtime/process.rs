@@ -66,7 +66,10 @@ pub(super) async fn process<H: Handler>(
 /// The original stream and sequence a replay's copy names in its
 /// `choreo-replay` header (`<service>.<handler> <stream> <sequence>`).
 pub(super) fn replay_copy(headers: Option<&async_nats::HeaderMap>) -> Option<(String, u64)> {
-    let v = headers?.get(crate::wire::headers::CHOREO_REPLAY)?.as_str();
+    // A static name: no allocation for the look-up on every ordered event.
+    const NAME: async_nats::HeaderName =
+        async_nats::HeaderName::from_static(crate::wire::headers::CHOREO_REPLAY);
+    let v = headers?.get(NAME)?.as_str();
     let mut t = v.split_whitespace().skip(1);
     Some((t.next()?.to_owned(), t.next()?.parse().ok()?))
 }

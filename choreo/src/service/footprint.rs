@@ -250,7 +250,8 @@ pub(crate) fn warn(service: &str, findings: &[Finding], budget: u64) {
     }
 }
 
-fn human(bytes: f64) -> String {
+/// Bytes in decimal units, one decimal: `2.7 GB`.
+pub fn human(bytes: f64) -> String {
     const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
     let mut v = bytes;
     let mut unit = 0;

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 mod checks;
 mod describe;
 mod error;
-mod footprint;
+pub(crate) mod footprint;
 mod handle;
 mod prepare;
 

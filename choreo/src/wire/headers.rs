@@ -61,6 +61,26 @@ pub const CHOREO_REPLAY: &str = "choreo-replay";
 /// The CloudEvents spec version choreo writes and accepts.
 pub const SPEC_VERSION: &str = "1.0";
 
+/// A stored event's headers less JetStream's own (`Nats-*`), for a copy
+/// stored again (a dead letter, a replay): control headers
+/// (`Nats-Expected-*`, `Nats-Rollup`, `Nats-TTL`, `Nats-Schedule*`,
+/// `Nats-Batch-*`, …) would make the target stream refuse the copy or act on
+/// it, and the rest describe the original store.
+pub(crate) fn without_jetstream(original: &HeaderMap) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (name, values) in original.iter() {
+        let jetstream = AsRef::<str>::as_ref(name)
+            .get(..5)
+            .is_some_and(|p| p.eq_ignore_ascii_case("nats-"));
+        if !jetstream {
+            for v in values {
+                h.append(name.clone(), v.clone());
+            }
+        }
+    }
+    h
+}
+
 /// What the headers of one event say about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Metadata {

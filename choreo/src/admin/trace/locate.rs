@@ -19,15 +19,14 @@
 //! or a handler without an inbox) leaves the flow open: it is read to the
 //! window's end, as without this.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use time::OffsetDateTime;
 
-use super::{Seen, get, read_where};
+use super::{Inboxes, Seen, get, read_where};
 use crate::event::id::EventId;
-use crate::inbox::View;
 use crate::registry::{HandlerManifest, Manifest};
 use crate::wire::headers as h;
 
@@ -50,29 +49,22 @@ fn at_ms(ms: u64) -> OffsetDateTime {
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
-/// What a look-up reads, once each: the services' inboxes.
-struct Finder<'a> {
+/// What a look-up reads: the streams, and the services' inboxes through
+/// the trace's cache (its steps read the same records again).
+struct Finder<'a, 'r> {
     js: &'a jetstream::Context,
     streams: &'a BTreeSet<String>,
     /// Every handler, with its service.
     handlers: Vec<(&'a str, &'a HandlerManifest)>,
-    inboxes: HashMap<&'a str, Option<View>>,
+    inboxes: &'r mut Inboxes,
     /// The window's start and end: nothing is read outside it.
     window: (OffsetDateTime, OffsetDateTime),
 }
 
-impl<'a> Finder<'a> {
-    async fn inbox(&mut self, service: &'a str) -> Option<&View> {
-        if !self.inboxes.contains_key(service) {
-            let view = View::open(self.js, service).await;
-            self.inboxes.insert(service, view);
-        }
-        self.inboxes.get(service)?.as_ref()
-    }
-
+impl<'a> Finder<'a, '_> {
     /// When `handler` of `service` recorded `id`, if it did.
     async fn recorded(&mut self, service: &'a str, handler: &str, id: EventId) -> Option<u64> {
-        self.inbox(service).await?.handled_at(handler, id).await
+        self.inboxes.recorded(self.js, service, handler, id).await
     }
 
     /// The earliest time any handler recorded `id`: the event was stored
@@ -165,7 +157,7 @@ impl<'a> Finder<'a> {
 }
 
 /// The time a random (v7) id was made, if it is one.
-fn made_at(id: EventId) -> Option<OffsetDateTime> {
+pub(super) fn made_at(id: EventId) -> Option<OffsetDateTime> {
     let (s, n) = id.as_uuid().get_timestamp()?.to_unix();
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(s) * 1_000_000_000 + i128::from(n)).ok()
 }
@@ -180,6 +172,7 @@ pub(super) async fn flow_of(
     streams: &BTreeSet<String>,
     id: EventId,
     window: (OffsetDateTime, OffsetDateTime),
+    inboxes: &mut Inboxes,
 ) -> Option<Vec<Seen>> {
     let handlers = manifests
         .iter()
@@ -189,7 +182,7 @@ pub(super) async fn flow_of(
         js,
         streams,
         handlers,
-        inboxes: HashMap::new(),
+        inboxes,
         window,
     };
     let event = f.locate(id).await?;

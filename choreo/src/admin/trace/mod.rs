@@ -5,9 +5,9 @@
 //! start at the window's start on each stream the registry names (and the
 //! dead-letter stream); a subject query reads only its subjects, so the
 //! server's subject index does the search, and an id query reads only the
-//! stretch its flow can reach (see `locate`). The window is the hour after a random (v7) root id's
-//! time, or the given one (`since`, default the last hour) for keyed ids
-//! and subjects.
+//! stretch its flow can reach (see `locate`). The window is the hour after
+//! a random (v7) root id's time, or the given one (`since`, default the
+//! last hour) for keyed ids and subjects.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -20,7 +20,7 @@ use crate::wire::headers as h;
 
 mod locate;
 mod read;
-pub(crate) mod render;
+mod render;
 
 pub(in crate::admin) use read::{read, read_where};
 pub use render::{Arrow, sequence_diagram};
@@ -181,17 +181,7 @@ pub async fn trace(
     let (manifests, publishers) = super::manifests(js).await?;
     let now = time::OffsetDateTime::now_utc();
     let start = since.unwrap_or_else(|| match query {
-        Query::Id(id) => id
-            .as_uuid()
-            .get_timestamp()
-            .and_then(|t| {
-                let (s, n) = t.to_unix();
-                time::OffsetDateTime::from_unix_timestamp_nanos(
-                    i128::from(s) * 1_000_000_000 + i128::from(n),
-                )
-                .ok()
-            })
-            .map_or(now - window, |t| t - Duration::from_secs(60)),
+        Query::Id(id) => locate::made_at(*id).map_or(now - window, |t| t - Duration::from_secs(60)),
         Query::Subject(_) => now - window,
     });
     let end = start + window;
@@ -211,8 +201,12 @@ pub async fn trace(
     // subject index). An id query reads only as far as its flow can reach
     // (see `locate`), or where the id cannot be placed, every header in
     // the window.
+    let mut cache = Read::default();
     let located = match query {
-        Query::Id(id) => locate::flow_of(js, &manifests, &streams, *id, (start, end)).await,
+        Query::Id(id) => {
+            let window = (start, end);
+            locate::flow_of(js, &manifests, &streams, *id, window, &mut cache.inboxes).await
+        }
         Query::Subject(_) => None,
     };
     let seen = match located {
@@ -276,7 +270,6 @@ pub async fn trace(
         &mut letters,
     )
     .await;
-    let mut read = Read::default();
     let mut flows = Vec::new();
     for corr in wanted {
         let mut ids_seen = BTreeSet::new();
@@ -298,7 +291,7 @@ pub async fn trace(
                 let step = if duplicate {
                     Step::Duplicate
                 } else {
-                    step_of(js, service, hm, e, &id, &letters, &mut read).await
+                    step_of(js, service, hm, e, &id, &letters, &mut cache).await
                 };
                 handlers.push(HandlerStep {
                     handler: format!("{service}.{}", hm.name),
@@ -333,11 +326,53 @@ pub async fn trace(
 }
 
 /// What one trace has read of the server and reuses for every event: each
-/// durable's (ack floor, last delivered), and each service's inbox.
+/// durable's (ack floor, last delivered), and the inboxes.
 #[derive(Default)]
 struct Read {
     floors: HashMap<String, (u64, u64)>,
-    inboxes: HashMap<String, Option<crate::inbox::View>>,
+    inboxes: Inboxes,
+}
+
+/// Each service's inbox, opened once per trace, and the records read from
+/// them (placing an id reads the records its steps show).
+#[derive(Default)]
+pub(super) struct Inboxes {
+    open: HashMap<String, Option<crate::inbox::View>>,
+    records: HashMap<(String, String, crate::EventId), Option<u64>>,
+}
+
+impl Inboxes {
+    async fn view(
+        &mut self,
+        js: &jetstream::Context,
+        service: &str,
+    ) -> Option<&crate::inbox::View> {
+        if !self.open.contains_key(service) {
+            let view = crate::inbox::View::open(js, service).await;
+            self.open.insert(service.to_owned(), view);
+        }
+        self.open.get(service)?.as_ref()
+    }
+
+    /// When `handler` of `service` recorded `id` as handled, if it did.
+    pub(super) async fn recorded(
+        &mut self,
+        js: &jetstream::Context,
+        service: &str,
+        handler: &str,
+        id: crate::EventId,
+    ) -> Option<u64> {
+        let key = (service.to_owned(), handler.to_owned(), id);
+        if let Some(at) = self.records.get(&key) {
+            return *at;
+        }
+        let at = match self.view(js, service).await {
+            Some(inbox) => inbox.handled_at(handler, id).await,
+            None => None,
+        };
+        self.records.insert(key, at);
+        at
+    }
 }
 
 async fn step_of(
@@ -358,14 +393,9 @@ async fn step_of(
             reason: get(&l.headers, crate::dlq::REASON),
         };
     }
-    if hm.options.idempotent && !read.inboxes.contains_key(service) {
-        let inbox = crate::inbox::View::open(js, service).await;
-        read.inboxes.insert(service.to_owned(), inbox);
-    }
     if hm.options.idempotent
         && let Ok(id) = id.parse()
-        && let Some(Some(inbox)) = read.inboxes.get(service)
-        && let Some(ms) = inbox.handled_at(&hm.name, id).await
+        && let Some(ms) = read.inboxes.recorded(js, service, &hm.name, id).await
     {
         return Step::Handled { at_ms: ms };
     }
@@ -390,7 +420,7 @@ async fn step_of(
     }
     if hm.options.idempotent
         && let Ok(id) = id.parse()
-        && let Some(Some(inbox)) = read.inboxes.get(service)
+        && let Some(inbox) = read.inboxes.view(js, service).await
         && let Some(note) = inbox.note(&hm.name, id).await
     {
         return match note {
