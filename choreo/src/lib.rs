@@ -36,6 +36,7 @@ mod publish;
 mod handler;
 
 pub mod admin;
+mod deadline;
 pub mod dlq;
 mod inbox;
 pub mod registry;
@@ -54,9 +55,9 @@ pub use event::{
     HeaderErrorKind, SubjectError, SubjectErrorKind, TokenProblem,
 };
 pub use handler::{
-    Attempt, BoxFuture, Context, DEFAULT_PARTITIONS, DEFAULT_TIMEOUT, DeliverPolicy, EmittedEvent,
-    EventArg, FromContext, Handler, HandlerError, HandlerErrorKind, HandlerOptions,
-    IntoHandlerResult, MissingState, Ordered, State, States,
+    Attempt, BoxFuture, Context, DEFAULT_PARTITIONS, DEFAULT_TIMEOUT, Deadline, DeadlineHandler,
+    DeliverPolicy, EmittedEvent, EventArg, FromContext, Handler, HandlerError, HandlerErrorKind,
+    HandlerOptions, IntoHandlerResult, MatchBy, MissingState, Ordered, State, States,
 };
 pub use inbox::{DEFAULT_RETENTION as DEFAULT_INBOX_RETENTION, InboxError, InboxErrorKind};
 pub use nats::{ConnectError, ConnectErrorKind, JetStreamApi, Source, connect};

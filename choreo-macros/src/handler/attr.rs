@@ -7,7 +7,7 @@ use crate::ctxt::Ctxt;
 use crate::opts::{self, Opt, set};
 
 pub(crate) const OPTIONS: &str = "`name`, `concurrency`, `max_deliver`, `backoff`, `ack_wait`, `timeout`, `deliver`, \
-     `deliver_since`, `idempotent`, `emits`, `ordered`, `ordered_by`, `partitions`, `crate`";
+     `deliver_since`, `idempotent`, `emits`, `ordered`, `ordered_by`, `partitions`, `within`, `unless`, `matched_by`, `crate`";
 
 pub(crate) enum Deliver {
     All,
@@ -29,6 +29,9 @@ pub(crate) struct HandlerAttr {
     pub(crate) ordered: Option<Opt<()>>,
     pub(crate) ordered_by: Option<Opt<Vec<Ident>>>,
     pub(crate) partitions: Option<Opt<LitInt>>,
+    pub(crate) within: Option<Opt<LitStr>>,
+    pub(crate) unless: Option<Opt<syn::Type>>,
+    pub(crate) matched_by: Option<Opt<Ident>>,
     pub(crate) krate: Option<Opt<syn::Path>>,
 }
 
@@ -134,6 +137,18 @@ pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> HandlerAttr {
                 "partitions" => {
                     let v = meta.value()?.parse()?;
                     set(cx, &mut attr.partitions, "partitions", span, v);
+                }
+                "within" => {
+                    let v = meta.value()?.parse()?;
+                    set(cx, &mut attr.within, "within", span, v);
+                }
+                "unless" => {
+                    let v = meta.value()?.parse()?;
+                    set(cx, &mut attr.unless, "unless", span, v);
+                }
+                "matched_by" => {
+                    let v = meta.value()?.parse()?;
+                    set(cx, &mut attr.matched_by, "matched_by", span, v);
                 }
                 "crate" => {
                     let path = opts::crate_path(&meta)?;

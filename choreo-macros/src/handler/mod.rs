@@ -100,6 +100,7 @@ fn check_signature(cx: &mut Ctxt, f: &ItemFn) {
 struct Options {
     setters: Vec<TokenStream>,
     name: String,
+    deadline: Option<DeadlineOpts>,
 }
 
 fn int_in(cx: &mut Ctxt, lit: &syn::LitInt, what: &str, min: u64, max: u64) -> u64 {
@@ -238,7 +239,103 @@ fn options(cx: &mut Ctxt, a: &HandlerAttr, f: &ItemFn) -> Options {
             .unwrap_or_default();
         setters.push(quote!(.ordered(&[#(#by),*], #n)));
     }
-    Options { setters, name }
+    let deadline = deadline(cx, a, ordered, &name);
+    Options {
+        setters,
+        name,
+        deadline,
+    }
+}
+
+/// `within = "15m", unless = B, matched_by = correlation | key`: checked
+/// here, made into a `Deadline` by `generate`.
+struct DeadlineOpts {
+    within_ms: u64,
+    unless: Type,
+    by_key: Option<Span>,
+    schedule: String,
+    met: String,
+}
+
+fn deadline(cx: &mut Ctxt, a: &HandlerAttr, ordered: bool, name: &str) -> Option<DeadlineOpts> {
+    let (within, unless) = match (&a.within, &a.unless) {
+        (None, None) => {
+            if let Some(m) = &a.matched_by {
+                cx.error_at(
+                    m.key,
+                    "`matched_by` applies to a deadline: add `within = \"15m\", unless = SomeEvent`",
+                );
+            }
+            return None;
+        }
+        (Some(w), None) => {
+            cx.error_at(
+                w.key,
+                "a deadline names the event that cancels it: add `unless = SomeEvent`",
+            );
+            return None;
+        }
+        (None, Some(u)) => {
+            cx.error_at(
+                u.key,
+                "a deadline says how long to wait: add `within = \"15m\"`",
+            );
+            return None;
+        }
+        (Some(w), Some(u)) => (w, u),
+    };
+    if ordered {
+        cx.error_at(
+            within.key,
+            "a deadline handler cannot be ordered: remove `ordered_by` or `within`",
+        );
+    }
+    for (set, what) in [
+        (a.deliver.as_ref().map(|o| o.key), "deliver"),
+        (a.deliver_since.as_ref().map(|o| o.key), "deliver_since"),
+    ] {
+        if let Some(key) = set {
+            cx.error_at(
+                key,
+                format!(
+                    "`{what}` does not apply to a deadline: its deadlines start with the A events published after it is first deployed"
+                ),
+            );
+        }
+    }
+    let within_ms = match parse_millis(&within.value.value()) {
+        Ok(ms) if ms >= 1000 => ms,
+        Ok(_) => {
+            cx.error_spanned_by(&within.value, "`within` must be at least 1s");
+            1000
+        }
+        Err(e) => {
+            cx.error_spanned_by(&within.value, e);
+            1000
+        }
+    };
+    let by_key = match &a.matched_by {
+        None => None,
+        Some(m) if m.value == "correlation" => None,
+        Some(m) if m.value == "key" => Some(m.value.span()),
+        Some(m) => {
+            cx.error_spanned_by(
+                &m.value,
+                format!(
+                    "`matched_by` is `correlation` (B carries A's correlation id, the default) or `key` (B's key equals A's), not `{}`",
+                    m.value
+                ),
+            );
+            None
+        }
+    };
+    Some(DeadlineOpts {
+        within_ms,
+        unless: unless.value.clone(),
+        by_key,
+        schedule: format!("{name}__schedule"),
+        met: format!("{name}__met"),
+    })
 }
 
 fn krate(a: &HandlerAttr) -> syn::Path {
@@ -326,6 +423,49 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
                 const _: () = ::core::assert!(#p::orderable::<#event_assoc>(&[#(#by),*]), #msg);
             }
         });
+    let (deadline_fn, deadline_impl) = match &o.deadline {
+        None => (None, None),
+        Some(d) => {
+            let DeadlineOpts {
+                within_ms,
+                unless,
+                schedule,
+                met,
+                ..
+            } = d;
+            let by = if d.by_key.is_some() {
+                quote!(Key)
+            } else {
+                quote!(Correlation)
+            };
+            let unless_ty = quote_spanned!(unless.span()=> #krate::EventType::of::<#unless>());
+            // Matching by key needs a key on both sides.
+            let key_check = d.by_key.map(|span| {
+                quote_spanned! {span=>
+                    const _: () = ::core::assert!(
+                        !<#event_assoc as #krate::Event>::KEY_FIELDS.is_empty()
+                            && !<#unless as #krate::Event>::KEY_FIELDS.is_empty(),
+                        "`matched_by = key`: both the handler's event and the `unless` event must declare a `key`"
+                    );
+                }
+            });
+            (
+                Some(quote! {
+                    fn deadline(&self) -> ::core::option::Option<#krate::Deadline> {
+                        ::core::option::Option::Some(#krate::Deadline::new(
+                            #within_ms, #unless_ty, #krate::MatchBy::#by, #schedule, #met,
+                        ))
+                    }
+                }),
+                Some(quote! {
+                    #key_check
+                    impl #krate::DeadlineHandler for #ident {
+                        type Unless = #unless;
+                    }
+                }),
+            )
+        }
+    };
     let boxed = quote_spanned! {f.sig.ident.span()=>
         |#(#args: #tys),*| -> #p::BoxFuture<#ret> { ::std::boxed::Box::pin(#ident::#inner(#(#args),*)) }
     };
@@ -352,6 +492,8 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
 
         #order_check
 
+        #deadline_impl
+
         impl #krate::Handler for #ident {
             type Event = #event_assoc;
 
@@ -364,6 +506,8 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
             }
 
             #emits_fn
+
+            #deadline_fn
 
             fn check(&self, states: &#krate::States) -> ::core::result::Result<(), #krate::MissingState> {
                 #( #checks(states)?; )*

@@ -9,6 +9,7 @@
 //!   state for every event.
 //! - [`plan`] and [`replay()`]: rewind one handler over a stretch of its
 //!   stream while its instances run.
+//! - [`deadlines`]: pending deadlines, and one deadline's state.
 //! - [`manifests()`]: each service's manifest and the publishers' records,
 //!   from the registry, which the others take.
 //!
@@ -28,6 +29,7 @@ use async_nats::jetstream;
 use crate::registry::{self, Manifest, PublishedEvent};
 
 mod asyncapi;
+pub mod deadlines;
 mod error;
 mod graph;
 mod read;

@@ -109,7 +109,7 @@ impl EventId {
         s[s.len() - 8..].to_owned()
     }
 
-    fn from_parts(parts: &[&[u8]]) -> Self {
+    pub(crate) fn from_parts(parts: &[&[u8]]) -> Self {
         let len: usize = parts.iter().map(|p| 4 + p.len()).sum();
         let mut name = Vec::with_capacity(len);
         for part in parts {

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 mod context;
+mod deadline;
 mod error;
 mod extract;
 mod options;
@@ -14,6 +15,7 @@ pub(crate) mod testing;
 
 pub(crate) use context::Delivery;
 pub use context::{Context, EmittedEvent};
+pub use deadline::{Deadline, DeadlineHandler, MatchBy};
 pub use error::{HandlerError, HandlerErrorKind, IntoHandlerResult};
 pub use extract::{Attempt, EventArg, FromContext, MissingState, State, States};
 pub(crate) use options::placeholder_index;
@@ -50,6 +52,14 @@ pub trait Handler: Send + Sync + 'static {
     /// Emitting another type then fails the handler permanently, naming the
     /// type and the declaration. `None` (the default): undeclared.
     fn emits(&self) -> Option<&'static [crate::event::EventType]> {
+        None
+    }
+
+    /// The deadline it runs on, for a handler declared with
+    /// `#[event_handler(within = .., unless = ..)]` (`None` by default).
+    /// Such a handler is registered with
+    /// [`Service::deadline`](crate::Service::deadline).
+    fn deadline(&self) -> Option<Deadline> {
         None
     }
 

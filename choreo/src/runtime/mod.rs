@@ -357,6 +357,59 @@ impl<H: Handler> Erased for Typed<H> {
     }
 }
 
+/// A handler that reads a stream other than its event's own (a deadline
+/// handler reads its fired copies from the deadline stream): [`Typed`]
+/// with the stream, its subjects and the filter it consumes.
+pub(crate) struct Routed<H> {
+    pub(crate) inner: Arc<Typed<H>>,
+    pub(crate) stream: (&'static str, &'static str, &'static str),
+}
+
+impl<H> std::fmt::Debug for Routed<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} on {}", self.inner, self.stream.2)
+    }
+}
+
+impl<H: Handler> Erased for Routed<H> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn event_type(&self) -> &'static str {
+        self.inner.event_type()
+    }
+    fn emits(&self) -> Option<&'static [crate::event::EventType]> {
+        self.inner.emits()
+    }
+    fn consumes(&self) -> crate::event::EventType {
+        self.inner.consumes()
+    }
+    fn accepted_versions(&self) -> Vec<u32> {
+        self.inner.accepted_versions()
+    }
+    fn options(&self) -> HandlerOptions {
+        self.inner.options()
+    }
+    fn ordering_wildcards(&self) -> Option<Vec<usize>> {
+        None
+    }
+    fn stream(&self) -> (&'static str, &'static str, &'static str) {
+        self.stream
+    }
+    fn check(&self, states: &States) -> Result<(), MissingState> {
+        self.inner.check(states)
+    }
+    fn process(
+        self: Arc<Self>,
+        msg: jetstream::Message,
+        at: (u32, u64),
+        seen: Seen,
+        rt: Arc<Runtime>,
+    ) -> BoxFuture<()> {
+        Box::pin(process::<H>(self.inner.clone(), msg, at, seen, rt))
+    }
+}
+
 pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

@@ -19,12 +19,13 @@ use checks::{shutdown_signal, validate_options};
 pub use error::{RunError, RunErrorKind, StartError, StartErrorKind};
 pub use handle::ServiceHandle;
 
-use crate::handler::{Handler, States};
+use crate::handler::{DeadlineHandler, Handler, States};
 use crate::inbox::{self, Inbox};
 use crate::nats::JetStreamApi;
 use crate::publish::Publisher;
 use crate::runtime::{
-    Erased, FaultHook, HandlerStats, Live, Registry, Runtime, Typed, advisory_loop, pull_loop,
+    Erased, FaultHook, HandlerStats, Live, Registry, Routed, Runtime, Typed, advisory_loop,
+    pull_loop,
 };
 use crate::topology::{StreamSettings, consumer_name};
 
@@ -65,6 +66,10 @@ pub struct Service {
     claim_delay: Option<Duration>,
     api: JetStreamApi,
     heartbeat: Duration,
+    /// Deadline handlers registered with `handler` instead of `deadline`.
+    misregistered: Vec<&'static str>,
+    /// Whether a deadline handler is registered.
+    deadlines: bool,
 }
 
 /// The default [`Service::server_budget`]: 1 GiB of nats-server memory.
@@ -99,6 +104,8 @@ impl Service {
             claim_delay: None,
             api: JetStreamApi::default(),
             heartbeat: crate::registry::HEARTBEAT,
+            misregistered: Vec::new(),
+            deadlines: false,
         }
     }
 
@@ -187,7 +194,61 @@ impl Service {
 
     /// Adds a handler (the value `#[event_handler]` makes of an `async fn`).
     pub fn handler<H: Handler>(mut self, handler: H) -> Self {
+        if handler.deadline().is_some() {
+            self.misregistered.push(handler.name());
+        }
         self.handlers.push(Arc::new(Typed(handler)));
+        self
+    }
+
+    /// Adds a deadline handler (`#[event_handler(within = "15m", unless =
+    /// PaymentCaptured)]` on an `async fn` taking A). When A is handled,
+    /// its copy is scheduled in JetStream for A's time + `within`; a B
+    /// matched to it before then cancels it; otherwise the copy fires and
+    /// the handler runs with A, exactly once per A either way. Needs
+    /// nats-server 2.12 or later. See `docs/deadlines.md`.
+    ///
+    /// ```no_run
+    /// use choreo::{event, event_handler, Context, Service};
+    ///
+    /// #[event(subject = "orders.{order_id}.placed", key = order_id)]
+    /// pub struct OrderPlaced { pub order_id: String }
+    /// #[event(subject = "payments.{order_id}.captured", key = order_id)]
+    /// pub struct PaymentCaptured { pub order_id: String }
+    /// #[event(subject = "orders.{order_id}.cancelled", key = order_id)]
+    /// pub struct OrderCancelled { pub order_id: String }
+    ///
+    /// /// Cancels an order whose payment has not come 15 minutes after it was placed.
+    /// #[event_handler(within = "15m", unless = PaymentCaptured)]
+    /// async fn cancel_unpaid(order: OrderPlaced, ctx: Context) {
+    ///     ctx.emit(OrderCancelled { order_id: order.order_id });
+    /// }
+    ///
+    /// # async fn t(client: choreo::async_nats::Client) -> Result<(), choreo::RunError> {
+    /// Service::new("orders").deadline(cancel_unpaid).run(client).await
+    /// # }
+    /// ```
+    pub fn deadline<H: DeadlineHandler>(mut self, handler: H) -> Self {
+        let Some(d) = handler.deadline() else {
+            self.misregistered.push(handler.name());
+            return self.handler(handler);
+        };
+        let name = handler.name();
+        self.deadlines = true;
+        self.handlers
+            .push(Arc::new(Typed(crate::deadline::Schedule::<H>::new(
+                name, d,
+            ))));
+        self.handlers
+            .push(Arc::new(Typed(crate::deadline::Met::<H>::new(name, d))));
+        // Leaked once per registration: a handler's filter lives as long
+        // as the program's handlers do.
+        let filter: &'static str =
+            Box::leak(crate::deadline::filter(&self.name, name, "fire").into_boxed_str());
+        self.handlers.push(Arc::new(Routed {
+            inner: Arc::new(Typed(crate::deadline::Fire::new(handler))),
+            stream: (crate::deadline::STREAM, crate::deadline::SUBJECTS, filter),
+        }));
         self
     }
 
@@ -304,6 +365,14 @@ impl Service {
         {
             return Err(StartError::InvalidName { name });
         }
+        if let Some(h) = self.misregistered.first() {
+            return Err(StartError::InvalidOptions {
+                handler: (*h).to_owned(),
+                problem: "it runs on a deadline (`within`, `unless`): register it with \
+                          `Service::deadline`, not `Service::handler`"
+                    .to_owned(),
+            });
+        }
         let mut seen = HashSet::new();
         for h in &self.handlers {
             if !seen.insert(h.name()) {
@@ -350,7 +419,11 @@ impl Service {
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let service: Arc<str> = Arc::from(name.as_str());
-        let states = Arc::new(self.states);
+        let mut states = self.states;
+        if self.deadlines {
+            states.insert(crate::deadline::Store::new(js.clone(), service.clone()));
+        }
+        let states = Arc::new(states);
         let mut tasks = JoinSet::new();
         let mut stats = Vec::new();
         for (h, durables) in self.handlers.into_iter().zip(consumers) {

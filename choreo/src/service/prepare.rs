@@ -32,6 +32,9 @@ impl Service {
     ) -> Result<(Option<Inbox>, Consumers), StartError> {
         check_jetstream(js).await?;
         ensure_streams(js, &self.stream_settings).await?;
+        if self.deadlines {
+            crate::deadline::ensure_stream(js, &self.stream_settings).await?;
+        }
         let inbox = if self.handlers.iter().any(|h| h.options().idempotent) {
             Some(
                 Inbox::open(

@@ -1,0 +1,327 @@
+//! Deadlines: "B within T of A, or else", kept in JetStream alone.
+//!
+//! One stream, [`STREAM`], holds every service's deadlines, under
+//! `choreo.deadline.<service>.<handler>.<part>.<token>`, where `token` is
+//! what matches B to A (A's correlation id, or its key) and `part` is:
+//!
+//! - `at`: the schedule, written when A is handled, with `Nats-Schedule:
+//!   @at <A's time + T>`. It carries A's headers and payload. The server
+//!   removes it when it fires, and choreo purges it when B comes first.
+//! - `fire`: the server's copy of the schedule at its time: A again, which
+//!   the deadline handler consumes (`Nats-TTL`: the retention).
+//! - `outcome`: the decision, `met <B id> <ms>` or `fired <A id> <ms>`,
+//!   written once with `Nats-Expected-Last-Subject-Sequence: 0`: whichever
+//!   of B's watcher and the fired copy writes it first wins, and the other
+//!   stands down. That is the whole of "exactly one outcome".
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind};
+
+use crate::event::EventId;
+use crate::nats::{Source, message, source};
+use crate::topology::{StreamError, StreamSettings};
+use crate::wire::headers as h;
+
+mod handlers;
+
+pub(crate) use handlers::{Fire, Met, Schedule};
+
+/// The stream that holds every service's deadlines.
+pub(crate) const STREAM: &str = "CHOREO_DEADLINES";
+/// Its subjects.
+pub(crate) const SUBJECTS: &str = "choreo.deadline.>";
+
+/// How long a decided deadline's records stay (after its time, for the
+/// outcome; after firing, for the fired copy). A service down for longer
+/// than this after a deadline passed may find its fired copy gone.
+pub(crate) const RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// The oldest server with message schedules.
+const NEEDS: (u64, u64) = (2, 12);
+
+/// `choreo.deadline.<service>.<handler>.<part>.<token>`.
+pub(crate) fn subject(service: &str, handler: &str, part: &str, token: &str) -> String {
+    format!("choreo.deadline.{service}.{handler}.{part}.{token}")
+}
+
+/// The filter of one part of one handler's deadlines.
+pub(crate) fn filter(service: &str, handler: &str, part: &str) -> String {
+    subject(service, handler, part, ">")
+}
+
+/// A deadline's token from A's or B's match value: the value itself if it
+/// is one plain subject token (a correlation id, a key like `o-42`), else
+/// a name-based id of its parts.
+pub(crate) fn token(parts: &[String]) -> String {
+    if let [one] = parts
+        && !one.is_empty()
+        && one.len() <= 64
+        && one
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return one.clone();
+    }
+    let mut bytes: Vec<&[u8]> = vec![b"deadline-key"];
+    bytes.extend(parts.iter().map(String::as_bytes));
+    EventId::from_parts(&bytes).to_string()
+}
+
+/// A deadline's decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// B came first: this is B's id.
+    Met(EventId),
+    /// The deadline fired first, for this A.
+    Fired(EventId),
+}
+
+impl Outcome {
+    fn text(&self) -> String {
+        let now = crate::event::now_ms();
+        match self {
+            Self::Met(b) => format!("met {b} {now}"),
+            Self::Fired(a) => format!("fired {a} {now}"),
+        }
+    }
+
+    /// Parses `met <id> <ms>` / `fired <id> <ms>`; also the time.
+    pub(crate) fn parse(text: &[u8]) -> Option<(Self, u64)> {
+        let text = std::str::from_utf8(text).ok()?;
+        let mut t = text.split_whitespace();
+        let word = t.next()?;
+        let id = t.next()?.parse().ok()?;
+        let at = t.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        match word {
+            "met" => Some((Self::Met(id), at)),
+            "fired" => Some((Self::Fired(id), at)),
+            _ => None,
+        }
+    }
+}
+
+/// The deadlines' records of one service, as its handlers read and write
+/// them. Kept in the service's states, where the deadline parts find it.
+#[derive(Clone, Debug)]
+pub(crate) struct Store {
+    js: jetstream::Context,
+    service: std::sync::Arc<str>,
+}
+
+impl Store {
+    pub(crate) fn new(js: jetstream::Context, service: std::sync::Arc<str>) -> Self {
+        Self { js, service }
+    }
+
+    fn subject(&self, handler: &str, part: &str, token: &str) -> String {
+        subject(&self.service, handler, part, token)
+    }
+
+    /// The decision, if one was written (read from the stream's leader).
+    pub(crate) async fn outcome(
+        &self,
+        handler: &str,
+        token: &str,
+    ) -> Result<Option<Outcome>, Source> {
+        let stream = self.js.get_stream_no_info(STREAM).await.map_err(source)?;
+        match stream
+            .get_last_raw_message_by_subject(&self.subject(handler, "outcome", token))
+            .await
+        {
+            Ok(m) => Ok(Outcome::parse(&m.payload).map(|(o, _)| o)),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(source(e)),
+        }
+    }
+
+    /// Writes `outcome` unless a decision exists; returns the decision that
+    /// stands (`outcome` itself when this write won).
+    pub(crate) async fn decide(
+        &self,
+        handler: &str,
+        token: &str,
+        outcome: Outcome,
+        correlation: EventId,
+        keep: Duration,
+    ) -> Result<Outcome, Source> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+        headers.insert("Nats-TTL", format!("{}s", keep.as_secs().max(1)).as_str());
+        headers.insert(h::CE_CORRELATIONID, correlation.to_string().as_str());
+        let subject = self.subject(handler, "outcome", token);
+        let sent = self
+            .js
+            .publish_with_headers(subject, headers, outcome.text().into())
+            .await
+            .map_err(source)?
+            .await;
+        match sent {
+            Ok(_) => Ok(outcome),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => self
+                .outcome(handler, token)
+                .await?
+                .ok_or_else(|| message("the deadline's decision was written but cannot be read")),
+            Err(e) => Err(source(e)),
+        }
+    }
+
+    /// Schedules A's copy for `at`, unless one is scheduled already.
+    pub(crate) async fn schedule(
+        &self,
+        handler: &str,
+        token: &str,
+        at: time::OffsetDateTime,
+        a: (HeaderMap, bytes::Bytes),
+        a_id: EventId,
+    ) -> Result<(), Source> {
+        let (mut headers, payload) = a;
+        let at = at
+            .to_offset(time::UtcOffset::UTC)
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_err(source)?;
+        headers.insert("Nats-Schedule", format!("@at {at}").as_str());
+        headers.insert(
+            "Nats-Schedule-Target",
+            self.subject(handler, "fire", token).as_str(),
+        );
+        headers.insert(
+            "Nats-Schedule-TTL",
+            format!("{}s", RETENTION.as_secs()).as_str(),
+        );
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+        headers.insert(
+            h::NATS_MSG_ID,
+            format!("deadline:{}.{handler}:{a_id}", self.service).as_str(),
+        );
+        let sent = self
+            .js
+            .publish_with_headers(self.subject(handler, "at", token), headers, payload)
+            .await
+            .map_err(source)?
+            .await;
+        match sent {
+            Ok(_) => Ok(()),
+            // Scheduled already (a redelivery of A, or a second A).
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+            Err(e) => Err(source(e)),
+        }
+    }
+
+    /// Removes the schedule, if it has not fired yet.
+    pub(crate) async fn cancel(&self, handler: &str, token: &str) -> Result<u64, Source> {
+        let stream = self.js.get_stream_no_info(STREAM).await.map_err(source)?;
+        let purged = stream
+            .purge()
+            .filter(self.subject(handler, "at", token))
+            .await
+            .map_err(source)?;
+        Ok(purged.purged)
+    }
+}
+
+/// Checks that the server has message schedules and makes the deadline
+/// stream (schedules and per-message TTLs allowed) if it is missing.
+pub(crate) async fn ensure_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<(), StreamError> {
+    let version = js.client().server_info().version;
+    if !version_at_least(&version, NEEDS) {
+        return Err(StreamError::Other {
+            stream: STREAM.to_owned(),
+            source: message(format!(
+                "deadlines need message schedules, which nats-server {}.{} added; this server is {version}. \
+                 Upgrade the server, or remove the service's deadline handlers",
+                NEEDS.0, NEEDS.1
+            )),
+        });
+    }
+    // A missing stream is made below; any other failure shows there too.
+    if let Ok(s) = js.get_stream(STREAM).await {
+        let c = &s.cached_info().config;
+        if c.allow_message_schedules && c.allow_message_ttl {
+            return Ok(());
+        }
+        return Err(StreamError::Other {
+            stream: STREAM.to_owned(),
+            source: message(
+                "the stream exists without message schedules or per-message TTLs; \
+                 set `allow_msg_schedules` and `allow_msg_ttl` on it (nats stream edit)",
+            ),
+        });
+    }
+    let mut config = settings.config(STREAM, vec![SUBJECTS.to_owned()]);
+    config.allow_message_schedules = true;
+    config.allow_message_ttl = true;
+    config.allow_direct = true;
+    config.max_age = Duration::ZERO;
+    config.duplicate_window = Duration::from_secs(120);
+    match js.create_stream(config).await {
+        Ok(_) => {
+            tracing::info!(stream = STREAM, "created the deadline stream");
+            Ok(())
+        }
+        Err(e)
+            if matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(ref j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(StreamError::from_create(
+            &js.client(),
+            STREAM,
+            &[SUBJECTS.to_owned()],
+            e,
+        )),
+    }
+}
+
+/// Whether `version` (`2.12.0`, `v2.15.1-beta`) is at least `(major, minor)`.
+pub(crate) fn version_at_least(version: &str, (major, minor): (u64, u64)) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let have = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    have >= (major, minor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_before_2_12_have_no_schedules() {
+        assert!(version_at_least("2.12.0", NEEDS));
+        assert!(version_at_least("2.15.1", NEEDS));
+        assert!(version_at_least("v3.0.0", NEEDS));
+        assert!(!version_at_least("2.11.9", NEEDS));
+        assert!(!version_at_least("2.10.22", NEEDS));
+        assert!(!version_at_least("", NEEDS));
+    }
+
+    #[test]
+    fn tokens_are_subject_safe() {
+        assert_eq!(token(&["o-42".to_owned()]), "o-42");
+        let odd = token(&["a b.c".to_owned()]);
+        assert!(odd.parse::<EventId>().is_ok(), "{odd}");
+        assert_ne!(token(&["a".into(), "b".into()]), token(&["ab".into()]));
+        assert_eq!(
+            token(&["x".into(), "y".into()]),
+            token(&["x".into(), "y".into()])
+        );
+    }
+
+    #[test]
+    fn outcomes_read_back() {
+        let id = EventId::new_random();
+        for o in [Outcome::Met(id), Outcome::Fired(id)] {
+            assert_eq!(Outcome::parse(o.text().as_bytes()).map(|(o, _)| o), Some(o));
+        }
+        assert_eq!(Outcome::parse(b"later"), None);
+    }
+}

@@ -1,0 +1,350 @@
+//! Deadlines: "B within T of A, or else". A deadline handler runs with A
+//! when no B follows in time, never when one does, exactly once per A —
+//! also when B arrives just as the deadline fires, and when the instance
+//! that scheduled it is gone.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use choreo::admin::deadlines::{self, DeadlineState};
+use choreo::{
+    Context, EventId, Metadata, Publisher, Service, StartErrorKind, State, event, event_handler,
+};
+use choreo_testkit::NatsServer;
+use common::eventually;
+
+#[event(subject = "dl.orders.{order_id}.placed", key = order_id)]
+#[derive(Debug, Clone)]
+pub struct OrderPlaced {
+    pub order_id: String,
+    /// How long after the order its payment comes, in ms (`None`: never).
+    pub pays_after_ms: Option<u64>,
+}
+
+#[event(subject = "dl.payments.{order_id}.captured", key = order_id)]
+#[derive(Debug, Clone)]
+pub struct PaymentCaptured {
+    pub order_id: String,
+}
+
+#[event(subject = "dl.orders.{order_id}.cancelled", key = order_id)]
+#[derive(Debug, Clone)]
+pub struct OrderCancelled {
+    pub order_id: String,
+}
+
+/// What the deadline handler saw, per order: how many runs, and each
+/// run's (event id, correlation, lateness after the deadline in ms).
+#[derive(Clone, Default)]
+struct Fired(Arc<Mutex<HashMap<String, Vec<Run>>>>);
+
+/// One run: the event's id, its correlation id, ms after the deadline.
+type Run = (EventId, Option<EventId>, i64);
+
+const WITHIN_MS: i64 = 2000;
+
+/// Cancels an order whose payment has not come 2 s after it was placed.
+#[event_handler(within = "2s", unless = PaymentCaptured)]
+async fn cancel_unpaid(order: OrderPlaced, ctx: Context, fired: State<Fired>) {
+    let due = ctx.meta().time() + Duration::from_millis(WITHIN_MS as u64);
+    let late = (time::OffsetDateTime::now_utc() - due).whole_milliseconds() as i64;
+    fired
+        .0
+        .0
+        .lock()
+        .unwrap()
+        .entry(order.order_id.clone())
+        .or_default()
+        .push((ctx.event_id(), Some(ctx.correlation_id()), late));
+    ctx.emit(OrderCancelled {
+        order_id: order.order_id,
+    });
+}
+
+/// Pays each order `pays_after_ms` after its time (in the same flow).
+#[event_handler]
+async fn pay(order: OrderPlaced, ctx: Context) {
+    let Some(after) = order.pays_after_ms else {
+        return;
+    };
+    let at = ctx.meta().time() + Duration::from_millis(after);
+    let wait = at - time::OffsetDateTime::now_utc();
+    if wait.is_positive() {
+        tokio::time::sleep(wait.unsigned_abs()).await;
+    }
+    ctx.emit(PaymentCaptured {
+        order_id: order.order_id,
+    });
+}
+
+fn order(id: &str, pays_after_ms: Option<u64>) -> OrderPlaced {
+    OrderPlaced {
+        order_id: id.to_owned(),
+        pays_after_ms,
+    }
+}
+
+async fn state(js: &choreo::async_nats::jetstream::Context, order: &str) -> DeadlineState {
+    // Matched by correlation: the flow's root is the keyed order event.
+    let token = EventId::keyed("OrderPlaced", &choreo::EventKey::new([order])).to_string();
+    deadlines::deadline(js, "orders", "cancel_unpaid", &token)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_deadline_fires_once_without_b_and_never_with_it() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let fired = Fired::default();
+    let orders = Service::new("orders")
+        .state(fired.clone())
+        .deadline(cancel_unpaid)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let payments = Service::new("payments")
+        .handler(pay)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let web = Publisher::new(client.clone(), "web").unwrap();
+    web.publish(&order("o-unpaid", None)).await.unwrap();
+    web.publish(&order("o-paid", Some(300))).await.unwrap();
+    // B before A is handled: published by hand in A's flow, first.
+    let early = order("o-early", None);
+    let a_meta = Metadata::root(&early, "web").unwrap();
+    let b = PaymentCaptured {
+        order_id: "o-early".into(),
+    };
+    web.publish_with(
+        &b,
+        &Metadata::emitted(&b, "payments", &a_meta, "test.pay", 0).unwrap(),
+    )
+    .await
+    .unwrap();
+    web.publish_with(&early, &a_meta).await.unwrap();
+
+    let pending = async {
+        for _ in 0..100 {
+            if matches!(
+                state(&js, "o-unpaid").await,
+                DeadlineState::Scheduled { .. }
+            ) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    };
+    assert!(pending.await, "the unpaid order's deadline is scheduled");
+    let p = deadlines::pending(&js, "orders", "cancel_unpaid")
+        .await
+        .unwrap();
+    assert!(p.pending >= 1, "{p:?}");
+    let next = p.next.expect("a next deadline");
+    assert_eq!(
+        next.event,
+        EventId::keyed("OrderPlaced", &choreo::EventKey::new(["o-unpaid"]))
+    );
+
+    let runs = || fired.0.lock().unwrap().clone();
+    eventually(
+        Duration::from_secs(10),
+        "the unpaid order cancelled",
+        || runs().contains_key("o-unpaid"),
+    )
+    .await;
+    // Long enough for a wrong second run, or a run for a paid order.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let runs = runs();
+    assert_eq!(
+        runs.keys().collect::<Vec<_>>(),
+        vec!["o-unpaid"],
+        "{runs:?}"
+    );
+    let [(event, correlation, late)] = runs["o-unpaid"][..] else {
+        panic!("ran {} times", runs["o-unpaid"].len());
+    };
+    let a = EventId::keyed("OrderPlaced", &choreo::EventKey::new(["o-unpaid"]));
+    assert_eq!(event, a, "the handler runs with A");
+    assert_eq!(correlation, Some(a), "in A's flow");
+    assert!(
+        (0..1000).contains(&late),
+        "ran {late} ms after the deadline"
+    );
+    // What it emitted continues A's flow, caused by A.
+    let cancelled: Vec<_> =
+        common::stream_messages(&client, <OrderCancelled as choreo::Event>::STREAM)
+            .await
+            .into_iter()
+            .filter(|m| m.subject.ends_with(".cancelled"))
+            .collect();
+    assert_eq!(cancelled.len(), 1, "one cancellation");
+    let c = &cancelled[0];
+    assert_eq!(common::header(c, "ce-correlationid"), Some(a.to_string()));
+    assert_eq!(common::header(c, "ce-causationid"), Some(a.to_string()));
+    assert_eq!(common::header(c, "ce-source").as_deref(), Some("orders"));
+
+    assert!(
+        matches!(state(&js, "o-unpaid").await, DeadlineState::Fired { event, .. } if event == a)
+    );
+    assert!(matches!(
+        state(&js, "o-paid").await,
+        DeadlineState::Met { .. }
+    ));
+    assert!(matches!(
+        state(&js, "o-early").await,
+        DeadlineState::Met { .. }
+    ));
+    let p = deadlines::pending(&js, "orders", "cancel_unpaid")
+        .await
+        .unwrap();
+    assert_eq!(p.pending, 0, "{p:?}");
+    orders.shutdown().await;
+    payments.shutdown().await;
+}
+
+/// B arrives at the very moment the deadline fires, for many orders:
+/// each order gets exactly one outcome, and both outcomes happen.
+#[tokio::test]
+async fn b_racing_the_deadline_gives_exactly_one_outcome_per_a() {
+    const N: usize = 300;
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let fired = Fired::default();
+    let orders = Service::new("orders")
+        .state(fired.clone())
+        .deadline(cancel_unpaid)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let payments = Service::new("payments")
+        .handler(pay)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let web = Publisher::new(client.clone(), "web").unwrap();
+    // Payments due from 150 ms before to 150 ms after the deadline.
+    for i in 0..N {
+        let after = WITHIN_MS as u64 - 150 + (i as u64 * 300 / N as u64);
+        web.publish(&order(&format!("r-{i}"), Some(after)))
+            .await
+            .unwrap();
+    }
+    let mut met = HashSet::new();
+    let mut undecided = Vec::new();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for _ in 0..50 {
+        undecided.clear();
+        for i in 0..N {
+            let id = format!("r-{i}");
+            match state(&js, &id).await {
+                DeadlineState::Met { .. } => {
+                    met.insert(id);
+                }
+                DeadlineState::Fired { .. } => {}
+                other => undecided.push((id, other)),
+            }
+        }
+        if undecided.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(undecided.is_empty(), "undecided: {undecided:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let runs = fired.0.lock().unwrap().clone();
+    for i in 0..N {
+        let id = format!("r-{i}");
+        let ran = runs.get(&id).map_or(0, Vec::len);
+        let was_met = met.contains(&id);
+        assert!(
+            (ran == 1) != was_met && ran <= 1,
+            "{id}: handler ran {ran} times, met: {was_met}"
+        );
+    }
+    let (n_met, n_fired) = (met.len(), runs.len());
+    println!("{n_met} met, {n_fired} fired of {N}");
+    assert!(
+        n_met > 0 && n_fired > 0,
+        "{n_met} met, {n_fired} fired: the race was not run"
+    );
+    orders.shutdown().await;
+    payments.shutdown().await;
+}
+
+/// The instance that scheduled the deadlines is gone when they pass;
+/// another instance, started later, runs each exactly once.
+#[tokio::test]
+async fn deadlines_outlive_the_instance_that_scheduled_them() {
+    const N: usize = 20;
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let fired = Fired::default();
+    let first = Service::new("orders")
+        .state(fired.clone())
+        .deadline(cancel_unpaid)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
+    let web = Publisher::new(client.clone(), "web").unwrap();
+    for i in 0..N {
+        web.publish(&order(&format!("g-{i}"), None)).await.unwrap();
+    }
+    let mut scheduled = 0;
+    for _ in 0..100 {
+        scheduled = deadlines::pending(&js, "orders", "cancel_unpaid")
+            .await
+            .unwrap()
+            .pending;
+        if scheduled == N as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(scheduled, N as u64);
+    first.shutdown().await;
+    // They pass while no instance runs.
+    tokio::time::sleep(Duration::from_millis(WITHIN_MS as u64 + 1000)).await;
+    assert!(fired.0.lock().unwrap().is_empty());
+    let second = Service::new("orders")
+        .state(fired.clone())
+        .deadline(cancel_unpaid)
+        .start(client.clone())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "every deadline run", || {
+        fired.0.lock().unwrap().len() == N
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let runs = fired.0.lock().unwrap().clone();
+    assert!(runs.values().all(|r| r.len() == 1), "{runs:?}");
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deadline_handler_registered_as_a_plain_handler_is_refused() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let err = Service::new("orders")
+        .state(Fired::default())
+        .handler(cancel_unpaid)
+        .start(client)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StartErrorKind::InvalidOptions);
+    assert!(
+        err.to_string()
+            .contains("register it with `Service::deadline`"),
+        "{err}"
+    );
+}
