@@ -89,11 +89,17 @@ fn order(id: &str, pays_after_ms: Option<u64>) -> OrderPlaced {
 }
 
 async fn state(js: &choreo::async_nats::jetstream::Context, order: &str) -> DeadlineState {
+    try_state(js, "cancel_unpaid", order).await.unwrap()
+}
+
+async fn try_state(
+    js: &choreo::async_nats::jetstream::Context,
+    handler: &str,
+    order: &str,
+) -> Result<DeadlineState, choreo::admin::AdminError> {
     // Matched by correlation: the flow's root is the keyed order event.
     let token = EventId::keyed("OrderPlaced", &choreo::EventKey::new([order])).to_string();
-    deadlines::deadline(js, "orders", "cancel_unpaid", &token)
-        .await
-        .unwrap()
+    deadlines::deadline(js, "orders", handler, &token).await
 }
 
 #[tokio::test]
@@ -347,4 +353,107 @@ async fn a_deadline_handler_registered_as_a_plain_handler_is_refused() {
             .contains("register it with `Service::deadline`"),
         "{err}"
     );
+}
+
+/// As `cancel_unpaid`, with time to kill a node while it is pending.
+#[event_handler(within = "8s", unless = PaymentCaptured)]
+async fn cancel_unpaid_slowly(order: OrderPlaced, ctx: Context, fired: State<Fired>) {
+    fired
+        .0
+        .0
+        .lock()
+        .unwrap()
+        .entry(order.order_id)
+        .or_default()
+        .push((ctx.event_id(), Some(ctx.correlation_id()), 0));
+}
+
+/// The deadline stream's leader dies while deadlines are pending, on a
+/// 3-node cluster with R3 streams: the met ones stay met, each pending one
+/// fires once on the new leader.
+#[tokio::test]
+async fn a_node_dying_loses_no_deadline_and_doubles_none() {
+    const N: usize = 40;
+    const H: &str = "cancel_unpaid_slowly";
+    let mut cluster = choreo_testkit::NatsCluster::start(3).await.unwrap();
+    let client = cluster.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let r3 = choreo::StreamSettings::default().replicas(3);
+    let fired = Fired::default();
+    let orders = Service::new("orders")
+        .state(fired.clone())
+        .stream_settings(r3.clone())
+        .deadline(cancel_unpaid_slowly)
+        .start(cluster.connect().await.unwrap())
+        .await
+        .unwrap();
+    let payments = Service::new("payments")
+        .stream_settings(r3.clone())
+        .handler(pay)
+        .start(cluster.connect().await.unwrap())
+        .await
+        .unwrap();
+    let web = Publisher::new(client.clone(), "web")
+        .unwrap()
+        .stream_settings(r3);
+    // Even orders pay at once, odd ones never.
+    for i in 0..N {
+        let pays = (i % 2 == 0).then_some(0);
+        web.publish(&order(&format!("c-{i}"), pays)).await.unwrap();
+    }
+    // Wait until the even ones are met and the odd ones pending.
+    let decided = |done: bool| {
+        let js = js.clone();
+        async move {
+            let mut wrong = Vec::new();
+            for i in 0..N {
+                let id = format!("c-{i}");
+                // Reads fail while the stream elects a leader.
+                match (try_state(&js, H, &id).await, i % 2 == 0, done) {
+                    (Ok(DeadlineState::Met { .. }), true, _)
+                    | (Ok(DeadlineState::Scheduled { .. }), false, false)
+                    | (Ok(DeadlineState::Fired { .. }), false, true) => {}
+                    (other, ..) => wrong.push((id, format!("{other:?}"))),
+                }
+            }
+            wrong
+        }
+    };
+    let mut wrong = Vec::new();
+    for _ in 0..50 {
+        wrong = decided(false).await;
+        if wrong.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(wrong.is_empty(), "before the kill: {wrong:?}");
+    let leader = cluster
+        .wait_for_stream_leader(&client, "CHOREO_DEADLINES", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let leader = cluster.index_of(&leader).unwrap();
+    cluster.kill(leader);
+    for _ in 0..120 {
+        wrong = decided(true).await;
+        if wrong.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(wrong.is_empty(), "after the kill: {wrong:?}");
+    eventually(Duration::from_secs(30), "every unpaid order cancelled", || {
+        fired.0.lock().unwrap().len() == N / 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let runs = fired.0.lock().unwrap().clone();
+    assert_eq!(runs.len(), N / 2, "{runs:?}");
+    assert!(
+        runs.iter()
+            .all(|(id, r)| r.len() == 1 && id[2..].parse::<usize>().unwrap() % 2 == 1),
+        "{runs:?}"
+    );
+    orders.shutdown().await;
+    payments.shutdown().await;
 }
