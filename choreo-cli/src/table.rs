@@ -43,7 +43,8 @@ fn age(ms: u64) -> String {
     }
 }
 
-/// The instances, then the handlers, then what could not be read.
+/// The instances, then the handlers, then pending deadlines, then what
+/// could not be read.
 pub(crate) fn status(s: &Status) -> String {
     let mut rows = vec![
         [
@@ -104,6 +105,40 @@ pub(crate) fn status(s: &Status) -> String {
         ]);
     }
     out.push_str(&render(&rows));
+    let deadlines: Vec<_> = s
+        .handlers
+        .iter()
+        .filter_map(|h| h.deadlines.as_ref().map(|d| (h, d)))
+        .collect();
+    if !deadlines.is_empty() {
+        let mut rows = vec![
+            ["SERVICE", "DEADLINE", "PENDING", "NEXT FIRES", "FOR EVENT"]
+                .map(str::to_owned)
+                .to_vec(),
+        ];
+        for (h, d) in deadlines {
+            let (at, event) = d.next.as_ref().map_or_else(
+                || ("-".to_owned(), "-".to_owned()),
+                |n| {
+                    let at = if n.at_ms >= s.taken_at_ms {
+                        format!("in {}", age(n.at_ms - s.taken_at_ms))
+                    } else {
+                        format!("{} overdue", age(s.taken_at_ms - n.at_ms))
+                    };
+                    (at, n.event.to_string())
+                },
+            );
+            rows.push(vec![
+                h.service.clone(),
+                h.handler.clone(),
+                d.pending.to_string(),
+                at,
+                event,
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&render(&rows));
+    }
     for p in &s.problems {
         out.push_str(&format!("warning: {p}\n"));
     }

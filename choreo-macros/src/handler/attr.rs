@@ -30,7 +30,7 @@ pub(crate) struct HandlerAttr {
     pub(crate) ordered_by: Option<Opt<Vec<Ident>>>,
     pub(crate) partitions: Option<Opt<LitInt>>,
     pub(crate) within: Option<Opt<LitStr>>,
-    pub(crate) unless: Option<Opt<syn::Type>>,
+    pub(crate) unless: Option<Opt<Vec<syn::Type>>>,
     pub(crate) matched_by: Option<Opt<Ident>>,
     pub(crate) krate: Option<Opt<syn::Path>>,
 }
@@ -143,8 +143,19 @@ pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> HandlerAttr {
                     set(cx, &mut attr.within, "within", span, v);
                 }
                 "unless" => {
-                    let v = meta.value()?.parse()?;
-                    set(cx, &mut attr.unless, "unless", span, v);
+                    // `unless = B`, or `unless = [B1, B2]` for any of them.
+                    let input = meta.value()?;
+                    let types: Vec<syn::Type> = if input.peek(syn::token::Bracket) {
+                        let content;
+                        syn::bracketed!(content in input);
+                        content
+                            .parse_terminated(|i| i.parse::<syn::Type>(), Token![,])?
+                            .into_iter()
+                            .collect()
+                    } else {
+                        vec![input.parse()?]
+                    };
+                    set(cx, &mut attr.unless, "unless", span, types);
                 }
                 "matched_by" => {
                     let v = meta.value()?.parse()?;

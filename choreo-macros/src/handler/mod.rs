@@ -251,10 +251,11 @@ fn options(cx: &mut Ctxt, a: &HandlerAttr, f: &ItemFn) -> Options {
 /// here, made into a `Deadline` by `generate`.
 struct DeadlineOpts {
     within_ms: u64,
-    unless: Type,
+    unless: Vec<Type>,
     by_key: Option<Span>,
     schedule: String,
-    met: String,
+    /// Per `unless` type, its watcher's name.
+    met: Vec<String>,
 }
 
 fn deadline(cx: &mut Ctxt, a: &HandlerAttr, ordered: bool, name: &str) -> Option<DeadlineOpts> {
@@ -329,12 +330,31 @@ fn deadline(cx: &mut Ctxt, a: &HandlerAttr, ordered: bool, name: &str) -> Option
             None
         }
     };
+    if unless.value.is_empty() || unless.value.len() > 4 {
+        cx.error_at(
+            unless.key,
+            "`unless` names one to four event types: `unless = PaymentCaptured` or `unless = [PaymentCaptured, PaymentDeclined]`",
+        );
+    }
+    let met = unless
+        .value
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t {
+            Type::Path(p) => p
+                .path
+                .segments
+                .last()
+                .map_or_else(|| format!("{name}__met_{i}"), |s| format!("{name}__met_{}", s.ident)),
+            _ => format!("{name}__met_{i}"),
+        })
+        .collect();
     Some(DeadlineOpts {
         within_ms,
         unless: unless.value.clone(),
         by_key,
         schedule: format!("{name}__schedule"),
-        met: format!("{name}__met"),
+        met,
     })
 }
 
@@ -438,29 +458,33 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
             } else {
                 quote!(Correlation)
             };
-            let unless_ty = quote_spanned!(unless.span()=> #krate::EventType::of::<#unless>());
+            let unless_tys = unless
+                .iter()
+                .map(|t| quote_spanned!(t.span()=> #krate::EventType::of::<#t>()));
             // Matching by key needs a key on both sides.
             let key_check = d.by_key.map(|span| {
                 quote_spanned! {span=>
                     const _: () = ::core::assert!(
                         !<#event_assoc as #krate::Event>::KEY_FIELDS.is_empty()
-                            && !<#unless as #krate::Event>::KEY_FIELDS.is_empty(),
-                        "`matched_by = key`: both the handler's event and the `unless` event must declare a `key`"
+                            #( && !<#unless as #krate::Event>::KEY_FIELDS.is_empty() )*,
+                        "`matched_by = key`: the handler's event and every `unless` event must declare a `key`"
                     );
                 }
             });
             (
                 Some(quote! {
                     fn deadline(&self) -> ::core::option::Option<#krate::Deadline> {
+                        const UNLESS: &[#krate::EventType] = &[#(#unless_tys),*];
+                        const MET: &[&str] = &[#(#met),*];
                         ::core::option::Option::Some(#krate::Deadline::new(
-                            #within_ms, #unless_ty, #krate::MatchBy::#by, #schedule, #met,
+                            #within_ms, UNLESS, #krate::MatchBy::#by, #schedule, MET,
                         ))
                     }
                 }),
                 Some(quote! {
                     #key_check
                     impl #krate::DeadlineHandler for #ident {
-                        type Unless = #unless;
+                        type Unless = (#(#unless,)*);
                     }
                 }),
             )

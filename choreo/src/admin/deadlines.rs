@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::AdminError;
 use crate::deadline::{Outcome, STREAM, filter, subject};
@@ -13,7 +13,7 @@ use crate::event::EventId;
 use crate::wire::headers as h;
 
 /// One deadline handler's pending deadlines.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Pending {
     /// Scheduled, not yet fired or cancelled.
@@ -23,7 +23,7 @@ pub struct Pending {
 }
 
 /// The next deadline to fire.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Next {
     /// The event A that started it.
@@ -35,7 +35,7 @@ pub struct Next {
 }
 
 /// One deadline, for one match token.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum DeadlineState {

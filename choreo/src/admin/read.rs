@@ -32,6 +32,8 @@ pub(super) struct Reading {
     /// queue, whose first message is the oldest not yet done.
     pub(super) work_queue: bool,
     pub(super) inbox_keys: Option<u64>,
+    /// A deadline handler's pending deadlines.
+    pub(super) deadlines: Option<super::deadlines::Pending>,
 }
 
 /// `read`, or at once the permission violation it caused.
@@ -94,6 +96,7 @@ pub(super) fn merge_partitions(
                 oldest_waiting_ms: None,
                 work_queue: true,
                 inbox_keys: None,
+                deadlines: None,
             };
             for p in &parts {
                 merged.pending += p.pending;
@@ -125,6 +128,7 @@ pub(super) fn reading(info: &consumer::Info) -> Option<Reading> {
         oldest_waiting_ms: None,
         work_queue: false,
         inbox_keys: None,
+        deadlines: None,
         durable,
     })
 }

@@ -134,6 +134,9 @@ pub struct HandlerStatus {
     /// in use and its live claims (what its inbox costs the server, about
     /// 350 bytes of memory each), not the events it remembers.
     pub inbox_keys: Option<u64>,
+    /// For a deadline handler: its pending deadlines and the next to fire.
+    #[serde(default)]
+    pub deadlines: Option<super::deadlines::Pending>,
 }
 
 /// The state of a running choreography: its instances and every handler,
@@ -236,6 +239,11 @@ impl Snapshot {
                 .await
                 .ok()
                 .flatten();
+                if r.stream == crate::deadline::STREAM {
+                    r.deadlines = super::deadlines::pending(js, &r.service, &r.handler)
+                        .await
+                        .ok();
+                }
             });
         extra.await;
         let dead_letters = match guarded(js, dead_letters(js)).await {
@@ -337,6 +345,7 @@ impl Status {
                     }),
                     dead_letters,
                     inbox_keys: now_r.and_then(|r| r.inbox_keys),
+                    deadlines: now_r.and_then(|r| r.deadlines.clone()),
                     service,
                     handler,
                 })

@@ -2,7 +2,7 @@
 //!
 //! - [`Schedule`] on A's stream (`<handler>__schedule`): schedules A's copy
 //!   for A's time + T, unless the deadline is decided already.
-//! - [`Met`] on B's stream (`<handler>__met`): decides "met" for B's token
+//! - [`Met`] on each B's stream (`<handler>__met_<B>`): decides "met" for B's token
 //!   and purges the schedule.
 //! - [`Fire`] on the deadline stream (the handler's own name): decides
 //!   "fired" for the fired copy and, if that write won, runs the handler.
@@ -116,28 +116,30 @@ impl<H: DeadlineHandler> Handler for Schedule<H> {
     }
 }
 
-/// Decides "met" when B arrives, and cancels the schedule.
-pub(crate) struct Met<H> {
+/// Decides "met" when a B arrives, and cancels the schedule.
+pub(crate) struct Met<B> {
     handler: &'static str,
     deadline: Deadline,
-    _h: PhantomData<fn() -> H>,
+    name: &'static str,
+    _b: PhantomData<fn() -> B>,
 }
 
-impl<H: DeadlineHandler> Met<H> {
-    pub(crate) fn new(handler: &'static str, deadline: Deadline) -> Self {
+impl<B: Event> Met<B> {
+    pub(crate) fn new(handler: &'static str, deadline: Deadline, name: &'static str) -> Self {
         Self {
             handler,
             deadline,
-            _h: PhantomData,
+            name,
+            _b: PhantomData,
         }
     }
 }
 
-impl<H: DeadlineHandler> Handler for Met<H> {
-    type Event = H::Unless;
+impl<B: Event> Handler for Met<B> {
+    type Event = B;
 
     fn name(&self) -> &'static str {
-        self.deadline.met
+        self.name
     }
 
     fn options(&self) -> HandlerOptions {
@@ -180,12 +182,14 @@ impl<H: DeadlineHandler> Handler for Met<H> {
 /// Runs the deadline handler on the fired copy, if "fired" wins.
 pub(crate) struct Fire<H> {
     inner: Arc<H>,
+    deadline: Deadline,
 }
 
 impl<H: DeadlineHandler> Fire<H> {
-    pub(crate) fn new(inner: H) -> Self {
+    pub(crate) fn new(inner: H, deadline: Deadline) -> Self {
         Self {
             inner: Arc::new(inner),
+            deadline,
         }
     }
 }
@@ -206,7 +210,7 @@ impl<H: DeadlineHandler> Handler for Fire<H> {
     }
 
     fn deadline(&self) -> Option<Deadline> {
-        self.inner.deadline()
+        Some(self.deadline)
     }
 
     fn check(&self, states: &crate::handler::States) -> Result<(), crate::handler::MissingState> {
@@ -218,11 +222,8 @@ impl<H: DeadlineHandler> Handler for Fire<H> {
         event: Envelope<Self::Event>,
         ctx: &Context,
     ) -> BoxFuture<Result<(), HandlerError>> {
-        let (inner, ctx) = (self.inner.clone(), ctx.clone());
+        let (inner, deadline, ctx) = (self.inner.clone(), self.deadline, ctx.clone());
         Box::pin(async move {
-            let Some(deadline) = inner.deadline() else {
-                return inner.call(event, &ctx).await;
-            };
             let store = store(&ctx)?;
             let token = ctx
                 .subject()

@@ -15,7 +15,7 @@ pub(crate) mod testing;
 
 pub(crate) use context::Delivery;
 pub use context::{Context, EmittedEvent};
-pub use deadline::{Deadline, DeadlineHandler, MatchBy};
+pub use deadline::{Deadline, DeadlineHandler, MatchBy, Unless, UnlessVisitor};
 pub use error::{HandlerError, HandlerErrorKind, IntoHandlerResult};
 pub use extract::{Attempt, EventArg, FromContext, MissingState, State, States};
 pub(crate) use options::placeholder_index;

@@ -228,25 +228,39 @@ impl Service {
     /// Service::new("orders").deadline(cancel_unpaid).run(client).await
     /// # }
     /// ```
-    pub fn deadline<H: DeadlineHandler>(mut self, handler: H) -> Self {
-        let Some(d) = handler.deadline() else {
+    pub fn deadline<H: DeadlineHandler>(self, handler: H) -> Self {
+        let within = handler.deadline().map(|d| d.within);
+        self.deadline_within(handler, within.unwrap_or_default())
+    }
+
+    /// [`deadline`](Self::deadline) with `within` in place of the one the
+    /// attribute declares: for a deadline that comes from configuration,
+    /// or a short one in a test.
+    pub fn deadline_within<H: DeadlineHandler>(mut self, handler: H, within: Duration) -> Self {
+        let Some(mut d) = handler.deadline() else {
             self.misregistered.push(handler.name());
             return self.handler(handler);
         };
+        d.within = within;
         let name = handler.name();
         self.deadlines = true;
         self.handlers
-            .push(Arc::new(Typed(crate::deadline::Schedule::<H>::new(
-                name, d,
-            ))));
-        self.handlers
-            .push(Arc::new(Typed(crate::deadline::Met::<H>::new(name, d))));
+            .push(Arc::new(Typed(crate::deadline::Schedule::<H>::new(name, d))));
+        struct Watchers<'a>(&'a mut Vec<Arc<dyn Erased>>, &'static str, crate::Deadline);
+        impl crate::UnlessVisitor for Watchers<'_> {
+            fn visit<B: crate::Event>(&mut self, index: usize) {
+                let Self(handlers, name, d) = self;
+                let met = d.met.get(index).copied().unwrap_or("__met");
+                handlers.push(Arc::new(Typed(crate::deadline::Met::<B>::new(name, *d, met))));
+            }
+        }
+        <H::Unless as crate::Unless>::each(&mut Watchers(&mut self.handlers, name, d));
         // Leaked once per registration: a handler's filter lives as long
         // as the program's handlers do.
         let filter: &'static str =
             Box::leak(crate::deadline::filter(&self.name, name, "fire").into_boxed_str());
         self.handlers.push(Arc::new(Routed {
-            inner: Arc::new(Typed(crate::deadline::Fire::new(handler))),
+            inner: Arc::new(Typed(crate::deadline::Fire::new(handler, d))),
             stream: (crate::deadline::STREAM, crate::deadline::SUBJECTS, filter),
         }));
         self
