@@ -94,6 +94,16 @@ async fn run_shop(
     handles
 }
 
+/// The shop's handlers: six, and the payment deadline's handler with its
+/// three helpers (its schedule and a watcher per `unless` event).
+const SHOP_HANDLERS: usize = 10;
+
+/// Whether every payment deadline of the shop is decided (the unpaid
+/// orders expire a few seconds after the others end).
+fn expired(status: &serde_json::Value) -> bool {
+    handler(status, "orders--expire_unpaid")["deadlines"]["pending"] == 0
+}
+
 /// `choreo status --json` until `done` holds (the registry and the flows
 /// settle in the background).
 async fn status_until(
@@ -129,24 +139,27 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
     let mut shop = shop_with_orders(40).await;
     let all_done = |v: &serde_json::Value| {
         let hs = v["handlers"].as_array().unwrap();
-        hs.len() == 6
+        hs.len() == SHOP_HANDLERS
             && hs
                 .iter()
                 .all(|h| h["lag_messages"] == 0 && h["state"] == "OK")
+            && expired(v)
     };
     let v = status_until(&shop.server, "the shop's 40 orders handled", |v| {
         all_done(v) && handler(v, "payments--charge_payment")["inbox_keys"].as_u64() > Some(0)
     })
     .await;
     assert_eq!(v["instances"].as_array().unwrap().len(), 4);
-    // 40 orders: 4 declined, 4 refunded (see shop::order). Records share
-    // keys, so a handler holds at most one key per record.
+    // 40 orders: 4 declined, 4 refunded, 4 expired (see shop::order).
+    // Records share keys, so a handler holds at most one key per record.
     let js = choreo::async_nats::jetstream::new(shop.server.connect().await.unwrap());
     for (service, h, records) in [
         ("payments", "charge_payment", 40),
         ("payments", "refund_payment", 4),
         ("orders", "reject_order", 4),
-        ("shipping", "ship_order", 32),
+        ("shipping", "ship_order", 28),
+        // The deadline handler records the fired copies it handled.
+        ("orders", "expire_unpaid", 4),
     ] {
         let keys = handler(&v, &format!("{service}--{h}"))["inbox_keys"]
             .as_u64()
@@ -158,6 +171,11 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
         assert_eq!(recorded, records, "{h}'s inbox records");
     }
     assert_eq!(handler(&v, "inventory--reserve_stock")["dead_letters"], 0);
+    // The deadline: none pending once every unpaid order expired.
+    assert_eq!(
+        handler(&v, "orders--expire_unpaid")["deadlines"],
+        serde_json::json!({"pending": 0, "next": null})
+    );
 
     // The table, and exit 0 while every handler is OK.
     let out = choreo(&shop.server, &["status", "--interval", "200ms"]);
@@ -200,6 +218,18 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
         "{row}"
     );
 
+    let deadlines = table
+        .lines()
+        .skip_while(|l| !l.split_whitespace().take(2).eq(["SERVICE", "DEADLINE"]))
+        .collect::<Vec<_>>();
+    assert!(
+        deadlines.len() == 2
+            && deadlines[1]
+                .split_whitespace()
+                .eq(["orders", "expire_unpaid", "0", "-", "-"]),
+        "{table}"
+    );
+
     // --watch: one judged reading per interval, each a line of JSON.
     let mut child = Command::new(env!("CARGO_BIN_EXE_choreo"))
         .args([
@@ -236,7 +266,7 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
     assert!(
         readings
             .iter()
-            .all(|r| r["handlers"].as_array().unwrap().len() == 6
+            .all(|r| r["handlers"].as_array().unwrap().len() == SHOP_HANDLERS
                 && r["window_ms"].as_u64().unwrap() >= 200)
     );
     assert!(readings[0]["taken_at_ms"].as_u64() < readings[2]["taken_at_ms"].as_u64());
@@ -322,7 +352,7 @@ async fn graph_lint_and_asyncapi_of_the_running_shop_match_their_golden_files() 
         text(&out.stderr)
     );
     assert!(
-        report.contains("valid: AsyncAPI 3.0.0, 9 channels"),
+        report.contains("valid: AsyncAPI 3.0.0, 10 channels"),
         "{report}"
     );
     // The parser does catch a broken document: an operation on a channel
@@ -378,7 +408,8 @@ async fn an_observer_reads_everything_and_a_refusal_or_a_denial_is_one_clear_lin
         let out = as_user("viewer", &["status", "--json", "--interval", "200ms"]);
         last = format!("{}{}", text(&out.stdout), text(&out.stderr));
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            && v["handlers"].as_array().unwrap().len() == 6
+            && v["handlers"].as_array().unwrap().len() == SHOP_HANDLERS
+            && expired(&v)
             && v["handlers"]
                 .as_array()
                 .unwrap()
@@ -472,7 +503,9 @@ async fn trace_draws_a_compensated_order_as_its_causation_tree() {
         events
             .iter()
             .flat_map(|e| e["handlers"].as_array().unwrap())
-            .all(|h| h["step"]["state"] == "handled")
+            .all(|h| h["step"]["state"] == "handled"
+                || (h["handler"] == "orders.expire_unpaid"
+                    && h["step"]["state"] == "deadline-met"))
     );
     // The testkit's diagram, with each handler's state on its arrow.
     let out = choreo(&server, &["trace", &root, "--mermaid"]);

@@ -7,7 +7,7 @@
 //!   service until Ctrl-C, and with `--service orders` it runs the orders
 //!   service, places the orders and reports. Processes share `NATS_URL`.
 //! - It shows progress, then one flow as a causation tree and the line
-//!   `orders=N shipped=S cancelled=C rejected=R duplicates=D lost=L`, and exits
+//!   `orders=N shipped=S cancelled=C rejected=R expired=X duplicates=D lost=L`, and exits
 //!   non-zero when any order is lost or any effect happened twice.
 
 use std::process::ExitCode;
@@ -170,10 +170,10 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         args.orders,
         Duration::from_secs(60),
         |s| {
-            bar.set_position(s.shipped + s.cancelled + s.rejected);
+            bar.set_position(s.shipped + s.cancelled + s.rejected + s.expired);
             bar.set_message(format!(
-                "shipped={} cancelled={} rejected={}",
-                s.shipped, s.cancelled, s.rejected
+                "shipped={} cancelled={} rejected={} expired={}",
+                s.shipped, s.cancelled, s.rejected, s.expired
             ));
         },
     )

@@ -5,11 +5,14 @@
 //!      │                          │
 //!      └──payments──▶ PaymentDeclined ──orders──▶ OrderRejected
 //!                                 └──inventory──▶ StockUnavailable ──payments──▶ PaymentRefunded ──orders──▶ OrderCancelled
+//! OrderPlaced, no payment answer within the deadline ──orders──▶ OrderExpired
 //! ```
 //!
 //! Which orders fail is decided by the order's data, so runs are
 //! reproducible: a customer whose card has expired is declined; an order
-//! with a sold-out item is refunded and cancelled. Every event is keyed by
+//! with a sold-out item is refunded and cancelled; a customer whose bank is
+//! offline never gets an answer from payments, and the orders service's
+//! deadline (`expire_unpaid`) expires the order. Every event is keyed by
 //! its order, so each fact exists once per order.
 //!
 //! Every event carries its payload's JSON Schema (`#[event(schema)]`, from
@@ -132,6 +135,15 @@ pub struct OrderCancelled {
     pub order_id: String,
 }
 
+/// The order ended because payments gave no answer in time (its
+/// deadline passed).
+#[event(subject = "orders.{order_id}.expired", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
+pub struct OrderExpired {
+    /// The order.
+    pub order_id: String,
+}
+
 /// The ledger: where services record their side effects, deduplicated by
 /// idempotency key.
 #[derive(Clone, Debug)]
@@ -197,6 +209,10 @@ async fn charge_payment(
     ctx: Context,
     State(ledger): State<Ledger>,
 ) -> Result<(), HandlerError> {
+    if order.customer.contains("bank-offline") {
+        // The bank never answers: no event. The order's deadline ends it.
+        return Ok(());
+    }
     if order.customer.contains("expired-card") {
         ctx.emit(PaymentDeclined {
             order_id: order.order_id,
@@ -293,6 +309,26 @@ async fn cancel_order(refunded: PaymentRefunded, ctx: Context) {
     });
 }
 
+/// Expires an order that payments has not answered (captured or
+/// declined) in time. Declared as 15 minutes, as a real shop would; the
+/// demo runs it with [`PAYMENT_DEADLINE`] through `Service::deadline_within`.
+/// The order's events cannot overtake each other here: the deadline and
+/// the payment's answer are decided once per order, whichever comes first.
+#[event_handler(
+    within = "15m", unless = [PaymentCaptured, PaymentDeclined],
+    max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
+    emits = OrderExpired
+)]
+async fn expire_unpaid(order: OrderPlaced, ctx: Context) {
+    ctx.emit(OrderExpired {
+        order_id: order.order_id,
+    });
+}
+
+/// How long the demo's orders wait for payments' answer: short, so a run
+/// ends soon after its last order. [`service_with_deadline`] takes another.
+pub const PAYMENT_DEADLINE: Duration = Duration::from_secs(5);
+
 /// The shop's services, by name.
 pub const SERVICES: [&str; 4] = ["orders", "payments", "inventory", "shipping"];
 
@@ -301,12 +337,31 @@ pub const SERVICES: [&str; 4] = ["orders", "payments", "inventory", "shipping"];
 /// # Panics
 /// An unknown name.
 pub fn service(name: &str, ledger: Ledger, settings: StreamSettings) -> Service {
+    service_with_deadline(name, ledger, settings, PAYMENT_DEADLINE)
+}
+
+/// [`service`], with the orders' payment deadline `deadline`: longer than
+/// any payments outage a run means to survive (a run that kills nodes
+/// needs more than the 4–9 s of an election), or a late payment would
+/// find its order expired.
+///
+/// # Panics
+/// An unknown name.
+pub fn service_with_deadline(
+    name: &str,
+    ledger: Ledger,
+    settings: StreamSettings,
+    deadline: Duration,
+) -> Service {
     let s = Service::new(name)
         .state(ledger)
         .stream_settings(settings)
         .shutdown_grace(Duration::from_secs(10));
     match name {
-        "orders" => s.handler(reject_order).handler(cancel_order),
+        "orders" => s
+            .handler(reject_order)
+            .handler(cancel_order)
+            .deadline_within(expire_unpaid, deadline),
         "payments" => s.handler(charge_payment).handler(refund_payment),
         "inventory" => s.handler(reserve_stock),
         "shipping" => s.handler(ship_order),
@@ -315,12 +370,13 @@ pub fn service(name: &str, ledger: Ledger, settings: StreamSettings) -> Service 
 }
 
 /// How order `i` of a run goes: every 10th order from the 8th is declined,
-/// every 10th from the 4th has a sold-out item; the rest ship.
+/// every 10th from the 4th has a sold-out item, every 10th from the 6th
+/// gets no payment answer and expires; the rest ship.
 pub fn order(run: &str, i: u64) -> OrderPlaced {
-    let customer = if i % 10 == 7 {
-        "mallory-expired-card"
-    } else {
-        "alice"
+    let customer = match i % 10 {
+        7 => "mallory-expired-card",
+        5 => "bob-bank-offline",
+        _ => "alice",
     };
     let mut lines = vec![Line {
         sku: "teapot".into(),
@@ -352,6 +408,8 @@ pub struct Summary {
     pub cancelled: u64,
     /// Orders that ended in `OrderRejected`.
     pub rejected: u64,
+    /// Orders that ended in `OrderExpired` (their payment deadline passed).
+    pub expired: u64,
     /// Event ids stored more than once, plus effects recorded more than once.
     pub duplicates: u64,
     /// Orders with no ending.
@@ -362,8 +420,14 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "orders={} shipped={} cancelled={} rejected={} duplicates={} lost={}",
-            self.orders, self.shipped, self.cancelled, self.rejected, self.duplicates, self.lost
+            "orders={} shipped={} cancelled={} rejected={} expired={} duplicates={} lost={}",
+            self.orders,
+            self.shipped,
+            self.cancelled,
+            self.rejected,
+            self.expired,
+            self.duplicates,
+            self.lost
         )
     }
 }
@@ -373,18 +437,20 @@ impl Summary {
     pub fn is_clean(&self) -> bool {
         self.lost == 0
             && self.duplicates == 0
-            && self.shipped + self.cancelled + self.rejected == self.orders
+            && self.shipped + self.cancelled + self.rejected + self.expired == self.orders
     }
 
     /// What the order data says the run must end with.
     pub fn expected(n: u64) -> Self {
         let rejected = (0..n).filter(|i| i % 10 == 7).count() as u64;
         let cancelled = (0..n).filter(|i| i % 10 == 3).count() as u64;
+        let expired = (0..n).filter(|i| i % 10 == 5).count() as u64;
         Self {
             orders: n,
-            shipped: n - rejected - cancelled,
+            shipped: n - rejected - cancelled - expired,
             cancelled,
             rejected,
+            expired,
             duplicates: 0,
             lost: 0,
         }
@@ -440,6 +506,7 @@ fn scan(recorder: &Recorder, run: &str, n: u64) -> (Summary, u64) {
             "OrderShipped" => "shipped",
             "OrderCancelled" => "cancelled",
             "OrderRejected" => "rejected",
+            "OrderExpired" => "expired",
             _ => continue,
         };
         ended.insert(order.to_owned(), ending);
@@ -450,6 +517,7 @@ fn scan(recorder: &Recorder, run: &str, n: u64) -> (Summary, u64) {
         shipped: count("shipped"),
         cancelled: count("cancelled"),
         rejected: count("rejected"),
+        expired: count("expired"),
         duplicates: 0,
         lost: n.saturating_sub(ended.len() as u64),
     };
@@ -515,7 +583,7 @@ pub async fn wait_for_endings(
     loop {
         let s = summarize_endings(recorder, run, n);
         progress(&s);
-        let ended = s.shipped + s.cancelled + s.rejected;
+        let ended = s.shipped + s.cancelled + s.rejected + s.expired;
         if ended != last_ended {
             last_ended = ended;
             last_change = Instant::now();

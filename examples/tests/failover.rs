@@ -11,6 +11,9 @@ use choreo_examples::shop::{self, Ledger, Summary};
 use choreo_testkit::{NatsCluster, Recorder};
 
 const ORDERS: u64 = 2000;
+/// The orders' payment deadline here: a payment delayed by a node's crash
+/// and election, or by the payments process's restart, still comes in time.
+const PAYMENT_DEADLINE: Duration = Duration::from_secs(30);
 const CHILD_URL: &str = "CHOREO_FAILOVER_CHILD_URL";
 
 /// The payments service in its own process (this test binary, re-run).
@@ -128,7 +131,8 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
     let mut handles = Vec::new();
     for name in ["orders", "inventory", "shipping"] {
         handles.push(
-            shop::service(name, ledger.clone(), settings.clone())
+            // Longer than the payments outages this run causes.
+            shop::service_with_deadline(name, ledger.clone(), settings.clone(), PAYMENT_DEADLINE)
                 .start(client.clone())
                 .await
                 .unwrap(),

@@ -67,7 +67,7 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
     assert!(summary.is_clean());
     assert_eq!(
         summary.to_string(),
-        "orders=200 shipped=160 cancelled=20 rejected=20 duplicates=0 lost=0"
+        "orders=200 shipped=140 cancelled=20 rejected=20 expired=20 duplicates=0 lost=0"
     );
 
     // The paths, by the order's data.
@@ -153,7 +153,8 @@ fn the_shop_command_runs_end_to_end_and_reports() {
     assert!(
         stdout
             .lines()
-            .any(|l| l == "orders=40 shipped=32 cancelled=4 rejected=4 duplicates=0 lost=0"),
+            .any(|l| l
+                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 duplicates=0 lost=0"),
         "{stdout}"
     );
     assert!(
@@ -310,7 +311,8 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
     assert!(
         lines
             .iter()
-            .any(|l| l == "orders=40 shipped=32 cancelled=4 rejected=4 duplicates=0 lost=0"),
+            .any(|l| l
+                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 duplicates=0 lost=0"),
         "{lines:?}"
     );
     let text = scrape(addr);
@@ -321,10 +323,15 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
             &[("choreo_handler", handler), ("choreo_outcome", "handled")],
         )
     };
-    // 40 orders: 4 declined, 4 out of stock (refunded, cancelled), 32 shipped.
+    // 40 orders: 4 declined, 4 out of stock (refunded, cancelled), 4 never
+    // answered (expired by their deadline), 28 shipped.
     assert_eq!(handled("charge_payment"), 40.0, "{text}");
-    assert_eq!(handled("reserve_stock"), 36.0, "{text}");
-    assert_eq!(handled("ship_order"), 32.0, "{text}");
+    assert_eq!(handled("reserve_stock"), 32.0, "{text}");
+    assert_eq!(handled("ship_order"), 28.0, "{text}");
+    // Every order's deadline is scheduled and every fired copy handled;
+    // the handler ran for the 4 expired ones only (the summary line).
+    assert_eq!(handled("expire_unpaid__schedule"), 40.0, "{text}");
+    assert_eq!(handled("expire_unpaid"), 4.0, "{text}");
     assert_eq!(handled("refund_payment"), 4.0, "{text}");
     assert_eq!(handled("reject_order"), 4.0, "{text}");
     assert_eq!(handled("cancel_order"), 4.0, "{text}");

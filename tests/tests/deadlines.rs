@@ -442,9 +442,11 @@ async fn a_node_dying_loses_no_deadline_and_doubles_none() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(wrong.is_empty(), "after the kill: {wrong:?}");
-    eventually(Duration::from_secs(30), "every unpaid order cancelled", || {
-        fired.0.lock().unwrap().len() == N / 2
-    })
+    eventually(
+        Duration::from_secs(30),
+        "every unpaid order cancelled",
+        || fired.0.lock().unwrap().len() == N / 2,
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let runs = fired.0.lock().unwrap().clone();

@@ -341,11 +341,10 @@ fn deadline(cx: &mut Ctxt, a: &HandlerAttr, ordered: bool, name: &str) -> Option
         .iter()
         .enumerate()
         .map(|(i, t)| match t {
-            Type::Path(p) => p
-                .path
-                .segments
-                .last()
-                .map_or_else(|| format!("{name}__met_{i}"), |s| format!("{name}__met_{}", s.ident)),
+            Type::Path(p) => p.path.segments.last().map_or_else(
+                || format!("{name}__met_{i}"),
+                |s| format!("{name}__met_{}", s.ident),
+            ),
             _ => format!("{name}__met_{i}"),
         })
         .collect();

@@ -67,6 +67,36 @@ pub struct HandlerManifest {
     pub emits: Option<Vec<EventManifest>>,
     /// Its options.
     pub options: OptionsManifest,
+    /// For a deadline handler: the deadline it runs on. Its `consumes`
+    /// names A, read from the deadline stream's fired copies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DeadlineManifest>,
+}
+
+/// A deadline handler's deadline in a [`Manifest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DeadlineManifest {
+    /// How long after A a B may come, milliseconds.
+    pub within_ms: u64,
+    /// The `ce-type`s of the events that cancel it.
+    pub unless: Vec<String>,
+    /// `correlation` or `key`.
+    pub matched_by: String,
+}
+
+impl From<&crate::handler::Deadline> for DeadlineManifest {
+    fn from(d: &crate::handler::Deadline) -> Self {
+        Self {
+            within_ms: u64::try_from(d.within.as_millis()).unwrap_or(u64::MAX),
+            unless: d.unless.iter().map(|t| t.name.to_owned()).collect(),
+            matched_by: match d.matched_by {
+                crate::handler::MatchBy::Key => "key",
+                _ => "correlation",
+            }
+            .to_owned(),
+        }
+    }
 }
 
 /// The event a handler consumes.

@@ -286,6 +286,8 @@ pub(crate) trait Erased: Send + Sync + std::fmt::Debug {
     /// For an ordered handler: the 1-based `*` positions, in the event's
     /// subject filter, of the fields it orders by.
     fn ordering_wildcards(&self) -> Option<Vec<usize>>;
+    /// For a deadline handler: its deadline.
+    fn deadline(&self) -> Option<crate::handler::Deadline>;
     fn check(&self, states: &States) -> Result<(), MissingState>;
     /// Handles one delivery; `at` is its attempt and stream sequence, read
     /// from its reply subject once, where it arrived.
@@ -326,6 +328,9 @@ impl<H: Handler> Erased for Typed<H> {
     }
     fn options(&self) -> HandlerOptions {
         self.0.options()
+    }
+    fn deadline(&self) -> Option<crate::handler::Deadline> {
+        self.0.deadline()
     }
     fn ordering_wildcards(&self) -> Option<Vec<usize>> {
         let ordered = self.0.options().ordered?;
@@ -392,6 +397,9 @@ impl<H: Handler> Erased for Routed<H> {
     }
     fn ordering_wildcards(&self) -> Option<Vec<usize>> {
         None
+    }
+    fn deadline(&self) -> Option<crate::handler::Deadline> {
+        self.inner.deadline()
     }
     fn stream(&self) -> (&'static str, &'static str, &'static str) {
         self.stream

@@ -26,14 +26,17 @@ impl Service {
                             version: consumed.version,
                             accepts_versions: h.accepted_versions(),
                             subject: consumed.subject.to_owned(),
-                            subject_filter: consumed.subject_filter.to_owned(),
-                            stream: consumed.stream.to_owned(),
+                            // Where it reads: a deadline handler reads A's
+                            // fired copies from the deadline stream.
+                            subject_filter: h.stream().2.to_owned(),
+                            stream: h.stream().0.to_owned(),
                             schema: (consumed.schema)(),
                         },
                         emits: h
                             .emits()
                             .map(|d| d.iter().map(EventManifest::from).collect()),
                         options: (&h.options()).into(),
+                        deadline: h.deadline().as_ref().map(Into::into),
                     }
                 })
                 .collect(),

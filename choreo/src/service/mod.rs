@@ -245,13 +245,17 @@ impl Service {
         let name = handler.name();
         self.deadlines = true;
         self.handlers
-            .push(Arc::new(Typed(crate::deadline::Schedule::<H>::new(name, d))));
+            .push(Arc::new(Typed(crate::deadline::Schedule::<H>::new(
+                name, d,
+            ))));
         struct Watchers<'a>(&'a mut Vec<Arc<dyn Erased>>, &'static str, crate::Deadline);
         impl crate::UnlessVisitor for Watchers<'_> {
             fn visit<B: crate::Event>(&mut self, index: usize) {
                 let Self(handlers, name, d) = self;
                 let met = d.met.get(index).copied().unwrap_or("__met");
-                handlers.push(Arc::new(Typed(crate::deadline::Met::<B>::new(name, *d, met))));
+                handlers.push(Arc::new(Typed(crate::deadline::Met::<B>::new(
+                    name, *d, met,
+                ))));
             }
         }
         <H::Unless as crate::Unless>::each(&mut Watchers(&mut self.handlers, name, d));

@@ -96,6 +96,25 @@ pub enum Step {
         /// The reason code.
         reason: String,
     },
+    /// A deadline handler's deadline for this event is pending.
+    DeadlinePending {
+        /// When it fires (Unix ms).
+        fires_at_ms: u64,
+    },
+    /// A deadline handler's deadline was met: an `unless` event came in
+    /// time, and the handler does not run.
+    DeadlineMet {
+        /// The event that met it.
+        by: String,
+    },
+    /// A deadline handler's deadline fired: the handler runs with this
+    /// event.
+    DeadlineFired {
+        /// When it fired (Unix ms).
+        at_ms: u64,
+        /// When the handler's inbox recorded it as handled, if it has.
+        handled_at_ms: Option<u64>,
+    },
 }
 
 /// One handler subscribed to an event, and its state for it.
@@ -188,7 +207,11 @@ pub async fn trace(
     let mut streams: BTreeSet<String> = BTreeSet::new();
     for m in &manifests {
         for hm in &m.handlers {
-            streams.insert(hm.consumes.stream.clone());
+            // The deadline stream holds schedules and decisions, not
+            // events: a deadline shows as its handler's step.
+            if hm.consumes.stream != crate::deadline::STREAM {
+                streams.insert(hm.consumes.stream.clone());
+            }
             for e in hm.emits.iter().flatten() {
                 streams.insert(e.stream.clone());
             }
@@ -285,11 +308,23 @@ pub async fn trace(
             let duplicate = !ids_seen.insert(id.clone());
             let mut handlers = Vec::new();
             for (service, hm) in consumers.get(event_type.as_str()).into_iter().flatten() {
-                if !crate::event::subject::covers(&hm.consumes.subject_filter, &e.subject) {
+                // A deadline's helpers show as its handler's step.
+                if is_deadline_helper(&manifests, service, &hm.name) {
+                    continue;
+                }
+                let deadline = hm
+                    .deadline
+                    .as_ref()
+                    .filter(|d| d.matched_by == "correlation");
+                if deadline.is_none()
+                    && !crate::event::subject::covers(&hm.consumes.subject_filter, &e.subject)
+                {
                     continue;
                 }
                 let step = if duplicate {
                     Step::Duplicate
+                } else if deadline.is_some() {
+                    deadline_step(js, service, hm, &corr, &id, &mut cache).await
                 } else {
                     step_of(js, service, hm, e, &id, &letters, &mut cache).await
                 };
@@ -372,6 +407,50 @@ impl Inboxes {
         };
         self.records.insert(key, at);
         at
+    }
+}
+
+/// Whether `handler` of `service` is a deadline's helper consumer
+/// (`<deadline>__schedule`, `<deadline>__met_<B>`).
+fn is_deadline_helper(
+    manifests: &[crate::registry::Manifest],
+    service: &str,
+    handler: &str,
+) -> bool {
+    manifests
+        .iter()
+        .filter(|m| m.service == service)
+        .flat_map(|m| &m.handlers)
+        .filter(|h| h.deadline.is_some())
+        .any(|h| {
+            handler
+                .strip_prefix(h.name.as_str())
+                .is_some_and(|rest| rest.starts_with("__"))
+        })
+}
+
+/// A deadline handler's step for the event A that started its deadline
+/// (matched by correlation: the token is the flow's correlation id).
+async fn deadline_step(
+    js: &jetstream::Context,
+    service: &str,
+    hm: &crate::registry::HandlerManifest,
+    correlation: &str,
+    id: &str,
+    read: &mut Read,
+) -> Step {
+    use super::deadlines::DeadlineState as D;
+    match super::deadlines::deadline(js, service, &hm.name, correlation).await {
+        Ok(D::Scheduled { at_ms, .. }) => Step::DeadlinePending { fires_at_ms: at_ms },
+        Ok(D::Met { by, .. }) => Step::DeadlineMet { by: by.to_string() },
+        Ok(D::Fired { at_ms, .. }) => Step::DeadlineFired {
+            at_ms,
+            handled_at_ms: match id.parse() {
+                Ok(id) => read.inboxes.recorded(js, service, &hm.name, id).await,
+                Err(_) => None,
+            },
+        },
+        _ => Step::NotDelivered,
     }
 }
 

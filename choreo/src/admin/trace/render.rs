@@ -144,6 +144,23 @@ fn step_text(s: &Step, times: bool) -> String {
         Step::NotDelivered => "not yet delivered".into(),
         Step::InFlight => "in flight or retrying".into(),
         Step::DeadLettered { reason } => format!("dead-lettered: {reason}"),
+        Step::DeadlinePending { fires_at_ms } if times => {
+            format!("deadline pending, fires at {}", at(*fires_at_ms))
+        }
+        Step::DeadlinePending { .. } => "deadline pending".into(),
+        Step::DeadlineMet { by } => format!("deadline met by {by}"),
+        Step::DeadlineFired {
+            at_ms,
+            handled_at_ms: Some(h),
+        } if times => format!("deadline fired at {}, handled at {}", at(*at_ms), at(*h)),
+        Step::DeadlineFired {
+            handled_at_ms: Some(_),
+            ..
+        } => "deadline fired, handled".into(),
+        Step::DeadlineFired { at_ms, .. } if times => {
+            format!("deadline fired at {}, running", at(*at_ms))
+        }
+        Step::DeadlineFired { .. } => "deadline fired, running".into(),
     }
 }
 
