@@ -48,7 +48,7 @@ pub struct Recorded {
 /// causation tree of what arrived.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
-pub struct FlowError(String);
+pub struct FlowError(pub(crate) String);
 
 /// A typed event the recorder saw.
 #[derive(Clone, Debug)]
@@ -101,6 +101,8 @@ impl Shared {
 pub struct Recorder {
     shared: Arc<Shared>,
     api: JetStreamApi,
+    /// For reads beside the recording (a deadline's state).
+    pub(crate) js: async_nats::jetstream::Context,
     // Dropping the recorder aborts its stream readers.
     _tasks: JoinSet<()>,
 }
@@ -114,9 +116,11 @@ impl std::fmt::Debug for Recorder {
 }
 
 /// Streams the recorder never reads: dead letters (copies of events already
-/// recorded), advisories and key-value buckets.
+/// recorded), advisories, key-value buckets and deadlines (schedules and
+/// fired copies of events already recorded).
 fn is_infrastructure(stream: &str) -> bool {
     stream == choreo::dlq::DLQ_STREAM
+        || stream == choreo::admin::deadlines::STREAM
         || stream == choreo::dlq::ADVISORY_STREAM
         || stream.starts_with("KV_")
 }
@@ -175,12 +179,13 @@ impl Recorder {
         let mut tasks = JoinSet::new();
         let watcher_shared = shared.clone();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        tasks.spawn(watch_streams(js, only, watcher_shared, ready_tx));
+        tasks.spawn(watch_streams(js.clone(), only, watcher_shared, ready_tx));
         // The first scan attaches to the streams that exist now.
         let _ = ready_rx.await;
         Ok(Self {
             shared,
             api,
+            js,
             _tasks: tasks,
         })
     }

@@ -137,6 +137,7 @@
 //! a steadier end-of-test condition than a quiet period.
 
 mod cluster;
+mod deadline;
 mod error;
 pub mod flow;
 mod gauge;
@@ -144,6 +145,7 @@ mod server;
 mod service;
 
 pub use cluster::NatsCluster;
+pub use deadline::DeadlineIs;
 pub use error::{TestkitError, TestkitErrorKind};
 pub use flow::{Expect, ExpectNone, Flow, FlowError, Recorded, Recorder, Seen, Wait};
 pub use gauge::GaugeProbe;

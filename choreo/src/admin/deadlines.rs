@@ -8,7 +8,12 @@ use async_nats::jetstream::{self, consumer};
 use serde::{Deserialize, Serialize};
 
 use super::AdminError;
-use crate::deadline::{Outcome, STREAM, filter, subject};
+use crate::deadline::{Outcome, filter, subject};
+
+/// The stream that holds every service's deadlines: schedules (`at`),
+/// fired copies (`fire`) and decisions (`outcome`) under
+/// `choreo.deadline.<service>.<handler>.<part>.<token>`.
+pub const STREAM: &str = crate::deadline::STREAM;
 use crate::event::EventId;
 use crate::wire::headers as h;
 
