@@ -458,3 +458,91 @@ async fn a_node_dying_loses_no_deadline_and_doubles_none() {
     orders.shutdown().await;
     payments.shutdown().await;
 }
+
+/// A deadline service runs with exactly `Service::permissions()` (and what
+/// its handler emits); an observer reads its deadlines with
+/// `Permissions::observer`.
+#[tokio::test]
+async fn a_deadline_service_runs_with_its_documented_permissions() {
+    use choreo::Permissions;
+    let api = Default::default();
+    let fired = Fired::default();
+    let orders = || {
+        Service::new("orders")
+            .state(fired.clone())
+            .deadline(cancel_unpaid)
+    };
+    let service = orders().permissions().publishes::<OrderCancelled>(&api);
+    let web = Permissions::publisher("web", &api)
+        .publishes::<OrderPlaced>(&api)
+        .publishes::<PaymentCaptured>(&api);
+    let config = format!(
+        "authorization {{ users = [ \
+           {{ user: orders, password: pw, permissions: {} }}, \
+           {{ user: web, password: pw, permissions: {} }}, \
+           {{ user: viewer, password: pw, permissions: {} }} ] }}",
+        service.to_config(),
+        web.to_config(),
+        Permissions::observer(&api).to_config(),
+    );
+    let server = NatsServer::builder().config(&config).start().await.unwrap();
+    let url = server.url();
+    let user = |name: &str| {
+        let opts =
+            choreo::async_nats::ConnectOptions::with_user_and_password(name.into(), "pw".into())
+                .request_timeout(Some(Duration::from_secs(2)));
+        choreo::connect(&url, opts)
+    };
+    let svc = orders().start(user("orders").await.unwrap()).await.unwrap();
+    let web = Publisher::new(user("web").await.unwrap(), "web").unwrap();
+    web.publish(&order("p-unpaid", None)).await.unwrap();
+    let paid = order("p-paid", None);
+    let a_meta = Metadata::root(&paid, "web").unwrap();
+    web.publish_with(&paid, &a_meta).await.unwrap();
+    let b = PaymentCaptured {
+        order_id: "p-paid".into(),
+    };
+    web.publish_with(
+        &b,
+        &Metadata::emitted(&b, "web", &a_meta, "web.pay", 0).unwrap(),
+    )
+    .await
+    .unwrap();
+    let viewer = choreo::async_nats::jetstream::new(user("viewer").await.unwrap());
+    let mut seen_pending = false;
+    for _ in 0..75 {
+        let p = deadlines::pending(&viewer, "orders", "cancel_unpaid")
+            .await
+            .unwrap();
+        // 2 until the paid order's payment is seen.
+        if p.pending >= 1 && p.next.is_some() {
+            seen_pending = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen_pending, "the viewer never saw the pending deadline");
+    eventually(
+        Duration::from_secs(10),
+        "the unpaid order cancelled",
+        || fired.0.lock().unwrap().contains_key("p-unpaid"),
+    )
+    .await;
+    for _ in 0..50 {
+        if matches!(
+            try_state(&viewer, "cancel_unpaid", "p-paid").await.unwrap(),
+            DeadlineState::Met { .. }
+        ) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(
+        try_state(&viewer, "cancel_unpaid", "p-paid").await.unwrap(),
+        DeadlineState::Met { .. }
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(fired.0.lock().unwrap().len(), 1);
+    assert_eq!(svc.stats("cancel_unpaid").unwrap().dead_lettered(), 0);
+    svc.shutdown().await;
+}

@@ -29,7 +29,7 @@ mod handlers;
 pub(crate) use handlers::{Fire, Met, Schedule};
 
 /// The stream that holds every service's deadlines.
-pub(crate) const STREAM: &str = "CHOREO_DEADLINES";
+pub(crate) const STREAM: &str = crate::topology::DEADLINE_STREAM;
 /// Its subjects.
 pub(crate) const SUBJECTS: &str = "choreo.deadline.>";
 

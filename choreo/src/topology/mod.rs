@@ -31,6 +31,10 @@ use crate::event::id::EventId;
 
 /// The stream that stores dead letters.
 pub const DLQ_STREAM: &str = "CHOREO_DLQ";
+
+/// The stream of every service's deadlines (schedules, fired copies,
+/// decisions): see `crate::deadline`.
+pub(crate) const DEADLINE_STREAM: &str = "CHOREO_DEADLINES";
 /// Its subjects: `choreo.dlq.<service>.<handler>`.
 pub const DLQ_SUBJECTS: &str = "choreo.dlq.>";
 /// The stream that keeps JetStream's `MAX_DELIVERIES` advisories.

@@ -95,6 +95,11 @@ impl Permissions {
         ] {
             me.publish.insert(format!("{p}.{s}"));
         }
+        // The next deadline to fire (`choreo status`).
+        me.publish
+            .insert(format!("{p}.DIRECT.GET.{}", super::DEADLINE_STREAM));
+        me.publish
+            .insert(format!("{p}.DIRECT.GET.{}.>", super::DEADLINE_STREAM));
         for bucket in [
             crate::topology::REGISTRY_BUCKET,
             crate::topology::PUBLISHERS_BUCKET,
@@ -197,6 +202,11 @@ impl Permissions {
                     me.consumer(&p, &queue, &d);
                     me.consumer(&p, ADVISORY_STREAM, &format!("{d}--lost"));
                 }
+            }
+            if stream == super::DEADLINE_STREAM {
+                // A deadline handler's schedules, decisions and cancels.
+                me.publish.insert(format!("choreo.deadline.{service}.>"));
+                me.publish.insert(format!("{p}.STREAM.PURGE.{stream}"));
             }
             me.publish.insert(dlq_subject(service, handler));
             inbox |= idempotent;
