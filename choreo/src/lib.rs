@@ -48,6 +48,7 @@ mod service;
 /// The NATS client choreo is built on, re-exported so users share its version.
 pub use async_nats;
 
+pub use deadline::DEFAULT_DEADLINE_RETENTION;
 pub use event::error::CodecFailure;
 pub use event::subject::MAX_SUBJECT_LEN;
 pub use event::{

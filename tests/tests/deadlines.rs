@@ -111,6 +111,7 @@ async fn a_deadline_fires_once_without_b_and_never_with_it() {
     let orders = Service::new("orders")
         .state(fired.clone())
         .deadline(cancel_unpaid)
+        .deadline_retention(Duration::from_secs(600))
         .start(client.clone())
         .await
         .unwrap();

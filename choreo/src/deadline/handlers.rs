@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Outcome, RETENTION, Store, token};
+use super::{DECISION_KEEP, Outcome, Store, token};
 use crate::event::Event;
 use crate::handler::{
     BoxFuture, Context, Deadline, DeadlineHandler, DeliverPolicy, Handler, HandlerError,
@@ -56,9 +56,9 @@ fn token_of<E: Event>(by: MatchBy, event: &E, ctx: &Context) -> Result<String, H
     }
 }
 
-/// How long an outcome is kept: past the deadline's time, by the retention.
+/// How long an outcome is kept: past the deadline's time, an hour.
 fn keep(d: &Deadline) -> Duration {
-    d.within + RETENTION
+    d.within + DECISION_KEEP
 }
 
 /// Schedules A's copy when A is handled.

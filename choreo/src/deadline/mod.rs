@@ -33,10 +33,16 @@ pub(crate) const STREAM: &str = crate::topology::DEADLINE_STREAM;
 /// Its subjects.
 pub(crate) const SUBJECTS: &str = "choreo.deadline.>";
 
-/// How long a decided deadline's records stay (after its time, for the
-/// outcome; after firing, for the fired copy). A service down for longer
-/// than this after a deadline passed may find its fired copy gone.
-pub(crate) const RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// How long a decision is kept past its deadline's time. It stops a fired
+/// copy that comes after all (a schedule that fired as B's purge ran, or
+/// A's schedule written after B was seen) from running the handler; B
+/// normally comes within `within`, so an hour past it is ample, and each
+/// kept decision costs the server about 550 bytes of memory.
+pub(crate) const DECISION_KEEP: Duration = Duration::from_secs(3600);
+
+/// The default [`Service::deadline_retention`](crate::Service::deadline_retention):
+/// a fired copy waits a day for a deadline service that is down.
+pub const DEFAULT_DEADLINE_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// The oldest server with message schedules.
 const NEEDS: (u64, u64) = (2, 12);
@@ -108,11 +114,21 @@ impl Outcome {
 pub(crate) struct Store {
     js: jetstream::Context,
     service: std::sync::Arc<str>,
+    /// How long a fired copy is kept for a handler that is down.
+    fired_keep: Duration,
 }
 
 impl Store {
-    pub(crate) fn new(js: jetstream::Context, service: std::sync::Arc<str>) -> Self {
-        Self { js, service }
+    pub(crate) fn new(
+        js: jetstream::Context,
+        service: std::sync::Arc<str>,
+        fired_keep: Duration,
+    ) -> Self {
+        Self {
+            js,
+            service,
+            fired_keep,
+        }
     }
 
     fn subject(&self, handler: &str, part: &str, token: &str) -> String {
@@ -190,7 +206,7 @@ impl Store {
         );
         headers.insert(
             "Nats-Schedule-TTL",
-            format!("{}s", RETENTION.as_secs()).as_str(),
+            format!("{}s", self.fired_keep.as_secs().max(1)).as_str(),
         );
         headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
         headers.insert(

@@ -70,6 +70,7 @@ pub struct Service {
     misregistered: Vec<&'static str>,
     /// Whether a deadline handler is registered.
     deadlines: bool,
+    deadline_retention: Duration,
 }
 
 /// The default [`Service::server_budget`]: 1 GiB of nats-server memory.
@@ -106,6 +107,7 @@ impl Service {
             heartbeat: crate::registry::HEARTBEAT,
             misregistered: Vec::new(),
             deadlines: false,
+            deadline_retention: crate::deadline::DEFAULT_DEADLINE_RETENTION,
         }
     }
 
@@ -198,6 +200,16 @@ impl Service {
             self.misregistered.push(handler.name());
         }
         self.handlers.push(Arc::new(Typed(handler)));
+        self
+    }
+
+    /// How long a fired deadline waits for its handler when no instance
+    /// runs (default [`DEFAULT_DEADLINE_RETENTION`](crate::DEFAULT_DEADLINE_RETENTION),
+    /// a day): the server keeps each fired copy this long, about 650 bytes
+    /// of its memory each, and a service down for longer loses the
+    /// deadlines that fired meanwhile. See `docs/deadlines.md`.
+    pub fn deadline_retention(mut self, retention: Duration) -> Self {
+        self.deadline_retention = retention.max(Duration::from_secs(1));
         self
     }
 
@@ -439,7 +451,11 @@ impl Service {
         let service: Arc<str> = Arc::from(name.as_str());
         let mut states = self.states;
         if self.deadlines {
-            states.insert(crate::deadline::Store::new(js.clone(), service.clone()));
+            states.insert(crate::deadline::Store::new(
+                js.clone(),
+                service.clone(),
+                self.deadline_retention,
+            ));
         }
         let states = Arc::new(states);
         let mut tasks = JoinSet::new();

@@ -75,6 +75,11 @@ pub async fn stream_messages(
     out
 }
 
+/// A header value.
+pub fn header_of(h: &async_nats::HeaderMap, name: &str) -> Option<String> {
+    h.get(name).map(|v| v.as_str().to_owned())
+}
+
 /// A header value of a stored message.
 pub fn header(m: &jetstream::message::StreamMessage, name: &str) -> Option<String> {
     m.headers.get(name).map(|v| v.as_str().to_owned())
