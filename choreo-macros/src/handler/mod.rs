@@ -457,6 +457,10 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
             } else {
                 quote!(Correlation)
             };
+            // Spanned by the first type: an `unless` that is not an event
+            // is reported there.
+            let first = unless.first().map_or_else(Span::call_site, Spanned::span);
+            let unless_tuple = quote_spanned!(first=> (#(#unless,)*));
             let unless_tys = unless
                 .iter()
                 .map(|t| quote_spanned!(t.span()=> #krate::EventType::of::<#t>()));
@@ -483,7 +487,7 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
                 Some(quote! {
                     #key_check
                     impl #krate::DeadlineHandler for #ident {
-                        type Unless = (#(#unless,)*);
+                        type Unless = #unless_tuple;
                     }
                 }),
             )

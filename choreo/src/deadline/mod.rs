@@ -245,17 +245,7 @@ pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<(), StreamError> {
-    let version = js.client().server_info().version;
-    if !version_at_least(&version, NEEDS) {
-        return Err(StreamError::Other {
-            stream: STREAM.to_owned(),
-            source: message(format!(
-                "deadlines need message schedules, which nats-server {}.{} added; this server is {version}. \
-                 Upgrade the server, or remove the service's deadline handlers",
-                NEEDS.0, NEEDS.1
-            )),
-        });
-    }
+    check_version(&js.client().server_info().version)?;
     // A missing stream is made below; any other failure shows there too.
     if let Ok(s) = js.get_stream(STREAM).await {
         let c = &s.cached_info().config;
@@ -296,6 +286,22 @@ pub(crate) async fn ensure_stream(
     }
 }
 
+/// Refuses a server older than message schedules, naming its version and
+/// the feature.
+fn check_version(version: &str) -> Result<(), StreamError> {
+    if version_at_least(version, NEEDS) {
+        return Ok(());
+    }
+    Err(StreamError::Other {
+        stream: STREAM.to_owned(),
+        source: message(format!(
+            "deadlines need message schedules, which nats-server {}.{} added; this server is {version}. \
+             Upgrade the server, or remove the service's deadline handlers",
+            NEEDS.0, NEEDS.1
+        )),
+    })
+}
+
 /// Whether `version` (`2.12.0`, `v2.15.1-beta`) is at least `(major, minor)`.
 pub(crate) fn version_at_least(version: &str, (major, minor): (u64, u64)) -> bool {
     let mut parts = version
@@ -318,6 +324,16 @@ mod tests {
         assert!(!version_at_least("2.11.9", NEEDS));
         assert!(!version_at_least("2.10.22", NEEDS));
         assert!(!version_at_least("", NEEDS));
+    }
+
+    #[test]
+    fn an_old_server_is_refused_with_its_version_and_the_feature() {
+        let e = check_version("2.11.4").unwrap_err().to_string();
+        assert!(
+            e.contains("2.11.4") && e.contains("message schedules") && e.contains("2.12"),
+            "{e}"
+        );
+        assert!(check_version("2.12.0").is_ok());
     }
 
     #[test]

@@ -47,4 +47,8 @@ async fn g(o: OrderPlaced) {}
 #[event_handler(within = "15m", unless = PaymentCaptured, deliver = all)]
 async fn h(o: OrderPlaced) {}
 
+// `unless` names at least one event.
+#[event_handler(within = "15m", unless = [])]
+async fn i(o: OrderPlaced) {}
+
 fn main() {}
