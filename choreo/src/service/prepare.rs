@@ -102,7 +102,9 @@ impl Service {
         let mut infos: Vec<jetstream::stream::Info> = Vec::new();
         for h in &self.handlers {
             let (stream, _, _) = h.stream();
-            if infos.iter().any(|i| i.config.name == stream) {
+            // The deadline stream's records expire on their own (see
+            // `crate::deadline`): it never grows without bound.
+            if stream == crate::deadline::STREAM || infos.iter().any(|i| i.config.name == stream) {
                 continue;
             }
             if let Ok(mut s) = js.get_stream(stream).await
