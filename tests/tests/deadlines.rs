@@ -102,12 +102,11 @@ async fn try_state(
     deadlines::deadline(js, "orders", handler, &token).await
 }
 
-#[tokio::test]
-async fn a_deadline_fires_once_without_b_and_never_with_it() {
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let js = choreo::async_nats::jetstream::new(client.clone());
-    let fired = Fired::default();
+/// The orders service with `cancel_unpaid`, and the payments service.
+async fn orders_and_payments(
+    client: &choreo::async_nats::Client,
+    fired: &Fired,
+) -> (choreo::ServiceHandle, choreo::ServiceHandle) {
     let orders = Service::new("orders")
         .state(fired.clone())
         .deadline(cancel_unpaid)
@@ -120,6 +119,16 @@ async fn a_deadline_fires_once_without_b_and_never_with_it() {
         .start(client.clone())
         .await
         .unwrap();
+    (orders, payments)
+}
+
+#[tokio::test]
+async fn a_deadline_fires_once_without_b_and_never_with_it() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let fired = Fired::default();
+    let (orders, payments) = orders_and_payments(&client, &fired).await;
     let recorder = choreo_testkit::Recorder::start(&client).await.unwrap();
     let web = Publisher::new(client.clone(), "web").unwrap();
     web.publish(&order("o-unpaid", None)).await.unwrap();
@@ -225,17 +234,7 @@ async fn b_racing_the_deadline_gives_exactly_one_outcome_per_a() {
     let client = server.connect().await.unwrap();
     let js = choreo::async_nats::jetstream::new(client.clone());
     let fired = Fired::default();
-    let orders = Service::new("orders")
-        .state(fired.clone())
-        .deadline(cancel_unpaid)
-        .start(client.clone())
-        .await
-        .unwrap();
-    let payments = Service::new("payments")
-        .handler(pay)
-        .start(client.clone())
-        .await
-        .unwrap();
+    let (orders, payments) = orders_and_payments(&client, &fired).await;
     let web = Publisher::new(client.clone(), "web").unwrap();
     // Payments due from 150 ms before to 150 ms after the deadline.
     for i in 0..N {

@@ -35,6 +35,20 @@ pub(crate) struct HandlerAttr {
     pub(crate) krate: Option<Opt<syn::Path>>,
 }
 
+/// `[A, B]`, or `A` for one.
+fn type_list(input: syn::parse::ParseStream<'_>) -> syn::Result<Vec<syn::Type>> {
+    if input.peek(syn::token::Bracket) {
+        let content;
+        syn::bracketed!(content in input);
+        Ok(content
+            .parse_terminated(|i| i.parse::<syn::Type>(), Token![,])?
+            .into_iter()
+            .collect())
+    } else {
+        Ok(vec![input.parse()?])
+    }
+}
+
 pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> HandlerAttr {
     let mut attr = HandlerAttr::default();
     let parser =
@@ -105,17 +119,7 @@ pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> HandlerAttr {
                 }
                 "emits" => {
                     // `emits = [A, B]`, or `emits = A` for one.
-                    let input = meta.value()?;
-                    let types: Vec<syn::Type> = if input.peek(syn::token::Bracket) {
-                        let content;
-                        syn::bracketed!(content in input);
-                        content
-                            .parse_terminated(|i| i.parse::<syn::Type>(), Token![,])?
-                            .into_iter()
-                            .collect()
-                    } else {
-                        vec![input.parse()?]
-                    };
+                    let types = type_list(meta.value()?)?;
                     set(cx, &mut attr.emits, "emits", span, types);
                 }
                 "ordered" => set(cx, &mut attr.ordered, "ordered", span, ()),
@@ -144,17 +148,7 @@ pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> HandlerAttr {
                 }
                 "unless" => {
                     // `unless = B`, or `unless = [B1, B2]` for any of them.
-                    let input = meta.value()?;
-                    let types: Vec<syn::Type> = if input.peek(syn::token::Bracket) {
-                        let content;
-                        syn::bracketed!(content in input);
-                        content
-                            .parse_terminated(|i| i.parse::<syn::Type>(), Token![,])?
-                            .into_iter()
-                            .collect()
-                    } else {
-                        vec![input.parse()?]
-                    };
+                    let types = type_list(meta.value()?)?;
                     set(cx, &mut attr.unless, "unless", span, types);
                 }
                 "matched_by" => {
