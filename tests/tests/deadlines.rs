@@ -546,3 +546,72 @@ async fn a_deadline_service_runs_with_its_documented_permissions() {
     assert_eq!(svc.stats("cancel_unpaid").unwrap().dead_lettered(), 0);
     svc.shutdown().await;
 }
+
+/// Attempts of the deadline handler per order, for the retry test.
+#[derive(Clone, Default)]
+struct Attempts(Arc<Mutex<HashMap<String, u32>>>);
+
+/// Fails its first attempt for every order, then succeeds.
+#[event_handler(within = "1s", unless = PaymentCaptured, backoff = ["100ms"])]
+async fn cancel_unpaid_flaky(
+    order: OrderPlaced,
+    ctx: Context,
+    attempts: State<Attempts>,
+) -> Result<(), choreo::HandlerError> {
+    let n = {
+        let mut a = attempts.0.0.lock().unwrap();
+        let n = a.entry(order.order_id.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    if n == 1 {
+        return Err(choreo::HandlerError::retryable("the first attempt fails"));
+    }
+    ctx.emit(OrderCancelled {
+        order_id: order.order_id,
+    });
+    Ok(())
+}
+
+/// A deadline handler that fails is retried, and its decision stands: the
+/// retry runs it (the decision is its own), once it succeeds never again.
+#[tokio::test]
+async fn a_failed_deadline_handler_is_retried_under_its_own_decision() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let attempts = Attempts::default();
+    let svc = Service::new("orders")
+        .state(attempts.clone())
+        .deadline(cancel_unpaid_flaky)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let web = Publisher::new(client.clone(), "web").unwrap();
+    for i in 0..5 {
+        web.publish(&order(&format!("f-{i}"), None)).await.unwrap();
+    }
+    let stats = svc.stats("cancel_unpaid_flaky").unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "five handled after a retry each",
+        || stats.handled() == 5,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a = attempts.0.lock().unwrap().clone();
+    assert!(a.values().all(|n| *n == 2), "{a:?}");
+    for i in 0..5 {
+        let st = try_state(&js, "cancel_unpaid_flaky", &format!("f-{i}"))
+            .await
+            .unwrap();
+        assert!(matches!(st, DeadlineState::Fired { .. }), "{st:?}");
+    }
+    let cancelled = common::stream_messages(&client, <OrderCancelled as choreo::Event>::STREAM)
+        .await
+        .into_iter()
+        .filter(|m| m.subject.ends_with(".cancelled"))
+        .count();
+    assert_eq!(cancelled, 5);
+    svc.shutdown().await;
+}
