@@ -37,7 +37,8 @@ pub(crate) const SUBJECTS: &str = "choreo.deadline.>";
 /// copy that comes after all (a schedule that fired as B's purge ran, or
 /// A's schedule written after B was seen) from running the handler; B
 /// normally comes within `within`, so an hour past it is ample, and each
-/// kept decision costs the server about 550 bytes of memory.
+/// kept decision costs the server up to about 1 KB of memory
+/// (`scripts/bench deadlines`).
 pub(crate) const DECISION_KEEP: Duration = Duration::from_secs(3600);
 
 /// The default [`Service::deadline_retention`](crate::Service::deadline_retention):

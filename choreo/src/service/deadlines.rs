@@ -12,9 +12,10 @@ use crate::runtime::{Erased, Routed, Typed};
 impl Service {
     /// How long a fired deadline waits for its handler when no instance
     /// runs (default [`DEFAULT_DEADLINE_RETENTION`](crate::DEFAULT_DEADLINE_RETENTION),
-    /// a day): the server keeps each fired copy this long, about 650 bytes
-    /// of its memory each, and a service down for longer loses the
-    /// deadlines that fired meanwhile. See `docs/deadlines.md`.
+    /// a day): the server keeps each fired copy this long, up to about 2 KB
+    /// of its memory each (`scripts/bench deadlines`), and a service down
+    /// for longer loses the deadlines that fired meanwhile. See
+    /// `docs/deadlines.md`.
     pub fn deadline_retention(mut self, retention: Duration) -> Self {
         self.deadline_retention = retention.max(Duration::from_secs(1));
         self
