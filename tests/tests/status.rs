@@ -243,7 +243,9 @@ async fn a_handler_stuck_on_its_events_is_stalled_and_ok_once_released() {
     assert_eq!(h.lag_messages, Some(5), "{h:#?}");
     assert_eq!(h.unacked, Some(2), "two in flight (concurrency 2): {h:#?}");
     assert!(h.reason.contains("ack_wait"), "{h:#?}");
-    assert!(h.lag_seconds.unwrap() >= 1.0, "{h:#?}");
+    // The oldest event's age is read a moment before the readings that
+    // judge the state (a CI run saw 0.995 s against 1,004 ms idle).
+    assert!(h.lag_seconds.unwrap() >= 0.9, "{h:#?}");
 
     RELEASE.store(true, Ordering::Relaxed);
     let s = status_until(
