@@ -42,12 +42,12 @@
 //! inboxes remember S seconds, and a round starts every S seconds: many
 //! horizons, and what the server holds after each round.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use choreo::{Publisher, Service, event, event_handler};
 use choreo_examples::arg;
+use choreo_examples::footprint::{disk, rss};
 use choreo_testkit::NatsServer;
 use futures::StreamExt;
 
@@ -77,36 +77,6 @@ fn written(server: &NatsServer) -> u64 {
         .find_map(|l| l.strip_prefix("wchar:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// The server's resident memory in bytes.
-fn rss(server: &NatsServer) -> u64 {
-    let Some(pid) = server.pid() else { return 0 };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// Bytes of the files below `dir`.
-fn disk(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| {
-            let path = e.path();
-            if path.is_dir() {
-                disk(&path)
-            } else {
-                e.metadata().map_or(0, |m| m.len())
-            }
-        })
-        .sum()
 }
 
 /// `--settle`: seconds to wait before each reading.

@@ -28,6 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use choreo::{Publisher, Service, event, event_handler};
+use choreo_examples::arg;
+use choreo_examples::footprint::{disk, rss};
 use choreo_testkit::NatsServer;
 use futures::StreamExt;
 
@@ -58,33 +60,6 @@ async fn plain(_p: Placed) {}
 /// The deadline: runs when an order is not paid in time.
 #[event_handler(within = "1h", unless = Paid, matched_by = key)]
 async fn expire(_p: Placed) {}
-
-fn rss(server: &NatsServer) -> u64 {
-    let Some(pid) = server.pid() else { return 0 };
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-fn disk(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir).map_or(0, |entries| {
-        entries
-            .flatten()
-            .map(|e| {
-                let path = e.path();
-                if path.is_dir() {
-                    disk(&path)
-                } else {
-                    e.metadata().map_or(0, |m| m.len())
-                }
-            })
-            .sum()
-    })
-}
 
 static SETTLE: AtomicU64 = AtomicU64::new(3);
 
@@ -170,14 +145,6 @@ async fn run(n: u64, case: Case) -> Result<(u64, u64), BoxError> {
     server.restart().await?;
     tokio::time::sleep(Duration::from_secs(SETTLE.load(Ordering::Relaxed))).await;
     Ok((rss(&server), disk(server.dir())))
-}
-
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 #[tokio::main]
