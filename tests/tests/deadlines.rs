@@ -615,3 +615,38 @@ async fn a_failed_deadline_handler_is_retried_under_its_own_decision() {
     assert_eq!(cancelled, 5);
     svc.shutdown().await;
 }
+
+/// A second A in the same flow starts no second deadline: one per token.
+#[tokio::test]
+async fn a_second_a_in_one_flow_starts_no_second_deadline() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let fired = Fired::default();
+    let svc = Service::new("orders")
+        .state(fired.clone())
+        .deadline(cancel_unpaid)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let web = Publisher::new(client.clone(), "web").unwrap();
+    let first = order("s-1", None);
+    let meta = Metadata::root(&first, "web").unwrap();
+    web.publish_with(&first, &meta).await.unwrap();
+    // Another order event caused by the first: the same correlation id.
+    let second = order("s-2", None);
+    web.publish_with(
+        &second,
+        &Metadata::emitted(&second, "web", &meta, "web.split", 0).unwrap(),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "the flow's deadline fired", || {
+        !fired.0.lock().unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(WITHIN_MS as u64 / 1000 + 1)).await;
+    let runs = fired.0.lock().unwrap().clone();
+    assert_eq!(runs.keys().collect::<Vec<_>>(), vec!["s-1"], "{runs:?}");
+    assert_eq!(runs["s-1"].len(), 1);
+    svc.shutdown().await;
+}
