@@ -70,8 +70,8 @@ pub use service::{
     StartErrorKind,
 };
 pub use topology::{
-    ConsumerError, ConsumerErrorKind, DEFAULT_INBOX_GROUPS, MAX_INBOX_GROUPS, Permissions,
-    StreamError, StreamErrorKind, StreamSettings,
+    ConsumerError, ConsumerErrorKind, DEFAULT_INBOX_GROUPS, DEFAULT_STREAM_MAX_AGE,
+    MAX_INBOX_GROUPS, Permissions, StreamError, StreamErrorKind, StreamSettings,
 };
 pub use wire::envelope::{Envelope, EnvelopeError, EnvelopeErrorKind};
 pub use wire::headers::Metadata;

@@ -460,11 +460,20 @@ async fn main() -> Result<(), BoxError> {
         );
     }
     println!();
+    let kept = choreo::DEFAULT_STREAM_MAX_AGE.as_secs_f64();
     println!(
-        "events at a steady rate (streams keep every event): {} of server RAM and {} of disk a day per event/s",
-        human(86_400.0 * event_ram),
-        human(86_400.0 * event_disk)
+        "event streams, kept {:.0} days by default (DEFAULT_STREAM_MAX_AGE); a keyed event at {event_ram:.0} B of RAM, {event_disk:.0} B of disk",
+        kept / 86_400.0
     );
+    println!("{:>8} {:>14} {:>14}", "rate/s", "RAM once full", "disk");
+    for rate in [1.0, 10.0, 50.0, 100.0] {
+        println!(
+            "{:>8} {:>14} {:>14}",
+            rate,
+            human(rate * kept * event_ram),
+            human(rate * kept * event_disk)
+        );
+    }
     println!();
     println!("capacity event_ram_bytes {event_ram:.0}");
     println!("capacity event_disk_bytes {event_disk:.0}");

@@ -1,5 +1,5 @@
 //! A service whose streams and inbox project past its server budget says so
-//! at start, with what to change; one whose streams have limits says
+//! at start, with what to change; one whose streams and inbox fit says
 //! nothing. Alone in its test binary: tracing's per-callsite interest cache
 //! is process-wide.
 #![allow(missing_docs, clippy::unwrap_used)]
@@ -65,19 +65,21 @@ async fn warnings_at_start(
 async fn what_would_outgrow_the_budget_is_named_at_start_with_what_to_change() {
     let (captured, _guard) = common::capture_logs("warn");
 
-    // Streams with their defaults keep every event.
+    // Streams with their defaults keep a week: bounded, but a week at
+    // ~2,000 events/s is far past the budget, and the warning says what
+    // max_age fits.
     let text =
         warnings_at_start(&captured, StreamSettings::default(), |s| s.inbox_groups(16)).await;
-    let stream_line = text
+    let held_line = text
         .lines()
-        .find(|l| l.contains("stream METERS keeps every event"))
-        .unwrap_or_else(|| panic!("no warning about the stream:\n{text}"));
+        .find(|l| l.contains("stream METERS keeps events up to its max_age 7.0 days"))
+        .unwrap_or_else(|| panic!("no warning about the week-long stream:\n{text}"));
     assert!(
-        stream_line.contains("StreamSettings::max_age")
-            && stream_line.contains("budget of 67.1 MB")
-            && stream_line.contains("service=\"billing\"")
-            && stream_line.contains("of server memory"),
-        "{stream_line}"
+        held_line.contains("budget of 67.1 MB")
+            && held_line.contains("days fits the budget")
+            && held_line.contains("StreamSettings::max_age")
+            && held_line.contains("service=\"billing\""),
+        "{held_line}"
     );
     // ~2,000 events/s for 7 days over 16 groups: every record would
     // rewrite megabytes.
@@ -90,23 +92,22 @@ async fn what_would_outgrow_the_budget_is_named_at_start_with_what_to_change() {
         "{write_line}"
     );
 
-    // The same history in a stream kept a day: bounded, but a day at
-    // ~2,000 events/s is far past the budget, and the warning says what
-    // max_age fits.
-    let day = StreamSettings::default().max_age(Duration::from_secs(86_400));
-    let text = warnings_at_start(&captured, day, |s| {
+    // The same history in a stream that keeps every event.
+    let forever = StreamSettings::default().max_age(Duration::ZERO);
+    let text = warnings_at_start(&captured, forever, |s| {
         s.inbox_retention(Duration::from_secs(120))
     })
     .await;
-    let held_line = text
+    let stream_line = text
         .lines()
-        .find(|l| l.contains("stream METERS keeps events up to its max_age 1.0 days"))
-        .unwrap_or_else(|| panic!("no warning about the day-long stream:\n{text}"));
+        .find(|l| l.contains("stream METERS keeps every event"))
+        .unwrap_or_else(|| panic!("no warning about the unbounded stream:\n{text}"));
     assert!(
-        held_line.contains("budget of 67.1 MB")
-            && held_line.contains("days fits the budget")
-            && held_line.contains("service=\"billing\""),
-        "{held_line}"
+        stream_line.contains("StreamSettings::max_age")
+            && stream_line.contains("budget of 67.1 MB")
+            && stream_line.contains("service=\"billing\"")
+            && stream_line.contains("of server memory"),
+        "{stream_line}"
     );
 
     // The same history in a stream kept 30 s (shorter than the default

@@ -40,6 +40,80 @@ pub(super) fn say_backlog(
     }
 }
 
+/// Warns at start when the handler's oldest unhandled event has been in its
+/// stream for more than half the stream's `max_age`: events the handler
+/// has not handled by `max_age` are removed unread. Says nothing for a
+/// stream that keeps every event, or when the event cannot be read.
+pub(super) async fn say_behind(
+    js: &jetstream::Context,
+    service: &str,
+    handler: &str,
+    (stream, filter): (&str, &str),
+    info: &jetstream::consumer::Info,
+) {
+    if info.num_pending == 0 && info.num_ack_pending == 0 {
+        return;
+    }
+    let Ok(s) = js.get_stream(stream).await else {
+        return;
+    };
+    let max_age = s.cached_info().config.max_age;
+    if max_age.is_zero() {
+        return;
+    }
+    let Ok(oldest) = s
+        .raw_message_builder()
+        .sequence(info.ack_floor.stream_sequence + 1)
+        .next_by_subject(filter)
+        .send()
+        .await
+    else {
+        return;
+    };
+    let age = (time::OffsetDateTime::now_utc() - oldest.time)
+        .try_into()
+        .unwrap_or(Duration::ZERO);
+    if let Some(message) = behind(age, max_age) {
+        tracing::warn!(
+            service,
+            handler,
+            stream,
+            stream_sequence = oldest.sequence,
+            pending = info.num_pending + info.num_ack_pending as u64,
+            "handler {handler} is behind: {message} in stream {stream}; catch up (more \
+             instances, a higher concurrency) or keep events longer (StreamSettings::max_age \
+             for a new stream, `nats stream edit {stream} --max-age` for this one)"
+        );
+    }
+}
+
+/// What to say of a handler whose oldest unhandled event is `age` old in a
+/// stream that keeps events `max_age`: something once it is past half.
+pub(super) fn behind(age: Duration, max_age: Duration) -> Option<String> {
+    (age * 2 > max_age).then(|| {
+        format!(
+            "its oldest unhandled event is {} old and is removed unread at {} (max_age), {}",
+            humantime(age),
+            humantime(max_age),
+            match max_age.checked_sub(age) {
+                Some(left) if !left.is_zero() => format!("in {}", humantime(left)),
+                _ => "any moment now".to_owned(),
+            },
+        )
+    })
+}
+
+/// A duration to one decimal in its largest unit: `3.5 days`, `2.5 s`.
+fn humantime(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    match s {
+        s if s >= 86_400.0 => format!("{:.1} days", s / 86_400.0),
+        s if s >= 3_600.0 => format!("{:.1} h", s / 3_600.0),
+        s if s >= 60.0 => format!("{:.1} min", s / 60.0),
+        s => format!("{s:.1} s"),
+    }
+}
+
 pub(super) fn validate_options(handler: &str, o: &HandlerOptions) -> Result<(), StartError> {
     let problem = if o.concurrency == 0 {
         Some("concurrency must be at least 1")
@@ -90,5 +164,36 @@ pub(super) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send 
         {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handler_is_behind_past_half_its_streams_age() {
+        let week = Duration::from_secs(7 * 86_400);
+        assert_eq!(behind(Duration::from_secs(3 * 86_400), week), None);
+        assert_eq!(
+            behind(Duration::from_secs(5 * 86_400), week).as_deref(),
+            Some(
+                "its oldest unhandled event is 5.0 days old and is removed unread at 7.0 days \
+                 (max_age), in 2.0 days"
+            )
+        );
+        assert_eq!(
+            behind(Duration::from_secs(10 * 86_400), week).as_deref(),
+            Some(
+                "its oldest unhandled event is 10.0 days old and is removed unread at 7.0 days \
+                 (max_age), any moment now"
+            )
+        );
+        assert_eq!(
+            behind(Duration::from_millis(2_500), Duration::from_secs(4)).as_deref(),
+            Some(
+                "its oldest unhandled event is 2.5 s old and is removed unread at 4.0 s (max_age), in 1.5 s"
+            )
+        );
     }
 }

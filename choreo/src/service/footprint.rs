@@ -218,7 +218,10 @@ pub(crate) fn warn(service: &str, findings: &[Finding], budget: u64) {
                 service,
                 stream = %stream,
                 rate = format!("{rate:.1}"),
-                "stream {stream} keeps events up to its {limit}: at its rate so far ({rate:.1}                  events/s) it will hold about {} of server memory and {} of disk, past this                  service's budget of {budget_h}; a max_age of {fits_days:.2} days fits the budget                  (StreamSettings::max_age), or raise Service::server_budget (docs/capacity.md)",
+                "stream {stream} keeps events up to its {limit}: at its rate so far ({rate:.1} \
+                 events/s) it will hold about {} of server memory and {} of disk, past this \
+                 service's budget of {budget_h}; a max_age of {fits_days:.2} days fits the budget \
+                 (StreamSettings::max_age), or raise Service::server_budget (docs/capacity.md)",
                 human(*ram),
                 human(*disk),
             ),

@@ -4,7 +4,7 @@
 
 use async_nats::jetstream;
 
-use super::checks::say_backlog;
+use super::checks::{say_backlog, say_behind};
 use super::{Service, StartError};
 use crate::inbox::Inbox;
 use crate::runtime::Erased;
@@ -85,6 +85,16 @@ impl Service {
                 &h.options(),
                 consumer.cached_info(),
             );
+            if stream != crate::deadline::STREAM {
+                say_behind(
+                    js,
+                    &self.name,
+                    h.name(),
+                    (stream, filter),
+                    consumer.cached_info(),
+                )
+                .await;
+            }
             consumers.push(vec![Durable {
                 consumer,
                 advisory,

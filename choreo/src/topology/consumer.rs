@@ -99,9 +99,12 @@ pub(crate) async fn ensure_streams(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<(), StreamError> {
+    // Letters stay until replayed or purged: one is an event nobody has
+    // handled yet, and letters number the failures, not the events.
+    let letters = settings.clone().max_age(std::time::Duration::ZERO);
     ensure_stream(
         js,
-        settings,
+        &letters,
         DLQ_STREAM,
         vec![DLQ_SUBJECTS.to_owned()],
         &dlq_subject("x", "y"),

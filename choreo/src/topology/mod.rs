@@ -3,10 +3,10 @@
 //!
 //! | what | name | made by |
 //! | --- | --- | --- |
-//! | an event type's stream | `#[event(stream = ...)]`, default the subject's first token upper-cased; subjects `<first token>.>` | [`stream::ensure_stream`] |
+//! | an event type's stream | `#[event(stream = ...)]`, default the subject's first token upper-cased; subjects `<first token>.>`; kept [`DEFAULT_STREAM_MAX_AGE`] unless [`StreamSettings::max_age`] says otherwise | [`stream::ensure_stream`] |
 //! | a handler's durable | `<service>--<handler>` ([`consumer_name`]) | [`consumer::create_consumer`] |
 //! | a handler's lost-delivery consumer | `<service>--<handler>--lost` on [`ADVISORY_STREAM`] | [`consumer::create_advisory_consumer`] |
-//! | the dead-letter stream | [`DLQ_STREAM`], subjects [`DLQ_SUBJECTS`]; a handler's letters on [`dlq_subject`] | [`consumer::ensure_streams`] |
+//! | the dead-letter stream | [`DLQ_STREAM`], subjects [`DLQ_SUBJECTS`]; a handler's letters on [`dlq_subject`]; no age limit | [`consumer::ensure_streams`] |
 //! | the advisory stream | [`ADVISORY_STREAM`], subjects [`ADVISORY_SUBJECTS`], kept 7 days | [`consumer::ensure_streams`] |
 //! | a service's inbox | KV bucket [`inbox_bucket`]: records in group keys [`inbox_group_key`], claims in [`inbox_key`], the group count in its stream's metadata [`GROUPS_METADATA`] | `Inbox::open` |
 //!
@@ -21,7 +21,7 @@ pub(crate) mod stream;
 
 pub use error::{ConsumerError, ConsumerErrorKind, StreamError, StreamErrorKind};
 pub use permissions::Permissions;
-pub use stream::StreamSettings;
+pub use stream::{DEFAULT_STREAM_MAX_AGE, StreamSettings};
 
 pub use consumer::consumer_name;
 pub use inbox_group::{DEFAULT_INBOX_GROUPS, MAX_INBOX_GROUPS, inbox_group_key};

@@ -1,0 +1,165 @@
+//! How long choreo's streams keep events: a week by default for event
+//! streams, for ever for dead letters, and a warning at start for a handler
+//! whose oldest unhandled event is past half its stream's age, before the
+//! stream removes it unread. Alone in its test binary: tracing's
+//! per-callsite interest cache is process-wide.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use choreo::{DEFAULT_STREAM_MAX_AGE, Publisher, Service, StreamSettings, event, event_handler};
+use choreo_testkit::NatsServer;
+use common::eventually;
+
+#[event(subject = "visits.{page}.seen", key = (page, n))]
+#[derive(Debug, Clone)]
+pub struct VisitSeen {
+    pub page: String,
+    pub n: u32,
+}
+
+#[event_handler]
+async fn tally(_v: VisitSeen) {}
+
+async fn max_age(js: &choreo::async_nats::jetstream::Context, stream: &str) -> Duration {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .max_age
+}
+
+#[tokio::test]
+async fn event_streams_keep_a_week_by_default_and_dead_letters_stay() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    assert_eq!(DEFAULT_STREAM_MAX_AGE, choreo::DEFAULT_INBOX_RETENTION);
+    let publisher = Publisher::new(client.clone(), "web").unwrap();
+    publisher
+        .publish(&VisitSeen {
+            page: "home".into(),
+            n: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(max_age(&js, "VISITS").await, DEFAULT_STREAM_MAX_AGE);
+    let svc = Service::new("stats")
+        .handler(tally)
+        .start(client.clone())
+        .await
+        .unwrap();
+    svc.shutdown().await;
+    assert_eq!(max_age(&js, "CHOREO_DLQ").await, Duration::ZERO);
+    assert_eq!(
+        max_age(&js, "CHOREO_ADVISORIES").await,
+        Duration::from_secs(7 * 86_400)
+    );
+
+    // Keeping every event is a choice made out loud; a short age is honoured
+    // (and does not reach the dead letters).
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let svc = Service::new("stats")
+        .stream_settings(StreamSettings::default().max_age(Duration::ZERO))
+        .handler(tally)
+        .start(client.clone())
+        .await
+        .unwrap();
+    svc.shutdown().await;
+    assert_eq!(max_age(&js, "VISITS").await, Duration::ZERO);
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let svc = Service::new("stats")
+        .stream_settings(StreamSettings::default().max_age(Duration::from_secs(3600)))
+        .handler(tally)
+        .start(client.clone())
+        .await
+        .unwrap();
+    svc.shutdown().await;
+    assert_eq!(max_age(&js, "VISITS").await, Duration::from_secs(3600));
+    assert_eq!(max_age(&js, "CHOREO_DLQ").await, Duration::ZERO);
+}
+
+#[tokio::test]
+async fn a_handler_past_half_its_streams_age_is_warned_at_start() {
+    let (captured, _guard) = common::capture_logs("warn");
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    // Events kept 4 s: a handler is behind once its oldest is 2 s old.
+    let settings = StreamSettings::default().max_age(Duration::from_secs(4));
+    let publisher = Publisher::new(client.clone(), "web")
+        .unwrap()
+        .stream_settings(settings.clone());
+    let service = || {
+        Service::new("stats")
+            .stream_settings(settings.clone())
+            .handler(tally)
+    };
+    let publish = |from: u32| {
+        let publisher = publisher.clone();
+        async move {
+            for n in from..from + 3 {
+                publisher
+                    .publish(&VisitSeen {
+                        page: "home".into(),
+                        n,
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    // The durable exists, then three events wait for it.
+    service()
+        .start(client.clone())
+        .await
+        .unwrap()
+        .shutdown()
+        .await;
+    publish(0).await;
+
+    // Young events: nothing to say.
+    let svc = service().start(client.clone()).await.unwrap();
+    let stats = svc.stats("tally").unwrap();
+    eventually(Duration::from_secs(5), "the young events handled", || {
+        stats.handled() == 3
+    })
+    .await;
+    svc.shutdown().await;
+    assert!(
+        !captured.text().contains("is behind"),
+        "warned about young events:\n{}",
+        captured.text()
+    );
+
+    // Three more wait 2.5 s: past half the age, 1.5 s from being removed.
+    publish(3).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let svc = service().start(client.clone()).await.unwrap();
+    let text = captured.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("handler tally is behind"))
+        .unwrap_or_else(|| panic!("no warning about the late handler:\n{text}"));
+    assert!(
+        line.contains("service=\"stats\"")
+            && line.contains("stream=\"VISITS\"")
+            && line.contains("stream_sequence=4")
+            && line.contains("pending=3")
+            && line.contains("removed unread at 4.0 s (max_age)")
+            && line.contains("StreamSettings::max_age"),
+        "{line}"
+    );
+    let stats = svc.stats("tally").unwrap();
+    eventually(Duration::from_secs(5), "the late events handled", || {
+        stats.handled() == 3
+    })
+    .await;
+    svc.shutdown().await;
+}
