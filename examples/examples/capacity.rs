@@ -254,13 +254,13 @@ fn cost(events: &Run, inbox: &Run, n: u64) -> Cost {
 }
 
 /// Keys in the inbox buckets, and subjects in the other streams (not
-/// buckets), that the server holds now.
+/// buckets), that the server holds now, with each such stream's subjects.
 async fn inbox_keys_and_subjects(
     client: &choreo::async_nats::Client,
-) -> Result<(u64, u64), BoxError> {
+) -> Result<(u64, u64, Vec<(String, u64)>), BoxError> {
     let js = choreo::async_nats::jetstream::new(client.clone());
     let mut names = js.stream_names();
-    let (mut inbox_keys, mut stream_subjects) = (0, 0);
+    let (mut inbox_keys, mut stream_subjects, mut each) = (0, 0, Vec::new());
     while let Some(name) = names.next().await {
         let name = name?;
         let info = js.get_stream(&name).await?.info().await?.clone();
@@ -268,9 +268,11 @@ async fn inbox_keys_and_subjects(
             inbox_keys += info.state.subjects_count;
         } else if !name.starts_with("KV_") {
             stream_subjects += info.state.subjects_count;
+            each.push((name, info.state.subjects_count));
         }
     }
-    Ok((inbox_keys, stream_subjects))
+    each.sort();
+    Ok((inbox_keys, stream_subjects, each))
 }
 
 /// The shop's four services on one fresh server, `rounds` rounds of `n`
@@ -295,7 +297,9 @@ async fn shop_run(
     for name in SERVICES {
         let mut svc = shop::service(name, ledger.clone(), settings.clone()).inbox_groups(groups);
         if let Some(h) = horizon {
-            svc = svc.inbox_retention(h);
+            // Fired deadlines' copies follow the horizon too; a deadline's
+            // decision is kept its `within` and an hour (docs/deadlines.md).
+            svc = svc.inbox_retention(h).deadline_retention(h);
         }
         handles.push(svc.start(client.clone()).await?);
     }
@@ -328,7 +332,7 @@ async fn shop_run(
     }
     drop(recorder);
     let written = read(&server).await;
-    let (inbox_keys, stream_subjects) = inbox_keys_and_subjects(&client).await?;
+    let (inbox_keys, stream_subjects, each) = inbox_keys_and_subjects(&client).await?;
     drop(client);
     server.restart().await?;
     let restarted = read(&server).await;
@@ -344,6 +348,8 @@ async fn shop_run(
         "keys held: {inbox_keys} in the inbox buckets (4 records per order: {}), {stream_subjects} subjects in the streams",
         4 * orders
     );
+    let each: Vec<String> = each.iter().map(|(n, k)| format!("{n} {k}")).collect();
+    println!("subjects by stream: {}", each.join(", "));
     println!(
         "capacity shop_ram_per_order_bytes {:.0}",
         per(before.rss, restarted.rss, orders)
