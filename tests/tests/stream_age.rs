@@ -23,6 +23,10 @@ pub struct VisitSeen {
 #[event_handler]
 async fn tally(_v: VisitSeen) {}
 
+/// Takes only events published after its durable was made.
+#[event_handler(deliver = new)]
+async fn notify(_v: VisitSeen) {}
+
 async fn max_age(js: &choreo::async_nats::jetstream::Context, stream: &str) -> Duration {
     js.get_stream(stream)
         .await
@@ -61,29 +65,28 @@ async fn event_streams_keep_a_week_by_default_and_dead_letters_stay() {
 
     // Keeping every event is a choice made out loud; a short age is honoured
     // (and does not reach the dead letters).
+    for age in [Duration::ZERO, Duration::from_secs(3600)] {
+        let (_server, js) = started_with(StreamSettings::default().max_age(age)).await;
+        assert_eq!(max_age(&js, "VISITS").await, age);
+        assert_eq!(max_age(&js, "CHOREO_DLQ").await, Duration::ZERO);
+    }
+}
+
+/// A new server on which the service has started once with `settings`.
+async fn started_with(
+    settings: StreamSettings,
+) -> (NatsServer, choreo::async_nats::jetstream::Context) {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
-    let js = choreo::async_nats::jetstream::new(client.clone());
-    let svc = Service::new("stats")
-        .stream_settings(StreamSettings::default().max_age(Duration::ZERO))
+    Service::new("stats")
+        .stream_settings(settings)
         .handler(tally)
         .start(client.clone())
         .await
-        .unwrap();
-    svc.shutdown().await;
-    assert_eq!(max_age(&js, "VISITS").await, Duration::ZERO);
-    let server = NatsServer::start().await.unwrap();
-    let client = server.connect().await.unwrap();
-    let js = choreo::async_nats::jetstream::new(client.clone());
-    let svc = Service::new("stats")
-        .stream_settings(StreamSettings::default().max_age(Duration::from_secs(3600)))
-        .handler(tally)
-        .start(client.clone())
-        .await
-        .unwrap();
-    svc.shutdown().await;
-    assert_eq!(max_age(&js, "VISITS").await, Duration::from_secs(3600));
-    assert_eq!(max_age(&js, "CHOREO_DLQ").await, Duration::ZERO);
+        .unwrap()
+        .shutdown()
+        .await;
+    (server, choreo::async_nats::jetstream::new(client))
 }
 
 #[tokio::test]
@@ -162,4 +165,31 @@ async fn a_handler_past_half_its_streams_age_is_warned_at_start() {
     })
     .await;
     svc.shutdown().await;
+
+    // A `deliver = new` handler made now is not behind on the old events
+    // its durable will never deliver: only its own three young ones wait.
+    let notifier = || {
+        Service::new("notifier")
+            .stream_settings(settings.clone())
+            .handler(notify)
+    };
+    notifier()
+        .start(client.clone())
+        .await
+        .unwrap()
+        .shutdown()
+        .await;
+    publish(6).await;
+    let svc = notifier().start(client.clone()).await.unwrap();
+    let stats = svc.stats("notify").unwrap();
+    eventually(Duration::from_secs(5), "the new events handled", || {
+        stats.handled() == 3
+    })
+    .await;
+    svc.shutdown().await;
+    assert!(
+        !captured.text().contains("handler notify is behind"),
+        "warned about events before the durable:\n{}",
+        captured.text()
+    );
 }
