@@ -18,8 +18,18 @@ pub struct MeterRead {
     pub meter: u32,
 }
 
+#[event(subject = "meters.{meter}.paid", key = meter)]
+#[derive(Clone, Debug)]
+pub struct MeterPaid {
+    pub meter: u32,
+}
+
 #[event_handler]
 async fn bill(_m: MeterRead) {}
+
+/// Chases a reading not paid within 15 minutes.
+#[event_handler(within = "15m", unless = MeterPaid)]
+async fn chase(_m: MeterRead) {}
 
 /// 3,000 keyed events over a little more than a second: a rate the
 /// projection can trust.
@@ -68,8 +78,10 @@ async fn what_would_outgrow_the_budget_is_named_at_start_with_what_to_change() {
     // Streams with their defaults keep a week: bounded, but a week at
     // ~2,000 events/s is far past the budget, and the warning says what
     // max_age fits.
-    let text =
-        warnings_at_start(&captured, StreamSettings::default(), |s| s.inbox_groups(16)).await;
+    let text = warnings_at_start(&captured, StreamSettings::default(), |s| {
+        s.inbox_groups(16).deadline(chase)
+    })
+    .await;
     let held_line = text
         .lines()
         .find(|l| l.contains("stream METERS keeps events up to its max_age 7.0 days"))
@@ -90,6 +102,19 @@ async fn what_would_outgrow_the_budget_is_named_at_start_with_what_to_change() {
     assert!(
         write_line.contains("raise Service::inbox_groups") && write_line.contains("handler=bill"),
         "{write_line}"
+    );
+
+    // ~2,000 readings/s, each with a 15-minute deadline: gigabytes of
+    // schedules and decisions.
+    let deadline_line = text
+        .lines()
+        .find(|l| l.contains("deadline handler chase"))
+        .unwrap_or_else(|| panic!("no warning about the deadlines:\n{text}"));
+    assert!(
+        deadline_line.contains("budget of 67.1 MB")
+            && deadline_line.contains("Service::deadline_retention (1.0 days)")
+            && deadline_line.contains("handler=chase"),
+        "{deadline_line}"
     );
 
     // The same history in a stream that keeps every event.

@@ -2,8 +2,9 @@
 //! from what the server already holds, and a warning when that passes the
 //! service's budget (`Service::server_budget`): a stream that keeps every
 //! event, a stream whose limits hold more than the budget at its rate, an
-//! inbox with more groups than the budget allows, or groups so full that
-//! every record rewrites kilobytes and the handler slows.
+//! inbox with more groups than the budget allows, groups so full that
+//! every record rewrites kilobytes and the handler slows, or a deadline
+//! handler whose schedules and decisions alone pass the budget.
 //!
 //! The per-unit costs are the ones `scripts/bench capacity` measured on
 //! nats-server 2.15.1 (see `docs/capacity.md`).
@@ -24,6 +25,12 @@ const RECORD: f64 = 24.0;
 /// to 0.79 of a per-key inbox at 20 per group and 0.73 at 30
 /// (`scripts/bench --only handler_inbox --inbox-prefill R`).
 const PER_GROUP_WARN: f64 = 32.0;
+/// Server memory per pending deadline (its schedule), per decision, and per
+/// fired copy: the upper ends `scripts/bench deadlines` measured
+/// (`docs/deadlines.md`).
+const SCHEDULE_RAM: f64 = 1_700.0;
+const DECISION_RAM: f64 = 1_000.0;
+const FIRED_RAM: f64 = 2_200.0;
 /// How far ahead a stream's growth is projected.
 const HORIZON_DAYS: f64 = 30.0;
 /// How many events a stream must hold before its rate is trusted.
@@ -62,7 +69,21 @@ pub(crate) enum Finding {
         write: f64,
         groups: u64,
     },
+    /// At its A stream's rate, a deadline handler's schedules (kept
+    /// `within`) and decisions (kept `within` + 1 hour) hold `ram`; each
+    /// fired copy adds `FIRED_RAM` for `retention`.
+    Deadlines {
+        handler: String,
+        rate: f64,
+        ram: f64,
+        retention: Duration,
+    },
 }
+
+/// A deadline handler for [`findings`]: its name, the rate of the stream
+/// its A events are on (if known), its `within`, and how long its fired
+/// copies are kept.
+pub(crate) type DeadlineLoad<'a> = (&'a str, Option<f64>, Duration, Duration);
 
 /// The rate a stream has grown at (events/s), if its history is long
 /// enough to say.
@@ -125,10 +146,12 @@ pub(crate) fn stream_held(info: &jetstream::stream::Info) -> Option<(f64, f64, f
 
 /// What to warn about, for streams `streams` (their info), `handlers`
 /// idempotent handlers (name and the rate of the stream it reads) sharing
-/// an inbox of `groups` groups kept `horizon`, against `budget` bytes.
+/// an inbox of `groups` groups kept `horizon`, and `deadlines`, against
+/// `budget` bytes.
 pub(crate) fn findings(
     streams: &[jetstream::stream::Info],
     handlers: &[(&str, Option<f64>)],
+    deadlines: &[DeadlineLoad<'_>],
     groups: u32,
     horizon: Duration,
     budget: u64,
@@ -178,6 +201,19 @@ pub(crate) fn findings(
                 write: RECORD * per_group + 100.0,
                 groups: ((records / 10.0).ceil() as u64)
                     .min(u64::from(crate::topology::MAX_INBOX_GROUPS)),
+            });
+        }
+    }
+    for (handler, rate, within, retention) in deadlines {
+        let Some(rate) = rate else { continue };
+        let decided = within.as_secs_f64() + crate::deadline::DECISION_KEEP.as_secs_f64();
+        let ram = rate * (within.as_secs_f64() * SCHEDULE_RAM + decided * DECISION_RAM);
+        if ram > budget {
+            out.push(Finding::Deadlines {
+                handler: (*handler).to_owned(),
+                rate: *rate,
+                ram,
+                retention: *retention,
             });
         }
     }
@@ -249,6 +285,24 @@ pub(crate) fn warn(service: &str, findings: &[Finding], budget: u64) {
                 human(*write),
                 human(*groups as f64 * GROUP_RAM),
             ),
+            Finding::Deadlines {
+                handler,
+                rate,
+                ram,
+                retention,
+            } => tracing::warn!(
+                service,
+                handler = %handler,
+                rate = format!("{rate:.1}"),
+                "deadline handler {handler}: at its A events' rate so far ({rate:.1}/s), its \
+                 pending schedules (kept its within) and decisions (kept within + 1 hour) will \
+                 hold about {} of server memory, past this service's budget of {budget_h}; \
+                 each deadline that fires keeps ~{} more for Service::deadline_retention \
+                 ({:.1} days); shorten within, or raise Service::server_budget (docs/deadlines.md)",
+                human(*ram),
+                human(FIRED_RAM),
+                retention.as_secs_f64() / 86_400.0,
+            ),
         }
     }
 }
@@ -273,11 +327,11 @@ mod tests {
     fn the_projection_uses_the_measured_costs() {
         let week = Duration::from_secs(7 * 86_400);
         // 3 events/s for a week: 1,814,400 records, 28 per group.
-        let f = findings(&[], &[("h", Some(3.0))], 65_536, week, 1 << 30);
+        let f = findings(&[], &[("h", Some(3.0))], &[], 65_536, week, 1 << 30);
         assert!(f.is_empty(), "{f:?}");
         // 50 events/s: 30,240,000 records, 461 per group, 11 KB a write;
         // 3,024,000 groups would hold ten each.
-        let f = findings(&[], &[("h", Some(50.0))], 65_536, week, 1 << 30);
+        let f = findings(&[], &[("h", Some(50.0))], &[], 65_536, week, 1 << 30);
         assert!(
             matches!(&f[..], [Finding::Writes { write, groups: 3_024_000, .. }]
                 if (*write - 11_174.0).abs() < 10.0),
@@ -286,6 +340,7 @@ mod tests {
         let f = findings(
             &[],
             &[("a", None), ("b", None)],
+            &[],
             1 << 24,
             Duration::from_secs(60),
             1 << 30,
@@ -294,6 +349,31 @@ mod tests {
             matches!(&f[..], [Finding::Groups { handlers: 2, .. }]),
             "{f:?}"
         );
+        // 100 orders/s, a 15-minute deadline: 90,000 schedules (153 MB) and
+        // 450,000 decisions (450 MB), as docs/deadlines.md prices them.
+        let quarter = Duration::from_secs(900);
+        let day = Duration::from_secs(86_400);
+        let f = findings(
+            &[],
+            &[],
+            &[("expire", Some(100.0), quarter, day)],
+            1,
+            week,
+            1 << 29,
+        );
+        assert!(
+            matches!(&f[..], [Finding::Deadlines { ram, .. }] if (*ram - 603e6).abs() < 1e6),
+            "{f:?}"
+        );
+        let f = findings(
+            &[],
+            &[],
+            &[("expire", Some(100.0), quarter, day)],
+            1,
+            week,
+            1 << 30,
+        );
+        assert!(f.is_empty(), "{f:?}");
         assert_eq!(human(2_700_000_000.0), "2.7 GB");
     }
 }

@@ -136,9 +136,25 @@ impl Service {
                 (h.name(), rate)
             })
             .collect();
+        // A deadline's A events are on the stream its schedule step reads.
+        let deadlines: Vec<footprint::DeadlineLoad<'_>> = self
+            .handlers
+            .iter()
+            .filter_map(|h| {
+                let d = h.deadline()?;
+                let schedule = self.handlers.iter().find(|s| s.name() == d.schedule)?;
+                let (stream, _, _) = schedule.stream();
+                let rate = infos
+                    .iter()
+                    .find(|i| i.config.name == stream)
+                    .and_then(footprint::stream_rate);
+                Some((h.name(), rate, d.within, self.deadline_retention))
+            })
+            .collect();
         let found = footprint::findings(
             &infos,
             &handlers,
+            &deadlines,
             self.inbox_groups,
             self.inbox_retention,
             self.server_budget,
