@@ -23,6 +23,12 @@ pub struct VisitSeen {
 #[event_handler]
 async fn tally(_v: VisitSeen) {}
 
+/// Never finishes: what waits behind it only ages.
+#[event_handler(ack_wait = "30s", timeout = "60s")]
+async fn stuck(_v: VisitSeen) {
+    std::future::pending::<()>().await;
+}
+
 /// Takes only events published after its durable was made.
 #[event_handler(deliver = new)]
 async fn notify(_v: VisitSeen) {}
@@ -192,4 +198,60 @@ async fn a_handler_past_half_its_streams_age_is_warned_at_start() {
         "warned about events before the durable:\n{}",
         captured.text()
     );
+}
+
+/// `choreo status` says how long the oldest waiting event has before its
+/// stream removes it, and once that is under half the age, why.
+#[tokio::test]
+async fn status_says_when_the_oldest_waiting_event_is_removed() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let settings = StreamSettings::default().max_age(Duration::from_secs(4));
+    let publisher = Publisher::new(client.clone(), "web")
+        .unwrap()
+        .stream_settings(settings.clone());
+    // A running instance that cannot keep up: its handler never ends.
+    let svc = Service::new("slow")
+        .stream_settings(settings)
+        .handler(stuck)
+        .start(client.clone())
+        .await
+        .unwrap();
+    for n in 0..3 {
+        publisher
+            .publish(&VisitSeen {
+                page: "home".into(),
+                n,
+            })
+            .await
+            .unwrap();
+    }
+    let row = |s: &choreo::admin::Status| {
+        s.handlers
+            .iter()
+            .find(|h| h.handler == "stuck")
+            .cloned()
+            .unwrap()
+    };
+    let young = row(&choreo::admin::status(&js, Duration::from_millis(200))
+        .await
+        .unwrap());
+    let left = young.removed_in_seconds.expect("waiting events, a max_age");
+    assert!((2.0..=4.0).contains(&left), "{young:?}");
+    assert!(!young.reason.contains("removed unread"), "{young:?}");
+
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let old = row(&choreo::admin::status(&js, Duration::from_millis(200))
+        .await
+        .unwrap());
+    let left = old.removed_in_seconds.unwrap();
+    assert!(left < 2.0, "{old:?}");
+    assert!(
+        old.reason
+            .contains("its oldest waiting event is removed unread in")
+            && old.reason.contains("(stream VISITS's max_age)"),
+        "{old:?}"
+    );
+    svc.abort();
 }

@@ -34,6 +34,9 @@ pub(super) struct Reading {
     pub(super) inbox_keys: Option<u64>,
     /// A deadline handler's pending deadlines.
     pub(super) deadlines: Option<super::deadlines::Pending>,
+    /// Its stream's `max_age`, ms; 0 when it keeps every event (or its
+    /// stream could not be read).
+    pub(super) max_age_ms: u64,
 }
 
 /// `read`, or at once the permission violation it caused.
@@ -97,6 +100,7 @@ pub(super) fn merge_partitions(
                 work_queue: true,
                 inbox_keys: None,
                 deadlines: None,
+                max_age_ms: 0,
             };
             for p in &parts {
                 merged.pending += p.pending;
@@ -129,6 +133,7 @@ pub(super) fn reading(info: &consumer::Info) -> Option<Reading> {
         work_queue: false,
         inbox_keys: None,
         deadlines: None,
+        max_age_ms: 0,
         durable,
     })
 }

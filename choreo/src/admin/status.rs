@@ -137,6 +137,12 @@ pub struct HandlerStatus {
     /// For a deadline handler: its pending deadlines and the next to fire.
     #[serde(default)]
     pub deadlines: Option<super::deadlines::Pending>,
+    /// How long until its stream's `max_age` removes the oldest event not
+    /// yet done, seconds (0 or less: any moment now); `None` when nothing
+    /// waits or the stream keeps every event. Once it is under half the
+    /// age, [`reason`](Self::reason) says so too.
+    #[serde(default)]
+    pub removed_in_seconds: Option<f64>,
 }
 
 /// The state of a running choreography: its instances and every handler,
@@ -218,6 +224,23 @@ impl Snapshot {
             }
         }
         merge_partitions(&manifests, &mut readings);
+        // Each stream's age limit: what it removes unread.
+        let ages = futures::future::join_all(streams.iter().map(|s| async move {
+            let age = guarded(js, async {
+                let info = js.get_stream(s).await.map_err(crate::nats::source)?;
+                Ok(info.cached_info().config.max_age)
+            })
+            .await;
+            (
+                s.clone(),
+                age.map_or(0, |a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
+            )
+        }))
+        .await;
+        let ages: BTreeMap<String, u64> = ages.into_iter().collect();
+        for r in readings.values_mut() {
+            r.max_age_ms = ages.get(&r.stream).copied().unwrap_or(0);
+        }
         let filters: BTreeMap<&str, &str> = manifests
             .values()
             .flat_map(|m| &m.handlers)
@@ -320,7 +343,31 @@ impl Status {
                     .filter(|i| !i.stale(now) && i.manifest.handlers.iter().any(|h| h.durable == d))
                     .count();
                 let ack_wait_ms = manifest.map_or(30_000, |m| m.options.ack_wait_ms);
-                let (state, reason) = judge(then_r, now_r, live_instances, ack_wait_ms, now);
+                let (state, mut reason) = judge(then_r, now_r, live_instances, ack_wait_ms, now);
+                let lag_seconds = now_r.map(|r| {
+                    r.oldest_waiting_ms
+                        .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0)
+                });
+                let removed_in_seconds = now_r.zip(lag_seconds).and_then(|(r, lag)| {
+                    let waits = r.pending + r.unacked > 0 && r.oldest_waiting_ms.is_some();
+                    (waits && r.max_age_ms > 0).then(|| r.max_age_ms as f64 / 1000.0 - lag)
+                });
+                if let (Some(left), Some(r)) = (removed_in_seconds, now_r)
+                    && left * 2.0 < r.max_age_ms as f64 / 1000.0
+                {
+                    reason.push_str(&format!(
+                        "; its oldest waiting event is removed unread {} (stream {}'s max_age)",
+                        if left > 0.0 {
+                            format!(
+                                "in {}",
+                                crate::event::human_duration(Duration::from_secs_f64(left))
+                            )
+                        } else {
+                            "any moment now".to_owned()
+                        },
+                        r.stream
+                    ));
+                }
                 let dead_letters = after
                     .dead_letters
                     .get(&crate::topology::dlq_subject(&service, &handler))
@@ -339,10 +386,8 @@ impl Status {
                     unacked: now_r.map(|r| r.unacked),
                     redelivered: now_r.map(|r| r.redelivered),
                     lag_messages: now_r.map(|r| r.pending + r.unacked),
-                    lag_seconds: now_r.map(|r| {
-                        r.oldest_waiting_ms
-                            .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0)
-                    }),
+                    lag_seconds,
+                    removed_in_seconds,
                     dead_letters,
                     inbox_keys: now_r.and_then(|r| r.inbox_keys),
                     deadlines: now_r.and_then(|r| r.deadlines.clone()),

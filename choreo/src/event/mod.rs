@@ -178,6 +178,17 @@ impl From<&EventType> for EventManifest {
     }
 }
 
+/// A duration to one decimal in its largest unit: `3.5 days`, `2.5 s`.
+pub(crate) fn human_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs_f64();
+    match s {
+        s if s >= 86_400.0 => format!("{:.1} days", s / 86_400.0),
+        s if s >= 3_600.0 => format!("{:.1} h", s / 3_600.0),
+        s if s >= 60.0 => format!("{:.1} min", s / 60.0),
+        s => format!("{s:.1} s"),
+    }
+}
+
 /// Unix time in milliseconds (0 before 1970).
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -5,6 +5,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 
 use super::StartError;
+use crate::event::human_duration;
 use crate::handler::HandlerOptions;
 
 /// Says at start how many stored events the handler has ahead of it: for a
@@ -93,25 +94,14 @@ pub(super) fn behind(age: Duration, max_age: Duration) -> Option<String> {
     (age * 2 > max_age).then(|| {
         format!(
             "its oldest unhandled event is {} old and is removed unread at {} (max_age), {}",
-            humantime(age),
-            humantime(max_age),
+            human_duration(age),
+            human_duration(max_age),
             match max_age.checked_sub(age) {
-                Some(left) if !left.is_zero() => format!("in {}", humantime(left)),
+                Some(left) if !left.is_zero() => format!("in {}", human_duration(left)),
                 _ => "any moment now".to_owned(),
             },
         )
     })
-}
-
-/// A duration to one decimal in its largest unit: `3.5 days`, `2.5 s`.
-fn humantime(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    match s {
-        s if s >= 86_400.0 => format!("{:.1} days", s / 86_400.0),
-        s if s >= 3_600.0 => format!("{:.1} h", s / 3_600.0),
-        s if s >= 60.0 => format!("{:.1} min", s / 60.0),
-        s => format!("{s:.1} s"),
-    }
 }
 
 pub(super) fn validate_options(handler: &str, o: &HandlerOptions) -> Result<(), StartError> {
