@@ -105,42 +105,21 @@ async fn a_handler_past_half_its_streams_age_is_warned_at_start() {
     let publisher = Publisher::new(client.clone(), "web")
         .unwrap()
         .stream_settings(settings.clone());
-    let service = || {
+    let stats = || {
         Service::new("stats")
             .stream_settings(settings.clone())
             .handler(tally)
     };
-    let publish = |from: u32| {
-        let publisher = publisher.clone();
-        async move {
-            for n in from..from + 3 {
-                publisher
-                    .publish(&VisitSeen {
-                        page: "home".into(),
-                        n,
-                    })
-                    .await
-                    .unwrap();
-            }
-        }
-    };
-    // The durable exists, then three events wait for it.
-    service()
+    // The durable exists, then three young events wait for it: nothing to
+    // say.
+    stats()
         .start(client.clone())
         .await
         .unwrap()
         .shutdown()
         .await;
-    publish(0).await;
-
-    // Young events: nothing to say.
-    let svc = service().start(client.clone()).await.unwrap();
-    let stats = svc.stats("tally").unwrap();
-    eventually(Duration::from_secs(5), "the young events handled", || {
-        stats.handled() == 3
-    })
-    .await;
-    svc.shutdown().await;
+    publish_three(&publisher, 0).await;
+    handles_three(&client, stats(), "tally").await;
     assert!(
         !captured.text().contains("is behind"),
         "warned about young events:\n{}",
@@ -148,9 +127,9 @@ async fn a_handler_past_half_its_streams_age_is_warned_at_start() {
     );
 
     // Three more wait 2.5 s: past half the age, 1.5 s from being removed.
-    publish(3).await;
+    publish_three(&publisher, 3).await;
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let svc = service().start(client.clone()).await.unwrap();
+    handles_three(&client, stats(), "tally").await;
     let text = captured.text();
     let line = text
         .lines()
@@ -165,12 +144,6 @@ async fn a_handler_past_half_its_streams_age_is_warned_at_start() {
             && line.contains("StreamSettings::max_age"),
         "{line}"
     );
-    let stats = svc.stats("tally").unwrap();
-    eventually(Duration::from_secs(5), "the late events handled", || {
-        stats.handled() == 3
-    })
-    .await;
-    svc.shutdown().await;
 
     // A `deliver = new` handler made now is not behind on the old events
     // its durable will never deliver: only its own three young ones wait.
@@ -185,19 +158,38 @@ async fn a_handler_past_half_its_streams_age_is_warned_at_start() {
         .unwrap()
         .shutdown()
         .await;
-    publish(6).await;
-    let svc = notifier().start(client.clone()).await.unwrap();
-    let stats = svc.stats("notify").unwrap();
-    eventually(Duration::from_secs(5), "the new events handled", || {
-        stats.handled() == 3
-    })
-    .await;
-    svc.shutdown().await;
+    publish_three(&publisher, 6).await;
+    handles_three(&client, notifier(), "notify").await;
     assert!(
         !captured.text().contains("handler notify is behind"),
         "warned about events before the durable:\n{}",
         captured.text()
     );
+}
+
+/// Publishes visits `from`, `from + 1` and `from + 2`.
+async fn publish_three(publisher: &Publisher, from: u32) {
+    for n in from..from + 3 {
+        publisher
+            .publish(&VisitSeen {
+                page: "home".into(),
+                n,
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// Starts `svc`, waits until its `handler` has handled three events, and
+/// stops it.
+async fn handles_three(client: &choreo::async_nats::Client, svc: Service, handler: &str) {
+    let svc = svc.start(client.clone()).await.unwrap();
+    let stats = svc.stats(handler).unwrap();
+    eventually(Duration::from_secs(5), "three events handled", || {
+        stats.handled() == 3
+    })
+    .await;
+    svc.shutdown().await;
 }
 
 /// `choreo status` says how long the oldest waiting event has before its
@@ -218,15 +210,7 @@ async fn status_says_when_the_oldest_waiting_event_is_removed() {
         .start(client.clone())
         .await
         .unwrap();
-    for n in 0..3 {
-        publisher
-            .publish(&VisitSeen {
-                page: "home".into(),
-                n,
-            })
-            .await
-            .unwrap();
-    }
+    publish_three(&publisher, 0).await;
     let row = |s: &choreo::admin::Status| {
         s.handlers
             .iter()
