@@ -49,19 +49,20 @@ pub(super) async fn guarded<T>(
         .unwrap_or_else(|v| Err(crate::nats::message(format!("the server denied it ({v})"))))
 }
 
+/// A stream's `max_age` (zero: it keeps every event) and its consumers.
 pub(super) async fn consumers_of(
     js: &jetstream::Context,
     stream: &str,
-) -> Result<Vec<consumer::Info>, Source> {
+) -> Result<(Duration, Vec<consumer::Info>), Source> {
     guarded(js, async {
-        let s = js
-            .get_stream_no_info(stream)
-            .await
-            .map_err(crate::nats::source)?;
-        s.consumers()
+        let s = js.get_stream(stream).await.map_err(crate::nats::source)?;
+        let max_age = s.cached_info().config.max_age;
+        let list = s
+            .consumers()
             .try_collect()
             .await
-            .map_err(crate::nats::source)
+            .map_err(crate::nats::source)?;
+        Ok((max_age, list))
     })
     .await
 }

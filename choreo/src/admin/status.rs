@@ -1,6 +1,7 @@
 //! The state of every handler of a running choreography, read from NATS
-//! alone: the registry's instance records, each stream's consumer list
-//! (one request per stream for every handler on it), the dead-letter
+//! alone: the registry's instance records, each stream's `max_age` and
+//! consumer list (two requests per stream for every handler on it), the
+//! dead-letter
 //! stream's per-subject counts (one request), and per handler with work
 //! waiting, the oldest event not yet done (one request).
 //!
@@ -213,9 +214,10 @@ impl Snapshot {
         let lists = futures::future::join_all(streams.iter().map(|s| consumers_of(js, s))).await;
         for (s, list) in streams.iter().zip(lists) {
             match list {
-                Ok(infos) => {
+                Ok((max_age, infos)) => {
                     for info in infos {
-                        if let Some(r) = reading(&info) {
+                        if let Some(mut r) = reading(&info) {
+                            r.max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
                             readings.insert(r.durable.clone(), r);
                         }
                     }
@@ -224,23 +226,6 @@ impl Snapshot {
             }
         }
         merge_partitions(&manifests, &mut readings);
-        // Each stream's age limit: what it removes unread.
-        let ages = futures::future::join_all(streams.iter().map(|s| async move {
-            let age = guarded(js, async {
-                let info = js.get_stream(s).await.map_err(crate::nats::source)?;
-                Ok(info.cached_info().config.max_age)
-            })
-            .await;
-            (
-                s.clone(),
-                age.map_or(0, |a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
-            )
-        }))
-        .await;
-        let ages: BTreeMap<String, u64> = ages.into_iter().collect();
-        for r in readings.values_mut() {
-            r.max_age_ms = ages.get(&r.stream).copied().unwrap_or(0);
-        }
         let filters: BTreeMap<&str, &str> = manifests
             .values()
             .flat_map(|m| &m.handlers)
@@ -348,23 +333,17 @@ impl Status {
                     r.oldest_waiting_ms
                         .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0)
                 });
-                let removed_in_seconds = now_r.zip(lag_seconds).and_then(|(r, lag)| {
-                    let waits = r.pending + r.unacked > 0 && r.oldest_waiting_ms.is_some();
-                    (waits && r.max_age_ms > 0).then(|| r.max_age_ms as f64 / 1000.0 - lag)
-                });
-                if let (Some(left), Some(r)) = (removed_in_seconds, now_r)
-                    && left * 2.0 < r.max_age_ms as f64 / 1000.0
+                // When the stream's age removes the oldest waiting event.
+                let removed_at_ms = now_r
+                    .filter(|r| r.max_age_ms > 0)
+                    .and_then(|r| Some(r.oldest_waiting_ms? + r.max_age_ms));
+                let removed_in_seconds = removed_at_ms.map(|at| (at as f64 - now as f64) / 1000.0);
+                if let (Some(at), Some(r)) = (removed_at_ms, now_r)
+                    && at.saturating_sub(now) * 2 < r.max_age_ms
                 {
                     reason.push_str(&format!(
                         "; its oldest waiting event is removed unread {} (stream {}'s max_age)",
-                        if left > 0.0 {
-                            format!(
-                                "in {}",
-                                crate::event::human_duration(Duration::from_secs_f64(left))
-                            )
-                        } else {
-                            "any moment now".to_owned()
-                        },
+                        crate::event::human_until(Duration::from_millis(at.saturating_sub(now))),
                         r.stream
                     ));
                 }

@@ -189,6 +189,16 @@ pub(crate) fn human_duration(d: std::time::Duration) -> String {
     }
 }
 
+/// When something `left` from now happens: `in 2.5 s`, or `any moment now`
+/// once nothing is left.
+pub(crate) fn human_until(left: std::time::Duration) -> String {
+    if left.is_zero() {
+        "any moment now".to_owned()
+    } else {
+        format!("in {}", human_duration(left))
+    }
+}
+
 /// Unix time in milliseconds (0 before 1970).
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()

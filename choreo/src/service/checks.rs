@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 
 use super::StartError;
-use crate::event::human_duration;
+use crate::event::{human_duration, human_until};
 use crate::handler::HandlerOptions;
 
 /// Says at start how many stored events the handler has ahead of it: for a
@@ -42,26 +42,25 @@ pub(super) fn say_backlog(
 }
 
 /// Warns at start when the handler's oldest unhandled event has been in its
-/// stream for more than half the stream's `max_age`: events the handler
-/// has not handled by `max_age` are removed unread. Says nothing for a
-/// stream that keeps every event, or when the event cannot be read.
+/// stream (`stream`, read at start) for more than half the stream's
+/// `max_age`: events the handler has not handled by `max_age` are removed
+/// unread. Says nothing for a stream that keeps every event, or when the
+/// event cannot be read.
 pub(super) async fn say_behind(
     js: &jetstream::Context,
     service: &str,
     handler: &str,
-    (stream, filter): (&str, &str),
+    (stream, filter): (&jetstream::stream::Info, &str),
     info: &jetstream::consumer::Info,
 ) {
-    if info.num_pending == 0 && info.num_ack_pending == 0 {
+    let max_age = stream.config.max_age;
+    if max_age.is_zero() || info.num_pending == 0 && info.num_ack_pending == 0 {
         return;
     }
-    let Ok(s) = js.get_stream(stream).await else {
+    let stream = stream.config.name.as_str();
+    let Ok(s) = js.get_stream_no_info(stream).await else {
         return;
     };
-    let max_age = s.cached_info().config.max_age;
-    if max_age.is_zero() {
-        return;
-    }
     let Ok(oldest) = s
         .raw_message_builder()
         .sequence(info.ack_floor.stream_sequence + 1)
@@ -96,10 +95,7 @@ pub(super) fn behind(age: Duration, max_age: Duration) -> Option<String> {
             "its oldest unhandled event is {} old and is removed unread at {} (max_age), {}",
             human_duration(age),
             human_duration(max_age),
-            match max_age.checked_sub(age) {
-                Some(left) if !left.is_zero() => format!("in {}", human_duration(left)),
-                _ => "any moment now".to_owned(),
-            },
+            human_until(max_age.saturating_sub(age)),
         )
     })
 }

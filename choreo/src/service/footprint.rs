@@ -353,26 +353,22 @@ mod tests {
         // 450,000 decisions (450 MB), as docs/deadlines.md prices them.
         let quarter = Duration::from_secs(900);
         let day = Duration::from_secs(86_400);
-        let f = findings(
-            &[],
-            &[],
-            &[("expire", Some(100.0), quarter, day)],
-            1,
-            week,
-            1 << 29,
-        );
+        let expire = |budget| {
+            findings(
+                &[],
+                &[],
+                &[("expire", Some(100.0), quarter, day)],
+                1,
+                week,
+                budget,
+            )
+        };
+        let f = expire(1 << 29);
         assert!(
             matches!(&f[..], [Finding::Deadlines { ram, .. }] if (*ram - 603e6).abs() < 1e6),
             "{f:?}"
         );
-        let f = findings(
-            &[],
-            &[],
-            &[("expire", Some(100.0), quarter, day)],
-            1,
-            week,
-            1 << 30,
-        );
+        let f = expire(1 << 30);
         assert!(f.is_empty(), "{f:?}");
         assert_eq!(human(2_700_000_000.0), "2.7 GB");
     }

@@ -51,6 +51,8 @@ impl Service {
             None
         };
         let mut consumers = Vec::with_capacity(self.handlers.len());
+        // Plain handlers' durables, to check against their stream's age.
+        let mut behind = Vec::new();
         for h in &self.handlers {
             let (stream, subjects, filter) = h.stream();
             ensure_stream(
@@ -86,14 +88,7 @@ impl Service {
                 consumer.cached_info(),
             );
             if stream != crate::deadline::STREAM {
-                say_behind(
-                    js,
-                    &self.name,
-                    h.name(),
-                    (stream, filter),
-                    consumer.cached_info(),
-                )
-                .await;
+                behind.push((h.name(), filter, consumer.cached_info().clone()));
             }
             consumers.push(vec![Durable {
                 consumer,
@@ -101,28 +96,38 @@ impl Service {
                 partition: None,
             }]);
         }
-        self.say_footprint(js).await;
+        let infos = self.stream_infos(js).await;
+        for (handler, filter, consumer) in &behind {
+            if let Some(info) = infos.iter().find(|i| i.config.name == consumer.stream_name) {
+                say_behind(js, &self.name, handler, (info, filter), consumer).await;
+            }
+        }
+        self.say_footprint(&infos);
         Ok((inbox, consumers))
     }
 
-    /// Warns at start when what the service's streams and inbox will hold
-    /// projects past its budget (see [`super::footprint`]).
-    async fn say_footprint(&self, js: &jetstream::Context) {
-        use super::footprint;
+    /// The streams the service's handlers read, each read once (one that
+    /// cannot be read is left out: the checks it serves say nothing). The
+    /// deadline stream is not among them: its records expire on their own
+    /// (see `crate::deadline`), so it never grows without bound.
+    async fn stream_infos(&self, js: &jetstream::Context) -> Vec<jetstream::stream::Info> {
         let mut infos: Vec<jetstream::stream::Info> = Vec::new();
         for h in &self.handlers {
             let (stream, _, _) = h.stream();
-            // The deadline stream's records expire on their own (see
-            // `crate::deadline`): it never grows without bound.
             if stream == crate::deadline::STREAM || infos.iter().any(|i| i.config.name == stream) {
                 continue;
             }
-            if let Ok(mut s) = js.get_stream(stream).await
-                && let Ok(info) = s.info().await
-            {
-                infos.push(info.clone());
+            if let Ok(s) = js.get_stream(stream).await {
+                infos.push(s.cached_info().clone());
             }
         }
+        infos
+    }
+
+    /// Warns at start when what the service's streams (`infos`) and inbox
+    /// will hold projects past its budget (see [`super::footprint`]).
+    fn say_footprint(&self, infos: &[jetstream::stream::Info]) {
+        use super::footprint;
         let handlers: Vec<(&str, Option<f64>)> = self
             .handlers
             .iter()
@@ -152,7 +157,7 @@ impl Service {
             })
             .collect();
         let found = footprint::findings(
-            &infos,
+            infos,
             &handlers,
             &deadlines,
             self.inbox_groups,

@@ -110,11 +110,10 @@ pub(crate) async fn ensure_streams(
         &dlq_subject("x", "y"),
     )
     .await?;
-    // Advisories are kept a week: long enough for a stopped service to start
-    // again and dead-letter what they name.
-    let advisory = settings
-        .clone()
-        .max_age(std::time::Duration::from_secs(7 * 24 * 3600));
+    // Advisories are kept as long as events are by default, a week: a
+    // stopped service that starts again within it dead-letters what they
+    // name, as it still finds the events.
+    let advisory = settings.clone().max_age(super::DEFAULT_STREAM_MAX_AGE);
     ensure_stream(
         js,
         &advisory,
