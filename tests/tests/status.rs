@@ -5,13 +5,16 @@
 //! service stopped while its durable consumer remains.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use choreo::admin::{self, HandlerStatus, State, Status};
+use choreo::admin::{HandlerStatus, State, Status};
 use choreo::async_nats::jetstream;
 use choreo::{HandlerError, Publisher, Service, event, event_handler};
 use choreo_testkit::NatsServer;
+use common::status_until;
 
 #[event(subject = "status.{n}.ticked", key = n)]
 pub struct Ticked {
@@ -56,30 +59,6 @@ fn handler<'a>(s: &'a Status, service: &str) -> &'a HandlerStatus {
 async fn publish(p: &Publisher, from: u64, to: u64) {
     for n in from..to {
         p.publish(&Ticked { n }).await.unwrap();
-    }
-}
-
-async fn status_until(
-    js: &jetstream::Context,
-    window: Duration,
-    within: Duration,
-    what: &str,
-    mut ok: impl FnMut(&Status) -> bool,
-) -> Status {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        // The registry's bucket appears with the first heartbeat, just
-        // after a service starts.
-        let s = admin::status(js, window).await;
-        if let Ok(s) = &s
-            && ok(s)
-        {
-            return s.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {s:#?}"
-        );
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use choreo::{DEFAULT_STREAM_MAX_AGE, Publisher, Service, StreamSettings, event, event_handler};
 use choreo_testkit::NatsServer;
-use common::eventually;
+use common::{eventually, status_until};
 
 #[event(subject = "visits.{page}.seen", key = (page, n))]
 #[derive(Debug, Clone)]
@@ -212,24 +212,26 @@ async fn status_says_when_the_oldest_waiting_event_is_removed() {
         .await
         .unwrap();
     publish_three(&publisher, 0).await;
-    let row = |s: &choreo::admin::Status| {
-        s.handlers
-            .iter()
-            .find(|h| h.handler == "stuck")
-            .cloned()
-            .unwrap()
-    };
-    let young = row(&choreo::admin::status(&js, Duration::from_millis(200))
-        .await
-        .unwrap());
-    let left = young.removed_in_seconds.expect("waiting events, a max_age");
+    let window = Duration::from_millis(200);
+    let stuck_row =
+        |s: &choreo::admin::Status| s.handlers.iter().find(|h| h.handler == "stuck").cloned();
+    // The registry's bucket appears with the first heartbeat, just after
+    // the service starts, and the oldest waiting event once it is read.
+    let young = status_until(
+        &js,
+        window,
+        Duration::from_secs(5),
+        "the stuck handler",
+        |s| stuck_row(s).is_some_and(|h| h.removed_in_seconds.is_some()),
+    )
+    .await;
+    let young = stuck_row(&young).unwrap();
+    let left = young.removed_in_seconds.unwrap();
     assert!((3.0..=6.0).contains(&left), "{young:?}");
     assert!(!young.reason.contains("removed unread"), "{young:?}");
 
     tokio::time::sleep(Duration::from_millis(3_500)).await;
-    let old = row(&choreo::admin::status(&js, Duration::from_millis(200))
-        .await
-        .unwrap());
+    let old = stuck_row(&choreo::admin::status(&js, window).await.unwrap()).unwrap();
     let left = old.removed_in_seconds.unwrap();
     assert!((0.0..3.0).contains(&left), "{old:?}");
     assert!(

@@ -119,3 +119,29 @@ pub async fn next_within(
         .ok()
         .flatten()
 }
+
+/// `choreo::admin::status` over `window`, again until `ok` holds of it
+/// (failing after `within`, with `what` and the last reading).
+pub async fn status_until(
+    js: &jetstream::Context,
+    window: Duration,
+    within: Duration,
+    what: &str,
+    mut ok: impl FnMut(&choreo::admin::Status) -> bool,
+) -> choreo::admin::Status {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        // The registry's bucket appears with the first heartbeat, just
+        // after a service starts.
+        let s = choreo::admin::status(js, window).await;
+        if let Ok(s) = &s
+            && ok(s)
+        {
+            return s.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {s:#?}"
+        );
+    }
+}
