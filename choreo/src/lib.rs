@@ -69,6 +69,7 @@ pub use service::{
     DEFAULT_SERVER_BUDGET, RunError, RunErrorKind, Service, ServiceHandle, StartError,
     StartErrorKind,
 };
+pub use topology::ordered::WINDOW as PARTITION_WINDOW;
 pub use topology::{
     ConsumerError, ConsumerErrorKind, DEFAULT_INBOX_GROUPS, DEFAULT_STREAM_MAX_AGE,
     MAX_INBOX_GROUPS, Permissions, StreamError, StreamErrorKind, StreamSettings,

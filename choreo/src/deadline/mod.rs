@@ -303,15 +303,7 @@ fn check_version(version: &str) -> Result<(), StreamError> {
     })
 }
 
-/// Whether `version` (`2.12.0`, `v2.15.1-beta`) is at least `(major, minor)`.
-pub(crate) fn version_at_least(version: &str, (major, minor): (u64, u64)) -> bool {
-    let mut parts = version
-        .trim_start_matches('v')
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u64>().unwrap_or(0));
-    let have = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    have >= (major, minor)
-}
+pub(crate) use crate::nats::version_at_least;
 
 #[cfg(test)]
 mod tests {

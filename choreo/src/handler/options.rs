@@ -58,14 +58,18 @@ pub struct HandlerOptions {
     pub ordered: Option<Ordered>,
 }
 
-/// The default number of partitions of an ordered handler: 16 events of
-/// different keys at once across its instances, 16 durable consumers.
+/// The default number of partitions of an ordered handler: 16 durable
+/// consumers, shared out among its instances, each with up to
+/// [`PARTITION_WINDOW`](crate::PARTITION_WINDOW) events of different keys
+/// at once.
 pub const DEFAULT_PARTITIONS: u16 = 16;
 
 /// How an ordered handler orders its events (`#[event_handler(ordered_by
 /// = account)]`, `partitions = n`). Events whose ordering fields are equal
-/// go to the same partition; a partition runs one event at a time, in
-/// stream order, on one instance at a time.
+/// go to the same partition and run one at a time, in stream order; a
+/// partition runs on one instance at a time, up to
+/// [`PARTITION_WINDOW`](crate::PARTITION_WINDOW) events of different keys
+/// at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Ordered {

@@ -33,6 +33,7 @@ use watchdog::KeyState;
 
 mod advisory;
 mod fault;
+mod ordered;
 mod process;
 mod pull;
 mod replay;
@@ -64,6 +65,7 @@ pub(crate) enum Stopped {
 }
 
 pub(crate) use advisory::advisory_loop;
+pub(crate) use ordered::{Pinning, Share, follow_instances, ordered_loop};
 use process::process;
 pub(crate) use pull::pull_loop;
 use settle::{Done, dead_letter, emit_record_ack, note_retry, release, send_letter};
@@ -114,6 +116,9 @@ pub(crate) struct Partition {
     pub(crate) partitions: u16,
     /// The 1-based `*` positions of the ordering fields in the filter.
     pub(crate) wildcards: Vec<usize>,
+    /// The 0-based positions of the ordering fields' tokens in a subject
+    /// as published: an event's key is made of them.
+    pub(crate) key_tokens: Vec<usize>,
 }
 
 impl Runtime {
@@ -297,7 +302,19 @@ pub(crate) trait Erased: Send + Sync + std::fmt::Debug {
         at: (u32, u64),
         seen: Seen,
         rt: Arc<Runtime>,
-    ) -> BoxFuture<()>;
+    ) -> BoxFuture<Settled>;
+}
+
+/// Where one delivery ended, for an ordered handler's scheduler: the
+/// event left the stream (acknowledged, skipped, or dead-lettered), or it
+/// comes back (nak'd for a retry, or no verdict: redelivered after
+/// `ack_wait`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Acknowledged or terminated.
+    Gone,
+    /// Nak'd, or left without a verdict.
+    Back,
 }
 
 pub(crate) struct Typed<H>(pub(crate) H);
@@ -357,7 +374,7 @@ impl<H: Handler> Erased for Typed<H> {
         at: (u32, u64),
         seen: Seen,
         rt: Arc<Runtime>,
-    ) -> BoxFuture<()> {
+    ) -> BoxFuture<Settled> {
         Box::pin(process::<H>(self, msg, at, seen, rt))
     }
 }
@@ -413,7 +430,7 @@ impl<H: Handler> Erased for Routed<H> {
         at: (u32, u64),
         seen: Seen,
         rt: Arc<Runtime>,
-    ) -> BoxFuture<()> {
+    ) -> BoxFuture<Settled> {
         Box::pin(process::<H>(self.inner.clone(), msg, at, seen, rt))
     }
 }

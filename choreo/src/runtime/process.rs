@@ -11,7 +11,7 @@ pub(super) async fn process<H: Handler>(
     (attempt, stream_sequence): (u32, u64),
     seen: Seen,
     rt: Arc<Runtime>,
-) {
+) -> Settled {
     let subject = msg.subject.to_string();
     let span = tracing::info_span!(
         "choreo.handle",
@@ -51,15 +51,19 @@ pub(super) async fn process<H: Handler>(
         .catch_unwind()
         .instrument(span)
         .await;
-    if let Err(panic) = handled {
-        rt.stats.task_panics.fetch_add(1, Ordering::Relaxed);
-        about!(
-            error,
-            rt,
-            &msg,
-            panic = %panic_message(&*panic),
-            "handling the event panicked outside the handler's guard; it will be redelivered after ack_wait"
-        );
+    match handled {
+        Ok(settled) => settled,
+        Err(panic) => {
+            rt.stats.task_panics.fetch_add(1, Ordering::Relaxed);
+            about!(
+                error,
+                rt,
+                &msg,
+                panic = %panic_message(&*panic),
+                "handling the event panicked outside the handler's guard; it will be redelivered after ack_wait"
+            );
+            Settled::Back
+        }
     }
 }
 
@@ -83,7 +87,7 @@ pub(super) async fn handle<H: Handler>(
     seen: Seen,
     rt: &Runtime,
     delivery: Delivery,
-) {
+) -> Settled {
     let (attempt, seq) = (delivery.attempt, delivery.stream_sequence);
     let empty = async_nats::HeaderMap::new();
     let headers = msg.headers.as_ref().unwrap_or(&empty);
@@ -99,12 +103,11 @@ pub(super) async fn handle<H: Handler>(
             rt.stats.panicked.fetch_add(1, Ordering::Relaxed);
             let detail = format!("decoding the event panicked: {}", panic_message(&*panic));
             about!(warn, rt, msg, error = %detail, "cannot decode the event; dead-lettering it");
-            dead_letter(rt, msg, Reason::UndecodablePayload, &detail, attempt, seq).await;
-            return;
+            return dead_letter(rt, msg, Reason::UndecodablePayload, &detail, attempt, seq).await;
         }
         Ok(Err(e)) => {
             about!(warn, rt, msg, error = %e, "cannot decode the event; dead-lettering it");
-            dead_letter(
+            return dead_letter(
                 rt,
                 msg,
                 Reason::from_decode(&e),
@@ -113,7 +116,6 @@ pub(super) async fn handle<H: Handler>(
                 seq,
             )
             .await;
-            return;
         }
     };
     let meta = env.meta();
@@ -210,18 +212,18 @@ pub(super) async fn handle<H: Handler>(
         }
         Ok(result) => match result {
             Ok(Ok(())) => match emit_record_ack(rt, msg, (id, time), outgoing, &key).await {
-                Done::Finished => return,
+                Done::Finished => return Settled::Gone,
+                Done::Stopped => return Settled::Back,
                 Done::DeadLetter(reason, detail) => {
                     release(rt, &key, claim).await;
-                    dead_letter(rt, msg, reason, &detail, attempt, seq).await;
-                    return;
+                    return dead_letter(rt, msg, reason, &detail, attempt, seq).await;
                 }
                 Done::Retry(e) => e,
             },
             Ok(Err(e)) if e.is_permanent() => {
                 about!(warn, rt, msg, error = %e, "handler failed permanently; dead-lettering the event");
                 release(rt, &key, claim).await;
-                dead_letter(
+                return dead_letter(
                     rt,
                     msg,
                     Reason::PermanentError,
@@ -230,7 +232,6 @@ pub(super) async fn handle<H: Handler>(
                     seq,
                 )
                 .await;
-                return;
             }
             Ok(Err(e)) => {
                 retry_after = e.retry_delay();
@@ -245,7 +246,7 @@ pub(super) async fn handle<H: Handler>(
     if attempt >= rt.max_deliver() {
         release(rt, &key, claim).await;
         about!(warn, rt, msg, error = %error, "failed on the last allowed delivery; dead-lettering the event");
-        dead_letter(rt, msg, reason, &error, attempt, seq).await;
+        dead_letter(rt, msg, reason, &error, attempt, seq).await
     } else {
         // The handler's own delay for this once, else the backoff.
         let delay = retry_after.unwrap_or_else(|| rt.options.delay_after(attempt));
@@ -261,6 +262,7 @@ pub(super) async fn handle<H: Handler>(
         if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
             about!(warn, rt, msg, error = %e, "nak failed; the event will be redelivered after ack_wait");
         }
+        Settled::Back
     }
 }
 
@@ -329,13 +331,14 @@ pub(super) async fn wait_while_running(rt: &Runtime, msg: &jetstream::Message, k
 }
 
 /// Acks a delivery the inbox shows handled.
-pub(super) async fn skip(rt: &Runtime, msg: &jetstream::Message) {
+pub(super) async fn skip(rt: &Runtime, msg: &jetstream::Message) -> Settled {
     rt.stats.skipped.fetch_add(1, Ordering::Relaxed);
     rt.metrics.skipped.increment(1);
     tracing::info!("already handled (inbox); acked and skipped");
     if let Err(e) = msg.ack().await {
         about!(warn, rt, msg, error = %e, "ack failed; the event will be redelivered and skipped again");
     }
+    Settled::Gone
 }
 
 /// Naks a delivery whose inbox key cannot be read: it comes back later.
@@ -344,11 +347,12 @@ pub(super) async fn inbox_unavailable(
     msg: &jetstream::Message,
     attempt: u32,
     e: &InboxError,
-) {
+) -> Settled {
     about!(warn, rt, msg, error = %e, "inbox unavailable; the event will come back");
     let _ = msg
         .ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt))))
         .await;
+    Settled::Back
 }
 
 /// [`look_up_or_wait`], without a wait (or an allocation) when the pull

@@ -91,7 +91,7 @@ pub(crate) async fn pull_loop(
         while let Some(pulled) = next.take() {
             match pulled {
                 Pulled::Event(msg, slot) => chunk.push((msg, slot)),
-                Pulled::Status => {}
+                Pulled::Status | Pulled::Unpinned => {}
                 Pulled::ConsumerGone(why) => {
                     spawn_all(&handler, &rt, &mut running, chunk).await;
                     failure = refresh_consumer(&handler, &rt, &mut puller, Some(&why), &mut stop)
@@ -132,7 +132,7 @@ pub(crate) async fn pull_loop(
             Ok(Pulled::Event(msg, slot)) => {
                 spawn(&handler, &rt, &mut running, msg, Seen::NotRead, slot)
             }
-            Ok(Pulled::Status | Pulled::ConsumerGone(_)) => {}
+            Ok(Pulled::Status | Pulled::ConsumerGone(_) | Pulled::Unpinned) => {}
             Ok(Pulled::Ended) | Err(_) => break,
         }
     }
@@ -177,7 +177,7 @@ pub(super) async fn spawn_all(
     if chunk.is_empty() {
         return;
     }
-    let seen = read_inbox(rt, chunk.iter().map(|(m, _)| m)).await;
+    let seen = read_inbox(rt, chunk.iter().map(|(m, _)| m), BATCHED_READ_FROM).await;
     for ((msg, slot), seen) in chunk.into_iter().zip(seen) {
         spawn(handler, rt, running, msg, seen, slot);
     }
@@ -259,17 +259,18 @@ pub(super) fn key_of(rt: &Runtime, msg: &jetstream::Message) -> Option<String> {
 /// waits in the pull loop for a batch's read.
 pub(super) const BATCHED_READ_FROM: usize = 8;
 
-/// Reads the inbox keys of a pulled batch with one request (see
-/// [`BATCHED_READ_FROM`]).
+/// Reads the inbox keys of a pulled batch with one request, if it has at
+/// least `from` events (see [`BATCHED_READ_FROM`]).
 pub(super) async fn read_inbox<'a>(
     rt: &Runtime,
     chunk: impl ExactSizeIterator<Item = &'a jetstream::Message>,
+    from: usize,
 ) -> Vec<Seen> {
     let len = chunk.len();
     let Some(inbox) = rt
         .inbox
         .as_ref()
-        .filter(|i| i.reads_in_batches() && len >= BATCHED_READ_FROM)
+        .filter(|i| i.reads_in_batches() && len >= from.max(2))
     else {
         return (0..len).map(|_| Seen::NotRead).collect();
     };

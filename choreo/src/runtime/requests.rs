@@ -23,6 +23,17 @@ use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+/// A pull request through a pinned priority group, with the pin held.
+#[derive(serde::Serialize)]
+struct GroupRequest<'a> {
+    batch: usize,
+    expires: u64,
+    idle_heartbeat: u64,
+    group: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+}
+
 /// How long one pull request waits at the server for events.
 pub(crate) const EXPIRES: Duration = Duration::from_secs(10);
 /// How often the server says it is alive while a request waits.
@@ -53,6 +64,17 @@ pub(crate) enum Pulled {
     ConsumerGone(String),
     /// The subscription ended (after a drain, or the connection closed).
     Ended,
+    /// A pinned group's server says another client holds the pin now
+    /// (423): this one's requests are void.
+    Unpinned,
+}
+
+/// How requests name a pinned priority group: the consumer's next-message
+/// subject, the group, and the pin this client holds (sent as `id`).
+pub(crate) struct Pinned {
+    pub(crate) next_subject: String,
+    pub(crate) group: &'static str,
+    pub(crate) pin: Option<String>,
 }
 
 /// Pull requests of one handler and the permits they hold.
@@ -69,6 +91,10 @@ pub(crate) struct Puller {
     last_heard: Instant,
     /// Since when the consumer could not be recreated.
     pub(crate) trouble_since: Option<Instant>,
+    /// For an ordered handler's partition: its pinned group.
+    pub(crate) pinned: Option<Pinned>,
+    /// How long a request waits at the server.
+    expires: Duration,
 }
 
 impl Puller {
@@ -91,7 +117,18 @@ impl Puller {
             reserved: Vec::new(),
             last_heard: Instant::now(),
             trouble_since: None,
+            pinned: None,
+            expires: EXPIRES,
         })
+    }
+
+    /// Pulls through a pinned priority group, each request waiting at most
+    /// `expires` (below the group's pin timeout, so a holder that keeps
+    /// asking keeps its pin).
+    pub(crate) fn pinned(mut self, pinned: Pinned, expires: Duration) -> Self {
+        self.pinned = Some(pinned);
+        self.expires = expires;
+        self
     }
 
     /// Replaces the consumer (after it was recreated); outstanding requests
@@ -155,17 +192,38 @@ impl Puller {
             taken.push(p);
         }
         let n: usize = taken.iter().map(OwnedSemaphorePermit::num_permits).sum();
-        self.consumer
-            .request_batch(
-                pull::BatchConfig {
-                    batch: n,
-                    expires: Some(EXPIRES),
-                    idle_heartbeat: HEARTBEAT,
-                    ..Default::default()
-                },
-                self.inbox.clone(),
-            )
-            .await?;
+        let heartbeat = HEARTBEAT.min(self.expires / 2);
+        if let Some(p) = &self.pinned {
+            let request = GroupRequest {
+                batch: n,
+                expires: u64::try_from(self.expires.as_nanos()).unwrap_or(u64::MAX),
+                idle_heartbeat: u64::try_from(heartbeat.as_nanos()).unwrap_or(u64::MAX),
+                group: p.group,
+                id: p.pin.as_deref(),
+            };
+            let body = serde_json::to_vec(&request).map_err(|e| {
+                pull::BatchRequestError::with_source(pull::BatchRequestErrorKind::Serialize, e)
+            })?;
+            self.js
+                .client()
+                .publish_with_reply(p.next_subject.clone(), self.inbox.clone(), body.into())
+                .await
+                .map_err(|e| {
+                    pull::BatchRequestError::with_source(pull::BatchRequestErrorKind::Publish, e)
+                })?;
+        } else {
+            self.consumer
+                .request_batch(
+                    pull::BatchConfig {
+                        batch: n,
+                        expires: Some(self.expires),
+                        idle_heartbeat: heartbeat,
+                        ..Default::default()
+                    },
+                    self.inbox.clone(),
+                )
+                .await?;
+        }
         if self.reserved.is_empty() {
             // Silence is measured from the first request that waits.
             self.last_heard = Instant::now();
@@ -189,6 +247,12 @@ impl Puller {
             return true;
         }
         false
+    }
+
+    /// Forgets the outstanding requests (their pin was let go), freeing
+    /// their permits.
+    pub(crate) fn forget(&mut self) {
+        self.forget_requests();
     }
 
     fn forget_requests(&mut self) {
@@ -233,6 +297,10 @@ impl Puller {
         }
         if status == StatusCode::IDLE_HEARTBEAT {
             return Pulled::Status;
+        }
+        if status == StatusCode::PIN_ID_MISMATCH {
+            self.forget_requests();
+            return Pulled::Unpinned;
         }
         let description = msg.description.clone().unwrap_or_default();
         if description.eq_ignore_ascii_case("consumer deleted") {

@@ -4,8 +4,10 @@
 use super::*;
 
 pub(super) enum Done {
-    /// Acked (or stopped at a fault point).
+    /// Acked.
     Finished,
+    /// Stopped at a fault point, without a verdict.
+    Stopped,
     /// No retry can succeed.
     DeadLetter(Reason, String),
     /// Try again later.
@@ -33,7 +35,7 @@ pub(super) async fn emit_record_ack(
         }
     }
     if fault(FaultPoint::BeforeEmit) {
-        return Done::Finished;
+        return Done::Stopped;
     }
     // With a fault hook, the first emission goes alone so a test can stop
     // between two emissions; otherwise all are pipelined.
@@ -48,7 +50,7 @@ pub(super) async fn emit_record_ack(
             continue;
         }
         if i == 1 && fault(FaultPoint::BetweenEmits) {
-            return Done::Finished;
+            return Done::Stopped;
         }
         match rt.publisher.send_all(part).await {
             Ok(_) => {}
@@ -62,7 +64,7 @@ pub(super) async fn emit_record_ack(
         }
     }
     if fault(FaultPoint::AfterEmit) {
-        return Done::Finished;
+        return Done::Stopped;
     }
     // Not recorded, so not acked: it comes back, and its emissions (same
     // ids) are deduplicated.
@@ -72,7 +74,7 @@ pub(super) async fn emit_record_ack(
         return Done::Retry(format!("recording the event in the inbox failed: {e}"));
     }
     if fault(FaultPoint::AfterRecord) {
-        return Done::Finished;
+        return Done::Stopped;
     }
     if let Err(e) = msg.ack().await {
         about!(warn, rt, msg, error = %e, "ack failed; the event will be redelivered and skipped by the inbox");
@@ -120,7 +122,7 @@ pub(super) fn dead_letter<'a>(
     detail: &'a str,
     attempt: u32,
     seq: u64,
-) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+) -> std::pin::Pin<Box<dyn Future<Output = Settled> + Send + 'a>> {
     Box::pin(dead_letter_now(rt, msg, reason, detail, attempt, seq))
 }
 
@@ -131,7 +133,7 @@ pub(super) async fn dead_letter_now(
     detail: &str,
     attempt: u32,
     seq: u64,
-) {
+) -> Settled {
     let (stream, sequence) = rt.origin_of(msg.headers.as_ref(), seq);
     let letter = Letter {
         service: &rt.service,
@@ -154,12 +156,14 @@ pub(super) async fn dead_letter_now(
                     about!(warn, rt, msg, error = %e, "terminating the dead-lettered message failed");
                 }
             }
+            Settled::Gone
         }
         Err(e) => {
             about!(error, rt, msg, error = %e, "cannot write to the dead-letter stream; the event will come back");
             let _ = msg
                 .ack_with(AckKind::Nak(Some(rt.options.delay_after(attempt))))
                 .await;
+            Settled::Back
         }
     }
 }

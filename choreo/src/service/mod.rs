@@ -25,7 +25,8 @@ use crate::inbox::{self, Inbox};
 use crate::nats::JetStreamApi;
 use crate::publish::Publisher;
 use crate::runtime::{
-    Erased, FaultHook, HandlerStats, Live, Registry, Runtime, Typed, advisory_loop, pull_loop,
+    Erased, FaultHook, HandlerStats, Live, Pinning, Registry, Runtime, Share, Typed, advisory_loop,
+    follow_instances, ordered_loop, pull_loop,
 };
 use crate::topology::{StreamSettings, consumer_name};
 
@@ -392,6 +393,23 @@ impl Service {
             let handler_stats = Arc::new(HandlerStats::starting_with(backlog));
             let metrics = crate::observe::HandlerMetrics::new(&service, h.name(), &durable, stream);
             stats.push((h.name(), handler_stats.clone()));
+            // An ordered handler's partitions share out among the instances.
+            let share = options.ordered.map(|o| {
+                let share = Share::new(o.partitions);
+                tasks.spawn({
+                    let follow = follow_instances(
+                        js.clone(),
+                        service.clone(),
+                        share.clone(),
+                        stop_rx.clone(),
+                    );
+                    async move {
+                        follow.await;
+                        Ok(())
+                    }
+                });
+                share
+            });
             for d in durables {
                 let info = d.consumer.cached_info();
                 let rt = Arc::new(Runtime {
@@ -403,11 +421,13 @@ impl Service {
                     consumer_stream: Arc::from(info.stream_name.as_str()),
                     partition: d.partition,
                     event_type: h.event_type(),
-                    // A partition runs one event at a time (the server sends
-                    // the next once the one before is acknowledged; asking
-                    // for more per request measured no faster).
+                    // A partition holds at most its window (the server's
+                    // `max_ack_pending`); its loop runs a key's events one
+                    // at a time.
                     options: if options.ordered.is_some() {
-                        options.clone().concurrency(1)
+                        options
+                            .clone()
+                            .concurrency(crate::topology::ordered::WINDOW)
                     } else {
                         options.clone()
                     },
@@ -432,13 +452,27 @@ impl Service {
                     },
                     replay: Default::default(),
                 });
-                tasks.spawn(pull_loop(
-                    h.clone(),
-                    rt.clone(),
-                    d.consumer,
-                    stop_rx.clone(),
-                    self.shutdown_grace,
-                ));
+                if let Some(share) = &share {
+                    tasks.spawn(ordered_loop(
+                        h.clone(),
+                        rt.clone(),
+                        d.consumer,
+                        stop_rx.clone(),
+                        self.shutdown_grace,
+                        Pinning {
+                            share: share.clone(),
+                            api_prefix: self.api.prefix(),
+                        },
+                    ));
+                } else {
+                    tasks.spawn(pull_loop(
+                        h.clone(),
+                        rt.clone(),
+                        d.consumer,
+                        stop_rx.clone(),
+                        self.shutdown_grace,
+                    ));
+                }
                 tasks.spawn(advisory_loop(rt, d.advisory, stop_rx.clone()));
             }
         }

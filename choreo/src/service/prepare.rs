@@ -200,9 +200,35 @@ impl Service {
                     part,
                     partitions: ordered.partitions,
                     wildcards: wildcards.clone(),
+                    key_tokens: key_tokens(filter, &wildcards),
                 }),
             });
         }
         Ok(out)
+    }
+}
+
+/// The 0-based token positions, in a subject matching `filter`, of its
+/// `*` tokens numbered `wildcards` (1-based, in filter order).
+fn key_tokens(filter: &str, wildcards: &[usize]) -> Vec<usize> {
+    let stars: Vec<usize> = filter
+        .split('.')
+        .enumerate()
+        .filter(|(_, t)| *t == "*")
+        .map(|(i, _)| i)
+        .collect();
+    wildcards
+        .iter()
+        .filter_map(|w| stars.get(w.checked_sub(1)?).copied())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn key_tokens_are_the_ordering_wildcards_positions() {
+        assert_eq!(super::key_tokens("ledger.*.stepped", &[1]), vec![1]);
+        assert_eq!(super::key_tokens("t.*.x.*.y", &[2]), vec![3]);
+        assert_eq!(super::key_tokens("t.*.x.*.y", &[2, 1]), vec![3, 1]);
     }
 }

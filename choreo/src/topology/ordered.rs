@@ -2,13 +2,12 @@
 //! handler's events from their stream, putting a partition number in front
 //! of each subject (the server's `{{partition(n, ..)}}` subject transform,
 //! a hash of the ordering fields' tokens), and one durable consumer per
-//! partition, which delivers one event at a time (`max_ack_pending` 1):
-//! the next event of a partition goes out only once the one before it is
-//! acknowledged or dead-lettered, to whichever instance asks first. Every
-//! instance pulls from every partition, so the partitions' events spread
-//! over the instances while each partition runs in order on one of them at
-//! a time; an instance that dies holds its one event for `ack_wait`, then
-//! the server gives it to another.
+//! partition with a pinned priority group (nats-server 2.11): the server
+//! delivers a partition's events, in stream order and up to [`WINDOW`]
+//! unacknowledged at a time, to one pinned instance, which runs the events
+//! of one key one at a time (`runtime::ordered`). Every instance asks; the
+//! pin moves when the holder stops asking for the consumer's
+//! `priority_timeout` (its `ack_wait`) or releases it.
 //!
 //! The events' stream, their subjects and their bytes are untouched: other
 //! readers see nothing of it. Acknowledged events leave the work queue, so
@@ -88,6 +87,7 @@ pub(crate) async fn ensure_stream(
     deliver: jetstream::consumer::DeliverPolicy,
 ) -> Result<(), StreamError> {
     let name = stream_name(p.service, p.handler);
+    check_version(&js.client().server_info().version, &name)?;
     let dest = destination(p.service, p.handler, p.filter, &p.wildcards, p.partitions);
     if let Ok(mut s) = js.get_stream(&name).await {
         let info = s
@@ -155,8 +155,39 @@ pub(crate) async fn ensure_stream(
     }
 }
 
-/// The durable of partition `part`: one event at a time, across every
-/// instance.
+/// The priority group every instance pulls a partition with.
+pub(crate) const GROUP: &str = "choreo";
+
+/// How many events of one partition of an ordered handler may be out
+/// unacknowledged: the server's `max_ack_pending` on each partition's
+/// durable, and so the most one partition runs (events of different keys)
+/// and holds at once on the instance it is pinned to.
+pub const WINDOW: usize = 64;
+
+/// The server version that has pinned priority groups.
+pub(crate) const NEEDS: (u64, u64) = (2, 11);
+
+/// Refuses a server without pinned priority groups, saying what to do.
+pub(crate) fn check_version(version: &str, stream: &str) -> Result<(), StreamError> {
+    if crate::nats::version_at_least(version, NEEDS) {
+        return Ok(());
+    }
+    Err(StreamError::Other {
+        stream: stream.to_owned(),
+        source: crate::nats::message(format!(
+            "ordered handlers need pinned priority groups, which nats-server {}.{} added; this server is {version}. \
+             Upgrade the server, or drop `ordered_by` from the service's handlers",
+            NEEDS.0, NEEDS.1
+        )),
+    })
+}
+
+/// The durable of partition `part`: up to [`WINDOW`] events out at a time,
+/// to the one instance the server pins in [`GROUP`]. A durable made by an
+/// older choreo (one event at a time, no group) is replaced: the server
+/// does not change a consumer's priority policy in place, and a work queue
+/// keeps the events its durable had not acknowledged, so the new one
+/// delivers them again (the inbox skips those already handled).
 pub(crate) async fn create_partition_consumer(
     js: &jetstream::Context,
     p: &Partitioning<'_>,
@@ -176,13 +207,22 @@ pub(crate) async fn create_partition_consumer(
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: o.ack_wait,
         max_deliver: i64::from(o.max_deliver),
-        max_ack_pending: 1,
+        max_ack_pending: i64::try_from(WINDOW).unwrap_or(i64::MAX),
+        priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
+        priority_groups: vec![GROUP.to_owned()],
+        priority_timeout: o.ack_wait,
         ..Default::default()
     };
     let s = js
         .get_stream(&name)
         .await
         .map_err(|e| ConsumerError::new(&client, p.handler, &name, &durable, e))?;
+    if let Ok(old) = s.consumer_info(&durable).await
+        && old.config.priority_policy != jetstream::consumer::PriorityPolicy::PinnedClient
+    {
+        tracing::info!(consumer = %durable, "replacing a partition durable of an older choreo (one event at a time) with a pinned one");
+        let _ = s.delete_consumer(&durable).await;
+    }
     s.create_consumer(config)
         .await
         .map_err(|e| ConsumerError::new(&client, p.handler, &name, &durable, e))

@@ -200,6 +200,11 @@ impl Permissions {
                 for part in 0..partitions {
                     let d = super::ordered::partition_durable(service, handler, part);
                     me.consumer(&p, &queue, &d);
+                    // Releasing its pin to another instance, and replacing
+                    // a durable made by an older choreo.
+                    me.publish.insert(format!("{p}.CONSUMER.UNPIN.{queue}.{d}"));
+                    me.publish
+                        .insert(format!("{p}.CONSUMER.DELETE.{queue}.{d}"));
                     me.consumer(&p, ADVISORY_STREAM, &format!("{d}--lost"));
                 }
             }

@@ -1,0 +1,761 @@
+//! The loop of one partition of an ordered handler.
+//!
+//! The partition's durable has a pinned priority group: the server sends
+//! its events, in stream order and up to `WINDOW` unacknowledged, to one
+//! instance at a time, the one it pinned. That instance keeps a queue per
+//! key (the ordering fields' tokens) and runs the first event of each key
+//! only: one event of a key at a time, in stream order, while different keys
+//! of the partition run in parallel. A failing event that will be retried
+//! stays at the head of its key's queue (`Expected`) until its redelivery
+//! comes back and succeeds, or is dead-lettered; the key's later events
+//! wait behind it, other keys go on.
+//!
+//! **Taking a partition over.** When the pin moves here (the holder died,
+//! stopped or released it), the events the last holder had not acknowledged
+//! are still in the work queue: every event up to the consumer's
+//! `delivered` sequence that is still stored. Before running anything of
+//! the new pin, this loop reads those and puts them at the head of their
+//! keys' queues as `Expected`; the server redelivers them here after their
+//! `ack_wait`, or the last holder finishes them (they leave the stream,
+//! which the once-a-second check sees). So no key's later event overtakes
+//! an earlier one across the move.
+//!
+//! **Sharing.** Each instance asks for partitions it does not hold only
+//! while it holds fewer than its fair share, `partitions / instances`
+//! rounded up (instances: the live ones in the registry). An instance
+//! holding more unpins the extra partitions at once, and asks for none for
+//! a while, so a new instance takes a share within a second or two.
+//!
+//! **Letting a pin go** (released, or moved by the server): what was
+//! delivered here under the old pin still runs here, key by key in order —
+//! the next holder's take-over read sees those events and waits for them to
+//! leave the stream. Only a key whose head is a retry is dropped at once,
+//! with everything behind it: its retry goes to the next holder, and the
+//! events behind must not overtake it.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::AtomicUsize;
+
+use requests::Pinned;
+
+/// How the partitions of one ordered handler are shared among instances.
+#[derive(Debug)]
+pub(crate) struct Share {
+    partitions: usize,
+    /// Partitions this instance holds the pin of.
+    held: AtomicUsize,
+    /// Live instances of the service, from the registry (at least 1).
+    instances: AtomicUsize,
+}
+
+impl Share {
+    pub(crate) fn new(partitions: u16) -> Arc<Self> {
+        Arc::new(Self {
+            partitions: usize::from(partitions),
+            held: AtomicUsize::new(0),
+            instances: AtomicUsize::new(1),
+        })
+    }
+
+    /// This instance's fair share: the partitions over the instances,
+    /// rounded up.
+    pub(crate) fn fair(&self) -> usize {
+        self.partitions
+            .div_ceil(self.instances.load(Ordering::Relaxed).max(1))
+    }
+
+    fn wants_more(&self) -> bool {
+        self.held.load(Ordering::Relaxed) < self.fair()
+    }
+
+    #[cfg(test)]
+    fn has_too_many(&self) -> bool {
+        self.held.load(Ordering::Relaxed) > self.fair()
+    }
+
+    /// Gives up one held partition if this instance holds more than its
+    /// fair share (several partitions may ask at once; only the extra ones
+    /// are let go).
+    fn let_one_go(&self) -> bool {
+        let fair = self.fair();
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |h| {
+                (h > fair).then(|| h - 1)
+            })
+            .is_ok()
+    }
+
+    /// How many partitions this instance holds.
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// Keeps `share`'s instance count: the service's instances the registry
+/// shows live, read every two seconds.
+pub(crate) async fn follow_instances(
+    js: jetstream::Context,
+    service: Arc<str>,
+    share: Arc<Share>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if let Ok(all) = crate::registry::instances(&js).await {
+            let now = crate::registry::now_ms();
+            let live = all
+                .iter()
+                .filter(|i| i.manifest.service == *service && !i.stale(now))
+                .count();
+            share.instances.store(live.max(1), Ordering::Relaxed);
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// One event of a key's queue. (Most entries are `Here`: boxing it would
+/// cost an allocation per event to make the rare variants smaller.)
+#[allow(clippy::large_enum_variant)]
+enum Entry {
+    /// Arrived here, waiting for the events before it.
+    Here(Waiting),
+    /// Running.
+    Running,
+    /// Not here but still in the work queue: a retry, or an event the last
+    /// holder had not acknowledged. Its key waits for it.
+    Expected(Instant),
+}
+
+use tokio::time::Instant;
+
+/// An event here, waiting for the events of its key before it.
+struct Waiting {
+    msg: jetstream::Message,
+    slot: Slot,
+    /// Its inbox record, read with its chunk on arrival.
+    seen: Seen,
+    arrived: Instant,
+    /// Its last sign of life to the server.
+    alive: Instant,
+}
+
+/// How long an inbox record read on arrival is trusted: an event that
+/// waited longer behind its key reads its record again when it runs
+/// (another instance may have handled a copy of it meanwhile).
+const SEEN_FOR: Duration = Duration::from_millis(500);
+
+/// The keys' queues of one partition.
+#[derive(Default)]
+struct Queues {
+    /// Whether this instance holds the partition's pin: if not, a retry
+    /// goes to the next holder, and its key's queue is dropped here.
+    holding: bool,
+    keys: HashMap<String, BTreeMap<u64, Entry>>,
+    /// Keys whose head may be ready to run.
+    touched: HashSet<String>,
+    running: JoinSet<(String, u64, Settled)>,
+}
+
+impl Queues {
+    fn knows(&self, key: &str, seq: u64) -> bool {
+        self.keys.get(key).is_some_and(|q| q.contains_key(&seq))
+    }
+
+    fn arrive(&mut self, a: Arrival, seen: Seen) {
+        let q = self.keys.entry(a.key.clone()).or_default();
+        // A copy of an event running here is the server's redelivery after
+        // `ack_wait`; the running one settles it.
+        if !matches!(q.get(&a.seq), Some(Entry::Running)) {
+            let now = Instant::now();
+            q.insert(
+                a.seq,
+                Entry::Here(Waiting {
+                    msg: a.msg,
+                    slot: a.slot,
+                    seen,
+                    arrived: now,
+                    alive: now,
+                }),
+            );
+            self.touched.insert(a.key);
+        }
+    }
+
+    fn expect(&mut self, key: String, seq: u64) {
+        self.keys
+            .entry(key)
+            .or_default()
+            .entry(seq)
+            .or_insert(Entry::Expected(Instant::now()));
+    }
+
+    fn settled(&mut self, key: String, seq: u64, settled: Settled) {
+        if let Some(q) = self.keys.get_mut(&key) {
+            match settled {
+                Settled::Gone => {
+                    q.remove(&seq);
+                }
+                Settled::Back if !self.holding => {
+                    // Its redelivery goes to the holder; what waits behind
+                    // it here must not overtake it.
+                    q.retain(|_, e| matches!(e, Entry::Running));
+                }
+                Settled::Back => {
+                    q.insert(seq, Entry::Expected(Instant::now()));
+                }
+            }
+            if q.is_empty() {
+                self.keys.remove(&key);
+            } else {
+                self.touched.insert(key);
+            }
+        }
+    }
+
+    /// The events that may run now: each touched key's head, if it is here.
+    fn ready(&mut self) -> Vec<(String, u64, jetstream::Message, Slot, Seen)> {
+        let mut out = Vec::new();
+        for key in self.touched.drain() {
+            let Some(q) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            let Some(mut head) = q.first_entry() else {
+                continue;
+            };
+            if matches!(head.get(), Entry::Here(..)) {
+                let seq = *head.key();
+                if let Entry::Here(w) = head.insert(Entry::Running) {
+                    let seen = if w.arrived.elapsed() <= SEEN_FOR {
+                        w.seen
+                    } else {
+                        Seen::NotRead
+                    };
+                    out.push((key, seq, w.msg, w.slot, seen));
+                }
+            }
+        }
+        out
+    }
+
+    /// The pin went elsewhere: the keys waiting for a retry or for an
+    /// event of another holder are dropped here (the holder gets them);
+    /// the others go on with what was delivered here.
+    fn let_go(&mut self) {
+        self.holding = false;
+        self.keys.retain(|_, q| {
+            let blocked = q
+                .first_key_value()
+                .is_some_and(|(_, e)| matches!(e, Entry::Expected(_)));
+            if blocked {
+                q.retain(|_, e| matches!(e, Entry::Running));
+            }
+            !q.is_empty()
+        });
+    }
+
+    /// Whether nothing of this instance is left: no event here or running.
+    fn idle(&self) -> bool {
+        self.running.is_empty()
+            && self
+                .keys
+                .values()
+                .all(|q| q.values().all(|e| matches!(e, Entry::Expected(_))))
+    }
+}
+
+/// What the loop of one partition needs besides the runtime.
+pub(crate) struct Pinning {
+    pub(crate) share: Arc<Share>,
+    /// The JetStream API prefix, for the pinned requests' subject.
+    pub(crate) api_prefix: String,
+}
+
+pub(crate) async fn ordered_loop(
+    handler: Arc<dyn Erased>,
+    rt: Arc<Runtime>,
+    consumer: jetstream::consumer::PullConsumer,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+    pinning: Pinning,
+) -> Result<(), Stopped> {
+    let Some(part) = rt.partition.as_ref() else {
+        return Ok(());
+    };
+    let share = pinning.share;
+    let filter = format!(
+        "{}.>",
+        crate::topology::ordered::partition_prefix(&rt.service, rt.handler, part.part)
+    );
+    let permits = Arc::new(Semaphore::new(crate::topology::ordered::WINDOW));
+    let _keeper = watchdog::Keeper::start(rt.clone());
+    // Below the pin timeout (the consumer's `ack_wait`): a holder that
+    // keeps asking keeps its pin.
+    let expires = (rt.ack_wait() / 3).clamp(Duration::from_millis(500), requests::EXPIRES);
+    let pinned = || Pinned {
+        next_subject: format!(
+            "{}.CONSUMER.MSG.NEXT.{}.{}",
+            pinning.api_prefix, rt.consumer_stream, rt.durable
+        ),
+        group: crate::topology::ordered::GROUP,
+        pin: None,
+    };
+    let max_request = crate::topology::ordered::WINDOW;
+    let mut puller = loop {
+        match Puller::new(
+            rt.js.clone(),
+            consumer.clone(),
+            permits.clone(),
+            max_request,
+        )
+        .await
+        {
+            Ok(p) => break p.pinned(pinned(), expires),
+            Err(e) => {
+                tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot subscribe for pulled events; retrying in 1s");
+                tokio::select! {
+                    _ = stop.changed() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    let queue = match rt.js.get_stream_no_info(&*rt.consumer_stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot name the partition stream");
+            return Ok(());
+        }
+    };
+    let mut q = Queues::default();
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let config_every = rt.options.ack_wait.as_secs().clamp(1, 5);
+    let mut ticks = 0_u64;
+    let mut permits_free = puller.wait_for_permits();
+    let mut waiting_for = puller.threshold();
+    let mut failure = None;
+    // The pin this instance let go of last: what still arrives under it
+    // runs here, but is no new pin.
+    let mut released: Option<String> = None;
+    // After a release, not asking for a while, so that another instance
+    // takes the partition.
+    let mut quiet_until = Instant::now();
+    loop {
+        if failure.is_some() {
+            break;
+        }
+        let holds = pin_of(&puller).is_some();
+        let asking = holds || (share.wants_more() && Instant::now() >= quiet_until);
+        let first = tokio::select! {
+            _ = stop.changed() => break,
+            permit = &mut permits_free, if asking => {
+                if let Err(e) = puller.send(permit).await {
+                    tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot request events; retrying in 1s");
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                pull::rearm(&puller, &mut permits_free, &mut waiting_for, true);
+                continue;
+            }
+            Some(done) = q.running.join_next(), if !q.running.is_empty() => {
+                finished(&rt, &mut q, done);
+                while let Some(done) = q.running.try_join_next() {
+                    finished(&rt, &mut q, done);
+                }
+                start_ready(&handler, &rt, &mut q).await;
+                continue;
+            }
+            _ = housekeeping.tick() => {
+                ticks += 1;
+                if puller.check_silence() {
+                    failure = refresh_consumer(&handler, &rt, &mut puller, None, &mut stop).await.err();
+                }
+                pull::rearm(&puller, &mut permits_free, &mut waiting_for, false);
+                if failure.is_none() && rt.inbox.as_ref().is_some_and(|i| i.troubled_for().is_some()) {
+                    failure = check_inbox(&rt).await.err();
+                }
+                if ticks.is_multiple_of(config_every) {
+                    follow_consumer(&rt, puller.consumer()).await;
+                }
+                keep_waiting_alive(&rt, &mut q).await;
+                clear_gone(&rt, &queue, &mut q).await;
+                start_ready(&handler, &rt, &mut q).await;
+                // More than a fair share: the extra partitions go.
+                if holds && share.let_one_go() {
+                    tracing::info!(service = %rt.service, handler = rt.handler, partition = part.part, held = share.held(), fair = share.fair(), "holding more partitions than a fair share; releasing this one");
+                    if let Err(e) = queue.unpin_consumer(&rt.durable, crate::topology::ordered::GROUP).await {
+                        tracing::debug!(service = %rt.service, handler = rt.handler, error = %e, "unpinning failed; the pin times out instead");
+                    }
+                    // `let_one_go` counted it already.
+                    released = puller.pinned.as_mut().and_then(|p| p.pin.take());
+                    q.let_go();
+                    puller.forget();
+                    quiet_until = Instant::now() + expires * 4;
+                }
+                continue;
+            }
+            p = puller.next() => p,
+        };
+        let mut next = Some(first);
+        let mut chunk = Vec::new();
+        while let Some(pulled) = next.take() {
+            match pulled {
+                Pulled::Event(msg, slot) => {
+                    if let Some(pin) = msg.headers.as_ref().and_then(|h| h.get("Nats-Pin-Id"))
+                        && pin_of(&puller) != Some(pin.as_str())
+                    {
+                        // A new pin: what came under the old one first.
+                        queue_all(&rt, &mut q, std::mem::take(&mut chunk)).await;
+                    }
+                    chunk.extend(
+                        arrived(
+                            &rt,
+                            &consumer,
+                            &queue,
+                            &filter,
+                            (&mut puller, released.as_deref()),
+                            &share,
+                            &mut q,
+                            msg,
+                            slot,
+                        )
+                        .await,
+                    );
+                }
+                Pulled::Status => {}
+                Pulled::Unpinned => {
+                    if let Some(old) = lose_pin(&mut puller, &share, &mut q) {
+                        tracing::info!(service = %rt.service, handler = rt.handler, partition = part.part, "the partition's pin moved to another instance");
+                        released = Some(old);
+                    }
+                }
+                Pulled::ConsumerGone(why) => {
+                    failure = refresh_consumer(&handler, &rt, &mut puller, Some(&why), &mut stop)
+                        .await
+                        .err();
+                    break;
+                }
+                Pulled::Ended => {
+                    tracing::warn!(service = %rt.service, handler = rt.handler, "the pull subscription ended; subscribing again");
+                    if let Ok(p) = Puller::new(
+                        rt.js.clone(),
+                        puller.consumer().clone(),
+                        permits.clone(),
+                        max_request,
+                    )
+                    .await
+                    {
+                        released = lose_pin(&mut puller, &share, &mut q);
+                        puller = p.pinned(pinned(), expires);
+                    }
+                    break;
+                }
+            }
+            if chunk.len() < inbox::READ_BATCH {
+                next = puller.next_now();
+            }
+        }
+        queue_all(&rt, &mut q, chunk).await;
+        start_ready(&handler, &rt, &mut q).await;
+        pull::rearm(&puller, &mut permits_free, &mut waiting_for, false);
+    }
+    // Shutdown: no more requests; what was sent still arrives. The events
+    // here run, key by key in order, within the grace period; then the pin
+    // is released so another instance goes on at once.
+    puller.drain().await;
+    let drained = tokio::time::timeout(grace, async {
+        let mut ended = false;
+        loop {
+            if ended && q.idle() {
+                break;
+            }
+            tokio::select! {
+                Some(done) = q.running.join_next(), if !q.running.is_empty() => {
+                    finished(&rt, &mut q, done);
+                }
+                p = puller.next(), if !ended => match p {
+                    Pulled::Event(msg, slot) => {
+                        let a = arrived(&rt, &consumer, &queue, &filter, (&mut puller, released.as_deref()), &share, &mut q, msg, slot).await;
+                        queue_all(&rt, &mut q, a.into_iter().collect()).await;
+                    }
+                    Pulled::Ended => ended = true,
+                    _ => {}
+                },
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if ended && q.running.is_empty() {
+                        // Only events of another holder, or retries, are left.
+                        clear_gone(&rt, &queue, &mut q).await;
+                        if !q.idle() { continue; }
+                    }
+                }
+            }
+            start_ready(&handler, &rt, &mut q).await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(service = %rt.service, handler = rt.handler, "handlers still running after the grace period were abandoned; their events will be redelivered");
+        q.running.abort_all();
+    }
+    if pin_of(&puller).is_some() {
+        let _ = queue
+            .unpin_consumer(&rt.durable, crate::topology::ordered::GROUP)
+            .await;
+        let _ = lose_pin(&mut puller, &share, &mut q);
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+fn pin_of(puller: &Puller) -> Option<&str> {
+    puller.pinned.as_ref()?.pin.as_deref()
+}
+
+/// The pin is gone (moved, or the subscription ended): see
+/// [`Queues::let_go`]. Returns the pin this instance held.
+fn lose_pin(puller: &mut Puller, share: &Share, q: &mut Queues) -> Option<String> {
+    let old = puller.pinned.as_mut().and_then(|p| p.pin.take());
+    if old.is_some() {
+        share.held.fetch_sub(1, Ordering::Relaxed);
+    }
+    q.let_go();
+    old
+}
+
+/// The key of an event: its ordering fields' tokens, read from its subject
+/// as published (`tokens` are their 0-based positions).
+fn key_of_subject(subject: &str, tokens: &[usize]) -> String {
+    let parts: Vec<&str> = subject.split('.').collect();
+    let mut key = String::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if i > 0 {
+            key.push('.');
+        }
+        key.push_str(parts.get(*t).copied().unwrap_or(""));
+    }
+    key
+}
+
+/// An event that arrived, to be queued under its key.
+struct Arrival {
+    key: String,
+    seq: u64,
+    msg: jetstream::Message,
+    slot: Slot,
+}
+
+/// Queues a pulled chunk, having read its inbox keys with one request
+/// (as the unordered pull loop does), so that events later in a key's
+/// queue do not each read their own.
+async fn queue_all(rt: &Runtime, q: &mut Queues, chunk: Vec<Arrival>) {
+    if chunk.is_empty() {
+        return;
+    }
+    // From two events: a partition's chunks are small (its share of the
+    // deliveries), and its events wait in their keys' queues anyway.
+    let seen = pull::read_inbox(rt, chunk.iter().map(|a| &a.msg), 2).await;
+    for (a, seen) in chunk.into_iter().zip(seen) {
+        q.arrive(a, seen);
+    }
+}
+
+/// An event arrived: if it brings a new pin, first learn what the last
+/// holder left unacknowledged; then it is ready to be queued.
+#[allow(clippy::too_many_arguments)]
+async fn arrived(
+    rt: &Runtime,
+    consumer: &jetstream::consumer::PullConsumer,
+    queue: &jetstream::stream::Stream<()>,
+    filter: &str,
+    (puller, released): (&mut Puller, Option<&str>),
+    share: &Share,
+    q: &mut Queues,
+    msg: jetstream::Message,
+    slot: Slot,
+) -> Option<Arrival> {
+    let part = rt.partition.as_ref()?;
+    let pin = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Pin-Id"))
+        .map(|v| v.as_str().to_owned());
+    if let (Some(pin), Some(p)) = (pin, puller.pinned.as_mut())
+        && p.pin.as_deref() != Some(pin.as_str())
+        // Sent before this instance let that pin go: it runs here, and the
+        // next holder waits for it.
+        && released != Some(pin.as_str())
+    {
+        if p.pin.replace(pin).is_none() {
+            share.held.fetch_add(1, Ordering::Relaxed);
+        }
+        q.holding = true;
+        take_over(rt, consumer, queue, filter, q).await;
+        tracing::info!(service = %rt.service, handler = rt.handler, partition = part.part, held = share.held(), fair = share.fair(), "holding the partition");
+    }
+    let (_, seq) = delivery_of(&msg);
+    let key = key_of_subject(rt.original_subject(&msg.subject), &part.key_tokens);
+    Some(Arrival {
+        key,
+        seq,
+        msg,
+        slot,
+    })
+}
+
+/// Puts every event the consumer delivered and nobody acknowledged yet at
+/// the head of its key's queue, as expected.
+async fn take_over(
+    rt: &Runtime,
+    consumer: &jetstream::consumer::PullConsumer,
+    queue: &jetstream::stream::Stream<()>,
+    filter: &str,
+    q: &mut Queues,
+) {
+    let Some(part) = rt.partition.as_ref() else {
+        return;
+    };
+    let mut consumer = consumer.clone();
+    let info = match consumer.info().await {
+        Ok(info) => info.clone(),
+        Err(e) => {
+            tracing::warn!(service = %rt.service, handler = rt.handler, partition = part.part, error = %e, "cannot read the partition's consumer on taking it over; events the last holder left may run after later ones of their key");
+            return;
+        }
+    };
+    let delivered = info.delivered.stream_sequence;
+    let mut seq = info.ack_floor.stream_sequence + 1;
+    let mut found = 0_usize;
+    while seq <= delivered && found <= 4 * crate::topology::ordered::WINDOW {
+        match queue.get_first_raw_message_by_subject(filter, seq).await {
+            Ok(m) if m.sequence <= delivered => {
+                let key = key_of_subject(rt.original_subject(&m.subject), &part.key_tokens);
+                if !q.knows(&key, m.sequence) {
+                    q.expect(key, m.sequence);
+                    found += 1;
+                }
+                seq = m.sequence + 1;
+            }
+            Ok(_) => break,
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => break,
+            Err(e) => {
+                tracing::warn!(service = %rt.service, handler = rt.handler, partition = part.part, error = %e, "cannot read what the last holder left; events it left may run after later ones of their key");
+                break;
+            }
+        }
+    }
+    if found > 0 {
+        tracing::info!(service = %rt.service, handler = rt.handler, partition = part.part, left = found, "taking the partition over: its keys wait for the events the last holder left");
+    }
+}
+
+/// Drops expected events that are no longer in the work queue (the last
+/// holder acknowledged them, or they were dead-lettered).
+async fn clear_gone(rt: &Runtime, queue: &jetstream::stream::Stream<()>, q: &mut Queues) {
+    let waiting: Vec<(String, u64)> = q
+        .keys
+        .iter()
+        .flat_map(|(k, es)| {
+            es.iter().filter_map(move |(s, e)| match e {
+                Entry::Expected(since) if since.elapsed() >= Duration::from_millis(500) => {
+                    Some((k.clone(), *s))
+                }
+                _ => None,
+            })
+        })
+        .collect();
+    for (key, seq) in waiting {
+        match queue.get_raw_message(seq).await {
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                tracing::debug!(service = %rt.service, handler = rt.handler, stream_sequence = seq, "an expected event left the work queue");
+                q.settled(key, seq, Settled::Gone);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Tells the server that events waiting here behind their key are alive,
+/// so it does not send them again after `ack_wait`.
+async fn keep_waiting_alive(rt: &Runtime, q: &mut Queues) {
+    let every = rt.ack_wait() / 3;
+    for es in q.keys.values_mut() {
+        for e in es.values_mut() {
+            if let Entry::Here(w) = e
+                && w.alive.elapsed() >= every
+            {
+                let _ = w.msg.ack_with(AckKind::Progress).await;
+                w.alive = Instant::now();
+            }
+        }
+    }
+}
+
+fn finished(
+    rt: &Runtime,
+    q: &mut Queues,
+    done: Result<(String, u64, Settled), tokio::task::JoinError>,
+) {
+    match done {
+        Ok((key, seq, settled)) => q.settled(key, seq, settled),
+        Err(e) => pull::count_task_failure(rt, Err(e)),
+    }
+}
+
+/// Runs every key's head that is here.
+async fn start_ready(handler: &Arc<dyn Erased>, rt: &Arc<Runtime>, q: &mut Queues) {
+    let ready = q.ready();
+    for (key, seq, msg, slot, seen) in ready {
+        rt.metrics.consumed.increment(1);
+        let (attempt, sequence, pending) = delivery_and_pending(&msg);
+        #[allow(clippy::cast_precision_loss)]
+        rt.metrics.lag.set(pending as f64);
+        let started = std::time::Instant::now();
+        let mut msg = msg;
+        let original = rt.original_subject(&msg.message.subject).to_owned();
+        msg.message.subject = original.into();
+        let fut = handler
+            .clone()
+            .process(msg, (attempt, sequence), seen, rt.clone());
+        let rt = rt.clone();
+        q.running.spawn(async move {
+            let settled = AssertUnwindSafe(fut)
+                .catch_unwind()
+                .await
+                .unwrap_or(Settled::Back);
+            rt.metrics.duration.record(started.elapsed());
+            drop(slot);
+            (key, seq, settled)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_its_ordering_fields_tokens() {
+        assert_eq!(key_of_subject("ledger.a-7.stepped", &[1]), "a-7");
+        assert_eq!(key_of_subject("t.acme.a-7.x", &[1, 2]), "acme.a-7");
+    }
+
+    #[test]
+    fn a_fair_share_rounds_up() {
+        let s = Share::new(16);
+        assert_eq!(s.fair(), 16);
+        s.instances.store(3, Ordering::Relaxed);
+        assert_eq!(s.fair(), 6);
+        s.held.store(6, Ordering::Relaxed);
+        assert!(!s.wants_more() && !s.has_too_many());
+        s.instances.store(4, Ordering::Relaxed);
+        assert!(s.has_too_many());
+        // 16 over 4: 4 each; two of the six go.
+        assert!(s.let_one_go() && s.let_one_go() && !s.let_one_go());
+        assert_eq!(s.held(), 4);
+    }
+}
