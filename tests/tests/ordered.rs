@@ -2,7 +2,7 @@
 //! each key's events run one at a time and in publish order across several
 //! instances, through an instance killed and a new one started mid-run; a
 //! failing event holds back its own key only; a slow key does not hold up
-//! the others.
+//! the others, not even those of its own partition.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
@@ -302,7 +302,7 @@ async fn picky(s: Stepped, State(log): State<Log>, ctx: Context) -> Result<(), H
 }
 
 #[tokio::test]
-async fn a_failure_holds_back_its_own_key_and_a_slow_key_holds_up_no_other_partition() {
+async fn a_failure_holds_back_its_own_key_and_a_slow_key_holds_up_no_other_key() {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     let log = Log::default();
@@ -344,8 +344,10 @@ async fn a_failure_holds_back_its_own_key_and_a_slow_key_holds_up_no_other_parti
         !log.by_account().contains_key("acct-slow"),
         "acct-slow's first step is still sleeping"
     );
-    assert!(
-        done_early >= 48,
+    // Every one: keys run in parallel within a partition too, so even the
+    // accounts that share acct-slow's partition went on.
+    assert_eq!(
+        done_early, 64,
         "only {done_early} of 64 other accounts went through while acct-slow slept"
     );
 

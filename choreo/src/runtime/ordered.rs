@@ -48,6 +48,8 @@ pub(crate) struct Share {
     held: AtomicUsize,
     /// Live instances of the service, from the registry (at least 1).
     instances: AtomicUsize,
+    /// Partitions this instance is letting go of.
+    releasing: AtomicUsize,
 }
 
 impl Share {
@@ -56,6 +58,7 @@ impl Share {
             partitions: usize::from(partitions),
             held: AtomicUsize::new(0),
             instances: AtomicUsize::new(1),
+            releasing: AtomicUsize::new(0),
         })
     }
 
@@ -75,16 +78,22 @@ impl Share {
         self.held.load(Ordering::Relaxed) > self.fair()
     }
 
-    /// Gives up one held partition if this instance holds more than its
-    /// fair share (several partitions may ask at once; only the extra ones
-    /// are let go).
+    /// Starts letting one held partition go if this instance holds more
+    /// than its fair share, counting those already going (several
+    /// partitions may ask at once; only the extra ones go).
     fn let_one_go(&self) -> bool {
         let fair = self.fair();
-        self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |h| {
-                (h > fair).then(|| h - 1)
+        let held = self.held.load(Ordering::Relaxed);
+        self.releasing
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |r| {
+                (held.saturating_sub(r) > fair).then_some(r + 1)
             })
             .is_ok()
+    }
+
+    /// A release ended (the pin went, or moved on its own).
+    fn released_one(&self) {
+        self.releasing.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// How many partitions this instance holds.
@@ -143,6 +152,10 @@ struct Waiting {
     alive: Instant,
 }
 
+/// The longest a pinned request waits at the server, and so the longest a
+/// release waits for this instance's requests to end.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// How long an inbox record read on arrival is trusted: an event that
 /// waited longer behind its key reads its record again when it runs
 /// (another instance may have handled a copy of it meanwhile).
@@ -157,6 +170,10 @@ struct Queues {
     keys: HashMap<String, BTreeMap<u64, Entry>>,
     /// Keys whose head may be ready to run.
     touched: HashSet<String>,
+    /// What a take-over found the last holder left, put in the queues
+    /// after the chunk that brought the pin (its own events are no
+    /// leftovers).
+    left: Vec<(String, u64)>,
     running: JoinSet<(String, u64, Settled)>,
 }
 
@@ -293,8 +310,9 @@ pub(crate) async fn ordered_loop(
     let permits = Arc::new(Semaphore::new(crate::topology::ordered::WINDOW));
     let _keeper = watchdog::Keeper::start(rt.clone());
     // Below the pin timeout (the consumer's `ack_wait`): a holder that
-    // keeps asking keeps its pin.
-    let expires = (rt.ack_wait() / 3).clamp(Duration::from_millis(500), requests::EXPIRES);
+    // keeps asking keeps its pin. At most 2 s: a release waits for the
+    // holder's requests to end.
+    let expires = (rt.ack_wait() / 3).clamp(Duration::from_millis(500), RELEASE_WAIT);
     let pinned = || Pinned {
         next_subject: format!(
             "{}.CONSUMER.MSG.NEXT.{}.{}",
@@ -341,6 +359,10 @@ pub(crate) async fn ordered_loop(
     // The pin this instance let go of last: what still arrives under it
     // runs here, but is no new pin.
     let mut released: Option<String> = None;
+    // Since when this instance stopped asking, to release the partition
+    // once its requests at the server ended (an unpin while one waits
+    // would pin that request again).
+    let mut releasing: Option<Instant> = None;
     // After a release, not asking for a while, so that another instance
     // takes the partition.
     let mut quiet_until = Instant::now();
@@ -349,7 +371,11 @@ pub(crate) async fn ordered_loop(
             break;
         }
         let holds = pin_of(&puller).is_some();
-        let asking = holds || (share.wants_more() && Instant::now() >= quiet_until);
+        let asking = if holds {
+            releasing.is_none()
+        } else {
+            share.wants_more() && Instant::now() >= quiet_until
+        };
         let first = tokio::select! {
             _ = stop.changed() => break,
             permit = &mut permits_free, if asking => {
@@ -386,16 +412,23 @@ pub(crate) async fn ordered_loop(
                 keep_waiting_alive(&rt, &mut q).await;
                 clear_gone(&rt, &queue, &mut q).await;
                 start_ready(&handler, &rt, &mut q).await;
-                // More than a fair share: the extra partitions go.
-                if holds && share.let_one_go() {
+                // More than a fair share: the extra partitions go, each once
+                // its requests at the server have ended.
+                if holds && releasing.is_none() && share.let_one_go() {
                     tracing::info!(service = %rt.service, handler = rt.handler, partition = part.part, held = share.held(), fair = share.fair(), "holding more partitions than a fair share; releasing this one");
+                    releasing = Some(Instant::now());
+                }
+                if let Some(since) = releasing
+                    && (puller.outstanding() == 0 || since.elapsed() > expires + Duration::from_millis(500))
+                {
                     if let Err(e) = queue.unpin_consumer(&rt.durable, crate::topology::ordered::GROUP).await {
                         tracing::debug!(service = %rt.service, handler = rt.handler, error = %e, "unpinning failed; the pin times out instead");
                     }
-                    // `let_one_go` counted it already.
-                    released = puller.pinned.as_mut().and_then(|p| p.pin.take());
-                    q.let_go();
+                    released = lose_pin(&mut puller, &share, &mut q);
                     puller.forget();
+                    releasing = None;
+                    share.released_one();
+                    tracing::info!(service = %rt.service, handler = rt.handler, partition = part.part, held = share.held(), "released the partition");
                     quiet_until = Instant::now() + expires * 4;
                 }
                 continue;
@@ -430,6 +463,9 @@ pub(crate) async fn ordered_loop(
                 }
                 Pulled::Status => {}
                 Pulled::Unpinned => {
+                    if releasing.take().is_some() {
+                        share.released_one();
+                    }
                     if let Some(old) = lose_pin(&mut puller, &share, &mut q) {
                         tracing::info!(service = %rt.service, handler = rt.handler, partition = part.part, "the partition's pin moved to another instance");
                         released = Some(old);
@@ -452,6 +488,9 @@ pub(crate) async fn ordered_loop(
                     .await
                     {
                         released = lose_pin(&mut puller, &share, &mut q);
+                        if releasing.take().is_some() {
+                            share.released_one();
+                        }
                         puller = p.pinned(pinned(), expires);
                     }
                     break;
@@ -509,6 +548,9 @@ pub(crate) async fn ordered_loop(
             .await;
         let _ = lose_pin(&mut puller, &share, &mut q);
     }
+    if releasing.is_some() {
+        share.released_one();
+    }
     failure.map_or(Ok(()), Err)
 }
 
@@ -561,6 +603,18 @@ async fn queue_all(rt: &Runtime, q: &mut Queues, chunk: Vec<Arrival>) {
     let seen = pull::read_inbox(rt, chunk.iter().map(|a| &a.msg), 2).await;
     for (a, seen) in chunk.into_iter().zip(seen) {
         q.arrive(a, seen);
+    }
+    let mut left = 0_usize;
+    for (key, seq) in std::mem::take(&mut q.left) {
+        if !q.knows(&key, seq) {
+            q.expect(key, seq);
+            left += 1;
+        }
+    }
+    if left > 0
+        && let Some(part) = rt.partition.as_ref()
+    {
+        tracing::info!(service = %rt.service, handler = rt.handler, partition = part.part, left, "took the partition over: its keys wait for the events the last holder left");
     }
 }
 
@@ -635,7 +689,7 @@ async fn take_over(
             Ok(m) if m.sequence <= delivered => {
                 let key = key_of_subject(rt.original_subject(&m.subject), &part.key_tokens);
                 if !q.knows(&key, m.sequence) {
-                    q.expect(key, m.sequence);
+                    q.left.push((key, m.sequence));
                     found += 1;
                 }
                 seq = m.sequence + 1;
@@ -647,9 +701,6 @@ async fn take_over(
                 break;
             }
         }
-    }
-    if found > 0 {
-        tracing::info!(service = %rt.service, handler = rt.handler, partition = part.part, left = found, "taking the partition over: its keys wait for the events the last holder left");
     }
 }
 
@@ -756,6 +807,8 @@ mod tests {
         assert!(s.has_too_many());
         // 16 over 4: 4 each; two of the six go.
         assert!(s.let_one_go() && s.let_one_go() && !s.let_one_go());
-        assert_eq!(s.held(), 4);
+        s.held.store(5, Ordering::Relaxed);
+        s.released_one();
+        assert!(!s.let_one_go());
     }
 }

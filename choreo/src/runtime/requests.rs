@@ -249,6 +249,11 @@ impl Puller {
         false
     }
 
+    /// Events requested and not arrived yet.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.reserved.len()
+    }
+
     /// Forgets the outstanding requests (their pin was let go), freeing
     /// their permits.
     pub(crate) fn forget(&mut self) {
