@@ -234,7 +234,9 @@ mod version_tests {
     fn ordered_handlers_need_a_server_with_pinned_groups() {
         assert!(super::check_version("2.11.0", "Q").is_ok());
         assert!(super::check_version("2.15.1", "Q").is_ok());
-        let e = super::check_version("2.10.22", "Q").unwrap_err().to_string();
+        let e = super::check_version("2.10.22", "Q")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("2.11") && e.contains("2.10.22"), "{e}");
     }
 }
