@@ -7,8 +7,9 @@
 //!   service until Ctrl-C, and with `--service orders` it runs the orders
 //!   service, places the orders and reports. Processes share `NATS_URL`.
 //! - It shows progress, then one flow as a causation tree and the line
-//!   `orders=N shipped=S cancelled=C rejected=R expired=X duplicates=D lost=L`, and exits
-//!   non-zero when any order is lost or any effect happened twice.
+//!   `orders=N shipped=S cancelled=C rejected=R expired=X notices=T duplicates=D misordered=M lost=L`, and exits
+//!   non-zero when any order is lost, any effect happened twice, or a
+//!   customer got their tracking notices out of order.
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -6,6 +6,7 @@
 //!      └──payments──▶ PaymentDeclined ──orders──▶ OrderRejected
 //!                                 └──inventory──▶ StockUnavailable ──payments──▶ PaymentRefunded ──orders──▶ OrderCancelled
 //! OrderPlaced, no payment answer within the deadline ──orders──▶ OrderExpired
+//! StockReserved ──shipping──▶ ParcelTracked (1, 2) ──orders, in order per order──▶ a notice to the customer
 //! ```
 //!
 //! Which orders fail is decided by the order's data, so runs are
@@ -18,10 +19,21 @@
 //! Every event carries its payload's JSON Schema (`#[event(schema)]`, from
 //! `schemars`), so `choreo asyncapi` documents the shop's payloads.
 //!
-//! Each service's side effect (a charge, a refund, a reservation, a shipment)
-//! is written to the ledger stream `SHOP_LEDGER` with `ctx.idempotency_key()`
-//! as its `Nats-Msg-Id`, as the README tells users to do; the summary counts
-//! an effect that happened twice as a duplicate.
+//! Each service's side effect (a charge, a refund, a reservation, a shipment,
+//! a notice to the customer) is written to the ledger stream `SHOP_LEDGER`
+//! with `ctx.idempotency_key()` as its `Nats-Msg-Id`, as the README tells
+//! users to do; the summary counts an effect that happened twice as a
+//! duplicate.
+//!
+//! One handler needs order: `notify_customer` tells the customer about
+//! each tracking update of their parcel, and an order's updates must reach
+//! the customer in the order they happened ("delivered" never before
+//! "handed to the carrier"). It is `ordered_by = order_id`, so one order's
+//! updates run one at a time, in stream order, on whichever instance of the
+//! orders service holds that order's partition, while other orders' run in
+//! parallel. The summary counts an order whose notices the ledger holds in
+//! the wrong order as `misordered`. The other handlers see one event per
+//! order and need no order.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -116,6 +128,23 @@ pub struct OrderShipped {
     /// The parcel's tracking code.
     pub tracking: String,
 }
+
+/// A tracking update of a shipped order's parcel: `step` 1 "handed to the
+/// carrier", 2 "delivered". (A carrier would send these over days; the
+/// demo's shipping service emits them with the shipment.)
+#[event(subject = "shipping.{order_id}.tracked", key = (order_id, step), schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
+pub struct ParcelTracked {
+    /// The order.
+    pub order_id: String,
+    /// The update's place in the parcel's journey, from 1.
+    pub step: u32,
+    /// What happened.
+    pub status: String,
+}
+
+/// How many tracking updates a shipped order's parcel gets.
+pub const TRACKING_STEPS: u32 = 2;
 
 /// The order ended because the payment was declined.
 #[event(subject = "orders.{order_id}.rejected", key = order_id, schema)]
@@ -272,7 +301,7 @@ async fn reserve_stock(
 
 #[event_handler(
     max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
-    emits = OrderShipped
+    emits = [OrderShipped, ParcelTracked]
 )]
 async fn ship_order(
     reserved: StockReserved,
@@ -282,10 +311,36 @@ async fn ship_order(
     ledger.record(&ctx, "ship", &reserved.order_id).await?;
     let tracking = format!("TRK-{}", ctx.event_id().short());
     ctx.emit(OrderShipped {
-        order_id: reserved.order_id,
+        order_id: reserved.order_id.clone(),
         tracking,
     });
+    for (step, status) in [(1, "handed to the carrier"), (2, "delivered")] {
+        ctx.emit(ParcelTracked {
+            order_id: reserved.order_id.clone(),
+            step,
+            status: status.into(),
+        });
+    }
     Ok(())
+}
+
+/// Tells the customer about each tracking update of their parcel (the
+/// notice is written to the ledger, the shop's stand-in for a mail).
+/// Ordered by order: an order's updates must reach the customer in the
+/// order they happened. In any order, the handler would run an order's two
+/// updates at once, and "delivered" could reach the customer first.
+#[event_handler(
+    ordered_by = order_id,
+    max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
+    emits = []
+)]
+async fn notify_customer(
+    parcel: ParcelTracked,
+    ctx: Context,
+    State(ledger): State<Ledger>,
+) -> Result<(), HandlerError> {
+    let notice = format!("notice-{}", parcel.step);
+    ledger.record(&ctx, &notice, &parcel.order_id).await
 }
 
 #[event_handler(
@@ -361,6 +416,7 @@ pub fn service_with_deadline(
         "orders" => s
             .handler(reject_order)
             .handler(cancel_order)
+            .handler(notify_customer)
             .deadline_within(expire_unpaid, deadline),
         "payments" => s.handler(charge_payment).handler(refund_payment),
         "inventory" => s.handler(reserve_stock),
@@ -410,8 +466,13 @@ pub struct Summary {
     pub rejected: u64,
     /// Orders that ended in `OrderExpired` (their payment deadline passed).
     pub expired: u64,
+    /// Tracking notices the customers got ([`TRACKING_STEPS`] per shipped
+    /// order).
+    pub notices: u64,
     /// Event ids stored more than once, plus effects recorded more than once.
     pub duplicates: u64,
+    /// Orders whose customer got their tracking notices in the wrong order.
+    pub misordered: u64,
     /// Orders with no ending.
     pub lost: u64,
 }
@@ -420,23 +481,28 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "orders={} shipped={} cancelled={} rejected={} expired={} duplicates={} lost={}",
+            "orders={} shipped={} cancelled={} rejected={} expired={} notices={} duplicates={} misordered={} lost={}",
             self.orders,
             self.shipped,
             self.cancelled,
             self.rejected,
             self.expired,
+            self.notices,
             self.duplicates,
+            self.misordered,
             self.lost
         )
     }
 }
 
 impl Summary {
-    /// Whether every order ended and nothing happened twice.
+    /// Whether every order ended, nothing happened twice, and every shipped
+    /// order's customer got its notices, in order.
     pub fn is_clean(&self) -> bool {
         self.lost == 0
             && self.duplicates == 0
+            && self.misordered == 0
+            && self.notices == self.shipped * u64::from(TRACKING_STEPS)
             && self.shipped + self.cancelled + self.rejected + self.expired == self.orders
     }
 
@@ -445,20 +511,24 @@ impl Summary {
         let rejected = (0..n).filter(|i| i % 10 == 7).count() as u64;
         let cancelled = (0..n).filter(|i| i % 10 == 3).count() as u64;
         let expired = (0..n).filter(|i| i % 10 == 5).count() as u64;
+        let shipped = n - rejected - cancelled - expired;
         Self {
             orders: n,
-            shipped: n - rejected - cancelled - expired,
+            shipped,
             cancelled,
             rejected,
             expired,
+            notices: shipped * u64::from(TRACKING_STEPS),
             duplicates: 0,
+            misordered: 0,
             lost: 0,
         }
     }
 }
 
-/// Counts the endings of `run`'s `n` orders from what the recorder saw, and
-/// the duplicates in the event streams and the ledger.
+/// Counts the endings of `run`'s `n` orders from what the recorder saw, the
+/// duplicates in the event streams and the ledger, and the customers'
+/// notices in the ledger.
 ///
 /// # Errors
 /// The ledger could not be read whole: the count would be a guess, so the
@@ -470,7 +540,10 @@ pub async fn summarize(
     n: u64,
 ) -> Result<Summary, LedgerError> {
     let (mut summary, duplicate_ids) = scan(recorder, run, n);
-    summary.duplicates = duplicate_ids + ledger_duplicates(client, run).await?;
+    let ledger = read_ledger(client, run).await?;
+    summary.duplicates = duplicate_ids + ledger.duplicates;
+    summary.notices = ledger.notices;
+    summary.misordered = ledger.misordered;
     Ok(summary)
 }
 
@@ -480,7 +553,8 @@ pub async fn summarize(
 pub struct LedgerError(String);
 
 /// The endings of `run`'s orders (no ledger scan: cheap enough for a
-/// progress display), with `duplicates` left at 0.
+/// progress display), with `notices`, `duplicates` and `misordered` left
+/// at 0.
 pub fn summarize_endings(recorder: &Recorder, run: &str, n: u64) -> Summary {
     scan(recorder, run, n).0
 }
@@ -518,16 +592,46 @@ fn scan(recorder: &Recorder, run: &str, n: u64) -> (Summary, u64) {
         cancelled: count("cancelled"),
         rejected: count("rejected"),
         expired: count("expired"),
+        notices: 0,
         duplicates: 0,
+        misordered: 0,
         lost: n.saturating_sub(ended.len() as u64),
     };
     (summary, duplicate_ids)
 }
 
-/// Effects of `run` recorded more than once in the ledger: one pass over
-/// the stream's headers (an ordered consumer, no payloads), up to its last
+/// What the ledger holds of a run.
+#[derive(Default)]
+struct LedgerCount {
+    /// Effects recorded more than once.
+    duplicates: u64,
+    /// Tracking notices.
+    notices: u64,
+    /// Orders with a notice recorded after a later one.
+    misordered: u64,
+}
+
+impl LedgerCount {
+    /// Counts a ledger subject if it is a notice, and its order as
+    /// misordered (once) if it comes after a later step of that order.
+    fn notice(&mut self, last: &mut HashMap<String, (u32, bool)>, subject: &str) {
+        let Some((step, order)) = notice(subject) else {
+            return;
+        };
+        self.notices += 1;
+        let (last, wrong) = last.entry(order.to_owned()).or_insert((0, false));
+        if step < *last && !*wrong {
+            *wrong = true;
+            self.misordered += 1;
+        }
+        *last = (*last).max(step);
+    }
+}
+
+/// Reads `run`'s effects in the ledger: one pass over the stream's headers
+/// (an ordered consumer, no payloads), in stream order, up to its last
 /// message when the count starts.
-async fn ledger_duplicates(client: &async_nats::Client, run: &str) -> Result<u64, LedgerError> {
+async fn read_ledger(client: &async_nats::Client, run: &str) -> Result<LedgerCount, LedgerError> {
     use futures::StreamExt;
     let fail = |e: &dyn std::fmt::Display| LedgerError(e.to_string());
     let js = jetstream::new(client.clone());
@@ -535,7 +639,7 @@ async fn ledger_duplicates(client: &async_nats::Client, run: &str) -> Result<u64
     let info = stream.info().await.map_err(|e| fail(&e))?;
     let last = info.state.last_sequence;
     if info.state.messages == 0 {
-        return Ok(0);
+        return Ok(LedgerCount::default());
     }
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -548,7 +652,9 @@ async fn ledger_duplicates(client: &async_nats::Client, run: &str) -> Result<u64
     let mut messages = consumer.messages().await.map_err(|e| fail(&e))?;
     let marker = format!(".{run}-");
     let mut seen = HashSet::new();
-    let mut dup = 0;
+    let mut count = LedgerCount::default();
+    // Per order, the last notice's step, and whether one came out of order.
+    let mut last_notice: HashMap<String, (u32, bool)> = HashMap::new();
     loop {
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
             .await
@@ -556,17 +662,30 @@ async fn ledger_duplicates(client: &async_nats::Client, run: &str) -> Result<u64
             .ok_or_else(|| LedgerError("the read ended early".into()))?
             .map_err(|e| fail(&e))?;
         let seq = next.info().map_err(|e| fail(&e))?.stream_sequence;
-        if next.subject.contains(&marker) && !seen.insert(next.subject.to_string()) {
-            dup += 1;
+        if next.subject.contains(&marker) {
+            if !seen.insert(next.subject.to_string()) {
+                count.duplicates += 1;
+            } else {
+                count.notice(&mut last_notice, &next.subject);
+            }
         }
         if seq >= last {
-            return Ok(dup);
+            return Ok(count);
         }
     }
 }
 
-/// Waits until every order of `run` has ended or nothing has changed for
-/// `stall`; `progress` is called with the running summary.
+/// The step and order of a notice's ledger subject,
+/// `ledger.orders.notice-<step>.<order>`.
+fn notice(subject: &str) -> Option<(u32, &str)> {
+    let mut t = subject.split('.');
+    let (_, _, effect, order) = (t.next()?, t.next()?, t.next()?, t.next()?);
+    Some((effect.strip_prefix("notice-")?.parse().ok()?, order))
+}
+
+/// Waits until every order of `run` has ended and its customer got its
+/// notices, or nothing has changed for `stall`; `progress` is called with
+/// the running summary.
 ///
 /// # Errors
 /// See [`summarize`].
@@ -589,9 +708,24 @@ pub async fn wait_for_endings(
             last_change = Instant::now();
         }
         if ended >= n || last_change.elapsed() > stall {
-            return summarize(recorder, client, run, n).await;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The notices follow the shipments: read the ledger until they are all
+    // there, or stop changing.
+    let mut last_notices = u64::MAX;
+    let mut last_change = Instant::now();
+    loop {
+        let s = summarize(recorder, client, run, n).await?;
+        if s.notices >= s.shipped * u64::from(TRACKING_STEPS) || last_change.elapsed() > stall {
+            return Ok(s);
+        }
+        if s.notices != last_notices {
+            last_notices = s.notices;
+            last_change = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -614,4 +748,25 @@ pub async fn place_orders(
         .buffered(256)
         .try_collect()
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notice_after_a_later_one_counts_its_order_as_misordered() {
+        let mut count = LedgerCount::default();
+        let mut last = HashMap::new();
+        for subject in [
+            "ledger.orders.notice-1.r-1",
+            "ledger.orders.notice-2.r-1",
+            "ledger.orders.notice-2.r-2",
+            "ledger.orders.notice-1.r-2",
+            "ledger.shipping.ship.r-2",
+        ] {
+            count.notice(&mut last, subject);
+        }
+        assert_eq!((count.notices, count.misordered), (4, 1));
+    }
 }

@@ -67,7 +67,7 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
     assert!(summary.is_clean());
     assert_eq!(
         summary.to_string(),
-        "orders=200 shipped=140 cancelled=20 rejected=20 expired=20 duplicates=0 lost=0"
+        "orders=200 shipped=140 cancelled=20 rejected=20 expired=20 notices=280 duplicates=0 misordered=0 lost=0"
     );
 
     // The paths, by the order's data.
@@ -154,7 +154,7 @@ fn the_shop_command_runs_end_to_end_and_reports() {
         stdout
             .lines()
             .any(|l| l
-                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 duplicates=0 lost=0"),
+                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 notices=56 duplicates=0 misordered=0 lost=0"),
         "{stdout}"
     );
     assert!(
@@ -312,7 +312,7 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
         lines
             .iter()
             .any(|l| l
-                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 duplicates=0 lost=0"),
+                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 notices=56 duplicates=0 misordered=0 lost=0"),
         "{lines:?}"
     );
     let text = scrape(addr);

@@ -645,8 +645,11 @@ async fn a_second_a_in_one_flow_starts_no_second_deadline() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(WITHIN_MS as u64 / 1000 + 1)).await;
+    // One deadline for the flow: the A scheduled first holds it. The two
+    // arrive together and are scheduled in parallel, so it may be either
+    // (a CI run saw s-2's).
     let runs = fired.0.lock().unwrap().clone();
-    assert_eq!(runs.keys().collect::<Vec<_>>(), vec!["s-1"], "{runs:?}");
-    assert_eq!(runs["s-1"].len(), 1);
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert!(runs.values().all(|r| r.len() == 1), "{runs:?}");
     svc.shutdown().await;
 }
