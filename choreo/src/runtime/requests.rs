@@ -34,6 +34,9 @@ struct GroupRequest<'a> {
     id: Option<&'a str>,
 }
 
+/// A partition's requests wait for a quarter of its window to be free.
+const PINNED_TOP_UP: usize = 4;
+
 /// How long one pull request waits at the server for events.
 pub(crate) const EXPIRES: Duration = Duration::from_secs(10);
 /// How often the server says it is alive while a request waits.
@@ -153,6 +156,10 @@ impl Puller {
     pub(crate) fn threshold(&self) -> usize {
         if self.reserved.is_empty() {
             1
+        } else if self.pinned.is_some() {
+            // A partition's window is small (64): asking for every two free
+            // permits floods the server with requests, one per partition.
+            (self.max_request / PINNED_TOP_UP).max(1)
         } else {
             (self.max_request / 32).max(1)
         }
