@@ -137,6 +137,8 @@ async fn diagnose(recorder: &Recorder, client: &choreo::async_nats::Client) -> S
         "PAYMENTS",
         "INVENTORY",
         "SHIPPING",
+        "CHOREO_ORDERED_orders_notify_customer",
+        "CHOREO_DLQ",
         "KV_choreo_inbox_payments",
     ] {
         let Ok(mut stream) = js.get_stream(name).await else {
@@ -155,13 +157,19 @@ async fn diagnose(recorder: &Recorder, client: &choreo::async_nats::Client) -> S
         let mut consumers = stream.consumers();
         while let Some(Ok(c)) = consumers.next().await {
             out.push_str(&format!(
-                "  {}: pending {} ack_pending {} redelivered {} waiting {} leader {:?}\n",
+                "  {}: pending {} ack_pending {} redelivered {} waiting {} leader {:?} delivered {} floor {} pins {:?}\n",
                 c.name,
                 c.num_pending,
                 c.num_ack_pending,
                 c.num_redelivered,
                 c.num_waiting,
-                c.cluster.as_ref().and_then(|cl| cl.leader.clone())
+                c.cluster.as_ref().and_then(|cl| cl.leader.clone()),
+                c.delivered.stream_sequence,
+                c.ack_floor.stream_sequence,
+                c.priority_groups
+                    .iter()
+                    .map(|g| g.pinned_client_id.clone())
+                    .collect::<Vec<_>>()
             ));
         }
     }

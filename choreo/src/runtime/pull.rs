@@ -16,24 +16,8 @@ pub(crate) async fn pull_loop(
     let mut running = JoinSet::new();
     let _keeper = watchdog::Keeper::start(rt.clone());
     let max_request = rt.options.concurrency.clamp(1, 500);
-    let mut puller = loop {
-        match Puller::new(
-            rt.js.clone(),
-            consumer.clone(),
-            permits.clone(),
-            max_request,
-        )
-        .await
-        {
-            Ok(p) => break p,
-            Err(e) => {
-                tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot subscribe for pulled events; retrying in 1s");
-                tokio::select! {
-                    _ = stop.changed() => return Ok(()),
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
+    let Some(mut puller) = subscribe(&rt, &consumer, &permits, max_request, &mut stop).await else {
+        return Ok(());
     };
     // One timer for the slow checks, armed once: a loop iteration (one per
     // pulled chunk) creates no timer and no semaphore waiter of its own.
@@ -68,18 +52,8 @@ pub(crate) async fn pull_loop(
             }
             _ = housekeeping.tick() => {
                 ticks += 1;
-                if puller.check_silence() {
-                    tracing::debug!(service = %rt.service, handler = rt.handler, "pull requests went silent; asking again");
-                    failure = refresh_consumer(&handler, &rt, &mut puller, None, &mut stop).await.err();
-                }
+                failure = upkeep(&handler, &rt, &mut puller, &mut stop, ticks.is_multiple_of(config_every)).await.err();
                 rearm(&puller, &mut permits_free, &mut waiting_for, false);
-                if failure.is_none() && rt.inbox.as_ref().is_some_and(|i| i.troubled_for().is_some()) {
-                    failure = check_inbox(&rt).await.err();
-                }
-                if ticks.is_multiple_of(config_every) {
-                    follow_consumer(&rt, puller.consumer()).await;
-                    rt.follow_replay().await;
-                }
                 continue;
             }
             p = puller.next() => p,
@@ -148,6 +122,65 @@ pub(crate) async fn pull_loop(
         running.abort_all();
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// Subscribes for a handler's pulled events, retrying each second until
+/// it can; `None` if the service stops meanwhile.
+pub(super) async fn subscribe(
+    rt: &Runtime,
+    consumer: &jetstream::consumer::PullConsumer,
+    permits: &Arc<Semaphore>,
+    max_request: usize,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Puller> {
+    loop {
+        match Puller::new(
+            rt.js.clone(),
+            consumer.clone(),
+            permits.clone(),
+            max_request,
+        )
+        .await
+        {
+            Ok(p) => return Some(p),
+            Err(e) => {
+                tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot subscribe for pulled events; retrying in 1s");
+                tokio::select! {
+                    _ = stop.changed() => return None,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The once-a-second checks of a pull loop: silent pull requests (the
+/// consumer may be gone), a missing inbox, and with `slow` the consumer's
+/// settings on the server and the replay marker. An error stops the
+/// service.
+pub(super) async fn upkeep(
+    handler: &Arc<dyn Erased>,
+    rt: &Runtime,
+    puller: &mut Puller,
+    stop: &mut watch::Receiver<bool>,
+    slow: bool,
+) -> Result<(), Stopped> {
+    if puller.check_silence() {
+        tracing::debug!(service = %rt.service, handler = rt.handler, "pull requests went silent; asking again");
+        refresh_consumer(handler, rt, puller, None, stop).await?;
+    }
+    if rt
+        .inbox
+        .as_ref()
+        .is_some_and(|i| i.troubled_for().is_some())
+    {
+        check_inbox(rt).await?;
+    }
+    if slow {
+        follow_consumer(rt, puller.consumer()).await;
+        rt.follow_replay().await;
+    }
+    Ok(())
 }
 
 /// Renews the pending wait for free permits after a request was sent

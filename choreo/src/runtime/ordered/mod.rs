@@ -86,25 +86,11 @@ pub(crate) async fn ordered_loop(
         pin: None,
     };
     let max_request = crate::topology::ordered::WINDOW;
-    let mut puller = loop {
-        match Puller::new(
-            rt.js.clone(),
-            consumer.clone(),
-            permits.clone(),
-            max_request,
-        )
-        .await
-        {
-            Ok(p) => break p.pinned(pinned(), expires),
-            Err(e) => {
-                tracing::warn!(service = %rt.service, handler = rt.handler, error = %e, "cannot subscribe for pulled events; retrying in 1s");
-                tokio::select! {
-                    _ = stop.changed() => return Ok(()),
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
+    let Some(puller) = pull::subscribe(&rt, &consumer, &permits, max_request, &mut stop).await
+    else {
+        return Ok(());
     };
+    let mut puller = puller.pinned(pinned(), expires);
     let queue = match rt.js.get_stream_no_info(&*rt.consumer_stream).await {
         Ok(s) => s,
         Err(e) => {
@@ -163,16 +149,8 @@ pub(crate) async fn ordered_loop(
             }
             _ = housekeeping.tick() => {
                 ticks += 1;
-                if puller.check_silence() {
-                    failure = refresh_consumer(&handler, &rt, &mut puller, None, &mut stop).await.err();
-                }
+                failure = pull::upkeep(&handler, &rt, &mut puller, &mut stop, ticks.is_multiple_of(config_every)).await.err();
                 pull::rearm(&puller, &mut permits_free, &mut waiting_for, false);
-                if failure.is_none() && rt.inbox.as_ref().is_some_and(|i| i.troubled_for().is_some()) {
-                    failure = check_inbox(&rt).await.err();
-                }
-                if ticks.is_multiple_of(config_every) {
-                    follow_consumer(&rt, puller.consumer()).await;
-                }
                 keep_waiting_alive(&rt, &mut q).await;
                 clear_gone(&rt, &queue, &mut q).await;
                 start_ready(&handler, &rt, &mut q).await;
@@ -422,23 +400,28 @@ async fn take_over(
 /// Drops expected events that are no longer in the work queue (the last
 /// holder acknowledged them, or they were dead-lettered).
 async fn clear_gone(rt: &Runtime, queue: &jetstream::stream::Stream<()>, q: &mut Queues) {
-    let waiting: Vec<(String, u64)> = q
+    let waiting: Vec<(String, u64, Duration)> = q
         .keys
         .iter()
         .flat_map(|(k, es)| {
             es.iter().filter_map(move |(s, e)| match e {
                 Entry::Expected(since) if since.elapsed() >= Duration::from_millis(500) => {
-                    Some((k.clone(), *s))
+                    Some((k.clone(), *s, since.elapsed()))
                 }
                 _ => None,
             })
         })
         .collect();
-    for (key, seq) in waiting {
+    // Said once, when a key has waited four `ack_wait`s for one event.
+    let long = rt.ack_wait() * 4;
+    for (key, seq, waited) in waiting {
         match queue.get_raw_message(seq).await {
             Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
                 tracing::debug!(service = %rt.service, handler = rt.handler, stream_sequence = seq, "an expected event left the work queue");
-                q.settled(key, seq, Settled::Gone);
+                q.settled(key, seq, Settled::Gone, false);
+            }
+            _ if waited >= long && waited < long + Duration::from_secs(1) => {
+                tracing::warn!(service = %rt.service, handler = rt.handler, stream = %rt.consumer_stream, stream_sequence = seq, key = %key, ?waited, "a key waits for an event that has not come back; its later events are held (`choreo status` shows the partition's consumer)");
             }
             _ => {}
         }
@@ -464,18 +447,23 @@ async fn keep_waiting_alive(rt: &Runtime, q: &mut Queues) {
 fn finished(
     rt: &Runtime,
     q: &mut Queues,
-    done: Result<(String, u64, Settled), tokio::task::JoinError>,
+    done: Result<(String, u64, Settled, bool), tokio::task::JoinError>,
 ) {
     match done {
-        Ok((key, seq, settled)) => q.settled(key, seq, settled),
+        Ok((key, seq, settled, copy)) => q.settled(key, seq, settled, copy),
         Err(e) => pull::count_task_failure(rt, Err(e)),
     }
 }
 
-/// Runs every key's head that is here.
+/// Runs every key's head that is here, and the copies of running events.
 async fn start_ready(handler: &Arc<dyn Erased>, rt: &Arc<Runtime>, q: &mut Queues) {
     let ready = q.ready();
-    for (key, seq, msg, slot, seen) in ready {
+    let copies = std::mem::take(&mut q.copies);
+    let runs = ready
+        .into_iter()
+        .map(|r| (r, false))
+        .chain(copies.into_iter().map(|c| (c, true)));
+    for ((key, seq, msg, slot, seen), copy) in runs {
         rt.metrics.consumed.increment(1);
         let (attempt, sequence, pending) = delivery_and_pending(&msg);
         #[allow(clippy::cast_precision_loss)]
@@ -495,7 +483,7 @@ async fn start_ready(handler: &Arc<dyn Erased>, rt: &Arc<Runtime>, q: &mut Queue
                 .unwrap_or(Settled::Back);
             rt.metrics.duration.record(started.elapsed());
             drop(slot);
-            (key, seq, settled)
+            (key, seq, settled, copy)
         });
     }
 }

@@ -49,7 +49,11 @@ pub(super) struct Queues {
     /// after the chunk that brought the pin (its own events are no
     /// leftovers).
     pub(super) left: Vec<(String, u64)>,
-    pub(super) running: JoinSet<(String, u64, Settled)>,
+    /// Running events, each with its key, sequence and whether it is a
+    /// copy (see [`Queues::arrive`]).
+    pub(super) running: JoinSet<(String, u64, Settled, bool)>,
+    /// Copies of running events, to run beside them.
+    pub(super) copies: Vec<(String, u64, jetstream::Message, Slot, Seen)>,
 }
 
 impl Queues {
@@ -60,8 +64,14 @@ impl Queues {
     pub(super) fn arrive(&mut self, a: Arrival, seen: Seen) {
         let q = self.keys.entry(a.key.clone()).or_default();
         // A copy of an event running here is the server's redelivery after
-        // `ack_wait`; the running one settles it.
-        if !matches!(q.get(&a.seq), Some(Entry::Running)) {
+        // `ack_wait` (its in-progress acks were lost, in an election). It
+        // runs as any handler's copy does: it waits for the running one's
+        // outcome, keeping itself alive, then skips (or retries) by the
+        // inbox. Left unanswered, the server would send it again and again,
+        // spending the event's deliveries.
+        if matches!(q.get(&a.seq), Some(Entry::Running)) {
+            self.copies.push((a.key, a.seq, a.msg, a.slot, seen));
+        } else {
             let now = Instant::now();
             q.insert(
                 a.seq,
@@ -85,9 +95,12 @@ impl Queues {
             .or_insert(Entry::Expected(Instant::now()));
     }
 
-    pub(super) fn settled(&mut self, key: String, seq: u64, settled: Settled) {
+    pub(super) fn settled(&mut self, key: String, seq: u64, settled: Settled, copy: bool) {
         if let Some(q) = self.keys.get_mut(&key) {
             match settled {
+                // A copy decides only once the first run is over.
+                _ if copy && matches!(q.get(&seq), Some(Entry::Running)) => {}
+                Settled::Back if copy => {}
                 Settled::Gone => {
                     q.remove(&seq);
                 }
@@ -213,7 +226,30 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn a_key_is_its_ordering_fields_tokens() {
+    fn a_copy_of_a_running_event_decides_only_after_the_first_run() {
+        let mut q = Queues {
+            holding: true,
+            ..Queues::default()
+        };
+        q.keys
+            .entry("a".into())
+            .or_default()
+            .insert(5, Entry::Running);
+        // The copy skipped while the first still ran: nothing changes.
+        q.settled("a".into(), 5, Settled::Gone, true);
+        assert!(matches!(q.keys["a"].get(&5), Some(Entry::Running)));
+        // The first failed: its retry is expected.
+        q.settled("a".into(), 5, Settled::Back, false);
+        assert!(matches!(q.keys["a"].get(&5), Some(Entry::Expected(_))));
+        // A copy that fails leaves it expected; one that succeeds ends it.
+        q.settled("a".into(), 5, Settled::Back, true);
+        assert!(matches!(q.keys["a"].get(&5), Some(Entry::Expected(_))));
+        q.settled("a".into(), 5, Settled::Gone, true);
+        assert!(!q.keys.contains_key("a"));
+    }
+
+    #[test]
+    fn a_key_is_its_ordering_fields_tokens() {
         assert_eq!(key_of_subject("ledger.a-7.stepped", &[1]), "a-7");
         assert_eq!(key_of_subject("t.acme.a-7.x", &[1, 2]), "acme.a-7");
     }
