@@ -126,6 +126,29 @@ async fn placing_the_same_orders_again_changes_nothing() {
     }
 }
 
+/// A shop process this test started: killed if the test fails before it
+/// stops it, so a failing run leaves no process behind.
+struct Started(Option<std::process::Child>);
+
+impl Started {
+    fn get(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("the process is still ours")
+    }
+    /// Hands the process over (to wait for it).
+    fn take(&mut self) -> std::process::Child {
+        self.0.take().expect("the process is still ours")
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn shop_binary() -> std::path::PathBuf {
     // target/<profile>/deps/shop-<hash> → target/<profile>/examples/shop
     let exe = std::env::current_exe().unwrap();
@@ -183,7 +206,7 @@ fn one_service_per_process_needs_a_shared_server() {
 #[tokio::test]
 async fn a_service_process_stops_gracefully_on_sigterm() {
     let server = NatsServer::start().await.unwrap();
-    let mut child = Command::new(shop_binary())
+    let child = Command::new(shop_binary())
         .args(["--service", "payments"])
         .env("NATS_URL", server.url())
         .env("RUST_LOG", "info")
@@ -191,6 +214,7 @@ async fn a_service_process_stops_gracefully_on_sigterm() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let mut child = Started(Some(child));
     // Wait until its consumers exist, then ask it to stop.
     let client = server.connect().await.unwrap();
     let js = choreo::async_nats::jetstream::new(client);
@@ -212,9 +236,10 @@ async fn a_service_process_stops_gracefully_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.get().id().to_string()])
         .status()
         .unwrap();
+    let mut child = child.take();
     let out = tokio::task::spawn_blocking(move || {
         let status = child.wait().unwrap();
         let mut err = String::new();
@@ -284,14 +309,15 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
         .unwrap()
         .port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = Command::new(shop_binary())
+    let child = Command::new(shop_binary())
         .args(["--orders", "40", "--metrics", &addr.to_string()])
         .env_remove("NATS_URL")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = Started(Some(child));
+    let stdout = child.get().stdout.take().unwrap();
     // Read until the run is over and the endpoint stays up for us.
     let lines = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
@@ -365,9 +391,10 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
         "{text}"
     );
     Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.get().id().to_string()])
         .status()
         .unwrap();
+    let mut child = child.take();
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
