@@ -78,14 +78,7 @@ pub(crate) async fn pull_loop(
                     spawn_all(&handler, &rt, &mut running, chunk).await;
                     chunk = Vec::new();
                     tracing::warn!(service = %rt.service, handler = rt.handler, "the pull subscription ended; subscribing again");
-                    if let Ok(p) = Puller::new(
-                        rt.js.clone(),
-                        puller.consumer().clone(),
-                        permits.clone(),
-                        max_request,
-                    )
-                    .await
-                    {
+                    if let Ok(p) = puller.again().await {
                         puller = p;
                     }
                     break;

@@ -125,6 +125,26 @@ impl Puller {
         })
     }
 
+    /// A new subscription for the same consumer and permits (after the
+    /// last one ended), pulling the same way; a pinned group's pin is not
+    /// carried over.
+    pub(crate) async fn again(&self) -> Result<Self, async_nats::SubscribeError> {
+        let mut p = Self::new(
+            self.js.clone(),
+            self.consumer.clone(),
+            self.permits.clone(),
+            self.max_request,
+        )
+        .await?;
+        p.expires = self.expires;
+        p.pinned = self.pinned.as_ref().map(|old| Pinned {
+            next_subject: old.next_subject.clone(),
+            group: old.group,
+            pin: None,
+        });
+        Ok(p)
+    }
+
     /// Pulls through a pinned priority group, each request waiting at most
     /// `expires` (below the group's pin timeout, so a holder that keeps
     /// asking keeps its pin).

@@ -221,19 +221,12 @@ pub(crate) async fn ordered_loop(
                 }
                 Pulled::Ended => {
                     tracing::warn!(service = %rt.service, handler = rt.handler, "the pull subscription ended; subscribing again");
-                    if let Ok(p) = Puller::new(
-                        rt.js.clone(),
-                        puller.consumer().clone(),
-                        permits.clone(),
-                        max_request,
-                    )
-                    .await
-                    {
+                    if let Ok(p) = puller.again().await {
                         released = lose_pin(&mut puller, &share, &mut q);
                         if releasing.take().is_some() {
                             share.released_one();
                         }
-                        puller = p.pinned(pinned(), expires);
+                        puller = p;
                     }
                     break;
                 }
