@@ -54,6 +54,15 @@ pub enum DeadlineState {
         /// When it fires.
         at_ms: u64,
     },
+    /// Past its due time and not decided yet: the fired copy is on its
+    /// way to the handler, or waits for a B watcher to handle every B
+    /// stored by the due time (a B stored in time still meets it).
+    Due {
+        /// The event A.
+        event: EventId,
+        /// When it fell due: A's stored time + `within` (Unix ms).
+        due_ms: u64,
+    },
     /// B came in time: the deadline was cancelled.
     Met {
         /// The event B.
@@ -186,16 +195,18 @@ pub async fn deadline(
     if let Some(m) = last("at").await
         && let (Some(event), Some(at_ms)) = (event_of(&m.headers), schedule_at(&m.headers))
     {
-        return Ok(DeadlineState::Scheduled { event, at_ms });
+        // A fired copy put off to look again is past its due time.
+        return Ok(match crate::deadline::due_of(&m.headers).map(ms) {
+            Some(due_ms) if due_ms < at_ms => DeadlineState::Due { event, due_ms },
+            _ => DeadlineState::Scheduled { event, at_ms },
+        });
     }
-    // Fired, and the decision not written yet (the handler starts).
+    // Fired, and the decision not written yet.
     if let Some(m) = last("fire").await
         && let Some(event) = event_of(&m.headers)
     {
-        return Ok(DeadlineState::Fired {
-            event,
-            at_ms: ms(m.time),
-        });
+        let due_ms = crate::deadline::due_of(&m.headers).map_or(ms(m.time), ms);
+        return Ok(DeadlineState::Due { event, due_ms });
     }
     Ok(DeadlineState::Unknown)
 }

@@ -25,6 +25,7 @@ use crate::topology::{StreamError, StreamSettings};
 use crate::wire::headers as h;
 
 mod handlers;
+mod watch;
 
 pub(crate) use handlers::{Fire, Met, Schedule};
 
@@ -44,6 +45,31 @@ pub(crate) const DECISION_KEEP: Duration = Duration::from_secs(3600);
 /// The default [`Service::deadline_retention`](crate::Service::deadline_retention):
 /// a fired copy waits a day for a deadline service that is down.
 pub const DEFAULT_DEADLINE_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// The header that carries a deadline's due time (Unix ms) on its
+/// schedule and fired copy: A's stored time + `within`.
+pub(crate) const DUE: &str = "choreo-deadline-due";
+
+/// The due time a schedule or fired copy carries: [`DUE`], or on a
+/// schedule written before it, the time its `Nats-Schedule` names.
+pub(crate) fn due_of(headers: &HeaderMap) -> Option<time::OffsetDateTime> {
+    if let Some(ms) = headers
+        .get(DUE)
+        .and_then(|v| v.as_str().parse::<i128>().ok())
+    {
+        return time::OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).ok();
+    }
+    let at = headers
+        .get("Nats-Schedule")?
+        .as_str()
+        .strip_prefix("@at ")?;
+    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// A time as Unix ms.
+pub(crate) fn unix_ms(t: time::OffsetDateTime) -> i128 {
+    t.unix_timestamp_nanos() / 1_000_000
+}
 
 /// The oldest server with message schedules.
 const NEEDS: (u64, u64) = (2, 12);
@@ -136,6 +162,11 @@ impl Store {
         subject(&self.service, handler, part, token)
     }
 
+    /// The JetStream context the records are written through.
+    pub(crate) fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     /// The decision, if one was written (read from the stream's leader).
     pub(crate) async fn outcome(
         &self,
@@ -186,14 +217,18 @@ impl Store {
         }
     }
 
-    /// Schedules A's copy for `at`, unless one is scheduled already.
+    /// Schedules A's copy to fire at `at`, unless one is scheduled already.
+    /// `due` is the deadline itself (A's stored time + `within`), which
+    /// rides on the schedule and its fired copy as [`DUE`]; `at` is later
+    /// than `due` when a fired copy is put off (see [`Fire`]). `msg_id`
+    /// makes a repeat of the same write one write.
     pub(crate) async fn schedule(
         &self,
         handler: &str,
         token: &str,
-        at: time::OffsetDateTime,
+        (at, due): (time::OffsetDateTime, time::OffsetDateTime),
         a: (HeaderMap, bytes::Bytes),
-        a_id: EventId,
+        msg_id: &str,
     ) -> Result<(), Source> {
         let (mut headers, payload) = a;
         let at = at
@@ -210,10 +245,8 @@ impl Store {
             format!("{}s", self.fired_keep.as_secs().max(1)).as_str(),
         );
         headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
-        headers.insert(
-            h::NATS_MSG_ID,
-            format!("deadline:{}.{handler}:{a_id}", self.service).as_str(),
-        );
+        headers.insert(DUE, unix_ms(due).to_string().as_str());
+        headers.insert(h::NATS_MSG_ID, msg_id);
         let sent = self
             .js
             .publish_with_headers(self.subject(handler, "at", token), headers, payload)
@@ -226,6 +259,30 @@ impl Store {
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
             Err(e) => Err(source(e)),
         }
+    }
+
+    /// When the deadline for `token` falls due, if it is known: from its
+    /// schedule, or once that fired, from its fired copy (read from the
+    /// stream's leader). `None` before A's schedule step ran (or once the
+    /// fired copy is past its retention).
+    pub(crate) async fn due(
+        &self,
+        handler: &str,
+        token: &str,
+    ) -> Result<Option<time::OffsetDateTime>, Source> {
+        let stream = self.js.get_stream_no_info(STREAM).await.map_err(source)?;
+        for part in ["at", "fire"] {
+            match stream
+                .get_last_raw_message_by_subject(&self.subject(handler, part, token))
+                .await
+            {
+                Ok(m) => return Ok(Some(due_of(&m.headers).unwrap_or(m.time))),
+                Err(e)
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(source(e)),
+            }
+        }
+        Ok(None)
     }
 
     /// Removes the schedule, if it has not fired yet.

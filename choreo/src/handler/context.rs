@@ -28,6 +28,7 @@ struct Inner {
     subject: String,
     attempt: u32,
     stream_sequence: u64,
+    stored_at: Option<time::OffsetDateTime>,
     replay: bool,
     service: Arc<str>,
     handler: &'static str,
@@ -41,6 +42,9 @@ struct Inner {
 #[derive(Default)]
 struct Emitted {
     sealed: bool,
+    /// The delivery is done with, but the event is not handled: ack it
+    /// without an inbox record (a deadline's fired copy put off).
+    put_off: bool,
     counts: HashMap<&'static str, u32>,
     out: Vec<Result<Outgoing, PublishError>>,
 }
@@ -51,6 +55,8 @@ pub(crate) struct Delivery {
     pub(crate) subject: String,
     pub(crate) attempt: u32,
     pub(crate) stream_sequence: u64,
+    /// When the server stored the event (its stream timestamp).
+    pub(crate) stored_at: Option<time::OffsetDateTime>,
     /// Delivered again by `choreo replay` (`admin::replay`).
     pub(crate) replay: bool,
 }
@@ -71,6 +77,7 @@ impl Context {
                 subject: delivery.subject,
                 attempt: delivery.attempt,
                 stream_sequence: delivery.stream_sequence,
+                stored_at: delivery.stored_at,
                 replay: delivery.replay,
                 service,
                 handler,
@@ -96,6 +103,7 @@ impl Context {
             subject: String::new(),
             attempt: 1,
             stream_sequence: 0,
+            stored_at: None,
             replay: false,
         };
         Self::new(
@@ -137,6 +145,13 @@ impl Context {
     pub fn stream_sequence(&self) -> u64 {
         self.inner.stream_sequence
     }
+    /// When the server stored the event: its stream timestamp, by the
+    /// server's clock (`ce-time` is the emitter's). `None` in a unit test
+    /// without a server. Deadlines judge "B within T of A" by it
+    /// (`docs/deadlines.md`).
+    pub fn stored_at(&self) -> Option<time::OffsetDateTime> {
+        self.inner.stored_at
+    }
     /// Whether this delivery comes from a replay of the handler
     /// (`choreo replay`, or `choreo::admin::replay`): the
     /// event is in the replayed range. A handler that sends mail may skip
@@ -166,6 +181,27 @@ impl Context {
 
     pub(crate) fn states(&self) -> &States {
         &self.inner.states
+    }
+
+    /// Marks the delivery as put off: the handler returns `Ok` having done
+    /// nothing, and a later copy of the same event (a deadline's fired
+    /// copy, scheduled again) must still run. The runtime acks it without
+    /// recording it in the inbox.
+    pub(crate) fn put_off(&self) {
+        self.inner
+            .emitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put_off = true;
+    }
+
+    /// Whether [`put_off`](Self::put_off) was called.
+    pub(crate) fn is_put_off(&self) -> bool {
+        self.inner
+            .emitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put_off
     }
 
     /// Emits `event` once the handler returns `Ok`. Its id is deterministic:

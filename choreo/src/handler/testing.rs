@@ -103,6 +103,7 @@ impl HandlerTest {
                 subject: envelope.subject().to_owned(),
                 attempt: self.attempt,
                 stream_sequence: 0,
+                stored_at: None,
                 replay: false,
             },
             std::sync::Arc::from(self.service.as_str()),

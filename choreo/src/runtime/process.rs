@@ -41,6 +41,7 @@ pub(super) async fn process<H: Handler>(
         subject,
         attempt,
         stream_sequence,
+        stored_at: msg.info().ok().map(|i| i.published),
         replay,
     };
     // The handler's own code runs under its guard inside; this one catches
@@ -211,6 +212,13 @@ pub(super) async fn handle<H: Handler>(
             format!("the handler timed out after {:?}", rt.options.timeout)
         }
         Ok(result) => match result {
+            Ok(Ok(())) if ctx.is_put_off() && outgoing.is_empty() => {
+                release(rt, &key, claim).await;
+                if let Err(e) = msg.ack().await {
+                    about!(warn, rt, msg, error = %e, "ack failed; the event will be redelivered and put off again");
+                }
+                return Settled::Gone;
+            }
             Ok(Ok(())) => match emit_record_ack(rt, msg, (id, time), outgoing, &key).await {
                 Done::Finished => return Settled::Gone,
                 Done::Stopped => return Settled::Back,

@@ -37,6 +37,7 @@ pub(super) async fn deadline_step(
     use crate::admin::deadlines::DeadlineState as D;
     match crate::admin::deadlines::deadline(js, service, &hm.name, correlation).await {
         Ok(D::Scheduled { at_ms, .. }) => Step::DeadlinePending { fires_at_ms: at_ms },
+        Ok(D::Due { due_ms, .. }) => Step::DeadlineDue { due_ms },
         Ok(D::Met { by, .. }) => Step::DeadlineMet { by: by.to_string() },
         Ok(D::Fired { at_ms, .. }) => Step::DeadlineFired {
             at_ms,

@@ -103,6 +103,13 @@ pub enum Step {
         /// When it fires (Unix ms).
         fires_at_ms: u64,
     },
+    /// A deadline handler's deadline is past due and not decided yet: it
+    /// is about to fire, or waits for a B watcher to handle every B stored
+    /// by the due time.
+    DeadlineDue {
+        /// When it fell due (Unix ms).
+        due_ms: u64,
+    },
     /// A deadline handler's deadline was met: an `unless` event came in
     /// time, and the handler does not run.
     DeadlineMet {

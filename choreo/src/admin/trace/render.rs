@@ -148,6 +148,14 @@ fn step_text(s: &Step, times: bool) -> String {
             format!("deadline pending, fires at {}", at(*fires_at_ms))
         }
         Step::DeadlinePending { .. } => "deadline pending".into(),
+        Step::DeadlineDue { due_ms } if times => format!(
+            "deadline due at {}, deciding (waits for its watchers to handle what was stored in time)",
+            at(*due_ms)
+        ),
+        Step::DeadlineDue { .. } => {
+            "deadline due, deciding (waits for its watchers to handle what was stored in time)"
+                .into()
+        }
         Step::DeadlineMet { by } => format!("deadline met by {by}"),
         Step::DeadlineFired {
             at_ms,
