@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use choreo::__private::FaultPoint;
 use choreo::{Context, Publisher, Service, State, event, event_handler};
 use choreo_testkit::NatsServer;
 
@@ -136,6 +137,69 @@ async fn a_partition_given_up_waits_for_the_events_its_last_holder_still_runs() 
     .await;
     log.check(ACCOUNTS, STEPS);
     assert!(log.ran_by(1) > 0, "the second instance took a partition");
+    second.shutdown().await;
+    first.shutdown().await;
+}
+
+/// As above, but the new holder's reads of what the last holder left fail
+/// (a fault hook fails the first five): it must not go on without them. It
+/// waits, tries again, says so with the partition, and runs every account
+/// in order once a read succeeds.
+#[tokio::test]
+async fn a_take_over_that_cannot_read_what_was_left_waits_and_tries_again() {
+    const ACCOUNTS: u32 = 8;
+    const STEPS: u32 = 80;
+    const FAILURES: u32 = 5;
+    let (logs, _guard) = common::capture_logs("choreo=info");
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let log = Log::default();
+    publish_steps(&client, ACCOUNTS, STEPS).await;
+    let first = service(&log, 0).start(client.clone()).await.unwrap();
+    common::eventually(Duration::from_secs(10), "the first instance runs", || {
+        log.count() >= 8
+    })
+    .await;
+    let reads = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = reads.clone();
+    let second = service(&log, 1)
+        .fault_hook(Arc::new(move |point, _| {
+            point == FaultPoint::TakeOverRead
+                && counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < FAILURES
+        }))
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
+    common::eventually(Duration::from_secs(60), "every step handled", || {
+        log.count() >= (ACCOUNTS * STEPS) as usize
+    })
+    .await;
+    log.check(ACCOUNTS, STEPS);
+    assert!(log.ran_by(1) > 0, "the second instance took a partition");
+    let tried = reads.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        tried > FAILURES,
+        "read {tried} times: failed reads are tried again"
+    );
+    assert_eq!(
+        second.stats("slow_step").unwrap().take_over_retries(),
+        u64::from(FAILURES)
+    );
+    let text = logs.text();
+    let warning = text
+        .lines()
+        .find(|l| l.contains("cannot read what the last holder left"))
+        .unwrap_or_else(|| panic!("no warning in:\n{text}"));
+    assert!(
+        warning.contains("WARN")
+            && warning.contains("partition=")
+            && warning.contains("tries again"),
+        "{warning}"
+    );
+    assert!(
+        text.contains("read what the last holder left; the partition goes on"),
+        "{text}"
+    );
     second.shutdown().await;
     first.shutdown().await;
 }

@@ -16,6 +16,10 @@ pub enum FaultPoint {
     AfterEmit,
     /// The inbox record is written; the event is not acked.
     AfterRecord,
+    /// An ordered handler's new holder of a partition is about to read what
+    /// the last holder left (the event id is the arriving event's):
+    /// returning `true` makes that read fail.
+    TakeOverRead,
 }
 
 /// Called at each [`FaultPoint`] with the handled event's id; returning

@@ -17,6 +17,7 @@ pub struct HandlerStats {
     pub(crate) backlog_at_start: u64,
     pub(crate) task_panics: AtomicU64,
     pub(crate) timed_out: AtomicU64,
+    pub(crate) take_over_retries: AtomicU64,
 }
 
 impl HandlerStats {
@@ -74,6 +75,11 @@ impl HandlerStats {
     /// retried or dead-lettered).
     pub fn timed_out(&self) -> u64 {
         self.timed_out.load(Ordering::Relaxed)
+    }
+    /// For an ordered handler: failed reads of what a partition's last
+    /// holder left, each tried again before the partition went on.
+    pub fn take_over_retries(&self) -> u64 {
+        self.take_over_retries.load(Ordering::Relaxed)
     }
     /// Batched inbox reads: one per pulled batch of eight or more events,
     /// each reading the whole batch's keys with one request.
