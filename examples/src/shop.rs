@@ -1,11 +1,11 @@
 //! The shop: four services choreographed only by events.
 //!
 //! ```text
-//! OrderPlaced ──payments──▶ PaymentCaptured ──inventory──▶ StockReserved ──shipping──▶ OrderShipped
-//!      │                          │
+//! OrderPlaced ──payments──▶ PaymentCaptured ──orders──▶ OrderPaid ──inventory──▶ StockReserved ──shipping──▶ OrderShipped
+//!      │                                                   └──inventory──▶ StockUnavailable ──payments──▶ PaymentRefunded ──orders──▶ OrderCancelled
 //!      └──payments──▶ PaymentDeclined ──orders──▶ OrderRejected
-//!                                 └──inventory──▶ StockUnavailable ──payments──▶ PaymentRefunded ──orders──▶ OrderCancelled
 //! OrderPlaced, no payment answer within the deadline ──orders──▶ OrderExpired
+//! PaymentCaptured after the deadline ──orders──▶ PaymentRefused ──payments──▶ PaymentRefunded (late: the order stays expired)
 //! StockReserved ──shipping──▶ ParcelTracked (1, 2) ──orders, in order per order──▶ a notice to the customer
 //! ```
 //!
@@ -15,6 +15,15 @@
 //! offline never gets an answer from payments, and the orders service's
 //! deadline (`expire_unpaid`) expires the order. Every event is keyed by
 //! its order, so each fact exists once per order.
+//!
+//! The orders service owns the order: a payment answer counts only if its
+//! deadline (`expire_unpaid`) was met by it. `confirm_payment` waits for
+//! that deadline's decision and turns a payment stored in time into
+//! `OrderPaid`, which inventory reserves stock for; a payment stored after
+//! the deadline (a payments process killed under load, its event
+//! redelivered after `ack_wait`) is refused, and payments refunds it, so an
+//! expired order is never shipped and every order ends once. A late
+//! decline is ignored the same way (`reject_order`).
 //!
 //! Every event carries its payload's JSON Schema (`#[event(schema)]`, from
 //! `schemars`), so `choreo asyncapi` documents the shop's payloads.
@@ -39,6 +48,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use choreo::admin::deadlines::{self, DeadlineState};
 use choreo::{
     Context, HandlerError, Publisher, Service, State, StreamSettings, event, event_handler,
 };
@@ -89,7 +99,53 @@ pub struct PaymentDeclined {
     pub reason: String,
 }
 
-/// The charge was paid back (compensation for missing stock).
+/// The orders service accepted the payment: it came within the order's
+/// payment deadline. Stock is reserved for a paid order only.
+#[event(subject = "orders.{order_id}.paid", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
+pub struct OrderPaid {
+    /// The order.
+    pub order_id: String,
+    /// What to reserve.
+    pub lines: Vec<Line>,
+    /// The amount charged.
+    pub amount_cents: u64,
+}
+
+/// The orders service refused a payment: it was stored after the order's
+/// payment deadline, and the order expired. Payments pays it back.
+#[event(subject = "orders.{order_id}.payment-refused", key = order_id, schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
+pub struct PaymentRefused {
+    /// The order.
+    pub order_id: String,
+    /// The amount to pay back.
+    pub amount_cents: u64,
+}
+
+/// Why a charge was paid back.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum RefundReason {
+    /// An item was out of stock: the order is cancelled.
+    #[default]
+    OutOfStock,
+    /// The payment came after the order expired: the order stays expired.
+    LatePayment,
+}
+
+/// The charge was paid back: compensation for missing stock, or for a
+/// payment that came after its order expired.
 #[event(subject = "payments.{order_id}.refunded", key = order_id, schema)]
 #[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
 pub struct PaymentRefunded {
@@ -97,6 +153,10 @@ pub struct PaymentRefunded {
     pub order_id: String,
     /// The amount refunded.
     pub amount_cents: u64,
+    /// Why (absent in refunds written before late payments were refunded:
+    /// out of stock).
+    #[serde(default)]
+    pub reason: RefundReason,
 }
 
 /// Stock is set aside for the order.
@@ -212,6 +272,32 @@ impl Ledger {
         Ok(Self { js })
     }
 
+    /// The decision of `order`'s payment deadline (`expire_unpaid`, matched
+    /// by the flow's correlation id), once it is made: the watcher of
+    /// payments' answers decides "met" for an answer stored in time, or the
+    /// deadline "fired". Waits up to 20 s, then asks for a retry.
+    async fn payment_deadline(&self, ctx: &Context) -> Result<DeadlineState, HandlerError> {
+        let token = ctx.correlation_id().to_string();
+        let started = Instant::now();
+        loop {
+            let state = deadlines::deadline(&self.js, "orders", "expire_unpaid", &token)
+                .await
+                .map_err(HandlerError::retryable)?;
+            if matches!(
+                state,
+                DeadlineState::Met { .. } | DeadlineState::Fired { .. }
+            ) {
+                return Ok(state);
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                return Err(HandlerError::retryable(format!(
+                    "the payment deadline is not decided yet: {state:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Records `effect` on `order`, once per idempotency key.
     async fn record(&self, ctx: &Context, effect: &str, order: &str) -> Result<(), HandlerError> {
         let mut headers = async_nats::HeaderMap::new();
@@ -271,6 +357,27 @@ async fn refund_payment(
     ctx.emit(PaymentRefunded {
         order_id: missing.order_id,
         amount_cents: missing.amount_cents,
+        reason: RefundReason::OutOfStock,
+    });
+    Ok(())
+}
+
+/// Pays back a payment the orders service refused: it came after the
+/// order expired.
+#[event_handler(
+    max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
+    emits = PaymentRefunded
+)]
+async fn refund_refused_payment(
+    refused: PaymentRefused,
+    ctx: Context,
+    State(ledger): State<Ledger>,
+) -> Result<(), HandlerError> {
+    ledger.record(&ctx, "refund", &refused.order_id).await?;
+    ctx.emit(PaymentRefunded {
+        order_id: refused.order_id,
+        amount_cents: refused.amount_cents,
+        reason: RefundReason::LatePayment,
     });
     Ok(())
 }
@@ -280,7 +387,7 @@ async fn refund_payment(
     emits = [StockReserved, StockUnavailable]
 )]
 async fn reserve_stock(
-    payment: PaymentCaptured,
+    payment: OrderPaid,
     ctx: Context,
     State(ledger): State<Ledger>,
 ) -> Result<(), HandlerError> {
@@ -343,25 +450,69 @@ async fn notify_customer(
     ledger.record(&ctx, &notice, &parcel.order_id).await
 }
 
+/// Accepts a payment that met the order's deadline (`OrderPaid`), and
+/// refuses one stored after it (`PaymentRefused`): the order has expired.
+#[event_handler(
+    max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
+    emits = [OrderPaid, PaymentRefused]
+)]
+async fn confirm_payment(
+    payment: PaymentCaptured,
+    ctx: Context,
+    State(ledger): State<Ledger>,
+) -> Result<(), HandlerError> {
+    match ledger.payment_deadline(&ctx).await? {
+        DeadlineState::Met { by, .. } if by == ctx.event_id() => ctx.emit(OrderPaid {
+            order_id: payment.order_id,
+            lines: payment.lines,
+            amount_cents: payment.amount_cents,
+        }),
+        state => {
+            tracing::info!(order = %payment.order_id, ?state, "a payment after the order's deadline; refusing it");
+            ctx.emit(PaymentRefused {
+                order_id: payment.order_id,
+                amount_cents: payment.amount_cents,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Rejects an order whose payment was declined in time; a decline stored
+/// after the deadline changes nothing (the order expired, no money moved).
 #[event_handler(
     max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
     emits = OrderRejected
 )]
-async fn reject_order(declined: PaymentDeclined, ctx: Context) {
-    ctx.emit(OrderRejected {
-        order_id: declined.order_id,
-        reason: declined.reason,
-    });
+async fn reject_order(
+    declined: PaymentDeclined,
+    ctx: Context,
+    State(ledger): State<Ledger>,
+) -> Result<(), HandlerError> {
+    match ledger.payment_deadline(&ctx).await? {
+        DeadlineState::Met { by, .. } if by == ctx.event_id() => ctx.emit(OrderRejected {
+            order_id: declined.order_id,
+            reason: declined.reason,
+        }),
+        state => {
+            tracing::info!(order = %declined.order_id, ?state, "a decline after the order's deadline; the order stays expired");
+        }
+    }
+    Ok(())
 }
 
+/// Cancels an order whose payment was refunded for missing stock; a late
+/// payment's refund leaves its order expired.
 #[event_handler(
     max_deliver = 10, backoff = ["200ms", "1s", "2s"], ack_wait = "5s",
     emits = OrderCancelled
 )]
 async fn cancel_order(refunded: PaymentRefunded, ctx: Context) {
-    ctx.emit(OrderCancelled {
-        order_id: refunded.order_id,
-    });
+    if refunded.reason == RefundReason::OutOfStock {
+        ctx.emit(OrderCancelled {
+            order_id: refunded.order_id,
+        });
+    }
 }
 
 /// Expires an order that payments has not answered (captured or
@@ -414,11 +565,15 @@ pub fn service_with_deadline(
         .shutdown_grace(Duration::from_secs(10));
     match name {
         "orders" => s
+            .handler(confirm_payment)
             .handler(reject_order)
             .handler(cancel_order)
             .handler(notify_customer)
             .deadline_within(expire_unpaid, deadline),
-        "payments" => s.handler(charge_payment).handler(refund_payment),
+        "payments" => s
+            .handler(charge_payment)
+            .handler(refund_payment)
+            .handler(refund_refused_payment),
         "inventory" => s.handler(reserve_stock),
         "shipping" => s.handler(ship_order),
         other => panic!("no service named {other:?}; the services are {SERVICES:?}"),
@@ -475,31 +630,45 @@ pub struct Summary {
     pub misordered: u64,
     /// Orders with no ending.
     pub lost: u64,
+    /// Orders with more than one ending (shipped and expired, say): a
+    /// choreography bug, which fails the run.
+    pub ended_twice: u64,
+    /// Payments that came after their order expired, refused by orders and
+    /// paid back by payments (`PaymentRefunded` caused by `PaymentRefused`).
+    pub late_refunds: u64,
+    /// Payments refused that were not (yet) paid back.
+    pub unrefunded: u64,
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "orders={} shipped={} cancelled={} rejected={} expired={} notices={} duplicates={} misordered={} lost={}",
+            "orders={} shipped={} cancelled={} rejected={} expired={} notices={} late_refunds={} duplicates={} misordered={} lost={} ended_twice={} unrefunded={}",
             self.orders,
             self.shipped,
             self.cancelled,
             self.rejected,
             self.expired,
             self.notices,
+            self.late_refunds,
             self.duplicates,
             self.misordered,
-            self.lost
+            self.lost,
+            self.ended_twice,
+            self.unrefunded
         )
     }
 }
 
 impl Summary {
-    /// Whether every order ended, nothing happened twice, and every shipped
-    /// order's customer got its notices, in order.
+    /// Whether every order ended once, nothing happened twice, every late
+    /// payment was paid back, and every shipped order's customer got its
+    /// notices, in order.
     pub fn is_clean(&self) -> bool {
         self.lost == 0
+            && self.ended_twice == 0
+            && self.unrefunded == 0
             && self.duplicates == 0
             && self.misordered == 0
             && self.notices == self.shipped * u64::from(TRACKING_STEPS)
@@ -522,7 +691,30 @@ impl Summary {
             duplicates: 0,
             misordered: 0,
             lost: 0,
+            ended_twice: 0,
+            late_refunds: 0,
+            unrefunded: 0,
         }
+    }
+
+    /// [`is_clean`](Self::is_clean), and the endings the order data says,
+    /// but for orders whose payment answer came after their deadline: what
+    /// a run that kills processes may end with. Such an order expired
+    /// instead; if it was charged (it would have shipped or been cancelled)
+    /// its payment was refunded, counted in `late_refunds`, and a late
+    /// decline changed nothing.
+    pub fn is_expected_with_late_payments(&self) -> bool {
+        let e = Self::expected(self.orders);
+        let (Some(late_shipped), Some(late_cancelled), Some(late_rejected)) = (
+            e.shipped.checked_sub(self.shipped),
+            e.cancelled.checked_sub(self.cancelled),
+            e.rejected.checked_sub(self.rejected),
+        ) else {
+            return false;
+        };
+        self.is_clean()
+            && self.late_refunds == late_shipped + late_cancelled
+            && self.expired == e.expired + late_shipped + late_cancelled + late_rejected
     }
 }
 
@@ -562,11 +754,20 @@ pub fn summarize_endings(recorder: &Recorder, run: &str, n: u64) -> Summary {
 /// The endings of `run`'s orders, and how many of its event ids the streams
 /// hold more than once.
 fn scan(recorder: &Recorder, run: &str, n: u64) -> (Summary, u64) {
+    scan_records(&recorder.snapshot(), run, n)
+}
+
+/// [`scan`] over recorded events.
+fn scan_records(records: &[choreo_testkit::Recorded], run: &str, n: u64) -> (Summary, u64) {
     let prefix = format!("{run}-");
-    let mut ended: HashMap<String, &'static str> = HashMap::new();
+    // Every ending an order has, not the last only: an order that ended
+    // twice must show.
+    let mut ended: HashMap<&str, Vec<&'static str>> = HashMap::new();
     let mut ids = HashSet::new();
+    let mut refused = HashSet::new();
+    let mut refunds_of_refused = HashSet::new();
     let mut duplicate_ids = 0;
-    for r in recorder.snapshot() {
+    for r in records {
         let Some(order) = r.subject.split('.').nth(1) else {
             continue;
         };
@@ -575,17 +776,34 @@ fn scan(recorder: &Recorder, run: &str, n: u64) -> (Summary, u64) {
         }
         if !ids.insert(r.meta.id()) {
             duplicate_ids += 1;
+            continue;
         }
         let ending = match r.meta.event_type() {
             "OrderShipped" => "shipped",
             "OrderCancelled" => "cancelled",
             "OrderRejected" => "rejected",
             "OrderExpired" => "expired",
+            "PaymentRefused" => {
+                refused.insert(r.meta.id());
+                continue;
+            }
+            "PaymentRefunded" => {
+                if let Some(cause) = r.meta.causation_id() {
+                    refunds_of_refused.insert(cause);
+                }
+                continue;
+            }
             _ => continue,
         };
-        ended.insert(order.to_owned(), ending);
+        ended.entry(order).or_default().push(ending);
     }
-    let count = |what| ended.values().filter(|v| **v == what).count() as u64;
+    let count = |what| {
+        ended
+            .values()
+            .filter(|v| v.len() == 1 && v[0] == what)
+            .count() as u64
+    };
+    let late_refunds = refused.intersection(&refunds_of_refused).count() as u64;
     let summary = Summary {
         orders: n,
         shipped: count("shipped"),
@@ -596,6 +814,9 @@ fn scan(recorder: &Recorder, run: &str, n: u64) -> (Summary, u64) {
         duplicates: 0,
         misordered: 0,
         lost: n.saturating_sub(ended.len() as u64),
+        ended_twice: ended.values().filter(|v| v.len() > 1).count() as u64,
+        late_refunds,
+        unrefunded: refused.len() as u64 - late_refunds,
     };
     (summary, duplicate_ids)
 }
@@ -702,12 +923,12 @@ pub async fn wait_for_endings(
     loop {
         let s = summarize_endings(recorder, run, n);
         progress(&s);
-        let ended = s.shipped + s.cancelled + s.rejected + s.expired;
+        let ended = s.shipped + s.cancelled + s.rejected + s.expired + s.ended_twice;
         if ended != last_ended {
             last_ended = ended;
             last_change = Instant::now();
         }
-        if ended >= n || last_change.elapsed() > stall {
+        if (ended >= n && s.unrefunded == 0) || last_change.elapsed() > stall {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -67,7 +67,7 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
     assert!(summary.is_clean());
     assert_eq!(
         summary.to_string(),
-        "orders=200 shipped=140 cancelled=20 rejected=20 expired=20 notices=280 duplicates=0 misordered=0 lost=0"
+        "orders=200 shipped=140 cancelled=20 rejected=20 expired=20 notices=280 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0"
     );
 
     // The paths, by the order's data.
@@ -76,6 +76,7 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
         .assert_path(&[
             "OrderPlaced",
             "PaymentCaptured",
+            "OrderPaid",
             "StockReserved",
             "OrderShipped",
         ])
@@ -85,6 +86,7 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
         .assert_path(&[
             "OrderPlaced",
             "PaymentCaptured",
+            "OrderPaid",
             "StockUnavailable",
             "PaymentRefunded",
             "OrderCancelled",
@@ -94,6 +96,106 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
     rejected
         .assert_path(&["OrderPlaced", "PaymentDeclined", "OrderRejected"])
         .unwrap();
+
+    // The summary cannot pass what it did not check: a second ending
+    // planted on a shipped order fails the run.
+    publisher
+        .publish(&shop::OrderCancelled {
+            order_id: "t1-0".into(),
+        })
+        .await
+        .unwrap();
+    let planted = shop::OrderCancelled {
+        order_id: "t1-0".into(),
+    };
+    recorder
+        .expect::<shop::OrderCancelled>()
+        .matching(move |e| *e == planted)
+        .within(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let twice = shop::summarize(&recorder, &client, "t1", 200)
+        .await
+        .unwrap();
+    assert_eq!(twice.ended_twice, 1, "{twice}");
+    assert_eq!(
+        twice.shipped, 139,
+        "an order that ended twice is no shipment: {twice}"
+    );
+    assert!(twice.to_string().contains("ended_twice=1"), "{twice}");
+    assert!(!twice.is_clean(), "{twice}");
+    assert!(!twice.is_expected_with_late_payments(), "{twice}");
+    for h in handles {
+        h.shutdown().await;
+    }
+}
+
+/// Payments held back past the orders' payment deadline (its consumer
+/// paused, as a payments process killed under load would be): every order
+/// expires, each payment that comes after is refused by orders and paid
+/// back by payments, a late decline changes nothing, and nothing ships.
+#[tokio::test]
+async fn a_payment_after_its_order_expired_is_refunded_and_never_shipped() {
+    const N: u64 = 10;
+    let Shop {
+        _server,
+        client,
+        handles,
+        recorder,
+        publisher,
+    } = Shop::start().await;
+    let js = choreo::async_nats::jetstream::new(client.clone());
+    let until = time::OffsetDateTime::now_utc() + shop::PAYMENT_DEADLINE + Duration::from_secs(2);
+    js.get_stream("ORDERS")
+        .await
+        .unwrap()
+        .pause_consumer(
+            &choreo::__private::consumer_name("payments", "charge_payment"),
+            until,
+        )
+        .await
+        .unwrap();
+    shop::place_orders(&publisher, "late", N).await.unwrap();
+    // Every order expires; then the payments come, and are refunded.
+    let waited = std::time::Instant::now();
+    while shop::summarize_endings(&recorder, "late", N).late_refunds < 8
+        && waited.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let summary = shop::wait_for_endings(
+        &recorder,
+        &client,
+        "late",
+        N,
+        Duration::from_secs(20),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    // Orders 5 (bank offline) and 7 (declined) get no refund; the other
+    // eight were charged late.
+    assert_eq!(
+        summary.to_string(),
+        "orders=10 shipped=0 cancelled=0 rejected=0 expired=10 notices=0 late_refunds=8 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0"
+    );
+    assert!(summary.is_clean(), "{summary}");
+    assert!(summary.is_expected_with_late_payments(), "{summary}");
+    assert_ne!(summary, Summary::expected(N));
+    let types: Vec<String> = recorder
+        .snapshot()
+        .iter()
+        .map(|r| r.meta.event_type().to_owned())
+        .collect();
+    for never in [
+        "OrderPaid",
+        "StockReserved",
+        "OrderShipped",
+        "OrderRejected",
+    ] {
+        assert!(!types.iter().any(|t| t == never), "{never} in {types:?}");
+    }
+    assert_eq!(types.iter().filter(|t| *t == "PaymentCaptured").count(), 8);
     for h in handles {
         h.shutdown().await;
     }
@@ -177,7 +279,7 @@ fn the_shop_command_runs_end_to_end_and_reports() {
         stdout
             .lines()
             .any(|l| l
-                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 notices=56 duplicates=0 misordered=0 lost=0"),
+                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 notices=56 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0"),
         "{stdout}"
     );
     assert!(
@@ -338,7 +440,7 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
         lines
             .iter()
             .any(|l| l
-                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 notices=56 duplicates=0 misordered=0 lost=0"),
+                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 notices=56 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0"),
         "{lines:?}"
     );
     let text = scrape(addr);
