@@ -94,9 +94,9 @@ async fn run_shop(
     handles
 }
 
-/// The shop's handlers: six, and the payment deadline's handler with its
+/// The shop's handlers: nine, and the payment deadline's handler with its
 /// three helpers (its schedule and a watcher per `unless` event).
-const SHOP_HANDLERS: usize = 11;
+const SHOP_HANDLERS: usize = 13;
 
 /// Whether every payment deadline of the shop is decided (the unpaid
 /// orders expire a few seconds after the others end).
@@ -352,7 +352,7 @@ async fn graph_lint_and_asyncapi_of_the_running_shop_match_their_golden_files() 
         text(&out.stderr)
     );
     assert!(
-        report.contains("valid: AsyncAPI 3.0.0, 11 channels"),
+        report.contains("valid: AsyncAPI 3.0.0, 13 channels"),
         "{report}"
     );
     // The parser does catch a broken document: an operation on a channel
@@ -496,8 +496,8 @@ async fn trace_draws_a_compensated_order_as_its_causation_tree() {
     assert_eq!(text(&out.stdout), tree, "by {middle}");
     assert_eq!(
         events.len(),
-        5,
-        "placed, captured, unavailable, refunded, cancelled: {v:#}"
+        6,
+        "placed, captured, paid, unavailable, refunded, cancelled: {v:#}"
     );
     assert!(
         events
@@ -517,7 +517,8 @@ async fn trace_draws_a_compensated_order_as_its_causation_tree() {
     );
     for line in [
         "    storefront->>payments: OrderPlaced (handled)\n",
-        "    payments->>inventory: PaymentCaptured (handled)\n",
+        "    payments->>orders: PaymentCaptured (handled)\n",
+        "    orders->>inventory: OrderPaid (handled)\n",
         "    Note over orders: OrderCancelled\n",
     ] {
         assert!(diagram.contains(line), "{line:?} missing from\n{diagram}");
