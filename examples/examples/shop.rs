@@ -1,15 +1,17 @@
 //! The shop, end to end: `scripts/shop` or
-//! `cargo run --release -p choreo-examples --example shop -- [--orders N] [--service NAME] [--replicas R] [--metrics ADDR]`.
+//! `cargo run --release -p choreo-examples --example shop -- [--orders N] [--service NAME | --place] [--replicas R] [--metrics ADDR]`.
 //!
-//! - With no `NATS_URL`, it starts a local nats-server itself.
-//! - Without `--service`, all four services run in this process; with
-//!   `--service payments` (or inventory, shipping) this process runs that one
-//!   service until Ctrl-C, and with `--service orders` it runs the orders
-//!   service, places the orders and reports. Processes share `NATS_URL`.
+//! - With no `NATS_URL`, it starts a local nats-server itself and runs all
+//!   four services, places the orders and reports, in this one process.
+//! - With `--service NAME` (orders, payments, inventory or shipping) it runs
+//!   that one service until Ctrl-C or SIGTERM; start as many instances of
+//!   each as you like. With `--place` it runs no service: it places the
+//!   orders and reports. Processes share `NATS_URL`.
 //! - It shows progress, then one flow as a causation tree and the line
-//!   `orders=N shipped=S cancelled=C rejected=R expired=X notices=T duplicates=D misordered=M lost=L`, and exits
-//!   non-zero when any order is lost, any effect happened twice, or a
-//!   customer got their tracking notices out of order.
+//!   `orders=N shipped=S cancelled=C rejected=R expired=X notices=T late_refunds=F duplicates=D misordered=M lost=L ended_twice=E unrefunded=U`,
+//!   and exits non-zero when any order is lost or ended twice, any effect
+//!   happened twice, a late payment was not refunded, or a customer got
+//!   their tracking notices out of order.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,60 +19,34 @@ use std::time::Duration;
 use choreo::{Publisher, StreamSettings};
 use choreo_examples::shop::{self, Ledger, SERVICES, Summary};
 use choreo_testkit::{NatsServer, Recorder};
+use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The shop demo: four services choreographed by events over NATS.
+///
+/// NATS_URL selects the server (comma-separated for a cluster); without it
+/// a local one is started and everything runs in this process.
+#[derive(Parser)]
+#[command(name = "shop")]
 struct Args {
+    /// How many orders to place.
+    #[arg(long, default_value_t = 100)]
     orders: u64,
+    /// Run only this service, until Ctrl-C or SIGTERM (needs NATS_URL).
+    #[arg(long, value_parser = SERVICES, conflicts_with = "place")]
     service: Option<String>,
+    /// Run no service: place the orders and report (needs NATS_URL; the
+    /// services run in other processes).
+    #[arg(long)]
+    place: bool,
+    /// Replicas of every stream the shop creates (3 on a cluster).
+    #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Serve Prometheus metrics on this address, like 127.0.0.1:9464.
+    #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
-}
-
-fn parse() -> Result<Args, String> {
-    let mut args = Args {
-        orders: 100,
-        service: None,
-        replicas: 1,
-        metrics: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
-        match a.as_str() {
-            "--orders" => {
-                args.orders = value("--orders")?
-                    .parse()
-                    .map_err(|_| "--orders takes a number".to_owned())?
-            }
-            "--service" => {
-                let s = value("--service")?;
-                if !SERVICES.contains(&s.as_str()) {
-                    return Err(format!("--service is one of {SERVICES:?}, not {s:?}"));
-                }
-                args.service = Some(s);
-            }
-            "--replicas" => {
-                args.replicas = value("--replicas")?
-                    .parse()
-                    .map_err(|_| "--replicas takes a number".to_owned())?
-            }
-            "--metrics" => {
-                args.metrics = Some(value("--metrics")?.parse().map_err(|_| {
-                    "--metrics takes an address to serve Prometheus text on, like 127.0.0.1:9464"
-                        .to_owned()
-                })?)
-            }
-            "-h" | "--help" => {
-                return Err("usage: shop [--orders N] [--service orders|payments|inventory|shipping] [--replicas R] [--metrics ADDR]\n\
-                            NATS_URL selects the server (comma-separated for a cluster); without it a local one is started"
-                    .into());
-            }
-            other => return Err(format!("unknown argument {other:?}; try --help")),
-        }
-    }
-    Ok(args)
 }
 
 #[tokio::main]
@@ -82,13 +58,7 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = match parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = Args::parse();
     if let Some(addr) = args.metrics {
         // choreo records through the `metrics` facade; this exporter serves
         // what it records as Prometheus text.
@@ -114,8 +84,8 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<bool, BoxError> {
     let (_local, url) = match std::env::var("NATS_URL") {
         Ok(url) => (None, url),
-        Err(_) if args.service.is_some() => {
-            return Err("--service runs one service of several processes: set NATS_URL so they share one server".into());
+        Err(_) if args.service.is_some() || args.place => {
+            return Err("--service and --place run one part of a shop of several processes: set NATS_URL so they share one server".into());
         }
         Err(_) => {
             let server = NatsServer::start().await?;
@@ -132,19 +102,15 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let ledger = Ledger::open(&client, args.replicas).await?;
     let settings = StreamSettings::default().replicas(args.replicas);
 
-    let mine: Vec<&str> = match &args.service {
-        None => SERVICES.to_vec(),
-        Some(s) => vec![s.as_str()],
-    };
-    if args.service.as_deref().is_some_and(|s| s != "orders") {
-        let name = mine[0];
+    if let Some(name) = &args.service {
         eprintln!("running service {name} until Ctrl-C");
         shop::service(name, ledger, settings).run(client).await?;
         return Ok(true);
     }
+    let mine: &[&str] = if args.place { &[] } else { &SERVICES };
 
     let mut handles = Vec::new();
-    for name in &mine {
+    for name in mine {
         handles.push(
             shop::service(name, ledger.clone(), settings.clone())
                 .start(client.clone())

@@ -298,11 +298,82 @@ fn one_service_per_process_needs_a_shared_server() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("set NATS_URL"));
     let out = Command::new(shop_binary())
+        .args(["--place"])
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set NATS_URL"));
+    let out = Command::new(shop_binary())
         .args(["--service", "billing"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--service is one of"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("possible values: orders, payments, inventory, shipping"),
+        "{err}"
+    );
+}
+
+/// Every service as processes of its own, two of orders, and the orders
+/// placed by a third kind of process (`--place`): one orders instance is
+/// SIGKILLed while the orders flow, and every order still ends once, the
+/// notices in order and the deadlines exact.
+#[tokio::test]
+async fn each_service_runs_as_its_own_processes_and_an_orders_instance_may_die() {
+    let server = NatsServer::start().await.unwrap();
+    let spawn = |args: &[&str]| {
+        Started(Some(
+            Command::new(shop_binary())
+                .args(args)
+                .env("NATS_URL", server.url())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        ))
+    };
+    let mut services: Vec<Started> = ["orders", "orders", "payments", "inventory", "shipping"]
+        .iter()
+        .map(|name| spawn(&["--service", name]))
+        .collect();
+    // Every service's consumers exist before the orders come.
+    let client = server.connect().await.unwrap();
+    let js = choreo::async_nats::jetstream::new(client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for (stream, durable) in [
+        ("ORDERS", "payments--charge_payment"),
+        ("ORDERS", "orders--expire_unpaid__schedule"),
+        ("ORDERS", "inventory--reserve_stock"),
+        ("PAYMENTS", "orders--confirm_payment"),
+        ("INVENTORY", "shipping--ship_order"),
+    ] {
+        loop {
+            if let Ok(s) = js.get_stream(stream).await
+                && s.get_consumer::<choreo::async_nats::jetstream::consumer::pull::Config>(durable)
+                    .await
+                    .is_ok()
+            {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{durable} never came");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut place = spawn(&["--place", "--orders", "1000"]);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    services[0].get().kill().unwrap();
+    services[0].get().wait().unwrap();
+    let out = place.take().wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l
+            == "orders=1000 shipped=700 cancelled=100 rejected=100 expired=100 notices=1400 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0"),
+        "{stdout}"
+    );
+    drop(services);
 }
 
 #[tokio::test]
