@@ -112,9 +112,16 @@ pub(crate) fn status(s: &Status) -> String {
         .collect();
     if !deadlines.is_empty() {
         let mut rows = vec![
-            ["SERVICE", "DEADLINE", "PENDING", "NEXT FIRES", "FOR EVENT"]
-                .map(str::to_owned)
-                .to_vec(),
+            [
+                "SERVICE",
+                "DEADLINE",
+                "PENDING",
+                "NEXT FIRES",
+                "FOR EVENT",
+                "WATCHERS BEHIND",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
         ];
         for (h, d) in deadlines {
             let (at, event) = d.next.as_ref().map_or_else(
@@ -128,12 +135,27 @@ pub(crate) fn status(s: &Status) -> String {
                     (at, n.event.to_string())
                 },
             );
+            let behind = if d.watchers_waiting == 0 {
+                "-".to_owned()
+            } else {
+                format!(
+                    "{} {}, {}",
+                    d.watchers_waiting,
+                    if d.watchers_waiting == 1 {
+                        "event"
+                    } else {
+                        "events"
+                    },
+                    age(d.watchers_behind_ms)
+                )
+            };
             rows.push(vec![
                 h.service.clone(),
                 h.handler.clone(),
                 d.pending.to_string(),
                 at,
                 event,
+                behind,
             ]);
         }
         out.push('\n');

@@ -35,6 +35,8 @@ impl metrics::GaugeFn for Cell {
 
 struct Recorder {
     name: &'static str,
+    /// Only the gauge with this label, if set.
+    label: Option<(&'static str, String)>,
     cell: Arc<Cell>,
 }
 
@@ -64,7 +66,11 @@ impl metrics::Recorder for Recorder {
         metrics::Counter::noop()
     }
     fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        if key.name() == self.name {
+        let labelled = self.label.as_ref().is_none_or(|(k, v)| {
+            key.labels()
+                .any(|l| l.key() == *k && l.value() == v.as_str())
+        });
+        if key.name() == self.name && labelled {
             metrics::Gauge::from_arc(self.cell.clone())
         } else {
             metrics::Gauge::noop()
@@ -86,9 +92,30 @@ impl GaugeProbe {
     /// # Errors
     /// Another recorder is already installed in this process.
     pub fn install(name: &'static str) -> Result<Self, String> {
+        Self::install_recorder(name, None)
+    }
+
+    /// [`install`](Self::install), keeping only the gauge that carries the
+    /// label `key` = `value` (one handler's, say: `("choreo.handler",
+    /// "expire_unpaid__met_PaymentCaptured")`).
+    ///
+    /// # Errors
+    /// Another recorder is already installed in this process.
+    pub fn install_for(
+        name: &'static str,
+        (key, value): (&'static str, &str),
+    ) -> Result<Self, String> {
+        Self::install_recorder(name, Some((key, value.to_owned())))
+    }
+
+    fn install_recorder(
+        name: &'static str,
+        label: Option<(&'static str, String)>,
+    ) -> Result<Self, String> {
         let cell = Arc::new(Cell(AtomicU64::new(f64::NAN.to_bits())));
         metrics::set_global_recorder(Recorder {
             name,
+            label,
             cell: cell.clone(),
         })
         .map_err(|_| "a metrics recorder is already installed in this process".to_owned())?;

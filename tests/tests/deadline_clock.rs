@@ -171,7 +171,7 @@ async fn undecided(js: &jetstream::Context, orders: &[&str], why: &str) {
 async fn held_back<F, Fut>(
     client: choreo::async_nats::Client,
     settings: choreo::StreamSettings,
-    hold: Duration,
+    (hold, probe): (Duration, Option<choreo_testkit::GaugeProbe>),
     leaders_change: F,
 ) where
     F: Fn() -> Fut,
@@ -206,6 +206,27 @@ async fn held_back<F, Fut>(
         "while the watcher was held back",
     )
     .await;
+    // What holds them back shows: status gives the deadline handler its
+    // watchers' backlog, and the watcher's lag age gauge reads it.
+    let status = choreo::admin::status(&js, Duration::from_millis(200))
+        .await
+        .unwrap();
+    let row = status
+        .handlers
+        .iter()
+        .find(|h| h.durable == "orders--expire")
+        .unwrap();
+    let d = row.deadlines.as_ref().unwrap();
+    assert_eq!(d.watchers_waiting, 1, "{d:?}");
+    assert!(
+        d.watchers_behind_ms >= 3000,
+        "the payment was stored {} ms ago: {d:?}",
+        d.watchers_behind_ms
+    );
+    if let Some(probe) = &probe {
+        let age = probe.value().unwrap_or_default();
+        assert!(age >= 2.0, "the watcher's lag age gauge reads {age}");
+    }
     assert!(ran.runs().is_empty(), "{:?}", ran.runs());
     decided(&js, &[("in-time", true), ("unpaid", false)]).await;
 
@@ -248,12 +269,18 @@ async fn held_back<F, Fut>(
 
 #[tokio::test]
 async fn b_is_judged_by_its_stored_time_on_one_node() {
+    // The payment watcher's `choreo.consumer.lag.age` gauge.
+    let probe = choreo_testkit::GaugeProbe::install_for(
+        choreo::observe::LAG_AGE,
+        ("choreo.handler", "expire__met_PaymentCaptured"),
+    )
+    .unwrap();
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     held_back(
         client,
         choreo::StreamSettings::default(),
-        Duration::from_secs(6),
+        (Duration::from_secs(8), Some(probe)),
         || async {},
     )
     .await;
@@ -267,7 +294,7 @@ async fn b_is_judged_by_its_stored_time_across_a_leader_change() {
     held_back(
         client,
         choreo::StreamSettings::default().replicas(3),
-        Duration::from_secs(8),
+        (Duration::from_secs(8), None),
         || {
             let c = c.clone();
             async move {

@@ -25,6 +25,17 @@ pub struct Pending {
     pub pending: u64,
     /// The oldest pending one: the next to fire.
     pub next: Option<Next>,
+    /// Events its B watchers (`<handler>__met_<B>`) have not handled yet.
+    /// A deadline that falls due waits for them to handle every B stored
+    /// by its due time before it fires, so a backlog here delays outcomes
+    /// (filled by [`status`](crate::admin::status); 0 from [`pending`]).
+    #[serde(default)]
+    pub watchers_waiting: u64,
+    /// How long the oldest event its B watchers have not handled has been
+    /// stored, ms (0: they keep up). A deadline due now is decided about
+    /// this much later.
+    #[serde(default)]
+    pub watchers_behind_ms: u64,
 }
 
 /// The next deadline to fire.
@@ -126,6 +137,8 @@ pub async fn pending(
     let none = Pending {
         pending: 0,
         next: None,
+        watchers_waiting: 0,
+        watchers_behind_ms: 0,
     };
     let Some(s) = stream(js).await? else {
         return Ok(none);
@@ -159,7 +172,11 @@ pub async fn pending(
             }),
         Err(_) => None,
     };
-    Ok(Pending { pending, next })
+    Ok(Pending {
+        pending,
+        next,
+        ..none
+    })
 }
 
 /// The state of the deadline of `handler` in `service` for match token

@@ -374,7 +374,9 @@ impl Status {
                     handler,
                 })
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let mut handlers = handlers;
+        watchers_behind(&mut handlers);
         let mut problems = before.problems.clone();
         problems.extend(after.problems.iter().cloned());
         problems.dedup();
@@ -384,6 +386,37 @@ impl Status {
             instances,
             handlers,
             problems,
+        }
+    }
+}
+
+/// Gives each deadline handler what its B watchers (its helpers
+/// `<handler>__met_<B>` in the same service) have yet to handle: a
+/// deadline waits for them before it fires.
+fn watchers_behind(handlers: &mut [HandlerStatus]) {
+    let behind: Vec<(usize, u64, u64)> = handlers
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.deadlines.is_some())
+        .map(|(i, d)| {
+            let prefix = format!("{}__met_", d.handler);
+            let (waiting, secs) = handlers
+                .iter()
+                .filter(|w| w.service == d.service && w.handler.starts_with(&prefix))
+                .fold((0, 0.0_f64), |(n, s), w| {
+                    (
+                        n + w.lag_messages.unwrap_or(0),
+                        s.max(w.lag_seconds.unwrap_or(0.0)),
+                    )
+                });
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            (i, waiting, (secs * 1000.0) as u64)
+        })
+        .collect();
+    for (i, waiting, ms) in behind {
+        if let Some(d) = handlers[i].deadlines.as_mut() {
+            d.watchers_waiting = waiting;
+            d.watchers_behind_ms = ms;
         }
     }
 }

@@ -16,6 +16,7 @@
 //! | `messaging.process.duration` | histogram, seconds | one delivery, from receipt to its verdict |
 //! | `choreo.event.age` | histogram, seconds | now minus the event's `ce-time`, when handled |
 //! | `choreo.consumer.lag` | gauge, messages | the delivery's pending count: what waits behind it |
+//! | `choreo.consumer.lag.age` | gauge, seconds | how long the oldest event the handler has not finished has been stored (0 when none waits), read with its consumer every 1–5 s; for a deadline's watchers (`<handler>__met_<B>`), how late a deadline due now is decided |
 //! | `messaging.client.operation.duration` | histogram, seconds, `messaging.operation.name = publish` | one publish, to its PubAck |
 //! | `messaging.client.sent.messages` | counter | events stored (duplicates included) |
 //! | `choreo.publish.failures` | counter | publishes that failed |
@@ -40,6 +41,8 @@ pub const PROCESS_DURATION: &str = "messaging.process.duration";
 pub const EVENT_AGE: &str = "choreo.event.age";
 /// `choreo.consumer.lag`.
 pub const LAG: &str = "choreo.consumer.lag";
+/// `choreo.consumer.lag.age`.
+pub const LAG_AGE: &str = "choreo.consumer.lag.age";
 /// `messaging.client.operation.duration`.
 pub const OPERATION_DURATION: &str = "messaging.client.operation.duration";
 /// `messaging.client.sent.messages`.
@@ -67,6 +70,7 @@ pub(crate) struct HandlerMetrics {
     pub(crate) duration: Histogram,
     pub(crate) age: Histogram,
     pub(crate) lag: Gauge,
+    pub(crate) lag_age: Gauge,
 }
 
 impl HandlerMetrics {
@@ -92,7 +96,8 @@ impl HandlerMetrics {
             timed_out: outcome("timed_out"),
             duration: metrics::histogram!(PROCESS_DURATION, labels.clone()),
             age: metrics::histogram!(EVENT_AGE, labels.clone()),
-            lag: metrics::gauge!(LAG, labels),
+            lag: metrics::gauge!(LAG, labels.clone()),
+            lag_age: metrics::gauge!(LAG_AGE, labels),
         }
     }
 }

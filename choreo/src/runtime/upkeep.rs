@@ -5,18 +5,52 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
-/// Reads the consumer back from the server and follows its settings.
+/// Reads the consumer back from the server and follows its settings; sets
+/// the age of the oldest event it has not finished.
 pub(super) async fn follow_consumer(rt: &Runtime, consumer: &jetstream::consumer::PullConsumer) {
     let mut consumer = consumer.clone();
     match consumer.info().await {
         Ok(info) => {
+            let (floor, filter) = (
+                info.ack_floor.stream_sequence,
+                info.config.filter_subject.clone(),
+            );
+            let waiting = info.num_pending > 0 || info.num_ack_pending > 0;
             if let Some(change) = rt.live.follow(info) {
                 tracing::warn!(service = %rt.service, handler = rt.handler, change = %change, "the consumer's settings changed on the server (another version of this service?); following them");
+            }
+            let age = if waiting {
+                oldest_age(rt, floor, &filter).await
+            } else {
+                Some(0.0)
+            };
+            if let Some(age) = age {
+                rt.metrics.lag_age.set(age);
             }
         }
         Err(e) => {
             tracing::debug!(service = %rt.service, handler = rt.handler, error = %e, "cannot read the consumer back")
         }
+    }
+}
+
+/// How long the first event above the ack floor on `filter` has been
+/// stored, seconds (`None` if it cannot be read).
+async fn oldest_age(rt: &Runtime, floor: u64, filter: &str) -> Option<f64> {
+    let stream = rt.js.get_stream_no_info(&*rt.consumer_stream).await.ok()?;
+    let filter = if filter.is_empty() { ">" } else { filter };
+    match stream
+        .get_first_raw_message_by_subject(filter, floor + 1)
+        .await
+    {
+        Ok(m) => {
+            let age = time::OffsetDateTime::now_utc() - m.time;
+            Some(age.as_seconds_f64().max(0.0))
+        }
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            Some(0.0)
+        }
+        Err(_) => None,
     }
 }
 
