@@ -146,6 +146,28 @@ fn json(l: &DeadLetter) -> serde_json::Value {
     })
 }
 
+/// `n` and its noun, singular or plural.
+fn counted(n: impl TryInto<u64>, noun: &str) -> String {
+    choreo::__private::counted(n.try_into().unwrap_or(u64::MAX), noun)
+}
+
+/// A letter's time (RFC 3339, to the second), or its sequence when the
+/// time is unknown.
+fn when(at_ms: u64, sequence: u64) -> String {
+    let at = i128::from(at_ms) * 1_000_000;
+    match time::OffsetDateTime::from_unix_timestamp_nanos(at) {
+        Ok(t) if at_ms > 0 => t
+            .replace_nanosecond(0)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| format!("#{sequence}")),
+        _ => format!("#{sequence}"),
+    }
+}
+
 fn line(l: &DeadLetter) -> Vec<String> {
     vec![
         l.sequence.to_string(),
@@ -153,18 +175,20 @@ fn line(l: &DeadLetter) -> Vec<String> {
         l.handler.clone(),
         l.reason.clone(),
         l.event_type().to_owned(),
+        l.original_subject.clone(),
         l.event_id().to_owned(),
         l.deliveries.to_string(),
         l.detail.clone(),
     ]
 }
 
-const HEADER: [&str; 8] = [
+const HEADER: [&str; 9] = [
     "SEQ",
     "SERVICE",
     "HANDLER",
     "REASON",
     "TYPE",
+    "SUBJECT",
     "EVENT",
     "DELIVERIES",
     "DETAIL",
@@ -209,7 +233,7 @@ pub(crate) async fn run(
                 let mut rows = vec![HEADER.map(str::to_owned).to_vec()];
                 rows.extend(letters.iter().map(line));
                 out!("{}", crate::table::render(&rows));
-                out!("{} letters\n", letters.len());
+                out!("{}\n", counted(letters.len(), "letter"));
             }
         }
         DlqCommand::Summary { pick } => {
@@ -229,12 +253,12 @@ pub(crate) async fn run(
                         l.handler.clone(),
                         l.reason.clone(),
                         l.count.to_string(),
-                        l.first_sequence.to_string(),
-                        l.last_sequence.to_string(),
+                        when(l.first_at_ms, l.first_sequence),
+                        when(l.last_at_ms, l.last_sequence),
                     ]);
                 }
                 out!("{}", crate::table::render(&rows));
-                out!("{} letters\n", letters.len());
+                out!("{}\n", counted(letters.len(), "letter"));
             }
         }
         DlqCommand::Show { sequence } => {
@@ -285,7 +309,7 @@ pub(crate) async fn run(
             let corrected = payload.as_deref().map(dlq::payload_from_json).transpose()?;
             let letters = chosen(js, which).await?;
             if *dry_run {
-                out!("would replay {} letters:\n", letters.len());
+                out!("would replay {}:\n", counted(letters.len(), "letter"));
                 for l in &letters {
                     out!(
                         "  {} {} {} to {}\n",
@@ -310,19 +334,19 @@ pub(crate) async fn run(
                     l.original_subject
                 );
             }
-            out!("replayed {} letters\n", letters.len());
+            out!("replayed {}\n", counted(letters.len(), "letter"));
         }
         DlqCommand::Purge { which, yes } => {
             let letters = chosen(js, which).await?;
             if !yes {
                 return Err(format!(
-                    "purge deletes {} letters for good; run it again with --yes (see them with `choreo dlq list`)",
-                    letters.len()
+                    "purge deletes {} for good; run it again with --yes (see them with `choreo dlq list`)",
+                    counted(letters.len(), "letter")
                 )
                 .into());
             }
             let n = dlq::purge(js, &letters).await?;
-            out!("purged {n} letters\n");
+            out!("purged {}\n", counted(n, "letter"));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -295,13 +295,13 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let js = jetstream(&cli.conn).await?;
             let plan = admin::plan(&js, service, handler, *from, *until, *rerun).await?;
             let skip = if *rerun {
-                "run again (--rerun)"
+                "they run again: --rerun"
             } else {
                 "skipped by the inbox"
             };
             let what = format!(
-                "{} events of {}.{} in {} {}..={}: {} already handled ({skip}), {} to run",
-                plan.events,
+                "{} of {}.{} in {} {}..={}: {} already handled ({skip}), {} to run",
+                counted(plan.events, "event"),
                 plan.service,
                 plan.handler,
                 plan.stream,
@@ -327,7 +327,8 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             if !cli.json {
                 match how {
                     admin::Rewound::Requeued { events } => out!(
-                        "replaying {what}; {events} events copied into the partitions of {}\n",
+                        "replaying {what}; {} copied into the partitions of {}\n",
+                        counted(events, "event"),
                         plan.durable
                     ),
                     admin::Rewound::Reset => {
@@ -388,9 +389,10 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                     .filter(|f| f.severity == Severity::Error)
                     .count();
                 out!(
-                    "{} services, {errors} errors, {} warnings\n",
-                    manifests.len(),
-                    findings.len() - errors
+                    "{}, {}, {}\n",
+                    counted(manifests.len(), "service"),
+                    counted(errors, "error"),
+                    counted(findings.len() - errors, "warning")
                 );
             }
             let failed = findings.iter().any(|f| f.severity == Severity::Error);
@@ -447,7 +449,17 @@ async fn from_registry(
     conn: &Connection,
 ) -> Result<(Vec<Manifest>, Vec<PublishedEvent>), BoxError> {
     let js = jetstream(conn).await?;
-    Ok(admin::manifests(&js).await?)
+    let (manifests, publishers) = admin::manifests(&js).await?;
+    if manifests.is_empty() {
+        return Err(format!(
+            "the registry on {} holds no live service (every service stopped, or none started there); \
+             start the services, or read their manifests from files: --manifests DIR, one \
+             Service::manifest().to_json() per service",
+            conn.server
+        )
+        .into());
+    }
+    Ok((manifests, publishers))
 }
 
 async fn jetstream(conn: &Connection) -> Result<choreo::async_nats::jetstream::Context, BoxError> {
@@ -474,6 +486,10 @@ async fn status(
         if cli.json {
             out!("{}\n", serde_json::to_string(&status)?);
         } else {
+            if watch {
+                // Each reading says when it was taken.
+                out!("{}\n", table::time_of(status.taken_at_ms));
+            }
             out!("{}", table::status(&status));
         }
         if !watch {
@@ -516,4 +532,9 @@ async fn options(conn: &Connection) -> Result<ConnectOptions, BoxError> {
             .require_tls(true);
     }
     Ok(o.connection_timeout(std::time::Duration::from_secs(5)))
+}
+
+/// `n` and its noun, singular or plural: `1 event`, `2 events`.
+fn counted(n: impl TryInto<u64>, noun: &str) -> String {
+    choreo::__private::counted(n.try_into().unwrap_or(u64::MAX), noun)
 }

@@ -35,6 +35,19 @@ fn or_dash<T: ToString>(v: Option<T>) -> String {
 }
 
 /// A duration in milliseconds as `850ms`, `12s` or `3m`.
+/// A reading's time, `at 2026-12-06T10:41:03Z` (RFC 3339, UTC, to the
+/// second).
+pub(crate) fn time_of(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.replace_nanosecond(0).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+    format!("at {}", t.unwrap_or_else(|| ms.to_string()))
+}
+
 fn age(ms: u64) -> String {
     match ms {
         0..1_000 => format!("{ms}ms"),
@@ -132,7 +145,7 @@ pub(crate) fn status(s: &Status) -> String {
                     } else {
                         format!("{} overdue", age(s.taken_at_ms - n.at_ms))
                     };
-                    (at, n.event.to_string())
+                    (at, n.subject.clone().unwrap_or_else(|| n.event.to_string()))
                 },
             );
             let behind = if d.watchers_waiting == 0 {

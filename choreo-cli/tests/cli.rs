@@ -156,6 +156,22 @@ async fn graph_reads_the_registry_of_a_running_choreography() {
     for r in running {
         r.shutdown().await;
     }
+    // Every service stopped: graph, lint and asyncapi say that nothing runs
+    // and how to read manifests instead, and do not pass with nothing.
+    for args in [&["graph", "--mermaid"][..], &["lint"], &["asyncapi"]] {
+        let out = choreo()
+            .args(["-s", &server.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("holds no live service") && stderr.contains("--manifests"),
+            "{args:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
 }
 
 #[test]

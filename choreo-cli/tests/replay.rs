@@ -161,7 +161,7 @@ async fn a_replay_recovers_what_a_bug_dead_lettered_and_a_rerun_duplicates_nothi
     );
     assert_eq!(code, Some(0), "{err}");
     assert!(
-        out.contains("15 already handled (run again (--rerun)), 15 to run"),
+        out.contains("15 already handled (they run again: --rerun), 15 to run"),
         "{out}"
     );
     until("15 billed twice", || {

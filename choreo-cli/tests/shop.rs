@@ -174,7 +174,7 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
     // The deadline: none pending once every unpaid order expired.
     assert_eq!(
         handler(&v, "orders--expire_unpaid")["deadlines"],
-        serde_json::json!({"pending": 0, "next": null})
+        serde_json::json!({"pending": 0, "next": null, "watchers_waiting": 0, "watchers_behind_ms": 0})
     );
 
     // The table, and exit 0 while every handler is OK.
@@ -226,7 +226,7 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
         deadlines.len() == 2
             && deadlines[1]
                 .split_whitespace()
-                .eq(["orders", "expire_unpaid", "0", "-", "-"]),
+                .eq(["orders", "expire_unpaid", "0", "-", "-", "-"]),
         "{table}"
     );
 
@@ -270,6 +270,41 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
                 && r["window_ms"].as_u64().unwrap() >= 200)
     );
     assert!(readings[0]["taken_at_ms"].as_u64() < readings[2]["taken_at_ms"].as_u64());
+    // As text, each reading starts with the time it was taken.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args([
+            "-s",
+            &shop.server.url(),
+            "status",
+            "--watch",
+            "--interval",
+            "200ms",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stamps = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map(Result::unwrap)
+            .filter(|l| l.starts_with("at "))
+            .take(2)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(stamps.len(), 2, "{stamps:?}");
+    for s in &stamps {
+        let t = s.trim_start_matches("at ");
+        assert!(
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).is_ok(),
+            "{s}"
+        );
+    }
 
     // Shipping stops: STOPPED, and exit 1 for scripts.
     let (_, shipping) = shop.handles.pop().unwrap();

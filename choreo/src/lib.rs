@@ -188,7 +188,10 @@ pub use choreo_macros::event;
 /// | `idempotent = false` | turn the inbox off for this handler | on |
 /// | `ordered_by = account` (or `(a, b)`) | events with equal fields run one at a time, in stream order, across all instances; each field must fill a `{field}` of the subject (`docs/ordering.md`) | any order |
 /// | `partitions = N` | an ordered handler's partitions: how many orderings run at once (1–1024) | 16 |
-/// | `emits = [A, B]` (or `emits = A`) | the event types it may emit: emitting another fails it permanently (dead letter `emit-failed`, naming the type and the declaration), and `Service::permissions` includes their subjects | undeclared |
+/// | `emits = [A, B]` (or `emits = A`) | the event types it may emit: emitting another fails it permanently (dead letter `emit-failed`, naming the type and the declaration; `HandlerTest` returns the same error), and `Service::permissions` includes their subjects | undeclared |
+/// | `within = "15m"` | makes it a deadline handler: it runs with its event A when no `unless` event was stored within this long after A was (at least 1 s); register it with [`Service::deadline`] (`docs/deadlines.md`) | |
+/// | `unless = B` (or `unless = [B, C]`, up to four) | with `within`: the events that, stored in time, cancel the deadline | |
+/// | `matched_by = correlation` / `key` | with `within`: how a B is matched to its A, by the flow's correlation id or by equal `key`s (both types must declare one) | `correlation` |
 /// | `crate = "path"` | where `choreo` is, if renamed | `choreo` |
 pub use choreo_macros::event_handler;
 
@@ -243,6 +246,7 @@ pub mod __private {
     use std::fmt::Display;
 
     pub use crate::admin::trace::{Arrow, sequence_diagram};
+    pub use crate::event::counted;
     pub use crate::event::subject::{check_token, covers};
     pub use crate::handler::BoxFuture;
     use crate::handler::{DeliverPolicy, HandlerError};

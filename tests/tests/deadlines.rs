@@ -150,6 +150,7 @@ async fn a_deadline_fires_once_without_b_and_never_with_it() {
     assert!(p.pending >= 1, "{p:?}");
     let next = p.next.expect("a next deadline");
     assert_eq!(next.event, flow("o-unpaid"));
+    assert_eq!(next.subject.as_deref(), Some("dl.orders.o-unpaid.placed"));
     is("o-paid", DeadlineIs::Cancelled).await.unwrap();
     is("o-unpaid", DeadlineIs::Fired).await.unwrap();
     let wrong = is("o-paid", DeadlineIs::Fired).await.unwrap_err();

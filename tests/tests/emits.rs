@@ -75,6 +75,13 @@ async fn a_declared_emission_goes_out_and_an_undeclared_one_fails_the_handler() 
     let bad = HandlerTest::new("payments")
         .call(charge, order("o-2", 5_000))
         .await;
+    // The unit test fails the way the server does: permanently, emit-failed.
+    let err = bad.result.as_ref().unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert!(
+        err.to_string().contains("emit-failed: ") && err.to_string().contains("OrderShipped"),
+        "{err}"
+    );
     let failures: Vec<String> = bad
         .emitted_events()
         .into_iter()

@@ -113,6 +113,9 @@ async fn an_instance_is_listed_while_it_runs_and_gone_when_it_stops() {
     let me = &listed[0];
     assert_eq!(me.manifest, payments().manifest());
     assert_eq!(me.instance.len(), 16);
+    // The system's host name, whether or not the shell exported HOSTNAME.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(me.host, host.trim());
     assert!(!me.stale(registry_now()), "a live instance is not stale");
     // Heartbeats move the record on.
     let first = me.heartbeat_at_ms;
@@ -198,4 +201,80 @@ async fn a_publisher_records_the_root_events_it_publishes_once_each() {
     let store = js.get_key_value(registry::PUBLISHERS_BUCKET).await.unwrap();
     let status = store.status().await.unwrap();
     assert_eq!(status.info.state.messages, 1);
+}
+
+/// A source that publishes two versions of one event keeps a record of
+/// each, so `lint` sees both (0.1.0 kept only the last written). `flush`
+/// waits for the records: read at once after it, they are there.
+#[tokio::test]
+async fn every_version_a_source_publishes_is_recorded_and_flush_waits_for_it() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let publisher = choreo::Publisher::new(client.clone(), "checkout").unwrap();
+    publisher
+        .publish(&OrderPlaced {
+            order_id: "o-2".into(),
+            total_cents: 1,
+        })
+        .await
+        .unwrap();
+    publisher
+        .publish(&OrderPlacedV1 {
+            order_id: "o-1".into(),
+        })
+        .await
+        .unwrap();
+    publisher.flush().await;
+    let js = jetstream::new(client.clone());
+    let recorded = registry::publishers(&js).await.unwrap();
+    let versions: Vec<(String, String, u32)> = recorded
+        .iter()
+        .map(|p| (p.source.clone(), p.event.event.clone(), p.event.version))
+        .collect();
+    assert_eq!(
+        versions,
+        vec![
+            ("checkout".to_owned(), "OrderPlaced".to_owned(), 1),
+            ("checkout".to_owned(), "OrderPlaced".to_owned(), 2),
+        ]
+    );
+}
+
+/// A program that publishes and exits at once: with `flush`, its record
+/// is written before the runtime shuts down, and nothing is logged.
+#[test]
+fn a_short_lived_publisher_that_flushes_leaves_its_record_and_no_warning() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(NatsServer::start()).unwrap();
+    let url = server.url();
+    let (logs, _guard) = common::capture_logs("choreo=warn");
+    for run in 0..3 {
+        // A fresh runtime per run, dropped right after: a command's life.
+        let cmd = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        cmd.block_on(async {
+            let client = choreo::async_nats::connect(&url).await.unwrap();
+            let p = choreo::Publisher::new(client, &format!("job-{run}")).unwrap();
+            p.publish(&PaymentCaptured {
+                order_id: format!("o-{run}"),
+            })
+            .await
+            .unwrap();
+            p.flush().await;
+        });
+        drop(cmd);
+    }
+    let recorded = rt.block_on(async {
+        let js = jetstream::new(server.connect().await.unwrap());
+        registry::publishers(&js).await.unwrap()
+    });
+    let sources: Vec<&str> = recorded.iter().map(|p| p.source.as_str()).collect();
+    assert_eq!(sources, vec!["job-0", "job-1", "job-2"], "{recorded:?}");
+    assert!(
+        !logs.text().contains("cannot record the publisher"),
+        "{}",
+        logs.text()
+    );
 }

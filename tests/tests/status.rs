@@ -222,6 +222,11 @@ async fn a_handler_stuck_on_its_events_is_stalled_and_ok_once_released() {
     assert_eq!(h.lag_messages, Some(5), "{h:#?}");
     assert_eq!(h.unacked, Some(2), "two in flight (concurrency 2): {h:#?}");
     assert!(h.reason.contains("ack_wait"), "{h:#?}");
+    // In human units, with how long the oldest event has waited.
+    assert!(
+        h.reason.starts_with("5 events wait, the oldest for ") && !h.reason.contains(" ms"),
+        "{h:#?}"
+    );
     // The oldest event's age is read a moment before the readings that
     // judge the state (a CI run saw 0.995 s against 1,004 ms idle).
     assert!(h.lag_seconds.unwrap() >= 0.9, "{h:#?}");

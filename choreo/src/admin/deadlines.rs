@@ -48,6 +48,10 @@ pub struct Next {
     pub token: String,
     /// When it fires (Unix ms).
     pub at_ms: u64,
+    /// The subject A was published on (`None` for a deadline scheduled
+    /// before choreo recorded it, in 0.1.0).
+    #[serde(default)]
+    pub subject: Option<String>,
 }
 
 /// One deadline, for one match token.
@@ -169,6 +173,10 @@ pub async fn pending(
                 event,
                 token: m.subject.rsplit('.').next().unwrap_or_default().to_owned(),
                 at_ms,
+                subject: m
+                    .headers
+                    .get(crate::deadline::FOR_SUBJECT)
+                    .map(|v| v.as_str().to_owned()),
             }),
         Err(_) => None,
     };

@@ -442,11 +442,17 @@ fn judge(
     let before = before.unwrap_or(after);
     let floor_moved = after.ack_floor > before.ack_floor;
     let quiet_ms = now_ms.saturating_sub(after.last_ack_ms);
+    let events = crate::event::counted(waiting, "event");
+    let human = |ms: u64| crate::event::human_duration(Duration::from_millis(ms));
     if !floor_moved && quiet_ms > ack_wait_ms {
+        let oldest = after.oldest_waiting_ms.map_or_else(String::new, |t| {
+            format!(", the oldest for {}", human(now_ms.saturating_sub(t)))
+        });
         return (
             State::Stalled,
             format!(
-                "{waiting} events wait and none was done for {quiet_ms} ms, longer than its ack_wait of {ack_wait_ms} ms"
+                "{events} wait{oldest}, and none was finished for longer than its ack_wait of {}",
+                human(ack_wait_ms)
             ),
         );
     }
@@ -463,8 +469,8 @@ fn judge(
     if !floor_moved {
         return (
             State::Lagging,
-            format!("{waiting} events wait and the ack floor did not advance"),
+            format!("{events} wait and the ack floor did not advance"),
         );
     }
-    (State::Ok, format!("{waiting} events wait and it keeps up"))
+    (State::Ok, format!("{events} wait and it keeps up"))
 }

@@ -124,7 +124,7 @@ impl<H: DeadlineHandler> Handler for Schedule<H> {
                 .map_err(|e| HandlerError::permanent(e.to_string()))?;
             let id = format!("deadline:{}.{handler}:{}", ctx.service(), ctx.event_id());
             store
-                .schedule(handler, &token, (due, due), a, &id)
+                .schedule(handler, &token, (due, due), (a, Some(event.subject())), &id)
                 .await
                 .map_err(retry)?;
             tracing::debug!(token, %due, "deadline scheduled");
@@ -175,7 +175,7 @@ impl<B: Event> Handler for Met<B> {
             // Stored after the due time: too late, whatever the order in
             // which the consumers get to it. The fired copy decides.
             if let Some(stored) = ctx.stored_at()
-                && let Some(due) = store.due(handler, &token).await.map_err(retry)?
+                && let Some((due, _)) = store.due(handler, &token).await.map_err(retry)?
                 && stored > due
             {
                 tracing::info!(
@@ -282,12 +282,14 @@ impl<H: DeadlineHandler> Handler for Fire<H> {
                 }
                 None => {}
             }
-            let due = store
-                .due(name, &token)
-                .await
-                .map_err(retry)?
-                .or_else(|| ctx.stored_at())
-                .unwrap_or_else(|| event.meta().time() + deadline.within);
+            let (due, a_subject) = match store.due(name, &token).await.map_err(retry)? {
+                Some((due, subject)) => (due, subject),
+                None => (
+                    ctx.stored_at()
+                        .unwrap_or_else(|| event.meta().time() + deadline.within),
+                    None,
+                ),
+            };
             let watchers = watchers
                 .get_or_init(|| Watchers::new(ctx.service(), deadline.unless, deadline.met));
             let reading = watchers
@@ -309,7 +311,7 @@ impl<H: DeadlineHandler> Handler for Fire<H> {
                     ctx.stream_sequence()
                 );
                 store
-                    .schedule(name, &token, (at, due), a, &id)
+                    .schedule(name, &token, (at, due), (a, a_subject.as_deref()), &id)
                     .await
                     .map_err(retry)?;
                 tracing::info!(

@@ -50,6 +50,10 @@ pub const DEFAULT_DEADLINE_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// schedule and fired copy: A's stored time + `within`.
 pub(crate) const DUE: &str = "choreo-deadline-due";
 
+/// The header that carries, on a schedule and its fired copy, the subject
+/// A was published on (for `choreo status`: which event a deadline is for).
+pub(crate) const FOR_SUBJECT: &str = "choreo-deadline-subject";
+
 /// The due time a schedule or fired copy carries: [`DUE`], or on a
 /// schedule written before it, the time its `Nats-Schedule` names.
 pub(crate) fn due_of(headers: &HeaderMap) -> Option<time::OffsetDateTime> {
@@ -221,13 +225,14 @@ impl Store {
     /// `due` is the deadline itself (A's stored time + `within`), which
     /// rides on the schedule and its fired copy as [`DUE`]; `at` is later
     /// than `due` when a fired copy is put off (see [`Fire`]). `msg_id`
-    /// makes a repeat of the same write one write.
+    /// makes a repeat of the same write one write. `a_subject` is the
+    /// subject A was published on, when known.
     pub(crate) async fn schedule(
         &self,
         handler: &str,
         token: &str,
         (at, due): (time::OffsetDateTime, time::OffsetDateTime),
-        a: (HeaderMap, bytes::Bytes),
+        (a, a_subject): ((HeaderMap, bytes::Bytes), Option<&str>),
         msg_id: &str,
     ) -> Result<(), Source> {
         let (mut headers, payload) = a;
@@ -246,6 +251,9 @@ impl Store {
         );
         headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
         headers.insert(DUE, unix_ms(due).to_string().as_str());
+        if let Some(subject) = a_subject {
+            headers.insert(FOR_SUBJECT, subject);
+        }
         headers.insert(h::NATS_MSG_ID, msg_id);
         let sent = self
             .js
@@ -265,18 +273,22 @@ impl Store {
     /// schedule, or once that fired, from its fired copy (read from the
     /// stream's leader). `None` before A's schedule step ran (or once the
     /// fired copy is past its retention).
+    /// With it, the subject A was published on, if the record says.
     pub(crate) async fn due(
         &self,
         handler: &str,
         token: &str,
-    ) -> Result<Option<time::OffsetDateTime>, Source> {
+    ) -> Result<Option<(time::OffsetDateTime, Option<String>)>, Source> {
         let stream = self.js.get_stream_no_info(STREAM).await.map_err(source)?;
         for part in ["at", "fire"] {
             match stream
                 .get_last_raw_message_by_subject(&self.subject(handler, part, token))
                 .await
             {
-                Ok(m) => return Ok(Some(due_of(&m.headers).unwrap_or(m.time))),
+                Ok(m) => {
+                    let subject = m.headers.get(FOR_SUBJECT).map(|v| v.as_str().to_owned());
+                    return Ok(Some((due_of(&m.headers).unwrap_or(m.time), subject)));
+                }
                 Err(e)
                     if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
                 Err(e) => return Err(source(e)),

@@ -126,10 +126,14 @@ pub struct SummaryLine {
     pub reason: String,
     /// How many letters.
     pub count: usize,
-    /// The oldest and newest letter's sequence.
+    /// The oldest letter's sequence.
     pub first_sequence: u64,
     /// The newest letter's sequence.
     pub last_sequence: u64,
+    /// When the oldest letter was written, Unix ms (0 if unknown).
+    pub first_at_ms: u64,
+    /// When the newest letter was written, Unix ms (0 if unknown).
+    pub last_at_ms: u64,
 }
 
 /// The letters grouped by handler and reason, sorted.
@@ -145,10 +149,22 @@ pub fn summary(letters: &[DeadLetter]) -> Vec<SummaryLine> {
                 count: 0,
                 first_sequence: l.sequence,
                 last_sequence: l.sequence,
+                first_at_ms: u64::MAX,
+                last_at_ms: 0,
             });
         line.count += 1;
         line.first_sequence = line.first_sequence.min(l.sequence);
         line.last_sequence = line.last_sequence.max(l.sequence);
+        if let Some(at) = l.dead_lettered_at {
+            let ms = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            line.first_at_ms = line.first_at_ms.min(ms);
+            line.last_at_ms = line.last_at_ms.max(ms);
+        }
+    }
+    for line in groups.values_mut() {
+        if line.first_at_ms == u64::MAX {
+            line.first_at_ms = 0;
+        }
     }
     groups.into_values().collect()
 }

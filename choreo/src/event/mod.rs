@@ -189,6 +189,21 @@ pub(crate) fn human_duration(d: std::time::Duration) -> String {
     }
 }
 
+/// `n` and its noun, singular or plural: `1 event`, `2 events`. (For the
+/// `choreo` tool's messages; not part of the stable API.)
+///
+/// ```
+/// assert_eq!(choreo::__private::counted(1, "letter"), "1 letter");
+/// assert_eq!(choreo::__private::counted(0, "letter"), "0 letters");
+/// ```
+pub fn counted(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// When something `left` from now happens: `in 2.5 s`, or `any moment now`
 /// once nothing is left.
 pub(crate) fn human_until(left: std::time::Duration) -> String {

@@ -290,6 +290,17 @@ impl Context {
             .collect()
     }
 
+    /// The first emission that could not be built (an undeclared type, a
+    /// bad subject), as the runtime would dead-letter it (`emit-failed`).
+    #[cfg(feature = "test-util")]
+    pub(crate) fn emit_failure(&self) -> Option<String> {
+        let emitted = self.inner.emitted.lock().unwrap_or_else(|p| p.into_inner());
+        emitted
+            .out
+            .iter()
+            .find_map(|o| o.as_ref().err().map(ToString::to_string))
+    }
+
     pub(crate) fn take_outgoing(&self) -> Vec<Result<Outgoing, PublishError>> {
         let mut emitted = self.inner.emitted.lock().unwrap_or_else(|p| p.into_inner());
         emitted.sealed = true;

@@ -116,11 +116,22 @@ impl HandlerTest {
             Ok(()) => handler.call(envelope, &ctx).await,
             Err(missing) => Err(HandlerError::permanent(missing)),
         };
+        // As on a server: a handler that returns `Ok` with an emission that
+        // cannot be published (an undeclared type, a bad subject) fails
+        // permanently, and its event is dead-lettered `emit-failed`.
+        let result = match (result, ctx.emit_failure()) {
+            (Ok(()), Some(e)) => Err(HandlerError::permanent(format!("emit-failed: {e}"))),
+            (result, _) => result,
+        };
         TestRun { result, ctx }
     }
 }
 
-/// What one [`HandlerTest::call`] did.
+/// What one [`HandlerTest::call`] did. `result` is the verdict the runtime
+/// would act on: a handler that returns `Ok` but emitted what it cannot
+/// publish (a type its `emits` does not declare, a bad subject) has a
+/// permanent error here, `emit-failed: …`, as a server dead-letters its
+/// event with reason `emit-failed`.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct TestRun {

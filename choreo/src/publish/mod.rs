@@ -86,8 +86,10 @@ struct Inner {
     settings: StreamSettings,
     retry_for: Duration,
     ensured: Mutex<HashSet<&'static str>>,
-    /// The root event types recorded in the registry so far.
-    recorded: Mutex<HashSet<&'static str>>,
+    /// The root event types (name, version) recorded in the registry so far.
+    recorded: Mutex<HashSet<(&'static str, u32)>>,
+    /// The registry writes still running in the background.
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Held while a stream is being looked up or created, so that many
     /// concurrent first publishes make one request, not hundreds.
     ensuring: tokio::sync::Mutex<()>,
@@ -121,6 +123,7 @@ impl Publisher {
                 max_payload,
                 metrics: Mutex::new(std::collections::HashMap::new()),
                 recorded: Mutex::new(HashSet::new()),
+                background: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -155,6 +158,7 @@ impl Publisher {
             max_payload: AtomicUsize::new(self.inner.max_payload.load(Ordering::Relaxed)),
             metrics: Mutex::new(std::collections::HashMap::new()),
             recorded: Mutex::new(HashSet::new()),
+            background: Mutex::new(Vec::new()),
         };
         f(&mut inner);
         Self {

@@ -10,7 +10,9 @@ use crate::event::now_ms;
 pub const PUBLISHERS_BUCKET: &str = crate::topology::PUBLISHERS_BUCKET;
 
 /// A root event type a publisher has published, as the registry keeps it
-/// (key `<source>.<event name>`, kept until deleted by hand).
+/// (key `<source>.<event name>.v<version>`, one per version, kept until
+/// deleted by hand; 0.1.0 wrote `<source>.<event name>`, one for all
+/// versions, which is still read).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct PublishedEvent {
@@ -22,16 +24,17 @@ pub struct PublishedEvent {
     pub first_published_at_ms: u64,
 }
 
-/// Records that `source` publishes `event`, once per publisher and type, in
-/// the background; a failure is logged and never fails a publish.
+/// Records that `source` publishes `event`, once per publisher, type and
+/// version, in the background; a failure is logged and never fails a
+/// publish. Returns the background task.
 pub(crate) fn record_publisher(
     js: &jetstream::Context,
     source: &str,
     event: &crate::event::EventType,
     replicas: usize,
-) {
+) -> Option<tokio::task::JoinHandle<()>> {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
+        return None;
     };
     let js = js.clone();
     let record = PublishedEvent {
@@ -39,7 +42,7 @@ pub(crate) fn record_publisher(
         event: crate::event::EventManifest::from(event),
         first_published_at_ms: now_ms(),
     };
-    runtime.spawn(async move {
+    Some(runtime.spawn(async move {
         let store = match js.get_key_value(PUBLISHERS_BUCKET).await {
             Ok(s) => Ok(s),
             Err(_) => js
@@ -53,7 +56,10 @@ pub(crate) fn record_publisher(
                 .await
                 .map_err(|e| e.to_string()),
         };
-        let key = format!("{}.{}", record.source, record.event.event);
+        let key = format!(
+            "{}.{}.v{}",
+            record.source, record.event.event, record.event.version
+        );
         let value = serde_json::to_vec(&record).unwrap_or_default();
         let put = match store {
             Ok(s) => s.put(&key, value.into()).await.map(|_| ()).map_err(|e| e.to_string()),
@@ -62,10 +68,47 @@ pub(crate) fn record_publisher(
         if let Err(e) = put {
             tracing::warn!(source = %record.source, event = %record.event.event, error = %e, "cannot record the publisher in the registry");
         }
-    });
+    }))
 }
 
 impl super::Publisher {
+    /// Waits for this publisher's background work to finish: the registry
+    /// records of which root events it publishes (written once per event
+    /// type and version, after its first publish, so that `choreo graph`
+    /// and `lint` see it). Publishes themselves are complete when
+    /// [`publish`](Self::publish) returns; this is for a program that
+    /// publishes and exits at once, whose runtime would otherwise cancel
+    /// that work (it then logs `cannot record the publisher in the
+    /// registry`). Clones share the work: flushing one flushes all.
+    ///
+    /// ```no_run
+    /// # use choreo::{event, Publisher};
+    /// # #[event(subject = "orders.{order_id}.placed", key = order_id)]
+    /// # pub struct OrderPlaced { pub order_id: String }
+    /// # async fn t(client: choreo::async_nats::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let publisher = Publisher::new(client, "import-job")?;
+    /// publisher.publish(&OrderPlaced { order_id: "o-1".into() }).await?;
+    /// publisher.flush().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn flush(&self) {
+        loop {
+            let pending = std::mem::take(
+                &mut *self
+                    .inner
+                    .background
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            if pending.is_empty() {
+                return;
+            }
+            for task in pending {
+                let _ = task.await;
+            }
+        }
+    }
+
     /// Records, the first time this publisher publishes an `E`, that it
     /// publishes `E` (bucket `choreo_publishers`, in the background).
     pub(super) fn record<E: crate::event::Event>(&self) {
@@ -74,14 +117,22 @@ impl super::Publisher {
             .recorded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(E::NAME);
-        if first {
-            record_publisher(
+            .insert((E::NAME, E::VERSION));
+        if first
+            && let Some(task) = record_publisher(
                 &self.inner.js,
                 &self.inner.source,
                 &crate::event::EventType::of::<E>(),
                 self.inner.settings.replicas,
-            );
+            )
+        {
+            let mut tasks = self
+                .inner
+                .background
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task);
         }
     }
 

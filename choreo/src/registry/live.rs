@@ -33,7 +33,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(10);
 pub struct Instance {
     /// The instance id (16 hex digits), also in its inbox claims.
     pub instance: String,
-    /// The host it runs on (`HOSTNAME`, or `unknown`).
+    /// The host it runs on: the system's host name (`unknown` if it has
+    /// none that is text).
     pub host: String,
     /// When it started, Unix milliseconds.
     pub started_at_ms: u64,
@@ -53,6 +54,16 @@ impl Instance {
 }
 
 pub(crate) use crate::event::now_ms;
+
+/// The system's host name, as `hostname` prints it (not `$HOSTNAME`,
+/// which shells set but rarely export); `unknown` if it is not text.
+pub(crate) fn host_name() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
 
 /// The registry bucket, created if missing.
 pub(crate) async fn open(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, String> {
@@ -172,6 +183,9 @@ pub async fn publishers(
     js: &jetstream::Context,
 ) -> Result<Vec<PublishedEvent>, crate::nats::Source> {
     let mut out: Vec<PublishedEvent> = read_all(js, PUBLISHERS_BUCKET).await?;
-    out.sort_by(|a, b| (&a.source, &a.event.event).cmp(&(&b.source, &b.event.event)));
+    out.sort_by(|a, b| {
+        let key = |p: &PublishedEvent| (p.source.clone(), p.event.event.clone(), p.event.version);
+        key(a).cmp(&key(b))
+    });
     Ok(out)
 }

@@ -11,7 +11,7 @@ mod live;
 pub use live::{
     BUCKET, HEARTBEAT, Instance, MAX_AGE, PUBLISHERS_BUCKET, PublishedEvent, instances, publishers,
 };
-pub(crate) use live::{Record, heartbeat, now_ms};
+pub(crate) use live::{Record, heartbeat, host_name, now_ms};
 
 pub use crate::event::EventManifest;
 use crate::handler::{DeliverPolicy, HandlerOptions};

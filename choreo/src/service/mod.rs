@@ -112,6 +112,11 @@ impl Service {
         }
     }
 
+    /// The service's name, as given to [`new`](Self::new).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// How long the inbox remembers handled events (default 7 days; keep it
     /// at least the streams' duplicate window). Bucket-wide, so it applies
     /// when the bucket is created.
@@ -485,7 +490,7 @@ impl Service {
             crate::registry::Record {
                 instance: crate::registry::Instance {
                     instance: format!("{instance:016x}"),
-                    host: std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".to_owned()),
+                    host: crate::registry::host_name(),
                     started_at_ms: crate::registry::now_ms(),
                     heartbeat_at_ms: 0,
                     heartbeat_ms: u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX),

@@ -43,8 +43,8 @@ mod share;
 mod take_over;
 
 use queues::{Arrival, Entry, Instant, Queues, key_of_subject, queue_all};
-use take_over::take_over;
 pub(crate) use share::{Share, follow_instances};
+use take_over::take_over;
 
 /// The longest a pinned request waits at the server, and so the longest a
 /// release waits for this instance's requests to end.

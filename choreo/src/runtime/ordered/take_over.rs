@@ -121,4 +121,3 @@ async fn read_left(
     }
     Ok(left)
 }
-
