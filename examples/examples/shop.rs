@@ -62,10 +62,12 @@ async fn main() -> ExitCode {
     if let Some(addr) = args.metrics {
         // choreo records through the `metrics` facade; this exporter serves
         // what it records as Prometheus text.
-        if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-        {
+        // Buckets make choreo's histograms histograms (a summary's
+        // quantiles cannot be summed across instances).
+        let installed = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(choreo::observe::SECONDS_BUCKETS)
+            .and_then(|b| b.with_http_listener(addr).install());
+        if let Err(e) = installed {
             eprintln!("shop: cannot serve metrics on {addr}: {e}");
             return ExitCode::from(2);
         }

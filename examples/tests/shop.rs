@@ -251,6 +251,25 @@ impl Drop for Started {
     }
 }
 
+/// Prometheus's `promtool`: `$PROMTOOL`, else on `PATH` (`scripts/test`
+/// installs Debian's `prometheus` package, which brings it).
+fn promtool() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("PROMTOOL") {
+        return p.into();
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "promtool not found (set PROMTOOL or put it on PATH): scripts/test installs it \
+             with `apt-get install prometheus` as root; elsewhere install Prometheus's promtool"
+        )
+    })
+}
+
 fn shop_binary() -> std::path::PathBuf {
     // target/<profile>/deps/shop-<hash> → target/<profile>/examples/shop
     let exe = std::env::current_exe().unwrap();
@@ -471,7 +490,11 @@ fn scrape(addr: std::net::SocketAddr) -> String {
     .unwrap();
     let mut out = String::new();
     stream.read_to_string(&mut out).unwrap();
-    out
+    // The body: what follows the response's headers.
+    match out.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_owned(),
+        None => out,
+    }
 }
 
 #[tokio::test]
@@ -518,7 +541,7 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
     let handled = |handler: &str| {
         sample(
             &text,
-            "choreo_handler_outcomes",
+            "choreo_handler_outcomes_total",
             &[("choreo_handler", handler), ("choreo_outcome", "handled")],
         )
     };
@@ -537,7 +560,7 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
     assert_eq!(
         sample(
             &text,
-            "choreo_handler_outcomes",
+            "choreo_handler_outcomes_total",
             &[("choreo_outcome", "dead_lettered")]
         ),
         0.0
@@ -545,7 +568,7 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
     assert_eq!(
         sample(
             &text,
-            "messaging_client_sent_messages",
+            "messaging_client_sent_messages_total",
             &[("choreo_source", "storefront")]
         ),
         40.0,
@@ -554,14 +577,44 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
     assert_eq!(
         sample(
             &text,
-            "messaging_client_consumed_messages",
+            "messaging_client_consumed_messages_total",
             &[("choreo_handler", "charge_payment")]
         ),
         40.0
     );
+    // Histograms with buckets, in seconds, and every metric described.
+    for histogram in [
+        "messaging_process_duration_seconds",
+        "choreo_event_age_seconds",
+        "messaging_client_operation_duration_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {histogram} histogram"))
+                && text.contains(&format!("{histogram}_bucket{{")),
+            "{histogram}: {text}"
+        );
+    }
+    // What Prometheus's own linter says of the scrape: nothing.
+    let promtool = promtool();
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", promtool.display()));
+    {
+        use std::io::Write;
+        // promtool may stop reading at its first problem; what it says
+        // then is the failure to show.
+        let _ = check.stdin.take().unwrap().write_all(text.as_bytes());
+    }
+    let checked = check.wait_with_output().unwrap();
     assert!(
-        text.contains("messaging_process_duration") && text.contains("choreo_event_age"),
-        "{text}"
+        checked.status.success(),
+        "promtool check metrics found problems:\n{}{}\n--- the scrape ---\n{text}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
     );
     Command::new("kill")
         .args(["-TERM", &child.get().id().to_string()])

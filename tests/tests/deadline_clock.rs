@@ -271,7 +271,7 @@ async fn held_back<F, Fut>(
 async fn b_is_judged_by_its_stored_time_on_one_node() {
     // The payment watcher's `choreo.consumer.lag.age` gauge.
     let probe = choreo_testkit::GaugeProbe::install_for(
-        choreo::observe::LAG_AGE,
+        choreo::observe::LAG_SECONDS,
         ("choreo.handler", "expire__met_PaymentCaptured"),
     )
     .unwrap();

@@ -25,7 +25,7 @@ pub(super) async fn follow_consumer(rt: &Runtime, consumer: &jetstream::consumer
                 Some(0.0)
             };
             if let Some(age) = age {
-                rt.metrics.lag_age.set(age);
+                rt.metrics.lag_seconds.set(age);
             }
         }
         Err(e) => {
