@@ -35,6 +35,32 @@ fn or_dash<T: ToString>(v: Option<T>) -> String {
 }
 
 /// A duration in milliseconds as `850ms`, `12s` or `3m`.
+/// A handler's name; a deadline handler's with its rule, and a part of one
+/// (its schedule step, a B watcher) as a branch under it (rows sort by
+/// durable, so parts follow their handler).
+fn handler_cell(h: &choreo::admin::HandlerStatus) -> String {
+    if let Some(parent) = &h.part_of {
+        let part = h
+            .handler
+            .strip_prefix(parent.as_str())
+            .and_then(|p| p.strip_prefix("__"))
+            .unwrap_or(&h.handler);
+        return match part.strip_prefix("met_") {
+            Some(b) => format!("└ watches {b}"),
+            None => format!("└ {part}"),
+        };
+    }
+    match &h.rule {
+        Some(d) => format!(
+            "{} (within {}, unless {})",
+            h.handler,
+            age(d.within_ms),
+            d.unless.join(" or ")
+        ),
+        None => h.handler.clone(),
+    }
+}
+
 /// A reading's time, `at 2026-12-06T10:41:03Z` (RFC 3339, UTC, to the
 /// second).
 pub(crate) fn time_of(ms: u64) -> String {
@@ -105,7 +131,7 @@ pub(crate) fn status(s: &Status) -> String {
     for h in &s.handlers {
         rows.push(vec![
             h.service.clone(),
-            h.handler.clone(),
+            handler_cell(h),
             h.state.to_string(),
             or_dash(h.pending),
             or_dash(h.unacked),

@@ -218,6 +218,28 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
         "{row}"
     );
 
+    // The deadline handler with its rule, its helpers as branches under it.
+    let lines: Vec<&str> = table.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| {
+            l.contains("expire_unpaid (within 5s, unless PaymentCaptured or PaymentDeclined)")
+        })
+        .unwrap_or_else(|| panic!("{table}"));
+    for (offset, part) in [
+        "└ watches PaymentCaptured",
+        "└ watches PaymentDeclined",
+        "└ schedule",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(lines[at + 1 + offset].contains(part), "{part}:\n{table}");
+    }
+    assert!(
+        !table.contains("__met_") && !table.contains("__schedule"),
+        "{table}"
+    );
     let deadlines = table
         .lines()
         .skip_while(|l| !l.split_whitespace().take(2).eq(["SERVICE", "DEADLINE"]))

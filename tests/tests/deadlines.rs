@@ -337,13 +337,38 @@ async fn deadlines_outlive_the_instance_that_scheduled_them() {
     second.shutdown().await;
 }
 
+/// A hand-written handler whose `deadline()` says it is a deadline handler,
+/// registered with `Service::handler`: refused at start. (The macro's
+/// deadline handlers do not compile there:
+/// `tests/ui/handler/deadline_as_plain_handler.rs`.)
+struct HandWritten;
+
+impl choreo::Handler for HandWritten {
+    type Event = OrderPlaced;
+
+    fn name(&self) -> &'static str {
+        "hand_written"
+    }
+
+    fn deadline(&self) -> Option<choreo::Deadline> {
+        choreo::Handler::deadline(&cancel_unpaid)
+    }
+
+    fn call(
+        &self,
+        _event: choreo::Envelope<OrderPlaced>,
+        _ctx: &Context,
+    ) -> choreo::__private::BoxFuture<Result<(), choreo::HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 #[tokio::test]
 async fn a_deadline_handler_registered_as_a_plain_handler_is_refused() {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     let err = Service::new("orders")
-        .state(Fired::default())
-        .handler(cancel_unpaid)
+        .handler(HandWritten)
         .start(client)
         .await
         .unwrap_err();

@@ -476,6 +476,7 @@ fn generate(a: &HandlerAttr, f: &ItemFn, o: &Options) -> TokenStream {
             });
             (
                 Some(quote! {
+                    const DEADLINE: bool = true;
                     fn deadline(&self) -> ::core::option::Option<#krate::Deadline> {
                         const UNLESS: &[#krate::EventType] = &[#(#unless_tys),*];
                         const MET: &[&str] = &[#(#met),*];

@@ -79,6 +79,11 @@ pub fn asyncapi(
     let mut operations = Map::new();
     for m in manifests {
         for h in &m.handlers {
+            // A deadline's helpers are described by their deadline
+            // handler's `x-choreo-deadline`, not as operations of their own.
+            if h.part_of.is_some() {
+                continue;
+            }
             let event = &h.consumes.event;
             let accepted: Vec<Value> = messages
                 .get(event)
@@ -87,19 +92,24 @@ pub fn asyncapi(
                 .filter(|msg| h.consumes.accepts_versions.contains(&msg.version))
                 .map(|msg| channel_message_ref(event, msg.version))
                 .collect();
-            operations.insert(
-                format!("{}.{}", m.service, h.name),
-                json!({
-                    "action": "receive",
-                    "title": format!("{} handles {event}", h.durable),
-                    "channel": { "$ref": format!("#/channels/{event}") },
-                    "messages": accepted,
-                    "x-choreo-service": m.service,
-                    "x-choreo-durable": h.durable,
-                    "x-choreo-subject-filter": h.consumes.subject_filter,
-                    "x-choreo-options": h.options,
-                }),
-            );
+            let mut operation = json!({
+                "action": "receive",
+                "title": format!("{} handles {event}", h.durable),
+                "channel": { "$ref": format!("#/channels/{event}") },
+                "messages": accepted,
+                "x-choreo-service": m.service,
+                "x-choreo-durable": h.durable,
+                "x-choreo-subject-filter": h.consumes.subject_filter,
+                "x-choreo-options": options(h),
+            });
+            if let Some(d) = &h.deadline {
+                operation["x-choreo-deadline"] = json!({
+                    "within_ms": d.within_ms,
+                    "unless": d.unless,
+                    "matched_by": d.matched_by,
+                });
+            }
+            operations.insert(format!("{}.{}", m.service, h.name), operation);
             for e in h.emits.iter().flatten() {
                 operations.insert(
                     format!("{}.{}.emits.{}", m.service, h.name, e.event),
@@ -156,6 +166,19 @@ pub fn asyncapi(
         });
     }
     doc
+}
+
+/// A handler's options as they apply: an ordered handler runs one event of
+/// a key at a time over its partitions, so `concurrency` says nothing of it
+/// and is left out.
+fn options(h: &crate::registry::HandlerManifest) -> Value {
+    let mut o = serde_json::to_value(&h.options).unwrap_or(Value::Null);
+    if h.options.partitions > 0
+        && let Some(map) = o.as_object_mut()
+    {
+        map.remove("concurrency");
+    }
+    o
 }
 
 /// Every event version any manifest names, by event then version. A

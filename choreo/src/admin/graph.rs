@@ -72,6 +72,17 @@ impl Graph {
         let mut g = Self::default();
         for m in manifests {
             for h in &m.handlers {
+                // A deadline's helpers (its schedule step, its B watchers)
+                // are drawn as their deadline handler: it reads A and
+                // watches each B.
+                if let Some(parent) = &h.part_of {
+                    g.consumers
+                        .entry(h.consumes.event.clone())
+                        .or_default()
+                        .entry(format!("{}.{parent}", m.service))
+                        .or_insert_with(|| h.consumes.accepts_versions.clone());
+                    continue;
+                }
                 let id = format!("{}.{}", m.service, h.name);
                 g.consumers
                     .entry(h.consumes.event.clone())

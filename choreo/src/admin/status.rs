@@ -138,6 +138,15 @@ pub struct HandlerStatus {
     /// For a deadline handler: its pending deadlines and the next to fire.
     #[serde(default)]
     pub deadlines: Option<super::deadlines::Pending>,
+    /// For a deadline handler: its deadline as declared (`within`,
+    /// `unless`, how B is matched).
+    #[serde(default)]
+    pub rule: Option<crate::registry::DeadlineManifest>,
+    /// For a consumer choreo runs as part of a deadline handler (its
+    /// schedule step or a B watcher): that handler's name. Such rows sort
+    /// right after their handler's.
+    #[serde(default)]
+    pub part_of: Option<String>,
     /// How long until its stream's `max_age` removes the oldest event not
     /// yet done, seconds (0 or less: any moment now); `None` when nothing
     /// waits or the stream keeps every event. Once it is under half the
@@ -370,6 +379,8 @@ impl Status {
                     dead_letters,
                     inbox_keys: now_r.and_then(|r| r.inbox_keys),
                     deadlines: now_r.and_then(|r| r.deadlines.clone()),
+                    rule: manifest.and_then(|m| m.deadline.clone()),
+                    part_of: manifest.and_then(|m| m.part_of.clone()),
                     service,
                     handler,
                 })

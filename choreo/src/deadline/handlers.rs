@@ -102,6 +102,10 @@ impl<H: DeadlineHandler> Handler for Schedule<H> {
         helper_options()
     }
 
+    fn part_of(&self) -> Option<&'static str> {
+        Some(self.handler)
+    }
+
     fn call(
         &self,
         event: Envelope<Self::Event>,
@@ -161,6 +165,10 @@ impl<B: Event> Handler for Met<B> {
 
     fn options(&self) -> HandlerOptions {
         helper_options()
+    }
+
+    fn part_of(&self) -> Option<&'static str> {
+        Some(self.handler)
     }
 
     fn call(

@@ -39,6 +39,13 @@ pub trait Handler: Send + Sync + 'static {
     /// The event it handles.
     type Event: Event;
 
+    /// Whether it is a deadline handler: `#[event_handler(within = ..,
+    /// unless = ..)]` sets it, and [`Service::handler`](crate::Service::handler)
+    /// then refuses it at compile time (register it with
+    /// [`Service::deadline`](crate::Service::deadline)).
+    #[doc(hidden)]
+    const DEADLINE: bool = false;
+
     /// The handler's name: unique within a service, a Rust identifier.
     fn name(&self) -> &'static str;
 
@@ -60,6 +67,14 @@ pub trait Handler: Send + Sync + 'static {
     /// Such a handler is registered with
     /// [`Service::deadline`](crate::Service::deadline).
     fn deadline(&self) -> Option<Deadline> {
+        None
+    }
+
+    /// For a consumer choreo runs as part of a deadline handler (its
+    /// schedule step or a B watcher): that handler's name. Tools show it
+    /// under its handler. `None` by default.
+    #[doc(hidden)]
+    fn part_of(&self) -> Option<&'static str> {
         None
     }
 

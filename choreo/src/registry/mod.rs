@@ -71,6 +71,12 @@ pub struct HandlerManifest {
     /// names A, read from the deadline stream's fired copies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DeadlineManifest>,
+    /// For a consumer choreo runs as part of a deadline handler (its
+    /// schedule step `<handler>__schedule`, or a B watcher
+    /// `<handler>__met_<B>`): that handler's name. `status`, `graph` and
+    /// `asyncapi` show it under its handler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_of: Option<String>,
 }
 
 /// A deadline handler's deadline in a [`Manifest`].

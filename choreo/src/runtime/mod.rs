@@ -293,6 +293,8 @@ pub(crate) trait Erased: Send + Sync + std::fmt::Debug {
     fn ordering_wildcards(&self) -> Option<Vec<usize>>;
     /// For a deadline handler: its deadline.
     fn deadline(&self) -> Option<crate::handler::Deadline>;
+    /// For a deadline's helper consumer: its deadline handler's name.
+    fn part_of(&self) -> Option<&'static str>;
     fn check(&self, states: &States) -> Result<(), MissingState>;
     /// Handles one delivery; `at` is its attempt and stream sequence, read
     /// from its reply subject once, where it arrived.
@@ -348,6 +350,9 @@ impl<H: Handler> Erased for Typed<H> {
     }
     fn deadline(&self) -> Option<crate::handler::Deadline> {
         self.0.deadline()
+    }
+    fn part_of(&self) -> Option<&'static str> {
+        self.0.part_of()
     }
     fn ordering_wildcards(&self) -> Option<Vec<usize>> {
         let ordered = self.0.options().ordered?;
@@ -417,6 +422,9 @@ impl<H: Handler> Erased for Routed<H> {
     }
     fn deadline(&self) -> Option<crate::handler::Deadline> {
         self.inner.deadline()
+    }
+    fn part_of(&self) -> Option<&'static str> {
+        self.inner.part_of()
     }
     fn stream(&self) -> (&'static str, &'static str, &'static str) {
         self.stream

@@ -59,7 +59,7 @@ impl Service {
     pub fn deadline_within<H: DeadlineHandler>(mut self, handler: H, within: Duration) -> Self {
         let Some(mut d) = handler.deadline() else {
             self.misregistered.push(handler.name());
-            return self.handler(handler);
+            return self.plain_handler(handler);
         };
         d.within = within;
         let name = handler.name();

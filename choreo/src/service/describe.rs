@@ -37,6 +37,7 @@ impl Service {
                             .map(|d| d.iter().map(EventManifest::from).collect()),
                         options: (&h.options()).into(),
                         deadline: h.deadline().as_ref().map(Into::into),
+                        part_of: h.part_of().map(str::to_owned),
                     }
                 })
                 .collect(),
