@@ -543,6 +543,10 @@ async fn trace_draws_a_compensated_order_as_its_causation_tree() {
         .to_owned();
     let out = choreo(&server, &["trace", &root, "--no-times"]);
     assert_eq!(text(&out.stdout), tree);
+    // By a subject that names only some of its events (the order's, not
+    // the payment's or the stock's): the whole flow, once.
+    let out = choreo(&server, &["trace", "orders.golden-3.>", "--no-times"]);
+    assert_eq!(text(&out.stdout), tree, "by orders.golden-3.>");
     let out = choreo(&server, &["trace", &root, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let events = v["flows"][0]["events"].as_array().unwrap();

@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use time::OffsetDateTime;
 
-use super::{Inboxes, Seen, get, read_where};
+use super::{Inboxes, Seen, get, read, read_where};
 use crate::event::id::EventId;
 use crate::registry::{HandlerManifest, Manifest};
 use crate::wire::headers as h;
@@ -214,4 +214,58 @@ pub(super) async fn flow_of(
         }
         (from, to) = (to, next);
     }
+}
+
+/// How many flows a subject query follows one by one (each read only as
+/// far as it reaches, see `locate`); past this, one read of every header
+/// in the window finds them all.
+const FLOWS_ONE_BY_ONE: usize = 32;
+
+/// `seen` (events a subject query matched) with every other event of the
+/// flows in `wanted` (their correlation ids) in the window.
+pub(super) async fn whole_flows(
+    js: &jetstream::Context,
+    (manifests, streams): (&[crate::registry::Manifest], &BTreeSet<String>),
+    wanted: &BTreeSet<String>,
+    (start, end): (time::OffsetDateTime, time::OffsetDateTime),
+    inboxes: &mut Inboxes,
+    mut seen: Vec<Seen>,
+) -> Vec<Seen> {
+    let mut have: HashSet<(String, u64)> = seen
+        .iter()
+        .map(|e| (e.stream.clone(), e.sequence))
+        .collect();
+    let mut unplaced = wanted.len() > FLOWS_ONE_BY_ONE;
+    if !unplaced {
+        for corr in wanted {
+            let flow = match corr.parse::<EventId>() {
+                Ok(id) => flow_of(js, manifests, streams, id, (start, end), inboxes).await,
+                Err(_) => None,
+            };
+            match flow {
+                Some(flow) => {
+                    for e in flow {
+                        if have.insert((e.stream.clone(), e.sequence)) {
+                            seen.push(e);
+                        }
+                    }
+                }
+                None => unplaced = true,
+            }
+        }
+    }
+    if unplaced {
+        let mut all = Vec::new();
+        for s in streams {
+            read(js, s, ">", start, end, &mut all).await;
+        }
+        for e in all {
+            if wanted.contains(&get(&e.headers, h::CE_CORRELATIONID))
+                && have.insert((e.stream.clone(), e.sequence))
+            {
+                seen.push(e);
+            }
+        }
+    }
+    seen
 }

@@ -194,6 +194,12 @@ pub(super) fn get(m: &async_nats::HeaderMap, name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// A time as RFC 3339 (for messages).
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
 /// Finds the flows of `query` in the window from `since` (default: the
 /// hour after a random root id's time, else the last hour) for `window`.
 ///
@@ -276,11 +282,31 @@ pub async fn trace(
         return Err(AdminError::bad_request(
             what,
             format!(
-                "no event matches in {} between {start} and {end}; widen the window with --since",
-                streams.iter().cloned().collect::<Vec<_>>().join(", ")
+                "no event matches in {} between {} and {}; widen the window with --since",
+                streams.iter().cloned().collect::<Vec<_>>().join(", "),
+                rfc3339(start),
+                rfc3339(end)
             ),
         ));
     }
+    // A subject names some of a flow's events; the flow goes on under other
+    // subjects (a payment's, a shipment's). Each matching flow is read
+    // whole.
+    let seen = match query {
+        Query::Subject(_) => {
+            let window = (start, end);
+            locate::whole_flows(
+                js,
+                (&manifests, &streams),
+                &wanted,
+                window,
+                &mut cache.inboxes,
+                seen,
+            )
+            .await
+        }
+        Query::Id(_) => seen,
+    };
     // Who consumes what, and what each has done.
     let mut consumers: HashMap<&str, Vec<(&str, &crate::registry::HandlerManifest)>> =
         HashMap::new();
