@@ -182,6 +182,57 @@ async fn ten_letters_from_a_bug_are_listed_shown_and_replayed_once_each_after_th
         flow.assert_no_duplicates().unwrap();
         assert_eq!(flow.count::<Billed>(), 1, "{}", flow.tree());
     }
+    // `choreo trace` tells the copy from its original: the original is
+    // dead-lettered then replayed, the copy (marked with its letter) is
+    // handled, and what the replay emitted shows once, under the copy.
+    let copy = &replayed[0];
+    let letter = copy
+        .replay
+        .as_deref()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        copy.replay.as_deref(),
+        Some(format!("dlq {letter} billing.bill").as_str())
+    );
+    let correlation = copy.meta.correlation_id().to_string();
+    let (code, tree, err) = choreo(&server, &["trace", &correlation, "--no-times"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = tree.lines().collect();
+    let original = lines
+        .iter()
+        .position(|l| l.contains("InvoiceRequested") && !l.contains("replay"))
+        .unwrap_or_else(|| panic!("{tree}"));
+    assert!(
+        lines[original + 1].contains(&format!(
+            "billing.bill: dead-lettered, then replayed (letter #{letter})"
+        )),
+        "{tree}"
+    );
+    let marked = lines
+        .iter()
+        .position(|l| l.contains(&format!("(replay of dead letter #{letter})")))
+        .unwrap_or_else(|| panic!("{tree}"));
+    assert!(
+        lines[marked + 1].contains("billing.bill: handled"),
+        "{tree}"
+    );
+    assert_eq!(tree.matches("InvoiceRequested").count(), 2, "{tree}");
+    assert_eq!(tree.matches("Billed").count(), 1, "{tree}");
+    assert!(!tree.contains("duplicate"), "{tree}");
+    let (_, json, _) = choreo(&server, &["trace", &correlation, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let replays: Vec<&serde_json::Value> = v["flows"][0]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| !e["replay"].is_null())
+        .collect();
+    assert_eq!(replays.len(), 1, "{json}");
+    assert_eq!(replays[0]["replay"], format!("dlq {letter} billing.bill"));
 
     // A corrected payload: the handler decides, and takes it.
     shop.publish(&InvoiceRequested {

@@ -39,7 +39,7 @@ pub struct Recorded {
     /// Its CBOR payload.
     pub payload: Bytes,
     /// On a copy a replay stored again, what replayed it: its
-    /// `choreo-replay` header (`dlq <letter sequence>`, or the
+    /// `choreo-replay` header (`dlq <letter sequence> <service>.<handler>`, or the
     /// `<service>.<handler>` that `choreo replay` rewound).
     pub replay: Option<String>,
 }

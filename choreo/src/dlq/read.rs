@@ -378,9 +378,14 @@ pub(super) async fn replay_payload(
         crate::wire::headers::NATS_MSG_ID,
         format!("replay:{id}:{}", letter.sequence),
     );
+    // Which letter, and whose: `choreo trace` shows the copy as that
+    // handler's replay, the original as dead-lettered then replayed.
     headers.insert(
         crate::wire::headers::CHOREO_REPLAY,
-        format!("dlq {}", letter.sequence),
+        format!(
+            "dlq {} {}.{}",
+            letter.sequence, letter.service, letter.handler
+        ),
     );
     js.publish_with_headers(letter.original_subject.clone(), headers, payload)
         .await

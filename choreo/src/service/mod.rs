@@ -15,17 +15,18 @@ mod error;
 pub(crate) mod footprint;
 mod handle;
 mod prepare;
+mod register;
 
 use checks::{shutdown_signal, validate_options};
 pub use error::{RunError, RunErrorKind, StartError, StartErrorKind};
 pub use handle::ServiceHandle;
 
-use crate::handler::{Handler, States};
+use crate::handler::States;
 use crate::inbox::{self, Inbox};
 use crate::nats::JetStreamApi;
 use crate::publish::Publisher;
 use crate::runtime::{
-    Erased, FaultHook, HandlerStats, Live, Pinning, Registry, Runtime, Share, Typed, advisory_loop,
+    Erased, FaultHook, HandlerStats, Live, Pinning, Registry, Runtime, Share, advisory_loop,
     follow_instances, ordered_loop, pull_loop,
 };
 use crate::topology::{StreamSettings, consumer_name};
@@ -197,32 +198,6 @@ impl Service {
     /// Registers shared state that handlers take as [`State<T>`](crate::State).
     pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
         self.states.insert(value);
-        self
-    }
-
-    /// Adds a handler (the value `#[event_handler]` makes of an `async fn`).
-    ///
-    /// A deadline handler (`#[event_handler(within = .., unless = ..)]`) is
-    /// a compile error here: it runs as several consumers, which
-    /// [`deadline`](Self::deadline) sets up. (A hand-written [`Handler`]
-    /// whose `deadline()` is `Some` is refused at start instead.)
-    pub fn handler<H: Handler>(self, handler: H) -> Self {
-        const {
-            assert!(
-                !H::DEADLINE,
-                "a deadline handler (`#[event_handler(within = .., unless = ..)]`) is registered with `Service::deadline`, not `Service::handler`"
-            );
-        }
-        self.plain_handler(handler)
-    }
-
-    /// [`handler`](Self::handler) without the compile-time check: a handler
-    /// that says it has a deadline is refused at start.
-    pub(crate) fn plain_handler<H: Handler>(mut self, handler: H) -> Self {
-        if handler.deadline().is_some() {
-            self.misregistered.push(handler.name());
-        }
-        self.handlers.push(Arc::new(Typed(handler)));
         self
     }
 

@@ -16,7 +16,7 @@
 //! | `ce-causationid` | the id of the event whose handler emitted this one (absent on a root) |
 //! | `traceparent` | W3C trace context, when there is one |
 //! | `content-type` | `application/cbor` |
-//! | `choreo-replay` | only on a copy that a replay stored again: `dlq <letter sequence>` (`choreo dlq replay`), or `<service>.<handler>` for what that handler emitted while `choreo replay` rewound it |
+//! | `choreo-replay` | only on a copy that a replay stored again: `dlq <letter sequence> <service>.<handler>` (`choreo dlq replay`; the handler that dead-lettered it), or `<service>.<handler>` for what that handler emitted while `choreo replay` rewound it |
 //!
 //! `choreo-replay` is optional and informative: readers that ignore it
 //! lose nothing, and it tells a replayed copy of an event from a duplicate
@@ -55,7 +55,7 @@ pub const TRACEPARENT: &str = "traceparent";
 /// `content-type`: always `application/cbor`.
 pub const CONTENT_TYPE: &str = "content-type";
 /// `choreo-replay`: on a copy stored again by a replay, what replayed it
-/// (`dlq <letter sequence>`, or `<service>.<handler>` for the emissions of
+/// (`dlq <letter sequence> <service>.<handler>`, or `<service>.<handler>` for the emissions of
 /// a handler that `choreo replay` rewound). Absent on everything else.
 pub const CHOREO_REPLAY: &str = "choreo-replay";
 /// The CloudEvents spec version choreo writes and accepts.

@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use serde::Serialize;
 
 use super::AdminError;
@@ -23,6 +23,7 @@ mod deadline;
 mod locate;
 mod read;
 mod render;
+mod steps;
 
 pub(in crate::admin) use read::{read, read_where};
 pub use render::{Arrow, sequence_diagram};
@@ -98,6 +99,13 @@ pub enum Step {
         /// The reason code.
         reason: String,
     },
+    /// Dead-lettered, then replayed from the dead-letter stream (`choreo
+    /// dlq replay`): its copy, marked with the letter, is the event the
+    /// handler took again.
+    DeadLetteredThenReplayed {
+        /// The letter's sequence in the dead-letter stream.
+        letter: u64,
+    },
     /// A deadline handler's deadline for this event is pending.
     DeadlinePending {
         /// When it fires (Unix ms).
@@ -156,6 +164,13 @@ pub struct TracedEvent {
     pub sequence: u64,
     /// `ce-causationid` (none on a root).
     pub causation_id: Option<String>,
+    /// On a copy a replay stored again, what replayed it: its
+    /// `choreo-replay` header (`dlq <letter> <service>.<handler>` for a
+    /// dead letter's replay).
+    pub replay: Option<String>,
+    /// When the server stored it (Unix ms): a copy's `ce-time` is its
+    /// original's.
+    pub stored_ms: u64,
     /// Each handler that consumes it.
     pub handlers: Vec<HandlerStep>,
 }
@@ -337,10 +352,15 @@ pub async fn trace(
             .filter(|e| get(&e.headers, h::CE_CORRELATIONID) == corr)
             .collect();
         mine.sort_by_key(|e| (get(&e.headers, h::CE_TIME), e.sequence));
+        // The dead letters replayed in this flow, by event id.
+        let replayed = steps::replayed_letters(&mine);
         for e in mine {
             let id = get(&e.headers, h::CE_ID);
             let event_type = get(&e.headers, h::CE_TYPE);
-            let duplicate = !ids_seen.insert(id.clone());
+            let replay = Some(get(&e.headers, h::CHOREO_REPLAY)).filter(|r| !r.is_empty());
+            let copy = steps::DlqCopy::of(&e.headers);
+            // A second copy is a duplicate unless a replay stored it.
+            let duplicate = !ids_seen.insert(id.clone()) && replay.is_none();
             let mut handlers = Vec::new();
             for (service, hm) in consumers.get(event_type.as_str()).into_iter().flatten() {
                 // A deadline's helpers show as its handler's step.
@@ -356,17 +376,17 @@ pub async fn trace(
                 {
                     continue;
                 }
+                let handler = format!("{service}.{}", hm.name);
                 let step = if duplicate {
                     Step::Duplicate
                 } else if deadline.is_some() {
                     deadline_step(js, service, hm, &corr, &id, &mut cache).await
+                } else if let Some(step) = steps::of_copy(copy.as_ref(), &replayed, &id, &handler) {
+                    step
                 } else {
-                    step_of(js, service, hm, e, &id, &letters, &mut cache).await
+                    steps::step_of(js, service, hm, e, &id, &letters, &mut cache).await
                 };
-                handlers.push(HandlerStep {
-                    handler: format!("{service}.{}", hm.name),
-                    step,
-                });
+                handlers.push(HandlerStep { handler, step });
             }
             let causation = get(&e.headers, h::CE_CAUSATIONID);
             events.push(TracedEvent {
@@ -377,6 +397,9 @@ pub async fn trace(
                 stream: e.stream.clone(),
                 sequence: e.sequence,
                 causation_id: (!causation.is_empty()).then_some(causation),
+                replay,
+                stored_ms: u64::try_from(e.published.unix_timestamp_nanos() / 1_000_000)
+                    .unwrap_or(0),
                 handlers,
                 id,
             });
@@ -398,9 +421,9 @@ pub async fn trace(
 /// What one trace has read of the server and reuses for every event: each
 /// durable's (ack floor, last delivered), and the inboxes.
 #[derive(Default)]
-struct Read {
-    floors: HashMap<String, (u64, u64)>,
-    inboxes: Inboxes,
+pub(super) struct Read {
+    pub(super) floors: HashMap<String, (u64, u64)>,
+    pub(super) inboxes: Inboxes,
 }
 
 /// Each service's inbox, opened once per trace, and the records read from
@@ -412,7 +435,7 @@ pub(super) struct Inboxes {
 }
 
 impl Inboxes {
-    async fn view(
+    pub(super) async fn view(
         &mut self,
         js: &jetstream::Context,
         service: &str,
@@ -442,79 +465,5 @@ impl Inboxes {
         };
         self.records.insert(key, at);
         at
-    }
-}
-
-async fn step_of(
-    js: &jetstream::Context,
-    service: &str,
-    hm: &crate::registry::HandlerManifest,
-    e: &Seen,
-    id: &str,
-    letters: &[Seen],
-    read: &mut Read,
-) -> Step {
-    if let Some(l) = letters.iter().find(|l| {
-        get(&l.headers, h::CE_ID) == id
-            && get(&l.headers, crate::dlq::SERVICE) == service
-            && get(&l.headers, crate::dlq::HANDLER) == hm.name
-    }) {
-        return Step::DeadLettered {
-            reason: get(&l.headers, crate::dlq::REASON),
-        };
-    }
-    if hm.options.idempotent
-        && let Ok(id) = id.parse()
-        && let Some(ms) = read.inboxes.recorded(js, service, &hm.name, id).await
-    {
-        return Step::Handled { at_ms: ms };
-    }
-    let floors = &mut read.floors;
-    if !floors.contains_key(&hm.durable) {
-        let floor = match js
-            .get_consumer_from_stream::<consumer::pull::Config, _, _>(&hm.durable, &e.stream)
-            .await
-        {
-            Ok(mut c) => c
-                .info()
-                .await
-                .map(|i| (i.ack_floor.stream_sequence, i.delivered.stream_sequence))
-                .unwrap_or_default(),
-            Err(_) => (0, 0),
-        };
-        floors.insert(hm.durable.clone(), floor);
-    }
-    let (acked, delivered) = floors[&hm.durable];
-    if e.sequence <= acked {
-        return Step::Acknowledged;
-    }
-    if hm.options.idempotent
-        && let Ok(id) = id.parse()
-        && let Some(inbox) = read.inboxes.view(js, service).await
-        && let Some(note) = inbox.note(&hm.name, id).await
-    {
-        return match note {
-            crate::inbox::Note::Running { at_ms, attempt, of } => Step::Running {
-                attempt,
-                max_deliver: of,
-                at_ms,
-            },
-            crate::inbox::Note::Retrying {
-                attempt,
-                of,
-                retry_at_ms,
-                error,
-            } => Step::Retrying {
-                attempt,
-                max_deliver: of,
-                retry_at_ms,
-                error,
-            },
-        };
-    }
-    if e.sequence > delivered {
-        Step::NotDelivered
-    } else {
-        Step::InFlight
     }
 }

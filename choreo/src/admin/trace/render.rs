@@ -9,13 +9,32 @@ impl Flow {
     /// The flow as a causation tree, each event with its handlers' states.
     /// With `times`, each line says when.
     pub fn tree(&self, times: bool) -> String {
-        let by_id: BTreeMap<&str, &TracedEvent> =
-            self.events.iter().map(|e| (e.id.as_str(), e)).collect();
-        let mut children: BTreeMap<&str, Vec<&TracedEvent>> = BTreeMap::new();
+        let mut by_id: BTreeMap<&str, Vec<&TracedEvent>> = BTreeMap::new();
+        for e in &self.events {
+            by_id.entry(e.id.as_str()).or_default().push(e);
+        }
+        // Under which stored copy of its cause an event goes: the last one
+        // stored before it (a replayed copy's emissions go under the copy,
+        // the original's under the original), so no subtree shows twice.
+        let mut children: BTreeMap<(&str, u64), Vec<&TracedEvent>> = BTreeMap::new();
         let mut roots = Vec::new();
         for e in &self.events {
-            match e.causation_id.as_deref().filter(|c| by_id.contains_key(c)) {
-                Some(c) => children.entry(c).or_default().push(e),
+            let parent = e
+                .causation_id
+                .as_deref()
+                .and_then(|c| by_id.get(c))
+                .and_then(|copies| {
+                    copies
+                        .iter()
+                        .rev()
+                        .find(|p| p.stored_ms <= e.stored_ms)
+                        .or_else(|| copies.first())
+                });
+            match parent {
+                Some(p) => children
+                    .entry((p.stream.as_str(), p.sequence))
+                    .or_default()
+                    .push(e),
                 None => roots.push(e),
             }
         }
@@ -144,6 +163,9 @@ fn step_text(s: &Step, times: bool) -> String {
         Step::NotDelivered => "not yet delivered".into(),
         Step::InFlight => "in flight or retrying".into(),
         Step::DeadLettered { reason } => format!("dead-lettered: {reason}"),
+        Step::DeadLetteredThenReplayed { letter } => {
+            format!("dead-lettered, then replayed (letter #{letter})")
+        }
         Step::DeadlinePending { fires_at_ms } if times => {
             format!("deadline pending, fires at {}", at(*fires_at_ms))
         }
@@ -175,7 +197,7 @@ fn step_text(s: &Step, times: bool) -> String {
 fn node(
     out: &mut String,
     e: &TracedEvent,
-    children: &BTreeMap<&str, Vec<&TracedEvent>>,
+    children: &BTreeMap<(&str, u64), Vec<&TracedEvent>>,
     prefix: &str,
     last: bool,
     times: bool,
@@ -190,12 +212,22 @@ fn node(
     } else {
         String::new()
     };
+    let copy = match e.replay.as_deref() {
+        None => String::new(),
+        Some(r) => match r.split_whitespace().collect::<Vec<_>>()[..] {
+            ["dlq", letter, ..] => format!(" (replay of dead letter #{letter})"),
+            _ => format!(" (stored again by a replay of {r})"),
+        },
+    };
     out.push_str(&format!(
-        "{prefix}{branch}{} [{}]{when} {}\n",
+        "{prefix}{branch}{} [{}]{when} {}{copy}\n",
         e.event_type, e.source, e.subject
     ));
     let inner = format!("{prefix}{more}");
-    let kids = children.get(e.id.as_str()).cloned().unwrap_or_default();
+    let kids = children
+        .get(&(e.stream.as_str(), e.sequence))
+        .cloned()
+        .unwrap_or_default();
     for (i, hs) in e.handlers.iter().enumerate() {
         let last_line = kids.is_empty() && i + 1 == e.handlers.len();
         let mark = if last_line { "└· " } else { "├· " };
