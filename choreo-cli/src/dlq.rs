@@ -146,6 +146,76 @@ fn json(l: &DeadLetter) -> serde_json::Value {
     })
 }
 
+/// What the schema check of a corrected payload found.
+enum Checked {
+    /// It matches the schema of this event (name and version).
+    Matches(String),
+    /// No manifest in the registry carries a schema for this event.
+    NoSchema(String),
+}
+
+/// Checks `json` against the JSON Schema of the letter's event at its
+/// version, as the registry's manifests describe it (the letter's handler
+/// first, then any producer or consumer of that version).
+///
+/// # Errors
+/// The payload does not match: each problem with where it is.
+async fn check_payload(
+    js: &jetstream::Context,
+    letter: &DeadLetter,
+    json: &str,
+) -> Result<Checked, BoxError> {
+    let event = letter.event_type().to_owned();
+    let version: u32 = letter
+        .headers
+        .get(choreo::headers::CE_EVENTVERSION)
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(1);
+    let what = format!("{event} v{version}");
+    let (manifests, publishers) = choreo::admin::manifests(js).await.unwrap_or_default();
+    let of_handler = manifests
+        .iter()
+        .filter(|m| m.service == letter.service)
+        .flat_map(|m| &m.handlers)
+        .filter(|h| {
+            h.name == letter.handler && h.consumes.event == event && h.consumes.version == version
+        })
+        .filter_map(|h| h.consumes.schema.clone());
+    let anywhere = manifests
+        .iter()
+        .flat_map(|m| &m.handlers)
+        .flat_map(|h| h.emits.iter().flatten())
+        .chain(publishers.iter().map(|p| &p.event))
+        .filter(|e| e.event == event && e.version == version)
+        .filter_map(|e| e.schema.clone());
+    let Some(schema) = of_handler.chain(anywhere).next() else {
+        return Ok(Checked::NoSchema(what));
+    };
+    let instance: serde_json::Value = serde_json::from_str(json)?;
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| format!("the registry's schema of {what} cannot be read: {e}"))?;
+    let problems: Vec<String> = validator
+        .iter_errors(&instance)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            if at.is_empty() {
+                e.to_string()
+            } else {
+                format!("at {at}: {e}")
+            }
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(Checked::Matches(what))
+    } else {
+        Err(format!(
+            "the corrected payload does not match the schema of {what}, so nothing was replayed: {}",
+            problems.join("; ")
+        )
+        .into())
+    }
+}
+
 /// `n` and its noun, singular or plural.
 fn counted(n: impl TryInto<u64>, noun: &str) -> String {
     choreo::__private::counted(n.try_into().unwrap_or(u64::MAX), noun)
@@ -308,6 +378,19 @@ pub(crate) async fn run(
             // Checked before anything is read or changed.
             let corrected = payload.as_deref().map(dlq::payload_from_json).transpose()?;
             let letters = chosen(js, which).await?;
+            // A corrected payload is checked against its event's schema,
+            // where one is known, before anything is replayed.
+            if let (Some(json), Some(letter)) = (payload.as_deref(), letters.first()) {
+                match check_payload(js, letter, json).await? {
+                    Checked::Matches(what) => {
+                        out!("the corrected payload matches the schema of {what}\n");
+                    }
+                    Checked::NoSchema(what) => eprintln!(
+                        "choreo: no schema is known for {what} (declare it with #[event(schema)]): \
+                         the corrected payload is checked as JSON only, and its handler decides"
+                    ),
+                }
+            }
             if *dry_run {
                 out!("would replay {}:\n", counted(letters.len(), "letter"));
                 for l in &letters {

@@ -10,7 +10,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use choreo::{Context, HandlerError, Publisher, State, event_handler};
+use choreo::{Context, HandlerError, Publisher, State, event, event_handler};
 use choreo_testkit::NatsServer;
 use common::{Billed, InvoiceRequested, World, choreo, request, start, until};
 
@@ -279,4 +279,116 @@ async fn ten_letters_from_a_bug_are_listed_shown_and_replayed_once_each_after_th
     assert!(letters(&server).is_empty());
     billing.shutdown().await;
     mailer.shutdown().await;
+}
+
+/// A refund whose event carries its JSON Schema (`#[event(schema)]`).
+#[event(subject = "refunds.{order_id}.requested", key = order_id, schema)]
+#[derive(schemars::JsonSchema)]
+pub struct RefundRequested {
+    pub order_id: String,
+    pub amount: u64,
+}
+
+/// Refunds, refusing a zero amount for good.
+#[event_handler(emits = [], max_deliver = 1)]
+async fn refund(r: RefundRequested, State(w): State<World>) -> Result<(), HandlerError> {
+    if r.amount == 0 {
+        return Err(HandlerError::permanent("amount must be positive"));
+    }
+    *w.billed.lock().unwrap().entry(r.order_id).or_default() += 1;
+    Ok(())
+}
+
+/// A corrected payload is checked against the event's schema before
+/// anything is replayed, `--dry-run` included: a payload that does not fit
+/// is refused with where it does not; one that fits is replayed. A letter
+/// whose event has no schema says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrected_payload_is_checked_against_the_event_schema() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let w = World::default();
+    let refunds = start(&client, "refunds", &w, refund).await;
+    let billing = start(&client, "billing", &w, bill).await;
+    let shop = Publisher::new(client.clone(), "shop").unwrap();
+    shop.publish(&RefundRequested {
+        order_id: "r-1".into(),
+        amount: 0,
+    })
+    .await
+    .unwrap();
+    request(&shop, "zero", 1, 0).await;
+    until("two letters", || letters(&server).len() == 2).await;
+    let seq_of = |event: &str| {
+        letters(&server)
+            .iter()
+            .find(|l| l["event_type"] == event)
+            .unwrap_or_else(|| panic!("no {event} letter"))["sequence"]
+            .to_string()
+    };
+    let refund_letter = seq_of("RefundRequested");
+    for (payload, says) in [
+        (r#"{"order_id": "r-1", "amount": "five"}"#, "at /amount"),
+        (r#"{"order_id": "r-1"}"#, "amount"),
+    ] {
+        for dry in [true, false] {
+            let mut args = vec![
+                "dlq",
+                "replay",
+                refund_letter.as_str(),
+                "--payload",
+                payload,
+            ];
+            if dry {
+                args.push("--dry-run");
+            }
+            let (code, _, err) = choreo(&server, &args);
+            assert_eq!(code, Some(2), "{args:?}: {err}");
+            assert!(
+                err.contains("does not match the schema of RefundRequested v1")
+                    && err.contains(says),
+                "{args:?}: {err}"
+            );
+        }
+    }
+    assert_eq!(letters(&server).len(), 2, "nothing replayed");
+    let (code, out, err) = choreo(
+        &server,
+        &[
+            "dlq",
+            "replay",
+            &refund_letter,
+            "--payload",
+            r#"{"order_id": "r-1", "amount": 7}"#,
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("the corrected payload matches the schema of RefundRequested v1"),
+        "{out}"
+    );
+    until("refunded", || {
+        w.billed.lock().unwrap().get("r-1") == Some(&1)
+    })
+    .await;
+    // No schema for InvoiceRequested: said, and the handler decides.
+    let invoice_letter = seq_of("InvoiceRequested");
+    let (code, _, err) = choreo(
+        &server,
+        &[
+            "dlq",
+            "replay",
+            &invoice_letter,
+            "--payload",
+            r#"{"order_id": "zero-0", "amount": 3}"#,
+            "--dry-run",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("no schema is known for InvoiceRequested v1"),
+        "{err}"
+    );
+    refunds.shutdown().await;
+    billing.shutdown().await;
 }
