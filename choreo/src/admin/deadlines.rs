@@ -28,7 +28,7 @@ pub struct Pending {
     /// Events its B watchers (`<handler>__met_<B>`) have not handled yet.
     /// A deadline that falls due waits for them to handle every B stored
     /// by its due time before it fires, so a backlog here delays outcomes
-    /// (filled by [`status`](crate::admin::status); 0 from [`pending`]).
+    /// (filled by [`status`](crate::admin::status()); 0 from [`pending`]).
     #[serde(default)]
     pub watchers_waiting: u64,
     /// How long the oldest event its B watchers have not handled has been
