@@ -98,6 +98,32 @@ async fn run_shop(
 /// three helpers (its schedule and a watcher per `unless` event).
 const SHOP_HANDLERS: usize = 13;
 
+/// The first `n` lines `keep` accepts of `choreo status --watch <args>`
+/// (every 200 ms) against `url`; the command is then stopped.
+async fn watch(url: &str, args: &[&str], keep: fn(&str) -> bool, n: usize) -> Vec<String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args(["-s", url, "status", "--watch", "--interval", "200ms"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map(Result::unwrap)
+            .filter(|l| keep(l))
+            .take(n)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    lines
+}
+
 /// Whether every payment deadline of the shop is decided (the unpaid
 /// orders expire a few seconds after the others end).
 fn expired(status: &serde_json::Value) -> bool {
@@ -253,33 +279,8 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
     );
 
     // --watch: one judged reading per interval, each a line of JSON.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_choreo"))
-        .args([
-            "-s",
-            &shop.server.url(),
-            "status",
-            "--watch",
-            "--json",
-            "--interval",
-            "200ms",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let lines = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map(Result::unwrap)
-            .filter(|l| !l.is_empty())
-            .take(3)
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
-    child.kill().unwrap();
-    let _ = child.wait();
+    let url = shop.server.url();
+    let lines = watch(&url, &["--json"], |l| !l.is_empty(), 3).await;
     let readings: Vec<serde_json::Value> = lines
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -293,32 +294,7 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
     );
     assert!(readings[0]["taken_at_ms"].as_u64() < readings[2]["taken_at_ms"].as_u64());
     // As text, each reading starts with the time it was taken.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_choreo"))
-        .args([
-            "-s",
-            &shop.server.url(),
-            "status",
-            "--watch",
-            "--interval",
-            "200ms",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stamps = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map(Result::unwrap)
-            .filter(|l| l.starts_with("at "))
-            .take(2)
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
-    child.kill().unwrap();
-    let _ = child.wait();
+    let stamps = watch(&url, &[], |l| l.starts_with("at "), 2).await;
     assert_eq!(stamps.len(), 2, "{stamps:?}");
     for s in &stamps {
         let t = s.trim_start_matches("at ");

@@ -226,7 +226,7 @@ async fn every_version_a_source_publishes_is_recorded_and_flush_waits_for_it() {
         .unwrap();
     publisher.flush().await;
     let js = jetstream::new(client.clone());
-    let recorded = registry::publishers(&js).await.unwrap();
+    let recorded = read_publishers(&js).await.unwrap();
     let versions: Vec<(String, String, u32)> = recorded
         .iter()
         .map(|p| (p.source.clone(), p.event.event.clone(), p.event.version))
@@ -238,6 +238,14 @@ async fn every_version_a_source_publishes_is_recorded_and_flush_waits_for_it() {
             ("checkout".to_owned(), "OrderPlaced".to_owned(), 2),
         ]
     );
+}
+
+/// The registry's errors are errors: `?` takes them into `Box<dyn Error>`
+/// (this does not compile where they are not).
+async fn read_publishers(
+    js: &jetstream::Context,
+) -> Result<Vec<registry::PublishedEvent>, Box<dyn std::error::Error>> {
+    Ok(registry::publishers(js).await?)
 }
 
 /// A program that publishes and exits at once: with `flush`, its record

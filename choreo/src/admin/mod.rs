@@ -71,7 +71,7 @@ pub(crate) async fn read_registry(
 ) -> Result<Vec<registry::Instance>, AdminError> {
     let what = format!("the registry (bucket {})", registry::BUCKET);
     match crate::nats::or_denied(&js.client(), registry::instances(js)).await {
-        Ok(read) => read.map_err(|e| AdminError::new(js, what, e)),
+        Ok(read) => read.map_err(|e| AdminError::new(js, what, e.into_source())),
         Err(violation) => Err(AdminError::denied(what, violation)),
     }
 }

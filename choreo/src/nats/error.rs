@@ -221,15 +221,6 @@ impl std::fmt::Debug for Source {
     }
 }
 
-/// A `Source` is an error itself, so `?` takes it into `Box<dyn Error>` or
-/// `anyhow::Error` (what `registry::publishers` returns, say). Its own
-/// `source()` is the wrapped error's.
-impl std::error::Error for Source {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.source()
-    }
-}
-
 impl From<Box<dyn std::error::Error + Send + Sync + 'static>> for Source {
     fn from(e: Box<dyn std::error::Error + Send + Sync + 'static>) -> Self {
         Self(Arc::from(e))

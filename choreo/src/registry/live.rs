@@ -92,12 +92,38 @@ fn key(service: &str, instance: &str) -> String {
     format!("services.{service}.{instance}")
 }
 
+/// A registry bucket could not be read. An error of its own (so `?` takes
+/// it into `Box<dyn Error>` or `anyhow::Error`); its `source()` is the
+/// client's error.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("cannot read the registry bucket {bucket}: {source}")]
+#[non_exhaustive]
+pub struct RegistryError {
+    /// The bucket.
+    pub bucket: &'static str,
+    #[source]
+    source: crate::nats::Source,
+}
+
+impl RegistryError {
+    fn of(bucket: &'static str) -> impl FnOnce(crate::nats::Source) -> Self {
+        move |source| Self { bucket, source }
+    }
+
+    /// The client's error, for choreo's own errors to carry.
+    pub(crate) fn into_source(self) -> crate::nats::Source {
+        self.source
+    }
+}
+
 /// Every instance the registry shows, live and stale, sorted by service.
 ///
 /// # Errors
 /// The bucket cannot be read (none exists when no service ever started).
-pub async fn instances(js: &jetstream::Context) -> Result<Vec<Instance>, crate::nats::Source> {
-    let mut out: Vec<Instance> = read_all(js, BUCKET).await?;
+pub async fn instances(js: &jetstream::Context) -> Result<Vec<Instance>, RegistryError> {
+    let mut out: Vec<Instance> = read_all(js, BUCKET)
+        .await
+        .map_err(RegistryError::of(BUCKET))?;
     out.sort_by(|a, b| (&a.manifest.service, &a.instance).cmp(&(&b.manifest.service, &b.instance)));
     Ok(out)
 }
@@ -179,10 +205,10 @@ pub use crate::publish::{PUBLISHERS_BUCKET, PublishedEvent};
 ///
 /// # Errors
 /// The bucket cannot be read (none exists before the first publish).
-pub async fn publishers(
-    js: &jetstream::Context,
-) -> Result<Vec<PublishedEvent>, crate::nats::Source> {
-    let mut out: Vec<PublishedEvent> = read_all(js, PUBLISHERS_BUCKET).await?;
+pub async fn publishers(js: &jetstream::Context) -> Result<Vec<PublishedEvent>, RegistryError> {
+    let mut out: Vec<PublishedEvent> = read_all(js, PUBLISHERS_BUCKET)
+        .await
+        .map_err(RegistryError::of(PUBLISHERS_BUCKET))?;
     out.sort_by(|a, b| {
         let key = |p: &PublishedEvent| (p.source.clone(), p.event.event.clone(), p.event.version);
         key(a).cmp(&key(b))

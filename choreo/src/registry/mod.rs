@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 mod live;
 
 pub use live::{
-    BUCKET, HEARTBEAT, Instance, MAX_AGE, PUBLISHERS_BUCKET, PublishedEvent, instances, publishers,
+    BUCKET, HEARTBEAT, Instance, MAX_AGE, PUBLISHERS_BUCKET, PublishedEvent, RegistryError,
+    instances, publishers,
 };
 pub(crate) use live::{Record, heartbeat, host_name, now_ms};
 
