@@ -733,6 +733,40 @@ async fn raw_publish_case(n: u64) -> Result<f64, BoxError> {
     Ok(report_rate("raw publish", n, start, cpu0))
 }
 
+/// The raw publish loop written as choreo's publishes are driven: 256
+/// futures polled at once, each sending its event and awaiting its PubAck,
+/// where [`raw_publish`] sends one at a time and collects the acks apart.
+/// `--only publish_pattern` compares the two, to tell what the pattern
+/// costs from what choreo's own work costs.
+async fn raw_publish_buffered_case(n: u64) -> Result<f64, BoxError> {
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(server.connect().await?);
+    raw_stream(&js, "RAWBENCH", "rawbench.>").await?;
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let js = js.clone();
+            async move {
+                let key = i.to_string();
+                let id = v5(&[b"key", b"BenchPlaced", key.as_bytes()]).to_string();
+                let h = raw_headers(&id, "BenchPlaced", "bench", &id, None);
+                let payload = cbor(&RawEvent {
+                    id: i,
+                    note: note(),
+                });
+                js.publish_with_headers(format!("rawbench.{i}.placed"), h, payload)
+                    .await?
+                    .await?;
+                Ok::<(), BoxError>(())
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_for_each(|()| async { Ok(()) })
+        .await?;
+    Ok(report_rate("raw publish, buffered", n, start, cpu0))
+}
+
 /// `--inbox-prefill`: records already in each inbox group before a run.
 static PREFILL: AtomicU64 = AtomicU64::new(0);
 
@@ -1248,6 +1282,16 @@ async fn main() -> Result<(), BoxError> {
             median_pair(repeat, || choreo_publish(n), || raw_publish_case(n)).await?;
         rows.push(("publish (msgs/s)", c, r, ratio));
         ratios.push(("publish", ratio));
+    }
+    if only.as_deref() == Some("publish_pattern") {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || raw_publish_buffered_case(n),
+            || raw_publish_case(n),
+        )
+        .await?;
+        rows.push(("raw publish, 256 futures vs one loop (msgs/s)", c, r, ratio));
+        ratios.push(("publish_pattern", ratio));
     }
     // The handler cases; the last one prices the inbox's read (no ratio line).
     for (case, label, inbox, raw_kv, ratio_line) in [
