@@ -1,8 +1,6 @@
 //! The shop on a 3-node cluster with R3 streams, under load, through node
-//! crashes (the stream leader among them) and crashed service processes
-//! (payments, and one of two orders instances): every order ends once,
-//! nothing is lost or done twice, the ordered notices stay in order and
-//! the deadlines exact.
+//! crashes (the stream leader among them) and a crashed service process:
+//! every order ends, nothing is lost or done twice.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::process::{Child, Command, Stdio};
@@ -21,14 +19,12 @@ const ORDERS: u64 = 2000;
 /// the margin shows before it runs out; 90 s leaves three times CI's worst.
 const PAYMENT_DEADLINE: Duration = Duration::from_secs(90);
 const CHILD_URL: &str = "CHOREO_FAILOVER_CHILD_URL";
-const CHILD_SERVICE: &str = "CHOREO_FAILOVER_CHILD_SERVICE";
 
-/// A shop service in its own process (this test binary, re-run): the one
-/// `CHOREO_FAILOVER_CHILD_SERVICE` names.
+/// The payments service in its own process (this test binary, re-run).
 #[test]
-#[ignore = "a service process of the failover test; run by it"]
-fn service_process() {
-    let (Ok(url), Ok(name)) = (std::env::var(CHILD_URL), std::env::var(CHILD_SERVICE)) else {
+#[ignore = "the payments process of the failover test; run by it"]
+fn payments_process() {
+    let Ok(url) = std::env::var(CHILD_URL) else {
         return;
     };
     tracing_subscriber::fmt()
@@ -44,27 +40,25 @@ fn service_process() {
         .await
         .unwrap();
         let ledger = Ledger::open(&client, 3).await.unwrap();
-        let settings = StreamSettings::default().replicas(3);
-        let handle = shop::service_with_deadline(&name, ledger, settings, PAYMENT_DEADLINE)
+        let handle = shop::service("payments", ledger, StreamSettings::default().replicas(3))
             .start(client)
             .await
             .unwrap();
-        println!("{name} ready");
+        println!("payments ready");
         std::future::pending::<()>().await;
         drop(handle);
     });
 }
 
-fn spawn_service(name: &str, urls: &str, log: &std::path::Path) -> Child {
+fn spawn_payments(urls: &str, log: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "service_process", "--ignored", "--nocapture"])
+        .args(["--exact", "payments_process", "--ignored", "--nocapture"])
         .env(CHILD_URL, urls)
-        .env(CHILD_SERVICE, name)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -80,28 +74,6 @@ async fn publisher_streams(client: &choreo::async_nats::Client) {
     p.ensure_stream::<shop::PaymentCaptured>().await.unwrap();
     p.ensure_stream::<shop::StockReserved>().await.unwrap();
     p.ensure_stream::<shop::OrderShipped>().await.unwrap();
-}
-
-/// Waits until each `(stream, durable)` exists.
-async fn consumers_exist(client: &choreo::async_nats::Client, which: &[(&str, &str)]) {
-    let js = choreo::async_nats::jetstream::new(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for (stream, durable) in which {
-        loop {
-            if let Ok(s) = js.get_stream(*stream).await
-                && s.get_consumer::<choreo::async_nats::jetstream::consumer::pull::Config>(durable)
-                    .await
-                    .is_ok()
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{durable} on {stream} never came"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
 }
 
 /// The slowest payment answer of `run` (its `PaymentCaptured` or
@@ -213,7 +185,7 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
     let settings = StreamSettings::default().replicas(3);
     let ledger = Ledger::open(&client, 3).await.unwrap();
     let mut handles = Vec::new();
-    for name in ["inventory", "shipping"] {
+    for name in ["orders", "inventory", "shipping"] {
         handles.push(
             // Longer than the payments outages this run causes.
             shop::service_with_deadline(name, ledger.clone(), settings.clone(), PAYMENT_DEADLINE)
@@ -226,30 +198,11 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
         "choreo-failover-payments-{}.log",
         std::process::id()
     ));
-    let mut payments = spawn_service("payments", &urls, &child_log);
-    let orders_log =
-        std::env::temp_dir().join(format!("choreo-failover-orders-{}.log", std::process::id()));
-    // Two orders instances: they share the deadlines and the ordered
-    // notices' partitions, and one of them is killed below.
-    let mut orders = [
-        spawn_service("orders", &urls, &orders_log),
-        spawn_service("orders", &urls, &orders_log),
-    ];
+    let mut payments = spawn_payments(&urls, &child_log);
     let recorder = Recorder::start(&client).await.unwrap();
     let run = "fo";
-    // Every stream exists before the load starts, and the service
-    // processes' consumers (a deadline's schedule starts at new orders).
+    // Every stream exists before the load starts.
     publisher_streams(&client).await;
-    consumers_exist(
-        &client,
-        &[
-            ("ORDERS", "orders--expire_unpaid__schedule"),
-            ("ORDERS", "payments--charge_payment"),
-            ("PAYMENTS", "orders--confirm_payment"),
-            ("PAYMENTS", "orders--expire_unpaid__met_PaymentCaptured"),
-        ],
-    )
-    .await;
     let started_load = Instant::now();
     let publisher = Publisher::new(client.clone(), "storefront")
         .unwrap()
@@ -310,20 +263,7 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
         ended(&recorder, run).await
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    payments = spawn_service("payments", &urls, &child_log);
-
-    // 2b. At 11 s: SIGKILL an orders instance (deadlines, notices and
-    //     payment confirmations in flight), start a new one.
-    tokio::time::sleep_until(at(11).into()).await;
-    orders[0].kill().unwrap();
-    orders[0].wait().unwrap();
-    faults.push(format!(
-        "t={:.1}s kill -9 an orders process ({} orders ended)",
-        started_load.elapsed().as_secs_f64(),
-        ended(&recorder, run).await
-    ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    orders[0] = spawn_service("orders", &urls, &orders_log);
+    payments = spawn_payments(&urls, &child_log);
 
     // 3. At 13 s: SIGKILL the PAYMENTS stream leader, restart it.
     tokio::time::sleep_until(at(13).into()).await;
@@ -367,20 +307,15 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
         faults.join("; "),
         started.elapsed().as_secs_f64()
     );
-    for child in std::iter::once(&mut payments).chain(orders.iter_mut()) {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    payments.kill().unwrap();
+    let _ = payments.wait();
     if summary != Summary::expected(ORDERS) {
-        let tail = |log: &std::path::Path| {
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            log.lines().rev().take(60).collect::<Vec<_>>().join("\n")
-        };
+        let log = std::fs::read_to_string(&child_log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
         panic!(
-            "{summary} slowest_payment={slowest:?} orders with two endings: {twice:?}\n{}\n--- payments process log (last 60 lines, newest first) ---\n{}\n--- orders processes' log (last 60 lines, newest first) ---\n{}",
+            "{summary} slowest_payment={slowest:?} orders with two endings: {twice:?}\n{}\n--- payments process log (last 60 lines, newest first) ---\n{}",
             diagnose(&recorder, &client).await,
-            tail(&child_log),
-            tail(&orders_log)
+            tail.join("\n")
         );
     }
     assert!(summary.is_clean());
