@@ -37,14 +37,14 @@ struct Inner {
     /// What the handler declares it emits (`None`: undeclared).
     emits: Option<&'static [EventType]>,
     emitted: Mutex<Emitted>,
+    /// The delivery is done with, but the event is not handled: ack it
+    /// without an inbox record (a deadline's fired copy put off).
+    put_off: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
 struct Emitted {
     sealed: bool,
-    /// The delivery is done with, but the event is not handled: ack it
-    /// without an inbox record (a deadline's fired copy put off).
-    put_off: bool,
     counts: HashMap<&'static str, u32>,
     out: Vec<Result<Outgoing, PublishError>>,
 }
@@ -85,6 +85,7 @@ impl Context {
                 states,
                 emits,
                 emitted: Mutex::new(Emitted::default()),
+                put_off: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -189,19 +190,15 @@ impl Context {
     /// recording it in the inbox.
     pub(crate) fn put_off(&self) {
         self.inner
-            .emitted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .put_off = true;
+            .put_off
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether [`put_off`](Self::put_off) was called.
     pub(crate) fn is_put_off(&self) -> bool {
         self.inner
-            .emitted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .put_off
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Emits `event` once the handler returns `Ok`. Its id is deterministic:
