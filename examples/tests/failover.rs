@@ -1,6 +1,8 @@
 //! The shop on a 3-node cluster with R3 streams, under load, through node
-//! crashes (the stream leader among them) and a crashed service process:
-//! every order ends, nothing is lost or done twice.
+//! crashes (the stream leader among them) and crashed service processes
+//! (payments, and one of two orders instances): every order ends once,
+//! nothing is lost or done twice, the ordered notices stay in order and
+//! the deadlines exact.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::process::{Child, Command, Stdio};
@@ -19,12 +21,14 @@ const ORDERS: u64 = 2000;
 /// the margin shows before it runs out; 90 s leaves three times CI's worst.
 const PAYMENT_DEADLINE: Duration = Duration::from_secs(90);
 const CHILD_URL: &str = "CHOREO_FAILOVER_CHILD_URL";
+const CHILD_SERVICE: &str = "CHOREO_FAILOVER_CHILD_SERVICE";
 
-/// The payments service in its own process (this test binary, re-run).
+/// A shop service in its own process (this test binary, re-run): the one
+/// `CHOREO_FAILOVER_CHILD_SERVICE` names.
 #[test]
-#[ignore = "the payments process of the failover test; run by it"]
-fn payments_process() {
-    let Ok(url) = std::env::var(CHILD_URL) else {
+#[ignore = "a service process of the failover test; run by it"]
+fn service_process() {
+    let (Ok(url), Ok(name)) = (std::env::var(CHILD_URL), std::env::var(CHILD_SERVICE)) else {
         return;
     };
     tracing_subscriber::fmt()
@@ -40,26 +44,28 @@ fn payments_process() {
         .await
         .unwrap();
         let ledger = Ledger::open(&client, 3).await.unwrap();
-        let handle = shop::service("payments", ledger, StreamSettings::default().replicas(3))
+        let settings = StreamSettings::default().replicas(3);
+        let handle = shop::service_with_deadline(&name, ledger, settings, PAYMENT_DEADLINE)
             .start(client)
             .await
             .unwrap();
-        println!("payments ready");
+        println!("{name} ready");
         std::future::pending::<()>().await;
         drop(handle);
     });
 }
 
-fn spawn_payments(urls: &str, log: &std::path::Path) -> Child {
+fn spawn_service(name: &str, urls: &str, log: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "payments_process", "--ignored", "--nocapture"])
+        .args(["--exact", "service_process", "--ignored", "--nocapture"])
         .env(CHILD_URL, urls)
-        .stdout(Stdio::null())
+        .env(CHILD_SERVICE, name)
+        .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
         .unwrap()
@@ -74,6 +80,32 @@ async fn publisher_streams(client: &choreo::async_nats::Client) {
     p.ensure_stream::<shop::PaymentCaptured>().await.unwrap();
     p.ensure_stream::<shop::StockReserved>().await.unwrap();
     p.ensure_stream::<shop::OrderShipped>().await.unwrap();
+}
+
+/// Waits until a service process says it is ready: its service started,
+/// so every consumer it reads with exists (a deadline's schedule step and
+/// its watchers start at new events; what is stored before they exist is
+/// not theirs).
+async fn ready(child: &mut Child, name: &str) {
+    let out = child.stdout.take().unwrap();
+    let line = format!("{name} ready");
+    let (said, ready) = tokio::sync::oneshot::channel();
+    // Reads to the end, so the process never writes to a closed pipe.
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut said = Some(said);
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if l == line
+                && let Some(said) = said.take()
+            {
+                let _ = said.send(());
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(120), ready)
+        .await
+        .unwrap_or_else(|_| panic!("the {name} process was not ready in 120 s"))
+        .unwrap_or_else(|_| panic!("the {name} process ended before it was ready"));
 }
 
 /// The slowest payment answer of `run` (its `PaymentCaptured` or
@@ -185,7 +217,7 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
     let settings = StreamSettings::default().replicas(3);
     let ledger = Ledger::open(&client, 3).await.unwrap();
     let mut handles = Vec::new();
-    for name in ["orders", "inventory", "shipping"] {
+    for name in ["inventory", "shipping"] {
         handles.push(
             // Longer than the payments outages this run causes.
             shop::service_with_deadline(name, ledger.clone(), settings.clone(), PAYMENT_DEADLINE)
@@ -198,11 +230,24 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
         "choreo-failover-payments-{}.log",
         std::process::id()
     ));
-    let mut payments = spawn_payments(&urls, &child_log);
+    let mut payments = spawn_service("payments", &urls, &child_log);
+    let orders_log =
+        std::env::temp_dir().join(format!("choreo-failover-orders-{}.log", std::process::id()));
+    // Two orders instances: they share the deadlines and the ordered
+    // notices' partitions, and one of them is killed below.
+    let mut orders = [
+        spawn_service("orders", &urls, &orders_log),
+        spawn_service("orders", &urls, &orders_log),
+    ];
     let recorder = Recorder::start(&client).await.unwrap();
     let run = "fo";
-    // Every stream exists before the load starts.
+    // Every stream exists before the load starts, and every service
+    // process has started.
     publisher_streams(&client).await;
+    ready(&mut payments, "payments").await;
+    for o in &mut orders {
+        ready(o, "orders").await;
+    }
     let started_load = Instant::now();
     let publisher = Publisher::new(client.clone(), "storefront")
         .unwrap()
@@ -263,7 +308,20 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
         ended(&recorder, run).await
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    payments = spawn_payments(&urls, &child_log);
+    payments = spawn_service("payments", &urls, &child_log);
+
+    // 2b. At 11 s: SIGKILL an orders instance (deadlines, notices and
+    //     payment confirmations in flight), start a new one.
+    tokio::time::sleep_until(at(11).into()).await;
+    orders[0].kill().unwrap();
+    orders[0].wait().unwrap();
+    faults.push(format!(
+        "t={:.1}s kill -9 an orders process ({} orders ended)",
+        started_load.elapsed().as_secs_f64(),
+        ended(&recorder, run).await
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    orders[0] = spawn_service("orders", &urls, &orders_log);
 
     // 3. At 13 s: SIGKILL the PAYMENTS stream leader, restart it.
     tokio::time::sleep_until(at(13).into()).await;
@@ -307,15 +365,20 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
         faults.join("; "),
         started.elapsed().as_secs_f64()
     );
-    payments.kill().unwrap();
-    let _ = payments.wait();
+    for child in std::iter::once(&mut payments).chain(orders.iter_mut()) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     if summary != Summary::expected(ORDERS) {
-        let log = std::fs::read_to_string(&child_log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        let tail = |log: &std::path::Path| {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            log.lines().rev().take(60).collect::<Vec<_>>().join("\n")
+        };
         panic!(
-            "{summary} slowest_payment={slowest:?} orders with two endings: {twice:?}\n{}\n--- payments process log (last 60 lines, newest first) ---\n{}",
+            "{summary} slowest_payment={slowest:?} orders with two endings: {twice:?}\n{}\n--- payments process log (last 60 lines, newest first) ---\n{}\n--- orders processes' log (last 60 lines, newest first) ---\n{}",
             diagnose(&recorder, &client).await,
-            tail.join("\n")
+            tail(&child_log),
+            tail(&orders_log)
         );
     }
     assert!(summary.is_clean());

@@ -306,3 +306,38 @@ async fn b_is_judged_by_its_stored_time_across_a_leader_change() {
     )
     .await;
 }
+
+/// A service's B watchers start before its schedule step does. Both start
+/// at new events, so the other way round a B stored between the two
+/// consumers' creation went unseen, and its A's deadline fired though B was
+/// stored in time (a failover run starting two orders processes under load
+/// expired its first orders so).
+#[tokio::test]
+async fn the_b_watchers_start_before_the_schedule_step() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let ran = Ran::default();
+    let (orders, payments) = services(&client, &choreo::StreamSettings::default(), &ran).await;
+    let created = |stream: &'static str, handler: &'static str| {
+        let js = js.clone();
+        async move {
+            let durable = choreo::__private::consumer_name("orders", handler);
+            js.get_stream(stream)
+                .await
+                .unwrap()
+                .consumer_info(&durable)
+                .await
+                .unwrap()
+                .created
+        }
+    };
+    let schedule = created(OrderPlaced::STREAM, "expire__schedule").await;
+    let watcher = created(PaymentCaptured::STREAM, "expire__met_PaymentCaptured").await;
+    assert!(
+        watcher < schedule,
+        "the watcher was created at {watcher}, the schedule step at {schedule}"
+    );
+    orders.shutdown().await;
+    payments.shutdown().await;
+}

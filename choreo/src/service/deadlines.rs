@@ -64,10 +64,11 @@ impl Service {
         d.within = within;
         let name = handler.name();
         self.deadlines = true;
-        self.handlers
-            .push(Arc::new(Typed(crate::deadline::Schedule::<H>::new(
-                name, d,
-            ))));
+        // The B watchers first: consumers are made in this order, and each
+        // starts at new events, so every B of an A the schedule step sees
+        // (stored after its consumer, so after theirs) reaches a watcher.
+        // The other way round, a B stored between the two was never seen,
+        // and its A's deadline fired though B came in time.
         struct Watchers<'a>(&'a mut Vec<Arc<dyn Erased>>, &'static str, crate::Deadline);
         impl crate::UnlessVisitor for Watchers<'_> {
             fn visit<B: crate::Event>(&mut self, index: usize) {
@@ -79,6 +80,10 @@ impl Service {
             }
         }
         <H::Unless as crate::Unless>::each(&mut Watchers(&mut self.handlers, name, d));
+        self.handlers
+            .push(Arc::new(Typed(crate::deadline::Schedule::<H>::new(
+                name, d,
+            ))));
         // Leaked once per registration: a handler's filter lives as long
         // as the program's handlers do.
         let filter: &'static str =
