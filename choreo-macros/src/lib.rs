@@ -6,6 +6,7 @@
 //! span), and expands to a small amount of code that calls into
 //! `choreo::__private`.
 
+mod aggregate;
 mod ctxt;
 mod duration;
 mod event;
@@ -25,4 +26,11 @@ pub fn event(args: TokenStream, input: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn event_handler(args: TokenStream, input: TokenStream) -> TokenStream {
     handler::expand(args.into(), input.into()).into()
+}
+
+/// Makes an enum of event types an aggregate's history. See
+/// `choreo::AggregateEvent`.
+#[proc_macro_derive(AggregateEvent)]
+pub fn derive_aggregate_event(input: TokenStream) -> TokenStream {
+    aggregate::expand(input.into()).into()
 }

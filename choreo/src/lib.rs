@@ -35,6 +35,8 @@ mod publish;
 
 mod handler;
 
+pub mod aggregate;
+
 pub mod admin;
 mod deadline;
 pub mod dlq;
@@ -48,6 +50,10 @@ mod service;
 /// The NATS client choreo is built on, re-exported so users share its version.
 pub use async_nats;
 
+pub use aggregate::{
+    Aggregate, AggregateError, AggregateErrorKind, AggregateEvent, Aggregates, Appended, At,
+    DecideError, Decided, Decider, EventVisitor, Loaded, Recorded,
+};
 pub use deadline::DEFAULT_DEADLINE_RETENTION;
 pub use event::error::CodecFailure;
 pub use event::subject::MAX_SUBJECT_LEN;
@@ -63,7 +69,7 @@ pub use handler::{
 };
 pub use inbox::{DEFAULT_RETENTION as DEFAULT_INBOX_RETENTION, InboxError, InboxErrorKind};
 pub use nats::{ConnectError, ConnectErrorKind, JetStreamApi, Source, connect};
-pub use publish::{PublishError, PublishErrorKind, Publisher, Receipt};
+pub use publish::{PUBLISH_ALL_IN_FLIGHT, PublishError, PublishErrorKind, Publisher, Receipt};
 pub use runtime::HandlerStats;
 pub use service::{
     DEFAULT_SERVER_BUDGET, RunError, RunErrorKind, Service, ServiceHandle, StartError,

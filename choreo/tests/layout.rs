@@ -7,8 +7,21 @@ use std::path::{Path, PathBuf};
 
 /// Lowest first: a module may use only those before it.
 const LAYERS: &[&str] = &[
-    "event", "nats", "observe", "wire", "topology", "publish", "handler", "inbox", "dlq",
-    "registry", "deadline", "admin", "runtime", "service",
+    "event",
+    "nats",
+    "observe",
+    "wire",
+    "topology",
+    "publish",
+    "handler",
+    "aggregate",
+    "inbox",
+    "dlq",
+    "registry",
+    "deadline",
+    "admin",
+    "runtime",
+    "service",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -282,3 +282,96 @@ async fn the_same_key_with_different_content_is_a_conflict_not_a_silent_drop() {
     let msgs = common::stream_messages(&client, "ORDERS").await;
     assert_eq!(msgs.len(), 1, "the stored event is the first one");
 }
+
+/// `publish_all` stores a batch in its order with the ids `publish` gives,
+/// answers every event, is safe to call again, and stops at a bad event
+/// with its error after answering what it had sent.
+#[tokio::test]
+async fn publish_all_stores_a_batch_in_order_with_the_same_ids_and_is_safe_to_repeat() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let publisher = Publisher::new(client.clone(), "import").unwrap();
+    // More than PUBLISH_ALL_IN_FLIGHT, so acks are awaited while sending.
+    let n = choreo::PUBLISH_ALL_IN_FLIGHT * 3 + 17;
+    let orders: Vec<OrderPlaced> = (0..n)
+        .map(|i| OrderPlaced {
+            order_id: format!("o-{i}"),
+            total_cents: i as u64,
+        })
+        .collect();
+    let receipts = publisher.publish_all(&orders).await.unwrap();
+    assert_eq!(receipts.len(), n);
+    for (i, r) in receipts.iter().enumerate() {
+        assert_eq!(r.sequence, i as u64 + 1, "stored in the order given");
+        assert!(!r.duplicate);
+        assert_eq!(r.correlation_id, r.event_id, "each is the root of its flow");
+    }
+    // The id `publish` gives the same fact: a duplicate of the batch's.
+    let again = publisher.publish(&orders[5]).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.event_id, receipts[5].event_id);
+    let msgs = common::stream_messages(&client, "ORDERS").await;
+    assert_eq!(msgs.len(), n);
+    assert!(
+        msgs.iter()
+            .enumerate()
+            .all(|(i, m)| m.subject.as_str() == format!("orders.o-{i}.placed")),
+        "the stream holds the batch in its order"
+    );
+
+    // The whole batch again: every event a duplicate, nothing stored.
+    let repeat = publisher.publish_all(&orders).await.unwrap();
+    assert!(repeat.iter().all(|r| r.duplicate));
+    assert_eq!(common::stream_messages(&client, "ORDERS").await.len(), n);
+
+    // A conflict in the middle: the error is the typed one, and the events
+    // sent before it are stored.
+    let mut mixed: Vec<OrderPlaced> = (n..n + 10)
+        .map(|i| OrderPlaced {
+            order_id: format!("o-{i}"),
+            total_cents: 1,
+        })
+        .collect();
+    mixed.insert(
+        3,
+        OrderPlaced {
+            order_id: "o-1".into(),
+            total_cents: 999,
+        },
+    );
+    let err = publisher.publish_all(&mixed).await.unwrap_err();
+    assert!(
+        matches!(&err, PublishError::Conflict { key, .. } if key == "o-1"),
+        "{err:?}"
+    );
+    let stored = common::stream_messages(&client, "ORDERS").await;
+    assert!(
+        stored
+            .iter()
+            .any(|m| m.subject.as_str() == format!("orders.o-{}.placed", n + 2)),
+        "the events before the conflict are stored"
+    );
+}
+
+/// An event over the server's `max_payload` stops `publish_all` before it
+/// is sent; the ones before it are stored, none after.
+#[tokio::test]
+async fn publish_all_refuses_an_event_too_large_and_sends_nothing_after_it() {
+    let server = NatsServer::builder()
+        .config("max_payload: 2048")
+        .start()
+        .await
+        .unwrap();
+    let client = server.connect().await.unwrap();
+    let publisher = Publisher::new(client.clone(), "svc").unwrap();
+    let notes: Vec<NoteAdded> = ["a", &"x".repeat(4000), "c"]
+        .iter()
+        .map(|t| NoteAdded {
+            text: (*t).to_owned(),
+        })
+        .collect();
+    let err = publisher.publish_all(&notes).await.unwrap_err();
+    assert!(matches!(err, PublishError::TooLarge { .. }), "{err:?}");
+    let stored = common::stream_messages(&client, "NOTES").await;
+    assert_eq!(stored.len(), 1, "the first note only");
+}

@@ -6,5 +6,6 @@ fn ui() {
     let t = trybuild::TestCases::new();
     t.compile_fail("ui/event/*.rs");
     t.compile_fail("ui/handler/*.rs");
+    t.compile_fail("ui/aggregate/*.rs");
     t.pass("ui/pass/*.rs");
 }

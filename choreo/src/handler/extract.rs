@@ -40,11 +40,11 @@ impl<E: Event> EventArg for Envelope<E> {
 }
 
 /// A handler argument after the event: [`Context`], [`State<T>`],
-/// [`Metadata`] or [`Attempt`].
+/// [`Metadata`], [`Attempt`] or a `Decider` (aggregates).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a handler argument",
     label = "unsupported handler argument",
-    note = "after the event, a handler takes `Context`, `State<T>`, `Metadata` or `Attempt`"
+    note = "after the event, a handler takes `Context`, `State<T>`, `Metadata`, `Attempt` or `Decider`"
 )]
 pub trait FromContext: Sized + Send + 'static {
     /// Extracts the argument for one invocation.

@@ -5,18 +5,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishErrorKind as NatsPublishErrorKind};
+use async_nats::jetstream;
 use bytes::Bytes;
-use futures::future::try_join_all;
 
 mod error;
 mod outgoing;
 mod record;
+mod send;
 
 pub use error::{PublishError, PublishErrorKind};
 pub(crate) use outgoing::Outgoing;
 pub use record::{PUBLISHERS_BUCKET, PublishedEvent};
+pub use send::PUBLISH_ALL_IN_FLIGHT;
 
 use crate::event::Event;
 use crate::event::EventId;
@@ -86,6 +86,9 @@ struct Inner {
     settings: StreamSettings,
     retry_for: Duration,
     ensured: Mutex<HashSet<&'static str>>,
+    /// The JetStream API prefix requests go to (`$JS.API` unless
+    /// [`Publisher::jetstream`] named another).
+    api_prefix: String,
     /// The root event types (name, version) recorded in the registry so far.
     recorded: Mutex<HashSet<(&'static str, u32)>>,
     /// The registry writes still running in the background.
@@ -119,6 +122,7 @@ impl Publisher {
                 settings: StreamSettings::default(),
                 retry_for: Duration::from_secs(30),
                 ensured: Mutex::new(HashSet::new()),
+                api_prefix: JetStreamApi::default().prefix(),
                 ensuring: tokio::sync::Mutex::new(()),
                 max_payload,
                 metrics: Mutex::new(std::collections::HashMap::new()),
@@ -132,7 +136,11 @@ impl Publisher {
     /// instead of the account's own JetStream.
     pub fn jetstream(self, api: &JetStreamApi) -> Self {
         let js = api.context(self.inner.client.clone());
-        self.rebuild(|i| i.js = js)
+        let prefix = api.prefix();
+        self.rebuild(|i| {
+            i.js = js;
+            i.api_prefix = prefix;
+        })
     }
 
     /// Uses `settings` for streams this publisher creates.
@@ -154,6 +162,7 @@ impl Publisher {
             settings: self.inner.settings.clone(),
             retry_for: self.inner.retry_for,
             ensured: Mutex::new(HashSet::new()),
+            api_prefix: self.inner.api_prefix.clone(),
             ensuring: tokio::sync::Mutex::new(()),
             max_payload: AtomicUsize::new(self.inner.max_payload.load(Ordering::Relaxed)),
             metrics: Mutex::new(std::collections::HashMap::new()),
@@ -174,6 +183,21 @@ impl Publisher {
     /// The underlying client.
     pub fn client(&self) -> &async_nats::Client {
         &self.inner.client
+    }
+
+    /// The JetStream context it publishes through.
+    pub(crate) fn js(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    /// The settings of the streams it creates.
+    pub(crate) fn settings(&self) -> &StreamSettings {
+        &self.inner.settings
+    }
+
+    /// The JetStream API prefix of [`js`](Self::js).
+    pub(crate) fn api_prefix(&self) -> &str {
+        &self.inner.api_prefix
     }
 
     /// Publishes `event` as the root of a new flow.
@@ -281,27 +305,7 @@ impl Publisher {
             .contains(name)
     }
 
-    /// Sends every message, pipelined, and awaits every PubAck; transient
-    /// failures are retried with the same ids until `retry_for` runs out.
-    pub(crate) async fn send_all(
-        &self,
-        mut outs: Vec<Outgoing>,
-    ) -> Result<Vec<Receipt>, PublishError> {
-        for out in &outs {
-            self.check_size(out)?;
-            self.ensure(out.stream.name, out.stream.subjects, out.stream.filter)
-                .await?;
-        }
-        // One event (the common emission) needs no join.
-        if outs.len() == 1
-            && let Some(out) = outs.pop()
-        {
-            return Ok(vec![self.send_one(out).await?]);
-        }
-        try_join_all(outs.into_iter().map(|o| self.send_one(o))).await
-    }
-
-    fn check_size(&self, out: &Outgoing) -> Result<(), PublishError> {
+    pub(crate) fn check_size(&self, out: &Outgoing) -> Result<(), PublishError> {
         let max = self.inner.max_payload.load(Ordering::Relaxed);
         let size = out.size();
         if max > 0 && size > max {
@@ -395,115 +399,5 @@ impl Publisher {
             });
         }
         Ok(())
-    }
-
-    async fn send_one(&self, mut out: Outgoing) -> Result<Receipt, PublishError> {
-        let stream = out.stream.name;
-        let started = std::time::Instant::now();
-        let subject = async_nats::Subject::from(std::mem::take(&mut out.subject));
-        let headers = std::mem::take(&mut out.headers);
-        // The one header not rebuilt from the metadata on a retry.
-        let replay = out.replay.take();
-        let ack = match self
-            .attempt(subject.clone(), headers, out.payload.clone())
-            .await
-        {
-            Ok(ack) => ack,
-            // The slow path, boxed so it does not enlarge every publish.
-            Err(e) => {
-                let sent = (&*out.meta, replay.as_deref(), &out.payload);
-                match Box::pin(self.retry(e, out.event, &subject, sent)).await {
-                    Ok(ack) => ack,
-                    Err(e) => {
-                        self.with_metrics(stream, |m| m.failures.increment(1));
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        self.with_metrics(stream, |m| {
-            m.duration.record(started.elapsed());
-            m.sent.increment(1);
-        });
-        Ok(Receipt {
-            event_id: out.id,
-            correlation_id: out.correlation_id,
-            stream: ack.stream,
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
-    }
-
-    /// One publish, its PubAck awaited.
-    async fn attempt(
-        &self,
-        subject: async_nats::Subject,
-        headers: HeaderMap,
-        payload: Bytes,
-    ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
-        // Boxed: async-nats' publish future is close to a kilobyte.
-        Box::pin(
-            self.inner
-                .js
-                .publish_with_headers(subject, headers, payload),
-        )
-        .await?
-        .await
-    }
-
-    /// After a failed first attempt: transient failures are retried with the
-    /// same id (and headers rebuilt from the same metadata) until `retry_for`
-    /// runs out.
-    async fn retry(
-        &self,
-        first: jetstream::context::PublishError,
-        event: &'static str,
-        subject: &async_nats::Subject,
-        (meta, replay, payload): (&Metadata, Option<&str>, &Bytes),
-    ) -> Result<jetstream::publish::PublishAck, PublishError> {
-        let headers = || {
-            let mut h = meta.to_headers();
-            if let Some(r) = replay {
-                h.insert(crate::wire::headers::CHOREO_REPLAY, r);
-            }
-            h
-        };
-        let deadline = tokio::time::Instant::now() + self.inner.retry_for;
-        let mut delay = Duration::from_millis(50);
-        let mut error = first;
-        loop {
-            if error.kind() == NatsPublishErrorKind::MaxPayloadExceeded {
-                // The server's limit changed (a reconnect to another server).
-                let max = self.inner.client.server_info().max_payload;
-                self.inner.max_payload.store(max, Ordering::Relaxed);
-                let size = payload.len() + meta.to_headers().iter().count() * 48;
-                return Err(PublishError::TooLarge { event, size, max });
-            }
-            let transient = matches!(
-                error.kind(),
-                NatsPublishErrorKind::TimedOut
-                    | NatsPublishErrorKind::StreamNotFound
-                    | NatsPublishErrorKind::BrokenPipe
-                    | NatsPublishErrorKind::MaxAckPending
-            );
-            if !transient || tokio::time::Instant::now() + delay > deadline {
-                return Err(PublishError::from_nats(
-                    &self.inner.client,
-                    event,
-                    subject.as_str(),
-                    error,
-                ));
-            }
-            tracing::debug!(event, id = %meta.id(), error = %error, "publish failed, retrying with the same id");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(1));
-            match self
-                .attempt(subject.clone(), headers(), payload.clone())
-                .await
-            {
-                Ok(ack) => return Ok(ack),
-                Err(e) => error = e,
-            }
-        }
     }
 }

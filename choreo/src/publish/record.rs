@@ -111,7 +111,7 @@ impl super::Publisher {
 
     /// Records, the first time this publisher publishes an `E`, that it
     /// publishes `E` (bucket `choreo_publishers`, in the background).
-    pub(super) fn record<E: crate::event::Event>(&self) {
+    pub(crate) fn record<E: crate::event::Event>(&self) {
         let first = self
             .inner
             .recorded

@@ -139,6 +139,24 @@ impl Metadata {
         Ok(meta)
     }
 
+    /// The metadata of an event in the flow `correlation` started, caused
+    /// by `causation`: its id follows the `key` rule, else is random.
+    ///
+    /// # Errors
+    /// `source` is not a legal header value (see [`check_source`]).
+    pub(crate) fn in_flow<E: Event>(
+        event: &E,
+        source: &str,
+        correlation: EventId,
+        causation: EventId,
+    ) -> Result<Self, HeaderError> {
+        check_source(source)?;
+        let id = event
+            .key()
+            .map_or_else(EventId::new_random, |key| EventId::keyed(E::NAME, &key));
+        Ok(Self::new::<E>(id, source, correlation, Some(causation)))
+    }
+
     fn new<E: Event>(
         id: EventId,
         source: &str,

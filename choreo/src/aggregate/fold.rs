@@ -1,0 +1,199 @@
+//! Folding what a load reads: each stored event decoded by its type and
+//! version, applied to the state, watched for writes outside the checked
+//! path and for an earlier decision of the handled event, and the moment a
+//! snapshot is taken.
+
+use std::collections::HashSet;
+
+use time::OffsetDateTime;
+
+use super::append::{BATCH_ID, EXPECTED_SUBJECT};
+use super::error::{AggregateError, AggregateErrorKind};
+use super::read::Raw;
+use super::snapshot::SnapshotPolicy;
+use super::store::{Appended, Loaded};
+use super::{Aggregate, AggregateEvent};
+use crate::event::EventId;
+use crate::wire::headers::Metadata;
+
+/// A stored event's metadata and the event.
+pub(super) fn decode<A: Aggregate>(
+    id: &str,
+    raw: &Raw,
+) -> Result<(A::Event, Metadata), AggregateError> {
+    let fail = |kind, detail: String| AggregateError::new(A::NAME, id, kind, detail);
+    let meta = Metadata::from_headers(&raw.headers).map_err(|e| {
+        fail(
+            AggregateErrorKind::Decode,
+            format!("event #{} on {}: {e}", raw.sequence, raw.subject),
+        )
+        .with_source(e)
+    })?;
+    match A::Event::decode(meta.event_type(), meta.version(), &raw.payload) {
+        Some(Ok(event)) => Ok((event, meta)),
+        Some(Err(e)) => Err(fail(
+            AggregateErrorKind::Decode,
+            format!(
+                "{} {} (#{} on {}): {e}",
+                meta.event_type(),
+                meta.id(),
+                raw.sequence,
+                raw.subject
+            ),
+        )
+        .with_source(e)),
+        None => Err(fail(
+            AggregateErrorKind::ForeignEvent,
+            format!(
+                "{} {} (#{} on {}) is not one of its event types, so this code cannot fold it",
+                meta.event_type(),
+                meta.id(),
+                raw.sequence,
+                raw.subject
+            ),
+        )),
+    }
+}
+
+/// A state being folded from the events read.
+pub(super) struct Fold<'a, A> {
+    pub(super) filter: String,
+    pub(super) state: A,
+    pub(super) version: u64,
+    pub(super) events: u64,
+    /// Events read from the stream.
+    pub(super) read: u64,
+    /// With a cause: the handled event's id and this service.
+    pub(super) cause: Option<(EventId, &'a str)>,
+    /// Events the cause's decision appended earlier.
+    pub(super) earlier: Vec<Appended>,
+    /// After an append whose answer did not come: its events' ids.
+    pub(super) ours: HashSet<EventId>,
+    /// Those of them read since.
+    pub(super) appended_ours: Vec<Appended>,
+    /// Whether an event outside the checked path was warned about.
+    pub(super) warned: bool,
+    /// With snapshots on: when to take one.
+    pub(super) capture: Option<Capture>,
+}
+
+/// Taking a snapshot while a state is folded: of the state just before the
+/// first event newer than the policy's lag, if enough events were read
+/// since the last snapshot or the load has been slow.
+pub(super) struct Capture {
+    pub(super) policy: SnapshotPolicy,
+    pub(super) cutoff: OffsetDateTime,
+    pub(super) started: std::time::Instant,
+    /// Events folded since the snapshot the load started from.
+    pub(super) since: u64,
+    /// The snapshot to write: version, events, state bytes.
+    pub(super) taken: Option<(u64, u64, Vec<u8>)>,
+    /// Whether the cutoff was passed (nothing more to take).
+    pub(super) done: bool,
+}
+
+impl Capture {
+    pub(super) fn consider<A: Aggregate>(&mut self, state: &A, version: u64, events: u64) {
+        self.done = true;
+        let slow = self
+            .policy
+            .slower_than
+            .is_some_and(|t| self.started.elapsed() > t);
+        if self.since == 0 || (self.since < self.policy.every && !slow) {
+            return;
+        }
+        if let Some(bytes) = state.snapshot() {
+            self.taken = Some((version, events, bytes));
+        }
+    }
+}
+
+impl<'a, A: Aggregate> Fold<'a, A> {
+    pub(super) fn new(filter: &str, cause: Option<(EventId, &'a str)>) -> Self {
+        Self {
+            filter: filter.to_owned(),
+            state: A::default(),
+            version: 0,
+            events: 0,
+            read: 0,
+            cause,
+            earlier: Vec::new(),
+            ours: HashSet::new(),
+            appended_ours: Vec::new(),
+            warned: false,
+            capture: None,
+        }
+    }
+
+    pub(super) fn take(&mut self, id: &str, raw: Raw) -> Result<(), AggregateError> {
+        let (event, meta) = decode::<A>(id, &raw)?;
+        self.watch(id, &raw, &meta);
+        let appended = || Appended {
+            event_id: meta.id(),
+            subject: raw.subject.clone(),
+            sequence: raw.sequence,
+        };
+        if let Some((cause, source)) = self.cause
+            && meta.causation_id() == Some(cause)
+            && meta.source() == source
+        {
+            self.earlier.push(appended());
+        }
+        if self.ours.contains(&meta.id()) {
+            self.appended_ours.push(appended());
+        }
+        if let Some(c) = &mut self.capture {
+            if !c.done && raw.stored_at > c.cutoff {
+                c.consider(&self.state, self.version, self.events);
+            }
+            c.since += 1;
+        }
+        self.state.apply(&event);
+        self.version = raw.sequence;
+        self.events += 1;
+        self.read += 1;
+        Ok(())
+    }
+
+    /// Warns once per load about an event not appended through the checked
+    /// path: the guard that keeps decisions on fresh state does not hold
+    /// for writers that skip it.
+    fn watch(&mut self, id: &str, raw: &Raw, meta: &Metadata) {
+        if self.warned || raw.headers.get(BATCH_ID).is_some() {
+            return;
+        }
+        let checked = raw
+            .headers
+            .get(EXPECTED_SUBJECT)
+            .map(|v| v.as_str().to_owned());
+        let problem = match checked {
+            None => "was appended without the concurrency check (a plain publish?)".to_owned(),
+            Some(f) if f != self.filter => format!(
+                "was checked against {f}, not the aggregate's filter {}",
+                self.filter
+            ),
+            Some(_) => return,
+        };
+        self.warned = true;
+        tracing::warn!(
+            aggregate = A::NAME,
+            aggregate_id = id,
+            event = meta.event_type(),
+            event_id = %meta.id(),
+            sequence = raw.sequence,
+            "{} {} on {} {problem}: decisions on this aggregate may run on stale state",
+            meta.event_type(),
+            meta.id(),
+            raw.subject
+        );
+    }
+
+    pub(super) fn loaded(&mut self) -> Loaded<A> {
+        Loaded {
+            state: std::mem::take(&mut self.state),
+            version: self.version,
+            events: self.events,
+            read: self.read,
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Setting up an aggregate's stream: it exists, keeps every event when
+//! choreo creates it, and allows direct gets and atomic batches.
+
+use std::time::Duration;
+
+use super::error::{AggregateError, AggregateErrorKind};
+use super::store::Aggregates;
+use super::{Aggregate, AggregateEvent};
+use crate::event::EventType;
+use crate::topology::stream::ensure_stream;
+
+impl Aggregates {
+    /// Makes sure `A`'s stream exists and allows direct gets and atomic
+    /// batches; returns its name.
+    pub(super) async fn prepare<A: Aggregate>(
+        &self,
+        id: &str,
+    ) -> Result<&'static str, AggregateError> {
+        let fail =
+            |detail: String| AggregateError::new(A::NAME, id, AggregateErrorKind::Stream, detail);
+        let types: &'static [EventType] = <A::Event as AggregateEvent>::TYPES;
+        let Some(first) = types.first() else {
+            return Err(fail(
+                "the aggregate's event enum lists no event type".into(),
+            ));
+        };
+        if let Some(other) = types.iter().find(|t| t.stream != first.stream) {
+            return Err(fail(format!(
+                "its events live in two streams ({} in {}, {} in {}); an aggregate's history is one stream",
+                first.name, first.stream, other.name, other.stream
+            )));
+        }
+        if self
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(first.stream)
+        {
+            return Ok(first.stream);
+        }
+        let js = self.publisher.js();
+        // A history is kept whole: a state missing its oldest events is
+        // wrong, so a stream made here keeps every event.
+        let keep_all = self.publisher.settings().clone().max_age(Duration::ZERO);
+        for t in types {
+            ensure_stream(
+                js,
+                &keep_all,
+                t.stream,
+                vec![t.stream_subjects.to_owned()],
+                t.subject_filter,
+            )
+            .await
+            .map_err(|e| fail(e.to_string()).with_source(e))?;
+        }
+        let mut stream = js
+            .get_stream(first.stream)
+            .await
+            .map_err(|e| fail(format!("cannot read stream {}", first.stream)).with_source(e))?;
+        let config = &stream
+            .info()
+            .await
+            .map_err(|e| fail(format!("cannot read stream {}", first.stream)).with_source(e))?
+            .config;
+        if config.max_age > Duration::ZERO {
+            tracing::warn!(
+                aggregate = A::NAME,
+                stream = first.stream,
+                max_age = ?config.max_age,
+                "stream {} drops events older than {:?}: an aggregate's state loses its oldest events with them; give the stream a max_age of 0",
+                first.stream,
+                config.max_age
+            );
+        }
+        if !config.allow_direct || !config.allow_atomic_publish {
+            let mut config = config.clone();
+            config.allow_direct = true;
+            config.allow_atomic_publish = true;
+            js.update_stream(config).await.map_err(|e| {
+                fail(format!(
+                    "cannot allow direct gets and atomic batches on stream {} (nats-server 2.12 or later is needed, and the right to update the stream)",
+                    first.stream
+                ))
+                .with_source(e)
+            })?;
+            tracing::info!(
+                stream = first.stream,
+                "stream set up for aggregates (allow_direct, allow_atomic)"
+            );
+        }
+        self.prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(first.stream);
+        Ok(first.stream)
+    }
+}

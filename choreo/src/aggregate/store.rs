@@ -1,0 +1,483 @@
+//! [`Aggregates`]: load a state from its history, decide on it, append what
+//! the decision returns guarded by the last sequence read.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::Aggregate;
+use super::append::{self, Outcome};
+use super::error::{AggregateError, AggregateErrorKind, DecideError};
+use super::fold::{Capture, Fold, decode};
+use super::read::{self, Until};
+use super::snapshot::{SnapshotPolicy, Snapshots};
+use crate::event::EventId;
+use crate::publish::Publisher;
+use crate::wire::headers::Metadata;
+
+/// How many times [`Aggregates::decide`] loads and decides before it
+/// returns [`DecideError::Conflict`] by default.
+pub const DEFAULT_ATTEMPTS: u32 = 5;
+
+/// Loads aggregates and decides on them, appending through a
+/// [`Publisher`] (its connection, JetStream API, `ce-source` and stream
+/// settings).
+///
+/// ```no_run
+/// # use choreo::{event, Aggregate, AggregateEvent, Aggregates, Publisher};
+/// # #[event(subject = "stock.{sku}.received")]
+/// # pub struct StockReceived { pub sku: String, pub qty: u32 }
+/// # #[event(subject = "stock.{sku}.reserved")]
+/// # pub struct StockReserved { pub sku: String, pub qty: u32 }
+/// # #[derive(AggregateEvent)]
+/// # pub enum StockEvent { Received(StockReceived), Reserved(StockReserved) }
+/// # #[derive(Default)]
+/// # pub struct Stock { pub on_hand: u32 }
+/// # impl Aggregate for Stock {
+/// #     const NAME: &'static str = "Stock";
+/// #     type Event = StockEvent;
+/// #     fn filter(sku: &str) -> String { format!("stock.{sku}.*") }
+/// #     fn apply(&mut self, e: &StockEvent) {
+/// #         match e { StockEvent::Received(e) => self.on_hand += e.qty, StockEvent::Reserved(e) => self.on_hand -= e.qty }
+/// #     }
+/// # }
+/// # async fn t(client: choreo::async_nats::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// let stock = Aggregates::new(Publisher::new(client, "inventory")?);
+/// let decided = stock
+///     .decide::<Stock, _, _>("sku-1", |s| {
+///         if s.on_hand < 2 {
+///             return Err("out of stock");
+///         }
+///         Ok(vec![StockEvent::Reserved(StockReserved { sku: "sku-1".into(), qty: 2 })])
+///     })
+///     .await?;
+/// println!("{} left at sequence {}", decided.state.on_hand, decided.version);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Aggregates {
+    pub(super) publisher: Publisher,
+    attempts: u32,
+    snapshots: Option<SnapshotPolicy>,
+    bucket: Snapshots,
+    /// The streams set up for aggregates so far.
+    pub(super) prepared: Arc<Mutex<HashSet<&'static str>>>,
+}
+
+/// A state as loaded.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Loaded<A> {
+    /// The fold of the events read.
+    pub state: A,
+    /// The stream sequence of the last event read (0: none): what a
+    /// decision on this state expects to still be the last.
+    pub version: u64,
+    /// How many events were folded, a snapshot's among them.
+    pub events: u64,
+    /// How many of them this load read from the stream (the others came
+    /// from a snapshot).
+    pub read: u64,
+}
+
+/// A point in an aggregate's history, for [`Aggregates::load_at`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    /// Up to and with this stream sequence.
+    Sequence(u64),
+    /// Up to and with this time (the server's, when each event was stored).
+    Time(OffsetDateTime),
+}
+
+/// One stored event of an aggregate.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Recorded<E> {
+    /// The event.
+    pub event: E,
+    /// Its metadata (id, type, source, time, flow).
+    pub meta: Metadata,
+    /// The subject it was stored on.
+    pub subject: String,
+    /// Its stream sequence.
+    pub sequence: u64,
+    /// When the server stored it.
+    pub stored_at: OffsetDateTime,
+}
+
+/// One event a decision appended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Appended {
+    /// The event's id.
+    pub event_id: EventId,
+    /// The subject it was stored on.
+    pub subject: String,
+    /// Its stream sequence.
+    pub sequence: u64,
+}
+
+/// What a decision did.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Decided<A> {
+    /// The state after the appended events.
+    pub state: A,
+    /// The stream sequence of the state's last event.
+    pub version: u64,
+    /// What was appended, in order (empty when the decision returned no
+    /// events).
+    pub appended: Vec<Appended>,
+    /// The decision was appended by an earlier delivery of the handled
+    /// event (found in the history), so it did not run again.
+    pub earlier: bool,
+}
+
+/// How a decision's events get their metadata.
+pub(crate) enum Flow<'a> {
+    /// Roots: the first event starts a flow, the others follow it.
+    Root,
+    /// Caused by a handled event, with ids derived from `ns` (the handler
+    /// and the decision) and the cause, written by `source` (the service).
+    Caused {
+        cause: &'a Metadata,
+        ns: String,
+        source: &'a str,
+    },
+}
+
+impl Aggregates {
+    /// Decides through `publisher`, [`DEFAULT_ATTEMPTS`] attempts per
+    /// decision.
+    pub fn new(publisher: Publisher) -> Self {
+        Self {
+            publisher,
+            attempts: DEFAULT_ATTEMPTS,
+            snapshots: None,
+            bucket: Snapshots::default(),
+            prepared: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    /// How many times a decision loads and decides before it gives up on
+    /// conflicts (at least 1).
+    pub fn attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts.max(1);
+        self
+    }
+
+    /// Writes snapshots of the aggregates that have them
+    /// ([`Aggregate::snapshot`]) as `policy` says, and loads from them
+    /// (`docs/aggregates.md#snapshots`). Off by default.
+    pub fn snapshots(mut self, policy: SnapshotPolicy) -> Self {
+        self.snapshots = Some(policy);
+        self
+    }
+
+    /// The publisher it appends through.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    /// Loads instance `id` of `A`: every event on `A::filter(id)`, folded.
+    ///
+    /// # Errors
+    /// See [`AggregateError`].
+    pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, AggregateError> {
+        let mut fold = self.open::<A>(id, None).await?;
+        Ok(fold.loaded())
+    }
+
+    /// Loads instance `id` for a decision: from its snapshot when there is
+    /// one, then the events after it; writes a new snapshot when the
+    /// policy says so.
+    async fn open<'a, A: Aggregate>(
+        &self,
+        id: &str,
+        cause: Option<(EventId, &'a str)>,
+    ) -> Result<Fold<'a, A>, AggregateError> {
+        let started = std::time::Instant::now();
+        let mut fold = Fold::<A>::new(&A::filter(id), cause);
+        let replicas = self.publisher.settings().replicas;
+        if let Some(policy) = self.snapshots {
+            if let Some(r) = self
+                .bucket
+                .read::<A>(self.publisher.js(), replicas, id)
+                .await
+            {
+                fold.state = r.state;
+                fold.version = r.version;
+                fold.events = r.events;
+            }
+            fold.capture = Some(Capture {
+                policy,
+                cutoff: OffsetDateTime::now_utc() - policy.lag,
+                started,
+                since: 0,
+                taken: None,
+                done: false,
+            });
+        }
+        self.read::<A>(id, &mut fold, Until::default()).await?;
+        if let Some(mut capture) = fold.capture.take() {
+            // Every event read is older than the lag: the whole state may
+            // go into the snapshot.
+            if !capture.done {
+                capture.consider(&fold.state, fold.version, fold.events);
+            }
+            if let Some(taken) = capture.taken {
+                self.bucket
+                    .write::<A>(self.publisher.js(), replicas, id, taken);
+            }
+        }
+        Ok(fold)
+    }
+
+    /// The state of instance `id` as of `at`: the events stored up to that
+    /// sequence or time, folded.
+    ///
+    /// # Errors
+    /// See [`AggregateError`].
+    pub async fn load_at<A: Aggregate>(
+        &self,
+        id: &str,
+        at: At,
+    ) -> Result<Loaded<A>, AggregateError> {
+        let mut fold = Fold::<A>::new(&A::filter(id), None);
+        self.read::<A>(id, &mut fold, until(at)).await?;
+        Ok(fold.loaded())
+    }
+
+    /// The events of instance `id`, up to `at` (all without).
+    ///
+    /// # Errors
+    /// See [`AggregateError`].
+    pub async fn history<A: Aggregate>(
+        &self,
+        id: &str,
+        at: Option<At>,
+    ) -> Result<Vec<Recorded<A::Event>>, AggregateError> {
+        let stream = self.prepare::<A>(id).await?;
+        let filter = A::filter(id);
+        let mut out = Vec::new();
+        read::read(
+            self.publisher.client(),
+            (self.publisher.api_prefix(), stream),
+            (A::NAME, id, &filter),
+            0,
+            at.map(until).unwrap_or_default(),
+            |raw| {
+                let (event, meta) = decode::<A>(id, &raw)?;
+                out.push(Recorded {
+                    event,
+                    meta,
+                    subject: raw.subject,
+                    sequence: raw.sequence,
+                    stored_at: raw.stored_at,
+                });
+                Ok(())
+            },
+        )
+        .await?;
+        Ok(out)
+    }
+
+    /// Loads instance `id` of `A`, runs `decide` on its state and appends
+    /// the events it returns, as roots of one new flow (the first event's
+    /// id is their correlation id), if nobody appended to the instance
+    /// since it was loaded. On a conflict it loads and decides again, up to
+    /// [`attempts`](Self::attempts) times in all.
+    ///
+    /// # Errors
+    /// [`DecideError::Refused`] with `decide`'s error (nothing appended),
+    /// [`DecideError::Conflict`] after the last attempt, or
+    /// [`DecideError::Failed`].
+    pub async fn decide<A, F, E>(&self, id: &str, decide: F) -> Result<Decided<A>, DecideError<E>>
+    where
+        A: Aggregate,
+        F: FnMut(&A) -> Result<Vec<A::Event>, E>,
+    {
+        self.decide_in(id, &Flow::Root, decide).await
+    }
+
+    #[tracing::instrument(
+        name = "choreo.decide",
+        skip_all,
+        fields(choreo.aggregate = A::NAME, choreo.aggregate_id = %id)
+    )]
+    pub(crate) async fn decide_in<A, F, E>(
+        &self,
+        id: &str,
+        flow: &Flow<'_>,
+        mut decide: F,
+    ) -> Result<Decided<A>, DecideError<E>>
+    where
+        A: Aggregate,
+        F: FnMut(&A) -> Result<Vec<A::Event>, E>,
+    {
+        let stream = self.prepare::<A>(id).await?;
+        let filter = A::filter(id);
+        let cause = match flow {
+            Flow::Caused { cause, source, .. } => Some((cause.id(), *source)),
+            Flow::Root => None,
+        };
+        let mut fold = self.open::<A>(id, cause).await?;
+        let mut delay = Duration::from_millis(20);
+        for attempt in 1..=self.attempts {
+            if !fold.earlier.is_empty() {
+                tracing::info!(
+                    events = fold.earlier.len(),
+                    "this event's decision was appended by an earlier delivery; not deciding again"
+                );
+                let appended = std::mem::take(&mut fold.earlier);
+                let loaded = fold.loaded();
+                return Ok(Decided {
+                    state: loaded.state,
+                    version: loaded.version,
+                    appended,
+                    earlier: true,
+                });
+            }
+            let events = decide(&fold.state).map_err(DecideError::Refused)?;
+            if events.is_empty() {
+                let loaded = fold.loaded();
+                return Ok(Decided {
+                    state: loaded.state,
+                    version: loaded.version,
+                    appended: Vec::new(),
+                    earlier: false,
+                });
+            }
+            let outs = self.encode::<A>(id, &filter, flow, &events)?;
+            let ids: HashSet<EventId> = outs.iter().map(|o| o.id).collect();
+            let expected = fold.version;
+            match append::append(self.publisher.client(), &filter, expected, outs).await {
+                Outcome::Stored(stored) => {
+                    for e in &events {
+                        fold.state.apply(e);
+                    }
+                    let appended: Vec<Appended> = stored
+                        .into_iter()
+                        .map(|(event_id, subject, sequence)| Appended {
+                            event_id,
+                            subject,
+                            sequence,
+                        })
+                        .collect();
+                    fold.version = appended.last().map_or(fold.version, |a| a.sequence);
+                    fold.events += appended.len() as u64;
+                    tracing::debug!(attempt, version = fold.version, "decided");
+                    let loaded = fold.loaded();
+                    return Ok(Decided {
+                        state: loaded.state,
+                        version: loaded.version,
+                        appended,
+                        earlier: false,
+                    });
+                }
+                Outcome::Conflict => {
+                    tracing::debug!(
+                        attempt,
+                        expected,
+                        "others appended since the load; deciding again"
+                    );
+                }
+                Outcome::Unknown(why) => {
+                    tracing::debug!(attempt, why, "the append's outcome is unknown; reading it");
+                }
+                Outcome::NoAtomic(why) => {
+                    return Err(AggregateError::new(
+                        A::NAME,
+                        id,
+                        AggregateErrorKind::Stream,
+                        format!("stream {stream} refuses atomic batches ({why}); a decision of several events needs nats-server 2.12 or later with allow_atomic on the stream"),
+                    )
+                    .into());
+                }
+                Outcome::Refused(why) => {
+                    return Err(AggregateError::new(
+                        A::NAME,
+                        id,
+                        AggregateErrorKind::Append,
+                        format!("the append was refused: {why}"),
+                    )
+                    .into());
+                }
+            }
+            // Read what was appended since: others' events, or ours after
+            // an answer that did not come.
+            fold.ours = ids;
+            self.read::<A>(id, &mut fold, Until::default()).await?;
+            if !fold.appended_ours.is_empty() {
+                let loaded = fold.loaded();
+                tracing::debug!(attempt, "the append had gone through");
+                return Ok(Decided {
+                    state: loaded.state,
+                    version: loaded.version,
+                    appended: std::mem::take(&mut fold.appended_ours),
+                    earlier: false,
+                });
+            }
+            if attempt < self.attempts {
+                // Jittered, so writers that lost together do not meet again.
+                tokio::time::sleep(jitter(delay)).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+        }
+        Err(DecideError::Conflict {
+            aggregate: A::NAME,
+            id: id.to_owned(),
+            attempts: self.attempts,
+        })
+    }
+
+    /// Reads the events after `fold`'s version into it.
+    async fn read<A: Aggregate>(
+        &self,
+        id: &str,
+        fold: &mut Fold<'_, A>,
+        until: Until,
+    ) -> Result<(), AggregateError> {
+        let stream = self.prepare::<A>(id).await?;
+        let filter = fold.filter.clone();
+        read::read(
+            self.publisher.client(),
+            (self.publisher.api_prefix(), stream),
+            (A::NAME, id, &filter),
+            fold.version,
+            until,
+            |raw| fold.take(id, raw),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// `d` scaled by a factor between 0.5 and 1.5.
+fn jitter(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let r = (h.finish() % 1000) as f64 / 1000.0;
+    d.mul_f64(0.5 + r)
+}
+
+fn until(at: At) -> Until {
+    match at {
+        At::Sequence(s) => Until {
+            sequence: Some(s),
+            time: None,
+        },
+        At::Time(t) => Until {
+            sequence: None,
+            time: Some(t),
+        },
+    }
+}
