@@ -182,6 +182,18 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// The events of a subject filter as stored, oldest first, payloads as
+    /// JSON: an aggregate's history (`choreo events STOCK 'stock.sku-1.*'`)
+    /// up to a point.
+    Events {
+        /// The stream.
+        stream: String,
+        /// The subject filter (an aggregate's: its `filter(id)`).
+        filter: String,
+        /// The last event to list: a stream sequence, or an RFC 3339 time.
+        #[arg(long, value_parser = point)]
+        until: Option<admin::Point>,
+    },
     /// An AsyncAPI 3.0 document (JSON) of every service and publisher.
     Asyncapi {
         #[command(flatten)]
@@ -283,6 +295,42 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             }
         }
         Command::Dlq { command } => dlq::run(&jetstream(&cli.conn).await?, command, cli.json).await,
+        Command::Events {
+            stream,
+            filter,
+            until,
+        } => {
+            let client = connect(&cli.conn.server, options(&cli.conn).await?).await?;
+            let api = cli
+                .conn
+                .domain
+                .as_ref()
+                .map_or_else(JetStreamApi::default, JetStreamApi::domain);
+            let events = admin::events(&client, &api, (stream, filter), *until).await?;
+            if cli.json {
+                out!(
+                    "{}
+",
+                    serde_json::to_string_pretty(&events)?
+                );
+            } else if events.is_empty() {
+                out!("no events on {filter} in {stream}\n");
+            } else {
+                for e in &events {
+                    out!(
+                        "#{} {} {} v{} {} {}\n  {}\n",
+                        e.sequence,
+                        e.stored_at,
+                        e.event_type.as_deref().unwrap_or("(not a choreo event)"),
+                        e.version.unwrap_or_default(),
+                        e.id.as_deref().unwrap_or("-"),
+                        e.subject,
+                        e.payload
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Replay {
             service,
             handler,

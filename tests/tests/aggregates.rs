@@ -563,9 +563,21 @@ async fn accept(
 
 #[tokio::test]
 async fn a_handler_decides_with_its_event_as_cause_and_a_redelivery_does_not_decide_twice() {
+    redelivered_decision(None).await;
+}
+
+#[tokio::test]
+async fn without_the_cache_a_redelivery_finds_its_decision_in_the_history() {
+    redelivered_decision(Some(0)).await;
+}
+
+async fn redelivered_decision(cache: Option<usize>) {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
-    let stock = store(&client).await;
+    let mut stock = store(&client).await;
+    if let Some(c) = cache {
+        stock = stock.cache(c);
+    }
     stock
         .decide::<Stock, _, String>("s1", |_| Ok(vec![received("s1", 5)]))
         .await
@@ -615,6 +627,9 @@ async fn a_snapshot_shortens_the_load_and_a_changed_state_never_reads_an_old_one
             .await
             .unwrap();
     }
+    // The store that decided keeps the state: loading it again reads
+    // nothing.
+    assert_eq!(plain.load::<Stock>("s1").await.unwrap().read, 0);
     let js = jetstream::new(client.clone());
     // With the default lag (an hour), events this fresh go into no snapshot.
     let lagging = store(&client).await.snapshots(SnapshotPolicy::every(10));
@@ -639,7 +654,13 @@ async fn a_snapshot_shortens_the_load_and_a_changed_state_never_reads_an_old_one
         .decide::<Stock, _, String>("s1", |_| Ok(vec![received("s1", 2)]))
         .await
         .unwrap();
-    let second = snapshotting.load::<Stock>("s1").await.unwrap();
+    // A new store, so nothing comes from the first one's memory.
+    let second = store(&client)
+        .await
+        .snapshots(SnapshotPolicy::every(10).lag(Duration::ZERO))
+        .load::<Stock>("s1")
+        .await
+        .unwrap();
     assert_eq!(
         (
             second.read,

@@ -31,6 +31,7 @@ use crate::registry::{self, Manifest, PublishedEvent};
 mod asyncapi;
 pub mod deadlines;
 mod error;
+mod events;
 mod graph;
 mod read;
 mod replay;
@@ -40,6 +41,7 @@ pub(crate) mod trace;
 
 pub use asyncapi::asyncapi;
 pub use error::{AdminError, AdminErrorKind};
+pub use events::{StoredEvent, events};
 pub use graph::{Finding, FindingKind, Graph, Severity, lint};
 pub use replay::{Plan, Point, Rewound, plan, replay};
 pub use status::{HandlerStatus, InstanceStatus, Snapshot, State, Status, status};

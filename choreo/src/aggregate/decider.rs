@@ -30,7 +30,7 @@ use crate::wire::headers::Metadata;
 /// # pub struct StockReserved { pub sku: String, pub order_id: String, pub qty: u32 }
 /// # #[derive(AggregateEvent)]
 /// # pub enum StockEvent { Received(StockReceived), Reserved(StockReserved) }
-/// # #[derive(Default)]
+/// # #[derive(Default, Clone)]
 /// # pub struct Stock { pub on_hand: u32 }
 /// # impl Aggregate for Stock {
 /// #     const NAME: &'static str = "Stock";

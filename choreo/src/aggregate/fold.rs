@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use time::OffsetDateTime;
 
 use super::append::{BATCH_ID, EXPECTED_SUBJECT};
+use super::cache::{Entry, Recent};
 use super::error::{AggregateError, AggregateErrorKind};
 use super::read::Raw;
 use super::snapshot::SnapshotPolicy;
@@ -75,6 +76,8 @@ pub(super) struct Fold<'a, A> {
     pub(super) warned: bool,
     /// With snapshots on: when to take one.
     pub(super) capture: Option<Capture>,
+    /// The caused events folded lately (for the cache).
+    pub(super) recent: Vec<Recent>,
 }
 
 /// Taking a snapshot while a state is folded: of the state just before the
@@ -122,6 +125,7 @@ impl<'a, A: Aggregate> Fold<'a, A> {
             appended_ours: Vec::new(),
             warned: false,
             capture: None,
+            recent: Vec::new(),
         }
     }
 
@@ -138,6 +142,14 @@ impl<'a, A: Aggregate> Fold<'a, A> {
             && meta.source() == source
         {
             self.earlier.push(appended());
+        }
+        if let Some(causation) = meta.causation_id() {
+            self.recent.push(Recent {
+                causation,
+                source: meta.source().to_owned(),
+                appended: appended(),
+                stored_at: raw.stored_at,
+            });
         }
         if self.ours.contains(&meta.id()) {
             self.appended_ours.push(appended());
@@ -186,6 +198,34 @@ impl<'a, A: Aggregate> Fold<'a, A> {
             meta.id(),
             raw.subject
         );
+    }
+
+    /// Starts from a cached state: its events count as read before, and
+    /// its recent events may hold the cause's earlier decision.
+    pub(super) fn resume(&mut self, entry: Entry<A>) {
+        if let Some((cause, source)) = self.cause {
+            self.earlier.extend(
+                entry
+                    .recent
+                    .iter()
+                    .filter(|r| r.causation == cause && r.source == source)
+                    .map(|r| r.appended.clone()),
+            );
+        }
+        self.state = entry.state;
+        self.version = entry.version;
+        self.events = entry.events;
+        self.recent = entry.recent;
+    }
+
+    /// What the cache keeps of this state.
+    pub(super) fn entry(&self) -> Entry<A> {
+        Entry {
+            state: self.state.clone(),
+            version: self.version,
+            events: self.events,
+            recent: self.recent.clone(),
+        }
     }
 
     pub(super) fn loaded(&mut self) -> Loaded<A> {

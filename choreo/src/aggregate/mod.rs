@@ -26,16 +26,18 @@
 use crate::event::{DecodeError, Event, EventType};
 
 mod append;
+mod cache;
 mod decider;
 mod encode;
 mod error;
 mod fold;
 mod prepare;
-mod read;
+pub(crate) mod read;
 pub mod snapshot;
 mod store;
 pub mod testing;
 
+pub use cache::DEFAULT_CACHE_CAPACITY;
 pub use decider::Decider;
 pub use error::{AggregateError, AggregateErrorKind, DecideError};
 pub use snapshot::SnapshotPolicy;
@@ -57,7 +59,7 @@ pub use store::{Aggregates, Appended, At, DEFAULT_ATTEMPTS, Decided, Loaded, Rec
 ///     Reserved(StockReserved),
 /// }
 ///
-/// #[derive(Default)]
+/// #[derive(Default, Clone)]
 /// pub struct Stock { pub on_hand: u32 }
 ///
 /// impl Aggregate for Stock {
@@ -74,7 +76,7 @@ pub use store::{Aggregates, Appended, At, DEFAULT_ATTEMPTS, Decided, Loaded, Rec
 ///     }
 /// }
 /// ```
-pub trait Aggregate: Default + Send + Sync + 'static {
+pub trait Aggregate: Default + Clone + Send + Sync + 'static {
     /// The aggregate's name, in errors and logs (e.g. `Stock`).
     const NAME: &'static str;
     /// The events of its history.

@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 
 use super::Aggregate;
 use super::append::{self, Outcome};
+use super::cache::{Cache, DEFAULT_CACHE_CAPACITY, Recent};
 use super::error::{AggregateError, AggregateErrorKind, DecideError};
 use super::fold::{Capture, Fold, decode};
 use super::read::{self, Until};
@@ -33,7 +34,7 @@ pub const DEFAULT_ATTEMPTS: u32 = 5;
 /// # pub struct StockReserved { pub sku: String, pub qty: u32 }
 /// # #[derive(AggregateEvent)]
 /// # pub enum StockEvent { Received(StockReceived), Reserved(StockReserved) }
-/// # #[derive(Default)]
+/// # #[derive(Default, Clone)]
 /// # pub struct Stock { pub on_hand: u32 }
 /// # impl Aggregate for Stock {
 /// #     const NAME: &'static str = "Stock";
@@ -62,6 +63,7 @@ pub struct Aggregates {
     attempts: u32,
     snapshots: Option<SnapshotPolicy>,
     bucket: Snapshots,
+    cache: Cache,
     /// The streams set up for aggregates so far.
     pub(super) prepared: Arc<Mutex<HashSet<&'static str>>>,
 }
@@ -133,6 +135,8 @@ pub struct Decided<A> {
     /// The decision was appended by an earlier delivery of the handled
     /// event (found in the history), so it did not run again.
     pub earlier: bool,
+    /// How many times it loaded and decided (1: no conflict).
+    pub attempts: u32,
 }
 
 /// How a decision's events get their metadata.
@@ -157,6 +161,7 @@ impl Aggregates {
             attempts: DEFAULT_ATTEMPTS,
             snapshots: None,
             bucket: Snapshots::default(),
+            cache: Cache::new(DEFAULT_CACHE_CAPACITY),
             prepared: Arc::new(Mutex::new(HashSet::new())),
         }
     }
@@ -173,6 +178,15 @@ impl Aggregates {
     /// (`docs/aggregates.md#snapshots`). Off by default.
     pub fn snapshots(mut self, policy: SnapshotPolicy) -> Self {
         self.snapshots = Some(policy);
+        self
+    }
+
+    /// How many states it keeps in memory (default
+    /// [`DEFAULT_CACHE_CAPACITY`]; 0: none), so a decision on an aggregate
+    /// loaded before reads only the events appended since. Each costs its
+    /// state's size and the caused events it folded in the last hour.
+    pub fn cache(mut self, capacity: usize) -> Self {
+        self.cache = Cache::new(capacity);
         self
     }
 
@@ -201,7 +215,9 @@ impl Aggregates {
         let started = std::time::Instant::now();
         let mut fold = Fold::<A>::new(&A::filter(id), cause);
         let replicas = self.publisher.settings().replicas;
-        if let Some(policy) = self.snapshots {
+        if let Some(entry) = self.cache.get::<A>(id) {
+            fold.resume(entry);
+        } else if let Some(policy) = self.snapshots {
             if let Some(r) = self
                 .bucket
                 .read::<A>(self.publisher.js(), replicas, id)
@@ -232,6 +248,7 @@ impl Aggregates {
                     .write::<A>(self.publisher.js(), replicas, id, taken);
             }
         }
+        self.cache.put(id, fold.entry());
         Ok(fold)
     }
 
@@ -324,7 +341,9 @@ impl Aggregates {
             Flow::Root => None,
         };
         let mut fold = self.open::<A>(id, cause).await?;
-        let mut delay = Duration::from_millis(20);
+        // The first retry at once (it decides on the fresh state just read),
+        // then after a jittered pause of 5 ms doubling to 500 ms.
+        let mut delay = Duration::ZERO;
         for attempt in 1..=self.attempts {
             if !fold.earlier.is_empty() {
                 tracing::info!(
@@ -338,6 +357,7 @@ impl Aggregates {
                     version: loaded.version,
                     appended,
                     earlier: true,
+                    attempts: attempt,
                 });
             }
             let events = decide(&fold.state).map_err(DecideError::Refused)?;
@@ -348,6 +368,7 @@ impl Aggregates {
                     version: loaded.version,
                     appended: Vec::new(),
                     earlier: false,
+                    attempts: attempt,
                 });
             }
             let outs = self.encode::<A>(id, &filter, flow, &events)?;
@@ -368,6 +389,16 @@ impl Aggregates {
                         .collect();
                     fold.version = appended.last().map_or(fold.version, |a| a.sequence);
                     fold.events += appended.len() as u64;
+                    if let Some((cause, source)) = cause {
+                        let now = OffsetDateTime::now_utc();
+                        fold.recent.extend(appended.iter().map(|a| Recent {
+                            causation: cause,
+                            source: source.to_owned(),
+                            appended: a.clone(),
+                            stored_at: now,
+                        }));
+                    }
+                    self.cache.put(id, fold.entry());
                     tracing::debug!(attempt, version = fold.version, "decided");
                     let loaded = fold.loaded();
                     return Ok(Decided {
@@ -375,6 +406,7 @@ impl Aggregates {
                         version: loaded.version,
                         appended,
                         earlier: false,
+                        attempts: attempt,
                     });
                 }
                 Outcome::Conflict => {
@@ -418,12 +450,15 @@ impl Aggregates {
                     version: loaded.version,
                     appended: std::mem::take(&mut fold.appended_ours),
                     earlier: false,
+                    attempts: attempt,
                 });
             }
             if attempt < self.attempts {
                 // Jittered, so writers that lost together do not meet again.
-                tokio::time::sleep(jitter(delay)).await;
-                delay = (delay * 2).min(Duration::from_millis(500));
+                if !delay.is_zero() {
+                    tokio::time::sleep(jitter(delay)).await;
+                }
+                delay = (delay * 2).clamp(Duration::from_millis(5), Duration::from_millis(500));
             }
         }
         Err(DecideError::Conflict {

@@ -14,7 +14,7 @@
 //! # pub struct StockReserved { pub sku: String, pub qty: u32 }
 //! # #[derive(AggregateEvent, Debug, PartialEq)]
 //! # pub enum StockEvent { Received(StockReceived), Reserved(StockReserved) }
-//! # #[derive(Default)]
+//! # #[derive(Default, Clone)]
 //! # pub struct Stock { pub on_hand: u32 }
 //! # impl Aggregate for Stock {
 //! #     const NAME: &'static str = "Stock";

@@ -7,8 +7,10 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
@@ -31,7 +33,6 @@ use watchdog::KeyState;
 
 mod advisory;
 mod fault;
-pub(crate) mod keeper;
 mod ordered;
 mod process;
 mod pull;

@@ -198,7 +198,7 @@ pub(super) async fn handle<H: Handler>(
     // watchdog aborts it at its timeout.
     let guarded = AssertUnwindSafe(async { handler.call(env, &ctx).await }).catch_unwind();
     let guarded = std::pin::pin!(Abortable::new(guarded, abort_registration));
-    let result = guarded.await;
+    let result = RequeuedPolls::new(guarded).await;
     let KeyState { revision, claimed } = entered.finish();
     let claim = claimed.then_some(revision);
     let outgoing = ctx.take_outgoing();
@@ -271,6 +271,54 @@ pub(super) async fn handle<H: Handler>(
             about!(warn, rt, msg, error = %e, "nak failed; the event will be redelivered after ack_wait");
         }
         Settled::Back
+    }
+}
+
+/// Polls the handler only from the back of its worker's run queue, with an
+/// idle worker told, so that a handler blocking its thread does not freeze
+/// the runtime.
+///
+/// Tokio drives I/O and timers from one idle worker at a time. A task woken
+/// by that driver runs next on the very worker that was driving, and no
+/// other worker is told (nothing else is queued). If the handler then blocks
+/// its thread, nobody drives: every connection and timer of the runtime
+/// stops, the watchdog's in-progress acks with them, and the event is
+/// redelivered elsewhere after `ack_wait`. (Without this, the test whose
+/// handler blocks in its first poll failed about one run in twelve, and the
+/// one whose handler blocks after awaiting a timer 16 runs in 20.)
+///
+/// So before each poll the task wakes itself and returns `Pending`: tokio
+/// puts a task woken while running at the back of the run queue, where
+/// other workers can take it, and tells an idle worker, which takes the
+/// driver over when it finds nothing to do. (`tokio::task::yield_now` does
+/// not promise this: it defers the wake until the worker has polled its
+/// driver, after which the task can run on that worker again with nobody
+/// told.)
+pub(super) struct RequeuedPolls<F> {
+    inner: F,
+    requeued: bool,
+}
+
+impl<F> RequeuedPolls<F> {
+    fn new(inner: F) -> Self {
+        Self {
+            inner,
+            requeued: false,
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for RequeuedPolls<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        if !self.requeued {
+            self.requeued = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.requeued = false;
+        Pin::new(&mut self.inner).poll(cx)
     }
 }
 

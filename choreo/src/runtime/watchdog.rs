@@ -6,7 +6,7 @@
 //! refreshes it with each in-progress ack. Because the watchdog is not the
 //! task that runs the handler, a handler that blocks its thread does not stop
 //! its in-progress acks (on a multi-threaded runtime with a free worker; the
-//! runtime's keeper (`runtime::keeper`) keeps a free worker driving the I/O).
+//! runtime's `RequeuedPolls` keeps that free worker driving the I/O).
 //! Handlers that finish within a second never write a claim: their only
 //! inbox write is the record. An invocation that runs past the handler's
 //! `timeout` is aborted here, and gets no more in-progress acks.

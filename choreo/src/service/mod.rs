@@ -321,7 +321,6 @@ impl Service {
             inbox.delay_claims(delay);
         }
         let (stop_tx, stop_rx) = watch::channel(false);
-        crate::runtime::keeper::spawn(stop_rx.clone());
         let service: Arc<str> = Arc::from(name.as_str());
         let mut states = self.states;
         if self.deadlines {

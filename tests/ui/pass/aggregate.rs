@@ -11,7 +11,7 @@ pub enum StockEvent {
     Received(StockReceived),
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Stock {
     on_hand: u32,
 }

@@ -33,6 +33,15 @@
 //!   256 polled at once, against raw publishes driven the same way.
 //! - `publish_pattern` (only with `--only`): the raw loop driven both ways,
 //!   what the pattern costs apart from choreo.
+//! - `aggregate_decide`: N decisions on N aggregates, 256 at once, each a
+//!   load and an append guarded by `Nats-Expected-Last-Subject-Sequence`,
+//!   against the same by hand (a batched direct get, a publish with the
+//!   same headers).
+//! - `aggregate_hot`: decisions per second on one aggregate with 2 and 8
+//!   writers, and the share of attempts that conflicted (no raw side).
+//! - `aggregate_load`: loading a 10,000-event aggregate against a
+//!   hand-written batched read that decodes and sums the same events, and
+//!   the load from a snapshot in ms.
 //! - `handler`: a 1-hop handler (consume → emit one event → ack), inbox off.
 //! - `handler_inbox`: the same with choreo's inbox on; the raw relay reads
 //!   the event's key first (skipping the event when it is there) and writes
@@ -80,6 +89,8 @@ use choreo_examples::arg;
 use choreo_testkit::NatsServer;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{Mutex, Semaphore};
+
+mod aggregates;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -1411,6 +1422,40 @@ async fn main() -> Result<(), BoxError> {
         .await?;
         rows.push(("handler, metrics on vs off", c, r, ratio));
         ratios.push(("handler_metrics", ratio));
+    }
+    // Aggregates: a decision (a load and a guarded append) against the
+    // same by hand; decisions on one hot aggregate; a long history's load.
+    if wanted("aggregate_decide") {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || aggregates::choreo_decide(n),
+            || aggregates::raw_decide(n),
+        )
+        .await?;
+        rows.push(("decide: load + guarded append (/s)", c, r, ratio));
+        ratios.push(("aggregate_decide", ratio));
+    }
+    if wanted("aggregate_hot") {
+        for writers in [2, 8] {
+            let (rate, conflicts) = aggregates::hot(2_000, writers).await?;
+            println!(
+                "hot aggregate, {writers} writers: {rate:.0} decisions/s, {:.0}% of attempts conflicted",
+                conflicts * 100.0
+            );
+        }
+    }
+    if wanted("aggregate_load") {
+        let mut pairs = Vec::new();
+        for _ in 0..repeat {
+            pairs.push(aggregates::load(10_000).await?);
+        }
+        let c = median(pairs.iter().map(|p| p.0).collect());
+        let r = median(pairs.iter().map(|p| p.1).collect());
+        let ratio = median(pairs.iter().map(|p| p.0 / p.1).collect());
+        let snapshot = median(pairs.iter().map(|p| p.2).collect());
+        rows.push(("load 10,000 events (events/s)", c, r, ratio));
+        ratios.push(("aggregate_load", ratio));
+        println!("load 10,000 events from a snapshot: {snapshot:.2} ms");
     }
     if wanted("latency") {
         let (p50, p99) = latency_pair(repeat, ln, rate, RawKv::ReadThenWrite).await?;
