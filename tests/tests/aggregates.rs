@@ -276,6 +276,9 @@ async fn a_stale_decision_conflicts_and_is_decided_again_on_fresh_state() {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     let stock = store(&client).await;
+    // Another instance (its own store: one store's decisions on an
+    // instance take turns and never meet).
+    let other = store(&client).await;
     stock
         .decide::<Stock, _, String>("s1", |_| Ok(vec![received("s1", 5)]))
         .await
@@ -285,7 +288,7 @@ async fn a_stale_decision_conflicts_and_is_decided_again_on_fresh_state() {
     let decided = stock
         .decide::<Stock, _, String>("s1", |s| {
             if runs.fetch_add(1, Ordering::SeqCst) == 0 {
-                assert_eq!(meanwhile(&stock, 10), 2);
+                assert_eq!(meanwhile(&other, 10), 2);
             }
             reserve(s, "s1", "o1", s.on_hand)
         })
@@ -309,7 +312,7 @@ async fn a_stale_decision_conflicts_and_is_decided_again_on_fresh_state() {
     let stubborn = stock.clone().attempts(3);
     let err = stubborn
         .decide::<Stock, _, String>("s1", |_| {
-            meanwhile(&stock, 1);
+            meanwhile(&other, 1);
             Ok(vec![received("s1", 100)])
         })
         .await
@@ -319,6 +322,24 @@ async fn a_stale_decision_conflicts_and_is_decided_again_on_fresh_state() {
         "{err}"
     );
     assert!(err.to_string().contains("Stock s1"), "{err}");
+}
+
+/// Decisions on one instance through one store take turns: twenty at once,
+/// each allowed a single attempt, all succeed.
+#[tokio::test]
+async fn decisions_in_one_process_take_turns_instead_of_conflicting() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let stock = store(&client).await.attempts(1);
+    let decisions = (0..20)
+        .map(|_| stock.decide::<Stock, _, String>("turns", |_| Ok(vec![received("turns", 1)])));
+    for d in futures::future::join_all(decisions).await {
+        assert_eq!(d.unwrap().attempts, 1);
+    }
+    assert_eq!(
+        stock.load::<Stock>("turns").await.unwrap().state.on_hand,
+        20
+    );
 }
 
 /// Racing writers on a few hot SKUs: none oversells, every order is

@@ -50,6 +50,62 @@ struct Inner {
     order: VecDeque<Key>,
 }
 
+/// One lock per aggregate instance being decided on in this process:
+/// decisions on one instance from one process take turns instead of
+/// conflicting with each other (conflicts then come only from other
+/// processes). An instance's lock is dropped when nobody waits for it.
+#[derive(Clone, Default)]
+pub(crate) struct Turns {
+    inner: Arc<Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl std::fmt::Debug for Turns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Turns").finish_non_exhaustive()
+    }
+}
+
+/// A held turn; releases it, and forgets the instance's lock when nobody
+/// else holds or waits for it, on drop.
+pub(crate) struct Turn {
+    turns: Turns,
+    key: Key,
+    lock: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Turns {
+    /// Waits for instance `id`'s turn.
+    pub(crate) async fn take<A: Aggregate>(&self, id: &str) -> Turn {
+        let key = (TypeId::of::<A>(), id.to_owned());
+        let lock = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        Turn {
+            turns: self.clone(),
+            key,
+            lock: Some(lock.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        drop(self.lock.take());
+        let mut map = self.turns.inner.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's own reference is the only one left: nobody waits.
+        if map
+            .get(&self.key)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
 /// The cache, shared by the clones of one `Aggregates`.
 #[derive(Clone)]
 pub(crate) struct Cache {

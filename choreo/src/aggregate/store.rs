@@ -8,8 +8,8 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::Aggregate;
-use super::append::{self, Outcome};
-use super::cache::{Cache, DEFAULT_CACHE_CAPACITY, Recent};
+use super::append::{self, IMMEDIATE_RETRIES, Outcome, jitter};
+use super::cache::{Cache, DEFAULT_CACHE_CAPACITY, Recent, Turns};
 use super::error::{AggregateError, AggregateErrorKind, DecideError};
 use super::fold::{Capture, Fold, decode};
 use super::read::{self, Until};
@@ -20,7 +20,7 @@ use crate::wire::headers::Metadata;
 
 /// How many times [`Aggregates::decide`] loads and decides before it
 /// returns [`DecideError::Conflict`] by default.
-pub const DEFAULT_ATTEMPTS: u32 = 5;
+pub const DEFAULT_ATTEMPTS: u32 = 10;
 
 /// Loads aggregates and decides on them, appending through a
 /// [`Publisher`] (its connection, JetStream API, `ce-source` and stream
@@ -64,6 +64,7 @@ pub struct Aggregates {
     snapshots: Option<SnapshotPolicy>,
     bucket: Snapshots,
     cache: Cache,
+    turns: Turns,
     /// The streams set up for aggregates so far.
     pub(super) prepared: Arc<Mutex<HashSet<&'static str>>>,
 }
@@ -162,6 +163,7 @@ impl Aggregates {
             snapshots: None,
             bucket: Snapshots::default(),
             cache: Cache::new(DEFAULT_CACHE_CAPACITY),
+            turns: Turns::default(),
             prepared: Arc::new(Mutex::new(HashSet::new())),
         }
     }
@@ -340,9 +342,12 @@ impl Aggregates {
             Flow::Caused { cause, source, .. } => Some((cause.id(), *source)),
             Flow::Root => None,
         };
+        // Decisions on this instance from this process take turns.
+        let _turn = self.turns.take::<A>(id).await;
         let mut fold = self.open::<A>(id, cause).await?;
-        // The first retry at once (it decides on the fresh state just read),
-        // then after a jittered pause of 5 ms doubling to 500 ms.
+        // The first retries at once (each decides on the fresh state just
+        // read, and its round trip paces it), then after a jittered pause
+        // of 1 ms doubling to 100 ms.
         let mut delay = Duration::ZERO;
         for attempt in 1..=self.attempts {
             if !fold.earlier.is_empty() {
@@ -455,10 +460,10 @@ impl Aggregates {
             }
             if attempt < self.attempts {
                 // Jittered, so writers that lost together do not meet again.
-                if !delay.is_zero() {
+                if attempt > IMMEDIATE_RETRIES {
                     tokio::time::sleep(jitter(delay)).await;
+                    delay = (delay * 2).clamp(Duration::from_millis(1), Duration::from_millis(100));
                 }
-                delay = (delay * 2).clamp(Duration::from_millis(5), Duration::from_millis(500));
             }
         }
         Err(DecideError::Conflict {
@@ -488,20 +493,6 @@ impl Aggregates {
         .await?;
         Ok(())
     }
-}
-
-/// `d` scaled by a factor between 0.5 and 1.5.
-fn jitter(d: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    let r = (h.finish() % 1000) as f64 / 1000.0;
-    d.mul_f64(0.5 + r)
 }
 
 fn until(at: At) -> Until {

@@ -189,17 +189,23 @@ async fn raw_read(
     }
 }
 
-/// Decisions per second on one account, `writers` deciding at once, and
-/// the share of decisions that conflicted.
+/// Decisions per second on one account, `writers` instances deciding at
+/// once, and the share of attempts that conflicted.
 pub(super) async fn hot(decisions: u64, writers: u64) -> Result<(f64, f64), BoxError> {
     let server = NatsServer::start().await?;
-    let store = store(&server).await?.attempts(1000);
+    // Each writer as its own instance would be: its own connection, its
+    // own memory of states, so they conflict (in one `Aggregates`, they
+    // take turns instead).
+    let mut stores = Vec::new();
+    for _ in 0..writers {
+        stores.push(store(&server).await?.attempts(1000));
+    }
     let done = Arc::new(AtomicU64::new(0));
     let tries = Arc::new(AtomicU32::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..writers {
-        let (store, done, tries) = (store.clone(), done.clone(), tries.clone());
+    for store in stores {
+        let (done, tries) = (done.clone(), tries.clone());
         tasks.push(tokio::spawn(async move {
             while done.fetch_add(1, Ordering::SeqCst) < decisions {
                 let decided = store
