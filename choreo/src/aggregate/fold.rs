@@ -12,7 +12,7 @@ use super::cache::{Entry, Recent};
 use super::error::{AggregateError, AggregateErrorKind};
 use super::read::Raw;
 use super::snapshot::SnapshotPolicy;
-use super::store::{Appended, Loaded};
+use super::store::{Appended, Decided, Loaded};
 use super::{Aggregate, AggregateEvent};
 use crate::event::EventId;
 use crate::wire::headers::Metadata;
@@ -225,6 +225,23 @@ impl<'a, A: Aggregate> Fold<'a, A> {
             version: self.version,
             events: self.events,
             recent: self.recent.clone(),
+        }
+    }
+
+    /// What a decision on this state did.
+    pub(super) fn decided(
+        &mut self,
+        appended: Vec<Appended>,
+        earlier: bool,
+        attempts: u32,
+    ) -> Decided<A> {
+        let loaded = self.loaded();
+        Decided {
+            state: loaded.state,
+            version: loaded.version,
+            appended,
+            earlier,
+            attempts,
         }
     }
 

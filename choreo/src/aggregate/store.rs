@@ -356,25 +356,11 @@ impl Aggregates {
                     "this event's decision was appended by an earlier delivery; not deciding again"
                 );
                 let appended = std::mem::take(&mut fold.earlier);
-                let loaded = fold.loaded();
-                return Ok(Decided {
-                    state: loaded.state,
-                    version: loaded.version,
-                    appended,
-                    earlier: true,
-                    attempts: attempt,
-                });
+                return Ok(fold.decided(appended, true, attempt));
             }
             let events = decide(&fold.state).map_err(DecideError::Refused)?;
             if events.is_empty() {
-                let loaded = fold.loaded();
-                return Ok(Decided {
-                    state: loaded.state,
-                    version: loaded.version,
-                    appended: Vec::new(),
-                    earlier: false,
-                    attempts: attempt,
-                });
+                return Ok(fold.decided(Vec::new(), false, attempt));
             }
             let outs = self.encode::<A>(id, &filter, flow, &events)?;
             let ids: HashSet<EventId> = outs.iter().map(|o| o.id).collect();
@@ -405,14 +391,7 @@ impl Aggregates {
                     }
                     self.cache.put(id, fold.entry());
                     tracing::debug!(attempt, version = fold.version, "decided");
-                    let loaded = fold.loaded();
-                    return Ok(Decided {
-                        state: loaded.state,
-                        version: loaded.version,
-                        appended,
-                        earlier: false,
-                        attempts: attempt,
-                    });
+                    return Ok(fold.decided(appended, false, attempt));
                 }
                 Outcome::Conflict => {
                     tracing::debug!(
@@ -448,15 +427,9 @@ impl Aggregates {
             fold.ours = ids;
             self.read::<A>(id, &mut fold, Until::default()).await?;
             if !fold.appended_ours.is_empty() {
-                let loaded = fold.loaded();
                 tracing::debug!(attempt, "the append had gone through");
-                return Ok(Decided {
-                    state: loaded.state,
-                    version: loaded.version,
-                    appended: std::mem::take(&mut fold.appended_ours),
-                    earlier: false,
-                    attempts: attempt,
-                });
+                let ours = std::mem::take(&mut fold.appended_ours);
+                return Ok(fold.decided(ours, false, attempt));
             }
             if attempt < self.attempts {
                 // Jittered, so writers that lost together do not meet again.
