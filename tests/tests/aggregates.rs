@@ -727,3 +727,36 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A load slower than the policy's limit writes a snapshot though it read
+/// fewer events than `every`.
+#[tokio::test]
+async fn a_slow_load_writes_a_snapshot() {
+    use choreo::aggregate::SnapshotPolicy;
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let plain = store(&client).await;
+    for _ in 0..3 {
+        plain
+            .decide::<Stock, _, String>("s2", |_| Ok(vec![received("s2", 1)]))
+            .await
+            .unwrap();
+    }
+    let js = jetstream::new(client.clone());
+    let policy = SnapshotPolicy::every(1_000_000).lag(Duration::ZERO);
+    store(&client)
+        .await
+        .snapshots(policy)
+        .load::<Stock>("s2")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(keys(&js).await.is_empty(), "3 events are not a million");
+    store(&client)
+        .await
+        .snapshots(policy.or_slower_than(Duration::ZERO))
+        .load::<Stock>("s2")
+        .await
+        .unwrap();
+    eventually_async(|| async { keys(&js).await.iter().any(|k| k.ends_with(".s2")) }).await;
+}
