@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::AdminError;
 use super::replay::Point;
+use crate::aggregate::At;
 use crate::aggregate::read::{self, Until};
 use crate::nats::JetStreamApi;
 use crate::wire::headers::{CE_EVENTVERSION, CE_ID, CE_TYPE};
@@ -42,17 +43,10 @@ pub async fn events(
     (stream, filter): (&str, &str),
     until: Option<Point>,
 ) -> Result<Vec<StoredEvent>, AdminError> {
-    let until = match until {
-        Some(Point::Sequence(s)) => Until {
-            sequence: Some(s),
-            time: None,
-        },
-        Some(Point::Time(t)) => Until {
-            sequence: None,
-            time: Some(t),
-        },
-        None => Until::default(),
-    };
+    let until = until.map(|p| match p {
+        Point::Sequence(s) => At::Sequence(s),
+        Point::Time(t) => At::Time(t),
+    });
     let mut out = Vec::new();
     let what = format!("the events of {filter} in {stream}");
     read::read(
@@ -60,7 +54,7 @@ pub async fn events(
         (&api.prefix(), stream),
         ("events", filter, filter),
         0,
-        until,
+        until.map(Until::from).unwrap_or_default(),
         |raw| {
             let header = |name: &str| raw.headers.get(name).map(|v| v.as_str().to_owned());
             out.push(StoredEvent {

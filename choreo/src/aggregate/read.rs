@@ -10,6 +10,7 @@ use futures::StreamExt;
 use time::OffsetDateTime;
 
 use super::error::{AggregateError, AggregateErrorKind};
+use super::store::At;
 
 /// How many events one direct get returns at most.
 const BATCH: usize = 256;
@@ -33,6 +34,21 @@ pub(crate) struct Raw {
 pub(crate) struct Until {
     pub(crate) sequence: Option<u64>,
     pub(crate) time: Option<OffsetDateTime>,
+}
+
+impl From<At> for Until {
+    fn from(at: At) -> Self {
+        match at {
+            At::Sequence(s) => Self {
+                sequence: Some(s),
+                time: None,
+            },
+            At::Time(t) => Self {
+                sequence: None,
+                time: Some(t),
+            },
+        }
+    }
 }
 
 impl Until {

@@ -265,7 +265,7 @@ impl Aggregates {
         at: At,
     ) -> Result<Loaded<A>, AggregateError> {
         let mut fold = Fold::<A>::new(&A::filter(id), None);
-        self.read::<A>(id, &mut fold, until(at)).await?;
+        self.read::<A>(id, &mut fold, Until::from(at)).await?;
         Ok(fold.loaded())
     }
 
@@ -286,7 +286,7 @@ impl Aggregates {
             (self.publisher.api_prefix(), stream),
             (A::NAME, id, &filter),
             0,
-            at.map(until).unwrap_or_default(),
+            at.map(Until::from).unwrap_or_default(),
             |raw| {
                 let (event, meta) = decode::<A>(id, &raw)?;
                 out.push(Recorded {
@@ -465,18 +465,5 @@ impl Aggregates {
         )
         .await?;
         Ok(())
-    }
-}
-
-fn until(at: At) -> Until {
-    match at {
-        At::Sequence(s) => Until {
-            sequence: Some(s),
-            time: None,
-        },
-        At::Time(t) => Until {
-            sequence: None,
-            time: Some(t),
-        },
     }
 }
