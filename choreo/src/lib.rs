@@ -52,7 +52,7 @@ pub use async_nats;
 
 pub use aggregate::{
     Aggregate, AggregateError, AggregateErrorKind, AggregateEvent, Aggregates, Appended, At,
-    DecideError, Decided, Decider, EventVisitor, Loaded, Recorded,
+    Boundaries, DecideError, Decided, Decider, EventVisitor, Loaded, Recorded,
 };
 pub use deadline::DEFAULT_DEADLINE_RETENTION;
 pub use event::error::CodecFailure;

@@ -1,8 +1,10 @@
-//! Appending a decision's events guarded by the boundary's last sequence:
-//! one event with `Nats-Expected-Last-Subject-Sequence` (and `-Subject`,
-//! the aggregate's filter), several as one atomic batch whose first
-//! message carries the check (nats-server 2.12+, a stream that allows
-//! atomic publishes).
+//! Appending a decision's events guarded by each boundary's last sequence:
+//! `Nats-Expected-Last-Subject-Sequence` with `-Subject` (the aggregate's
+//! filter) on one message per boundary. One event is one publish; several
+//! are one atomic batch (nats-server 2.12+, a stream that allows atomic
+//! publishes), each boundary's check on a message of its own, since a
+//! message carries one check and the server checks every message of a
+//! batch before it stores any.
 
 use std::time::Duration;
 
@@ -58,23 +60,31 @@ struct ApiError {
     description: String,
 }
 
-/// Appends `outs` (already checked for size, on the boundary `filter`)
-/// if the boundary's last sequence is still `expected`.
+/// A boundary's check: the last sequence a decision read on its filter.
+#[derive(Clone, Debug)]
+pub(crate) struct Check {
+    pub(crate) filter: String,
+    pub(crate) expected: u64,
+}
+
+/// Appends `outs` (already checked for size), each with the check it
+/// carries, if every check still holds.
 pub(crate) async fn append(
     client: &async_nats::Client,
-    filter: &str,
-    expected: u64,
-    outs: Vec<Outgoing>,
+    outs: Vec<(Outgoing, Option<Check>)>,
 ) -> Outcome {
-    let ids: Vec<(EventId, String)> = outs.iter().map(|o| (o.id, o.subject.clone())).collect();
+    let ids: Vec<(EventId, String)> = outs
+        .iter()
+        .map(|(o, _)| (o.id, o.subject.clone()))
+        .collect();
     let n = outs.len();
     let batch = EventId::new_random().to_string();
     let mut answer = None;
-    for (i, mut out) in outs.into_iter().enumerate() {
+    for (i, (mut out, check)) in outs.into_iter().enumerate() {
         let headers = &mut out.headers;
-        if i == 0 {
-            headers.insert(EXPECTED_SEQUENCE, expected.to_string());
-            headers.insert(EXPECTED_SUBJECT, filter);
+        if let Some(check) = check {
+            headers.insert(EXPECTED_SEQUENCE, check.expected.to_string());
+            headers.insert(EXPECTED_SUBJECT, check.filter.as_str());
         }
         if n > 1 {
             headers.insert(BATCH_ID, batch.as_str());

@@ -74,9 +74,9 @@ pub(crate) struct Turn {
 }
 
 impl Turns {
-    /// Waits for instance `id`'s turn.
-    pub(crate) async fn take<A: Aggregate>(&self, id: &str) -> Turn {
-        let key = (TypeId::of::<A>(), id.to_owned());
+    /// Waits for the turn of instance `id` of the aggregate type `ty`.
+    pub(crate) async fn take(&self, ty: TypeId, id: &str) -> Turn {
+        let key = (ty, id.to_owned());
         let lock = self
             .inner
             .lock()

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use super::across::{self, Boundaries};
 use super::Aggregate;
 use super::error::{AggregateError, DecideError};
 use super::store::{Aggregates, Decided, Flow, Loaded};
@@ -88,18 +89,43 @@ impl Decider {
         A: Aggregate,
         F: FnMut(&A) -> Result<Vec<A::Event>, E>,
     {
+        let flow = self.flow(&format!("{}/{id}", A::NAME));
+        self.store.decide_in(id, &flow, decide).await
+    }
+
+    /// [`Aggregates::decide_across`], with the handled event as the cause.
+    ///
+    /// # Errors
+    /// See [`DecideError`].
+    pub async fn decide_across<B, F, E>(
+        &self,
+        ids: &[&str],
+        decide: F,
+    ) -> Result<Decided<B>, DecideError<E>>
+    where
+        B: Boundaries,
+        F: FnMut(&B) -> Result<B::Events, E>,
+    {
+        let parts = across::parts::<B>(ids)?;
+        let flow = self.flow(&parts.path());
+        self.store.across_in::<B, F, E>(parts, &flow, decide).await
+    }
+
+    /// The flow of this invocation's next decision on `on` (the instances
+    /// it is on): ids derived from the handler, the instances and how many
+    /// decisions on them came before.
+    fn flow(&self, on: &str) -> Flow<'_> {
         let n = {
             let mut d = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
-            let n = d.entry(format!("{}/{id}", A::NAME)).or_default();
+            let n = d.entry(on.to_owned()).or_default();
             *n += 1;
             *n
         };
-        let flow = Flow::Caused {
+        Flow::Caused {
             cause: &self.cause,
-            ns: format!("{}/decide/{}/{id}/{n}", self.handler_id, A::NAME),
+            ns: format!("{}/decide/{on}/{n}", self.handler_id),
             source: &self.service,
-        };
-        self.store.decide_in(id, &flow, decide).await
+        }
     }
 
     /// [`Aggregates::load`].

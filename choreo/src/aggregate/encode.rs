@@ -1,12 +1,12 @@
 //! Encoding a decision's events with the metadata of their flow: roots of
 //! one new flow, or caused by a handled event with ids derived from it.
+//! The decision loop (`decision.rs`) checks each against its boundary and
+//! the server's size limit.
 
 use std::collections::HashMap;
 
-use super::append::MAX_BATCH;
-use super::error::{AggregateError, AggregateErrorKind};
-use super::store::{Aggregates, Flow};
-use super::{Aggregate, AggregateEvent, EventVisitor};
+use super::EventVisitor;
+use super::store::Flow;
 use crate::event::{Event, EventId};
 use crate::publish::{Outgoing, PublishError, Publisher};
 use crate::wire::headers::Metadata;
@@ -44,54 +44,5 @@ impl EventVisitor for Encode<'_> {
         self.first.get_or_insert(meta.id());
         self.outs.push(Outgoing::new(event, meta)?);
         Ok(())
-    }
-}
-
-impl Aggregates {
-    /// Encodes a decision's events, each checked to lie inside the boundary
-    /// and under the server's size limit.
-    pub(super) fn encode<A: Aggregate>(
-        &self,
-        id: &str,
-        filter: &str,
-        flow: &Flow<'_>,
-        events: &[A::Event],
-    ) -> Result<Vec<Outgoing>, AggregateError> {
-        let fail = |kind, detail: String| AggregateError::new(A::NAME, id, kind, detail);
-        if events.len() > MAX_BATCH {
-            return Err(fail(
-                AggregateErrorKind::TooManyEvents,
-                format!(
-                    "the decision returned {} events; one atomic batch holds {MAX_BATCH}",
-                    events.len()
-                ),
-            ));
-        }
-        let mut encode = Encode {
-            publisher: &self.publisher,
-            flow,
-            first: None,
-            counts: HashMap::new(),
-            outs: Vec::with_capacity(events.len()),
-        };
-        for e in events {
-            e.visit(&mut encode)
-                .map_err(|e| fail(AggregateErrorKind::Append, e.to_string()).with_source(e))?;
-        }
-        for out in &encode.outs {
-            if !crate::event::subject::covers(filter, &out.subject) {
-                return Err(fail(
-                    AggregateErrorKind::Append,
-                    format!(
-                        "{} on {} is outside the aggregate's subjects {filter}: the next load would not see it",
-                        out.event, out.subject
-                    ),
-                ));
-            }
-            self.publisher
-                .check_size(out)
-                .map_err(|e| fail(AggregateErrorKind::Append, e.to_string()).with_source(e))?;
-        }
-        Ok(encode.outs)
     }
 }

@@ -22,6 +22,10 @@ pub enum AggregateErrorKind {
     Append,
     /// A decision returned more events than one atomic batch holds (1,000).
     TooManyEvents,
+    /// The decision cannot be made as asked: an instance named twice, or a
+    /// decision across instances that appends fewer events than the
+    /// instances it guards.
+    Usage,
 }
 
 /// Loading or appending failed for a reason other than a conflict.
@@ -151,6 +155,7 @@ impl<E: fmt::Display> DecideError<E> {
                 f.kind,
                 AggregateErrorKind::Decode
                     | AggregateErrorKind::TooManyEvents
+                    | AggregateErrorKind::Usage
                     | AggregateErrorKind::ForeignEvent
             ),
             Self::Conflict { .. } => false,

@@ -57,7 +57,7 @@ pub(super) fn decode<A: Aggregate>(
 }
 
 /// A state being folded from the events read.
-pub(super) struct Fold<'a, A> {
+pub(super) struct Fold<A> {
     pub(super) filter: String,
     pub(super) state: A,
     pub(super) version: u64,
@@ -65,7 +65,7 @@ pub(super) struct Fold<'a, A> {
     /// Events read from the stream.
     pub(super) read: u64,
     /// With a cause: the handled event's id and this service.
-    pub(super) cause: Option<(EventId, &'a str)>,
+    pub(super) cause: Option<(EventId, String)>,
     /// Events the cause's decision appended earlier.
     pub(super) earlier: Vec<Appended>,
     /// After an append whose answer did not come: its events' ids.
@@ -111,8 +111,8 @@ impl Capture {
     }
 }
 
-impl<'a, A: Aggregate> Fold<'a, A> {
-    pub(super) fn new(filter: &str, cause: Option<(EventId, &'a str)>) -> Self {
+impl<A: Aggregate> Fold<A> {
+    pub(super) fn new(filter: &str, cause: Option<(EventId, String)>) -> Self {
         Self {
             filter: filter.to_owned(),
             state: A::default(),
@@ -137,8 +137,8 @@ impl<'a, A: Aggregate> Fold<'a, A> {
             subject: raw.subject.clone(),
             sequence: raw.sequence,
         };
-        if let Some((cause, source)) = self.cause
-            && meta.causation_id() == Some(cause)
+        if let Some((cause, source)) = &self.cause
+            && meta.causation_id() == Some(*cause)
             && meta.source() == source
         {
             self.earlier.push(appended());
@@ -203,12 +203,12 @@ impl<'a, A: Aggregate> Fold<'a, A> {
     /// Starts from a cached state: its events count as read before, and
     /// its recent events may hold the cause's earlier decision.
     pub(super) fn resume(&mut self, entry: Entry<A>) {
-        if let Some((cause, source)) = self.cause {
+        if let Some((cause, source)) = &self.cause {
             self.earlier.extend(
                 entry
                     .recent
                     .iter()
-                    .filter(|r| r.causation == cause && r.source == source)
+                    .filter(|r| r.causation == *cause && r.source == *source)
                     .map(|r| r.appended.clone()),
             );
         }

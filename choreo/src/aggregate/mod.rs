@@ -25,9 +25,11 @@
 
 use crate::event::{DecodeError, Event, EventType};
 
+mod across;
 mod append;
 mod cache;
 mod decider;
+mod decision;
 mod encode;
 mod error;
 mod fold;
@@ -37,6 +39,7 @@ pub mod snapshot;
 mod store;
 pub mod testing;
 
+pub use across::Boundaries;
 pub use cache::DEFAULT_CACHE_CAPACITY;
 pub use decider::Decider;
 pub use error::{AggregateError, AggregateErrorKind, DecideError};

@@ -3,14 +3,13 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use time::OffsetDateTime;
 
 use super::Aggregate;
-use super::append::{self, IMMEDIATE_RETRIES, Outcome, jitter};
-use super::cache::{Cache, DEFAULT_CACHE_CAPACITY, Recent, Turns};
-use super::error::{AggregateError, AggregateErrorKind, DecideError};
+use super::cache::{Cache, DEFAULT_CACHE_CAPACITY, Turns};
+use super::decision::Parts;
+use super::error::{AggregateError, DecideError};
 use super::fold::{Capture, Fold, decode};
 use super::read::{self, Until};
 use super::snapshot::{SnapshotPolicy, Snapshots};
@@ -60,11 +59,11 @@ pub const DEFAULT_ATTEMPTS: u32 = 10;
 #[derive(Clone, Debug)]
 pub struct Aggregates {
     pub(super) publisher: Publisher,
-    attempts: u32,
+    pub(super) attempts: u32,
     snapshots: Option<SnapshotPolicy>,
     bucket: Snapshots,
-    cache: Cache,
-    turns: Turns,
+    pub(super) cache: Cache,
+    pub(super) turns: Turns,
     /// The streams set up for aggregates so far.
     pub(super) prepared: Arc<Mutex<HashSet<&'static str>>>,
 }
@@ -209,11 +208,11 @@ impl Aggregates {
     /// Loads instance `id` for a decision: from its snapshot when there is
     /// one, then the events after it; writes a new snapshot when the
     /// policy says so.
-    async fn open<'a, A: Aggregate>(
+    pub(super) async fn open<A: Aggregate>(
         &self,
         id: &str,
-        cause: Option<(EventId, &'a str)>,
-    ) -> Result<Fold<'a, A>, AggregateError> {
+        cause: Option<(EventId, String)>,
+    ) -> Result<Fold<A>, AggregateError> {
         let started = std::time::Instant::now();
         let mut fold = Fold::<A>::new(&A::filter(id), cause);
         let replicas = self.publisher.settings().replicas;
@@ -336,121 +335,24 @@ impl Aggregates {
         A: Aggregate,
         F: FnMut(&A) -> Result<Vec<A::Event>, E>,
     {
-        let stream = self.prepare::<A>(id).await?;
-        let filter = A::filter(id);
-        let cause = match flow {
-            Flow::Caused { cause, source, .. } => Some((cause.id(), *source)),
-            Flow::Root => None,
-        };
-        // Decisions on this instance from this process take turns.
-        let _turn = self.turns.take::<A>(id).await;
-        let mut fold = self.open::<A>(id, cause).await?;
-        // The first retries at once (each decides on the fresh state just
-        // read, and its round trip paces it), then after a jittered pause
-        // of 1 ms doubling to 100 ms.
-        let mut delay = Duration::ZERO;
-        for attempt in 1..=self.attempts {
-            if !fold.earlier.is_empty() {
-                tracing::info!(
-                    events = fold.earlier.len(),
-                    "this event's decision was appended by an earlier delivery; not deciding again"
-                );
-                let appended = std::mem::take(&mut fold.earlier);
-                return Ok(fold.decided(appended, true, attempt));
-            }
-            let events = decide(&fold.state).map_err(DecideError::Refused)?;
-            if events.is_empty() {
-                return Ok(fold.decided(Vec::new(), false, attempt));
-            }
-            let outs = self.encode::<A>(id, &filter, flow, &events)?;
-            let ids: HashSet<EventId> = outs.iter().map(|o| o.id).collect();
-            let expected = fold.version;
-            match append::append(self.publisher.client(), &filter, expected, outs).await {
-                Outcome::Stored(stored) => {
-                    for e in &events {
-                        fold.state.apply(e);
-                    }
-                    let appended: Vec<Appended> = stored
-                        .into_iter()
-                        .map(|(event_id, subject, sequence)| Appended {
-                            event_id,
-                            subject,
-                            sequence,
-                        })
-                        .collect();
-                    fold.version = appended.last().map_or(fold.version, |a| a.sequence);
-                    fold.events += appended.len() as u64;
-                    if let Some((cause, source)) = cause {
-                        let now = OffsetDateTime::now_utc();
-                        fold.recent.extend(appended.iter().map(|a| Recent {
-                            causation: cause,
-                            source: source.to_owned(),
-                            appended: a.clone(),
-                            stored_at: now,
-                        }));
-                    }
-                    self.cache.put(id, fold.entry());
-                    tracing::debug!(attempt, version = fold.version, "decided");
-                    return Ok(fold.decided(appended, false, attempt));
-                }
-                Outcome::Conflict => {
-                    tracing::debug!(
-                        attempt,
-                        expected,
-                        "others appended since the load; deciding again"
-                    );
-                }
-                Outcome::Unknown(why) => {
-                    tracing::debug!(attempt, why, "the append's outcome is unknown; reading it");
-                }
-                Outcome::NoAtomic(why) => {
-                    return Err(AggregateError::new(
-                        A::NAME,
-                        id,
-                        AggregateErrorKind::Stream,
-                        format!("stream {stream} refuses atomic batches ({why}); a decision of several events needs nats-server 2.12 or later with allow_atomic on the stream"),
-                    )
-                    .into());
-                }
-                Outcome::Refused(why) => {
-                    return Err(AggregateError::new(
-                        A::NAME,
-                        id,
-                        AggregateErrorKind::Append,
-                        format!("the append was refused: {why}"),
-                    )
-                    .into());
-                }
-            }
-            // Read what was appended since: others' events, or ours after
-            // an answer that did not come.
-            fold.ours = ids;
-            self.read::<A>(id, &mut fold, Until::default()).await?;
-            if !fold.appended_ours.is_empty() {
-                tracing::debug!(attempt, "the append had gone through");
-                let ours = std::mem::take(&mut fold.appended_ours);
-                return Ok(fold.decided(ours, false, attempt));
-            }
-            if attempt < self.attempts {
-                // Jittered, so writers that lost together do not meet again.
-                if attempt > IMMEDIATE_RETRIES {
-                    tokio::time::sleep(jitter(delay)).await;
-                    delay = (delay * 2).clamp(Duration::from_millis(1), Duration::from_millis(100));
-                }
-            }
-        }
-        Err(DecideError::Conflict {
-            aggregate: A::NAME,
-            id: id.to_owned(),
-            attempts: self.attempts,
-        })
+        let mut parts = Parts::new();
+        parts.push::<A>(id);
+        let run = self
+            .run(&mut parts, flow, |parts| {
+                let events = decide(&parts.slot::<A>(0).fold.state).map_err(DecideError::Refused)?;
+                parts.stage::<A>(0, events);
+                Ok(())
+            })
+            .await?;
+        let fold = &mut parts.slot_mut::<A>(0).fold;
+        Ok(fold.decided(run.appended, run.earlier, run.attempts))
     }
 
     /// Reads the events after `fold`'s version into it.
     async fn read<A: Aggregate>(
         &self,
         id: &str,
-        fold: &mut Fold<'_, A>,
+        fold: &mut Fold<A>,
         until: Until,
     ) -> Result<(), AggregateError> {
         let stream = self.prepare::<A>(id).await?;

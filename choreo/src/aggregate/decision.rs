@@ -1,0 +1,574 @@
+//! One decision, on one aggregate instance or across several: take each
+//! instance's turn, load each, decide, append every event in one batch that
+//! guards every instance, and on a conflict read what changed and decide
+//! again. [`Aggregates::decide`] is this with one instance;
+//! [`Aggregates::decide_across`] with several.
+
+use std::any::{Any, TypeId};
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use time::OffsetDateTime;
+
+use super::append::{self, Check, IMMEDIATE_RETRIES, Outcome, jitter};
+use super::cache::Recent;
+use super::encode::Encode;
+use super::error::{AggregateError, AggregateErrorKind, DecideError};
+use super::fold::Fold;
+use super::read::{self, Raw, Until};
+use super::store::{Aggregates, Appended, Flow};
+use super::{Aggregate, AggregateEvent};
+use crate::event::EventId;
+use crate::publish::Outgoing;
+
+/// One instance a decision is on, whatever its aggregate type.
+pub(super) trait Part: Any + Send + Sync {
+    /// Its aggregate's type and its id: what its turns and cache are keyed
+    /// by.
+    fn key(&self) -> (TypeId, &str);
+    fn name(&self) -> &'static str;
+    fn id(&self) -> &str;
+    /// Its boundary's filter.
+    fn filter(&self) -> &str;
+    /// The last sequence read.
+    fn version(&self) -> u64;
+    /// Sets up its stream; its name.
+    fn prepare<'s>(
+        &'s self,
+        store: &'s Aggregates,
+    ) -> BoxFuture<'s, Result<&'static str, AggregateError>>;
+    /// Makes it look for what the handled event `cause` from service
+    /// `source` appended earlier.
+    fn set_cause(&mut self, cause: Option<(EventId, String)>);
+    /// Loads it (cache, snapshot, the events after).
+    fn open<'s>(&'s mut self, store: &'s Aggregates) -> BoxFuture<'s, Result<(), AggregateError>>;
+    /// Folds one more event read.
+    fn take(&mut self, raw: Raw) -> Result<(), AggregateError>;
+    /// What an earlier delivery of the handled event appended to it.
+    fn earlier(&mut self) -> Vec<Appended>;
+    /// Watches the events read next for these ids (an append whose answer
+    /// did not come).
+    fn expect(&mut self, ours: &HashSet<EventId>);
+    /// Those of them read since.
+    fn ours(&mut self) -> Vec<Appended>;
+    /// Encodes the events the decision gave it.
+    fn encode(&self, encode: &mut Encode<'_>) -> Result<(), AggregateError>;
+    /// Its events were stored as `appended`: folds them in.
+    fn stored(&mut self, store: &Aggregates, appended: &[Appended]);
+    /// Forgets the events the decision gave it.
+    fn clear(&mut self);
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// An instance of `A`: its fold and the events decided for it.
+pub(super) struct Slot<A: Aggregate> {
+    pub(super) id: String,
+    pub(super) fold: Fold<A>,
+    pub(super) pending: Vec<A::Event>,
+}
+
+impl<A: Aggregate> Slot<A> {
+    pub(super) fn new(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            fold: Fold::new(&A::filter(id), None),
+            pending: Vec::new(),
+        }
+    }
+}
+
+impl<A: Aggregate> Part for Slot<A> {
+    fn key(&self) -> (TypeId, &str) {
+        (TypeId::of::<A>(), &self.id)
+    }
+
+    fn name(&self) -> &'static str {
+        A::NAME
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn filter(&self) -> &str {
+        &self.fold.filter
+    }
+
+    fn version(&self) -> u64 {
+        self.fold.version
+    }
+
+    fn prepare<'s>(
+        &'s self,
+        store: &'s Aggregates,
+    ) -> BoxFuture<'s, Result<&'static str, AggregateError>> {
+        Box::pin(store.prepare::<A>(&self.id))
+    }
+
+    fn set_cause(&mut self, cause: Option<(EventId, String)>) {
+        self.fold.cause = cause;
+    }
+
+    fn open<'s>(&'s mut self, store: &'s Aggregates) -> BoxFuture<'s, Result<(), AggregateError>> {
+        Box::pin(async move {
+            let cause = self.fold.cause.take();
+            self.fold = store.open::<A>(&self.id, cause).await?;
+            Ok(())
+        })
+    }
+
+    fn take(&mut self, raw: Raw) -> Result<(), AggregateError> {
+        self.fold.take(&self.id, raw)
+    }
+
+    fn earlier(&mut self) -> Vec<Appended> {
+        std::mem::take(&mut self.fold.earlier)
+    }
+
+    fn expect(&mut self, ours: &HashSet<EventId>) {
+        self.fold.ours.clone_from(ours);
+    }
+
+    fn ours(&mut self) -> Vec<Appended> {
+        std::mem::take(&mut self.fold.appended_ours)
+    }
+
+    fn encode(&self, encode: &mut Encode<'_>) -> Result<(), AggregateError> {
+        for e in &self.pending {
+            e.visit(encode).map_err(|e| {
+                AggregateError::new(A::NAME, &self.id, AggregateErrorKind::Append, e.to_string())
+                    .with_source(e)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn stored(&mut self, store: &Aggregates, appended: &[Appended]) {
+        let fold = &mut self.fold;
+        for e in self.pending.drain(..) {
+            fold.state.apply(&e);
+        }
+        fold.version = appended.last().map_or(fold.version, |a| a.sequence);
+        fold.events += appended.len() as u64;
+        if let Some((cause, source)) = &fold.cause {
+            let now = OffsetDateTime::now_utc();
+            fold.recent.extend(appended.iter().map(|a| Recent {
+                causation: *cause,
+                source: source.clone(),
+                appended: a.clone(),
+                stored_at: now,
+            }));
+        }
+        store.cache.put(&self.id, fold.entry());
+    }
+
+    fn clear(&mut self) {
+        self.pending.clear();
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// The instances of one decision, in the order the caller named them.
+#[doc(hidden)]
+pub struct Parts {
+    parts: Vec<Box<dyn Part>>,
+}
+
+impl Parts {
+    pub(super) fn new() -> Self {
+        Self { parts: Vec::new() }
+    }
+
+    /// Adds instance `id` of `A`.
+    pub(super) fn push<A: Aggregate>(&mut self, id: &str) {
+        self.parts.push(Box::new(Slot::<A>::new(id)));
+    }
+
+    /// Instance `i`, an `A` (as pushed).
+    pub(super) fn slot<A: Aggregate>(&self, i: usize) -> &Slot<A> {
+        self.parts[i]
+            .as_any()
+            .downcast_ref()
+            .expect("a part is of the type it was pushed as")
+    }
+
+    pub(super) fn slot_mut<A: Aggregate>(&mut self, i: usize) -> &mut Slot<A> {
+        self.parts[i]
+            .as_any_mut()
+            .downcast_mut()
+            .expect("a part is of the type it was pushed as")
+    }
+
+    /// A copy of instance `i`'s state.
+    pub(super) fn state<A: Aggregate>(&self, i: usize) -> A {
+        self.slot::<A>(i).fold.state.clone()
+    }
+
+    /// Instance `i`'s state, taken out.
+    pub(super) fn take_state<A: Aggregate>(&mut self, i: usize) -> A {
+        std::mem::take(&mut self.slot_mut::<A>(i).fold.state)
+    }
+
+    /// Gives instance `i` the decision's events for it.
+    pub(super) fn stage<A: Aggregate>(&mut self, i: usize, events: Vec<A::Event>) {
+        self.slot_mut::<A>(i).pending.extend(events);
+    }
+
+    /// The last sequence read of any of them.
+    pub(super) fn version(&self) -> u64 {
+        self.parts.iter().map(|p| p.version()).max().unwrap_or(0)
+    }
+
+    /// How many instances there are.
+    pub(super) fn len(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// The filters of the instances of `A` among them, with their index.
+    pub(super) fn filters_of<A: Aggregate>(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.key().0 == TypeId::of::<A>())
+            .map(|(i, p)| (i, p.filter()))
+    }
+
+    /// The instances, as `Name/id+Name/id`: what a handler's decision on
+    /// them derives its events' ids from.
+    pub(super) fn path(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| format!("{}/{}", p.name(), p.id()))
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+
+    /// The instances, as `Name id, Name id`.
+    pub(super) fn names(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| format!("{} {}", p.name(), p.id()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+
+    /// The stream every instance lives in, each set up.
+    async fn prepare(&self, store: &Aggregates) -> Result<&'static str, AggregateError> {
+        let mut stream: Option<(&'static str, &dyn Part)> = None;
+        for p in &self.parts {
+            let s = p.prepare(store).await?;
+            match stream {
+                None => stream = Some((s, p.as_ref())),
+                Some((first, q)) if first != s => {
+                    return Err(AggregateError::new(
+                        p.name(),
+                        p.id(),
+                        AggregateErrorKind::Stream,
+                        format!(
+                            "its events live in stream {s}, those of {} {} in {first}: one decision is one atomic batch, which is one stream",
+                            q.name(),
+                            q.id()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        stream.map(|(s, _)| s).ok_or_else(|| {
+            AggregateError::new("", "", AggregateErrorKind::Stream, "a decision on no aggregate")
+        })
+    }
+
+    /// Refuses an instance named twice.
+    fn check_distinct(&self) -> Result<(), AggregateError> {
+        let mut seen = HashSet::new();
+        for p in &self.parts {
+            if !seen.insert(p.key()) {
+                return Err(AggregateError::new(
+                    p.name(),
+                    p.id(),
+                    AggregateErrorKind::Usage,
+                    "named twice in one decision",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`Aggregates::run`] did.
+pub(super) struct Run {
+    pub(super) appended: Vec<Appended>,
+    pub(super) earlier: bool,
+    pub(super) attempts: u32,
+}
+
+impl Aggregates {
+    /// Runs one decision on `parts`: `decide` stages each instance's events
+    /// through [`Parts::stage`] from their states, or refuses.
+    pub(super) async fn run<E>(
+        &self,
+        parts: &mut Parts,
+        flow: &Flow<'_>,
+        mut decide: impl FnMut(&mut Parts) -> Result<(), DecideError<E>>,
+    ) -> Result<Run, DecideError<E>> {
+        parts.check_distinct()?;
+        let stream = parts.prepare(self).await?;
+        let cause = match flow {
+            Flow::Caused { cause, source, .. } => Some((cause.id(), *source)),
+            Flow::Root => None,
+        };
+        for p in &mut parts.parts {
+            p.set_cause(cause.map(|(c, s)| (c, s.to_owned())));
+        }
+        // Decisions on an instance from this process take turns; several
+        // instances are taken in one order, so two decisions never wait
+        // for each other.
+        let mut order: Vec<usize> = (0..parts.len()).collect();
+        order.sort_by(|&a, &b| parts.parts[a].key().cmp(&parts.parts[b].key()));
+        let mut turns = Vec::with_capacity(order.len());
+        for &i in &order {
+            let (ty, id) = parts.parts[i].key();
+            turns.push(self.turns.take(ty, id).await);
+        }
+        for p in &mut parts.parts {
+            p.open(self).await?;
+        }
+        // The first retries at once (each decides on the fresh state just
+        // read, and its round trip paces it), then after a jittered pause
+        // of 1 ms doubling to 100 ms.
+        let mut delay = Duration::ZERO;
+        let mut contended = 0;
+        for attempt in 1..=self.attempts {
+            let earlier: Vec<Appended> = parts.parts.iter_mut().flat_map(|p| p.earlier()).collect();
+            if !earlier.is_empty() {
+                tracing::info!(
+                    events = earlier.len(),
+                    "this event's decision was appended by an earlier delivery; not deciding again"
+                );
+                return Ok(Run {
+                    appended: earlier,
+                    earlier: true,
+                    attempts: attempt,
+                });
+            }
+            for p in &mut parts.parts {
+                p.clear();
+            }
+            decide(parts)?;
+            let (outs, spans) = self.encode_parts(parts, flow)?;
+            if outs.is_empty() {
+                return Ok(Run {
+                    appended: Vec::new(),
+                    earlier: false,
+                    attempts: attempt,
+                });
+            }
+            let ids: HashSet<EventId> = outs.iter().map(|o| o.id).collect();
+            let outs = guard(parts, outs, &spans)?;
+            match append::append(self.publisher.client(), outs).await {
+                Outcome::Stored(stored) => {
+                    let appended: Vec<Appended> = stored
+                        .into_iter()
+                        .map(|(event_id, subject, sequence)| Appended {
+                            event_id,
+                            subject,
+                            sequence,
+                        })
+                        .collect();
+                    for (p, span) in parts.parts.iter_mut().zip(&spans) {
+                        p.stored(self, &appended[span.clone()]);
+                    }
+                    tracing::debug!(attempt, "decided");
+                    return Ok(Run {
+                        appended,
+                        earlier: false,
+                        attempts: attempt,
+                    });
+                }
+                Outcome::Conflict => {
+                    tracing::debug!(attempt, "others appended since the load; deciding again");
+                }
+                Outcome::Unknown(why) => {
+                    tracing::debug!(attempt, why, "the append's outcome is unknown; reading it");
+                }
+                Outcome::NoAtomic(why) => {
+                    let p = &parts.parts[0];
+                    return Err(AggregateError::new(
+                        p.name(),
+                        p.id(),
+                        AggregateErrorKind::Stream,
+                        format!("stream {stream} refuses atomic batches ({why}); a decision of several events needs nats-server 2.12 or later with allow_atomic on the stream"),
+                    )
+                    .into());
+                }
+                Outcome::Refused(why) => {
+                    let p = &parts.parts[0];
+                    return Err(AggregateError::new(
+                        p.name(),
+                        p.id(),
+                        AggregateErrorKind::Append,
+                        format!("the append was refused: {why}"),
+                    )
+                    .into());
+                }
+            }
+            // Read what was appended since: others' events, or ours after
+            // an answer that did not come.
+            let mut ours = Vec::new();
+            for (i, p) in parts.parts.iter_mut().enumerate() {
+                let before = p.version();
+                p.expect(&ids);
+                self.read_part(stream, p.as_mut()).await?;
+                ours.extend(p.ours());
+                if p.version() != before {
+                    contended = i;
+                }
+            }
+            if !ours.is_empty() {
+                tracing::debug!(attempt, "the append had gone through");
+                ours.sort_by_key(|a| a.sequence);
+                return Ok(Run {
+                    appended: ours,
+                    earlier: false,
+                    attempts: attempt,
+                });
+            }
+            if attempt < self.attempts && attempt > IMMEDIATE_RETRIES {
+                // Jittered, so writers that lost together do not meet again.
+                tokio::time::sleep(jitter(delay)).await;
+                delay = (delay * 2).clamp(Duration::from_millis(1), Duration::from_millis(100));
+            }
+        }
+        drop(turns);
+        let p = &parts.parts[contended];
+        Err(DecideError::Conflict {
+            aggregate: p.name(),
+            id: p.id().to_owned(),
+            attempts: self.attempts,
+        })
+    }
+
+    /// Encodes every instance's events, checked to lie inside its boundary
+    /// and under the server's size limit; with the range of each
+    /// instance's events.
+    fn encode_parts(
+        &self,
+        parts: &Parts,
+        flow: &Flow<'_>,
+    ) -> Result<(Vec<Outgoing>, Vec<Range<usize>>), AggregateError> {
+        let mut encode = Encode {
+            publisher: &self.publisher,
+            flow,
+            first: None,
+            counts: HashMap::new(),
+            outs: Vec::new(),
+        };
+        let mut spans = Vec::with_capacity(parts.len());
+        for p in &parts.parts {
+            let start = encode.outs.len();
+            p.encode(&mut encode)?;
+            let span = start..encode.outs.len();
+            for out in &encode.outs[span.clone()] {
+                let fail =
+                    |detail: String| AggregateError::new(p.name(), p.id(), AggregateErrorKind::Append, detail);
+                if !crate::event::subject::covers(p.filter(), &out.subject) {
+                    return Err(fail(format!(
+                        "{} on {} is outside the aggregate's subjects {}: the next load would not see it",
+                        out.event,
+                        out.subject,
+                        p.filter()
+                    )));
+                }
+                self.publisher
+                    .check_size(out)
+                    .map_err(|e| fail(e.to_string()).with_source(e))?;
+            }
+            spans.push(span);
+        }
+        if encode.outs.len() > append::MAX_BATCH {
+            let p = &parts.parts[0];
+            return Err(AggregateError::new(
+                p.name(),
+                p.id(),
+                AggregateErrorKind::TooManyEvents,
+                format!(
+                    "the decision returned {} events; one atomic batch holds {}",
+                    encode.outs.len(),
+                    append::MAX_BATCH
+                ),
+            ));
+        }
+        Ok((encode.outs, spans))
+    }
+
+    /// Reads the events after `part`'s version into it.
+    async fn read_part(&self, stream: &str, part: &mut dyn Part) -> Result<(), AggregateError> {
+        let filter = part.filter().to_owned();
+        let id = part.id().to_owned();
+        read::read(
+            self.publisher.client(),
+            (self.publisher.api_prefix(), stream),
+            (part.name(), &id, &filter),
+            part.version(),
+            Until::default(),
+            |raw| part.take(raw),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Puts each instance's check on a message: on its first event, or, for an
+/// instance the decision gave no event, on another instance's event that
+/// carries none. A message carries one check, and the server checks every
+/// message of a batch before it stores any, so the checks hold together.
+fn guard(
+    parts: &Parts,
+    outs: Vec<Outgoing>,
+    spans: &[Range<usize>],
+) -> Result<Vec<(Outgoing, Option<Check>)>, AggregateError> {
+    let mut checks: Vec<Option<Check>> = vec![None; outs.len()];
+    let mut unwritten = Vec::new();
+    for (p, span) in parts.parts.iter().zip(spans) {
+        let check = Check {
+            filter: p.filter().to_owned(),
+            expected: p.version(),
+        };
+        if span.is_empty() {
+            unwritten.push(check);
+        } else {
+            checks[span.start] = Some(check);
+        }
+    }
+    let mut free = (0..checks.len()).filter(|&i| checks[i].is_none()).collect::<Vec<_>>().into_iter();
+    for check in unwritten {
+        let Some(i) = free.next() else {
+            let p = &parts.parts[0];
+            return Err(AggregateError::new(
+                p.name(),
+                p.id(),
+                AggregateErrorKind::Usage,
+                format!(
+                    "the decision on {} appends {} events, fewer than the {} instances it guards: each instance's check rides on an appended event, so append at least one event per instance, or decide on fewer",
+                    parts.names(),
+                    outs.len(),
+                    parts.len()
+                ),
+            ));
+        };
+        checks[i] = Some(check);
+    }
+    Ok(outs.into_iter().zip(checks).collect())
+}
