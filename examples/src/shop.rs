@@ -44,13 +44,14 @@
 //! the wrong order as `misordered`. The other handlers see one event per
 //! order and need no order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use choreo::admin::deadlines::{self, DeadlineState};
 use choreo::{
-    Context, HandlerError, Publisher, Service, State, StreamSettings, event, event_handler,
+    Aggregate, Aggregates, Context, DecideError, Decider, HandlerError, Publisher, Service, State,
+    StreamSettings, event, event_handler,
 };
 use choreo_testkit::Recorder;
 
@@ -177,6 +178,93 @@ pub struct StockUnavailable {
     pub sku: String,
     /// The amount to refund.
     pub amount_cents: u64,
+}
+
+/// Goods came into the warehouse.
+#[event(subject = "stock.{sku}.received", schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
+pub struct StockReceived {
+    /// The product.
+    pub sku: String,
+    /// How many.
+    pub quantity: u32,
+    /// Why (a run's name, a delivery note).
+    pub note: String,
+}
+
+/// Units of one product set aside for an order: one per product of the
+/// order, all of an order's in one atomic batch.
+#[event(subject = "stock.{sku}.allocated", schema)]
+#[derive(Clone, Debug, PartialEq, schemars::JsonSchema)]
+pub struct StockAllocated {
+    /// The product.
+    pub sku: String,
+    /// The order.
+    pub order_id: String,
+    /// How many.
+    pub quantity: u32,
+}
+
+/// The history of one product's stock.
+#[derive(choreo::AggregateEvent, Clone, Debug, PartialEq)]
+pub enum StockEvent {
+    /// Goods came in.
+    Received(StockReceived),
+    /// Units were set aside for an order.
+    Allocated(StockAllocated),
+}
+
+/// One product's stock: an aggregate (`docs/aggregates.md`), so two
+/// inventory instances deciding at once never both take the last unit.
+#[derive(Clone, Debug, Default)]
+pub struct Stock {
+    /// Units not allocated.
+    pub on_hand: u32,
+}
+
+impl Aggregate for Stock {
+    const NAME: &'static str = "Stock";
+    type Event = StockEvent;
+    fn filter(sku: &str) -> String {
+        format!("stock.{sku}.*")
+    }
+    fn apply(&mut self, event: &StockEvent) {
+        match event {
+            StockEvent::Received(e) => self.on_hand += e.quantity,
+            StockEvent::Allocated(e) => self.on_hand = self.on_hand.saturating_sub(e.quantity),
+        }
+    }
+}
+
+/// An order's lines as products and quantities, each product once, in
+/// name order.
+pub fn wanted(lines: &[Line]) -> BTreeMap<&str, u32> {
+    let mut wanted = BTreeMap::new();
+    for l in lines {
+        *wanted.entry(l.sku.as_str()).or_insert(0) += l.quantity;
+    }
+    wanted
+}
+
+/// The decision on an order's products: allocate every line, or refuse
+/// with the first product short of stock.
+pub fn allocate(
+    order_id: &str,
+    wanted: &BTreeMap<&str, u32>,
+    stocks: &[Stock],
+) -> Result<Vec<StockEvent>, String> {
+    let mut events = Vec::with_capacity(wanted.len());
+    for ((sku, quantity), stock) in wanted.iter().zip(stocks) {
+        if stock.on_hand < *quantity {
+            return Err((*sku).to_owned());
+        }
+        events.push(StockEvent::Allocated(StockAllocated {
+            sku: (*sku).to_owned(),
+            order_id: order_id.to_owned(),
+            quantity: *quantity,
+        }));
+    }
+    Ok(events)
 }
 
 /// The parcel left the warehouse. Ends a successful order.
@@ -389,20 +477,26 @@ async fn refund_refused_payment(
 async fn reserve_stock(
     payment: OrderPaid,
     ctx: Context,
-    State(ledger): State<Ledger>,
+    stock: Decider,
 ) -> Result<(), HandlerError> {
-    if let Some(line) = payment.lines.iter().find(|l| l.sku.starts_with("sold-out")) {
-        ctx.emit(StockUnavailable {
+    let wanted = wanted(&payment.lines);
+    let skus: Vec<&str> = wanted.keys().copied().collect();
+    let decided = stock
+        .decide_across::<Vec<Stock>, _, _>(&skus, |stocks| {
+            allocate(&payment.order_id, &wanted, stocks)
+        })
+        .await;
+    match decided {
+        Ok(_) => ctx.emit(StockReserved {
             order_id: payment.order_id,
-            sku: line.sku.clone(),
+        }),
+        Err(DecideError::Refused(sku)) => ctx.emit(StockUnavailable {
+            order_id: payment.order_id,
+            sku,
             amount_cents: payment.amount_cents,
-        });
-        return Ok(());
+        }),
+        Err(e) => return Err(e.into_handler_error()),
     }
-    ledger.record(&ctx, "reserve", &payment.order_id).await?;
-    ctx.emit(StockReserved {
-        order_id: payment.order_id,
-    });
     Ok(())
 }
 
@@ -560,8 +654,8 @@ pub fn service_with_deadline(
     deadline: Duration,
 ) -> Service {
     let s = Service::new(name)
-        .state(ledger)
-        .stream_settings(settings)
+        .state(ledger.clone())
+        .stream_settings(settings.clone())
         .shutdown_grace(Duration::from_secs(10));
     match name {
         "orders" => s
@@ -574,7 +668,12 @@ pub fn service_with_deadline(
             .handler(charge_payment)
             .handler(refund_payment)
             .handler(refund_refused_payment),
-        "inventory" => s.handler(reserve_stock),
+        "inventory" => {
+            let publisher = Publisher::new(ledger.js.client(), name)
+                .expect("a service name is a legal source")
+                .stream_settings(settings);
+            s.state(Aggregates::new(publisher)).handler(reserve_stock)
+        }
         "shipping" => s.handler(ship_order),
         other => panic!("no service named {other:?}; the services are {SERVICES:?}"),
     }
@@ -950,16 +1049,52 @@ pub async fn wait_for_endings(
     }
 }
 
-/// Places `n` orders for `run`, 256 publishes in flight.
+/// Receives the stock `run`'s `n` orders need of every product that is
+/// not sold out, so only the orders with a sold-out item are short.
 ///
 /// # Errors
-/// A publish failed after its retries.
+/// The receipt could not be appended.
+pub async fn receive_stock(
+    publisher: &Publisher,
+    run: &str,
+    n: u64,
+) -> Result<(), DecideError<std::convert::Infallible>> {
+    let mut needed: BTreeMap<String, u32> = BTreeMap::new();
+    for i in 0..n {
+        for line in order(run, i).lines {
+            if !line.sku.starts_with("sold-out") {
+                *needed.entry(line.sku).or_insert(0) += line.quantity;
+            }
+        }
+    }
+    let warehouse = Aggregates::new(publisher.clone());
+    for (sku, quantity) in needed {
+        warehouse
+            .decide::<Stock, _, _>(&sku, |_| {
+                Ok(vec![StockEvent::Received(StockReceived {
+                    sku: sku.clone(),
+                    quantity,
+                    note: format!("run {run}"),
+                })])
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Places `n` orders for `run`, 256 publishes in flight, after receiving
+/// the stock they need ([`receive_stock`]).
+///
+/// # Errors
+/// The stock could not be received, or a publish failed after its
+/// retries.
 pub async fn place_orders(
     publisher: &Publisher,
     run: &str,
     n: u64,
-) -> Result<Vec<choreo::EventId>, choreo::PublishError> {
+) -> Result<Vec<choreo::EventId>, Box<dyn std::error::Error + Send + Sync>> {
     use futures::{StreamExt, TryStreamExt};
+    receive_stock(publisher, run, n).await?;
     futures::stream::iter(0..n)
         .map(|i| {
             let p = publisher.clone();
@@ -969,6 +1104,7 @@ pub async fn place_orders(
         .buffered(256)
         .try_collect()
         .await
+        .map_err(Into::into)
 }
 
 #[cfg(test)]

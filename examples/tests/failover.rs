@@ -80,6 +80,7 @@ async fn publisher_streams(client: &choreo::async_nats::Client) {
     p.ensure_stream::<shop::PaymentCaptured>().await.unwrap();
     p.ensure_stream::<shop::StockReserved>().await.unwrap();
     p.ensure_stream::<shop::OrderShipped>().await.unwrap();
+    p.ensure_stream::<shop::StockReceived>().await.unwrap();
 }
 
 /// Waits until a service process says it is ready: its service started,
@@ -252,6 +253,7 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
     let publisher = Publisher::new(client.clone(), "storefront")
         .unwrap()
         .stream_settings(settings);
+    shop::receive_stock(&publisher, run, ORDERS).await.unwrap();
     // 2000 orders paced at 100/s, so the faults below land mid-run.
     let placing = tokio::spawn({
         let publisher = publisher.clone();

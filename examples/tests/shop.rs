@@ -626,3 +626,144 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// Inventory keeps each product's stock as an aggregate: two inventory
+/// instances handling many paid orders for a few hot products at once
+/// never allocate a unit twice or below zero, and every order is reserved
+/// or refused, once.
+#[tokio::test]
+async fn two_inventory_instances_never_oversell_hot_products() {
+    use shop::{Line, OrderPaid, Stock, StockEvent, StockReceived};
+    const HOT: [&str; 3] = ["hot-kettle", "hot-mug", "hot-tray"];
+    const UNITS: u32 = 60;
+    const ORDERS: usize = 300;
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let ledger = Ledger::open(&client, 1).await.unwrap();
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let own = server.connect().await.unwrap();
+        handles.push(
+            shop::service("inventory", ledger.clone(), StreamSettings::default())
+                .start(own)
+                .await
+                .unwrap(),
+        );
+    }
+    let recorder = Recorder::start(&client).await.unwrap();
+    let publisher = Publisher::new(client.clone(), "orders").unwrap();
+    let warehouse = choreo::Aggregates::new(publisher.clone());
+    for sku in HOT {
+        warehouse
+            .decide::<Stock, _, std::convert::Infallible>(sku, |_| {
+                Ok(vec![StockEvent::Received(StockReceived {
+                    sku: sku.into(),
+                    quantity: UNITS,
+                    note: "test".into(),
+                })])
+            })
+            .await
+            .unwrap();
+    }
+    // One or two hot products per order, 1–3 units each: about three times
+    // the units there are.
+    let orders: Vec<OrderPaid> = (0..ORDERS)
+        .map(|i| {
+            let mut lines = vec![Line {
+                sku: HOT[i % 3].into(),
+                quantity: 1 + (i % 3) as u32,
+            }];
+            if i % 2 == 0 {
+                lines.push(Line {
+                    sku: HOT[(i + 1) % 3].into(),
+                    quantity: 1,
+                });
+            }
+            OrderPaid {
+                order_id: format!("hot-{i}"),
+                lines,
+                amount_cents: 100,
+            }
+        })
+        .collect();
+    publisher.publish_all(&orders).await.unwrap();
+
+    // Every order gets its answer.
+    let answers = || {
+        recorder
+            .snapshot()
+            .into_iter()
+            .filter(|r| r.subject.starts_with("inventory."))
+            .collect::<Vec<_>>()
+    };
+    let started = std::time::Instant::now();
+    while answers().len() < ORDERS {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "{} of {ORDERS} orders answered",
+            answers().len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    recorder
+        .settled(&client, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut reserved = std::collections::HashSet::new();
+    let mut refused = std::collections::HashSet::new();
+    for r in answers() {
+        let mut parts = r.subject.split('.');
+        let (order, outcome) = (parts.nth(1).unwrap().to_owned(), parts.next().unwrap());
+        let fresh = match outcome {
+            "reserved" => reserved.insert(order.clone()),
+            "unavailable" => refused.insert(order.clone()),
+            other => panic!("{other}"),
+        };
+        assert!(fresh, "{order} answered twice");
+    }
+    assert!(reserved.is_disjoint(&refused), "an order reserved and refused");
+    assert_eq!(reserved.len() + refused.len(), ORDERS);
+    assert!(
+        reserved.len() > 30 && refused.len() > 30,
+        "the stock runs out midway: {} reserved, {} refused",
+        reserved.len(),
+        refused.len()
+    );
+
+    // Each product's history: never below zero, and exactly the reserved
+    // orders' units allocated, once each.
+    let by_id: std::collections::HashMap<&str, &OrderPaid> =
+        orders.iter().map(|o| (o.order_id.as_str(), o)).collect();
+    let mut allocated = std::collections::HashMap::new();
+    for sku in HOT {
+        let mut on_hand: i64 = 0;
+        for r in warehouse.history::<Stock>(sku, None).await.unwrap() {
+            match r.event {
+                StockEvent::Received(e) => on_hand += i64::from(e.quantity),
+                StockEvent::Allocated(e) => {
+                    on_hand -= i64::from(e.quantity);
+                    assert!(on_hand >= 0, "{sku} oversold at #{}", r.sequence);
+                    let line = shop::wanted(&by_id[e.order_id.as_str()].lines)[sku];
+                    assert_eq!(e.quantity, line, "{}: {sku}", e.order_id);
+                    let before = allocated.insert((sku, e.order_id.clone()), r.sequence);
+                    assert!(before.is_none(), "{} allocated {sku} twice", e.order_id);
+                }
+            }
+        }
+    }
+    for o in &orders {
+        for sku in shop::wanted(&o.lines).keys() {
+            let has = allocated.contains_key(&(*sku, o.order_id.clone()));
+            assert_eq!(
+                has,
+                reserved.contains(&o.order_id),
+                "{}: {sku} allocated = {has}, reserved = {}",
+                o.order_id,
+                reserved.contains(&o.order_id)
+            );
+        }
+    }
+    for h in handles {
+        h.shutdown().await;
+    }
+}
