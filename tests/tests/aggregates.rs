@@ -567,15 +567,22 @@ async fn accept(
     stock: Decider,
     crashes: State<Crashes>,
 ) -> Result<(), HandlerError> {
-    let decided = stock
-        .decide::<Stock, _, _>(&order.sku, |s| reserve(s, &order.sku, &order.order_id, 1))
-        .await
-        .map_err(|e| e.into_handler_error())?;
-    if crashes.0.0.fetch_add(1, Ordering::SeqCst) == 0 {
-        assert!(!decided.earlier);
-        return Err(HandlerError::retryable("dies after its decision"));
+    // Two decisions on one instance: the second is not the first's
+    // redelivery, though it finds the first's events caused by this event.
+    let mut earlier = Vec::new();
+    for line in ["", "-spare"] {
+        let order_id = format!("{}{line}", order.order_id);
+        let decided = stock
+            .decide::<Stock, _, _>(&order.sku, |s| reserve(s, &order.sku, &order_id, 1))
+            .await
+            .map_err(|e| e.into_handler_error())?;
+        earlier.push(decided.earlier);
     }
-    assert!(decided.earlier, "the redelivery found the first decision");
+    if crashes.0.0.fetch_add(1, Ordering::SeqCst) == 0 {
+        assert_eq!(earlier, [false, false], "the first delivery decides both");
+        return Err(HandlerError::retryable("dies after its decisions"));
+    }
+    assert_eq!(earlier, [true, true], "the redelivery found both decisions");
     ctx.emit(OrderAccepted {
         order_id: order.order_id,
     });
@@ -628,7 +635,11 @@ async fn redelivered_decision(cache: Option<usize>) {
         .iter()
         .filter(|r| matches!(r.event, StockEvent::Reserved(_)))
         .collect();
-    assert_eq!(reservations.len(), 1, "reserved once for two deliveries");
+    assert_eq!(
+        reservations.len(),
+        2,
+        "reserved once per decision for two deliveries"
+    );
     let meta = &reservations[0].meta;
     assert_eq!(meta.causation_id(), Some(placed.event_id));
     assert_eq!(meta.correlation_id(), placed.correlation_id);

@@ -16,7 +16,7 @@ use super::append::{self, Check, IMMEDIATE_RETRIES, Outcome, jitter};
 use super::cache::Recent;
 use super::encode::Encode;
 use super::error::{AggregateError, AggregateErrorKind, DecideError};
-use super::fold::Fold;
+use super::fold::{Cause, Fold};
 use super::read::{self, Raw, Until};
 use super::store::{Aggregates, Appended, Flow};
 use super::{Aggregate, AggregateEvent};
@@ -41,7 +41,7 @@ pub(super) trait Part: Any + Send + Sync {
     ) -> BoxFuture<'s, Result<&'static str, AggregateError>>;
     /// Makes it look for what the handled event `cause` from service
     /// `source` appended earlier.
-    fn set_cause(&mut self, cause: Option<(EventId, String)>);
+    fn set_cause(&mut self, cause: Option<Cause>);
     /// Loads it (cache, snapshot, the events after).
     fn open<'s>(&'s mut self, store: &'s Aggregates) -> BoxFuture<'s, Result<(), AggregateError>>;
     /// Folds one more event read.
@@ -108,7 +108,7 @@ impl<A: Aggregate> Part for Slot<A> {
         Box::pin(store.prepare::<A>(&self.id))
     }
 
-    fn set_cause(&mut self, cause: Option<(EventId, String)>) {
+    fn set_cause(&mut self, cause: Option<Cause>) {
         self.fold.cause = cause;
     }
 
@@ -125,7 +125,11 @@ impl<A: Aggregate> Part for Slot<A> {
     }
 
     fn earlier(&mut self) -> Vec<Appended> {
-        std::mem::take(&mut self.fold.earlier)
+        let found = std::mem::take(&mut self.fold.earlier);
+        match &self.fold.cause {
+            Some(cause) if !found.is_empty() => cause.made::<A>(found),
+            _ => Vec::new(),
+        }
     }
 
     fn expect(&mut self, ours: &HashSet<EventId>) {
@@ -153,11 +157,11 @@ impl<A: Aggregate> Part for Slot<A> {
         }
         fold.version = appended.last().map_or(fold.version, |a| a.sequence);
         fold.events += appended.len() as u64;
-        if let Some((cause, source)) = &fold.cause {
+        if let Some(cause) = &fold.cause {
             let now = OffsetDateTime::now_utc();
             fold.recent.extend(appended.iter().map(|a| Recent {
-                causation: *cause,
-                source: source.clone(),
+                causation: cause.id,
+                source: cause.source.clone(),
                 appended: a.clone(),
                 stored_at: now,
             }));
@@ -326,11 +330,15 @@ impl Aggregates {
         parts.check_distinct()?;
         let stream = parts.prepare(self).await?;
         let cause = match flow {
-            Flow::Caused { cause, source, .. } => Some((cause.id(), *source)),
+            Flow::Caused { cause, source, ns } => Some(Cause {
+                id: cause.id(),
+                source: (*source).to_owned(),
+                ns: ns.clone(),
+            }),
             Flow::Root => None,
         };
         for p in &mut parts.parts {
-            p.set_cause(cause.map(|(c, s)| (c, s.to_owned())));
+            p.set_cause(cause.clone());
         }
         // Decisions on an instance from this process take turns; several
         // instances are taken in one order, so two decisions never wait

@@ -56,6 +56,37 @@ pub(super) fn decode<A: Aggregate>(
     }
 }
 
+/// The handled event a decision runs for, and the decision.
+#[derive(Clone, Debug)]
+pub(super) struct Cause {
+    /// The handled event's id.
+    pub(super) id: EventId,
+    /// The service that handles it.
+    pub(super) source: String,
+    /// What the decision's event ids derive from (the handler, the
+    /// instances, the decision's place among the handler's decisions on
+    /// them).
+    pub(super) ns: String,
+}
+
+impl Cause {
+    /// Of `found` (events of this service caused by this event), those this
+    /// decision appended: their ids are the ones it derives, so a second
+    /// decision of the same handler on the same instance does not take the
+    /// first one's events for its own.
+    pub(super) fn made<A: Aggregate>(&self, found: Vec<Appended>) -> Vec<Appended> {
+        let n = found.len() as u32;
+        found
+            .into_iter()
+            .filter(|a| {
+                A::Event::TYPES.iter().any(|t| {
+                    (0..n).any(|i| EventId::emitted(&self.ns, self.id, t.name, i) == a.event_id)
+                })
+            })
+            .collect()
+    }
+}
+
 /// A state being folded from the events read.
 pub(super) struct Fold<A> {
     pub(super) filter: String,
@@ -64,9 +95,10 @@ pub(super) struct Fold<A> {
     pub(super) events: u64,
     /// Events read from the stream.
     pub(super) read: u64,
-    /// With a cause: the handled event's id and this service.
-    pub(super) cause: Option<(EventId, String)>,
-    /// Events the cause's decision appended earlier.
+    /// With a cause: the handled event and the decision.
+    pub(super) cause: Option<Cause>,
+    /// Events of this service caused by the cause, appended earlier: the
+    /// decision's own among them ([`Cause::made`]).
     pub(super) earlier: Vec<Appended>,
     /// After an append whose answer did not come: its events' ids.
     pub(super) ours: HashSet<EventId>,
@@ -112,7 +144,7 @@ impl Capture {
 }
 
 impl<A: Aggregate> Fold<A> {
-    pub(super) fn new(filter: &str, cause: Option<(EventId, String)>) -> Self {
+    pub(super) fn new(filter: &str, cause: Option<Cause>) -> Self {
         Self {
             filter: filter.to_owned(),
             state: A::default(),
@@ -137,9 +169,9 @@ impl<A: Aggregate> Fold<A> {
             subject: raw.subject.clone(),
             sequence: raw.sequence,
         };
-        if let Some((cause, source)) = &self.cause
-            && meta.causation_id() == Some(*cause)
-            && meta.source() == source
+        if let Some(cause) = &self.cause
+            && meta.causation_id() == Some(cause.id)
+            && meta.source() == cause.source
         {
             self.earlier.push(appended());
         }
@@ -203,12 +235,12 @@ impl<A: Aggregate> Fold<A> {
     /// Starts from a cached state: its events count as read before, and
     /// its recent events may hold the cause's earlier decision.
     pub(super) fn resume(&mut self, entry: Entry<A>) {
-        if let Some((cause, source)) = &self.cause {
+        if let Some(cause) = &self.cause {
             self.earlier.extend(
                 entry
                     .recent
                     .iter()
-                    .filter(|r| r.causation == *cause && r.source == *source)
+                    .filter(|r| r.causation == cause.id && r.source == cause.source)
                     .map(|r| r.appended.clone()),
             );
         }

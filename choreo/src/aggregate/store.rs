@@ -10,7 +10,7 @@ use super::Aggregate;
 use super::cache::{Cache, DEFAULT_CACHE_CAPACITY, Turns};
 use super::decision::Parts;
 use super::error::{AggregateError, DecideError};
-use super::fold::{Capture, Fold, decode};
+use super::fold::{Capture, Cause, Fold, decode};
 use super::read::{self, Until};
 use super::snapshot::{SnapshotPolicy, Snapshots};
 use crate::event::EventId;
@@ -211,7 +211,7 @@ impl Aggregates {
     pub(super) async fn open<A: Aggregate>(
         &self,
         id: &str,
-        cause: Option<(EventId, String)>,
+        cause: Option<Cause>,
     ) -> Result<Fold<A>, AggregateError> {
         let started = std::time::Instant::now();
         let mut fold = Fold::<A>::new(&A::filter(id), cause);
