@@ -771,3 +771,58 @@ async fn a_slow_load_writes_a_snapshot() {
         .unwrap();
     eventually_async(|| async { keys(&js).await.iter().any(|k| k.ends_with(".s2")) }).await;
 }
+
+/// A decision on a state in memory appends without reading first (its
+/// check tells whether anyone appended since); a refusal, which has no
+/// check, is made again on the state read to the stream's end.
+#[tokio::test]
+async fn a_refusal_on_a_state_in_memory_is_checked_against_the_stream() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let here = store(&client).await;
+    let elsewhere = store(&server.connect().await.unwrap()).await;
+    here.decide::<Stock, _, String>("s1", |_| Ok(vec![received("s1", 1)]))
+        .await
+        .unwrap();
+    here.decide::<Stock, _, _>("s1", |s| reserve(s, "s1", "o1", 1))
+        .await
+        .unwrap();
+    // Another process receives stock; this one's memory still says none.
+    elsewhere
+        .decide::<Stock, _, String>("s1", |_| Ok(vec![received("s1", 5)]))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let decided = here
+        .decide::<Stock, _, _>("s1", |s| {
+            seen.push(s.on_hand);
+            reserve(s, "s1", "o2", 2)
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, [0, 5], "refused on memory, decided on the stream");
+    assert_eq!((decided.state.on_hand, decided.attempts), (3, 1));
+
+    // A decision on a state in memory that others changed conflicts, and
+    // is made again on the state read.
+    elsewhere
+        .decide::<Stock, _, String>("s1", |_| Ok(vec![received("s1", 1)]))
+        .await
+        .unwrap();
+    let decided = here
+        .decide::<Stock, _, _>("s1", |s| reserve(s, "s1", "o3", 1))
+        .await
+        .unwrap();
+    assert_eq!((decided.state.on_hand, decided.attempts), (3, 2));
+    // After the conflict the instance counts as contended: the next
+    // decision reads first, and so meets no conflict.
+    elsewhere
+        .decide::<Stock, _, String>("s1", |_| Ok(vec![received("s1", 1)]))
+        .await
+        .unwrap();
+    let decided = here
+        .decide::<Stock, _, _>("s1", |s| reserve(s, "s1", "o4", 1))
+        .await
+        .unwrap();
+    assert_eq!((decided.state.on_hand, decided.attempts), (3, 1));
+}

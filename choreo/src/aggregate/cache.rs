@@ -40,6 +40,9 @@ pub(crate) struct Entry<A> {
     pub(crate) version: u64,
     pub(crate) events: u64,
     pub(crate) recent: Vec<Recent>,
+    /// The last decision on it met a conflict: others write to it, so the
+    /// next one reads before deciding.
+    pub(crate) contended: bool,
 }
 
 type Key = (TypeId, String);

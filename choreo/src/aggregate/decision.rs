@@ -46,6 +46,12 @@ pub(super) trait Part: Any + Send + Sync {
     fn open<'s>(&'s mut self, store: &'s Aggregates) -> BoxFuture<'s, Result<(), AggregateError>>;
     /// Folds one more event read.
     fn take(&mut self, raw: Raw) -> Result<(), AggregateError>;
+    /// Whether it was read to the stream's end in this decision.
+    fn fresh(&self) -> bool;
+    /// It was read to the stream's end.
+    fn read_to_end(&mut self);
+    /// Others appended to it during this decision.
+    fn contended(&mut self);
     /// What an earlier delivery of the handled event appended to it.
     fn earlier(&mut self) -> Vec<Appended>;
     /// Watches the events read next for these ids (an append whose answer
@@ -115,13 +121,25 @@ impl<A: Aggregate> Part for Slot<A> {
     fn open<'s>(&'s mut self, store: &'s Aggregates) -> BoxFuture<'s, Result<(), AggregateError>> {
         Box::pin(async move {
             let cause = self.fold.cause.take();
-            self.fold = store.open::<A>(&self.id, cause).await?;
+            self.fold = store.open::<A>(&self.id, cause, true).await?;
             Ok(())
         })
     }
 
     fn take(&mut self, raw: Raw) -> Result<(), AggregateError> {
         self.fold.take(&self.id, raw)
+    }
+
+    fn fresh(&self) -> bool {
+        self.fold.fresh
+    }
+
+    fn read_to_end(&mut self) {
+        self.fold.fresh = true;
+    }
+
+    fn contended(&mut self) {
+        self.fold.contended = true;
     }
 
     fn earlier(&mut self) -> Vec<Appended> {
@@ -359,30 +377,48 @@ impl Aggregates {
         let mut delay = Duration::ZERO;
         let mut contended = 0;
         for attempt in 1..=self.attempts {
-            let earlier: Vec<Appended> = parts.parts.iter_mut().flat_map(|p| p.earlier()).collect();
-            if !earlier.is_empty() {
-                tracing::info!(
-                    events = earlier.len(),
-                    "this event's decision was appended by an earlier delivery; not deciding again"
-                );
-                return Ok(Run {
-                    appended: earlier,
-                    earlier: true,
-                    attempts: attempt,
-                });
-            }
-            for p in &mut parts.parts {
-                p.clear();
-            }
-            decide(parts)?;
-            let (outs, spans) = self.encode_parts(parts, flow)?;
-            if outs.is_empty() {
+            // A decision that appends nothing, on a state taken from memory
+            // unread, is made again on the state read to the end: only an
+            // append's check tells a stale state, and a refusal has none.
+            let (outs, spans) = loop {
+                let earlier: Vec<Appended> =
+                    parts.parts.iter_mut().flat_map(|p| p.earlier()).collect();
+                if !earlier.is_empty() {
+                    tracing::info!(
+                        events = earlier.len(),
+                        "this event's decision was appended by an earlier delivery; not deciding again"
+                    );
+                    return Ok(Run {
+                        appended: earlier,
+                        earlier: true,
+                        attempts: attempt,
+                    });
+                }
+                for p in &mut parts.parts {
+                    p.clear();
+                }
+                let staged = decide(parts);
+                let nothing = match &staged {
+                    Ok(()) => {
+                        let encoded = self.encode_parts(parts, flow)?;
+                        if !encoded.0.is_empty() {
+                            break encoded;
+                        }
+                        true
+                    }
+                    Err(DecideError::Refused(_)) => true,
+                    Err(_) => false,
+                };
+                if nothing && self.refresh(stream, parts).await? {
+                    continue;
+                }
+                staged?;
                 return Ok(Run {
                     appended: Vec::new(),
                     earlier: false,
                     attempts: attempt,
                 });
-            }
+            };
             let ids: HashSet<EventId> = outs.iter().map(|o| o.id).collect();
             let outs = guard(parts, outs, &spans)?;
             match append::append(self.publisher.client(), outs).await {
@@ -442,6 +478,7 @@ impl Aggregates {
                 ours.extend(p.ours());
                 if p.version() != before {
                     contended = i;
+                    p.contended();
                 }
             }
             if !ours.is_empty() {
@@ -521,7 +558,22 @@ impl Aggregates {
         Ok((encode.outs, spans))
     }
 
-    /// Reads the events after `part`'s version into it.
+    /// Reads the instances taken from memory unread to the stream's end;
+    /// whether any had new events.
+    async fn refresh(&self, stream: &str, parts: &mut Parts) -> Result<bool, AggregateError> {
+        let mut changed = false;
+        for p in &mut parts.parts {
+            if !p.fresh() {
+                let before = p.version();
+                self.read_part(stream, p.as_mut()).await?;
+                changed |= p.version() != before;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Reads the events after `part`'s version into it (it is then
+    /// fresh).
     async fn read_part(&self, stream: &str, part: &mut dyn Part) -> Result<(), AggregateError> {
         let filter = part.filter().to_owned();
         let id = part.id().to_owned();
@@ -534,6 +586,7 @@ impl Aggregates {
             |raw| part.take(raw),
         )
         .await?;
+        part.read_to_end();
         Ok(())
     }
 }

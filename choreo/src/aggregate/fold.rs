@@ -110,6 +110,11 @@ pub(super) struct Fold<A> {
     pub(super) capture: Option<Capture>,
     /// The caused events folded lately (for the cache).
     pub(super) recent: Vec<Recent>,
+    /// Read up to the stream's end during this decision (false: taken from
+    /// memory unread).
+    pub(super) fresh: bool,
+    /// This decision met a conflict on it.
+    pub(super) contended: bool,
 }
 
 /// Taking a snapshot while a state is folded: of the state just before the
@@ -158,6 +163,8 @@ impl<A: Aggregate> Fold<A> {
             warned: false,
             capture: None,
             recent: Vec::new(),
+            fresh: true,
+            contended: false,
         }
     }
 
@@ -257,6 +264,7 @@ impl<A: Aggregate> Fold<A> {
             version: self.version,
             events: self.events,
             recent: self.recent.clone(),
+            contended: self.contended,
         }
     }
 
