@@ -1,5 +1,6 @@
 //! The aggregate cases: deciding (a load, then an append guarded by the
-//! last sequence) against the same by hand with async-nats, decisions on a
+//! last sequence; or, on a state in memory, the guarded append alone)
+//! against the same by hand with async-nats, decisions on a
 //! hot aggregate with several writers, and loading a long history with and
 //! without a snapshot against a hand-written batched read.
 
@@ -90,6 +91,92 @@ pub(super) async fn choreo_decide(n: u64) -> Result<f64, BoxError> {
         .try_for_each(|_| async { Ok(()) })
         .await?;
     Ok(report_rate("choreo decide", n, start, cpu0))
+}
+
+/// `n` accounts created first (not timed), then one decision on each, 256
+/// at once, on the state this process keeps: the guarded append alone.
+pub(super) async fn choreo_append(n: u64) -> Result<f64, BoxError> {
+    let server = NatsServer::start().await?;
+    // Room for every account's state (the default holds 10,000).
+    let store = store(&server).await?.cache(n as usize + 1);
+    let round = |store: Aggregates| {
+        futures::stream::iter(0..n)
+            .map(move |i| {
+                let store = store.clone();
+                async move {
+                    let id = format!("a{i}");
+                    store
+                        .decide::<Account, _, Infallible>(&id, |_| Ok(vec![deposit(&id, 5)]))
+                        .await
+                        .map_err(|e| BoxError::from(e.to_string()))
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .try_for_each(|_| async { Ok(()) })
+    };
+    round(store.clone()).await?;
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    round(store).await?;
+    Ok(report_rate("choreo append", n, start, cpu0))
+}
+
+/// The same by hand: `n` accounts' first events published (not timed),
+/// then a second event each with the same headers as choreo's and
+/// `Nats-Expected-Last-Subject-Sequence` (the first's sequence) against
+/// the account's filter, awaiting the PubAck.
+pub(super) async fn raw_append(n: u64) -> Result<f64, BoxError> {
+    let server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let js = jetstream::new(client.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: "RAWACCT".into(),
+        subjects: vec!["rawacct.>".into()],
+        allow_direct: true,
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await?;
+    let round = |round: u64, last: Vec<u64>| {
+        let js = js.clone();
+        futures::stream::iter(0..n)
+            .map(move |i| {
+                let js = js.clone();
+                let expected = last.get(i as usize).copied().unwrap_or(0);
+                async move {
+                    let filter = format!("rawacct.a{i}.*");
+                    let id = v5(&[&b"bench"[..], &i.to_be_bytes()[..], &round.to_be_bytes()[..]])
+                        .to_string();
+                    let mut h = raw_headers(&id, "Deposited", "bench", &id, None);
+                    h.insert("Nats-Expected-Last-Subject-Sequence", expected.to_string());
+                    h.insert("Nats-Expected-Last-Subject-Sequence-Subject", filter);
+                    let mut payload = Vec::new();
+                    ciborium::into_writer(
+                        &Deposited {
+                            id: format!("a{i}"),
+                            amount: 5,
+                        },
+                        &mut payload,
+                    )?;
+                    let ack = js
+                        .publish_with_headers(
+                            format!("rawacct.a{i}.deposited"),
+                            h,
+                            payload.into(),
+                        )
+                        .await?
+                        .await?;
+                    Ok::<u64, BoxError>(ack.sequence)
+                }
+            })
+            .buffered(IN_FLIGHT)
+            .try_collect::<Vec<u64>>()
+    };
+    let first = round(0, Vec::new()).await?;
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    round(1, first).await?;
+    Ok(report_rate("raw append", n, start, cpu0))
 }
 
 /// The same by hand: a batched direct get of the account's subjects on a
@@ -189,16 +276,24 @@ async fn raw_read(
     }
 }
 
-/// Decisions per second on one account, `writers` instances deciding at
-/// once, and the share of attempts that conflicted.
-pub(super) async fn hot(decisions: u64, writers: u64) -> Result<(f64, f64), BoxError> {
+/// Decisions per second on one account, `writers` deciding at once, and
+/// the share of attempts that conflicted. Each writer is its own instance
+/// (its own connection and memory of states, so they conflict), or, with
+/// `shared`, all share one `Aggregates` (they take turns instead).
+pub(super) async fn hot(
+    decisions: u64,
+    writers: u64,
+    shared: bool,
+) -> Result<(f64, f64), BoxError> {
     let server = NatsServer::start().await?;
-    // Each writer as its own instance would be: its own connection, its
-    // own memory of states, so they conflict (in one `Aggregates`, they
-    // take turns instead).
     let mut stores = Vec::new();
+    let one = store(&server).await?.attempts(1000);
     for _ in 0..writers {
-        stores.push(store(&server).await?.attempts(1000));
+        stores.push(if shared {
+            one.clone()
+        } else {
+            store(&server).await?.attempts(1000)
+        });
     }
     let done = Arc::new(AtomicU64::new(0));
     let tries = Arc::new(AtomicU32::new(0));
@@ -223,8 +318,9 @@ pub(super) async fn hot(decisions: u64, writers: u64) -> Result<(f64, f64), BoxE
     let rate = decisions as f64 / start.elapsed().as_secs_f64();
     let tries = f64::from(tries.load(Ordering::SeqCst));
     let conflicts = (tries - decisions as f64) / tries;
+    let how = if shared { " sharing one Aggregates" } else { "" };
     eprintln!(
-        "  hot aggregate, {writers} writers: {rate:.0} decisions/s, {:.0}% of attempts conflicted",
+        "  hot aggregate, {writers} writers{how}: {rate:.0} decisions/s, {:.0}% of attempts conflicted",
         conflicts * 100.0
     );
     Ok((rate, conflicts))

@@ -37,8 +37,13 @@
 //!   load and an append guarded by `Nats-Expected-Last-Subject-Sequence`,
 //!   against the same by hand (a batched direct get, a publish with the
 //!   same headers).
+//! - `aggregate_append`: N decisions on N aggregates this process holds in
+//!   memory (created before the clock starts), 256 at once: the append
+//!   guarded by `Nats-Expected-Last-Subject-Sequence` alone, against raw
+//!   async-nats publishing with the same headers.
 //! - `aggregate_hot`: decisions per second on one aggregate with 2 and 8
-//!   writers, and the share of attempts that conflicted (no raw side).
+//!   writers, each its own instance, and 8 sharing one `Aggregates`, and
+//!   the share of attempts that conflicted (no raw side).
 //! - `aggregate_load`: loading a 10,000-event aggregate against a
 //!   hand-written batched read that decodes and sums the same events, and
 //!   the load from a snapshot in ms.
@@ -1435,11 +1440,22 @@ async fn main() -> Result<(), BoxError> {
         rows.push(("decide: load + guarded append (/s)", c, r, ratio));
         ratios.push(("aggregate_decide", ratio));
     }
+    if wanted("aggregate_append") {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || aggregates::choreo_append(n),
+            || aggregates::raw_append(n),
+        )
+        .await?;
+        rows.push(("append: decide on a state in memory (/s)", c, r, ratio));
+        ratios.push(("aggregate_append", ratio));
+    }
     if wanted("aggregate_hot") {
-        for writers in [2, 8] {
-            let (rate, conflicts) = aggregates::hot(2_000, writers).await?;
+        for (writers, shared) in [(2, false), (8, false), (8, true)] {
+            let (rate, conflicts) = aggregates::hot(2_000, writers, shared).await?;
+            let how = if shared { " sharing one Aggregates" } else { "" };
             println!(
-                "hot aggregate, {writers} writers: {rate:.0} decisions/s, {:.0}% of attempts conflicted",
+                "hot aggregate, {writers} writers{how}: {rate:.0} decisions/s, {:.0}% of attempts conflicted",
                 conflicts * 100.0
             );
         }
