@@ -721,7 +721,10 @@ async fn two_inventory_instances_never_oversell_hot_products() {
         };
         assert!(fresh, "{order} answered twice");
     }
-    assert!(reserved.is_disjoint(&refused), "an order reserved and refused");
+    assert!(
+        reserved.is_disjoint(&refused),
+        "an order reserved and refused"
+    );
     assert_eq!(reserved.len() + refused.len(), ORDERS);
     assert!(
         reserved.len() > 30 && refused.len() > 30,

@@ -246,14 +246,21 @@ async fn an_instance_the_decision_only_reads_is_guarded_too() {
     );
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
     let alice = bank.load::<Account>("alice").await.unwrap();
-    assert_eq!((alice.state.balance, alice.events), (100, 1), "nothing appended");
+    assert_eq!(
+        (alice.state.balance, alice.events),
+        (100, 1),
+        "nothing appended"
+    );
 
     // Fewer events than instances: one instance would go unguarded.
     let err = bank
-        .decide_across::<(Account, Account, Account), _, String>(
-            &["alice", "bob", "carol"],
-            |_| Ok((vec![debit("alice", "t2", 1)], vec![credit("bob", "t2", 1)], vec![])),
-        )
+        .decide_across::<(Account, Account, Account), _, String>(&["alice", "bob", "carol"], |_| {
+            Ok((
+                vec![debit("alice", "t2", 1)],
+                vec![credit("bob", "t2", 1)],
+                vec![],
+            ))
+        })
         .await
         .unwrap_err();
     let DecideError::Failed(e) = &err else {
@@ -261,7 +268,8 @@ async fn an_instance_the_decision_only_reads_is_guarded_too() {
     };
     assert_eq!(e.kind(), AggregateErrorKind::Usage);
     assert!(
-        e.to_string().contains("appends 2 events, fewer than the 3 instances"),
+        e.to_string()
+            .contains("appends 2 events, fewer than the 3 instances"),
         "{e}"
     );
 }
@@ -307,11 +315,9 @@ async fn what_cannot_be_one_guarded_batch_is_a_clear_error() {
     assert!(text.contains("Account alice: named twice"), "{text}");
 
     let (kind, text) = usage(
-        bank.decide_across::<(Account, Account), _, String>(&["alice"], |_| {
-            Ok((vec![], vec![]))
-        })
-        .await
-        .unwrap_err(),
+        bank.decide_across::<(Account, Account), _, String>(&["alice"], |_| Ok((vec![], vec![])))
+            .await
+            .unwrap_err(),
     );
     assert_eq!(kind, AggregateErrorKind::Usage);
     assert!(
@@ -327,7 +333,10 @@ async fn what_cannot_be_one_guarded_batch_is_a_clear_error() {
         .unwrap_err(),
     );
     assert_eq!(kind, AggregateErrorKind::Stream);
-    assert!(text.contains("one atomic batch, which is one stream"), "{text}");
+    assert!(
+        text.contains("one atomic batch, which is one stream"),
+        "{text}"
+    );
 
     let (kind, text) = usage(
         bank.decide_across::<Vec<Account>, _, String>(&["alice"], |_| {
@@ -394,7 +403,11 @@ async fn racing_transfers_on_a_cluster_never_lose_or_make_money() {
             done.insert(id);
         }
     }
-    assert!(done.len() > 50, "only {} transfers went through", done.len());
+    assert!(
+        done.len() > 50,
+        "only {} transfers went through",
+        done.len()
+    );
 
     // Walk every account's history in stream order.
     let mut events = Vec::new();
@@ -423,7 +436,11 @@ async fn racing_transfers_on_a_cluster_never_lose_or_make_money() {
     }
     let total: i64 = balances.values().sum();
     assert_eq!(total, START * ACCOUNTS as i64, "money made or lost");
-    assert_eq!(legs.len(), done.len(), "every transfer that succeeded, and only those");
+    assert_eq!(
+        legs.len(),
+        done.len(),
+        "every transfer that succeeded, and only those"
+    );
     for (t, l) in &legs {
         assert_eq!(*l, (1, 1), "{t}: one debit and one credit");
         assert!(done.contains(t), "{t} stored but reported as not done");

@@ -78,7 +78,11 @@ pub(crate) async fn append(
         .map(|(o, _)| (o.id, o.subject.clone()))
         .collect();
     let n = outs.len();
-    let batch = EventId::new_random().to_string();
+    let batch = if n > 1 {
+        EventId::new_random().to_string()
+    } else {
+        String::new()
+    };
     let mut answer = None;
     for (i, (mut out, check)) in outs.into_iter().enumerate() {
         let headers = &mut out.headers;

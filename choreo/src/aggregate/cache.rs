@@ -2,9 +2,13 @@
 //! aggregate reads only the events after them instead of its history.
 //!
 //! An entry is a state, its version and the caused events of the last
-//! [`RECENT`] it folded (their causation ids), so a redelivered event still
-//! finds the decision its first delivery appended. Entries leave oldest
-//! first past [`Aggregates::cache`](super::Aggregates::cache)'s capacity.
+//! [`RECENT`] it folded, indexed by their causation ids, so a redelivered
+//! event still finds the decision its first delivery appended. The caused
+//! events stay in the cache: a decision copies out the state alone, looks
+//! its cause up, and hands back only the events it read or appended, so
+//! its cost does not grow with the instance's traffic. Entries leave
+//! oldest first past [`Aggregates::cache`](super::Aggregates::cache)'s
+//! capacity.
 
 use std::any::{Any, TypeId};
 use std::collections::{HashMap, VecDeque};
@@ -33,23 +37,71 @@ pub(crate) struct Recent {
     pub(crate) stored_at: OffsetDateTime,
 }
 
-/// One cached state.
+/// One cached state, as a decision or a load copies it out.
 #[derive(Clone)]
 pub(crate) struct Entry<A> {
     pub(crate) state: A,
     pub(crate) version: u64,
     pub(crate) events: u64,
-    pub(crate) recent: Vec<Recent>,
     /// The last decision on it met a conflict: others write to it, so the
     /// next one reads before deciding.
     pub(crate) contended: bool,
 }
 
+/// The caused events an instance folded lately, by causation id.
+#[derive(Default)]
+struct Recents {
+    by_cause: HashMap<EventId, Vec<(String, Appended)>>,
+    /// When each cause's events were stored, oldest first.
+    order: VecDeque<(OffsetDateTime, EventId)>,
+}
+
+impl Recents {
+    fn push(&mut self, r: Recent) {
+        let events = self.by_cause.entry(r.causation).or_default();
+        if events.is_empty() {
+            self.order.push_back((r.stored_at, r.causation));
+        }
+        events.push((r.source, r.appended));
+    }
+
+    /// Forgets the causes whose events were stored before `since`.
+    fn prune(&mut self, since: OffsetDateTime) {
+        while let Some((at, cause)) = self.order.front().copied() {
+            if at > since {
+                break;
+            }
+            self.order.pop_front();
+            self.by_cause.remove(&cause);
+        }
+    }
+
+    fn find(&self, cause: EventId, source: &str) -> Vec<Appended> {
+        self.by_cause
+            .get(&cause)
+            .into_iter()
+            .flatten()
+            .filter(|(s, _)| s == source)
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+}
+
+/// What the cache holds per instance.
+struct Stored {
+    entry: Box<dyn Any + Send + Sync>,
+    version: u64,
+    recents: Recents,
+}
+
 type Key = (TypeId, String);
+
+/// By aggregate type, then id (so a lookup by `&str` allocates nothing).
+type ByType<V> = HashMap<TypeId, HashMap<String, V>>;
 
 #[derive(Default)]
 struct Inner {
-    map: HashMap<Key, Box<dyn Any + Send + Sync>>,
+    map: ByType<Stored>,
     order: VecDeque<Key>,
 }
 
@@ -59,7 +111,7 @@ struct Inner {
 /// processes). An instance's lock is dropped when nobody waits for it.
 #[derive(Clone, Default)]
 pub(crate) struct Turns {
-    inner: Arc<Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>>,
+    inner: Arc<Mutex<ByType<Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl std::fmt::Debug for Turns {
@@ -84,7 +136,9 @@ impl Turns {
             .inner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(key.clone())
+            .entry(ty)
+            .or_default()
+            .entry(key.1.clone())
             .or_default()
             .clone();
         Turn {
@@ -99,12 +153,12 @@ impl Drop for Turn {
     fn drop(&mut self) {
         drop(self.lock.take());
         let mut map = self.turns.inner.lock().unwrap_or_else(|p| p.into_inner());
-        // The map's own reference is the only one left: nobody waits.
-        if map
-            .get(&self.key)
-            .is_some_and(|l| Arc::strong_count(l) == 1)
+        let (ty, id) = &self.key;
+        if let Some(m) = map.get_mut(ty)
+            // The map's own reference is the only one left: nobody waits.
+            && m.get(id).is_some_and(|l| Arc::strong_count(l) == 1)
         {
-            map.remove(&self.key);
+            m.remove(id);
         }
     }
 }
@@ -136,41 +190,68 @@ impl Cache {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A copy of instance `id`'s entry.
-    pub(crate) fn get<A: Aggregate>(&self, id: &str) -> Option<Entry<A>> {
+    /// A copy of instance `id`'s entry, and the events it folded that
+    /// `cause` (a handled event, from service `source`) caused.
+    pub(crate) fn get<A: Aggregate>(
+        &self,
+        id: &str,
+        cause: Option<(EventId, &str)>,
+    ) -> Option<(Entry<A>, Vec<Appended>)> {
         if self.capacity == 0 {
             return None;
         }
-        self.lock()
-            .map
-            .get(&(TypeId::of::<A>(), id.to_owned()))
-            .and_then(|e| e.downcast_ref::<Entry<A>>())
-            .cloned()
+        let inner = self.lock();
+        let stored = inner.map.get(&TypeId::of::<A>())?.get(id)?;
+        let entry = stored.entry.downcast_ref::<Entry<A>>()?.clone();
+        let earlier = cause.map_or_else(Vec::new, |(c, s)| stored.recents.find(c, s));
+        Some((entry, earlier))
     }
 
-    /// Keeps `entry` for instance `id`, its recent events pruned, unless a
-    /// newer one is kept already.
-    pub(crate) fn put<A: Aggregate>(&self, id: &str, mut entry: Entry<A>) {
+    /// Keeps `entry` for instance `id`, with `recent`, the caused events
+    /// folded since the entry it started from, unless a newer one is kept
+    /// already. Caused events older than [`RECENT`] are forgotten.
+    pub(crate) fn put<A: Aggregate>(&self, id: &str, entry: Entry<A>, recent: Vec<Recent>) {
         if self.capacity == 0 {
             return;
         }
         let since = OffsetDateTime::now_utc() - RECENT;
-        entry.recent.retain(|r| r.stored_at > since);
-        let key = (TypeId::of::<A>(), id.to_owned());
+        let ty = TypeId::of::<A>();
         let mut inner = self.lock();
-        let newer = inner
-            .map
-            .get(&key)
-            .and_then(|e| e.downcast_ref::<Entry<A>>())
-            .is_some_and(|e| e.version > entry.version);
-        if newer {
-            return;
-        }
-        if inner.map.insert(key.clone(), Box::new(entry)).is_none() {
-            inner.order.push_back(key);
-            while inner.order.len() > self.capacity {
-                if let Some(old) = inner.order.pop_front() {
-                    inner.map.remove(&old);
+        let version = entry.version;
+        match inner.map.get_mut(&ty).and_then(|m| m.get_mut(id)) {
+            Some(stored) if stored.version > version => {}
+            Some(stored) => {
+                for r in recent {
+                    // Those a newer entry folded are there already.
+                    if r.appended.sequence > stored.version {
+                        stored.recents.push(r);
+                    }
+                }
+                stored.recents.prune(since);
+                stored.entry = Box::new(entry);
+                stored.version = version;
+            }
+            None => {
+                let mut recents = Recents::default();
+                for r in recent {
+                    recents.push(r);
+                }
+                recents.prune(since);
+                inner.map.entry(ty).or_default().insert(
+                    id.to_owned(),
+                    Stored {
+                        entry: Box::new(entry),
+                        version,
+                        recents,
+                    },
+                );
+                inner.order.push_back((ty, id.to_owned()));
+                while inner.order.len() > self.capacity {
+                    if let Some((ty, old)) = inner.order.pop_front()
+                        && let Some(m) = inner.map.get_mut(&ty)
+                    {
+                        m.remove(&old);
+                    }
                 }
             }
         }

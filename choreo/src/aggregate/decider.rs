@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::across::{self, Boundaries};
 use super::Aggregate;
+use super::across::{self, Boundaries};
 use super::error::{AggregateError, DecideError};
 use super::store::{Aggregates, Decided, Flow, Loaded};
 use crate::handler::{Context, FromContext, HandlerError, MissingState, States};

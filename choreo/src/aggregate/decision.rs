@@ -5,7 +5,7 @@
 //! [`Aggregates::decide_across`] with several.
 
 use std::any::{Any, TypeId};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ops::Range;
 use std::time::Duration;
 
@@ -34,6 +34,11 @@ pub(super) trait Part: Any + Send + Sync {
     fn filter(&self) -> &str;
     /// The last sequence read.
     fn version(&self) -> u64;
+    /// Its stream's name, if set up already (no wait).
+    fn prepared(&self, store: &Aggregates) -> Option<&'static str>;
+    /// Takes its state from memory, unread, when it can be trusted (see
+    /// `Aggregates::open_in_memory`); false when it must be loaded.
+    fn open_in_memory(&mut self, store: &Aggregates) -> bool;
     /// Sets up its stream; its name.
     fn prepare<'s>(
         &'s self,
@@ -56,7 +61,7 @@ pub(super) trait Part: Any + Send + Sync {
     fn earlier(&mut self) -> Vec<Appended>;
     /// Watches the events read next for these ids (an append whose answer
     /// did not come).
-    fn expect(&mut self, ours: &HashSet<EventId>);
+    fn expect(&mut self, ours: &[EventId]);
     /// Those of them read since.
     fn ours(&mut self) -> Vec<Appended>;
     /// Encodes the events the decision gave it.
@@ -107,6 +112,24 @@ impl<A: Aggregate> Part for Slot<A> {
         self.fold.version
     }
 
+    fn prepared(&self, store: &Aggregates) -> Option<&'static str> {
+        store.prepared::<A>()
+    }
+
+    fn open_in_memory(&mut self, store: &Aggregates) -> bool {
+        let cause = self.fold.cause.take();
+        match store.open_in_memory::<A>(&self.id, cause) {
+            Ok(fold) => {
+                self.fold = fold;
+                true
+            }
+            Err(cause) => {
+                self.fold.cause = cause;
+                false
+            }
+        }
+    }
+
     fn prepare<'s>(
         &'s self,
         store: &'s Aggregates,
@@ -121,7 +144,7 @@ impl<A: Aggregate> Part for Slot<A> {
     fn open<'s>(&'s mut self, store: &'s Aggregates) -> BoxFuture<'s, Result<(), AggregateError>> {
         Box::pin(async move {
             let cause = self.fold.cause.take();
-            self.fold = store.open::<A>(&self.id, cause, true).await?;
+            self.fold = store.open::<A>(&self.id, cause).await?;
             Ok(())
         })
     }
@@ -150,8 +173,8 @@ impl<A: Aggregate> Part for Slot<A> {
         }
     }
 
-    fn expect(&mut self, ours: &HashSet<EventId>) {
-        self.fold.ours.clone_from(ours);
+    fn expect(&mut self, ours: &[EventId]) {
+        self.fold.ours = ours.iter().copied().collect();
     }
 
     fn ours(&mut self) -> Vec<Appended> {
@@ -184,7 +207,8 @@ impl<A: Aggregate> Part for Slot<A> {
                 stored_at: now,
             }));
         }
-        store.cache.put(&self.id, fold.entry());
+        let (entry, recent) = fold.entry();
+        store.cache.put(&self.id, entry, recent);
     }
 
     fn clear(&mut self) {
@@ -284,12 +308,15 @@ impl Parts {
             .join(", ")
     }
 
-
     /// The stream every instance lives in, each set up.
     async fn prepare(&self, store: &Aggregates) -> Result<&'static str, AggregateError> {
         let mut stream: Option<(&'static str, &dyn Part)> = None;
         for p in &self.parts {
-            let s = p.prepare(store).await?;
+            // Boxing the setup's future costs kilobytes: only when needed.
+            let s = match p.prepared(store) {
+                Some(s) => s,
+                None => p.prepare(store).await?,
+            };
             match stream {
                 None => stream = Some((s, p.as_ref())),
                 Some((first, q)) if first != s => {
@@ -308,7 +335,12 @@ impl Parts {
             }
         }
         stream.map(|(s, _)| s).ok_or_else(|| {
-            AggregateError::new("", "", AggregateErrorKind::Stream, "a decision on no aggregate")
+            AggregateError::new(
+                "",
+                "",
+                AggregateErrorKind::Stream,
+                "a decision on no aggregate",
+            )
         })
     }
 
@@ -369,7 +401,9 @@ impl Aggregates {
             turns.push(self.turns.take(ty, id).await);
         }
         for p in &mut parts.parts {
-            p.open(self).await?;
+            if !p.open_in_memory(self) {
+                p.open(self).await?;
+            }
         }
         // The first retries at once (each decides on the fresh state just
         // read, and its round trip paces it), then after a jittered pause
@@ -419,7 +453,7 @@ impl Aggregates {
                     attempts: attempt,
                 });
             };
-            let ids: HashSet<EventId> = outs.iter().map(|o| o.id).collect();
+            let ids: Vec<EventId> = outs.iter().map(|o| o.id).collect();
             let outs = guard(parts, outs, &spans)?;
             match append::append(self.publisher.client(), outs).await {
                 Outcome::Stored(stored) => {
@@ -517,7 +551,7 @@ impl Aggregates {
             publisher: &self.publisher,
             flow,
             first: None,
-            counts: HashMap::new(),
+            counts: Vec::new(),
             outs: Vec::new(),
         };
         let mut spans = Vec::with_capacity(parts.len());
@@ -526,8 +560,9 @@ impl Aggregates {
             p.encode(&mut encode)?;
             let span = start..encode.outs.len();
             for out in &encode.outs[span.clone()] {
-                let fail =
-                    |detail: String| AggregateError::new(p.name(), p.id(), AggregateErrorKind::Append, detail);
+                let fail = |detail: String| {
+                    AggregateError::new(p.name(), p.id(), AggregateErrorKind::Append, detail)
+                };
                 if !crate::event::subject::covers(p.filter(), &out.subject) {
                     return Err(fail(format!(
                         "{} on {} is outside the aggregate's subjects {}: the next load would not see it",
@@ -613,7 +648,10 @@ fn guard(
             checks[span.start] = Some(check);
         }
     }
-    let mut free = (0..checks.len()).filter(|&i| checks[i].is_none()).collect::<Vec<_>>().into_iter();
+    let mut free = (0..checks.len())
+        .filter(|&i| checks[i].is_none())
+        .collect::<Vec<_>>()
+        .into_iter();
     for check in unwritten {
         let Some(i) = free.next() else {
             let p = &parts.parts[0];

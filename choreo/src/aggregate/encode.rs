@@ -3,8 +3,6 @@
 //! The decision loop (`decision.rs`) checks each against its boundary and
 //! the server's size limit.
 
-use std::collections::HashMap;
-
 use super::EventVisitor;
 use super::store::Flow;
 use crate::event::{Event, EventId};
@@ -17,8 +15,8 @@ pub(super) struct Encode<'a> {
     pub(super) flow: &'a Flow<'a>,
     pub(super) first: Option<EventId>,
     /// Per event type, how many this decision encoded (the emission
-    /// index).
-    pub(super) counts: HashMap<&'static str, u32>,
+    /// index); a decision has few types, so a list.
+    pub(super) counts: Vec<(&'static str, u32)>,
     pub(super) outs: Vec<Outgoing>,
 }
 
@@ -35,7 +33,13 @@ impl EventVisitor for Encode<'_> {
                 Metadata::in_flow(event, self.publisher.source(), first, first)?
             }
             (Flow::Caused { cause, ns, source }, _) => {
-                let index = self.counts.entry(E::NAME).or_default();
+                let index = match self.counts.iter().position(|(n, _)| *n == E::NAME) {
+                    Some(i) => &mut self.counts[i].1,
+                    None => {
+                        self.counts.push((E::NAME, 0));
+                        &mut self.counts.last_mut().expect("just pushed").1
+                    }
+                };
                 let meta = Metadata::emitted(event, source, cause, ns, *index)?;
                 *index += 1;
                 meta

@@ -108,7 +108,7 @@ pub(super) struct Fold<A> {
     pub(super) warned: bool,
     /// With snapshots on: when to take one.
     pub(super) capture: Option<Capture>,
-    /// The caused events folded lately (for the cache).
+    /// The caused events folded since the load began (for the cache).
     pub(super) recent: Vec<Recent>,
     /// Read up to the stream's end during this decision (false: taken from
     /// memory unread).
@@ -240,32 +240,24 @@ impl<A: Aggregate> Fold<A> {
     }
 
     /// Starts from a cached state: its events count as read before, and
-    /// its recent events may hold the cause's earlier decision.
-    pub(super) fn resume(&mut self, entry: Entry<A>) {
-        if let Some(cause) = &self.cause {
-            self.earlier.extend(
-                entry
-                    .recent
-                    .iter()
-                    .filter(|r| r.causation == cause.id && r.source == cause.source)
-                    .map(|r| r.appended.clone()),
-            );
-        }
+    /// `earlier` are the cause's events among the recent ones it folded.
+    pub(super) fn resume(&mut self, entry: Entry<A>, earlier: Vec<Appended>) {
+        self.earlier.extend(earlier);
         self.state = entry.state;
         self.version = entry.version;
         self.events = entry.events;
-        self.recent = entry.recent;
     }
 
-    /// What the cache keeps of this state.
-    pub(super) fn entry(&self) -> Entry<A> {
-        Entry {
+    /// What the cache keeps of this state, and the caused events folded
+    /// since it was taken from the cache (handed over).
+    pub(super) fn entry(&mut self) -> (Entry<A>, Vec<Recent>) {
+        let entry = Entry {
             state: self.state.clone(),
             version: self.version,
             events: self.events,
-            recent: self.recent.clone(),
             contended: self.contended,
-        }
+        };
+        (entry, std::mem::take(&mut self.recent))
     }
 
     /// What a decision on this state did.

@@ -10,6 +10,16 @@ use crate::event::EventType;
 use crate::topology::stream::ensure_stream;
 
 impl Aggregates {
+    /// `A`'s stream, if it was set up already (no wait).
+    pub(super) fn prepared<A: Aggregate>(&self) -> Option<&'static str> {
+        let first = <A::Event as AggregateEvent>::TYPES.first()?;
+        self.prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(first.stream)
+            .then_some(first.stream)
+    }
+
     /// Makes sure `A`'s stream exists and allows direct gets and atomic
     /// batches; returns its name.
     pub(super) async fn prepare<A: Aggregate>(

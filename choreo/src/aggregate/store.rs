@@ -201,34 +201,24 @@ impl Aggregates {
     /// # Errors
     /// See [`AggregateError`].
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, AggregateError> {
-        let mut fold = self.open::<A>(id, None, false).await?;
+        let mut fold = self.open::<A>(id, None).await?;
         Ok(fold.loaded())
     }
 
-    /// Loads instance `id` for a decision: from its snapshot when there is
-    /// one, then the events after it; writes a new snapshot when the
-    /// policy says so.
-    ///
-    /// For a decision (`deciding`), a state in memory whose last decision
-    /// met no conflict is used as it is, unread: the append's check tells
-    /// whether anyone appended since, and saves a round trip when nobody
-    /// did ([`Fold::fresh`] is then false).
+    /// Loads instance `id`: from memory or its snapshot when there is one,
+    /// then the events after it; writes a new snapshot when the policy says
+    /// so.
     pub(super) async fn open<A: Aggregate>(
         &self,
         id: &str,
         cause: Option<Cause>,
-        deciding: bool,
     ) -> Result<Fold<A>, AggregateError> {
         let started = std::time::Instant::now();
         let mut fold = Fold::<A>::new(&A::filter(id), cause);
         let replicas = self.publisher.settings().replicas;
-        if let Some(entry) = self.cache.get::<A>(id) {
-            let trusted = deciding && !entry.contended;
-            fold.resume(entry);
-            if trusted {
-                fold.fresh = false;
-                return Ok(fold);
-            }
+        let cause_key = fold.cause.as_ref().map(|c| (c.id, c.source.as_str()));
+        if let Some((entry, earlier)) = self.cache.get::<A>(id, cause_key) {
+            fold.resume(entry, earlier);
         } else if let Some(policy) = self.snapshots {
             if let Some(r) = self
                 .bucket
@@ -260,8 +250,30 @@ impl Aggregates {
                     .write::<A>(self.publisher.js(), replicas, id, taken);
             }
         }
-        self.cache.put(id, fold.entry());
+        let (entry, recent) = fold.entry();
+        self.cache.put(id, entry, recent);
         Ok(fold)
+    }
+
+    /// For a decision: instance `id`'s state in memory, used unread when
+    /// its last decision met no conflict (the append's check tells whether
+    /// anyone appended since; [`Fold::fresh`] is false); `None` when there
+    /// is none to trust. No wait, so no future to box on the hot path.
+    pub(super) fn open_in_memory<A: Aggregate>(
+        &self,
+        id: &str,
+        cause: Option<Cause>,
+    ) -> Result<Fold<A>, Option<Cause>> {
+        let cause_key = cause.as_ref().map(|c| (c.id, c.source.as_str()));
+        match self.cache.get::<A>(id, cause_key) {
+            Some((entry, earlier)) if !entry.contended => {
+                let mut fold = Fold::<A>::new(&A::filter(id), cause);
+                fold.resume(entry, earlier);
+                fold.fresh = false;
+                Ok(fold)
+            }
+            _ => Err(cause),
+        }
     }
 
     /// The state of instance `id` as of `at`: the events stored up to that
@@ -350,7 +362,8 @@ impl Aggregates {
         parts.push::<A>(id);
         let run = self
             .run(&mut parts, flow, |parts| {
-                let events = decide(&parts.slot::<A>(0).fold.state).map_err(DecideError::Refused)?;
+                let events =
+                    decide(&parts.slot::<A>(0).fold.state).map_err(DecideError::Refused)?;
                 parts.stage::<A>(0, events);
                 Ok(())
             })

@@ -145,8 +145,12 @@ pub(super) async fn raw_append(n: u64) -> Result<f64, BoxError> {
                 let expected = last.get(i as usize).copied().unwrap_or(0);
                 async move {
                     let filter = format!("rawacct.a{i}.*");
-                    let id = v5(&[&b"bench"[..], &i.to_be_bytes()[..], &round.to_be_bytes()[..]])
-                        .to_string();
+                    let id = v5(&[
+                        &b"bench"[..],
+                        &i.to_be_bytes()[..],
+                        &round.to_be_bytes()[..],
+                    ])
+                    .to_string();
                     let mut h = raw_headers(&id, "Deposited", "bench", &id, None);
                     h.insert("Nats-Expected-Last-Subject-Sequence", expected.to_string());
                     h.insert("Nats-Expected-Last-Subject-Sequence-Subject", filter);
@@ -159,11 +163,7 @@ pub(super) async fn raw_append(n: u64) -> Result<f64, BoxError> {
                         &mut payload,
                     )?;
                     let ack = js
-                        .publish_with_headers(
-                            format!("rawacct.a{i}.deposited"),
-                            h,
-                            payload.into(),
-                        )
+                        .publish_with_headers(format!("rawacct.a{i}.deposited"), h, payload.into())
                         .await?
                         .await?;
                     Ok::<u64, BoxError>(ack.sequence)
@@ -318,7 +318,11 @@ pub(super) async fn hot(
     let rate = decisions as f64 / start.elapsed().as_secs_f64();
     let tries = f64::from(tries.load(Ordering::SeqCst));
     let conflicts = (tries - decisions as f64) / tries;
-    let how = if shared { " sharing one Aggregates" } else { "" };
+    let how = if shared {
+        " sharing one Aggregates"
+    } else {
+        ""
+    };
     eprintln!(
         "  hot aggregate, {writers} writers{how}: {rate:.0} decisions/s, {:.0}% of attempts conflicted",
         conflicts * 100.0

@@ -1453,7 +1453,11 @@ async fn main() -> Result<(), BoxError> {
     if wanted("aggregate_hot") {
         for (writers, shared) in [(2, false), (8, false), (8, true)] {
             let (rate, conflicts) = aggregates::hot(2_000, writers, shared).await?;
-            let how = if shared { " sharing one Aggregates" } else { "" };
+            let how = if shared {
+                " sharing one Aggregates"
+            } else {
+                ""
+            };
             println!(
                 "hot aggregate, {writers} writers{how}: {rate:.0} decisions/s, {:.0}% of attempts conflicted",
                 conflicts * 100.0
