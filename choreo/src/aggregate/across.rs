@@ -7,8 +7,8 @@
 use tracing::Instrument;
 
 use super::Aggregate;
-use super::decision::Parts;
 use super::error::{AggregateError, AggregateErrorKind, DecideError};
+use super::parts::Parts;
 use super::store::{Aggregates, Decided, Flow};
 use super::{AggregateEvent, EventVisitor};
 use crate::event::Event;

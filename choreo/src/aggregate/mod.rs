@@ -33,6 +33,7 @@ mod decision;
 mod encode;
 mod error;
 mod fold;
+mod parts;
 mod prepare;
 pub(crate) mod read;
 pub mod snapshot;

@@ -8,9 +8,9 @@ use time::OffsetDateTime;
 
 use super::Aggregate;
 use super::cache::{Cache, DEFAULT_CACHE_CAPACITY, Turns};
-use super::decision::Parts;
 use super::error::{AggregateError, DecideError};
 use super::fold::{Capture, Cause, Fold, decode};
+use super::parts::Parts;
 use super::read::{self, Until};
 use super::snapshot::{SnapshotPolicy, Snapshots};
 use crate::event::EventId;
