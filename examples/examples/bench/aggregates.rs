@@ -127,16 +127,7 @@ pub(super) async fn choreo_append(n: u64) -> Result<f64, BoxError> {
 /// the account's filter, awaiting the PubAck.
 pub(super) async fn raw_append(n: u64) -> Result<f64, BoxError> {
     let server = NatsServer::start().await?;
-    let client = server.connect().await?;
-    let js = jetstream::new(client.clone());
-    js.create_stream(jetstream::stream::Config {
-        name: "RAWACCT".into(),
-        subjects: vec!["rawacct.>".into()],
-        allow_direct: true,
-        allow_atomic_publish: true,
-        ..Default::default()
-    })
-    .await?;
+    let (_client, js) = raw_stream(&server).await?;
     let round = |round: u64, last: Vec<u64>| {
         let js = js.clone();
         futures::stream::iter(0..n)
@@ -144,29 +135,12 @@ pub(super) async fn raw_append(n: u64) -> Result<f64, BoxError> {
                 let js = js.clone();
                 let expected = last.get(i as usize).copied().unwrap_or(0);
                 async move {
-                    let filter = format!("rawacct.a{i}.*");
                     let id = v5(&[
                         &b"bench"[..],
                         &i.to_be_bytes()[..],
                         &round.to_be_bytes()[..],
-                    ])
-                    .to_string();
-                    let mut h = raw_headers(&id, "Deposited", "bench", &id, None);
-                    h.insert("Nats-Expected-Last-Subject-Sequence", expected.to_string());
-                    h.insert("Nats-Expected-Last-Subject-Sequence-Subject", filter);
-                    let mut payload = Vec::new();
-                    ciborium::into_writer(
-                        &Deposited {
-                            id: format!("a{i}"),
-                            amount: 5,
-                        },
-                        &mut payload,
-                    )?;
-                    let ack = js
-                        .publish_with_headers(format!("rawacct.a{i}.deposited"), h, payload.into())
-                        .await?
-                        .await?;
-                    Ok::<u64, BoxError>(ack.sequence)
+                    ]);
+                    raw_deposit(&js, i, &id.to_string(), expected).await
                 }
             })
             .buffered(IN_FLIGHT)
@@ -185,6 +159,29 @@ pub(super) async fn raw_append(n: u64) -> Result<f64, BoxError> {
 /// filter among them, awaiting the PubAck.
 pub(super) async fn raw_decide(n: u64) -> Result<f64, BoxError> {
     let server = NatsServer::start().await?;
+    let (client, js) = raw_stream(&server).await?;
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (client, js) = (client.clone(), js.clone());
+            async move {
+                let (last, _) = raw_read(&client, "RAWACCT", &format!("rawacct.a{i}.*"), 0).await?;
+                let id = v5(&[&b"bench"[..], &i.to_be_bytes()[..]]).to_string();
+                raw_deposit(&js, i, &id, last).await?;
+                Ok::<(), BoxError>(())
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_for_each(|()| async { Ok(()) })
+        .await?;
+    Ok(report_rate("raw decide", n, start, cpu0))
+}
+
+/// A server's stream for the raw accounts, as choreo sets up an aggregate's.
+async fn raw_stream(
+    server: &NatsServer,
+) -> Result<(async_nats::Client, jetstream::Context), BoxError> {
     let client = server.connect().await?;
     let js = jetstream::new(client.clone());
     js.create_stream(jetstream::stream::Config {
@@ -195,36 +192,37 @@ pub(super) async fn raw_decide(n: u64) -> Result<f64, BoxError> {
         ..Default::default()
     })
     .await?;
-    let cpu0 = cpu_seconds();
-    let start = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let (client, js) = (client.clone(), js.clone());
-            async move {
-                let filter = format!("rawacct.a{i}.*");
-                let (last, _) = raw_read(&client, "RAWACCT", &filter, 0).await?;
-                let id = v5(&[&b"bench"[..], &i.to_be_bytes()[..]]).to_string();
-                let mut h = raw_headers(&id, "Deposited", "bench", &id, None);
-                h.insert("Nats-Expected-Last-Subject-Sequence", last.to_string());
-                h.insert("Nats-Expected-Last-Subject-Sequence-Subject", filter);
-                let mut payload = Vec::new();
-                ciborium::into_writer(
-                    &Deposited {
-                        id: format!("a{i}"),
-                        amount: 5,
-                    },
-                    &mut payload,
-                )?;
-                js.publish_with_headers(format!("rawacct.a{i}.deposited"), h, payload.into())
-                    .await?
-                    .await?;
-                Ok::<(), BoxError>(())
-            }
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .try_for_each(|()| async { Ok(()) })
+    Ok((client, js))
+}
+
+/// A deposit to raw account `i` with id `id`, with choreo's headers and
+/// `Nats-Expected-Last-Subject-Sequence` `expected` against the account's
+/// filter, its PubAck awaited: its sequence.
+async fn raw_deposit(
+    js: &jetstream::Context,
+    i: u64,
+    id: &str,
+    expected: u64,
+) -> Result<u64, BoxError> {
+    let mut h = raw_headers(id, "Deposited", "bench", id, None);
+    h.insert("Nats-Expected-Last-Subject-Sequence", expected.to_string());
+    h.insert(
+        "Nats-Expected-Last-Subject-Sequence-Subject",
+        format!("rawacct.a{i}.*"),
+    );
+    let mut payload = Vec::new();
+    ciborium::into_writer(
+        &Deposited {
+            id: format!("a{i}"),
+            amount: 5,
+        },
+        &mut payload,
+    )?;
+    let ack = js
+        .publish_with_headers(format!("rawacct.a{i}.deposited"), h, payload.into())
+        .await?
         .await?;
-    Ok(report_rate("raw decide", n, start, cpu0))
+    Ok(ack.sequence)
 }
 
 /// Reads `filter`'s events after `after` with batched direct gets on a
