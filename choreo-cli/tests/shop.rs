@@ -385,7 +385,7 @@ async fn graph_lint_and_asyncapi_of_the_running_shop_match_their_golden_files() 
         text(&out.stderr)
     );
     assert!(
-        report.contains("valid: AsyncAPI 3.0.0, 13 channels"),
+        report.contains("valid: AsyncAPI 3.0.0, 15 channels"),
         "{report}"
     );
     // The parser does catch a broken document: an operation on a channel

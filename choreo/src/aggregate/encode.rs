@@ -33,6 +33,10 @@ impl EventVisitor for Encode<'_> {
                 Metadata::in_flow(event, self.publisher.source(), first, first)?
             }
             (Flow::Caused { cause, ns, source }, _) => {
+                // In the registry as the publisher's, as a root is: what a
+                // decision appends is a choreography event other services
+                // read (`graph`, `lint` and `asyncapi` see it).
+                self.publisher.record::<E>();
                 let index = match self.counts.iter().position(|(n, _)| *n == E::NAME) {
                     Some(i) => &mut self.counts[i].1,
                     None => {
