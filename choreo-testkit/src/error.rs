@@ -46,6 +46,24 @@ pub enum TestkitError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// No Postgres binaries were found.
+    #[error(
+        "no Postgres found (looked at {looked}). Install Postgres (Debian: apt-get install postgresql; \
+         or pip install pgserver, whose wheel carries the binaries) and set POSTGRES_BIN_DIR to the \
+         directory with initdb, postgres and psql; choreo's own repository installs it with `scripts/test`"
+    )]
+    PostgresNotFound {
+        /// Where it looked.
+        looked: String,
+    },
+    /// Postgres could not be set up or started, or `psql` failed.
+    #[error("postgres: {why}\n--- last lines of its log ---\n{log_tail}")]
+    PostgresFailed {
+        /// What went wrong.
+        why: String,
+        /// The end of the server's log.
+        log_tail: String,
+    },
     /// A file-system or process operation failed.
     #[error("could not {what}: {source}")]
     Io {
@@ -71,6 +89,10 @@ pub enum TestkitErrorKind {
     Connect,
     /// [`TestkitError::Io`].
     Io,
+    /// [`TestkitError::PostgresNotFound`].
+    PostgresNotFound,
+    /// [`TestkitError::PostgresFailed`].
+    PostgresFailed,
 }
 
 impl TestkitError {
@@ -93,6 +115,8 @@ impl TestkitError {
             Self::Cluster { .. } => TestkitErrorKind::Cluster,
             Self::Connect { .. } => TestkitErrorKind::Connect,
             Self::Io { .. } => TestkitErrorKind::Io,
+            Self::PostgresNotFound { .. } => TestkitErrorKind::PostgresNotFound,
+            Self::PostgresFailed { .. } => TestkitErrorKind::PostgresFailed,
         }
     }
 }

@@ -14,6 +14,12 @@
 //!   a Mermaid sequence diagram. Every failure message shows what arrived.
 //! - [`TestService`] starts a service, stops it gracefully, crashes it, and
 //!   starts it again.
+//! - [`PostgresServer`] runs a real Postgres for one test the same way: a
+//!   fresh cluster in a temp dir, a free loopback port, readiness read from
+//!   the server's pid file, stopped on drop; as root (CI, containers) it runs
+//!   the server as the `postgres` user. [`PostgresServer::psql`] runs SQL
+//!   with the server's own `psql`; the binaries come from
+//!   `$POSTGRES_BIN_DIR`, `pg_config` or Debian's `/usr/lib/postgresql`.
 //!
 //! The binary comes from `$NATS_SERVER_BIN`, then `PATH`, then the project's
 //! local install made by `scripts/test`; when there is none, starting fails
@@ -141,6 +147,7 @@ mod deadline;
 mod error;
 pub mod flow;
 mod gauge;
+mod postgres;
 mod server;
 mod service;
 
@@ -149,5 +156,6 @@ pub use deadline::DeadlineIs;
 pub use error::{TestkitError, TestkitErrorKind};
 pub use flow::{Expect, ExpectNone, Flow, FlowError, Recorded, Recorder, Seen, Wait};
 pub use gauge::GaugeProbe;
+pub use postgres::{POSTGRES_BIN_DIR, POSTGRES_USER, PostgresServer, find_postgres};
 pub use server::{NATS_SERVER_BIN, NatsServer, NatsServerBuilder, find_binary};
 pub use service::TestService;
