@@ -63,9 +63,9 @@ pub use event::{
 };
 pub use handler::{
     Attempt, BoxFuture, Context, DEFAULT_PARTITIONS, DEFAULT_TIMEOUT, Deadline, DeadlineHandler,
-    DeliverPolicy, EmittedEvent, EventArg, FromContext, Handler, HandlerError, HandlerErrorKind,
-    HandlerOptions, IntoHandlerResult, MatchBy, MissingState, Ordered, State, States, Unless,
-    UnlessVisitor,
+    DeliverPolicy, Emission, EmittedEvent, EventArg, FromContext, Handler, HandlerError,
+    HandlerErrorKind, HandlerOptions, IntoHandlerResult, MatchBy, MissingState, Ordered, State,
+    States, Unless, UnlessVisitor,
 };
 pub use inbox::{DEFAULT_RETENTION as DEFAULT_INBOX_RETENTION, InboxError, InboxErrorKind};
 pub use nats::{ConnectError, ConnectErrorKind, JetStreamApi, Source, connect};

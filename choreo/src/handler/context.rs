@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::States;
+use super::error::HandlerError;
+use super::{BoxFuture, States};
 use crate::event::{Event, EventId, EventType};
 use crate::publish::{Outgoing, PublishError};
 use crate::wire::headers::Metadata;
@@ -40,6 +41,31 @@ struct Inner {
     /// The delivery is done with, but the event is not handled: ack it
     /// without an inbox record (a deadline's fired copy put off).
     put_off: std::sync::atomic::AtomicBool,
+    /// Run once the emissions are stored, before the ack.
+    after_emit: Mutex<Vec<AfterEmit>>,
+}
+
+/// Work to do once a handler's emissions are stored (see
+/// [`Context::after_emit`]).
+pub(crate) type AfterEmit = Box<dyn FnOnce() -> BoxFuture<()> + Send>;
+
+/// One event a handler emitted, encoded as it will be published: its final
+/// id, subject, headers and payload. What a transactional outbox stores in
+/// the handler's own database transaction (see [`Context::emissions`]).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Emission {
+    /// The event's id (`Nats-Msg-Id`): the same on every run of the handler
+    /// for this event, so a second publish is a duplicate the stream drops.
+    pub event_id: EventId,
+    /// The event type's name.
+    pub event_type: &'static str,
+    /// The subject it is published on.
+    pub subject: String,
+    /// Its headers (choreo's wire format).
+    pub headers: async_nats::HeaderMap,
+    /// Its encoded payload.
+    pub payload: bytes::Bytes,
 }
 
 #[derive(Default)]
@@ -86,6 +112,7 @@ impl Context {
                 emits,
                 emitted: Mutex::new(Emitted::default()),
                 put_off: std::sync::atomic::AtomicBool::new(false),
+                after_emit: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -296,6 +323,60 @@ impl Context {
             .out
             .iter()
             .find_map(|o| o.as_ref().err().map(ToString::to_string))
+    }
+
+    /// The events emitted so far, encoded as they will be published once
+    /// the handler returns `Ok`: for a transactional outbox to store them in
+    /// the same database transaction as the handler's effects (the
+    /// `choreo-postgres` crate does). They are still published as usual.
+    ///
+    /// # Errors
+    /// An emission that could not be built (a type the handler's `emits`
+    /// does not declare, a bad subject): the error the handler is
+    /// dead-lettered with, permanent.
+    pub fn emissions(&self) -> Result<Vec<Emission>, HandlerError> {
+        let emitted = self.inner.emitted.lock().unwrap_or_else(|p| p.into_inner());
+        emitted
+            .out
+            .iter()
+            .map(|o| match o {
+                Ok(o) => Ok(Emission {
+                    event_id: o.id,
+                    event_type: o.event,
+                    subject: o.subject.clone(),
+                    headers: o.headers.clone(),
+                    payload: o.payload.clone(),
+                }),
+                Err(e) => Err(HandlerError::permanent(format!("emit-failed: {e}"))),
+            })
+            .collect()
+    }
+
+    /// Runs `hook` once this handler's emissions are stored in their
+    /// streams, before the handled event is acknowledged; not when the
+    /// handler fails or the publish does. A transactional outbox deletes
+    /// the rows it published this way (a process that dies first leaves
+    /// them to the outbox's relay).
+    pub fn after_emit<F>(&self, hook: F)
+    where
+        F: FnOnce() -> BoxFuture<()> + Send + 'static,
+    {
+        self.inner
+            .after_emit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(hook));
+    }
+
+    /// The hooks [`after_emit`](Self::after_emit) registered.
+    pub(crate) fn take_after_emit(&self) -> Vec<AfterEmit> {
+        std::mem::take(
+            &mut *self
+                .inner
+                .after_emit
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     pub(crate) fn take_outgoing(&self) -> Vec<Result<Outgoing, PublishError>> {

@@ -185,8 +185,10 @@ impl Publisher {
         &self.inner.client
     }
 
-    /// The JetStream context it publishes through.
-    pub(crate) fn js(&self) -> &jetstream::Context {
+    /// The JetStream context it publishes through (its API prefix or
+    /// domain): for what publishes encoded events choreo made, such as an
+    /// outbox's relay.
+    pub fn js(&self) -> &jetstream::Context {
         &self.inner.js
     }
 

@@ -219,15 +219,19 @@ pub(super) async fn handle<H: Handler>(
                 }
                 return Settled::Gone;
             }
-            Ok(Ok(())) => match emit_record_ack(rt, msg, (id, time), outgoing, &key).await {
-                Done::Finished => return Settled::Gone,
-                Done::Stopped => return Settled::Back,
-                Done::DeadLetter(reason, detail) => {
-                    release(rt, &key, claim).await;
-                    return dead_letter(rt, msg, reason, &detail, attempt, seq).await;
+            Ok(Ok(())) => {
+                match emit_record_ack(rt, msg, (id, time), (outgoing, ctx.take_after_emit()), &key)
+                    .await
+                {
+                    Done::Finished => return Settled::Gone,
+                    Done::Stopped => return Settled::Back,
+                    Done::DeadLetter(reason, detail) => {
+                        release(rt, &key, claim).await;
+                        return dead_letter(rt, msg, reason, &detail, attempt, seq).await;
+                    }
+                    Done::Retry(e) => e,
                 }
-                Done::Retry(e) => e,
-            },
+            }
             Ok(Err(e)) if e.is_permanent() => {
                 about!(warn, rt, msg, error = %e, "handler failed permanently; dead-lettering the event");
                 release(rt, &key, claim).await;

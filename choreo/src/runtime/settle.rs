@@ -2,6 +2,7 @@
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
+use crate::handler::AfterEmit;
 
 pub(super) enum Done {
     /// Acked.
@@ -20,7 +21,10 @@ pub(super) async fn emit_record_ack(
     rt: &Runtime,
     msg: &jetstream::Message,
     (id, time): (crate::EventId, time::OffsetDateTime),
-    outgoing: Vec<Result<crate::publish::Outgoing, crate::PublishError>>,
+    (outgoing, after_emit): (
+        Vec<Result<crate::publish::Outgoing, crate::PublishError>>,
+        Vec<AfterEmit>,
+    ),
     key: &str,
 ) -> Done {
     let fault = |point| rt.fault.as_ref().is_some_and(|f| f(point, id));
@@ -65,6 +69,11 @@ pub(super) async fn emit_record_ack(
     }
     if fault(FaultPoint::AfterEmit) {
         return Done::Stopped;
+    }
+    // The emissions are stored: what waited for that (an outbox's rows to
+    // delete) runs now, before the ack.
+    for hook in after_emit {
+        hook().await;
     }
     // Not recorded, so not acked: it comes back, and its emissions (same
     // ids) are deduplicated.

@@ -1,0 +1,93 @@
+//! The tables choreo keeps in the user's database, created by versioned
+//! migrations that ship with the crate.
+
+use sqlx::PgPool;
+
+use crate::error::PgError;
+
+/// The schema version [`migrate`] brings a database to.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
+const MIGRATIONS: &[&str] = &[
+    // 1: the inbox (one row per handled event and handler, the unique key
+    // that decides which instance commits) and the outbox (emissions
+    // committed with the handler's effects, until they are published).
+    r"
+    CREATE TABLE choreo.inbox (
+        handler    text        NOT NULL,
+        event_id   uuid        NOT NULL,
+        handled_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (handler, event_id)
+    );
+    CREATE INDEX inbox_handled_at ON choreo.inbox (handled_at);
+    CREATE TABLE choreo.outbox (
+        seq        bigserial   PRIMARY KEY,
+        event_id   uuid        NOT NULL UNIQUE,
+        event_type text        NOT NULL,
+        subject    text        NOT NULL,
+        headers    jsonb       NOT NULL,
+        payload    bytea       NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX outbox_created_at ON choreo.outbox (created_at);
+    ",
+];
+
+/// A key for `pg_advisory_xact_lock`: instances that start together
+/// migrate one after the other.
+const LOCK: i64 = 0x6368_6f72_656f_0001;
+
+/// Brings the `choreo` schema to [`SCHEMA_VERSION`], each step in one
+/// transaction, the version recorded in `choreo.schema_version`. Safe to
+/// call from every instance at start-up: they take turns, and a database
+/// already at the version is left alone.
+///
+/// # Errors
+/// The database refused (rights, connection), or it is at a newer version
+/// than this code knows (a downgrade).
+pub async fn migrate(pool: &PgPool) -> Result<i32, PgError> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(PgError::sql("begin the migration"))?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(PgError::sql("lock the migration"))?;
+    sqlx::raw_sql(
+        "CREATE SCHEMA IF NOT EXISTS choreo;
+         CREATE TABLE IF NOT EXISTS choreo.schema_version (version int NOT NULL)",
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(PgError::sql("create the choreo schema"))?;
+    let version: Option<i32> = sqlx::query_scalar("SELECT max(version) FROM choreo.schema_version")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(PgError::sql("read the schema version"))?;
+    let version = version.unwrap_or(0);
+    if version > SCHEMA_VERSION {
+        return Err(PgError::Schema(format!(
+            "the database's choreo schema is at version {version}, newer than this code's {SCHEMA_VERSION}: run the newer code, or restore the schema"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let to = i as i32 + 1;
+        sqlx::raw_sql(sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(PgError::sql("apply a migration"))?;
+        sqlx::query("INSERT INTO choreo.schema_version (version) VALUES ($1)")
+            .bind(to)
+            .execute(&mut *tx)
+            .await
+            .map_err(PgError::sql("record the schema version"))?;
+        tracing::info!(version = to, "choreo schema migrated");
+    }
+    tx.commit()
+        .await
+        .map_err(PgError::sql("commit the migration"))?;
+    Ok(SCHEMA_VERSION)
+}
