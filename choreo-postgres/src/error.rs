@@ -16,6 +16,9 @@ pub enum PgError {
     /// Publishing an outbox row failed.
     #[error("postgres relay: cannot publish {0}")]
     Publish(String),
+    /// The options cannot keep the guarantee.
+    #[error("postgres: {0}")]
+    Config(String),
     /// The schema is not one this code can use.
     #[error("postgres: {0}")]
     Schema(String),

@@ -18,7 +18,9 @@ const BATCH: i64 = 256;
 /// holds locks long).
 const PRUNE_BATCH: i64 = 1000;
 
-/// How often the inbox is pruned.
+/// The longest time between two prunes of the inbox; a retention shorter
+/// than ten of these is pruned every tenth of it, so the table holds at
+/// most about 1.1 retentions' worth of rows.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs until the store is dropped.
@@ -36,7 +38,8 @@ pub(crate) async fn run(store: RelayHandle) {
                 tracing::warn!(error = %e, "relay: publishing the outbox failed; trying again")
             }
         }
-        if pruned.elapsed() >= PRUNE_EVERY {
+        let prune_every = (inner.options.inbox_retention / 10).min(PRUNE_EVERY);
+        if pruned.elapsed() >= prune_every {
             pruned = Instant::now();
             if let Err(e) = prune_inbox(&inner).await {
                 tracing::warn!(error = %e, "relay: pruning the inbox failed; trying again");

@@ -95,7 +95,9 @@ impl Postgres {
     /// options; the relay publishes through `publisher`'s connection.
     ///
     /// # Errors
-    /// The migration failed.
+    /// The migration failed, or the relay would publish later than
+    /// `publisher`'s streams' duplicate window allows
+    /// ([`PgError::Config`]).
     pub async fn start(pool: PgPool, publisher: &Publisher) -> Result<Self, PgError> {
         Self::start_with(pool, publisher, PostgresOptions::default()).await
     }
@@ -103,12 +105,23 @@ impl Postgres {
     /// [`start`](Self::start) with `options`.
     ///
     /// # Errors
-    /// The migration failed.
+    /// As [`start`](Self::start).
     pub async fn start_with(
         pool: PgPool,
         publisher: &Publisher,
         options: PostgresOptions,
     ) -> Result<Self, PgError> {
+        // A row the handler published just before dying, published again
+        // by the relay after the stream forgot its id, would be stored
+        // twice: the relay must come well inside the duplicate window.
+        let window = publisher.settings().duplicate_window;
+        let latest = options.relay_delay + options.relay_every * 2;
+        if latest >= window {
+            return Err(PgError::Config(format!(
+                "the relay publishes a row up to {latest:?} after its commit (relay_delay {:?} + twice relay_every {:?}), not inside the streams' duplicate window of {window:?}: a row both the handler and the relay publish could be stored twice; shorten the relay delay or widen the window (StreamSettings::duplicate_window)",
+                options.relay_delay, options.relay_every
+            )));
+        }
         crate::schema::migrate(&pool).await?;
         let inner = Arc::new(Inner {
             pool,

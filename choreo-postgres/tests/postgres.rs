@@ -264,6 +264,14 @@ async fn the_schema_migrates_once_and_the_hot_path_uses_indexes() {
          ANALYZE choreo.inbox; ANALYZE choreo.outbox;",
     )
     .unwrap();
+    // What a row costs, indexes included.
+    let per_row: i64 = pg
+        .psql("SELECT pg_total_relation_size('choreo.inbox') / count(*) FROM choreo.inbox")
+        .unwrap()
+        .parse()
+        .unwrap();
+    println!("an inbox row with its index entries: {per_row} bytes");
+    assert!(per_row < 250, "{per_row} bytes per inbox row");
     for (what, sql) in [
         (
             "the inbox claim",
@@ -289,4 +297,83 @@ async fn the_schema_migrates_once_and_the_hot_path_uses_indexes() {
             "{what} scans its table:\n{plan}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_relay_later_than_the_duplicate_window_is_refused() {
+    let nats = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let publisher = Publisher::new(client, "payments").unwrap().stream_settings(
+        choreo::StreamSettings::default().duplicate_window(Duration::from_secs(5)),
+    );
+    let err = Postgres::start_with(
+        pool(&pg).await,
+        &publisher,
+        PostgresOptions::default().relay_delay(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("duplicate window of 5s"), "{text}");
+    assert!(text.contains("shorten the relay delay"), "{text}");
+}
+
+/// Round after round of events, the inbox holds about one retention's
+/// worth of rows and the outbox none: the tables do not grow with time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tables_stay_flat_over_many_horizons() {
+    let nats = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let pool = pool(&pg).await;
+    let publisher = Publisher::new(client.clone(), "payments").unwrap();
+    let retention = Duration::from_secs(1);
+    let store = Postgres::start_with(
+        pool.clone(),
+        &publisher,
+        options().inbox_retention(retention),
+    )
+    .await
+    .unwrap();
+    let svc = Service::new("payments")
+        .state(store)
+        .state(Dies::default())
+        .state(Slow::default())
+        .handler(charge)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let shop = Publisher::new(client.clone(), "shop").unwrap();
+    let mut sizes = Vec::new();
+    for round in 0..6 {
+        let orders: Vec<OrderPlaced> = (0..30)
+            .map(|i| OrderPlaced {
+                order_id: format!("r{round}-{i}"),
+                cents: 1,
+            })
+            .collect();
+        shop.publish_all(&orders).await.unwrap();
+        let want = 30 * (round + 1);
+        eventually("the round's charges", Duration::from_secs(20), || async {
+            count(&pool, "SELECT count(*) FROM charges").await == want
+        })
+        .await;
+        let fresh = count(&pool, "SELECT count(*) FROM choreo.inbox").await;
+        // A retention and a bit later.
+        tokio::time::sleep(retention + Duration::from_millis(300)).await;
+        let later = count(&pool, "SELECT count(*) FROM choreo.inbox").await;
+        let outbox = count(&pool, "SELECT count(*) FROM choreo.outbox").await;
+        sizes.push((fresh, later, outbox));
+    }
+    println!("inbox rows after each round and a retention later, outbox rows: {sizes:?}");
+    for (fresh, later, outbox) in &sizes {
+        assert!(
+            (30..=60).contains(fresh),
+            "the inbox holds this round's rows and at most the last's: {sizes:?}"
+        );
+        assert_eq!(*later, 0, "pruned once past the retention: {sizes:?}");
+        assert_eq!(*outbox, 0);
+    }
+    svc.shutdown().await;
 }

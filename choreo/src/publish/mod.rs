@@ -193,7 +193,7 @@ impl Publisher {
     }
 
     /// The settings of the streams it creates.
-    pub(crate) fn settings(&self) -> &StreamSettings {
+    pub fn settings(&self) -> &StreamSettings {
         &self.inner.settings
     }
 
