@@ -37,6 +37,7 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
         "handler_inbox",
         "handler_inbox_cluster",
         "latency",
+        "postgres_handler",
     ] {
         let line = stdout
             .lines()

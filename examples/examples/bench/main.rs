@@ -37,6 +37,11 @@
 //!   load and an append guarded by `Nats-Expected-Last-Subject-Sequence`,
 //!   against the same by hand (a batched direct get, a publish with the
 //!   same headers).
+//! - `postgres_handler`: a Postgres handler (`choreo-postgres`: its effect
+//!   row, inbox row and emission's outbox row in one transaction, then the
+//!   publish, the row's delete and the ack) against a hand-written
+//!   async-nats + sqlx consumer doing the same SQL, publish and delete, on
+//!   a real Postgres the testkit starts.
 //! - `aggregate_append`: N decisions on N aggregates this process holds in
 //!   memory (created before the clock starts), 256 at once: the append
 //!   guarded by `Nats-Expected-Last-Subject-Sequence` alone, against raw
@@ -96,6 +101,7 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{Mutex, Semaphore};
 
 mod aggregates;
+mod postgres;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -1439,6 +1445,12 @@ async fn main() -> Result<(), BoxError> {
         .await?;
         rows.push(("decide: load + guarded append (/s)", c, r, ratio));
         ratios.push(("aggregate_decide", ratio));
+    }
+    if wanted("postgres_handler") {
+        let (c, r, ratio) =
+            median_pair(repeat, || postgres::choreo_pg(n), || postgres::raw_pg(n)).await?;
+        rows.push(("postgres handler (events/s)", c, r, ratio));
+        ratios.push(("postgres_handler", ratio));
     }
     if wanted("aggregate_append") {
         let (c, r, ratio) = median_pair(
