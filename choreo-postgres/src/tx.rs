@@ -145,31 +145,58 @@ impl PgTx {
                 headers.push(headers_to_json(&e.headers));
                 payloads.push(e.payload.to_vec());
             }
-            sqlx::query(
-                "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload)
-                 SELECT id::uuid, ty, subject, headers::jsonb, payload
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[])
-                      AS e(id, ty, subject, headers, payload)
-                 ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(&ids)
-            .bind(&types)
-            .bind(&subjects)
-            .bind(&headers)
-            .bind(&payloads)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(HandlerError::retryable)?;
+            // The rows' sequence numbers, to delete them by primary key
+            // once published. Two rows with one id (a keyed event two
+            // handlers emit) are both kept: the stream stores it once.
+            let seqs: Vec<i64> = if let [one] = &emissions[..] {
+                // The common case, one emission: plain parameters, which
+                // Postgres runs faster than arrays.
+                let seq = sqlx::query_scalar(
+                    "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload)
+                     VALUES ($1::uuid, $2, $3, $4::jsonb, $5)
+                     RETURNING seq",
+                )
+                .bind(&ids[0])
+                .bind(one.event_type)
+                .bind(&one.subject)
+                .bind(&headers[0])
+                .bind(&payloads[0][..])
+                .fetch_one(&mut *self.tx)
+                .await
+                .map_err(HandlerError::retryable)?;
+                vec![seq]
+            } else {
+                sqlx::query_scalar(
+                    "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload)
+                     SELECT id::uuid, ty, subject, headers::jsonb, payload
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[])
+                          AS e(id, ty, subject, headers, payload)
+                     RETURNING seq",
+                )
+                .bind(&ids)
+                .bind(&types)
+                .bind(&subjects)
+                .bind(&headers)
+                .bind(&payloads)
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(HandlerError::retryable)?
+            };
             let pool = self.pool.clone();
             // Once choreo has published them, their rows go.
             self.ctx.after_emit(move || {
                 Box::pin(async move {
-                    let deleted = sqlx::query(
-                        "DELETE FROM choreo.outbox WHERE event_id = ANY($1::text[]::uuid[])",
-                    )
-                    .bind(&ids)
-                    .execute(&pool)
-                    .await;
+                    let deleted = if let [seq] = &seqs[..] {
+                        sqlx::query("DELETE FROM choreo.outbox WHERE seq = $1")
+                            .bind(seq)
+                            .execute(&pool)
+                            .await
+                    } else {
+                        sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
+                            .bind(&seqs)
+                            .execute(&pool)
+                            .await
+                    };
                     if let Err(e) = deleted {
                         tracing::warn!(error = %e, "cannot delete published outbox rows; the relay will publish them again (the stream drops the copies)");
                     }
