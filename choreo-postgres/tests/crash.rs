@@ -4,33 +4,22 @@
 //! emission is lost, and no event is left unhandled.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use choreo::async_nats::jetstream;
-use choreo::{Context, HandlerError, Publisher, Service, event, event_handler};
-use choreo_postgres::sqlx::postgres::PgPoolOptions;
-use choreo_postgres::sqlx::{self, PgPool};
+use choreo::{Context, HandlerError, Publisher, Service, event_handler};
+use choreo_postgres::sqlx;
 use choreo_postgres::{Pg, Postgres, PostgresOptions};
 use choreo_testkit::{NatsServer, PostgresServer};
+use common::{OrderPlaced, PaymentCaptured, pool};
 
 const CHILD_NATS: &str = "CHOREO_PG_CRASH_NATS";
 const CHILD_PG: &str = "CHOREO_PG_CRASH_PG";
 const ORDERS: u64 = 1500;
-
-#[event(subject = "orders.{order_id}.placed")]
-#[derive(Clone, Debug)]
-pub struct OrderPlaced {
-    pub order_id: String,
-    pub cents: i64,
-}
-
-#[event(subject = "payments.{order_id}.captured")]
-#[derive(Clone, Debug)]
-pub struct PaymentCaptured {
-    pub order_id: String,
-}
 
 #[event_handler(idempotent = false, emits = PaymentCaptured, ack_wait = "2s")]
 async fn charge(order: OrderPlaced, ctx: Context, pg: Pg) -> Result<(), HandlerError> {
@@ -47,14 +36,6 @@ async fn charge(order: OrderPlaced, ctx: Context, pg: Pg) -> Result<(), HandlerE
         order_id: order.order_id,
     });
     tx.commit().await
-}
-
-async fn pool(url: &str) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(16)
-        .connect(url)
-        .await
-        .unwrap()
 }
 
 /// The payments service in its own process (this test binary, re-run).
@@ -132,10 +113,6 @@ async fn payments_processes_killed_under_load_do_nothing_twice_and_lose_nothing(
     let pg = PostgresServer::start().await.unwrap();
     let client = nats.connect().await.unwrap();
     let db = pool(&pg.url()).await;
-    sqlx::query("CREATE TABLE charges (order_id text NOT NULL, cents bigint NOT NULL)")
-        .execute(&db)
-        .await
-        .unwrap();
     let shop = Publisher::new(client.clone(), "shop").unwrap();
     shop.ensure_stream::<OrderPlaced>().await.unwrap();
     shop.ensure_stream::<PaymentCaptured>().await.unwrap();

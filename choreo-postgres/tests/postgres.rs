@@ -5,29 +5,18 @@
 //! migrates once, with indexes on every hot-path query.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use choreo::async_nats::jetstream;
-use choreo::{Context, HandlerError, Publisher, Service, State, event, event_handler};
-use choreo_postgres::sqlx::postgres::PgPoolOptions;
+use choreo::{Context, HandlerError, Publisher, Service, State, event_handler};
 use choreo_postgres::sqlx::{self, PgPool};
 use choreo_postgres::{Pg, Postgres, PostgresOptions};
 use choreo_testkit::{NatsServer, PostgresServer, Recorder};
-
-#[event(subject = "orders.{order_id}.placed")]
-#[derive(Clone, Debug)]
-pub struct OrderPlaced {
-    pub order_id: String,
-    pub cents: i64,
-}
-
-#[event(subject = "payments.{order_id}.captured")]
-#[derive(Clone, Debug)]
-pub struct PaymentCaptured {
-    pub order_id: String,
-}
+use common::{OrderPlaced, PaymentCaptured};
 
 /// Orders whose first run dies after its commit and before its publish.
 #[derive(Clone, Default)]
@@ -69,18 +58,7 @@ async fn charge(
 }
 
 async fn pool(pg: &PostgresServer) -> PgPool {
-    let pool = PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&pg.url())
-        .await
-        .unwrap();
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS charges (order_id text NOT NULL, cents bigint NOT NULL)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    pool
+    common::pool(&pg.url()).await
 }
 
 fn options() -> PostgresOptions {

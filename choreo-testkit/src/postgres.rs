@@ -18,7 +18,10 @@ pub const POSTGRES_BIN_DIR: &str = "POSTGRES_BIN_DIR";
 const UNPRIVILEGED: &str = "postgres";
 
 /// The role tests connect as (a superuser, no password, loopback only).
-pub const POSTGRES_USER: &str = "choreo";
+/// Not `choreo`: a role of that name has the `choreo` schema first on its
+/// default search path (`"$user", public`), and its unqualified tables
+/// would be made there.
+pub const POSTGRES_USER: &str = "postgres";
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -104,7 +107,7 @@ fn is_root() -> bool {
 /// ```no_run
 /// # async fn t() -> Result<(), Box<dyn std::error::Error>> {
 /// let pg = choreo_testkit::PostgresServer::start().await?;
-/// let url = pg.url(); // postgres://choreo@127.0.0.1:<port>/postgres
+/// let url = pg.url(); // postgres://postgres@127.0.0.1:<port>/postgres
 /// pg.psql("CREATE TABLE t (id int)")?;
 /// # Ok(()) }
 /// ```
@@ -279,7 +282,7 @@ impl PostgresServer {
         }
     }
 
-    /// The connection URL, `postgres://choreo@127.0.0.1:<port>/postgres`.
+    /// The connection URL, `postgres://postgres@127.0.0.1:<port>/postgres`.
     pub fn url(&self) -> String {
         self.url_of("postgres")
     }

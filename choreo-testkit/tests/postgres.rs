@@ -7,7 +7,7 @@ use choreo_testkit::{PostgresServer, TestkitErrorKind};
 #[tokio::test]
 async fn a_real_postgres_starts_answers_sql_survives_a_kill_and_stops() {
     let mut pg = PostgresServer::start().await.unwrap();
-    assert!(pg.url().starts_with("postgres://choreo@127.0.0.1:"));
+    assert!(pg.url().starts_with("postgres://postgres@127.0.0.1:"));
     pg.psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)")
         .unwrap();
     assert_eq!(pg.psql("SELECT count(*) FROM t").unwrap(), "2");
