@@ -41,8 +41,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     mkdir -p /etc/postgresql-common
     echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
   fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql >&2 \
-    || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql >&2; }
+  # Keep that file without asking (it is one of the package's conffiles).
+  install=(apt-get install -y --no-install-recommends
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold postgresql)
+  DEBIAN_FRONTEND=noninteractive "${install[@]}" >&2 \
+    || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive "${install[@]}" >&2; }
   find_dir && exit 0
 fi
 echo "Postgres is needed for the Postgres tests: install it (Debian: apt-get install postgresql; \
