@@ -41,8 +41,6 @@ struct Inner {
     /// The delivery is done with, but the event is not handled: ack it
     /// without an inbox record (a deadline's fired copy put off).
     put_off: std::sync::atomic::AtomicBool,
-    /// Run once the emissions are stored, before the ack.
-    after_emit: Mutex<Vec<AfterEmit>>,
 }
 
 /// Work to do once a handler's emissions are stored (see
@@ -73,6 +71,8 @@ struct Emitted {
     sealed: bool,
     counts: HashMap<&'static str, u32>,
     out: Vec<Result<Outgoing, PublishError>>,
+    /// Run once the emissions are stored, before the ack.
+    after_emit: Vec<AfterEmit>,
 }
 
 /// The parts of a [`Context`] that come from the delivery.
@@ -112,7 +112,6 @@ impl Context {
                 emits,
                 emitted: Mutex::new(Emitted::default()),
                 put_off: std::sync::atomic::AtomicBool::new(false),
-                after_emit: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -362,21 +361,17 @@ impl Context {
         F: FnOnce() -> BoxFuture<()> + Send + 'static,
     {
         self.inner
-            .after_emit
+            .emitted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .after_emit
             .push(Box::new(hook));
     }
 
     /// The hooks [`after_emit`](Self::after_emit) registered.
     pub(crate) fn take_after_emit(&self) -> Vec<AfterEmit> {
-        std::mem::take(
-            &mut *self
-                .inner
-                .after_emit
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        )
+        let mut emitted = self.inner.emitted.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut emitted.after_emit)
     }
 
     pub(crate) fn take_outgoing(&self) -> Vec<Result<Outgoing, PublishError>> {

@@ -69,13 +69,8 @@ async fn store(server: &NatsServer) -> Result<Aggregates, BoxError> {
     Ok(store)
 }
 
-/// `n` decisions on `n` accounts, 256 at once: each a load (its history,
-/// empty) and a guarded append.
-pub(super) async fn choreo_decide(n: u64) -> Result<f64, BoxError> {
-    let server = NatsServer::start().await?;
-    let store = store(&server).await?;
-    let cpu0 = cpu_seconds();
-    let start = Instant::now();
+/// One deposit decided on each of accounts `a0..a{n}`, 256 at once.
+async fn deposit_each(store: &Aggregates, n: u64) -> Result<(), BoxError> {
     futures::stream::iter(0..n)
         .map(|i| {
             let store = store.clone();
@@ -89,7 +84,17 @@ pub(super) async fn choreo_decide(n: u64) -> Result<f64, BoxError> {
         })
         .buffer_unordered(IN_FLIGHT)
         .try_for_each(|_| async { Ok(()) })
-        .await?;
+        .await
+}
+
+/// `n` decisions on `n` accounts, 256 at once: each a load (its history,
+/// empty) and a guarded append.
+pub(super) async fn choreo_decide(n: u64) -> Result<f64, BoxError> {
+    let server = NatsServer::start().await?;
+    let store = store(&server).await?;
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    deposit_each(&store, n).await?;
     Ok(report_rate("choreo decide", n, start, cpu0))
 }
 
@@ -99,25 +104,10 @@ pub(super) async fn choreo_append(n: u64) -> Result<f64, BoxError> {
     let server = NatsServer::start().await?;
     // Room for every account's state (the default holds 10,000).
     let store = store(&server).await?.cache(n as usize + 1);
-    let round = |store: Aggregates| {
-        futures::stream::iter(0..n)
-            .map(move |i| {
-                let store = store.clone();
-                async move {
-                    let id = format!("a{i}");
-                    store
-                        .decide::<Account, _, Infallible>(&id, |_| Ok(vec![deposit(&id, 5)]))
-                        .await
-                        .map_err(|e| BoxError::from(e.to_string()))
-                }
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .try_for_each(|_| async { Ok(()) })
-    };
-    round(store.clone()).await?;
+    deposit_each(&store, n).await?;
     let cpu0 = cpu_seconds();
     let start = Instant::now();
-    round(store).await?;
+    deposit_each(&store, n).await?;
     Ok(report_rate("choreo append", n, start, cpu0))
 }
 
