@@ -19,6 +19,10 @@ pub enum PgError {
     /// The options cannot keep the guarantee.
     #[error("postgres: {0}")]
     Config(String),
+    /// A read model did not apply an event in the time given
+    /// ([`Postgres::wait_applied`](crate::Postgres::wait_applied)).
+    #[error("postgres: {0}")]
+    NotApplied(String),
     /// The schema is not one this code can use.
     #[error("postgres: {0}")]
     Schema(String),

@@ -13,15 +13,22 @@
 //!   and its publish) with `FOR UPDATE SKIP LOCKED`, and prunes inbox rows
 //!   past their retention in bounded batches.
 //!
+//! - A [`ReadModel`] is a set of tables a projection handler keeps
+//!   ([`Pg::begin_read_model`]); `choreo replay --rerun` rebuilds it into a
+//!   fresh generation while the old one serves reads, and
+//!   [`Postgres::wait_applied`] lets a request read its own writes.
+//!
 //! See `docs/postgres.md`.
 
 mod error;
+mod read_model;
 mod relay;
 pub mod schema;
 mod store;
 mod tx;
 
 pub use error::PgError;
+pub use read_model::ReadModel;
 pub use schema::{SCHEMA_VERSION, migrate};
 pub use store::{DEFAULT_RELAY_DELAY, DEFAULT_RELAY_EVERY, Postgres, PostgresOptions};
 pub use tx::{Pg, PgTx};

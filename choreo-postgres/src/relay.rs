@@ -38,6 +38,12 @@ pub(crate) async fn run(store: RelayHandle) {
                 tracing::warn!(error = %e, "relay: publishing the outbox failed; trying again")
             }
         }
+        match crate::read_model::swap_caught_up(&inner.pool, &inner.js).await {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "relay: swapping in a rebuilt read model failed; trying again")
+            }
+        }
         let prune_every = (inner.options.inbox_retention / 10).min(PRUNE_EVERY);
         if pruned.elapsed() >= prune_every {
             pruned = Instant::now();

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 use crate::error::PgError;
 
 /// The schema version [`migrate`] brings a database to.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
 const MIGRATIONS: &[&str] = &[
@@ -34,6 +34,20 @@ const MIGRATIONS: &[&str] = &[
     );
     -- The primary key is the only index: rows live milliseconds, they are
     -- deleted by it, and the relay reads the oldest first along it.
+    ",
+    // 2: read models: per model, the live generation (the one its views
+    // show), the one being rebuilt, and the replay that started it.
+    r"
+    CREATE TABLE choreo.read_models (
+        name       text        PRIMARY KEY,
+        service    text        NOT NULL,
+        handler    text        NOT NULL,
+        views      text        NOT NULL,
+        live       int         NOT NULL,
+        building   int,
+        marker_ms  bigint      NOT NULL DEFAULT 0,
+        swapped_at timestamptz
+    );
     ",
 ];
 

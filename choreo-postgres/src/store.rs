@@ -1,14 +1,16 @@
 //! [`Postgres`]: a service's database for Postgres handlers, with the relay
 //! that publishes what a process committed but did not get to publish.
 
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-use choreo::Publisher;
 use choreo::async_nats::jetstream;
+use choreo::{EventId, Publisher, admin};
 use sqlx::PgPool;
 
 use crate::error::PgError;
+use crate::read_model::{self, ReadModel};
 use crate::relay;
 
 /// How long an outbox row waits before the relay publishes it: the
@@ -80,7 +82,14 @@ pub(crate) struct Inner {
     pub(crate) pool: PgPool,
     pub(crate) js: jetstream::Context,
     pub(crate) options: PostgresOptions,
+    /// The replay markers of read models' handlers, by `service.handler`,
+    /// with when each was read.
+    markers: Mutex<HashMap<String, (Instant, Option<admin::Marker>)>>,
 }
+
+/// How long a replay marker read for a read model is trusted: `choreo
+/// replay` writes it seconds before it rewinds the durable.
+const MARKER_FRESH: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Postgres {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,6 +136,7 @@ impl Postgres {
             pool,
             js: publisher.js().clone(),
             options,
+            markers: Mutex::default(),
         });
         tokio::spawn(relay::run(Arc::downgrade(&inner)));
         Ok(Self { inner })
@@ -140,6 +150,72 @@ impl Postgres {
     /// The options it runs with.
     pub fn options(&self) -> PostgresOptions {
         self.inner.options
+    }
+
+    /// Whether the live generation of read model `rm` has applied the
+    /// event `event_id` (its handler committed it): one indexed lookup.
+    ///
+    /// # Errors
+    /// The database refused.
+    pub async fn applied(&self, rm: &ReadModel, event_id: EventId) -> Result<bool, PgError> {
+        read_model::applied(self.pool(), rm, event_id).await
+    }
+
+    /// Waits until read model `rm` has applied the event `event_id`, so a
+    /// request that just published it can read its own write: polls
+    /// [`applied`](Self::applied) from every millisecond up to every 50 ms.
+    /// While the model is rebuilt it waits for the rebuilt generation to go
+    /// live, so what it then reads has the event.
+    ///
+    /// ```no_run
+    /// # async fn demo(postgres: choreo_postgres::Postgres, publisher: choreo::Publisher,
+    /// #     event: impl choreo::Event) -> Result<(), Box<dyn std::error::Error>> {
+    /// # static ORDERS: choreo_postgres::ReadModel = choreo_postgres::ReadModel::new("orders", "");
+    /// use std::time::Duration;
+    /// let receipt = publisher.publish(&event).await?;
+    /// postgres.wait_applied(&ORDERS, receipt.event_id, Duration::from_secs(2)).await?;
+    /// // A read of the order view now sees the event.
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`PgError::NotApplied`] after `within`; the database refused.
+    pub async fn wait_applied(
+        &self,
+        rm: &ReadModel,
+        event_id: EventId,
+        within: Duration,
+    ) -> Result<(), PgError> {
+        read_model::wait_applied(self.pool(), rm, event_id, within).await
+    }
+
+    /// The last replay marker of `service`'s `handler`, read at most once
+    /// a second; `None` when there is none or it cannot be read now.
+    pub(crate) async fn marker(&self, service: &str, handler: &str) -> Option<admin::Marker> {
+        let key = format!("{service}.{handler}");
+        if let Some((at, m)) = self.lock_markers().get(&key)
+            && at.elapsed() < MARKER_FRESH
+        {
+            return m.clone();
+        }
+        let m = match admin::marker(&self.inner.js, service, handler).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(handler = %key, error = %e, "cannot read the handler's replay marker; a rerun replay will start its read model's rebuild once it can");
+                return self.lock_markers().get(&key).and_then(|(_, m)| m.clone());
+            }
+        };
+        self.lock_markers().insert(key, (Instant::now(), m.clone()));
+        m
+    }
+
+    fn lock_markers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Option<admin::Marker>)>> {
+        self.inner
+            .markers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

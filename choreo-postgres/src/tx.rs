@@ -5,6 +5,8 @@
 use choreo::{Context, FromContext, HandlerError, MissingState, State, States};
 use sqlx::{PgConnection, PgPool};
 
+use crate::error::PgError;
+use crate::read_model::{self, Entry};
 use crate::relay::headers_to_json;
 use crate::store::Postgres;
 
@@ -57,17 +59,96 @@ impl Pg {
     /// # Errors
     /// The database refused (retryable).
     pub async fn begin(&self) -> Result<Option<PgTx>, HandlerError> {
-        let mut tx = self
+        let tx = self
             .store
             .pool()
             .begin()
             .await
             .map_err(HandlerError::retryable)?;
+        let (tx, claimed) = self.claim(tx, self.ctx.handler_id()).await?;
+        Ok(claimed.then(|| self.open(tx)))
+    }
+
+    /// [`begin`](Self::begin) for a handler that keeps read model `rm`:
+    /// the transaction's `search_path` starts with the schema of the
+    /// model's generation this delivery writes to, so the handler's
+    /// unqualified SQL on the model's tables lands there, and the event is
+    /// claimed for that generation. While `choreo replay --rerun` rebuilds
+    /// the model, that is the fresh generation, which runs every event
+    /// again (see [`ReadModel`](crate::ReadModel)).
+    ///
+    /// # Errors
+    /// The database refused (retryable), or the model's name or DDL is
+    /// unusable (permanent: the event is dead-lettered with the reason).
+    pub async fn begin_read_model(
+        &self,
+        rm: &crate::ReadModel,
+    ) -> Result<Option<PgTx>, HandlerError> {
+        let marker = self
+            .store
+            .marker(self.ctx.service(), self.ctx.handler())
+            .await;
+        for _ in 0..3 {
+            let tx = self
+                .store
+                .pool()
+                .begin()
+                .await
+                .map_err(HandlerError::retryable)?;
+            let (tx, entry) = read_model::enter(tx, rm, marker.as_ref())
+                .await
+                .map_err(into_handler_error)?;
+            match entry {
+                Entry::Write(generation) => {
+                    let key = read_model::inbox_key(self.ctx.handler_id(), generation);
+                    let (tx, claimed) = self.claim(tx, &key).await?;
+                    return Ok(claimed.then(|| self.open(tx)));
+                }
+                Entry::Prepare => {
+                    drop(tx);
+                    // The model's DDL runs through `raw_sql` (several
+                    // statements), whose future sqlx cannot prove Send
+                    // inside a handler's: it runs on a blocking thread of
+                    // its own. This happens once per model and rebuild.
+                    let (pool, rm, handler_id, marker) = (
+                        self.store.pool().clone(),
+                        *rm,
+                        self.ctx.handler_id().to_owned(),
+                        marker.clone(),
+                    );
+                    let runtime = tokio::runtime::Handle::current();
+                    tokio::task::spawn_blocking(move || {
+                        runtime.block_on(read_model::prepare(
+                            &pool,
+                            &rm,
+                            &handler_id,
+                            marker.as_ref(),
+                        ))
+                    })
+                    .await
+                    .map_err(HandlerError::retryable)?
+                    .map_err(into_handler_error)?;
+                }
+            }
+        }
+        Err(HandlerError::retryable(format!(
+            "read model {}: its generations changed three times while this event began; trying again",
+            rm.name()
+        )))
+    }
+
+    /// Inserts the inbox row `(key, event id)`; `false` when it exists (a
+    /// copy of an event committed before).
+    async fn claim(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        key: &str,
+    ) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, bool), HandlerError> {
         let claimed = sqlx::query(
             "INSERT INTO choreo.inbox (handler, event_id) VALUES ($1, $2::uuid)
              ON CONFLICT DO NOTHING",
         )
-        .bind(self.ctx.handler_id())
+        .bind(key)
         .bind(self.ctx.event_id().to_string())
         .execute(&mut *tx)
         .await
@@ -77,15 +158,19 @@ impl Pg {
             tracing::info!(
                 event_id = %self.ctx.event_id(),
                 handler = self.ctx.handler_id(),
+                inbox_key = key,
                 "already committed for this event (postgres inbox); skipped"
             );
-            return Ok(None);
         }
-        Ok(Some(PgTx {
+        Ok((tx, claimed > 0))
+    }
+
+    fn open(&self, tx: sqlx::Transaction<'static, sqlx::Postgres>) -> PgTx {
+        PgTx {
             tx,
             ctx: self.ctx.clone(),
             pool: self.store.pool().clone(),
-        }))
+        }
     }
 
     /// The pool, for reads outside the transaction.
@@ -204,5 +289,14 @@ impl PgTx {
             });
         }
         self.tx.commit().await.map_err(HandlerError::retryable)
+    }
+}
+
+/// A read model's error as the handler's: a database that refused is
+/// retried, a model that cannot work is dead-lettered with the reason.
+fn into_handler_error(e: PgError) -> HandlerError {
+    match e {
+        PgError::Config(_) | PgError::Schema(_) => HandlerError::permanent(e.to_string()),
+        other => HandlerError::retryable(other),
     }
 }

@@ -43,7 +43,7 @@ pub use asyncapi::asyncapi;
 pub use error::{AdminError, AdminErrorKind};
 pub use events::{StoredEvent, events};
 pub use graph::{Finding, FindingKind, Graph, Severity, lint};
-pub use replay::{Plan, Point, Rewound, plan, replay};
+pub use replay::{Marker, Plan, Point, Rewound, marker, plan, replay, replay_done};
 pub use status::{HandlerStatus, InstanceStatus, Snapshot, State, Status, status};
 pub use trace::{Flow, HandlerStep, Query, Step, Trace, TracedEvent, trace};
 

@@ -368,17 +368,19 @@ pub async fn replay(
             .await
             .map_err(|e| fail(&e))?,
     };
-    let marker = ReplayMarker {
+    let mut marker = ReplayMarker {
         from: plan.from,
         until: plan.until,
         rerun: plan.rerun,
         at_ms: crate::event::now_ms(),
+        rewound_at_ms: 0,
+        ordered: plan.ordered,
+        stream: plan.stream.clone(),
+        durable: plan.durable.clone(),
     };
+    let key = replay_key(&plan.service, &plan.handler);
     store
-        .put(
-            replay_key(&plan.service, &plan.handler),
-            serde_json::to_vec(&marker).unwrap_or_default().into(),
-        )
+        .put(&key, serde_json::to_vec(&marker).unwrap_or_default().into())
         .await
         .map_err(|e| fail(&e))?;
     if plan.rerun
@@ -389,8 +391,29 @@ pub async fn replay(
             .await
             .map_err(|e| fail(&e))?;
     }
+    let rewound = rewind(js, plan, recreate, marker.at_ms).await?;
+    // Say when the rewind happened, so that what waits for the replay to
+    // be done (`replay_done`) knows the durable's floor is the new one.
+    marker.rewound_at_ms = crate::event::now_ms();
+    store
+        .put(&key, serde_json::to_vec(&marker).unwrap_or_default().into())
+        .await
+        .map_err(|e| fail(&e))?;
+    Ok(rewound)
+}
+
+/// The rewind itself: copies into an ordered handler's partitions, the
+/// durable recreated at the start, or the server's consumer reset.
+async fn rewind(
+    js: &jetstream::Context,
+    plan: &Plan,
+    recreate: bool,
+    at_ms: u64,
+) -> Result<Rewound, AdminError> {
+    let what = format!("a replay of {}.{}", plan.service, plan.handler);
+    let fail = |e: &dyn std::fmt::Display| bad(&what, e.to_string());
     if plan.ordered {
-        let events = super::requeue::requeue(js, plan, marker.at_ms).await?;
+        let events = super::requeue::requeue(js, plan, at_ms).await?;
         return Ok(Rewound::Requeued { events });
     }
     if recreate {
@@ -439,4 +462,100 @@ pub async fn replay(
         ));
     }
     Ok(Rewound::Reset)
+}
+
+/// The last replay `choreo replay` made of a handler, as its marker in
+/// the `choreo_replays` bucket says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Marker {
+    /// The first stream sequence replayed.
+    pub from: u64,
+    /// The last stream sequence in the range.
+    pub until: u64,
+    /// Whether handled events run again (`--rerun`).
+    pub rerun: bool,
+    /// When the replay was made, Unix ms: it names the replay.
+    pub at_ms: u64,
+    /// When the handler was rewound, Unix ms; `None` until then.
+    pub rewound_at_ms: Option<u64>,
+    /// Whether the handler is ordered (its range was copied into its
+    /// partitions).
+    pub ordered: bool,
+    /// The stream the handler reads.
+    pub stream: String,
+    /// Its durable (for an unordered handler).
+    pub durable: String,
+}
+
+/// The marker of the last replay of `service`'s `handler`; `None` when it
+/// was never replayed (or the marker expired, after 7 days).
+///
+/// # Errors
+/// The bucket exists but cannot be read.
+pub async fn marker(
+    js: &jetstream::Context,
+    service: &str,
+    handler: &str,
+) -> Result<Option<Marker>, AdminError> {
+    let Ok(store) = js.get_key_value(REPLAYS_BUCKET).await else {
+        return Ok(None);
+    };
+    let value = store
+        .get(replay_key(service, handler))
+        .await
+        .map_err(|e| AdminError::new(js, REPLAYS_BUCKET.to_owned(), crate::nats::source(e)))?;
+    Ok(value
+        .and_then(|v| serde_json::from_slice::<ReplayMarker>(&v).ok())
+        .map(|m| Marker {
+            from: m.from,
+            until: m.until,
+            rerun: m.rerun,
+            at_ms: m.at_ms,
+            rewound_at_ms: (m.rewound_at_ms > 0).then_some(m.rewound_at_ms),
+            ordered: m.ordered,
+            stream: m.stream,
+            durable: m.durable,
+        }))
+}
+
+/// Whether `service`'s `handler` has done every event of the replay
+/// `marker` names: it was rewound, and its durable's ack floor has reached
+/// the range's end. For an ordered handler, whose copies leave its work
+/// queue once handled, whether the queue holds nothing older than the
+/// rewind.
+///
+/// # Errors
+/// The durable or the work queue cannot be read.
+pub async fn replay_done(
+    js: &jetstream::Context,
+    service: &str,
+    handler: &str,
+    marker: &Marker,
+) -> Result<bool, AdminError> {
+    let Some(rewound_at_ms) = marker.rewound_at_ms else {
+        return Ok(false);
+    };
+    if marker.ordered {
+        let name = crate::topology::ordered::stream_name(service, handler);
+        let mut queue = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| AdminError::new(js, format!("stream {name}"), crate::nats::source(e)))?;
+        let state = &queue
+            .info()
+            .await
+            .map_err(|e| AdminError::new(js, format!("stream {name}"), crate::nats::source(e)))?
+            .state;
+        let oldest_ms = (state.first_timestamp.unix_timestamp_nanos() / 1_000_000) as u64;
+        return Ok(state.messages == 0 || oldest_ms > rewound_at_ms);
+    }
+    let durable = &marker.durable;
+    let info = js
+        .get_consumer_from_stream::<consumer::pull::Config, _, _>(durable, &marker.stream)
+        .await
+        .map_err(|e| AdminError::new(js, format!("durable {durable}"), crate::nats::source(e)))?
+        .cached_info()
+        .clone();
+    Ok(info.ack_floor.stream_sequence >= marker.until)
 }

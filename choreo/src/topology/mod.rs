@@ -62,6 +62,19 @@ pub(crate) struct ReplayMarker {
     pub(crate) until: u64,
     pub(crate) rerun: bool,
     pub(crate) at_ms: u64,
+    /// When the handler was rewound (the marker is written again then);
+    /// 0 before, and in markers written before choreo recorded it.
+    #[serde(default)]
+    pub(crate) rewound_at_ms: u64,
+    /// Whether the handler is ordered (its range was copied into its
+    /// partitions rather than rewound).
+    #[serde(default)]
+    pub(crate) ordered: bool,
+    /// The stream the handler reads and its durable.
+    #[serde(default)]
+    pub(crate) stream: String,
+    #[serde(default)]
+    pub(crate) durable: String,
 }
 
 /// The subject of a handler's dead letters.
