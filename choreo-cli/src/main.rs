@@ -421,7 +421,12 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         }
         Command::Lint { source } => {
             let (manifests, publishers) = load(&cli.conn, source).await?;
-            let findings = admin::lint(&manifests, &publishers);
+            let mut findings = admin::lint(&manifests, &publishers);
+            if source.manifests.is_none() {
+                // Live: the outbox relays' reports and the streams' windows.
+                let js = jetstream(&cli.conn).await?;
+                findings.extend(admin::lint_outboxes(&js, &manifests).await);
+            }
             if cli.json {
                 out!("{}\n", serde_json::to_string_pretty(&findings)?);
             } else {

@@ -200,6 +200,45 @@ pub(crate) fn status(s: &Status) -> String {
         out.push('\n');
         out.push_str(&render(&rows));
     }
+    if !s.outboxes.is_empty() {
+        let mut rows = vec![
+            [
+                "SERVICE",
+                "OUTBOX",
+                "OLDEST",
+                "FAILING",
+                "RELAY",
+                "REPORTED",
+                "LAST ERROR",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        ];
+        for o in &s.outboxes {
+            rows.push(vec![
+                o.service.clone(),
+                o.pending.to_string(),
+                if o.pending == 0 {
+                    "-".to_owned()
+                } else {
+                    age(o.oldest_age_ms)
+                },
+                o.failing.to_string(),
+                format!(
+                    "after {}, every {}",
+                    age(o.relay_delay_ms),
+                    age(o.relay_every_ms)
+                ),
+                format!(
+                    "{} ago",
+                    age(s.taken_at_ms.saturating_sub(o.reported_at_ms))
+                ),
+                o.last_error.clone().unwrap_or_else(|| "-".to_owned()),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&render(&rows));
+    }
     for p in &s.problems {
         out.push_str(&format!("warning: {p}\n"));
     }

@@ -23,32 +23,92 @@ const PRUNE_BATCH: i64 = 1000;
 /// most about 1.1 retentions' worth of rows.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
+/// How often the relay reports its outbox (in the registry bucket, for
+/// `choreo status` and `choreo lint`, and as metrics).
+const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// The longest a failed row waits before its next attempt.
+const RETRY_AT_MOST: Duration = Duration::from_secs(30);
+
+/// Rows the report counts at most (the count stays cheap in a backlog).
+const COUNT_AT_MOST: i64 = 100_000;
+
+/// The metric names (described once, by [`describe_metrics`]).
+const PENDING: &str = "choreo_outbox_pending_rows";
+const OLDEST: &str = "choreo_outbox_oldest_age_seconds";
+const FAILING: &str = "choreo_outbox_failing_rows";
+const RELAYED: &str = "choreo_outbox_relayed_total";
+const RELAY_FAILURES: &str = "choreo_outbox_relay_failures_total";
+
+/// Describes the relay's metrics (help and unit) to the installed recorder.
+pub(crate) fn describe_metrics() {
+    use metrics::Unit;
+    metrics::describe_gauge!(
+        PENDING,
+        Unit::Count,
+        "Outbox rows committed and not yet published, by service (as the relay last counted)."
+    );
+    metrics::describe_gauge!(
+        OLDEST,
+        Unit::Seconds,
+        "How long the oldest unpublished outbox row has waited, by service."
+    );
+    metrics::describe_gauge!(
+        FAILING,
+        Unit::Count,
+        "Outbox rows whose publish failed and that wait for a retry, by service."
+    );
+    metrics::describe_counter!(
+        RELAYED,
+        Unit::Count,
+        "Outbox rows the relay published (a process had committed them and not published them)."
+    );
+    metrics::describe_counter!(
+        RELAY_FAILURES,
+        Unit::Count,
+        "Outbox rows whose publish by the relay failed (kept and retried with a backoff)."
+    );
+}
+
 /// Runs until the store is dropped.
 pub(crate) async fn run(store: RelayHandle) {
     let mut pruned = Instant::now();
+    let mut reported: Option<Instant> = None;
     loop {
         let Some(inner) = store.upgrade() else { return };
-        match relay_once(&inner).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                published = n,
-                "relay: published emissions a process had committed but not published"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "relay: publishing the outbox failed; trying again")
+        // A pass that failed as a whole (the database, say); a row that
+        // failed is reported from its own `last_error`.
+        let relay_error = match relay_once(&inner).await {
+            Ok(Pass { published, failed }) => {
+                if published + failed > 0 {
+                    tracing::info!(
+                        service = %inner.service,
+                        published,
+                        failed,
+                        "relay: published emissions a process had committed but not published"
+                    );
+                }
+                None
             }
-        }
-        match crate::read_model::swap_caught_up(&inner.pool, &inner.js).await {
-            Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "relay: swapping in a rebuilt read model failed; trying again")
+                tracing::warn!(service = %inner.service, error = %e, "relay: publishing the outbox failed; trying again");
+                Some(e.to_string())
             }
+        };
+        if let Err(e) = crate::read_model::swap_caught_up(&inner.pool, &inner.js).await {
+            tracing::warn!(service = %inner.service, error = %e, "relay: swapping in a rebuilt read model failed; trying again");
         }
         let prune_every = (inner.options.inbox_retention / 10).min(PRUNE_EVERY);
         if pruned.elapsed() >= prune_every {
             pruned = Instant::now();
             if let Err(e) = prune_inbox(&inner).await {
-                tracing::warn!(error = %e, "relay: pruning the inbox failed; trying again");
+                tracing::warn!(service = %inner.service, error = %e, "relay: pruning the inbox failed; trying again");
+            }
+        }
+        if reported.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
+            reported = Some(Instant::now());
+            if let Err(e) = report(&inner, relay_error).await {
+                tracing::warn!(service = %inner.service, error = %e, "relay: cannot report the outbox; trying again");
             }
         }
         let every = inner.options.relay_every;
@@ -57,9 +117,19 @@ pub(crate) async fn run(store: RelayHandle) {
     }
 }
 
+/// What one pass of the relay did.
+pub(crate) struct Pass {
+    /// Rows published and deleted.
+    pub(crate) published: u64,
+    /// Rows whose publish failed: kept, with the reason, for a later try.
+    pub(crate) failed: u64,
+}
+
 /// One pass: publishes the rows older than the relay delay, oldest first,
-/// and deletes them once the stream has them. Returns how many.
-pub(crate) async fn relay_once(inner: &Inner) -> Result<u64, PgError> {
+/// and deletes them once the stream has them. A row the stream refuses
+/// (gone, over its size limit) keeps its place with the reason and is
+/// tried again after a backoff; the rows behind it go on.
+pub(crate) async fn relay_once(inner: &Inner) -> Result<Pass, PgError> {
     let mut tx = inner
         .pool
         .begin()
@@ -69,6 +139,7 @@ pub(crate) async fn relay_once(inner: &Inner) -> Result<u64, PgError> {
         "SELECT seq, event_id::text AS event_id, subject, headers::text AS headers, payload
          FROM choreo.outbox
          WHERE created_at < now() - make_interval(secs => $1)
+           AND (retry_at IS NULL OR retry_at <= now())
          ORDER BY seq
          LIMIT $2
          FOR UPDATE SKIP LOCKED",
@@ -79,10 +150,13 @@ pub(crate) async fn relay_once(inner: &Inner) -> Result<u64, PgError> {
     .await
     .map_err(PgError::sql("read the outbox"))?;
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(Pass {
+            published: 0,
+            failed: 0,
+        });
     }
-    let mut seqs = Vec::with_capacity(rows.len());
-    let mut acks = Vec::with_capacity(rows.len());
+    let mut sent = Vec::with_capacity(rows.len());
+    let mut failed: Vec<(i64, String)> = Vec::new();
     for row in &rows {
         let seq: i64 = row
             .try_get("seq")
@@ -99,32 +173,96 @@ pub(crate) async fn relay_once(inner: &Inner) -> Result<u64, PgError> {
         let payload: Vec<u8> = row
             .try_get("payload")
             .map_err(PgError::sql("read an outbox row"))?;
-        let headers = headers_from_json(&headers).map_err(|e| {
-            PgError::Schema(format!(
-                "outbox row {seq} (event {event_id}) has unreadable headers: {e}"
-            ))
-        })?;
-        let ack = inner
+        let headers = match headers_from_json(&headers) {
+            Ok(h) => h,
+            Err(e) => {
+                failed.push((seq, format!("event {event_id}: unreadable headers: {e}")));
+                continue;
+            }
+        };
+        match inner
             .js
-            .publish_with_headers(subject, headers, payload.into())
+            .publish_with_headers(subject.clone(), headers, payload.into())
             .await
-            .map_err(|e| PgError::Publish(format!("event {event_id}: {e}")))?;
-        acks.push((event_id, ack));
-        seqs.push(seq);
+        {
+            Ok(ack) => sent.push((seq, event_id, subject, ack)),
+            Err(e) => failed.push((seq, format!("event {event_id} on {subject}: {e}"))),
+        }
     }
-    for (event_id, ack) in acks {
-        ack.await
-            .map_err(|e| PgError::Publish(format!("event {event_id}: {e}")))?;
+    let mut published = Vec::with_capacity(sent.len());
+    for (seq, event_id, subject, ack) in sent {
+        match ack.await {
+            Ok(_) => published.push(seq),
+            Err(e) => failed.push((seq, format!("event {event_id} on {subject}: {e}"))),
+        }
     }
-    sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
-        .bind(&seqs)
+    if !published.is_empty() {
+        sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
+            .bind(&published)
+            .execute(&mut *tx)
+            .await
+            .map_err(PgError::sql("delete published outbox rows"))?;
+    }
+    for (seq, reason) in &failed {
+        tracing::warn!(service = %inner.service, outbox_seq = seq, reason = %reason, "relay: an outbox row failed to publish; kept, and tried again after a backoff");
+        sqlx::query(
+            "UPDATE choreo.outbox
+             SET attempts = attempts + 1, last_error = $2,
+                 retry_at = now() + make_interval(secs => least($3, power(2, attempts)))
+             WHERE seq = $1",
+        )
+        .bind(seq)
+        .bind(reason)
+        .bind(RETRY_AT_MOST.as_secs_f64())
         .execute(&mut *tx)
         .await
-        .map_err(PgError::sql("delete published outbox rows"))?;
+        .map_err(PgError::sql("record an outbox row's failure"))?;
+    }
     tx.commit()
         .await
         .map_err(PgError::sql("commit the relay"))?;
-    Ok(seqs.len() as u64)
+    let labels = [("service", inner.service.clone())];
+    metrics::counter!(RELAYED, &labels).increment(published.len() as u64);
+    metrics::counter!(RELAY_FAILURES, &labels).increment(failed.len() as u64);
+    Ok(Pass {
+        published: published.len() as u64,
+        failed: failed.len() as u64,
+    })
+}
+
+/// Counts the outbox and reports it: in the registry bucket (for `choreo
+/// status` and `choreo lint`) and as gauges.
+async fn report(inner: &Inner, relay_error: Option<String>) -> Result<(), PgError> {
+    let (pending, failing, oldest_ms, row_error): (i64, i64, i64, Option<String>) = sqlx::query_as(
+        "SELECT count(*),
+                    count(*) FILTER (WHERE last_error IS NOT NULL),
+                    coalesce((extract(epoch FROM now() - min(created_at)) * 1000)::bigint, 0),
+                    (SELECT last_error FROM choreo.outbox WHERE last_error IS NOT NULL
+                     ORDER BY seq DESC LIMIT 1)
+             FROM (SELECT created_at, last_error FROM choreo.outbox LIMIT $1) o",
+    )
+    .bind(COUNT_AT_MOST)
+    .fetch_one(&inner.pool)
+    .await
+    .map_err(PgError::sql("count the outbox"))?;
+    let labels = [("service", inner.service.clone())];
+    metrics::gauge!(PENDING, &labels).set(pending as f64);
+    metrics::gauge!(OLDEST, &labels).set(oldest_ms as f64 / 1000.0);
+    metrics::gauge!(FAILING, &labels).set(failing as f64);
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let report = choreo::registry::OutboxReport::new(
+        &inner.service,
+        &inner.instance,
+        pending.max(0) as u64,
+        oldest_ms.max(0) as u64,
+        failing.max(0) as u64,
+        row_error.or(relay_error),
+        ms(inner.options.relay_delay),
+        ms(inner.options.relay_every),
+    );
+    choreo::registry::report_outbox(&inner.js, &report, inner.replicas)
+        .await
+        .map_err(PgError::Publish)
 }
 
 /// Deletes inbox rows older than the retention, in bounded batches.

@@ -36,8 +36,14 @@ const MIGRATIONS: &[&str] = &[
     -- deleted by it, and the relay reads the oldest first along it.
     ",
     // 2: read models: per model, the live generation (the one its views
-    // show), the one being rebuilt, and the replay that started it.
+    // show), the one being rebuilt, and the replay that started it; and
+    // outbox rows whose publish failed, kept with the reason and retried
+    // later rather than blocking the rows behind them.
     r"
+    ALTER TABLE choreo.outbox
+        ADD COLUMN attempts   int NOT NULL DEFAULT 0,
+        ADD COLUMN last_error text,
+        ADD COLUMN retry_at   timestamptz;
     CREATE TABLE choreo.read_models (
         name       text        PRIMARY KEY,
         service    text        NOT NULL,

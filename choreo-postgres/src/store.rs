@@ -82,6 +82,12 @@ pub(crate) struct Inner {
     pub(crate) pool: PgPool,
     pub(crate) js: jetstream::Context,
     pub(crate) options: PostgresOptions,
+    /// The service (the publisher's source), for its outbox report.
+    pub(crate) service: String,
+    /// The replicas of the registry bucket, if the report creates it.
+    pub(crate) replicas: usize,
+    /// The instance, for its outbox report: host and process id.
+    pub(crate) instance: String,
     /// The replay markers of read models' handlers, by `service.handler`,
     /// with when each was read.
     markers: Mutex<HashMap<String, (Instant, Option<admin::Marker>)>>,
@@ -132,10 +138,14 @@ impl Postgres {
             )));
         }
         crate::schema::migrate(&pool).await?;
+        crate::relay::describe_metrics();
         let inner = Arc::new(Inner {
             pool,
             js: publisher.js().clone(),
             options,
+            service: publisher.source().to_owned(),
+            replicas: publisher.settings().replicas,
+            instance: format!("{}:{}", choreo::registry::host_name(), std::process::id()),
             markers: Mutex::default(),
         });
         tokio::spawn(relay::run(Arc::downgrade(&inner)));

@@ -30,6 +30,11 @@ pub enum FindingKind {
     VersionNotAccepted,
     /// Events cause each other in a loop.
     Cycle,
+    /// A service's outbox relay could publish a row after the duplicate
+    /// window of a stream it writes to (`lint_outboxes`).
+    RelayOutsideDuplicateWindow,
+    /// Rows of a service's outbox fail to publish (`lint_outboxes`).
+    OutboxFailing,
 }
 
 /// One problem [`lint`] found.

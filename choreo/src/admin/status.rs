@@ -75,6 +75,7 @@ pub struct Snapshot {
     /// By durable name.
     readings: BTreeMap<String, Reading>,
     dead_letters: BTreeMap<String, u64>,
+    outboxes: Vec<registry::OutboxReport>,
     /// What could not be read, one line each.
     problems: Vec<String>,
 }
@@ -168,6 +169,10 @@ pub struct Status {
     pub instances: Vec<InstanceStatus>,
     /// Every handler, by service and name.
     pub handlers: Vec<HandlerStatus>,
+    /// The outboxes services keep in their own database
+    /// (`choreo-postgres`), as their relays last reported them.
+    #[serde(default)]
+    pub outboxes: Vec<registry::OutboxReport>,
     /// What could not be read, one line each.
     pub problems: Vec<String>,
 }
@@ -270,11 +275,14 @@ impl Snapshot {
                 BTreeMap::new()
             }
         };
+        // No report: no service keeps an outbox of its own.
+        let outboxes = registry::outboxes(js).await.unwrap_or_default();
         Ok(Snapshot {
             taken_at_ms: crate::event::now_ms(),
             instances,
             readings,
             dead_letters,
+            outboxes,
             problems,
         })
     }
@@ -396,6 +404,7 @@ impl Status {
             window_ms,
             instances,
             handlers,
+            outboxes: after.outboxes.clone(),
             problems,
         }
     }

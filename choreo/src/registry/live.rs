@@ -57,7 +57,7 @@ pub(crate) use crate::event::now_ms;
 
 /// The system's host name, as `hostname` prints it (not `$HOSTNAME`,
 /// which shells set but rarely export); `unknown` if it is not text.
-pub(crate) fn host_name() -> String {
+pub fn host_name() -> String {
     gethostname::gethostname()
         .into_string()
         .ok()
@@ -106,7 +106,7 @@ pub struct RegistryError {
 }
 
 impl RegistryError {
-    fn of(bucket: &'static str) -> impl FnOnce(crate::nats::Source) -> Self {
+    pub(super) fn of(bucket: &'static str) -> impl FnOnce(crate::nats::Source) -> Self {
         move |source| Self { bucket, source }
     }
 

@@ -7,12 +7,15 @@
 use serde::{Deserialize, Serialize};
 
 mod live;
+mod outbox;
 
+pub use live::host_name;
 pub use live::{
     BUCKET, HEARTBEAT, Instance, MAX_AGE, PUBLISHERS_BUCKET, PublishedEvent, RegistryError,
     instances, publishers,
 };
-pub(crate) use live::{Record, heartbeat, host_name, now_ms};
+pub(crate) use live::{Record, heartbeat, now_ms};
+pub use outbox::{OutboxReport, outboxes, report_outbox};
 
 pub use crate::event::EventManifest;
 use crate::handler::{DeliverPolicy, HandlerOptions};

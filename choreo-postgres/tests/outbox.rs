@@ -1,0 +1,205 @@
+//! The outbox seen and steered from NATS: a row the stream refuses is kept
+//! with its reason and retried without holding up the rows behind it; the
+//! relay reports pending rows, the oldest one's age and the last error in
+//! the registry (`choreo status`), and `choreo lint` flags a relay that
+//! could publish after a stream's duplicate window.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use choreo::admin::{self, FindingKind, Severity};
+use choreo::async_nats::jetstream;
+use choreo::{Context, Publisher, Service, StreamSettings, event_handler, registry};
+use choreo_postgres::sqlx::{self, PgPool};
+use choreo_postgres::{Postgres, PostgresOptions};
+use choreo_testkit::{NatsServer, PostgresServer};
+use common::{OrderPlaced, PaymentCaptured};
+
+#[event_handler(idempotent = false, emits = PaymentCaptured)]
+async fn charge(order: OrderPlaced, ctx: Context) {
+    ctx.emit(PaymentCaptured {
+        order_id: order.order_id,
+    });
+}
+
+async fn scalar(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// A row as a process that died after its commit leaves it.
+async fn leave_row(pool: &PgPool, subject: &str) {
+    sqlx::query(
+        "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload, created_at)
+         VALUES (gen_random_uuid(), 'PaymentCaptured', $1, '[]', '\\x7b7d', now() - interval '1 minute')",
+    )
+    .bind(subject)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_row_is_kept_with_its_reason_and_shown_and_the_rows_behind_it_go_on() {
+    let nats = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let pool = common::pool(&pg.url()).await;
+    let publisher = Publisher::new(client.clone(), "payments").unwrap();
+    // The payments stream exists once something was published to it.
+    publisher
+        .publish(&PaymentCaptured {
+            order_id: "first".into(),
+        })
+        .await
+        .unwrap();
+    let _postgres = Postgres::start_with(
+        pool.clone(),
+        &publisher,
+        PostgresOptions::default()
+            .relay_delay(Duration::from_millis(500))
+            .relay_every(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    // The refused row first: no stream takes its subject.
+    leave_row(&pool, "nowhere.o1.captured").await;
+    leave_row(&pool, "payments.o2.captured").await;
+
+    let start = Instant::now();
+    loop {
+        let attempts = scalar(
+            &pool,
+            "SELECT coalesce(max(attempts), 0)::bigint FROM choreo.outbox",
+        )
+        .await;
+        let left = scalar(&pool, "SELECT count(*) FROM choreo.outbox").await;
+        if attempts >= 1 && left == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "attempts {attempts}, rows {left}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut stream = js.get_stream("PAYMENTS").await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        2,
+        "the row behind the refused one was published"
+    );
+    let (subject, reason): (String, String) =
+        sqlx::query_as("SELECT subject, last_error FROM choreo.outbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(subject, "nowhere.o1.captured");
+    assert!(reason.contains("nowhere.o1.captured"), "{reason}");
+
+    // The report, as `choreo status` shows it.
+    let start = Instant::now();
+    let report = loop {
+        let reports = registry::outboxes(&js).await.unwrap_or_default();
+        if let Some(r) = reports
+            .into_iter()
+            .find(|r| r.failing == 1 && r.pending == 1)
+        {
+            break r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no report");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(report.service, "payments");
+    assert!(report.oldest_age_ms >= 60_000, "{report:?}");
+    assert!(
+        report
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("nowhere.o1.captured")),
+        "{report:?}"
+    );
+    assert_eq!(report.relay_latest_ms(), 900);
+    let svc = Service::new("payments")
+        .state(_postgres.clone())
+        .handler(charge)
+        .start(client.clone())
+        .await
+        .unwrap();
+    let status = admin::status(&js, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(status.outboxes.len(), 1, "{:?}", status.outboxes);
+    assert_eq!(status.outboxes[0].failing, 1);
+
+    // A retry waits longer each time, never more than 30 s.
+    let retry_in: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM retry_at - now())::float8 FROM choreo.outbox",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(retry_in <= 30.0, "{retry_in}");
+
+    // Lint: the rows failing is a warning.
+    let manifests = vec![Service::new("payments").handler(charge).manifest()];
+    let findings = admin::lint_outboxes(&js, &manifests).await;
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.kind == FindingKind::OutboxFailing && f.severity == Severity::Warning),
+        "{findings:?}"
+    );
+    svc.shutdown().await;
+}
+
+#[tokio::test]
+async fn lint_flags_a_relay_later_than_a_streams_duplicate_window() {
+    let nats = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let pool = common::pool(&pg.url()).await;
+    let publisher = Publisher::new(client.clone(), "payments")
+        .unwrap()
+        .stream_settings(StreamSettings::default().duplicate_window(Duration::from_secs(10)));
+    publisher
+        .publish(&PaymentCaptured {
+            order_id: "first".into(),
+        })
+        .await
+        .unwrap();
+    // Accepted at start: 5 s + 2 × 1 s is inside 10 s.
+    let _postgres = Postgres::start(pool.clone(), &publisher).await.unwrap();
+    let manifests = vec![Service::new("payments").handler(charge).manifest()];
+    let start = Instant::now();
+    while registry::outboxes(&js).await.unwrap_or_default().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no report");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admin::lint_outboxes(&js, &manifests).await.is_empty());
+
+    // Someone narrows the stream's window afterwards.
+    let mut config = js
+        .get_stream("PAYMENTS")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    config.duplicate_window = Duration::from_secs(3);
+    js.update_stream(&config).await.unwrap();
+    let findings = admin::lint_outboxes(&js, &manifests).await;
+    assert_eq!(findings.len(), 1, "{findings:?}");
+    assert_eq!(findings[0].kind, FindingKind::RelayOutsideDuplicateWindow);
+    assert_eq!(findings[0].severity, Severity::Error);
+    assert!(
+        findings[0]
+            .message
+            .contains("stream PAYMENTS's duplicate window of 3000 ms"),
+        "{}",
+        findings[0].message
+    );
+}
