@@ -78,8 +78,11 @@ pub(crate) async fn run(store: RelayHandle) {
         let Some(inner) = store.upgrade() else { return };
         // A pass that failed as a whole (the database, say); a row that
         // failed is reported from its own `last_error`.
+        let mut full = false;
         let relay_error = match relay_once(&inner).await {
             Ok(Pass { published, failed }) => {
+                // A full batch: more rows may be due; look again at once.
+                full = published + failed >= BATCH as u64;
                 if published + failed > 0 {
                     tracing::info!(
                         service = %inner.service,
@@ -113,7 +116,9 @@ pub(crate) async fn run(store: RelayHandle) {
         }
         let every = inner.options.relay_every;
         drop(inner);
-        tokio::time::sleep(every).await;
+        if !full {
+            tokio::time::sleep(every).await;
+        }
     }
 }
 

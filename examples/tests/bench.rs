@@ -58,3 +58,47 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
         "{stdout}"
     );
 }
+
+/// The Postgres latency case (only with `--only`): both lines, with
+/// figures; the relay's is over its 5 s delay (the rows it publishes were
+/// left by a process that died), and the handler's own publish under it.
+#[test]
+fn the_postgres_latency_case_reports_the_handler_and_the_relay() {
+    let exe = std::env::current_exe().unwrap();
+    let bench = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("bench");
+    let out = std::process::Command::new(bench)
+        .args([
+            "--only",
+            "postgres_relay",
+            "--latency-events",
+            "100",
+            "--rate",
+            "200",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p50 = |prefix: &str| -> f64 {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix}:\n{stdout}"));
+        let after = line.split("p50 ").nth(1).unwrap();
+        after.split(' ').next().unwrap().parse().unwrap()
+    };
+    let handler = p50("postgres emission, commit to stored:");
+    let relay = p50("postgres relay (rows a dead process left), commit to stored:");
+    assert!(handler < 5_000.0, "{stdout}");
+    assert!(relay >= 5_000.0, "{stdout}");
+}

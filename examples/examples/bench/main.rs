@@ -42,6 +42,10 @@
 //!   publish, the row's delete and the ack) against a hand-written
 //!   async-nats + sqlx consumer doing the same SQL, publish and delete, on
 //!   a real Postgres the testkit starts.
+//! - `postgres_relay` (only with `--only`): the latency from a Postgres
+//!   handler's commit to its emission stored, and from rows a process left
+//!   in the outbox (it died between its commit and its publish) to the
+//!   relay's stored copy, with the default relay options; p50 and p99.
 //! - `aggregate_append`: N decisions on N aggregates this process holds in
 //!   memory (created before the clock starts), 256 at once: the append
 //!   guarded by `Nats-Expected-Last-Subject-Sequence` alone, against raw
@@ -1451,6 +1455,21 @@ async fn main() -> Result<(), BoxError> {
             median_pair(repeat, || postgres::choreo_pg(n), || postgres::raw_pg(n)).await?;
         rows.push(("postgres handler (events/s)", c, r, ratio));
         ratios.push(("postgres_handler", ratio));
+    }
+    // Not in the default run (about 20 s of a paced load): the latency
+    // from a Postgres handler's commit to its emission stored, and from
+    // rows a dead process left to the relay's stored copy.
+    if only.as_deref() == Some("postgres_relay") {
+        let (by_handler, by_relay) =
+            postgres::commit_to_stored(ln.min(2_000), rate.min(500)).await?;
+        println!(
+            "postgres emission, commit to stored: p50 {:.1} ms, p99 {:.1} ms",
+            by_handler.0, by_handler.1
+        );
+        println!(
+            "postgres relay (rows a dead process left), commit to stored: p50 {:.0} ms, p99 {:.0} ms (relay_delay 5 s, every 1 s)",
+            by_relay.0, by_relay.1
+        );
     }
     if wanted("aggregate_append") {
         let (c, r, ratio) = median_pair(

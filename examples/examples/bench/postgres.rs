@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use async_nats::jetstream::{self, consumer::pull};
-use choreo::{Context, HandlerError, Publisher, Service, event_handler};
+use choreo::{Context, HandlerError, Publisher, Service, State, event_handler};
 use choreo_postgres::sqlx::postgres::PgPoolOptions;
 use choreo_postgres::sqlx::{self, PgPool};
 use choreo_postgres::{Pg, Postgres};
@@ -256,4 +256,162 @@ async fn check_rows(pool: &PgPool, side: &str, n: u64) -> Result<(), BoxError> {
         return Err(format!("{side}: {effects} effect rows, {left} outbox rows left").into());
     }
     Ok(())
+}
+
+/// When each event's transaction committed, Unix ms, by event number.
+#[derive(Clone, Default)]
+struct Committed(Arc<std::sync::Mutex<std::collections::HashMap<u64, f64>>>);
+
+#[event_handler(idempotent = false, emits = BenchRelayed)]
+async fn pg_timed(
+    e: BenchPlaced,
+    ctx: Context,
+    pg: Pg,
+    State(committed): State<Committed>,
+) -> Result<(), HandlerError> {
+    let Some(mut tx) = pg.begin().await? else {
+        return Ok(());
+    };
+    sqlx::query("INSERT INTO bench_effects (id, note) VALUES ($1, $2)")
+        .bind(e.id as i64)
+        .bind(&e.note)
+        .execute(tx.conn())
+        .await
+        .map_err(HandlerError::retryable)?;
+    ctx.emit(BenchRelayed {
+        id: e.id,
+        note: e.note,
+    });
+    tx.commit().await?;
+    if let Ok(mut c) = committed.0.lock() {
+        c.insert(e.id, now_ms());
+    }
+    Ok(())
+}
+
+fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// p50 and p99 of `xs`.
+fn p50_p99(mut xs: Vec<f64>) -> (f64, f64) {
+    xs.sort_by(f64::total_cmp);
+    let at = |q: f64| xs[((xs.len() as f64 * q) as usize).min(xs.len() - 1)];
+    (at(0.50), at(0.99))
+}
+
+/// Reads the first `count` emissions of the relayed stream and gives the
+/// latency from `committed` (ms) to the stored timestamp of each it has.
+async fn stored_latencies(
+    js: &jetstream::Context,
+    count: usize,
+    committed: &std::collections::HashMap<u64, f64>,
+) -> Result<Vec<f64>, BoxError> {
+    let stream = js
+        .get_stream(<BenchRelayed as choreo::Event>::STREAM)
+        .await?;
+    let mut msgs = stream
+        .create_consumer(pull::OrderedConfig::default())
+        .await?
+        .messages()
+        .await?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(30), msgs.next())
+            .await
+            .map_err(|_| "the relayed stream stopped short")?
+            .ok_or("the relayed stream ended")??;
+        let e: RawEvent = ciborium::from_reader(&msg.payload[..])?;
+        let stored = msg.info()?.published.unix_timestamp_nanos() as f64 / 1e6;
+        if let Some(at) = committed.get(&e.id) {
+            out.push(stored - at);
+        }
+    }
+    Ok(out)
+}
+
+/// The latency from a Postgres handler's commit to its emission stored
+/// (choreo publishes right after the commit), at `rate` events/s; then
+/// from the commit of rows a process left in the outbox (it died between
+/// its commit and its publish) to the relay's stored copy, with the
+/// default relay options. Returns ((p50, p99) handler, (p50, p99) relay),
+/// ms.
+pub(super) async fn commit_to_stored(
+    n: u64,
+    rate: u64,
+) -> Result<((f64, f64), (f64, f64)), BoxError> {
+    let (nats, _pg, pool) = servers().await?;
+    let client = nats.connect().await?;
+    let js = jetstream::new(client.clone());
+    let publisher = Publisher::new(client.clone(), "bench")?;
+    publisher.ensure_stream::<BenchPlaced>().await?;
+    publisher.ensure_stream::<BenchRelayed>().await?;
+    let store = Postgres::start(pool.clone(), &publisher).await?;
+    let committed = Committed::default();
+    let handle = Service::new("timed")
+        .state(store.clone())
+        .state(committed.clone())
+        .handler(pg_timed)
+        .start(client.clone())
+        .await?;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs_f64(1.0 / rate as f64));
+    for id in 0..n {
+        tick.tick().await;
+        publisher
+            .publish(&BenchPlaced {
+                id,
+                note: "timed".into(),
+            })
+            .await?;
+    }
+    let start = Instant::now();
+    while handle.stats("pg_timed").map_or(0, |s| s.handled()) < n {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            return Err("the timed Postgres handler did not finish".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    handle.shutdown().await;
+    let handler = {
+        let c = committed.0.lock().map_err(|_| "poisoned")?.clone();
+        p50_p99(stored_latencies(&js, n as usize, &c).await?)
+    };
+
+    // Rows a process committed and did not publish, at the same pace.
+    let relayed = n.min(300);
+    let mut left = std::collections::HashMap::new();
+    for i in 0..relayed {
+        tick.tick().await;
+        let id = 1_000_000 + i;
+        let event_id = v5(&[b"left", &id.to_be_bytes()]).to_string();
+        let headers = raw_headers(&event_id, "BenchRelayed", "bench", &event_id, None);
+        let pairs: Vec<(String, String)> = headers
+            .iter()
+            .flat_map(|(k, vs)| {
+                vs.iter()
+                    .map(move |v| (k.to_string(), v.as_str().to_owned()))
+            })
+            .collect();
+        let payload = cbor(&RawEvent {
+            id,
+            note: "left".into(),
+        });
+        sqlx::query(
+            "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload)
+             VALUES ($1::uuid, 'BenchRelayed', $2, $3::jsonb, $4)",
+        )
+        .bind(&event_id)
+        .bind(format!("benchout.{id}.relayed"))
+        .bind(serde_json::to_string(&pairs)?)
+        .bind(payload.to_vec())
+        .execute(&pool)
+        .await?;
+        left.insert(id, now_ms());
+    }
+    let all = stored_latencies(&js, n as usize + relayed as usize, &left).await?;
+    let relay = p50_p99(all);
+    drop(store);
+    Ok((handler, relay))
 }
