@@ -107,62 +107,145 @@ pub(crate) fn inbox_key(handler_id: &str, generation: i32) -> String {
     }
 }
 
+/// What one handler of a model sees of it: the model's generations and
+/// the rerun it last took part in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Seen {
+    live: i32,
+    building: Option<i32>,
+    /// The replay (its marker's `at_ms`) that started the newest
+    /// generation.
+    started_ms: i64,
+    /// The replay of this handler that it last took into account; `None`:
+    /// the handler is not registered with the model yet.
+    joined_ms: Option<i64>,
+}
+
+impl Seen {
+    /// The generation the handler writes to: the one being rebuilt once
+    /// it has joined the rebuild (its rerun replay came after the rebuild
+    /// started), else the live one.
+    fn target(&self) -> i32 {
+        match (self.building, self.joined_ms) {
+            (Some(b), Some(j)) if j >= self.started_ms => b,
+            _ => self.live,
+        }
+    }
+}
+
 /// What a delivery must do before it can write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Entry {
     /// Write to this generation (the search path is set).
     Write(i32),
-    /// The model has no row yet, or a rerun replay wants a new generation:
-    /// roll back, prepare it, and begin again.
-    Prepare,
+    /// Roll back, [`prepare`] the model, and begin again.
+    Prepare(Step),
 }
 
-/// Reads the model's generations in `tx` and sets the transaction's search
-/// path to the one this delivery writes to.
+/// A change to a model's generations, made by [`prepare`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// The model is new: its first generation, live at once.
+    Create,
+    /// The handler is new to the model.
+    Register,
+    /// The handler takes part in the rebuild its rerun replay belongs to
+    /// (or notes a replay that predates it).
+    Join(i64),
+    /// A rerun replay newer than the model's rebuilds: a fresh generation
+    /// (a rebuild not finished is dropped for it).
+    Start(i64),
+}
+
+/// What a handler does with a model in `seen` state, given its last replay
+/// `marker`: write to a generation, or change the model first.
+pub(crate) fn decide(seen: Option<&Seen>, marker: Option<&admin::Marker>) -> Entry {
+    let Some(seen) = seen else {
+        return Entry::Prepare(Step::Create);
+    };
+    let Some(joined) = seen.joined_ms else {
+        return Entry::Prepare(Step::Register);
+    };
+    let rerun_ms = marker
+        .filter(|m| m.rerun && !m.ordered)
+        .map(|m| i64::try_from(m.at_ms).unwrap_or(i64::MAX));
+    match rerun_ms {
+        Some(at) if at > joined => {
+            let in_this_build = seen.building.is_some() && joined >= seen.started_ms;
+            if at > seen.started_ms && (seen.building.is_none() || in_this_build) {
+                Entry::Prepare(Step::Start(at))
+            } else {
+                Entry::Prepare(Step::Join(at))
+            }
+        }
+        _ => Entry::Write(seen.target()),
+    }
+}
+
+/// Reads the model's generations in `tx`, and sets the transaction's
+/// search path to the generation this handler writes to.
 pub(crate) async fn enter(
     mut tx: Tx,
     rm: &ReadModel,
+    handler_id: &str,
     marker: Option<&admin::Marker>,
 ) -> Result<(Tx, Entry), PgError> {
     rm.check()?;
+    let (service, handler) = split(handler_id);
     let row = sqlx::query(
-        "SELECT coalesce(building, live) AS target, marker_ms,
+        "SELECT r.live, r.building, r.started_ms, h.joined_ms,
                 set_config('search_path',
-                           format('%I, ', 'choreo_rm_' || name || '_' || coalesce(building, live))
+                           format('%I, ', 'choreo_rm_' || r.name || '_' ||
+                               CASE WHEN r.building IS NOT NULL AND h.joined_ms >= r.started_ms
+                                    THEN r.building ELSE r.live END)
                                || current_setting('search_path'),
                            true)
-         FROM choreo.read_models WHERE name = $1",
+         FROM choreo.read_models r
+         LEFT JOIN choreo.read_model_handlers h
+                ON h.name = r.name AND h.service = $2 AND h.handler = $3
+         WHERE r.name = $1",
     )
     .bind(rm.name)
+    .bind(service)
+    .bind(handler)
     .fetch_optional(&mut *tx)
     .await
     .map_err(PgError::sql("read the read model's generations"))?;
-    let Some(row) = row else {
-        return Ok((tx, Entry::Prepare));
-    };
-    let target: i32 = row
-        .try_get("target")
-        .map_err(PgError::sql("read the read model's generations"))?;
-    let marker_ms: i64 = row
-        .try_get("marker_ms")
-        .map_err(PgError::sql("read the read model's generations"))?;
-    if marker.is_some_and(|m| wants_rebuild(m, marker_ms)) {
-        return Ok((tx, Entry::Prepare));
-    }
-    Ok((tx, Entry::Write(target)))
+    let seen = row.map(|r| seen_of(&r)).transpose()?;
+    let entry = decide(seen.as_ref(), marker);
+    Ok((tx, entry))
 }
 
-fn wants_rebuild(m: &admin::Marker, marker_ms: i64) -> bool {
-    m.rerun && !m.ordered && i64::try_from(m.at_ms).unwrap_or(i64::MAX) > marker_ms
+fn seen_of(row: &sqlx::postgres::PgRow) -> Result<Seen, PgError> {
+    let read = PgError::sql("read the read model's generations");
+    Ok(Seen {
+        live: row.try_get("live").map_err(read)?,
+        building: row
+            .try_get("building")
+            .map_err(PgError::sql("read the read model's generations"))?,
+        started_ms: row
+            .try_get("started_ms")
+            .map_err(PgError::sql("read the read model's generations"))?,
+        joined_ms: row
+            .try_get("joined_ms")
+            .map_err(PgError::sql("read the read model's generations"))?,
+    })
 }
 
-/// Creates the model's first generation if it has none, or the generation
-/// a newer rerun replay asks for; instances that try at once take turns.
+/// `service.handler` as its two parts.
+fn split(handler_id: &str) -> (&str, &str) {
+    handler_id.split_once('.').unwrap_or((handler_id, ""))
+}
+
+/// Makes the change [`enter`] asked for, if it is still wanted once the
+/// model is locked (another instance may have made it).
 pub(crate) async fn prepare(
     pool: &PgPool,
     rm: &ReadModel,
     handler_id: &str,
     marker: Option<&admin::Marker>,
 ) -> Result<(), PgError> {
+    let (service, handler) = split(handler_id);
     let mut tx = pool
         .begin()
         .await
@@ -172,79 +255,141 @@ pub(crate) async fn prepare(
         .execute(&mut *tx)
         .await
         .map_err(PgError::sql("lock the read model"))?;
-    let row: Option<(i32, Option<i32>, i64)> = sqlx::query_as(
-        "SELECT live, building, marker_ms FROM choreo.read_models WHERE name = $1 FOR UPDATE",
+    let row = sqlx::query(
+        "SELECT r.live, r.building, r.started_ms, h.joined_ms
+         FROM choreo.read_models r
+         LEFT JOIN choreo.read_model_handlers h
+                ON h.name = r.name AND h.service = $2 AND h.handler = $3
+         WHERE r.name = $1",
     )
     .bind(rm.name)
+    .bind(service)
+    .bind(handler)
     .fetch_optional(&mut *tx)
     .await
     .map_err(PgError::sql("read the read model's generations"))?;
-    let marker_ms = marker.map_or(0, |m| i64::try_from(m.at_ms).unwrap_or(i64::MAX));
-    match row {
-        None => {
-            // A new model: its first generation, live at once. A replay
-            // made before it existed is not one to rebuild for.
+    let seen = row.map(|r| seen_of(&r)).transpose()?;
+    // A replay made before the handler met the model is not one to
+    // rebuild for.
+    let seen_ms = marker.map_or(0, |m| i64::try_from(m.at_ms).unwrap_or(i64::MAX));
+    let Entry::Prepare(step) = decide(seen.as_ref(), marker) else {
+        return tx
+            .commit()
+            .await
+            .map_err(PgError::sql("commit the read model"));
+    };
+    match step {
+        Step::Create => {
             let first = schema_of(rm.name, 1);
             tx = create_generation(tx, rm, 1).await?;
             tx = point_views(tx, rm.views, None, &first).await?;
-            let (service, handler) = handler_id.split_once('.').unwrap_or((handler_id, ""));
             sqlx::query(
-                "INSERT INTO choreo.read_models (name, service, handler, views, live, marker_ms)
-                 VALUES ($1, $2, $3, $4, 1, $5)",
+                "INSERT INTO choreo.read_models (name, views, live, started_ms)
+                 VALUES ($1, $2, 1, 0)",
             )
             .bind(rm.name)
-            .bind(service)
-            .bind(handler)
             .bind(rm.views)
-            .bind(marker_ms)
             .execute(&mut *tx)
             .await
             .map_err(PgError::sql("record the read model"))?;
+            tx = register(tx, rm, service, handler, seen_ms).await?;
             tracing::info!(
                 read_model = rm.name,
                 handler = handler_id,
                 "read model created (generation 1)"
             );
         }
-        Some((live, building, known_ms)) => {
-            let Some(m) = marker.filter(|m| wants_rebuild(m, known_ms)) else {
-                // Another instance prepared it meanwhile.
-                return tx
-                    .commit()
-                    .await
-                    .map_err(PgError::sql("commit the read model"));
+        Step::Register => {
+            tx = register(tx, rm, service, handler, seen_ms).await?;
+        }
+        Step::Join(at) => {
+            tx = joined(tx, rm, service, handler, at).await?;
+            tracing::info!(
+                read_model = rm.name,
+                handler = handler_id,
+                replay_at_ms = at,
+                "read model: the handler's rerun replay joins the rebuild"
+            );
+        }
+        Step::Start(at) => {
+            let Some(seen) = seen else {
+                return Err(PgError::Schema(format!(
+                    "read model {} vanished while it was being prepared",
+                    rm.name
+                )));
             };
             // A newer rerun supersedes a rebuild that has not finished.
-            if let Some(b) = building {
+            if let Some(b) = seen.building {
                 let unfinished = schema_of(rm.name, b);
                 tx = drop_schema(tx, &unfinished).await?;
             }
-            let next = live.max(building.unwrap_or(0)) + 1;
+            let next = seen.live.max(seen.building.unwrap_or(0)) + 1;
             tx = create_generation(tx, rm, next).await?;
             sqlx::query(
-                "UPDATE choreo.read_models SET building = $2, marker_ms = $3 WHERE name = $1",
+                "UPDATE choreo.read_models SET building = $2, started_ms = $3 WHERE name = $1",
             )
             .bind(rm.name)
             .bind(next)
-            .bind(marker_ms)
+            .bind(at)
             .execute(&mut *tx)
             .await
             .map_err(PgError::sql("record the read model's new generation"))?;
+            tx = joined(tx, rm, service, handler, at).await?;
             tracing::info!(
                 read_model = rm.name,
                 handler = handler_id,
                 generation = next,
-                live,
-                replay_at_ms = m.at_ms,
-                from = m.from,
-                until = m.until,
-                "read model rebuilding into a fresh generation for a rerun replay; the live one serves reads until it has caught up"
+                live = seen.live,
+                replay_at_ms = at,
+                "read model rebuilding into a fresh generation for a rerun replay; the live one serves reads until every handler of the model has been replayed and caught up"
             );
         }
     }
     tx.commit()
         .await
         .map_err(PgError::sql("commit the read model"))
+}
+
+async fn register(
+    mut tx: Tx,
+    rm: &ReadModel,
+    service: &str,
+    handler: &str,
+    joined_ms: i64,
+) -> Result<Tx, PgError> {
+    sqlx::query(
+        "INSERT INTO choreo.read_model_handlers (name, service, handler, joined_ms)
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(rm.name)
+    .bind(service)
+    .bind(handler)
+    .bind(joined_ms)
+    .execute(&mut *tx)
+    .await
+    .map_err(PgError::sql("register the read model's handler"))?;
+    Ok(tx)
+}
+
+async fn joined(
+    mut tx: Tx,
+    rm: &ReadModel,
+    service: &str,
+    handler: &str,
+    at: i64,
+) -> Result<Tx, PgError> {
+    sqlx::query(
+        "UPDATE choreo.read_model_handlers SET joined_ms = $4
+         WHERE name = $1 AND service = $2 AND handler = $3",
+    )
+    .bind(rm.name)
+    .bind(service)
+    .bind(handler)
+    .bind(at)
+    .execute(&mut *tx)
+    .await
+    .map_err(PgError::sql("record the handler's rerun"))?;
+    Ok(tx)
 }
 
 async fn create_generation(mut tx: Tx, rm: &ReadModel, generation: i32) -> Result<Tx, PgError> {
@@ -308,31 +453,43 @@ async fn drop_schema(mut tx: Tx, schema: &str) -> Result<Tx, PgError> {
     Ok(tx)
 }
 
-/// Swaps in every generation whose rebuild has caught up: the handler was
-/// rewound and its durable acknowledged the replay's whole range. Returns
-/// how many.
+/// Swaps in every generation whose rebuild has caught up: every handler
+/// of the model joined it with a rerun replay, and each one's durable has
+/// acknowledged its replay's whole range. Returns how many.
 pub(crate) async fn swap_caught_up(pool: &PgPool, js: &jetstream::Context) -> Result<u64, PgError> {
-    let building: Vec<(String, String, String, i32, i64)> = sqlx::query_as(
-        "SELECT name, service, handler, building, marker_ms
-         FROM choreo.read_models WHERE building IS NOT NULL",
+    let building: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT name, building, started_ms FROM choreo.read_models WHERE building IS NOT NULL",
     )
     .fetch_all(pool)
     .await
     .map_err(PgError::sql("read the read models"))?;
     let mut swapped = 0;
-    for (name, service, handler, generation, marker_ms) in building {
-        let Ok(Some(m)) = admin::marker(js, &service, &handler).await else {
-            continue;
-        };
-        if i64::try_from(m.at_ms).unwrap_or(i64::MAX) != marker_ms {
-            continue;
-        }
-        match admin::replay_done(js, &service, &handler, &m).await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                tracing::warn!(read_model = %name, handler = %format!("{service}.{handler}"), error = %e, "cannot tell whether the read model's rebuild has caught up; trying again");
-                continue;
+    'models: for (name, generation, started_ms) in building {
+        let handlers: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT service, handler, joined_ms FROM choreo.read_model_handlers WHERE name = $1",
+        )
+        .bind(&name)
+        .fetch_all(pool)
+        .await
+        .map_err(PgError::sql("read the read model's handlers"))?;
+        for (service, handler, joined_ms) in &handlers {
+            // A handler not yet replayed holds the swap back.
+            if *joined_ms < started_ms {
+                continue 'models;
+            }
+            let Ok(Some(m)) = admin::marker(js, service, handler).await else {
+                continue 'models;
+            };
+            if i64::try_from(m.at_ms).unwrap_or(i64::MAX) != *joined_ms {
+                continue 'models;
+            }
+            match admin::replay_done(js, service, handler, &m).await {
+                Ok(true) => {}
+                Ok(false) => continue 'models,
+                Err(e) => {
+                    tracing::warn!(read_model = %name, handler = %format!("{service}.{handler}"), error = %e, "cannot tell whether the read model's rebuild has caught up; trying again");
+                    continue 'models;
+                }
             }
         }
         if swap(pool, &name, generation).await? {
@@ -396,9 +553,10 @@ pub(crate) async fn applied(
     sqlx::query_scalar(
         "SELECT EXISTS (
              SELECT 1 FROM choreo.read_models r
+             JOIN choreo.read_model_handlers h ON h.name = r.name
              JOIN choreo.inbox i
-               ON i.handler = CASE WHEN r.live = 1 THEN r.service || '.' || r.handler
-                                   ELSE r.service || '.' || r.handler || '#' || r.live END
+               ON i.handler = CASE WHEN r.live = 1 THEN h.service || '.' || h.handler
+                                   ELSE h.service || '.' || h.handler || '#' || r.live END
               AND i.event_id = $2::uuid
              WHERE r.name = $1)",
     )
@@ -431,5 +589,88 @@ pub(crate) async fn wait_applied(
         }
         tokio::time::sleep(pause.min(within - waited)).await;
         pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use choreo::admin::Marker;
+
+    use super::{Entry, Seen, Step, decide};
+
+    fn seen(live: i32, building: Option<i32>, started_ms: i64, joined_ms: Option<i64>) -> Seen {
+        Seen {
+            live,
+            building,
+            started_ms,
+            joined_ms,
+        }
+    }
+
+    fn rerun(at_ms: u64) -> Marker {
+        serde_json::from_value(serde_json::json!({
+            "from": 1, "until": 10, "rerun": true, "at_ms": at_ms,
+            "rewound_at_ms": null, "ordered": false, "stream": "S", "durable": "d"
+        }))
+        .unwrap_or_else(|e| panic!("a marker: {e}"))
+    }
+
+    #[test]
+    fn a_new_model_or_handler_is_prepared_first() {
+        assert_eq!(decide(None, None), Entry::Prepare(Step::Create));
+        let s = seen(1, None, 0, None);
+        assert_eq!(decide(Some(&s), None), Entry::Prepare(Step::Register));
+    }
+
+    #[test]
+    fn without_a_newer_rerun_the_handler_writes_where_it_belongs() {
+        assert_eq!(
+            decide(Some(&seen(1, None, 0, Some(0))), None),
+            Entry::Write(1)
+        );
+        // Joined the rebuild: writes to it.
+        let building = seen(1, Some(2), 100, Some(100));
+        assert_eq!(decide(Some(&building), Some(&rerun(100))), Entry::Write(2));
+        // Not yet replayed for the rebuild: keeps the live one up to date.
+        let other = seen(1, Some(2), 100, Some(0));
+        assert_eq!(decide(Some(&other), None), Entry::Write(1));
+        // A replay without --rerun changes nothing.
+        let mut plain = rerun(500);
+        plain.rerun = false;
+        assert_eq!(decide(Some(&other), Some(&plain)), Entry::Write(1));
+        // After the swap: the rebuilt generation is live.
+        let swapped = seen(2, None, 100, Some(100));
+        assert_eq!(decide(Some(&swapped), Some(&rerun(100))), Entry::Write(2));
+    }
+
+    #[test]
+    fn a_rerun_starts_a_rebuild_or_joins_the_one_under_way() {
+        assert_eq!(
+            decide(Some(&seen(1, None, 0, Some(0))), Some(&rerun(100))),
+            Entry::Prepare(Step::Start(100))
+        );
+        // Another handler's rerun after the rebuild began joins it.
+        assert_eq!(
+            decide(Some(&seen(1, Some(2), 100, Some(0))), Some(&rerun(150))),
+            Entry::Prepare(Step::Join(150))
+        );
+        // A rerun older than the rebuild is noted, and does not join it.
+        assert_eq!(
+            decide(Some(&seen(1, Some(2), 100, Some(0))), Some(&rerun(80))),
+            Entry::Prepare(Step::Join(80))
+        );
+        assert_eq!(seen(1, Some(2), 100, Some(80)).target(), 1);
+        // The same handler rerun again restarts the rebuild.
+        assert_eq!(
+            decide(Some(&seen(1, Some(2), 100, Some(100))), Some(&rerun(200))),
+            Entry::Prepare(Step::Start(200))
+        );
+        // An ordered handler's rerun is not a rebuild.
+        let mut ordered = rerun(300);
+        ordered.ordered = true;
+        assert_eq!(
+            decide(Some(&seen(1, None, 0, Some(0))), Some(&ordered)),
+            Entry::Write(1)
+        );
     }
 }

@@ -46,13 +46,20 @@ const MIGRATIONS: &[&str] = &[
         ADD COLUMN retry_at   timestamptz;
     CREATE TABLE choreo.read_models (
         name       text        PRIMARY KEY,
-        service    text        NOT NULL,
-        handler    text        NOT NULL,
         views      text        NOT NULL,
         live       int         NOT NULL,
         building   int,
-        marker_ms  bigint      NOT NULL DEFAULT 0,
+        started_ms bigint      NOT NULL DEFAULT 0,
         swapped_at timestamptz
+    );
+    -- The handlers that keep a model, and the rerun replay each last took
+    -- into account: a rebuild is swapped in once every one has joined it.
+    CREATE TABLE choreo.read_model_handlers (
+        name      text   NOT NULL REFERENCES choreo.read_models (name),
+        service   text   NOT NULL,
+        handler   text   NOT NULL,
+        joined_ms bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (name, service, handler)
     );
     ",
 ];

@@ -95,7 +95,7 @@ impl Pg {
                 .begin()
                 .await
                 .map_err(HandlerError::retryable)?;
-            let (tx, entry) = read_model::enter(tx, rm, marker.as_ref())
+            let (tx, entry) = read_model::enter(tx, rm, self.ctx.handler_id(), marker.as_ref())
                 .await
                 .map_err(into_handler_error)?;
             match entry {
@@ -104,7 +104,7 @@ impl Pg {
                     let (tx, claimed) = self.claim(tx, &key).await?;
                     return Ok(claimed.then(|| self.open(tx)));
                 }
-                Entry::Prepare => {
+                Entry::Prepare(_) => {
                     drop(tx);
                     // The model's DDL runs through `raw_sql` (several
                     // statements), whose future sqlx cannot prove Send

@@ -466,7 +466,7 @@ async fn rewind(
 
 /// The last replay `choreo replay` made of a handler, as its marker in
 /// the `choreo_replays` bucket says.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct Marker {
     /// The first stream sequence replayed.
