@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use choreo::{Publisher, StreamSettings};
 use choreo_examples::shop::{self, Ledger, SERVICES};
-use choreo_testkit::NatsServer;
+use choreo_postgres::sqlx::postgres::PgPoolOptions;
+use choreo_testkit::{NatsServer, PostgresServer};
 
 fn choreo(server: &NatsServer, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_choreo"))
@@ -65,25 +66,39 @@ fn asyncapi_validator() -> PathBuf {
 struct RunningShop {
     server: NatsServer,
     handles: Vec<(&'static str, choreo::ServiceHandle)>,
+    _pg: PostgresServer,
 }
 
 async fn shop_with_orders(n: u64) -> RunningShop {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
-    let handles = run_shop(&client, "cli", n).await;
-    RunningShop { server, handles }
+    let (handles, pg) = run_shop(&client, "cli", n).await;
+    RunningShop {
+        server,
+        handles,
+        _pg: pg,
+    }
 }
 
-/// The shop's four services on `client`, and `n` orders of run `run`.
+/// The shop's four services on `client` and a Postgres of their own, and
+/// `n` orders of run `run`.
 async fn run_shop(
     client: &choreo::async_nats::Client,
     run: &str,
     n: u64,
-) -> Vec<(&'static str, choreo::ServiceHandle)> {
-    let ledger = Ledger::open(client, 1).await.unwrap();
+) -> (Vec<(&'static str, choreo::ServiceHandle)>, PostgresServer) {
+    let pg = PostgresServer::start().await.unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    let ledger = Ledger::open(client, pool).await.unwrap();
     let mut handles = Vec::new();
     for name in SERVICES {
         let h = shop::service(name, ledger.clone(), StreamSettings::default())
+            .await
+            .unwrap()
             .start(client.clone())
             .await
             .unwrap();
@@ -91,12 +106,13 @@ async fn run_shop(
     }
     let publisher = Publisher::new(client.clone(), "storefront").unwrap();
     shop::place_orders(&publisher, run, n).await.unwrap();
-    handles
+    (handles, pg)
 }
 
-/// The shop's handlers: nine, and the payment deadline's handler with its
-/// three helpers (its schedule and a watcher per `unless` event).
-const SHOP_HANDLERS: usize = 13;
+/// The shop's handlers: nine, the order read model's six projections, and
+/// the payment deadline's handler with its three helpers (its schedule and
+/// a watcher per `unless` event).
+const SHOP_HANDLERS: usize = 19;
 
 /// The first `n` lines `keep` accepts of `choreo status --watch <args>`
 /// (every 200 ms) against `url`; the command is then stopped.
@@ -172,7 +188,9 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
             && expired(v)
     };
     let v = status_until(&shop.server, "the shop's 40 orders handled", |v| {
-        all_done(v) && handler(v, "payments--charge_payment")["inbox_keys"].as_u64() > Some(0)
+        all_done(v)
+            && handler(v, "orders--confirm_payment")["inbox_keys"].as_u64() > Some(0)
+            && v["outboxes"].as_array().is_some_and(|o| o.len() == 4)
     })
     .await;
     assert_eq!(v["instances"].as_array().unwrap().len(), 4);
@@ -180,10 +198,9 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
     // Records share keys, so a handler holds at most one key per record.
     let js = choreo::async_nats::jetstream::new(shop.server.connect().await.unwrap());
     for (service, h, records) in [
-        ("payments", "charge_payment", 40),
-        ("payments", "refund_payment", 4),
+        ("orders", "confirm_payment", 32),
         ("orders", "reject_order", 4),
-        ("shipping", "ship_order", 28),
+        ("orders", "cancel_order", 4),
         // The deadline handler records the fired copies it handled.
         ("orders", "expire_unpaid", 4),
     ] {
@@ -196,6 +213,33 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
             .unwrap();
         assert_eq!(recorded, records, "{h}'s inbox records");
     }
+    // Postgres handlers keep their inbox in the shop's database, not in
+    // JetStream; each service's outbox is reported, empty once settled.
+    for durable in ["payments--charge_payment", "shipping--ship_order"] {
+        assert_eq!(handler(&v, durable)["inbox_keys"], serde_json::Value::Null);
+    }
+    // The orders service has a JetStream inbox for its other handlers.
+    assert_eq!(handler(&v, "orders--view_placed")["inbox_keys"], 0);
+    let outboxes: Vec<(&str, u64)> = v["outboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["service"].as_str().unwrap(),
+                o["failing"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outboxes,
+        [
+            ("inventory", 0),
+            ("orders", 0),
+            ("payments", 0),
+            ("shipping", 0)
+        ]
+    );
     assert_eq!(handler(&v, "inventory--reserve_stock")["dead_letters"], 0);
     // The deadline: none pending once every unpaid order expired.
     assert_eq!(
@@ -239,7 +283,8 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
             "0",
             "0.0",
             "0",
-            "40"
+            // A Postgres handler: its inbox is in the shop's database.
+            "-"
         ]),
         "{row}"
     );
@@ -269,12 +314,29 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
     let deadlines = table
         .lines()
         .skip_while(|l| !l.split_whitespace().take(2).eq(["SERVICE", "DEADLINE"]))
+        .take_while(|l| !l.is_empty())
         .collect::<Vec<_>>();
     assert!(
         deadlines.len() == 2
             && deadlines[1]
                 .split_whitespace()
                 .eq(["orders", "expire_unpaid", "0", "-", "-", "-"]),
+        "{table}"
+    );
+
+    // Each service's outbox, as its relay last reported it.
+    let outbox = table
+        .lines()
+        .skip_while(|l| !l.split_whitespace().take(2).eq(["SERVICE", "OUTBOX"]))
+        .collect::<Vec<_>>();
+    assert_eq!(outbox.len(), 5, "{table}");
+    assert!(
+        outbox[3].starts_with("payments")
+            && outbox[3]
+                .split_whitespace()
+                .take(4)
+                .eq(["payments", "0", "-", "0"])
+            && outbox[3].contains("after 5s, every 1s"),
         "{table}"
     );
 
@@ -422,8 +484,12 @@ async fn guarded_shop() -> RunningShop {
     )
     .await
     .unwrap();
-    let handles = run_shop(&client, "guarded", 10).await;
-    RunningShop { server, handles }
+    let (handles, pg) = run_shop(&client, "guarded", 10).await;
+    RunningShop {
+        server,
+        handles,
+        _pg: pg,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,7 +516,7 @@ async fn an_observer_reads_everything_and_a_refusal_or_a_denial_is_one_clear_lin
                 .all(|h| h["lag_messages"] == 0)
         {
             assert_eq!(v["problems"], serde_json::json!([]), "{v:#}");
-            let keys = handler(&v, "payments--charge_payment")["inbox_keys"]
+            let keys = handler(&v, "orders--confirm_payment")["inbox_keys"]
                 .as_u64()
                 .unwrap();
             assert!((1..=10).contains(&keys), "{keys} inbox keys");
@@ -496,7 +562,7 @@ async fn trace_draws_a_compensated_order_as_its_causation_tree() {
     let server = NatsServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
     // Order 3 of a run has a sold-out item: paid, refunded, cancelled.
-    let handles = run_shop(&client, "golden", 5).await;
+    let (handles, _pg) = run_shop(&client, "golden", 5).await;
     let mut tree = String::new();
     for _ in 0..100 {
         let out = choreo(&server, &["trace", "*.golden-3.*", "--no-times"]);
@@ -541,6 +607,10 @@ async fn trace_draws_a_compensated_order_as_its_causation_tree() {
             .iter()
             .flat_map(|e| e["handlers"].as_array().unwrap())
             .all(|h| h["step"]["state"] == "handled"
+                // A Postgres handler keeps its inbox in its database:
+                // trace sees its durable's acknowledgement.
+                || (h["step"]["state"] == "acknowledged"
+                    && h["handler"] != "orders.confirm_payment")
                 || (h["handler"] == "orders.expire_unpaid"
                     && h["step"]["state"] == "deadline-met"))
     );
@@ -553,10 +623,11 @@ async fn trace_draws_a_compensated_order_as_its_causation_tree() {
         "{diagram}"
     );
     for line in [
-        "    storefront->>payments: OrderPlaced (handled)\n",
+        "    storefront->>payments: OrderPlaced (acknowledged)\n",
         "    payments->>orders: PaymentCaptured (handled)\n",
-        "    orders->>inventory: OrderPaid (handled)\n",
-        "    Note over orders: OrderCancelled\n",
+        "    orders->>inventory: OrderPaid (acknowledged)\n",
+        // The read model's projection takes the ending.
+        "    orders->>orders: OrderCancelled (acknowledged)\n",
     ] {
         assert!(diagram.contains(line), "{line:?} missing from\n{diagram}");
     }

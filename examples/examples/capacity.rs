@@ -285,8 +285,13 @@ async fn shop_run(
 ) -> Result<(), BoxError> {
     use choreo_examples::shop::{self, Ledger, SERVICES};
     let mut server = NatsServer::start().await?;
+    let pg = choreo_testkit::PostgresServer::start().await?;
     let client = server.connect().await?;
-    let ledger = Ledger::open(&client, 1).await?;
+    let pool = choreo_postgres::sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&pg.url())
+        .await?;
+    let ledger = Ledger::open(&client, pool).await?;
     let mut settings = choreo::StreamSettings::default();
     if let Some(h) = horizon {
         settings = settings
@@ -295,7 +300,9 @@ async fn shop_run(
     }
     let mut handles = Vec::new();
     for name in SERVICES {
-        let mut svc = shop::service(name, ledger.clone(), settings.clone()).inbox_groups(groups);
+        let mut svc = shop::service(name, ledger.clone(), settings.clone())
+            .await?
+            .inbox_groups(groups);
         if let Some(h) = horizon {
             // Fired deadlines' copies follow the horizon too; a deadline's
             // decision is kept its `within` and an hour (docs/deadlines.md).
@@ -311,7 +318,7 @@ async fn shop_run(
         let run = format!("r{round}");
         shop::place_orders(&publisher, &run, n).await?;
         let s =
-            shop::wait_for_endings(&recorder, &client, &run, n, Duration::from_secs(60), |_| {})
+            shop::wait_for_endings(&recorder, &ledger, &run, n, Duration::from_secs(60), |_| {})
                 .await?;
         if !s.is_clean() || s.lost > 0 {
             return Err(format!("round {round}: {s}").into());

@@ -1,12 +1,15 @@
 //! The shop, end to end: `scripts/shop` or
 //! `cargo run --release -p choreo-examples --example shop -- [--orders N] [--service NAME | --place] [--replicas R] [--metrics ADDR]`.
 //!
-//! - With no `NATS_URL`, it starts a local nats-server itself and runs all
-//!   four services, places the orders and reports, in this one process.
+//! - With no `NATS_URL` and no `DATABASE_URL`, it starts a local
+//!   nats-server and a local Postgres itself and runs all four services,
+//!   places the orders and reports, in this one process.
 //! - With `--service NAME` (orders, payments, inventory or shipping) it runs
 //!   that one service until Ctrl-C or SIGTERM; start as many instances of
 //!   each as you like. With `--place` it runs no service: it places the
-//!   orders and reports. Processes share `NATS_URL`.
+//!   orders and reports. Processes share `NATS_URL` and `DATABASE_URL`
+//!   (the shop's Postgres, where its effects and its order read model
+//!   live).
 //! - It shows progress, then one flow as a causation tree and the line
 //!   `orders=N shipped=S cancelled=C rejected=R expired=X notices=T late_refunds=F duplicates=D misordered=M lost=L ended_twice=E unrefunded=U`,
 //!   and exits non-zero when any order is lost or ended twice, any effect
@@ -18,7 +21,8 @@ use std::time::Duration;
 
 use choreo::{Publisher, StreamSettings};
 use choreo_examples::shop::{self, Ledger, SERVICES, Summary};
-use choreo_testkit::{NatsServer, Recorder};
+use choreo_postgres::sqlx::postgres::PgPoolOptions;
+use choreo_testkit::{NatsServer, PostgresServer, Recorder};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -26,8 +30,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The shop demo: four services choreographed by events over NATS.
 ///
-/// NATS_URL selects the server (comma-separated for a cluster); without it
-/// a local one is started and everything runs in this process.
+/// NATS_URL selects the server (comma-separated for a cluster) and
+/// DATABASE_URL the shop's Postgres; without them a local nats-server and
+/// a local Postgres are started and everything runs in this process.
 #[derive(Parser)]
 #[command(name = "shop")]
 struct Args {
@@ -96,17 +101,37 @@ async fn run(args: Args) -> Result<bool, BoxError> {
             (Some(server), url)
         }
     };
+    let (_local_pg, database) = match std::env::var("DATABASE_URL") {
+        Ok(url) => (None, url),
+        Err(_) if args.service.is_some() || args.place => {
+            return Err("--service and --place run one part of a shop of several processes: set DATABASE_URL so they share one Postgres".into());
+        }
+        Err(_) => {
+            let pg = PostgresServer::start().await?;
+            let url = pg.url();
+            eprintln!("started a local Postgres at {url}");
+            (Some(pg), url)
+        }
+    };
     let client = choreo::connect(
         &url,
         choreo::async_nats::ConnectOptions::new().retry_on_initial_connect(),
     )
     .await?;
-    let ledger = Ledger::open(&client, args.replicas).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&database)
+        .await
+        .map_err(|e| format!("cannot connect to the shop's Postgres at DATABASE_URL: {e}"))?;
+    let ledger = Ledger::open(&client, pool).await?;
     let settings = StreamSettings::default().replicas(args.replicas);
 
     if let Some(name) = &args.service {
         eprintln!("running service {name} until Ctrl-C");
-        shop::service(name, ledger, settings).run(client).await?;
+        shop::service(name, ledger, settings)
+            .await?
+            .run(client)
+            .await?;
         return Ok(true);
     }
     let mine: &[&str] = if args.place { &[] } else { &SERVICES };
@@ -115,6 +140,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     for name in mine {
         handles.push(
             shop::service(name, ledger.clone(), settings.clone())
+                .await?
                 .start(client.clone())
                 .await?,
         );
@@ -134,7 +160,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let roots = shop::place_orders(&publisher, &run, args.orders).await?;
     let summary = shop::wait_for_endings(
         &recorder,
-        &client,
+        &ledger,
         &run,
         args.orders,
         Duration::from_secs(60),

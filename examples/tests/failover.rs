@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use choreo::{Publisher, StreamSettings};
 use choreo_examples::shop::{self, Ledger, Summary};
-use choreo_testkit::{NatsCluster, Recorder};
+use choreo_postgres::sqlx::PgPool;
+use choreo_postgres::sqlx::postgres::PgPoolOptions;
+use choreo_testkit::{NatsCluster, PostgresServer, Recorder};
 
 const ORDERS: u64 = 2000;
 /// The orders' payment deadline here. Every payment must come within it, or
@@ -22,13 +24,26 @@ const ORDERS: u64 = 2000;
 const PAYMENT_DEADLINE: Duration = Duration::from_secs(90);
 const CHILD_URL: &str = "CHOREO_FAILOVER_CHILD_URL";
 const CHILD_SERVICE: &str = "CHOREO_FAILOVER_CHILD_SERVICE";
+const CHILD_DATABASE: &str = "CHOREO_FAILOVER_CHILD_DATABASE";
+
+async fn pool(url: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(16)
+        .connect(url)
+        .await
+        .unwrap()
+}
 
 /// A shop service in its own process (this test binary, re-run): the one
 /// `CHOREO_FAILOVER_CHILD_SERVICE` names.
 #[test]
 #[ignore = "a service process of the failover test; run by it"]
 fn service_process() {
-    let (Ok(url), Ok(name)) = (std::env::var(CHILD_URL), std::env::var(CHILD_SERVICE)) else {
+    let (Ok(url), Ok(name), Ok(database)) = (
+        std::env::var(CHILD_URL),
+        std::env::var(CHILD_SERVICE),
+        std::env::var(CHILD_DATABASE),
+    ) else {
         return;
     };
     tracing_subscriber::fmt()
@@ -43,9 +58,11 @@ fn service_process() {
         )
         .await
         .unwrap();
-        let ledger = Ledger::open(&client, 3).await.unwrap();
+        let ledger = Ledger::open(&client, pool(&database).await).await.unwrap();
         let settings = StreamSettings::default().replicas(3);
         let handle = shop::service_with_deadline(&name, ledger, settings, PAYMENT_DEADLINE)
+            .await
+            .unwrap()
             .start(client)
             .await
             .unwrap();
@@ -55,7 +72,7 @@ fn service_process() {
     });
 }
 
-fn spawn_service(name: &str, urls: &str, log: &std::path::Path) -> Child {
+fn spawn_service(name: &str, urls: &str, database: &str, log: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -65,6 +82,7 @@ fn spawn_service(name: &str, urls: &str, log: &std::path::Path) -> Child {
         .args(["--exact", "service_process", "--ignored", "--nocapture"])
         .env(CHILD_URL, urls)
         .env(CHILD_SERVICE, name)
+        .env(CHILD_DATABASE, database)
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
@@ -216,12 +234,16 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
     let urls = cluster.urls();
     let client = cluster.connect().await.unwrap();
     let settings = StreamSettings::default().replicas(3);
-    let ledger = Ledger::open(&client, 3).await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
+    let database = pg.url();
+    let ledger = Ledger::open(&client, pool(&database).await).await.unwrap();
     let mut handles = Vec::new();
     for name in ["inventory", "shipping"] {
         handles.push(
             // Longer than the payments outages this run causes.
             shop::service_with_deadline(name, ledger.clone(), settings.clone(), PAYMENT_DEADLINE)
+                .await
+                .unwrap()
                 .start(client.clone())
                 .await
                 .unwrap(),
@@ -231,14 +253,14 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
         "choreo-failover-payments-{}.log",
         std::process::id()
     ));
-    let mut payments = spawn_service("payments", &urls, &child_log);
+    let mut payments = spawn_service("payments", &urls, &database, &child_log);
     let orders_log =
         std::env::temp_dir().join(format!("choreo-failover-orders-{}.log", std::process::id()));
     // Two orders instances: they share the deadlines and the ordered
     // notices' partitions, and one of them is killed below.
     let mut orders = [
-        spawn_service("orders", &urls, &orders_log),
-        spawn_service("orders", &urls, &orders_log),
+        spawn_service("orders", &urls, &database, &orders_log),
+        spawn_service("orders", &urls, &database, &orders_log),
     ];
     let recorder = Recorder::start(&client).await.unwrap();
     let run = "fo";
@@ -310,7 +332,7 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
         ended(&recorder, run).await
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    payments = spawn_service("payments", &urls, &child_log);
+    payments = spawn_service("payments", &urls, &database, &child_log);
 
     // 2b. At 11 s: SIGKILL an orders instance (deadlines, notices and
     //     payment confirmations in flight), start a new one.
@@ -323,7 +345,7 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
         ended(&recorder, run).await
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    orders[0] = spawn_service("orders", &urls, &orders_log);
+    orders[0] = spawn_service("orders", &urls, &database, &orders_log);
 
     // 3. At 13 s: SIGKILL the PAYMENTS stream leader, restart it.
     tokio::time::sleep_until(at(13).into()).await;
@@ -351,7 +373,7 @@ async fn the_shop_survives_node_and_process_crashes_under_load() {
     );
     let summary = shop::wait_for_endings(
         &recorder,
-        &client,
+        &ledger,
         run,
         ORDERS,
         // The last bank-offline orders expire a deadline after the load.

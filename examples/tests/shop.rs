@@ -6,12 +6,26 @@ use std::time::Duration;
 
 use choreo::{Publisher, StreamSettings};
 use choreo_examples::shop::{self, Ledger, SERVICES, Summary};
-use choreo_testkit::{NatsServer, Recorder};
+use choreo_postgres::sqlx::postgres::PgPoolOptions;
+use choreo_postgres::sqlx::{self, PgPool};
+use choreo_testkit::{NatsServer, PostgresServer, Recorder};
 
-/// A server with the four services running, a recorder and a storefront.
+/// A pool on `pg`.
+async fn pool(pg: &PostgresServer) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&pg.url())
+        .await
+        .unwrap()
+}
+
+/// A server and a Postgres with the four services running, a recorder and
+/// a storefront.
 struct Shop {
     _server: NatsServer,
+    _pg: PostgresServer,
     client: choreo::async_nats::Client,
+    ledger: Ledger,
     handles: Vec<choreo::ServiceHandle>,
     recorder: Recorder,
     publisher: Publisher,
@@ -20,12 +34,15 @@ struct Shop {
 impl Shop {
     async fn start() -> Self {
         let server = NatsServer::start().await.unwrap();
+        let pg = PostgresServer::start().await.unwrap();
         let client = server.connect().await.unwrap();
-        let ledger = Ledger::open(&client, 1).await.unwrap();
+        let ledger = Ledger::open(&client, pool(&pg).await).await.unwrap();
         let mut handles = Vec::new();
         for name in SERVICES {
             handles.push(
                 shop::service(name, ledger.clone(), StreamSettings::default())
+                    .await
+                    .unwrap()
                     .start(client.clone())
                     .await
                     .unwrap(),
@@ -35,7 +52,9 @@ impl Shop {
         let publisher = Publisher::new(client.clone(), "storefront").unwrap();
         Self {
             _server: server,
+            _pg: pg,
             client,
+            ledger,
             handles,
             recorder,
             publisher,
@@ -47,7 +66,9 @@ impl Shop {
 async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
     let Shop {
         _server,
-        client,
+        _pg,
+        client: _,
+        ledger,
         handles,
         recorder,
         publisher,
@@ -55,7 +76,7 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
     let roots = shop::place_orders(&publisher, "t1", 200).await.unwrap();
     let summary = shop::wait_for_endings(
         &recorder,
-        &client,
+        &ledger,
         "t1",
         200,
         Duration::from_secs(30),
@@ -67,7 +88,7 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
     assert!(summary.is_clean());
     assert_eq!(
         summary.to_string(),
-        "orders=200 shipped=140 cancelled=20 rejected=20 expired=20 notices=280 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0"
+        "orders=200 shipped=140 cancelled=20 rejected=20 expired=20 notices=280 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0 view_wrong=0"
     );
 
     // The paths, by the order's data.
@@ -114,7 +135,7 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
         .within(Duration::from_secs(5))
         .await
         .unwrap();
-    let twice = shop::summarize(&recorder, &client, "t1", 200)
+    let twice = shop::summarize(&recorder, &ledger, "t1", 200)
         .await
         .unwrap();
     assert_eq!(twice.ended_twice, 1, "{twice}");
@@ -125,6 +146,22 @@ async fn every_order_ends_as_its_data_says_and_nothing_happens_twice() {
     assert!(twice.to_string().contains("ended_twice=1"), "{twice}");
     assert!(!twice.is_clean(), "{twice}");
     assert!(!twice.is_expected_with_late_payments(), "{twice}");
+
+    // Nor what the database shows: a charge applied twice is a duplicate,
+    // a read model row that disagrees with its order's events is wrong.
+    sqlx::query("INSERT INTO charges (order_id, cents) VALUES ('t1-1', 1)")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE order_view SET events = events + 1 WHERE order_id = 't1-2'")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    let wrong = shop::summarize(&recorder, &ledger, "t1", 200)
+        .await
+        .unwrap();
+    assert_eq!((wrong.duplicates, wrong.view_wrong), (1, 1), "{wrong}");
+    assert!(!wrong.is_clean(), "{wrong}");
     for h in handles {
         h.shutdown().await;
     }
@@ -139,7 +176,9 @@ async fn a_payment_after_its_order_expired_is_refunded_and_never_shipped() {
     const N: u64 = 10;
     let Shop {
         _server,
+        _pg,
         client,
+        ledger,
         handles,
         recorder,
         publisher,
@@ -165,7 +204,7 @@ async fn a_payment_after_its_order_expired_is_refunded_and_never_shipped() {
     }
     let summary = shop::wait_for_endings(
         &recorder,
-        &client,
+        &ledger,
         "late",
         N,
         Duration::from_secs(20),
@@ -177,7 +216,7 @@ async fn a_payment_after_its_order_expired_is_refunded_and_never_shipped() {
     // eight were charged late.
     assert_eq!(
         summary.to_string(),
-        "orders=10 shipped=0 cancelled=0 rejected=0 expired=10 notices=0 late_refunds=8 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0"
+        "orders=10 shipped=0 cancelled=0 rejected=0 expired=10 notices=0 late_refunds=8 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0 view_wrong=0"
     );
     assert!(summary.is_clean(), "{summary}");
     assert!(summary.is_expected_with_late_payments(), "{summary}");
@@ -205,7 +244,9 @@ async fn a_payment_after_its_order_expired_is_refunded_and_never_shipped() {
 async fn placing_the_same_orders_again_changes_nothing() {
     let Shop {
         _server,
-        client,
+        _pg,
+        client: _,
+        ledger,
         handles,
         recorder,
         publisher,
@@ -214,7 +255,7 @@ async fn placing_the_same_orders_again_changes_nothing() {
     shop::place_orders(&publisher, "t2", 50).await.unwrap();
     let summary = shop::wait_for_endings(
         &recorder,
-        &client,
+        &ledger,
         "t2",
         50,
         Duration::from_secs(30),
@@ -286,6 +327,7 @@ fn the_shop_command_runs_end_to_end_and_reports() {
     let out = Command::new(shop_binary())
         .args(["--orders", "40"])
         .env_remove("NATS_URL")
+        .env_remove("DATABASE_URL")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -298,7 +340,7 @@ fn the_shop_command_runs_end_to_end_and_reports() {
         stdout
             .lines()
             .any(|l| l
-                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 notices=56 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0"),
+                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 notices=56 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0 view_wrong=0"),
         "{stdout}"
     );
     assert!(
@@ -323,6 +365,15 @@ fn one_service_per_process_needs_a_shared_server() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("set NATS_URL"));
+    // A shared server, but no shared database.
+    let out = Command::new(shop_binary())
+        .args(["--service", "payments"])
+        .env("NATS_URL", "nats://127.0.0.1:1")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set DATABASE_URL"));
     let out = Command::new(shop_binary())
         .args(["--service", "billing"])
         .output()
@@ -342,11 +393,13 @@ fn one_service_per_process_needs_a_shared_server() {
 #[tokio::test]
 async fn each_service_runs_as_its_own_processes_and_an_orders_instance_may_die() {
     let server = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
     let spawn = |args: &[&str]| {
         Started(Some(
             Command::new(shop_binary())
                 .args(args)
                 .env("NATS_URL", server.url())
+                .env("DATABASE_URL", pg.url())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::null())
                 .spawn()
@@ -389,7 +442,7 @@ async fn each_service_runs_as_its_own_processes_and_an_orders_instance_may_die()
     assert!(out.status.success(), "{stdout}");
     assert!(
         stdout.lines().any(|l| l
-            == "orders=1000 shipped=700 cancelled=100 rejected=100 expired=100 notices=1400 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0"),
+            == "orders=1000 shipped=700 cancelled=100 rejected=100 expired=100 notices=1400 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0 view_wrong=0"),
         "{stdout}"
     );
     drop(services);
@@ -398,9 +451,11 @@ async fn each_service_runs_as_its_own_processes_and_an_orders_instance_may_die()
 #[tokio::test]
 async fn a_service_process_stops_gracefully_on_sigterm() {
     let server = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
     let child = Command::new(shop_binary())
         .args(["--service", "payments"])
         .env("NATS_URL", server.url())
+        .env("DATABASE_URL", pg.url())
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -449,16 +504,24 @@ async fn a_service_process_stops_gracefully_on_sigterm() {
 }
 
 #[tokio::test]
-async fn a_ledger_that_cannot_be_read_fails_the_count_instead_of_passing_it() {
+async fn a_database_that_cannot_be_read_fails_the_count_instead_of_passing_it() {
     let server = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
+    let pool = pool(&pg).await;
+    let ledger = Ledger::open(&client, pool.clone()).await.unwrap();
     let recorder = Recorder::start(&client).await.unwrap();
-    // No ledger stream at all: the duplicate count cannot be made.
-    let err = shop::summarize(&recorder, &client, "r", 0)
+    assert!(shop::summarize(&recorder, &ledger, "r", 0).await.is_ok());
+    // An effect table gone: the duplicate count cannot be made.
+    sqlx::query("DROP TABLE charges")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = shop::summarize(&recorder, &ledger, "r", 0)
         .await
         .unwrap_err();
     assert!(
-        err.to_string().contains("cannot read the ledger stream"),
+        err.to_string().contains("cannot read the shop's database"),
         "{err}"
     );
 }
@@ -508,6 +571,7 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
     let child = Command::new(shop_binary())
         .args(["--orders", "40", "--metrics", &addr.to_string()])
         .env_remove("NATS_URL")
+        .env_remove("DATABASE_URL")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -534,7 +598,7 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
         lines
             .iter()
             .any(|l| l
-                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 notices=56 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0"),
+                == "orders=40 shipped=28 cancelled=4 rejected=4 expired=4 notices=56 late_refunds=0 duplicates=0 misordered=0 lost=0 ended_twice=0 unrefunded=0 view_wrong=0"),
         "{lines:?}"
     );
     let text = scrape(addr);
@@ -638,13 +702,16 @@ async fn two_inventory_instances_never_oversell_hot_products() {
     const UNITS: u32 = 60;
     const ORDERS: usize = 300;
     let server = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
     let client = server.connect().await.unwrap();
-    let ledger = Ledger::open(&client, 1).await.unwrap();
+    let ledger = Ledger::open(&client, pool(&pg).await).await.unwrap();
     let mut handles = Vec::new();
     for _ in 0..2 {
         let own = server.connect().await.unwrap();
         handles.push(
             shop::service("inventory", ledger.clone(), StreamSettings::default())
+                .await
+                .unwrap()
                 .start(own)
                 .await
                 .unwrap(),
