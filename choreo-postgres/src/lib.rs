@@ -13,6 +13,10 @@
 //!   and its publish) with `FOR UPDATE SKIP LOCKED`, and prunes inbox rows
 //!   past their retention in bounded batches.
 //!
+//! - An [`Outbox`] publishes from an entry point (a web request) without a
+//!   dual write: [`Outbox::stage`] writes the event into the caller's own
+//!   transaction, [`Outbox::commit`] commits it and publishes at once; the
+//!   relay publishes what a dead process left.
 //! - A [`ReadModel`] is a set of tables a projection handler keeps
 //!   ([`Pg::begin_read_model`]); `choreo replay --rerun` rebuilds it into a
 //!   fresh generation while the old one serves reads, and
@@ -21,6 +25,7 @@
 //! See `docs/postgres.md`.
 
 mod error;
+mod outbox;
 mod read_model;
 mod relay;
 pub mod schema;
@@ -28,6 +33,7 @@ mod store;
 mod tx;
 
 pub use error::PgError;
+pub use outbox::{Committed, Outbox, Staged};
 pub use read_model::ReadModel;
 pub use schema::{SCHEMA_VERSION, migrate};
 pub use store::{DEFAULT_RELAY_DELAY, DEFAULT_RELAY_EVERY, Postgres, PostgresOptions};

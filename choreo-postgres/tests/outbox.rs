@@ -203,3 +203,111 @@ async fn lint_flags_a_relay_later_than_a_streams_duplicate_window() {
         findings[0].message
     );
 }
+
+/// Entry points: an event staged in the caller's transaction is published
+/// at the commit, at once; a rolled-back transaction publishes nothing; a
+/// process that dies between the commit and the publish leaves the event
+/// to the relay; the root event's correlation id is its own id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_events_publish_at_the_commit_and_a_rollback_publishes_nothing() {
+    let nats = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let pool = common::pool(&pg.url()).await;
+    let storefront = Publisher::new(client.clone(), "storefront").unwrap();
+    let postgres = Postgres::start_with(
+        pool.clone(),
+        &storefront,
+        PostgresOptions::default()
+            .relay_delay(Duration::from_secs(2))
+            .relay_every(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    sqlx::query("CREATE TABLE orders (order_id text PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let outbox = postgres.outbox(&storefront);
+    let recorder = choreo_testkit::Recorder::start(&client).await.unwrap();
+    let place = |id: &'static str| {
+        let (outbox, pool) = (outbox.clone(), pool.clone());
+        // Spawned, as a web framework runs a request: the future is Send.
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("INSERT INTO orders (order_id) VALUES ($1)")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let staged = outbox
+                .stage(
+                    &mut tx,
+                    &OrderPlaced {
+                        order_id: id.into(),
+                        cents: 5,
+                    },
+                )
+                .await
+                .unwrap();
+            (tx, staged)
+        })
+    };
+
+    // Committed through the outbox: stored at once, long before the relay
+    // would look, and its row gone.
+    let (tx, staged) = place("o1").await.unwrap();
+    let ids = staged.event_ids();
+    let started = Instant::now();
+    let committed = outbox.commit(tx, staged).await.unwrap();
+    assert!(committed.published);
+    assert_eq!(committed.event_ids, ids);
+    let stored = recorder
+        .expect::<OrderPlaced>()
+        .within(Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(stored.meta.id(), ids[0]);
+    assert_eq!(stored.meta.correlation_id(), ids[0], "a root event");
+    assert_eq!(stored.meta.causation_id(), None);
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM choreo.outbox").await, 0);
+
+    // Rolled back: no row, no event, ever.
+    let (tx, staged) = place("o2").await.unwrap();
+    drop(staged);
+    tx.rollback().await.unwrap();
+
+    // Committed, then the process "dies" before publishing: the relay
+    // publishes it after its delay.
+    let (tx, staged) = place("o3").await.unwrap();
+    let o3 = staged.event_ids()[0];
+    drop(staged);
+    tx.commit().await.unwrap();
+    let start = Instant::now();
+    loop {
+        let seen: Vec<_> = recorder
+            .snapshot()
+            .into_iter()
+            .filter(|r| r.subject.starts_with("orders."))
+            .map(|r| (r.subject, r.meta.id()))
+            .collect();
+        if seen.iter().any(|(_, id)| *id == o3) {
+            assert!(
+                start.elapsed() >= Duration::from_secs(1),
+                "the relay waits its delay"
+            );
+            assert_eq!(seen.len(), 2, "o2 was rolled back: {seen:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "o3 never relayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM orders").await, 2);
+    let mut stream = js.get_stream("ORDERS").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 2);
+}

@@ -223,6 +223,36 @@ impl Publisher {
         self.send_checked(out, key)
     }
 
+    /// `event` as [`publish`](Self::publish) would send it, without sending
+    /// it: its final id (deterministic for a keyed event), subject, headers
+    /// (`Nats-Msg-Id` among them) and encoded payload, for a transactional
+    /// outbox to store and publish later. Creates `E`'s stream if missing,
+    /// so a later publish of the stored event finds it, and records the
+    /// publisher as [`publish`](Self::publish) does.
+    ///
+    /// # Errors
+    /// The event cannot be encoded, is over the server's size limit, or its
+    /// stream cannot be made.
+    pub async fn prepare<E: Event>(
+        &self,
+        event: &E,
+    ) -> Result<crate::handler::Emission, PublishError> {
+        self.record::<E>();
+        let key = event.key();
+        let meta = Metadata::root_with_key::<E>(key.as_ref(), &self.inner.source)?;
+        let out = Outgoing::new(event, meta)?;
+        self.check_size(&out)?;
+        self.ensure(E::STREAM, E::STREAM_SUBJECTS, E::SUBJECT_FILTER)
+            .await?;
+        Ok(crate::handler::Emission {
+            event_id: out.id,
+            event_type: out.event,
+            subject: out.subject,
+            headers: out.headers,
+            payload: out.payload,
+        })
+    }
+
     /// Publishes `event` with metadata built by the caller, for example with
     /// [`Metadata::emitted`] to continue a flow.
     ///

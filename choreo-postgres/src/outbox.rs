@@ -1,0 +1,178 @@
+//! [`Outbox`]: events published from an entry point (a web request, a
+//! command) without a dual write. The event is staged in the caller's own
+//! transaction, with the rows it writes; [`Outbox::commit`] commits that
+//! transaction and publishes the staged events at once; a process that dies
+//! in between leaves them to the relay, which publishes them a few seconds
+//! later. A transaction rolled back publishes nothing.
+
+use choreo::{Emission, Event, EventId, Publisher};
+use sqlx::{PgConnection, Postgres as Pg};
+
+use crate::error::PgError;
+use crate::relay::headers_to_json;
+use crate::store::Postgres;
+
+/// Stages events in the caller's transaction and publishes them once it
+/// has committed. Made by [`Postgres::outbox`]; cheap to clone.
+///
+/// ```no_run
+/// # use choreo::event;
+/// # #[event(subject = "orders.{order_id}.placed", key = order_id)]
+/// # pub struct OrderPlaced { pub order_id: String }
+/// # async fn demo(postgres: choreo_postgres::Postgres, publisher: choreo::Publisher)
+/// #     -> Result<(), Box<dyn std::error::Error>> {
+/// let outbox = postgres.outbox(&publisher);
+/// let mut tx = postgres.pool().begin().await?;
+/// sqlx::query("INSERT INTO orders (order_id) VALUES ($1)")
+///     .bind("o-1")
+///     .execute(&mut *tx)
+///     .await?;
+/// let staged = outbox.stage(&mut tx, &OrderPlaced { order_id: "o-1".into() }).await?;
+/// // Commits the order row and the staged event together, then publishes.
+/// outbox.commit(tx, staged).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    store: Postgres,
+    publisher: Publisher,
+}
+
+/// Events staged in a transaction, to hand to [`Outbox::commit`] with it.
+/// Dropped instead (the transaction committed some other way), they are
+/// published by the relay after its delay.
+#[must_use = "commit the transaction with Outbox::commit, or the staged events wait for the relay"]
+#[derive(Debug, Default)]
+pub struct Staged {
+    rows: Vec<(i64, Emission)>,
+}
+
+impl Staged {
+    /// The staged events' ids, in the order they were staged.
+    pub fn event_ids(&self) -> Vec<EventId> {
+        self.rows.iter().map(|(_, e)| e.event_id).collect()
+    }
+
+    /// These events and then `other`'s.
+    pub fn and(mut self, other: Staged) -> Staged {
+        self.rows.extend(other.rows);
+        self
+    }
+}
+
+/// What [`Outbox::commit`] did once the transaction committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Committed {
+    /// The committed events' ids, in the order they were staged.
+    pub event_ids: Vec<EventId>,
+    /// Whether they were published at once. `false`: the publish failed
+    /// (the reason is logged); the relay publishes them after its delay.
+    pub published: bool,
+}
+
+impl Postgres {
+    /// An outbox for entry points that publishes through `publisher` (its
+    /// source is the events' `ce-source`).
+    pub fn outbox(&self, publisher: &Publisher) -> Outbox {
+        Outbox {
+            store: self.clone(),
+            publisher: publisher.clone(),
+        }
+    }
+}
+
+impl Outbox {
+    /// Writes `event`, encoded with its final id and headers (a keyed
+    /// event's id is deterministic, so staging it again in another request
+    /// publishes nothing new), into the outbox table inside `tx`. The row
+    /// commits or rolls back with the caller's own rows.
+    ///
+    /// # Errors
+    /// The event cannot be encoded or is over the server's size limit, its
+    /// stream cannot be made, or the database refused.
+    pub async fn stage<E: Event>(
+        &self,
+        tx: &mut PgConnection,
+        event: &E,
+    ) -> Result<Staged, PgError> {
+        let e = self
+            .publisher
+            .prepare(event)
+            .await
+            .map_err(|e| PgError::Publish(e.to_string()))?;
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload)
+             VALUES ($1::uuid, $2, $3, $4::jsonb, $5)
+             RETURNING seq",
+        )
+        .bind(e.event_id.to_string())
+        .bind(e.event_type)
+        .bind(&e.subject)
+        .bind(headers_to_json(&e.headers))
+        .bind(&e.payload[..])
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(PgError::sql("stage an event in the outbox"))?;
+        Ok(Staged {
+            rows: vec![(seq, e)],
+        })
+    }
+
+    /// Commits `tx`, then publishes what was staged in it, in the order it
+    /// was staged (each event awaited before the next is sent, so one key's
+    /// events are stored in that order), and deletes their rows. A publish
+    /// that fails after the commit is no error: the events are committed,
+    /// and the relay publishes them after its delay.
+    ///
+    /// # Errors
+    /// The commit failed: nothing was written, nothing is published.
+    pub async fn commit(
+        &self,
+        tx: sqlx::Transaction<'_, Pg>,
+        staged: Staged,
+    ) -> Result<Committed, PgError> {
+        tx.commit()
+            .await
+            .map_err(PgError::sql("commit the transaction"))?;
+        let event_ids = staged.event_ids();
+        let published = self.publish(staged).await;
+        Ok(Committed {
+            event_ids,
+            published,
+        })
+    }
+
+    /// Publishes committed rows and deletes them; `false` if a publish
+    /// failed (the rest are left to the relay).
+    async fn publish(&self, staged: Staged) -> bool {
+        let js = self.publisher.js();
+        let total = staged.rows.len();
+        let mut done = Vec::with_capacity(total);
+        for (seq, e) in staged.rows {
+            let sent = match js
+                .publish_with_headers(e.subject.clone(), e.headers, e.payload)
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(err) => Err(err.to_string()),
+            };
+            if let Err(reason) = sent {
+                tracing::warn!(event_id = %e.event_id, event = e.event_type, subject = %e.subject, error = %reason, "outbox: publishing a committed event failed; the relay will publish it");
+                break;
+            }
+            done.push(seq);
+        }
+        let all = done.len() == total;
+        if !done.is_empty() {
+            let deleted = sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
+                .bind(&done)
+                .execute(self.store.pool())
+                .await;
+            if let Err(e) = deleted {
+                tracing::warn!(error = %e, "outbox: cannot delete published rows; the relay will publish them again (the stream drops the copies)");
+            }
+        }
+        all
+    }
+}
