@@ -10,6 +10,10 @@
 //!   orders and reports. Processes share `NATS_URL` and `DATABASE_URL`
 //!   (the shop's Postgres, where its effects and its order read model
 //!   live).
+//! - The orders come in as HTTP requests (`POST /orders`) to the
+//!   storefront, a web service that writes the order row and stages
+//!   `OrderPlaced` in one transaction (`--service storefront --listen ADDR`
+//!   runs it alone).
 //! - It shows progress, then one flow as a causation tree and the line
 //!   `orders=N shipped=S cancelled=C rejected=R expired=X notices=T late_refunds=F duplicates=D misordered=M lost=L ended_twice=E unrefunded=U`,
 //!   and exits non-zero when any order is lost or ended twice, any effect
@@ -28,6 +32,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What `--service` may run: the four services, and the storefront.
+const PROCESSES: [&str; 5] = [
+    SERVICES[0],
+    SERVICES[1],
+    SERVICES[2],
+    SERVICES[3],
+    "storefront",
+];
+
 /// The shop demo: four services choreographed by events over NATS.
 ///
 /// NATS_URL selects the server (comma-separated for a cluster) and
@@ -39,9 +52,16 @@ struct Args {
     /// How many orders to place.
     #[arg(long, default_value_t = 100)]
     orders: u64,
-    /// Run only this service, until Ctrl-C or SIGTERM (needs NATS_URL).
-    #[arg(long, value_parser = SERVICES, conflicts_with = "place")]
+    /// Run only this service, until Ctrl-C or SIGTERM (needs NATS_URL and
+    /// DATABASE_URL): one of the four, or the storefront web service
+    /// (on --listen).
+    #[arg(long, value_parser = PROCESSES, conflicts_with = "place")]
     service: Option<String>,
+    /// Where the storefront listens, with --service storefront (or, without
+    /// it, where this process's own storefront does; default: any free
+    /// loopback port).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
     /// Run no service: place the orders and report (needs NATS_URL; the
     /// services run in other processes).
     #[arg(long)]
@@ -126,6 +146,23 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let ledger = Ledger::open(&client, pool).await?;
     let settings = StreamSettings::default().replicas(args.replicas);
 
+    let listen = args
+        .listen
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    if args.service.as_deref() == Some("storefront") {
+        let storefront = shop::storefront(&ledger, settings).await?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("the storefront cannot listen on {listen}: {e}"))?;
+        let (addr, serving) = shop::serve_storefront(storefront, listener)?;
+        eprintln!("storefront listening on http://{addr} until Ctrl-C");
+        println!("storefront ready on {addr}");
+        tokio::select! {
+            () = wait_for_signal() => {}
+            _ = serving => {}
+        }
+        return Ok(true);
+    }
     if let Some(name) = &args.service {
         eprintln!("running service {name} until Ctrl-C");
         shop::service(name, ledger, settings)
@@ -147,7 +184,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     }
     let recorder = Recorder::start(&client).await?;
     let run = choreo::EventId::new_random().short();
-    let publisher = Publisher::new(client.clone(), "storefront")?.stream_settings(settings);
+    let publisher = Publisher::new(client.clone(), "storefront")?.stream_settings(settings.clone());
 
     let bar = ProgressBar::new(args.orders);
     bar.set_style(
@@ -156,8 +193,15 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         )
         .map_err(|e| e.to_string())?,
     );
-    eprintln!("run {run}: placing {} orders", args.orders);
-    let roots = shop::place_orders(&publisher, &run, args.orders).await?;
+    // The orders come in through the storefront, as HTTP requests.
+    let storefront = shop::storefront(&ledger, settings.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let (addr, serving) = shop::serve_storefront(storefront, listener)?;
+    eprintln!(
+        "run {run}: placing {} orders at http://{addr}/orders",
+        args.orders
+    );
+    let roots = shop::place_orders_http(&publisher, addr, &run, args.orders).await?;
     let summary = shop::wait_for_endings(
         &recorder,
         &ledger,
@@ -182,6 +226,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         println!("{}", recorder.flow(*root).tree());
     }
     println!("{summary}");
+    serving.abort();
     for h in handles {
         h.shutdown().await;
     }

@@ -6,7 +6,9 @@
 //! - The benchmark, `cargo run --release -p choreo-examples --example bench`,
 //!   compares choreo with hand-written async-nats code in one run.
 
+pub mod http;
 pub mod shop;
+pub mod storefront;
 
 /// What a nats-server the testkit started holds: its resident memory and
 /// its store's bytes on disk (for the capacity examples).

@@ -347,6 +347,10 @@ const TABLES: &str = "
     CREATE TABLE IF NOT EXISTS notices (
         seq bigserial PRIMARY KEY, order_id text NOT NULL, step int NOT NULL);
     CREATE INDEX IF NOT EXISTS notices_order ON notices (order_id);
+    CREATE TABLE IF NOT EXISTS orders (
+        order_id text PRIMARY KEY, customer text NOT NULL, total_cents bigint NOT NULL,
+        lines jsonb NOT NULL, placed_event uuid NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now());
 ";
 
 /// The order read model: one row per order, its status moved forward by
@@ -1335,4 +1339,101 @@ pub async fn place_orders(
         .try_collect()
         .await
         .map_err(Into::into)
+}
+
+/// The storefront on the shop's database, publishing as `storefront` with
+/// `settings`: its own Postgres store (migrated, its relay running) and
+/// outbox.
+///
+/// # Errors
+/// The database refused, or the publisher could not be made.
+pub async fn storefront(
+    ledger: &Ledger,
+    settings: StreamSettings,
+) -> Result<crate::storefront::Storefront, ShopError> {
+    let publisher = Publisher::new(ledger.js.client(), "storefront")?.stream_settings(settings);
+    let postgres = Postgres::start(ledger.pool.clone(), &publisher).await?;
+    let outbox = postgres.outbox(&publisher);
+    Ok(crate::storefront::Storefront::new(postgres, outbox))
+}
+
+/// Serves `storefront` on `listener` until the task is dropped; returns
+/// the address it serves on.
+///
+/// # Errors
+/// The listener has no address.
+pub fn serve_storefront(
+    storefront: crate::storefront::Storefront,
+    listener: tokio::net::TcpListener,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let addr = listener.local_addr()?;
+    let app = crate::storefront::router(storefront);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "the storefront stopped");
+        }
+    });
+    Ok((addr, task))
+}
+
+/// How many requests [`place_orders_http`] has in flight (one connection
+/// each).
+pub const HTTP_IN_FLIGHT: usize = 32;
+
+/// Places `n` orders for `run` as `POST /orders` requests to the
+/// storefront at `addr`, [`HTTP_IN_FLIGHT`] at a time, after receiving the
+/// stock they need ([`receive_stock`], through `publisher`). Returns each
+/// order's `OrderPlaced` id, in order.
+///
+/// # Errors
+/// The stock could not be received, or a request failed or was refused.
+pub async fn place_orders_http(
+    publisher: &Publisher,
+    addr: std::net::SocketAddr,
+    run: &str,
+    n: u64,
+) -> Result<Vec<choreo::EventId>, Box<dyn std::error::Error + Send + Sync>> {
+    receive_stock(publisher, run, n).await?;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..HTTP_IN_FLIGHT {
+        let (next, run) = (next.clone(), run.to_owned());
+        tasks.spawn(async move {
+            let mut client = crate::http::HttpClient::new(addr);
+            let mut placed = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, String>(placed);
+                }
+                let o = order(&run, i);
+                let body = serde_json::to_vec(&crate::storefront::NewOrder {
+                    order_id: o.order_id,
+                    customer: o.customer,
+                    lines: o.lines,
+                })
+                .map_err(|e| e.to_string())?;
+                let answer = client
+                    .post_json("/orders", &body)
+                    .await
+                    .map_err(|e| format!("POST /orders: {e}"))?;
+                if !matches!(answer.status, 200 | 201) {
+                    return Err(format!(
+                        "POST /orders answered {}: {}",
+                        answer.status,
+                        String::from_utf8_lossy(&answer.body)
+                    ));
+                }
+                let p: crate::storefront::Placed =
+                    serde_json::from_slice(&answer.body).map_err(|e| e.to_string())?;
+                placed.push((i, p.event_id));
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(n as usize);
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done.map_err(|e| e.to_string())??);
+    }
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, id)| id).collect())
 }
