@@ -103,7 +103,7 @@ impl Outbox {
             .map_err(|e| PgError::Publish(e.to_string()))?;
         let seq: i64 = sqlx::query_scalar(
             "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload)
-             VALUES ($1::uuid, $2, $3, $4::jsonb, $5)
+             VALUES ($1::uuid, $2, $3, $4, $5)
              RETURNING seq",
         )
         .bind(e.event_id.to_string())
@@ -121,7 +121,8 @@ impl Outbox {
 
     /// Commits `tx`, then publishes what was staged in it, in the order it
     /// was staged (each event awaited before the next is sent, so one key's
-    /// events are stored in that order), and deletes their rows. A publish
+    /// events are stored in that order), and has their rows deleted (in
+    /// the background, batched with others). A publish
     /// that fails after the commit is no error: the events are committed,
     /// and the relay publishes them after its delay.
     ///
@@ -165,13 +166,7 @@ impl Outbox {
         }
         let all = done.len() == total;
         if !done.is_empty() {
-            let deleted = sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
-                .bind(&done)
-                .execute(self.store.pool())
-                .await;
-            if let Err(e) = deleted {
-                tracing::warn!(error = %e, "outbox: cannot delete published rows; the relay will publish them again (the stream drops the copies)");
-            }
+            self.store.forget_published(done);
         }
         all
     }

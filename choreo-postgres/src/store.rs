@@ -91,6 +91,9 @@ pub(crate) struct Inner {
     /// The replay markers of read models' handlers, by `service.handler`,
     /// with when each was read.
     markers: Mutex<HashMap<String, (Instant, Option<admin::Marker>)>>,
+    /// Published outbox rows to delete, in batches, off the request's and
+    /// the handler's path.
+    published: tokio::sync::mpsc::UnboundedSender<Vec<i64>>,
 }
 
 /// How long a replay marker read for a read model is trusted: `choreo
@@ -139,6 +142,8 @@ impl Postgres {
         }
         crate::schema::migrate(&pool).await?;
         crate::relay::describe_metrics();
+        let (published, to_delete) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(delete_published(pool.clone(), to_delete));
         let inner = Arc::new(Inner {
             pool,
             js: publisher.js().clone(),
@@ -147,6 +152,7 @@ impl Postgres {
             replicas: publisher.settings().replicas,
             instance: format!("{}:{}", choreo::registry::host_name(), std::process::id()),
             markers: Mutex::default(),
+            published,
         });
         tokio::spawn(relay::run(Arc::downgrade(&inner)));
         Ok(Self { inner })
@@ -199,6 +205,14 @@ impl Postgres {
         read_model::wait_applied(self.pool(), rm, event_id, within).await
     }
 
+    /// Deletes the outbox rows `seqs`, which are published: in the
+    /// background, batched with other deletes (a row whose delete is lost
+    /// to a crash is published again by the relay, and the stream drops
+    /// the copy).
+    pub(crate) fn forget_published(&self, seqs: Vec<i64>) {
+        let _ = self.inner.published.send(seqs);
+    }
+
     /// The last replay marker of `service`'s `handler`, read at most once
     /// a second; `None` when there is none or it cannot be read now.
     pub(crate) async fn marker(&self, service: &str, handler: &str) -> Option<admin::Marker> {
@@ -231,3 +245,33 @@ impl Postgres {
 
 /// The relay's view of the store: gone once every [`Postgres`] is dropped.
 pub(crate) type RelayHandle = Weak<Inner>;
+
+/// The most rows one delete removes.
+const DELETE_BATCH: usize = 4096;
+
+/// Deletes published outbox rows as they come, as many per statement as
+/// have queued meanwhile, until the store is dropped.
+async fn delete_published(pool: PgPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<i64>>) {
+    while let Some(mut batch) = rx.recv().await {
+        while batch.len() < DELETE_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        let deleted = if let [seq] = &batch[..] {
+            sqlx::query("DELETE FROM choreo.outbox WHERE seq = $1")
+                .bind(seq)
+                .execute(&pool)
+                .await
+        } else {
+            sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
+                .bind(&batch)
+                .execute(&pool)
+                .await
+        };
+        if let Err(e) = deleted {
+            tracing::warn!(rows = batch.len(), error = %e, "cannot delete published outbox rows; the relay will publish them again (the stream drops the copies)");
+        }
+    }
+}

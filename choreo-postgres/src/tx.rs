@@ -169,7 +169,7 @@ impl Pg {
         PgTx {
             tx,
             ctx: self.ctx.clone(),
-            pool: self.store.pool().clone(),
+            store: self.store.clone(),
         }
     }
 
@@ -198,7 +198,7 @@ impl FromContext for Pg {
 pub struct PgTx {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
     ctx: Context,
-    pool: PgPool,
+    store: Postgres,
 }
 
 impl PgTx {
@@ -238,7 +238,7 @@ impl PgTx {
                 // Postgres runs faster than arrays.
                 let seq = sqlx::query_scalar(
                     "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload)
-                     VALUES ($1::uuid, $2, $3, $4::jsonb, $5)
+                     VALUES ($1::uuid, $2, $3, $4, $5)
                      RETURNING seq",
                 )
                 .bind(&ids[0])
@@ -253,7 +253,7 @@ impl PgTx {
             } else {
                 sqlx::query_scalar(
                     "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload)
-                     SELECT id::uuid, ty, subject, headers::jsonb, payload
+                     SELECT id::uuid, ty, subject, headers, payload
                      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[])
                           AS e(id, ty, subject, headers, payload)
                      RETURNING seq",
@@ -267,25 +267,11 @@ impl PgTx {
                 .await
                 .map_err(HandlerError::retryable)?
             };
-            let pool = self.pool.clone();
+            let store = self.store.clone();
             // Once choreo has published them, their rows go.
             self.ctx.after_emit(move || {
-                Box::pin(async move {
-                    let deleted = if let [seq] = &seqs[..] {
-                        sqlx::query("DELETE FROM choreo.outbox WHERE seq = $1")
-                            .bind(seq)
-                            .execute(&pool)
-                            .await
-                    } else {
-                        sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
-                            .bind(&seqs)
-                            .execute(&pool)
-                            .await
-                    };
-                    if let Err(e) = deleted {
-                        tracing::warn!(error = %e, "cannot delete published outbox rows; the relay will publish them again (the stream drops the copies)");
-                    }
-                })
+                store.forget_published(seqs);
+                Box::pin(std::future::ready(()))
             });
         }
         self.tx.commit().await.map_err(HandlerError::retryable)

@@ -62,6 +62,11 @@ struct Args {
     /// loopback port).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// With --service storefront: commit the order row, then publish (the
+    /// dual write the outbox avoids; a crash in between loses the event).
+    /// The benchmark's baseline only.
+    #[arg(long, hide = true)]
+    unsafe_direct_publish: bool,
     /// Run no service: place the orders and report (needs NATS_URL; the
     /// services run in other processes).
     #[arg(long)]
@@ -150,7 +155,11 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         .listen
         .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     if args.service.as_deref() == Some("storefront") {
-        let storefront = shop::storefront(&ledger, settings).await?;
+        let storefront = if args.unsafe_direct_publish {
+            shop::unsafe_storefront(&ledger, settings).await?
+        } else {
+            shop::storefront(&ledger, settings).await?
+        };
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("the storefront cannot listen on {listen}: {e}"))?;

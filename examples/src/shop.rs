@@ -350,7 +350,7 @@ const TABLES: &str = "
     CREATE TABLE IF NOT EXISTS orders (
         order_id text PRIMARY KEY, customer text NOT NULL, total_cents bigint NOT NULL,
         lines jsonb NOT NULL, placed_event uuid NOT NULL,
-        created_at timestamptz NOT NULL DEFAULT now());
+        created_at timestamptz NOT NULL DEFAULT clock_timestamp());
 ";
 
 /// The order read model: one row per order, its status moved forward by
@@ -1355,6 +1355,22 @@ pub async fn storefront(
     let postgres = Postgres::start(ledger.pool.clone(), &publisher).await?;
     let outbox = postgres.outbox(&publisher);
     Ok(crate::storefront::Storefront::new(postgres, outbox))
+}
+
+/// [`storefront`], publishing the unsafe way (the row committed, then a
+/// publish): the benchmark's baseline only.
+///
+/// # Errors
+/// As [`storefront`].
+pub async fn unsafe_storefront(
+    ledger: &Ledger,
+    settings: StreamSettings,
+) -> Result<crate::storefront::Storefront, ShopError> {
+    let publisher = Publisher::new(ledger.js.client(), "storefront")?.stream_settings(settings);
+    let postgres = Postgres::start(ledger.pool.clone(), &publisher).await?;
+    Ok(crate::storefront::Storefront::unsafe_direct(
+        postgres, publisher,
+    ))
 }
 
 /// Serves `storefront` on `listener` until the task is dropped; returns

@@ -24,18 +24,41 @@ use serde::{Deserialize, Serialize};
 
 use crate::shop::{Line, ORDER_VIEW, OrderPlaced};
 
-/// The storefront's state: the shop's database and its outbox.
+/// The storefront's state: the shop's database and how it publishes.
 #[derive(Clone, Debug)]
 pub struct Storefront {
     postgres: Postgres,
-    outbox: Outbox,
+    publish: Publish,
+}
+
+/// How the storefront publishes `OrderPlaced`.
+#[derive(Clone, Debug)]
+enum Publish {
+    /// Staged with the row, published at the commit.
+    Outbox(Outbox),
+    /// The dual write the outbox avoids: the row committed, then a
+    /// publish. Only the benchmark's baseline uses it.
+    Direct(choreo::Publisher),
 }
 
 impl Storefront {
     /// A storefront on `postgres` (the shop's database, its relay running)
     /// that publishes through `outbox`.
     pub fn new(postgres: Postgres, outbox: Outbox) -> Self {
-        Self { postgres, outbox }
+        Self {
+            postgres,
+            publish: Publish::Outbox(outbox),
+        }
+    }
+
+    /// A storefront that commits the order row and then publishes with
+    /// `publisher`: a crash in between leaves a row with no event. Unsafe;
+    /// for the benchmark's baseline only (`bench --only storefront`).
+    pub fn unsafe_direct(postgres: Postgres, publisher: choreo::Publisher) -> Self {
+        Self {
+            postgres,
+            publish: Publish::Direct(publisher),
+        }
     }
 
     fn pool(&self) -> &PgPool {
@@ -122,10 +145,16 @@ async fn place(
         lines: order.lines.clone(),
         total_cents,
     };
-    let mut tx = s.pool().begin().await.map_err(unavailable)?;
-    let staged = s.outbox.stage(&mut tx, &event).await.map_err(unavailable)?;
-    let event_id = staged.event_ids()[0];
     let lines = serde_json::to_string(&order.lines).map_err(unavailable)?;
+    let mut tx = s.pool().begin().await.map_err(unavailable)?;
+    let (staged, event_id) = match &s.publish {
+        Publish::Outbox(outbox) => {
+            let staged = outbox.stage(&mut tx, &event).await.map_err(unavailable)?;
+            let id = staged.event_ids()[0];
+            (Some(staged), id)
+        }
+        Publish::Direct(_) => (None, choreo::EventId::new_random()),
+    };
     let inserted = sqlx::query(
         "INSERT INTO orders (order_id, customer, total_cents, lines, placed_event)
          VALUES ($1, $2, $3, $4::jsonb, $5::uuid) ON CONFLICT (order_id) DO NOTHING",
@@ -151,7 +180,21 @@ async fn place(
             }),
         ));
     }
-    s.outbox.commit(tx, staged).await.map_err(unavailable)?;
+    let event_id = match (&s.publish, staged) {
+        (Publish::Outbox(outbox), Some(staged)) => {
+            outbox.commit(tx, staged).await.map_err(unavailable)?;
+            event_id
+        }
+        (Publish::Direct(publisher), _) => {
+            tx.commit().await.map_err(unavailable)?;
+            publisher
+                .publish(&event)
+                .await
+                .map_err(unavailable)?
+                .event_id
+        }
+        (Publish::Outbox(_), None) => unreachable!("an outbox stages the event"),
+    };
     Ok((
         StatusCode::CREATED,
         Json(Placed {

@@ -38,6 +38,7 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
         "handler_inbox_cluster",
         "latency",
         "postgres_handler",
+        "storefront",
     ] {
         let line = stdout
             .lines()

@@ -61,11 +61,21 @@ async fn an_order_is_placed_once_and_read_back_at_once() {
     let mut http = HttpClient::new(addr);
 
     let first = http.post_json("/orders", &new_order("w-1")).await.unwrap();
-    assert_eq!(first.status, 201, "{}", String::from_utf8_lossy(&first.body));
+    assert_eq!(
+        first.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
     let placed: Placed = serde_json::from_slice(&first.body).unwrap();
     // Read your own write: the view has it as soon as the request returns.
     let shown = http.get("/orders/w-1").await.unwrap();
-    assert_eq!(shown.status, 200, "{}", String::from_utf8_lossy(&shown.body));
+    assert_eq!(
+        shown.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&shown.body)
+    );
     let view: OrderView = serde_json::from_slice(&shown.body).unwrap();
     assert_eq!(view.order_id, "w-1");
     assert_eq!(view.customer.as_deref(), Some("alice"));
@@ -205,7 +215,10 @@ async fn a_storefront_killed_under_load_leaves_every_order_whole_or_absent() {
         answered.lock().unwrap().clone(),
         failed.lock().unwrap().clone(),
     );
-    assert!(!failed.is_empty(), "the kill cost no request: it hit nothing");
+    assert!(
+        !failed.is_empty(),
+        "the kill cost no request: it hit nothing"
+    );
     assert!(answered.len() > ORDERS / 2, "{} answered", answered.len());
 
     // Wait for the relay to publish what the killed process committed and
@@ -220,7 +233,10 @@ async fn a_storefront_killed_under_load_leaves_every_order_whole_or_absent() {
         if left == 0 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "{left} rows stuck");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{left} rows stuck"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let rows: HashSet<String> = sqlx::query_scalar::<_, String>("SELECT order_id FROM orders")

@@ -42,6 +42,11 @@
 //!   publish, the row's delete and the ack) against a hand-written
 //!   async-nats + sqlx consumer doing the same SQL, publish and delete, on
 //!   a real Postgres the testkit starts.
+//! - `storefront`: requests per second of the shop storefront's `POST
+//!   /orders` (a process of its own; this one generates the load over 32
+//!   keep-alive connections) with the outbox, against the same endpoint
+//!   committing the row and then publishing (the unsafe dual write); and
+//!   each side's latency from the order's commit to its event stored.
 //! - `postgres_relay` (only with `--only`): the latency from a Postgres
 //!   handler's commit to its emission stored, and from rows a process left
 //!   in the outbox (it died between its commit and its publish) to the
@@ -106,6 +111,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 mod aggregates;
 mod postgres;
+mod storefront;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -1469,6 +1475,36 @@ async fn main() -> Result<(), BoxError> {
         println!(
             "postgres relay (rows a dead process left), commit to stored: p50 {:.0} ms, p99 {:.0} ms (relay_delay 5 s, every 1 s)",
             by_relay.0, by_relay.1
+        );
+    }
+    // The storefront: POST /orders with the outbox against the same
+    // endpoint committing and then publishing (the unsafe dual write), the
+    // storefront in its own process, this one the load generator.
+    if wanted("storefront") {
+        let mut runs = Vec::new();
+        for _ in 0..repeat {
+            let outbox = storefront::post_orders(n.min(5_000), false).await?;
+            let direct = storefront::post_orders(n.min(5_000), true).await?;
+            runs.push((outbox, direct));
+        }
+        let o = median(runs.iter().map(|r| r.0.rate).collect());
+        let d = median(runs.iter().map(|r| r.1.rate).collect());
+        let ratio = median(runs.iter().map(|r| r.0.rate / r.1.rate).collect());
+        rows.push(("POST /orders, outbox vs direct (/s)", o, d, ratio));
+        ratios.push(("storefront", ratio));
+        let p = |f: fn(&storefront::Run) -> f64, side: usize| {
+            median(
+                runs.iter()
+                    .map(|r| if side == 0 { f(&r.0) } else { f(&r.1) })
+                    .collect(),
+            )
+        };
+        println!(
+            "storefront, commit to stored: outbox p50 {:.1} ms, p99 {:.1} ms; direct publish p50 {:.1} ms, p99 {:.1} ms",
+            p(|r| r.latency.0, 0),
+            p(|r| r.latency.1, 0),
+            p(|r| r.latency.0, 1),
+            p(|r| r.latency.1, 1)
         );
     }
     if wanted("aggregate_append") {
