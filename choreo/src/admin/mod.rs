@@ -33,6 +33,7 @@ pub mod deadlines;
 mod error;
 mod events;
 mod graph;
+mod marker;
 mod read;
 mod relays;
 mod replay;
@@ -44,8 +45,9 @@ pub use asyncapi::asyncapi;
 pub use error::{AdminError, AdminErrorKind};
 pub use events::{StoredEvent, events};
 pub use graph::{Finding, FindingKind, Graph, Severity, lint};
+pub use marker::{Marker, marker, replay_done};
 pub use relays::lint_outboxes;
-pub use replay::{Marker, Plan, Point, Rewound, marker, plan, replay, replay_done};
+pub use replay::{Plan, Point, Rewound, plan, replay};
 pub use status::{HandlerStatus, InstanceStatus, Snapshot, State, Status, status};
 pub use trace::{Flow, HandlerStep, Query, Step, Trace, TracedEvent, trace};
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::error::HandlerError;
 use super::{BoxFuture, States};
 use crate::event::{Event, EventId, EventType};
-use crate::publish::{Outgoing, PublishError};
+use crate::publish::{Emission, Outgoing, PublishError};
 use crate::wire::headers::Metadata;
 
 /// The handled event's metadata and delivery, the service's state, and the
@@ -46,25 +46,6 @@ struct Inner {
 /// Work to do once a handler's emissions are stored (see
 /// [`Context::after_emit`]).
 pub(crate) type AfterEmit = Box<dyn FnOnce() -> BoxFuture<()> + Send>;
-
-/// One event a handler emitted, encoded as it will be published: its final
-/// id, subject, headers and payload. What a transactional outbox stores in
-/// the handler's own database transaction (see [`Context::emissions`]).
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct Emission {
-    /// The event's id (`Nats-Msg-Id`): the same on every run of the handler
-    /// for this event, so a second publish is a duplicate the stream drops.
-    pub event_id: EventId,
-    /// The event type's name.
-    pub event_type: &'static str,
-    /// The subject it is published on.
-    pub subject: String,
-    /// Its headers (choreo's wire format).
-    pub headers: async_nats::HeaderMap,
-    /// Its encoded payload.
-    pub payload: bytes::Bytes,
-}
 
 #[derive(Default)]
 struct Emitted {

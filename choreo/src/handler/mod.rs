@@ -13,9 +13,10 @@ mod options;
 #[cfg(feature = "test-util")]
 pub(crate) mod testing;
 
+pub use crate::publish::Emission;
 pub(crate) use context::AfterEmit;
 pub(crate) use context::Delivery;
-pub use context::{Context, Emission, EmittedEvent};
+pub use context::{Context, EmittedEvent};
 pub use deadline::{Deadline, DeadlineHandler, MatchBy, Unless, UnlessVisitor};
 pub use error::{HandlerError, HandlerErrorKind, IntoHandlerResult};
 pub use extract::{Attempt, EventArg, FromContext, MissingState, State, States};

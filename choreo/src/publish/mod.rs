@@ -14,6 +14,7 @@ mod record;
 mod send;
 
 pub use error::{PublishError, PublishErrorKind};
+pub use outgoing::Emission;
 pub(crate) use outgoing::Outgoing;
 pub use record::{PUBLISHERS_BUCKET, PublishedEvent};
 pub use send::PUBLISH_ALL_IN_FLIGHT;
@@ -233,10 +234,7 @@ impl Publisher {
     /// # Errors
     /// The event cannot be encoded, is over the server's size limit, or its
     /// stream cannot be made.
-    pub async fn prepare<E: Event>(
-        &self,
-        event: &E,
-    ) -> Result<crate::handler::Emission, PublishError> {
+    pub async fn prepare<E: Event>(&self, event: &E) -> Result<Emission, PublishError> {
         self.record::<E>();
         let key = event.key();
         let meta = Metadata::root_with_key::<E>(key.as_ref(), &self.inner.source)?;
@@ -244,7 +242,7 @@ impl Publisher {
         self.check_size(&out)?;
         self.ensure(E::STREAM, E::STREAM_SUBJECTS, E::SUBJECT_FILTER)
             .await?;
-        Ok(crate::handler::Emission {
+        Ok(Emission {
             event_id: out.id,
             event_type: out.event,
             subject: out.subject,

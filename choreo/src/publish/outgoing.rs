@@ -61,3 +61,25 @@ impl Outgoing {
         crate::wire::headers::wire_size(&self.headers, self.payload.len())
     }
 }
+
+/// One event encoded as it will be published: its final id, subject,
+/// headers and payload. What a transactional outbox stores in a database
+/// transaction: a handler's emissions
+/// ([`Context::emissions`](crate::Context::emissions)), or a root event
+/// ([`Publisher::prepare`](crate::Publisher::prepare)).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Emission {
+    /// The event's id (`Nats-Msg-Id`): for a handler's emission, the same
+    /// on every run of the handler for the event, so a second publish is a
+    /// duplicate the stream drops.
+    pub event_id: crate::EventId,
+    /// The event type's name.
+    pub event_type: &'static str,
+    /// The subject it is published on.
+    pub subject: String,
+    /// Its headers (choreo's wire format).
+    pub headers: async_nats::HeaderMap,
+    /// Its encoded payload.
+    pub payload: bytes::Bytes,
+}
