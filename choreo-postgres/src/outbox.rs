@@ -165,6 +165,8 @@ impl Outbox {
             done.push(seq);
         }
         let all = done.len() == total;
+        metrics::counter!(crate::relay::PUBLISHED, "service" => self.store.inner.service.clone())
+            .increment(done.len() as u64);
         if !done.is_empty() {
             self.store.forget_published(done);
         }

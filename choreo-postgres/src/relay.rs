@@ -39,6 +39,8 @@ const OLDEST: &str = "choreo_outbox_oldest_age_seconds";
 const FAILING: &str = "choreo_outbox_failing_rows";
 const RELAYED: &str = "choreo_outbox_relayed_total";
 const RELAY_FAILURES: &str = "choreo_outbox_relay_failures_total";
+/// Events an entry point's `Outbox::commit` published at once.
+pub(crate) const PUBLISHED: &str = "choreo_outbox_published_total";
 
 /// Describes the relay's metrics (help and unit) to the installed recorder.
 pub(crate) fn describe_metrics() {
@@ -62,6 +64,11 @@ pub(crate) fn describe_metrics() {
         RELAYED,
         Unit::Count,
         "Outbox rows the relay published (a process had committed them and not published them)."
+    );
+    metrics::describe_counter!(
+        PUBLISHED,
+        Unit::Count,
+        "Events an entry point staged and published at its commit (Outbox::commit), by service."
     );
     metrics::describe_counter!(
         RELAY_FAILURES,

@@ -1410,6 +1410,20 @@ pub async fn place_orders_http(
     n: u64,
 ) -> Result<Vec<choreo::EventId>, Box<dyn std::error::Error + Send + Sync>> {
     receive_stock(publisher, run, n).await?;
+    Ok(post_orders(addr, run, n).await?)
+}
+
+/// Posts `run`'s `n` orders to the storefront at `addr`,
+/// [`HTTP_IN_FLIGHT`] at a time, one keep-alive connection each; returns
+/// each order's `OrderPlaced` id, in order.
+///
+/// # Errors
+/// A request failed, or was answered other than 200 or 201.
+pub async fn post_orders(
+    addr: std::net::SocketAddr,
+    run: &str,
+    n: u64,
+) -> Result<Vec<choreo::EventId>, String> {
     let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..HTTP_IN_FLIGHT {

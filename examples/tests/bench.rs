@@ -2,17 +2,21 @@
 //! code, not the figures; figures come from `scripts/bench` in release mode).
 #![allow(missing_docs, clippy::unwrap_used)]
 
-#[test]
-fn the_benchmark_reports_a_ratio_for_every_case() {
+/// The benchmark binary: target/<profile>/deps/bench-<hash> →
+/// target/<profile>/examples/bench.
+fn bench() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let bench = exe
-        .parent()
+    exe.parent()
         .unwrap()
         .parent()
         .unwrap()
         .join("examples")
-        .join("bench");
-    let out = std::process::Command::new(bench)
+        .join("bench")
+}
+
+#[test]
+fn the_benchmark_reports_a_ratio_for_every_case() {
+    let out = std::process::Command::new(bench())
         .args([
             "--events",
             "300",
@@ -65,15 +69,7 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
 /// left by a process that died), and the handler's own publish under it.
 #[test]
 fn the_postgres_latency_case_reports_the_handler_and_the_relay() {
-    let exe = std::env::current_exe().unwrap();
-    let bench = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("bench");
-    let out = std::process::Command::new(bench)
+    let out = std::process::Command::new(bench())
         .args([
             "--only",
             "postgres_relay",

@@ -629,14 +629,15 @@ async fn the_shop_serves_prometheus_metrics_that_match_what_it_did() {
         ),
         0.0
     );
+    // The orders come through the storefront's outbox.
     assert_eq!(
         sample(
             &text,
-            "messaging_client_sent_messages_total",
-            &[("choreo_source", "storefront")]
+            "choreo_outbox_published_total",
+            &[("service", "storefront")]
         ),
         40.0,
-        "every order placed is counted as sent: {text}"
+        "every order placed is counted as published: {text}"
     );
     assert_eq!(
         sample(

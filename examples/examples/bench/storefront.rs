@@ -7,23 +7,16 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use choreo_examples::http::HttpClient;
 use choreo_examples::shop::{self, Ledger};
-use choreo_examples::storefront::NewOrder;
 use choreo_postgres::sqlx;
 use choreo_postgres::sqlx::postgres::PgPoolOptions;
 use choreo_testkit::{NatsServer, PostgresServer};
 use futures::StreamExt;
 
 use super::BoxError;
-
-/// Requests in flight (one keep-alive connection each).
-const CLIENTS: usize = 32;
 
 /// One side's run.
 pub(super) struct Run {
@@ -108,39 +101,10 @@ fn ready(child: &mut Child) -> Result<(), BoxError> {
         .map_err(|_| "the storefront did not start in 60 s".into())
 }
 
-/// Posts `n` orders `<run>-<i>`, [`CLIENTS`] at a time.
+/// Posts `n` orders `<run>-<i>` ([`shop::post_orders`]: 32 keep-alive
+/// connections).
 async fn post(addr: std::net::SocketAddr, run: &str, n: u64) -> Result<(), BoxError> {
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..CLIENTS {
-        let (next, run) = (next.clone(), run.to_owned());
-        tasks.spawn(async move {
-            let mut http = HttpClient::new(addr);
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return Ok::<(), String>(());
-                }
-                let o = shop::order(&run, i);
-                let body = serde_json::to_vec(&NewOrder {
-                    order_id: o.order_id,
-                    customer: o.customer,
-                    lines: o.lines,
-                })
-                .map_err(|e| e.to_string())?;
-                let r = http
-                    .post_json("/orders", &body)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if r.status != 201 {
-                    return Err(format!("POST /orders answered {}", r.status));
-                }
-            }
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
+    shop::post_orders(addr, run, n).await?;
     Ok(())
 }
 
