@@ -44,13 +44,22 @@ pub struct Outbox {
 #[must_use = "commit the transaction with Outbox::commit, or the staged events wait for the relay"]
 #[derive(Debug, Default)]
 pub struct Staged {
-    rows: Vec<(i64, Emission)>,
+    rows: Vec<Row>,
+}
+
+/// One staged event: its row's sequence, the event, and its ordering key
+/// if it was staged in key order.
+#[derive(Debug)]
+struct Row {
+    seq: i64,
+    event: Emission,
+    key: Option<String>,
 }
 
 impl Staged {
     /// The staged events' ids, in the order they were staged.
     pub fn event_ids(&self) -> Vec<EventId> {
-        self.rows.iter().map(|(_, e)| e.event_id).collect()
+        self.rows.iter().map(|r| r.event.event_id).collect()
     }
 
     /// These events and then `other`'s.
@@ -96,14 +105,47 @@ impl Outbox {
         tx: &mut PgConnection,
         event: &E,
     ) -> Result<Staged, PgError> {
+        self.insert(tx, event, None).await
+    }
+
+    /// [`stage`](Self::stage), in the order of `key` (an order id, an
+    /// account): the events staged for one key are stored in the order they
+    /// were staged, whoever publishes them. Transactions staging one key
+    /// take turns (a lock on the key until they end), so staging order is
+    /// commit order; an event is published at the commit only when no
+    /// older event of its key waits, else the relay publishes the key's
+    /// events oldest first. Order costs that wait: under contention on a
+    /// key, events can wait for the relay's delay.
+    ///
+    /// # Errors
+    /// As [`stage`](Self::stage).
+    pub async fn stage_in_order<E: Event>(
+        &self,
+        tx: &mut PgConnection,
+        key: &str,
+        event: &E,
+    ) -> Result<Staged, PgError> {
+        self.insert(tx, event, Some(key)).await
+    }
+
+    async fn insert<E: Event>(
+        &self,
+        tx: &mut PgConnection,
+        event: &E,
+        key: Option<&str>,
+    ) -> Result<Staged, PgError> {
         let e = self
             .publisher
             .prepare(event)
             .await
             .map_err(|e| PgError::Publish(e.to_string()))?;
+        // With a key: the key's lock first, held to the transaction's end.
         let seq: i64 = sqlx::query_scalar(
-            "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload)
-             VALUES ($1::uuid, $2, $3, $4, $5)
+            "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload, okey)
+             SELECT $1::uuid, $2, $3, $4, $5, $6
+             FROM (SELECT CASE WHEN $6::text IS NULL THEN NULL
+                          ELSE pg_advisory_xact_lock(hashtextextended('choreo.outbox:' || $6, 0))
+                          END) AS turn
              RETURNING seq",
         )
         .bind(e.event_id.to_string())
@@ -111,11 +153,16 @@ impl Outbox {
         .bind(&e.subject)
         .bind(headers_to_json(&e.headers))
         .bind(&e.payload[..])
+        .bind(key)
         .fetch_one(&mut *tx)
         .await
         .map_err(PgError::sql("stage an event in the outbox"))?;
         Ok(Staged {
-            rows: vec![(seq, e)],
+            rows: vec![Row {
+                seq,
+                event: e,
+                key: key.map(str::to_owned),
+            }],
         })
     }
 
@@ -145,12 +192,28 @@ impl Outbox {
     }
 
     /// Publishes committed rows and deletes them; `false` if a publish
-    /// failed (the rest are left to the relay).
+    /// failed or an event waits for an older one of its key (the rest are
+    /// left to the relay).
     async fn publish(&self, staged: Staged) -> bool {
         let js = self.publisher.js();
         let total = staged.rows.len();
         let mut done = Vec::with_capacity(total);
-        for (seq, e) in staged.rows {
+        let mut in_order = Vec::new();
+        for row in staged.rows {
+            if let Some(key) = &row.key {
+                match self.older_waits(key, row.seq).await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        tracing::debug!(event_id = %row.event.event_id, key = %key, "outbox: an older event of the key waits; the relay publishes this one after it");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(event_id = %row.event.event_id, error = %e, "outbox: cannot tell whether an older event of the key waits; the relay will publish this one");
+                        break;
+                    }
+                }
+            }
+            let e = row.event;
             let sent = match js
                 .publish_with_headers(e.subject.clone(), e.headers, e.payload)
                 .await
@@ -162,14 +225,40 @@ impl Outbox {
                 tracing::warn!(event_id = %e.event_id, event = e.event_type, subject = %e.subject, error = %reason, "outbox: publishing a committed event failed; the relay will publish it");
                 break;
             }
-            done.push(seq);
+            if row.key.is_some() {
+                in_order.push(row.seq);
+            } else {
+                done.push(row.seq);
+            }
         }
-        let all = done.len() == total;
+        let published = done.len() + in_order.len();
         metrics::counter!(crate::relay::PUBLISHED, "service" => self.store.inner.service.clone())
-            .increment(done.len() as u64);
+            .increment(published as u64);
+        if !in_order.is_empty() {
+            // Deleted before the answer: the key's next event, staged
+            // right after, must not find this one waiting.
+            let deleted = sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
+                .bind(&in_order)
+                .execute(self.store.pool())
+                .await;
+            if let Err(e) = deleted {
+                tracing::warn!(error = %e, "outbox: cannot delete published rows; the relay will publish them again (the stream drops the copies)");
+            }
+        }
         if !done.is_empty() {
             self.store.forget_published(done);
         }
-        all
+        published == total
+    }
+
+    /// Whether an event of `key` older than `seq` waits in the outbox.
+    async fn older_waits(&self, key: &str, seq: i64) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM choreo.outbox WHERE okey = $1 AND seq < $2)",
+        )
+        .bind(key)
+        .bind(seq)
+        .fetch_one(self.store.pool())
+        .await
     }
 }

@@ -87,9 +87,14 @@ pub(crate) async fn run(store: RelayHandle) {
         // failed is reported from its own `last_error`.
         let mut full = false;
         let relay_error = match relay_once(&inner).await {
-            Ok(Pass { published, failed }) => {
-                // A full batch: more rows may be due; look again at once.
-                full = published + failed >= BATCH as u64;
+            Ok(Pass {
+                published,
+                failed,
+                in_order,
+            }) => {
+                // A full batch, or keys' oldest rows (their next may be
+                // due): look again at once.
+                full = published + failed >= BATCH as u64 || (in_order > 0 && published > 0);
                 if published + failed > 0 {
                     tracing::info!(
                         service = %inner.service,
@@ -135,6 +140,9 @@ pub(crate) struct Pass {
     pub(crate) published: u64,
     /// Rows whose publish failed: kept, with the reason, for a later try.
     pub(crate) failed: u64,
+    /// Rows of keys staged in order among those taken (each key's oldest
+    /// only: the next may be due at once).
+    pub(crate) in_order: u64,
 }
 
 /// One pass: publishes the rows older than the relay delay, oldest first,
@@ -148,10 +156,14 @@ pub(crate) async fn relay_once(inner: &Inner) -> Result<Pass, PgError> {
         .await
         .map_err(PgError::sql("begin the relay"))?;
     let rows = sqlx::query(
-        "SELECT seq, event_id::text AS event_id, subject, headers::text AS headers, payload
-         FROM choreo.outbox
+        "SELECT seq, event_id::text AS event_id, subject, headers::text AS headers, payload,
+                okey IS NOT NULL AS in_order
+         FROM choreo.outbox o
          WHERE created_at < now() - make_interval(secs => $1)
            AND (retry_at IS NULL OR retry_at <= now())
+           -- Of a key's events staged in order, only the oldest.
+           AND (okey IS NULL OR NOT EXISTS (
+                SELECT 1 FROM choreo.outbox p WHERE p.okey = o.okey AND p.seq < o.seq))
          ORDER BY seq
          LIMIT $2
          FOR UPDATE SKIP LOCKED",
@@ -165,11 +177,16 @@ pub(crate) async fn relay_once(inner: &Inner) -> Result<Pass, PgError> {
         return Ok(Pass {
             published: 0,
             failed: 0,
+            in_order: 0,
         });
     }
     let mut sent = Vec::with_capacity(rows.len());
     let mut failed: Vec<(i64, String)> = Vec::new();
+    let mut in_order = 0;
     for row in &rows {
+        if row.try_get::<bool, _>("in_order").unwrap_or(false) {
+            in_order += 1;
+        }
         let seq: i64 = row
             .try_get("seq")
             .map_err(PgError::sql("read an outbox row"))?;
@@ -239,6 +256,7 @@ pub(crate) async fn relay_once(inner: &Inner) -> Result<Pass, PgError> {
     Ok(Pass {
         published: published.len() as u64,
         failed: failed.len() as u64,
+        in_order,
     })
 }
 

@@ -46,7 +46,11 @@ const MIGRATIONS: &[&str] = &[
         ALTER COLUMN headers TYPE text,
         ADD COLUMN attempts   int NOT NULL DEFAULT 0,
         ADD COLUMN last_error text,
-        ADD COLUMN retry_at   timestamptz;
+        ADD COLUMN retry_at   timestamptz,
+        ADD COLUMN okey       text;
+    -- An entry point's events staged in key order (Outbox::stage_in_order):
+    -- the relay publishes only the oldest row of a key.
+    CREATE INDEX outbox_okey ON choreo.outbox (okey, seq) WHERE okey IS NOT NULL;
     -- Rows live milliseconds: vacuum the dead ones after every thousand,
     -- not after a fifth of the table, so it stays a few pages.
     ALTER TABLE choreo.outbox SET (autovacuum_vacuum_scale_factor = 0,

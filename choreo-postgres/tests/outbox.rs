@@ -311,3 +311,173 @@ async fn staged_events_publish_at_the_commit_and_a_rollback_publishes_nothing() 
     let mut stream = js.get_stream("ORDERS").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 2);
 }
+
+/// Stages `n` of `key`'s events in order through `outbox`, one transaction
+/// each, and records the staging order (the key's lock is held from the
+/// stage to the commit, so the order the stages return in is the order).
+async fn stage_key_events(
+    outbox: choreo_postgres::Outbox,
+    pool: PgPool,
+    key: String,
+    from: i64,
+    n: i64,
+    order: std::sync::Arc<std::sync::Mutex<Vec<(String, i64)>>>,
+) {
+    for i in from..from + n {
+        let mut tx = pool.begin().await.unwrap();
+        let staged = outbox
+            .stage_in_order(
+                &mut tx,
+                &key,
+                &OrderPlaced {
+                    order_id: format!("{key}-{i}"),
+                    cents: i,
+                },
+            )
+            .await
+            .unwrap();
+        order.lock().unwrap().push((key.clone(), i));
+        outbox.commit(tx, staged).await.unwrap();
+    }
+}
+
+/// The stored `OrderPlaced` events of each key (`<key>-<i>` order ids), in
+/// stream order.
+async fn stored_by_key(js: &jetstream::Context) -> std::collections::HashMap<String, Vec<i64>> {
+    let mut out: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    for seq in 1..=stream.cached_info().state.last_sequence {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let order = m.subject.split('.').nth(1).unwrap();
+        let (key, i) = order.rsplit_once('-').unwrap();
+        out.entry(key.to_owned())
+            .or_default()
+            .push(i.parse().unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_keys_events_are_stored_in_staging_order_while_the_relay_races() {
+    let nats = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let pool = common::pool(&pg.url()).await;
+    let storefront = Publisher::new(client.clone(), "storefront").unwrap();
+    // A relay that takes rows at once and looks every 10 ms: it races
+    // every commit's own publish.
+    let postgres = Postgres::start_with(
+        pool.clone(),
+        &storefront,
+        PostgresOptions::default()
+            .relay_delay(Duration::ZERO)
+            .relay_every(Duration::from_millis(10)),
+    )
+    .await
+    .unwrap();
+    let outbox = postgres.outbox(&storefront);
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut writers = tokio::task::JoinSet::new();
+    // Three keys, two writers each, 40 events per writer.
+    for key in ["ka", "kb", "kc"] {
+        for w in 0..2 {
+            writers.spawn(stage_key_events(
+                outbox.clone(),
+                pool.clone(),
+                key.to_owned(),
+                w * 1000,
+                40,
+                order.clone(),
+            ));
+        }
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+    let start = Instant::now();
+    while scalar(&pool, "SELECT count(*) FROM choreo.outbox").await > 0 {
+        assert!(start.elapsed() < Duration::from_secs(20), "rows left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored = stored_by_key(&js).await;
+    let order = order.lock().unwrap().clone();
+    for key in ["ka", "kb", "kc"] {
+        let staged: Vec<i64> = order
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, i)| *i)
+            .collect();
+        assert_eq!(staged.len(), 80);
+        assert_eq!(stored[key], staged, "{key} stored out of staging order");
+    }
+}
+
+/// The relay is slow on purpose (its delay 1 s) and the key's first event
+/// was committed by a process that died before publishing: the key's later
+/// events wait for it, however fast their own commits publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_later_events_wait_for_an_earlier_one_the_relay_publishes() {
+    let nats = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let pool = common::pool(&pg.url()).await;
+    let storefront = Publisher::new(client.clone(), "storefront").unwrap();
+    let postgres = Postgres::start_with(
+        pool.clone(),
+        &storefront,
+        PostgresOptions::default()
+            .relay_delay(Duration::from_secs(1))
+            .relay_every(Duration::from_millis(100)),
+    )
+    .await
+    .unwrap();
+    let outbox = postgres.outbox(&storefront);
+    let event = |i: i64| OrderPlaced {
+        order_id: format!("k-{i}"),
+        cents: i,
+    };
+    // The first: committed, never published by its process.
+    let mut tx = pool.begin().await.unwrap();
+    let staged = outbox
+        .stage_in_order(&mut tx, "k", &event(1))
+        .await
+        .unwrap();
+    drop(staged);
+    tx.commit().await.unwrap();
+    // The next ones through the outbox: none may overtake it.
+    for i in 2..=5 {
+        let mut tx = pool.begin().await.unwrap();
+        let staged = outbox
+            .stage_in_order(&mut tx, "k", &event(i))
+            .await
+            .unwrap();
+        let committed = outbox.commit(tx, staged).await.unwrap();
+        assert!(!committed.published, "k-{i} would overtake k-1");
+    }
+    // Another key is not held up.
+    let mut tx = pool.begin().await.unwrap();
+    let staged = outbox
+        .stage_in_order(
+            &mut tx,
+            "other",
+            &OrderPlaced {
+                order_id: "other-1".into(),
+                cents: 1,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(outbox.commit(tx, staged).await.unwrap().published);
+    let start = Instant::now();
+    while scalar(&pool, "SELECT count(*) FROM choreo.outbox").await > 0 {
+        assert!(start.elapsed() < Duration::from_secs(20), "rows left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "the relay waited its delay"
+    );
+    assert_eq!(stored_by_key(&js).await["k"], vec![1, 2, 3, 4, 5]);
+}
