@@ -5,7 +5,7 @@
 //! in between leaves them to the relay, which publishes them a few seconds
 //! later. A transaction rolled back publishes nothing.
 
-use choreo::{Emission, Event, EventId, Publisher};
+use choreo::{BatchOutcome, Emission, Event, EventId, Publisher};
 use sqlx::{PgConnection, Postgres as Pg};
 
 use crate::error::PgError;
@@ -167,9 +167,9 @@ impl Outbox {
     }
 
     /// Commits `tx`, then publishes what was staged in it, in the order it
-    /// was staged (each event awaited before the next is sent, so one key's
-    /// events are stored in that order), and has their rows deleted (in
-    /// the background, batched with others). A publish
+    /// was staged: several events of one stream as one atomic batch
+    /// (nats-server 2.12+ and a stream with `allow_atomic`; else one by
+    /// one, each awaited before the next), and has their rows deleted. A publish
     /// that fails after the commit is no error: the events are committed,
     /// and the relay publishes them after its delay.
     ///
@@ -195,24 +195,90 @@ impl Outbox {
     /// failed or an event waits for an older one of its key (the rest are
     /// left to the relay).
     async fn publish(&self, staged: Staged) -> bool {
-        let js = self.publisher.js();
         let total = staged.rows.len();
-        let mut done = Vec::with_capacity(total);
-        let mut in_order = Vec::new();
-        for row in staged.rows {
-            if let Some(key) = &row.key {
-                match self.older_waits(key, row.seq).await {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        tracing::debug!(event_id = %row.event.event_id, key = %key, "outbox: an older event of the key waits; the relay publishes this one after it");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(event_id = %row.event.event_id, error = %e, "outbox: cannot tell whether an older event of the key waits; the relay will publish this one");
-                        break;
-                    }
+        // A key's event goes only when no older one of its key waits; the
+        // rest of the transaction's events go after it, so none of them.
+        for row in &staged.rows {
+            let Some(key) = &row.key else { continue };
+            match self.older_waits(key, row.seq).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::debug!(event_id = %row.event.event_id, key = %key, "outbox: an older event of the key waits; the relay publishes these after it");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(event_id = %row.event.event_id, error = %e, "outbox: cannot tell whether an older event of the key waits; the relay will publish these");
+                    return false;
                 }
             }
+        }
+        let in_order: Vec<i64> = staged
+            .rows
+            .iter()
+            .filter(|r| r.key.is_some())
+            .map(|r| r.seq)
+            .collect();
+        let seqs: Vec<i64> = staged.rows.iter().map(|r| r.seq).collect();
+        let one_stream = staged
+            .rows
+            .iter()
+            .all(|r| r.event.stream == staged.rows[0].event.stream);
+        let published = if total > 1 && one_stream {
+            self.publish_batch(staged.rows).await
+        } else {
+            self.publish_each(staged.rows).await
+        };
+        metrics::counter!(crate::relay::PUBLISHED, "service" => self.store.inner.service.clone())
+            .increment(published as u64);
+        let done = &seqs[..published];
+        let (ordered, plain): (Vec<i64>, Vec<i64>) =
+            done.iter().partition(|seq| in_order.contains(seq));
+        if !ordered.is_empty() {
+            // Deleted before the answer: the key's next event, staged
+            // right after, must not find these waiting.
+            let deleted = sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
+                .bind(&ordered)
+                .execute(self.store.pool())
+                .await;
+            if let Err(e) = deleted {
+                tracing::warn!(error = %e, "outbox: cannot delete published rows; the relay will publish them again (the stream drops the copies)");
+            }
+        }
+        if !plain.is_empty() {
+            self.store.forget_published(plain);
+        }
+        published == total
+    }
+
+    /// A transaction's events of one stream as one atomic batch; one by
+    /// one where the server or the stream takes no batches. Returns how
+    /// many were stored (all or none of a batch).
+    async fn publish_batch(&self, rows: Vec<Row>) -> usize {
+        let events: Vec<Emission> = rows.iter().map(|r| r.event.clone()).collect();
+        let n = events.len();
+        match self.publisher.publish_atomic(events).await {
+            BatchOutcome::Stored(_) => n,
+            BatchOutcome::NotAtomic(why) => {
+                tracing::debug!(reason = %why, stream = rows[0].event.stream, "outbox: the stream takes no atomic batches; publishing one by one");
+                self.publish_each(rows).await
+            }
+            BatchOutcome::Refused(why) | BatchOutcome::Unknown(why) => {
+                tracing::warn!(reason = %why, events = n, "outbox: the atomic batch of a committed transaction was not stored; the relay will publish its events");
+                0
+            }
+            other => {
+                tracing::warn!(outcome = ?other, "outbox: an atomic batch ended unexpectedly; the relay will publish its events");
+                0
+            }
+        }
+    }
+
+    /// Events one by one, each awaited before the next; returns how many
+    /// were stored before one failed.
+    async fn publish_each(&self, rows: Vec<Row>) -> usize {
+        let js = self.publisher.js();
+        let mut stored = 0;
+        for row in rows {
             let e = row.event;
             let sent = match js
                 .publish_with_headers(e.subject.clone(), e.headers, e.payload)
@@ -225,30 +291,9 @@ impl Outbox {
                 tracing::warn!(event_id = %e.event_id, event = e.event_type, subject = %e.subject, error = %reason, "outbox: publishing a committed event failed; the relay will publish it");
                 break;
             }
-            if row.key.is_some() {
-                in_order.push(row.seq);
-            } else {
-                done.push(row.seq);
-            }
+            stored += 1;
         }
-        let published = done.len() + in_order.len();
-        metrics::counter!(crate::relay::PUBLISHED, "service" => self.store.inner.service.clone())
-            .increment(published as u64);
-        if !in_order.is_empty() {
-            // Deleted before the answer: the key's next event, staged
-            // right after, must not find this one waiting.
-            let deleted = sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
-                .bind(&in_order)
-                .execute(self.store.pool())
-                .await;
-            if let Err(e) = deleted {
-                tracing::warn!(error = %e, "outbox: cannot delete published rows; the relay will publish them again (the stream drops the copies)");
-            }
-        }
-        if !done.is_empty() {
-            self.store.forget_published(done);
-        }
-        published == total
+        stored
     }
 
     /// Whether an event of `key` older than `seq` waits in the outbox.

@@ -481,3 +481,81 @@ async fn a_keys_later_events_wait_for_an_earlier_one_the_relay_publishes() {
     );
     assert_eq!(stored_by_key(&js).await["k"], vec![1, 2, 3, 4, 5]);
 }
+
+/// Several events of one transaction are one atomic batch where the stream
+/// takes them (nats-server 2.12+, `allow_atomic`), and one by one where it
+/// does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactions_events_are_one_atomic_batch_where_the_stream_takes_them() {
+    let nats = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let pool = common::pool(&pg.url()).await;
+    let storefront = Publisher::new(client.clone(), "storefront").unwrap();
+    storefront.ensure_stream::<OrderPlaced>().await.unwrap();
+    let postgres = Postgres::start(pool.clone(), &storefront).await.unwrap();
+    let outbox = postgres.outbox(&storefront);
+    let atomic = |on: bool| {
+        let js = js.clone();
+        async move {
+            let mut config = js
+                .get_stream("ORDERS")
+                .await
+                .unwrap()
+                .cached_info()
+                .config
+                .clone();
+            config.allow_atomic_publish = on;
+            js.update_stream(&config).await.unwrap();
+        }
+    };
+    let three = |run: &'static str| {
+        let (outbox, pool) = (outbox.clone(), pool.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let mut staged = choreo_postgres::Staged::default();
+            for i in 0..3 {
+                let one = outbox
+                    .stage(
+                        &mut tx,
+                        &OrderPlaced {
+                            order_id: format!("{run}{i}"),
+                            cents: i,
+                        },
+                    )
+                    .await
+                    .unwrap();
+                staged = staged.and(one);
+            }
+            assert!(outbox.commit(tx, staged).await.unwrap().published);
+        }
+    };
+    let batch_ids = |run: &'static str| {
+        let js = js.clone();
+        async move {
+            let stream = js.get_stream("ORDERS").await.unwrap();
+            let mut ids = Vec::new();
+            for seq in 1..=stream.cached_info().state.last_sequence {
+                let m = stream.get_raw_message(seq).await.unwrap();
+                if m.subject.starts_with(&format!("orders.{run}")) {
+                    ids.push(
+                        m.headers
+                            .get("Nats-Batch-Id")
+                            .map(|v| v.as_str().to_owned()),
+                    );
+                }
+            }
+            ids
+        }
+    };
+    atomic(true).await;
+    three("a").await;
+    let ids = batch_ids("a").await;
+    assert_eq!(ids.len(), 3);
+    assert!(ids[0].is_some(), "stored as a batch: {ids:?}");
+    assert!(ids.iter().all(|id| *id == ids[0]), "one batch: {ids:?}");
+    atomic(false).await;
+    three("b").await;
+    assert_eq!(batch_ids("b").await, vec![None, None, None], "one by one");
+}

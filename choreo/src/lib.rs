@@ -69,7 +69,9 @@ pub use handler::{
 };
 pub use inbox::{DEFAULT_RETENTION as DEFAULT_INBOX_RETENTION, InboxError, InboxErrorKind};
 pub use nats::{ConnectError, ConnectErrorKind, JetStreamApi, Source, connect};
-pub use publish::{PUBLISH_ALL_IN_FLIGHT, PublishError, PublishErrorKind, Publisher, Receipt};
+pub use publish::{
+    BatchOutcome, PUBLISH_ALL_IN_FLIGHT, PublishError, PublishErrorKind, Publisher, Receipt,
+};
 pub use runtime::HandlerStats;
 pub use service::{
     DEFAULT_SERVER_BUDGET, RunError, RunErrorKind, Service, ServiceHandle, StartError,

@@ -8,24 +8,14 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use serde::Deserialize;
-
 use crate::event::EventId;
-use crate::publish::Outgoing;
+use crate::publish::{Outgoing, batch};
 
 /// The header that carries the last sequence a decision read.
 pub(crate) const EXPECTED_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
 /// The header that names the filter the check is against.
 pub(crate) const EXPECTED_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
-/// The header that marks a message of an atomic batch.
-pub(crate) const BATCH_ID: &str = "Nats-Batch-Id";
-
-/// The most events one atomic batch may hold (the server's limit).
-pub(crate) const MAX_BATCH: usize = 1000;
-
-/// How long an append waits for the server's answer.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) use crate::publish::batch::{BATCH_ID, MAX_BATCH};
 
 /// How an append ended.
 pub(crate) enum Outcome {
@@ -40,24 +30,6 @@ pub(crate) enum Outcome {
     NoAtomic(String),
     /// Refused for another reason.
     Refused(String),
-}
-
-/// A PubAck, or its error.
-#[derive(Deserialize)]
-struct Answer {
-    #[serde(default)]
-    seq: u64,
-    #[serde(default)]
-    duplicate: bool,
-    error: Option<ApiError>,
-}
-
-#[derive(Deserialize)]
-struct ApiError {
-    #[serde(default)]
-    err_code: u64,
-    #[serde(default)]
-    description: String,
 }
 
 /// A boundary's check: the last sequence a decision read on its filter.
@@ -78,50 +50,20 @@ pub(crate) async fn append(
         .map(|(o, _)| (o.id, o.subject.clone()))
         .collect();
     let n = outs.len();
-    let batch = if n > 1 {
-        EventId::new_random().to_string()
-    } else {
-        String::new()
-    };
-    let mut answer = None;
-    for (i, (mut out, check)) in outs.into_iter().enumerate() {
-        let headers = &mut out.headers;
-        if let Some(check) = check {
-            headers.insert(EXPECTED_SEQUENCE, check.expected.to_string());
-            headers.insert(EXPECTED_SUBJECT, check.filter.as_str());
-        }
-        if n > 1 {
-            headers.insert(BATCH_ID, batch.as_str());
-            headers.insert("Nats-Batch-Sequence", (i + 1).to_string());
-            if i + 1 == n {
-                headers.insert("Nats-Batch-Commit", "1");
+    let messages = outs
+        .into_iter()
+        .map(|(mut out, check)| {
+            if let Some(check) = check {
+                out.headers
+                    .insert(EXPECTED_SEQUENCE, check.expected.to_string());
+                out.headers.insert(EXPECTED_SUBJECT, check.filter.as_str());
             }
-        }
-        let headers = std::mem::take(&mut out.headers);
-        let subject = std::mem::take(&mut out.subject);
-        // The first message (the batch's start, answered with an empty
-        // reply or its refusal) and the last (the PubAck) are requests;
-        // those between are sent as they are.
-        let last = i + 1 == n;
-        if i == 0 || last {
-            match request(client, subject, headers, out.payload).await {
-                Ok(a) if last => answer = Some(a),
-                Ok(a) if a.error.is_some() => {
-                    answer = Some(a);
-                    break;
-                }
-                Ok(_) => {}
-                Err(e) => return Outcome::Unknown(e),
-            }
-        } else if let Err(e) = client
-            .publish_with_headers(subject, headers, out.payload)
-            .await
-        {
-            return Outcome::Unknown(e.to_string());
-        }
-    }
-    let Some(answer) = answer else {
-        return Outcome::Unknown("no answer".to_owned());
+            (out.subject, out.headers, out.payload)
+        })
+        .collect();
+    let answer = match batch::send(client, messages).await {
+        Ok(a) => a,
+        Err(e) => return Outcome::Unknown(e),
     };
     match answer.error {
         None => {
@@ -143,35 +85,9 @@ pub(crate) async fn append(
         Some(e) if e.err_code == 10071 || e.err_code == 10164 => Outcome::Conflict,
         // The batch repeats ids already stored: an earlier try went through.
         Some(e) if e.err_code == 10201 => Outcome::Unknown(e.description),
-        Some(e) if e.err_code == 10174 => Outcome::NoAtomic(e.description),
+        Some(e) if e.err_code == batch::NO_ATOMIC => Outcome::NoAtomic(e.description),
         Some(e) => Outcome::Refused(format!("{} (error {})", e.description, e.err_code)),
     }
-}
-
-/// One request, its answer parsed (empty: no error).
-async fn request(
-    client: &async_nats::Client,
-    subject: String,
-    headers: HeaderMap,
-    payload: bytes::Bytes,
-) -> Result<Answer, String> {
-    let request = async_nats::Request::new()
-        .headers(headers)
-        .payload(payload)
-        .timeout(Some(ANSWER_TIMEOUT));
-    let reply = client
-        .send_request(subject, request)
-        .await
-        .map_err(|e| e.to_string())?;
-    if reply.payload.is_empty() {
-        return Ok(Answer {
-            seq: 0,
-            duplicate: false,
-            error: None,
-        });
-    }
-    serde_json::from_slice(&reply.payload)
-        .map_err(|e| format!("an answer that is not a PubAck ({e})"))
 }
 
 /// How many conflicts in a row a decision retries without a pause.

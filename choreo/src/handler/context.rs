@@ -323,6 +323,7 @@ impl Context {
                 Ok(o) => Ok(Emission {
                     event_id: o.id,
                     event_type: o.event,
+                    stream: o.stream.name,
                     subject: o.subject.clone(),
                     headers: o.headers.clone(),
                     payload: o.payload.clone(),

@@ -8,11 +8,13 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bytes::Bytes;
 
+pub(crate) mod batch;
 mod error;
 mod outgoing;
 mod record;
 mod send;
 
+pub use batch::BatchOutcome;
 pub use error::{PublishError, PublishErrorKind};
 pub use outgoing::Emission;
 pub(crate) use outgoing::Outgoing;
@@ -245,6 +247,7 @@ impl Publisher {
         Ok(Emission {
             event_id: out.id,
             event_type: out.event,
+            stream: out.stream.name,
             subject: out.subject,
             headers: out.headers,
             payload: out.payload,

@@ -76,6 +76,8 @@ pub struct Emission {
     pub event_id: crate::EventId,
     /// The event type's name.
     pub event_type: &'static str,
+    /// The stream it goes to.
+    pub stream: &'static str,
     /// The subject it is published on.
     pub subject: String,
     /// Its headers (choreo's wire format).
