@@ -263,7 +263,11 @@ async fn the_schema_migrates_once_and_the_hot_path_uses_indexes() {
         ),
         (
             "the relay's read",
-            "EXPLAIN SELECT seq FROM choreo.outbox WHERE created_at < now() - make_interval(secs => 5) ORDER BY seq LIMIT 256 FOR UPDATE SKIP LOCKED",
+            "EXPLAIN SELECT seq FROM choreo.outbox o WHERE created_at < now() - make_interval(secs => 5) AND (retry_at IS NULL OR retry_at <= now()) AND (okey IS NULL OR NOT EXISTS (SELECT 1 FROM choreo.outbox p WHERE p.okey = o.okey AND p.seq < o.seq)) ORDER BY seq LIMIT 256 FOR UPDATE SKIP LOCKED",
+        ),
+        (
+            "a key's older events waiting (Outbox::commit, in key order)",
+            "EXPLAIN SELECT EXISTS (SELECT 1 FROM choreo.outbox WHERE okey = 'k' AND seq < 40000)",
         ),
         (
             "the outbox delete",
