@@ -139,24 +139,28 @@ impl Outbox {
             .prepare(event)
             .await
             .map_err(|e| PgError::Publish(e.to_string()))?;
-        // With a key: the key's lock first, held to the transaction's end.
-        let seq: i64 = sqlx::query_scalar(
+        // With a key: the key's lock first, held to the transaction's end;
+        // without, a plain insert (the common case, and the cheaper plan).
+        let sql = if key.is_some() {
             "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload, okey)
              SELECT $1::uuid, $2, $3, $4, $5, $6
-             FROM (SELECT CASE WHEN $6::text IS NULL THEN NULL
-                          ELSE pg_advisory_xact_lock(hashtextextended('choreo.outbox:' || $6, 0))
-                          END) AS turn
-             RETURNING seq",
-        )
-        .bind(e.event_id.to_string())
-        .bind(e.event_type)
-        .bind(&e.subject)
-        .bind(headers_to_json(&e.headers))
-        .bind(&e.payload[..])
-        .bind(key)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(PgError::sql("stage an event in the outbox"))?;
+             FROM (SELECT pg_advisory_xact_lock(hashtextextended('choreo.outbox:' || $6, 0))) AS turn
+             RETURNING seq"
+        } else {
+            "INSERT INTO choreo.outbox (event_id, event_type, subject, headers, payload, okey)
+             VALUES ($1::uuid, $2, $3, $4, $5, $6)
+             RETURNING seq"
+        };
+        let seq: i64 = sqlx::query_scalar(sql)
+            .bind(e.event_id.to_string())
+            .bind(e.event_type)
+            .bind(&e.subject)
+            .bind(headers_to_json(&e.headers))
+            .bind(&e.payload[..])
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(PgError::sql("stage an event in the outbox"))?;
         Ok(Staged {
             rows: vec![Row {
                 seq,
