@@ -192,8 +192,21 @@ pub(crate) async fn enter(
 ) -> Result<(Tx, Entry), PgError> {
     rm.check()?;
     // The state, and the search path set to the generation it writes to.
-    let (tx, seen) = read_seen(
-        tx,
+    let (tx, seen) = read_seen(tx, rm, handler_id).await?;
+    let entry = decide(seen.as_ref(), marker);
+    Ok((tx, entry))
+}
+
+/// Reads what the handler sees of the model (its row joined with the
+/// handler's), and sets the transaction's search path to the generation
+/// the handler writes to (harmless in [`prepare`], whose DDL sets its own).
+async fn read_seen(
+    mut tx: Tx,
+    rm: &ReadModel,
+    handler_id: &str,
+) -> Result<(Tx, Option<Seen>), PgError> {
+    let (service, handler) = split(handler_id);
+    let row = sqlx::query(
         "SELECT r.live, r.building, r.started_ms, h.joined_ms,
                 set_config('search_path',
                            format('%I, ', 'choreo_rm_' || r.name || '_' ||
@@ -205,30 +218,13 @@ pub(crate) async fn enter(
          LEFT JOIN choreo.read_model_handlers h
                 ON h.name = r.name AND h.service = $2 AND h.handler = $3
          WHERE r.name = $1",
-        rm,
-        handler_id,
     )
-    .await?;
-    let entry = decide(seen.as_ref(), marker);
-    Ok((tx, entry))
-}
-
-/// Runs `sql` (the model's row joined with the handler's, by name, service
-/// and handler) and reads what the handler sees of the model.
-async fn read_seen(
-    mut tx: Tx,
-    sql: &'static str,
-    rm: &ReadModel,
-    handler_id: &str,
-) -> Result<(Tx, Option<Seen>), PgError> {
-    let (service, handler) = split(handler_id);
-    let row = sqlx::query(sql)
-        .bind(rm.name)
-        .bind(service)
-        .bind(handler)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(PgError::sql("read the read model's generations"))?;
+    .bind(rm.name)
+    .bind(service)
+    .bind(handler)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(PgError::sql("read the read model's generations"))?;
     let seen = row.map(|r| seen_of(&r)).transpose()?;
     Ok((tx, seen))
 }
@@ -272,17 +268,7 @@ pub(crate) async fn prepare(
         .execute(&mut *tx)
         .await
         .map_err(PgError::sql("lock the read model"))?;
-    let (mut tx, seen) = read_seen(
-        tx,
-        "SELECT r.live, r.building, r.started_ms, h.joined_ms
-         FROM choreo.read_models r
-         LEFT JOIN choreo.read_model_handlers h
-                ON h.name = r.name AND h.service = $2 AND h.handler = $3
-         WHERE r.name = $1",
-        rm,
-        handler_id,
-    )
-    .await?;
+    let (mut tx, seen) = read_seen(tx, rm, handler_id).await?;
     // A replay made before the handler met the model is not one to
     // rebuild for.
     let seen_ms = marker.map_or(0, |m| i64::try_from(m.at_ms).unwrap_or(i64::MAX));

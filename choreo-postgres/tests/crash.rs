@@ -202,14 +202,8 @@ async fn payments_processes_killed_under_load_do_nothing_twice_and_lose_nothing(
     let js = jetstream::new(client.clone());
     let started = Instant::now();
     loop {
-        let charges: i64 = sqlx::query_scalar("SELECT count(*) FROM charges")
-            .fetch_one(&db)
-            .await
-            .unwrap();
-        let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM choreo.outbox")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+        let charges = scalar(&db, "SELECT count(*) FROM charges").await;
+        let outbox = scalar(&db, "SELECT count(*) FROM choreo.outbox").await;
         let captured = js
             .get_stream("PAYMENTS")
             .await
@@ -219,17 +213,7 @@ async fn payments_processes_killed_under_load_do_nothing_twice_and_lose_nothing(
             .unwrap()
             .state
             .messages;
-        let info = js
-            .get_stream("ORDERS")
-            .await
-            .unwrap()
-            .get_consumer::<jetstream::consumer::pull::Config>("payments--charge")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .clone();
+        let info = charge_consumer(&js).await;
         if charges as u64 >= ORDERS
             && captured >= ORDERS
             && outbox == 0
@@ -275,6 +259,20 @@ async fn payments_processes_killed_under_load_do_nothing_twice_and_lose_nothing(
     for mut p in procs {
         kill(&mut p);
     }
+}
+
+/// The charge handler's durable, as the server reads it now.
+async fn charge_consumer(js: &jetstream::Context) -> jetstream::consumer::Info {
+    js.get_stream("ORDERS")
+        .await
+        .unwrap()
+        .get_consumer::<jetstream::consumer::pull::Config>("payments--charge")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone()
 }
 
 /// How many times the PAYMENTS stream holds each subject.
@@ -442,17 +440,7 @@ async fn each_crash_point_leaves_nothing_twice_and_nothing_lost() {
         3
     );
     until("every order acknowledged", || async {
-        let info = js
-            .get_stream("ORDERS")
-            .await
-            .unwrap()
-            .get_consumer::<jetstream::consumer::pull::Config>("payments--charge")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .clone();
+        let info = charge_consumer(&js).await;
         info.num_pending == 0 && info.num_ack_pending == 0
     })
     .await;

@@ -28,6 +28,23 @@ async fn scalar(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
+/// A nats-server and a Postgres for one test, a client, its JetStream and
+/// a pool with the `charges` table.
+async fn servers() -> (
+    NatsServer,
+    PostgresServer,
+    choreo::async_nats::Client,
+    jetstream::Context,
+    PgPool,
+) {
+    let nats = NatsServer::start().await.unwrap();
+    let pg = PostgresServer::start().await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let pool = common::pool(&pg.url()).await;
+    (nats, pg, client, js, pool)
+}
+
 /// A row as a process that died after its commit leaves it.
 async fn leave_row(pool: &PgPool, subject: &str) {
     sqlx::query(
@@ -42,11 +59,7 @@ async fn leave_row(pool: &PgPool, subject: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_row_is_kept_with_its_reason_and_shown_and_the_rows_behind_it_go_on() {
-    let nats = NatsServer::start().await.unwrap();
-    let pg = PostgresServer::start().await.unwrap();
-    let client = nats.connect().await.unwrap();
-    let js = jetstream::new(client.clone());
-    let pool = common::pool(&pg.url()).await;
+    let (_nats, _pg, client, js, pool) = servers().await;
     let publisher = Publisher::new(client.clone(), "payments").unwrap();
     // The payments stream exists once something was published to it.
     publisher
@@ -157,11 +170,7 @@ async fn a_refused_row_is_kept_with_its_reason_and_shown_and_the_rows_behind_it_
 
 #[tokio::test]
 async fn lint_flags_a_relay_later_than_a_streams_duplicate_window() {
-    let nats = NatsServer::start().await.unwrap();
-    let pg = PostgresServer::start().await.unwrap();
-    let client = nats.connect().await.unwrap();
-    let js = jetstream::new(client.clone());
-    let pool = common::pool(&pg.url()).await;
+    let (_nats, _pg, client, js, pool) = servers().await;
     let publisher = Publisher::new(client.clone(), "payments")
         .unwrap()
         .stream_settings(StreamSettings::default().duplicate_window(Duration::from_secs(10)));
@@ -210,11 +219,7 @@ async fn lint_flags_a_relay_later_than_a_streams_duplicate_window() {
 /// to the relay; the root event's correlation id is its own id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staged_events_publish_at_the_commit_and_a_rollback_publishes_nothing() {
-    let nats = NatsServer::start().await.unwrap();
-    let pg = PostgresServer::start().await.unwrap();
-    let client = nats.connect().await.unwrap();
-    let js = jetstream::new(client.clone());
-    let pool = common::pool(&pg.url()).await;
+    let (_nats, _pg, client, js, pool) = servers().await;
     let storefront = Publisher::new(client.clone(), "storefront").unwrap();
     let postgres = Postgres::start_with(
         pool.clone(),
@@ -359,11 +364,7 @@ async fn stored_by_key(js: &jetstream::Context) -> std::collections::HashMap<Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_keys_events_are_stored_in_staging_order_while_the_relay_races() {
-    let nats = NatsServer::start().await.unwrap();
-    let pg = PostgresServer::start().await.unwrap();
-    let client = nats.connect().await.unwrap();
-    let js = jetstream::new(client.clone());
-    let pool = common::pool(&pg.url()).await;
+    let (_nats, _pg, client, js, pool) = servers().await;
     let storefront = Publisher::new(client.clone(), "storefront").unwrap();
     // A relay that takes rows at once and looks every 10 ms: it races
     // every commit's own publish.
@@ -418,11 +419,7 @@ async fn one_keys_events_are_stored_in_staging_order_while_the_relay_races() {
 /// events wait for it, however fast their own commits publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keys_later_events_wait_for_an_earlier_one_the_relay_publishes() {
-    let nats = NatsServer::start().await.unwrap();
-    let pg = PostgresServer::start().await.unwrap();
-    let client = nats.connect().await.unwrap();
-    let js = jetstream::new(client.clone());
-    let pool = common::pool(&pg.url()).await;
+    let (_nats, _pg, client, js, pool) = servers().await;
     let storefront = Publisher::new(client.clone(), "storefront").unwrap();
     let postgres = Postgres::start_with(
         pool.clone(),
@@ -487,11 +484,7 @@ async fn a_keys_later_events_wait_for_an_earlier_one_the_relay_publishes() {
 /// does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transactions_events_are_one_atomic_batch_where_the_stream_takes_them() {
-    let nats = NatsServer::start().await.unwrap();
-    let pg = PostgresServer::start().await.unwrap();
-    let client = nats.connect().await.unwrap();
-    let js = jetstream::new(client.clone());
-    let pool = common::pool(&pg.url()).await;
+    let (_nats, _pg, client, js, pool) = servers().await;
     let storefront = Publisher::new(client.clone(), "storefront").unwrap();
     storefront.ensure_stream::<OrderPlaced>().await.unwrap();
     let postgres = Postgres::start(pool.clone(), &storefront).await.unwrap();

@@ -27,8 +27,14 @@ const EFFECTS: &str =
 
 #[event_handler(idempotent = false, emits = BenchRelayed)]
 async fn pg_relay(e: BenchPlaced, ctx: Context, pg: Pg) -> Result<(), HandlerError> {
+    effect_and_emit(e, &ctx, &pg).await.map(|_| ())
+}
+
+/// The Postgres side's work for one event: its effect row and its
+/// emission, committed with its inbox row. `false`: committed before.
+async fn effect_and_emit(e: BenchPlaced, ctx: &Context, pg: &Pg) -> Result<bool, HandlerError> {
     let Some(mut tx) = pg.begin().await? else {
-        return Ok(());
+        return Ok(false);
     };
     sqlx::query("INSERT INTO bench_effects (id, note) VALUES ($1, $2)")
         .bind(e.id as i64)
@@ -40,7 +46,8 @@ async fn pg_relay(e: BenchPlaced, ctx: Context, pg: Pg) -> Result<(), HandlerErr
         id: e.id,
         note: e.note,
     });
-    tx.commit().await
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// A server pair and a pool with the effect table.
@@ -271,22 +278,11 @@ async fn pg_timed(
     pg: Pg,
     State(committed): State<Committed>,
 ) -> Result<(), HandlerError> {
-    let Some(mut tx) = pg.begin().await? else {
-        return Ok(());
-    };
-    sqlx::query("INSERT INTO bench_effects (id, note) VALUES ($1, $2)")
-        .bind(e.id as i64)
-        .bind(&e.note)
-        .execute(tx.conn())
-        .await
-        .map_err(HandlerError::retryable)?;
-    ctx.emit(BenchRelayed {
-        id: e.id,
-        note: e.note,
-    });
-    tx.commit().await?;
-    if let Ok(mut c) = committed.0.lock() {
-        c.insert(e.id, now_ms());
+    let id = e.id;
+    if effect_and_emit(e, &ctx, &pg).await?
+        && let Ok(mut c) = committed.0.lock()
+    {
+        c.insert(id, now_ms());
     }
     Ok(())
 }
