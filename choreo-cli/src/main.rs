@@ -8,6 +8,7 @@
 //! choreo dlq summary                       # dead letters by handler and reason
 //! choreo replay billing bill --from 1200     # rewind one handler while it runs
 //! choreo trace 'orders.o-42.>'              # one order's flows, as causation trees
+//! choreo console                           # all of it in a browser, live, on 127.0.0.1:8080
 //! ```
 //!
 //! A thin layer over `choreo::admin` and `choreo::dlq`. Connection flags are spelled as the
@@ -42,6 +43,7 @@ macro_rules! out {
 }
 
 // After `out!`, which they use.
+mod console;
 mod dlq;
 mod table;
 
@@ -194,6 +196,10 @@ enum Command {
         #[arg(long, value_parser = point)]
         until: Option<admin::Point>,
     },
+    /// A web console: the system, the graph, flows, dead letters and
+    /// aggregates, live in a browser; replays and purges with
+    /// --allow-actions.
+    Console(console::ConsoleArgs),
     /// An AsyncAPI 3.0 document (JSON) of every service and publisher.
     Asyncapi {
         #[command(flatten)]
@@ -293,6 +299,16 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
+        }
+        Command::Console(args) => {
+            let client = connect(&cli.conn.server, options(&cli.conn).await?).await?;
+            let api = cli
+                .conn
+                .domain
+                .as_ref()
+                .map_or_else(JetStreamApi::default, JetStreamApi::domain);
+            console::run(client, api, args).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { command } => dlq::run(&jetstream(&cli.conn).await?, command, cli.json).await,
         Command::Events {

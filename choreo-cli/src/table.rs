@@ -30,7 +30,7 @@ pub(crate) fn render(rows: &[Vec<String>]) -> String {
     out
 }
 
-fn or_dash<T: ToString>(v: Option<T>) -> String {
+pub(crate) fn or_dash<T: ToString>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
@@ -38,7 +38,7 @@ fn or_dash<T: ToString>(v: Option<T>) -> String {
 /// A handler's name; a deadline handler's with its rule, and a part of one
 /// (its schedule step, a B watcher) as a branch under it (rows sort by
 /// durable, so parts follow their handler).
-fn handler_cell(h: &choreo::admin::HandlerStatus) -> String {
+pub(crate) fn handler_cell(h: &choreo::admin::HandlerStatus) -> String {
     if let Some(parent) = &h.part_of {
         let part = h
             .handler
@@ -74,7 +74,7 @@ pub(crate) fn time_of(ms: u64) -> String {
     format!("at {}", t.unwrap_or_else(|| ms.to_string()))
 }
 
-fn age(ms: u64) -> String {
+pub(crate) fn age(ms: u64) -> String {
     match ms {
         0..1_000 => format!("{ms}ms"),
         1_000..120_000 => format!("{}s", ms / 1000),

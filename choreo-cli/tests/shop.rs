@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use choreo::{Publisher, StreamSettings};
-use choreo_examples::shop::{self, Ledger, SERVICES};
-use choreo_postgres::sqlx::postgres::PgPoolOptions;
+mod common;
+
 use choreo_testkit::{NatsServer, PostgresServer};
+use common::run_shop;
 
 fn choreo(server: &NatsServer, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_choreo"))
@@ -78,35 +78,6 @@ async fn shop_with_orders(n: u64) -> RunningShop {
         handles,
         _pg: pg,
     }
-}
-
-/// The shop's four services on `client` and a Postgres of their own, and
-/// `n` orders of run `run`.
-async fn run_shop(
-    client: &choreo::async_nats::Client,
-    run: &str,
-    n: u64,
-) -> (Vec<(&'static str, choreo::ServiceHandle)>, PostgresServer) {
-    let pg = PostgresServer::start().await.unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(16)
-        .connect(&pg.url())
-        .await
-        .unwrap();
-    let ledger = Ledger::open(client, pool).await.unwrap();
-    let mut handles = Vec::new();
-    for name in SERVICES {
-        let h = shop::service(name, ledger.clone(), StreamSettings::default())
-            .await
-            .unwrap()
-            .start(client.clone())
-            .await
-            .unwrap();
-        handles.push((name, h));
-    }
-    let publisher = Publisher::new(client.clone(), "storefront").unwrap();
-    shop::place_orders(&publisher, run, n).await.unwrap();
-    (handles, pg)
 }
 
 /// The shop's handlers: nine, the order read model's six projections, and

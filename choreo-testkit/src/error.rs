@@ -64,6 +64,21 @@ pub enum TestkitError {
         /// The end of the server's log.
         log_tail: String,
     },
+    /// No Chromium binary was found.
+    #[error(
+        "no Chromium found (looked at {looked}). Install it (Debian: apt-get install chromium) or set \
+         CHROMIUM_BIN to its path; choreo's own repository installs it with `scripts/test`"
+    )]
+    BrowserNotFound {
+        /// Where it looked.
+        looked: String,
+    },
+    /// The browser did not start, or a DevTools command failed.
+    #[error("chromium: {why}")]
+    Browser {
+        /// What went wrong.
+        why: String,
+    },
     /// A file-system or process operation failed.
     #[error("could not {what}: {source}")]
     Io {
@@ -93,6 +108,10 @@ pub enum TestkitErrorKind {
     PostgresNotFound,
     /// [`TestkitError::PostgresFailed`].
     PostgresFailed,
+    /// [`TestkitError::BrowserNotFound`].
+    BrowserNotFound,
+    /// [`TestkitError::Browser`].
+    Browser,
 }
 
 impl TestkitError {
@@ -117,6 +136,8 @@ impl TestkitError {
             Self::Io { .. } => TestkitErrorKind::Io,
             Self::PostgresNotFound { .. } => TestkitErrorKind::PostgresNotFound,
             Self::PostgresFailed { .. } => TestkitErrorKind::PostgresFailed,
+            Self::BrowserNotFound { .. } => TestkitErrorKind::BrowserNotFound,
+            Self::Browser { .. } => TestkitErrorKind::Browser,
         }
     }
 }

@@ -20,6 +20,9 @@
 //!   the server as the `postgres` user. [`PostgresServer::psql`] runs SQL
 //!   with the server's own `psql`; the binaries come from
 //!   `$POSTGRES_BIN_DIR`, `pg_config` or Debian's `/usr/lib/postgresql`.
+//! - [`Browser`] runs a real headless Chromium for tests of web pages
+//!   (the `choreo console`), driven over the DevTools protocol: open a
+//!   [`Page`], evaluate, wait for a condition, click, take a screenshot.
 //!
 //! The binary comes from `$NATS_SERVER_BIN`, then `PATH`, then the project's
 //! local install made by `scripts/test`; when there is none, starting fails
@@ -142,6 +145,7 @@
 //! consumer on the server is drained and the recorder has read everything:
 //! a steadier end-of-test condition than a quiet period.
 
+mod browser;
 mod cluster;
 mod deadline;
 mod error;
@@ -151,6 +155,7 @@ mod postgres;
 mod server;
 mod service;
 
+pub use browser::{Browser, CHROMIUM_BIN, Page, find_chromium};
 pub use cluster::NatsCluster;
 pub use deadline::DeadlineIs;
 pub use error::{TestkitError, TestkitErrorKind};

@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use choreo::event;
-use choreo_testkit::NatsServer;
+use choreo::{Publisher, StreamSettings, event};
+use choreo_examples::shop::{self, Ledger, SERVICES};
+use choreo_postgres::sqlx::postgres::PgPoolOptions;
+use choreo_testkit::{NatsServer, PostgresServer};
 
 #[event(subject = "invoices.{order_id}.requested", key = order_id)]
 pub struct InvoiceRequested {
@@ -89,4 +91,33 @@ pub async fn request(shop: &choreo::Publisher, prefix: &str, n: u32, amount: u64
         .await
         .unwrap();
     }
+}
+
+/// The shop's four services on `client` and a Postgres of their own, and
+/// `n` orders of run `run`.
+pub async fn run_shop(
+    client: &choreo::async_nats::Client,
+    run: &str,
+    n: u64,
+) -> (Vec<(&'static str, choreo::ServiceHandle)>, PostgresServer) {
+    let pg = PostgresServer::start().await.unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    let ledger = Ledger::open(client, pool).await.unwrap();
+    let mut handles = Vec::new();
+    for name in SERVICES {
+        let h = shop::service(name, ledger.clone(), StreamSettings::default())
+            .await
+            .unwrap()
+            .start(client.clone())
+            .await
+            .unwrap();
+        handles.push((name, h));
+    }
+    let publisher = Publisher::new(client.clone(), "storefront").unwrap();
+    shop::place_orders(&publisher, run, n).await.unwrap();
+    (handles, pg)
 }

@@ -6,16 +6,16 @@ use std::collections::BTreeMap;
 use super::{Flow, Step, TracedEvent};
 
 impl Flow {
-    /// The flow as a causation tree, each event with its handlers' states.
-    /// With `times`, each line says when.
-    pub fn tree(&self, times: bool) -> String {
+    /// Which events hang under which stored copy of their cause, and the
+    /// roots: an event goes under the last copy of its cause stored before
+    /// it (a replayed copy's emissions go under the copy, the original's
+    /// under the original), so no subtree shows twice.
+    #[allow(clippy::type_complexity)]
+    fn children(&self) -> (Vec<&TracedEvent>, BTreeMap<(&str, u64), Vec<&TracedEvent>>) {
         let mut by_id: BTreeMap<&str, Vec<&TracedEvent>> = BTreeMap::new();
         for e in &self.events {
             by_id.entry(e.id.as_str()).or_default().push(e);
         }
-        // Under which stored copy of its cause an event goes: the last one
-        // stored before it (a replayed copy's emissions go under the copy,
-        // the original's under the original), so no subtree shows twice.
         let mut children: BTreeMap<(&str, u64), Vec<&TracedEvent>> = BTreeMap::new();
         let mut roots = Vec::new();
         for e in &self.events {
@@ -38,6 +38,36 @@ impl Flow {
                 None => roots.push(e),
             }
         }
+        (roots, children)
+    }
+
+    /// The events in the order [`tree`](Self::tree) draws them, each with
+    /// its depth in the causation tree (0 for a root): depth first, an
+    /// event's effects in the order they were stored.
+    pub fn in_tree_order(&self) -> Vec<(usize, &TracedEvent)> {
+        fn walk<'a>(
+            e: &'a TracedEvent,
+            depth: usize,
+            children: &BTreeMap<(&str, u64), Vec<&'a TracedEvent>>,
+            out: &mut Vec<(usize, &'a TracedEvent)>,
+        ) {
+            out.push((depth, e));
+            for k in children.get(&(e.stream.as_str(), e.sequence)).into_iter().flatten() {
+                walk(k, depth + 1, children, out);
+            }
+        }
+        let (roots, children) = self.children();
+        let mut out = Vec::with_capacity(self.events.len());
+        for r in roots {
+            walk(r, 0, &children, &mut out);
+        }
+        out
+    }
+
+    /// The flow as a causation tree, each event with its handlers' states.
+    /// With `times`, each line says when.
+    pub fn tree(&self, times: bool) -> String {
+        let (roots, children) = self.children();
         let mut out = format!("flow {}\n", self.correlation_id);
         for r in roots {
             node(&mut out, r, &children, "", true, times);
@@ -127,7 +157,26 @@ fn at(ms: u64) -> String {
         .unwrap_or_else(|| format!("{ms} ms"))
 }
 
-/// One handler's state as a line says it; with `times`, when.
+impl TracedEvent {
+    /// On a copy a replay stored again, what it is a copy of: `replay of
+    /// dead letter #7`, or `stored again by a replay of <what>`.
+    pub fn copy_of(&self) -> Option<String> {
+        let r = self.replay.as_deref()?;
+        Some(match r.split_whitespace().collect::<Vec<_>>()[..] {
+            ["dlq", letter, ..] => format!("replay of dead letter #{letter}"),
+            _ => format!("stored again by a replay of {r}"),
+        })
+    }
+}
+
+impl Step {
+    /// The state as `choreo trace` says it (`handled`, `retrying (attempt
+    /// 2 of 5 failed: ...)`); with `times`, when (RFC 3339).
+    pub fn describe(&self, times: bool) -> String {
+        step_text(self, times)
+    }
+}
+
 fn step_text(s: &Step, times: bool) -> String {
     match s {
         Step::Handled { at_ms } if times => format!("handled at {}", at(*at_ms)),
@@ -212,13 +261,9 @@ fn node(
     } else {
         String::new()
     };
-    let copy = match e.replay.as_deref() {
-        None => String::new(),
-        Some(r) => match r.split_whitespace().collect::<Vec<_>>()[..] {
-            ["dlq", letter, ..] => format!(" (replay of dead letter #{letter})"),
-            _ => format!(" (stored again by a replay of {r})"),
-        },
-    };
+    let copy = e
+        .copy_of()
+        .map_or_else(String::new, |c| format!(" ({c})"));
     out.push_str(&format!(
         "{prefix}{branch}{} [{}]{when} {}{copy}\n",
         e.event_type, e.source, e.subject
@@ -234,7 +279,7 @@ fn node(
         out.push_str(&format!(
             "{inner}{mark}{}: {}\n",
             hs.handler,
-            step_text(&hs.step, times)
+            hs.step.describe(times)
         ));
     }
     for (i, k) in kids.iter().enumerate() {
