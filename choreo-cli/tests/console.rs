@@ -353,6 +353,47 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
         "{log}"
     );
 
+    // Replay the handler from sequence 1: the plan first (its inbox skips
+    // what it handled), then the rewind, logged.
+    page.goto(&format!("{}/", c.base)).await.unwrap();
+    page.wait_for("document.querySelector('a[href=\"/replay/billing/bill\"]')", Duration::from_secs(10))
+        .await
+        .unwrap();
+    page.click("a[href='/replay/billing/bill']").await.unwrap();
+    page.wait_for("location.pathname === '/replay/billing/bill' && document.querySelector('input[name=from]')", Duration::from_secs(10))
+        .await
+        .unwrap();
+    page.eval("document.querySelector('input[name=from]').value = '1'; document.querySelector('main form').submit()")
+        .await
+        .unwrap();
+    let plan = page
+        .wait_for(
+            "document.getElementById('confirm') && document.querySelector('main p').textContent",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let plan = plan.as_str().unwrap();
+    // The six events, and the six copies the letters' replay stored: all
+    // handled once.
+    assert_eq!(
+        plan,
+        "It would replay 12 events of billing.bill in INVOICES 1..=12: 12 already handled (skipped by the inbox), 0 to run."
+    );
+    page.click("#confirm").await.unwrap();
+    page.wait_for(
+        "location.pathname === '/actions' && document.querySelector('main table').textContent.includes('replaying ')",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        w.billed.lock().unwrap().values().all(|n| *n == 1),
+        "the inbox skipped what was handled: {:?}",
+        w.billed.lock().unwrap()
+    );
+
     // A form from elsewhere (no form key) is refused; so is every action
     // of a console without --allow-actions.
     let refused = page

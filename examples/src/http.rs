@@ -21,8 +21,20 @@ pub struct HttpClient {
 pub struct HttpResponse {
     /// The status code.
     pub status: u16,
+    /// The headers, names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 impl HttpClient {
@@ -99,6 +111,7 @@ impl HttpClient {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("no status line"))?;
         let (mut length, mut chunked) = (0usize, false);
+        let mut headers = Vec::new();
         loop {
             line.clear();
             conn.read_line(&mut line).await?;
@@ -113,6 +126,7 @@ impl HttpClient {
                 } else if name.eq_ignore_ascii_case("transfer-encoding") {
                     chunked = value.eq_ignore_ascii_case("chunked");
                 }
+                headers.push((name.trim().to_ascii_lowercase(), value.to_owned()));
             }
         }
         let mut out = Vec::new();
@@ -133,6 +147,10 @@ impl HttpClient {
             out.resize(length, 0);
             conn.read_exact(&mut out).await?;
         }
-        Ok(HttpResponse { status, body: out })
+        Ok(HttpResponse {
+            status,
+            headers,
+            body: out,
+        })
     }
 }

@@ -26,6 +26,8 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
             "600",
             "--repeat",
             "1",
+            "--console-minutes",
+            "0",
         ])
         .output()
         .unwrap();
@@ -51,6 +53,12 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
         let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(value > 0.0 && value.is_finite(), "{line}");
     }
+    // The console: its server time and its page's memory.
+    assert!(
+        stdout.contains("console, main view with 100 handlers: server time p50")
+            && stdout.contains("console page over 0 min of live updates"),
+        "{stdout}"
+    );
     // The comparison with a raw relay that never reads its keys: rows in
     // the table, no ratio line.
     let write_only = stdout

@@ -47,6 +47,12 @@
 //!   keep-alive connections) with the outbox, against the same endpoint
 //!   committing the row and then publishing (the unsafe dual write); and
 //!   each side's latency from the order's commit to its event stored.
+//! - `console`: `choreo console` (the release binary, built with `cargo
+//!   build --release -p choreo-cli`) over 100 handlers: the main view's
+//!   server time (p50, p99), one reading of the system against raw
+//!   async-nats listing the same consumers and registry keys, and the
+//!   page's heap and the console's memory over `--console-minutes` (1) of
+//!   live updates in headless Chromium.
 //! - `postgres_relay` (only with `--only`): the latency from a Postgres
 //!   handler's commit to its emission stored, and from rows a process left
 //!   in the outbox (it died between its commit and its publish) to the
@@ -110,6 +116,7 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{Mutex, Semaphore};
 
 mod aggregates;
+mod console;
 mod postgres;
 mod storefront;
 
@@ -1505,6 +1512,24 @@ async fn main() -> Result<(), BoxError> {
             p(|r| r.latency.1, 0),
             p(|r| r.latency.0, 1),
             p(|r| r.latency.1, 1)
+        );
+    }
+    if wanted("console") {
+        let minutes = arg(&args, "--console-minutes", 1) as f64;
+        let f = console::run(minutes).await?;
+        rows.push((
+            "console: one reading, 100 handlers (ms)",
+            f.reading.0,
+            f.reading.1,
+            f.reading.1 / f.reading.0,
+        ));
+        println!(
+            "console, main view with 100 handlers: server time p50 {:.2} ms, p99 {:.2} ms",
+            f.render.0, f.render.1
+        );
+        println!(
+            "console page over {minutes} min of live updates ({} taken): JS heap {:.0} KB at the start, {:.0} KB at the end, {:.0} KB at most; console RSS {:.1} MB, then {:.1} MB",
+            f.updates, f.heap_kb.0, f.heap_kb.1, f.heap_kb.2, f.rss_mb.0, f.rss_mb.1
         );
     }
     if wanted("aggregate_append") {

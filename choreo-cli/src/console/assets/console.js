@@ -27,5 +27,6 @@
     });
     filterRows();
     document.body.dataset.updated = String(Date.now());
+    document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   };
 })();
