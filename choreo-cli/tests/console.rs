@@ -71,7 +71,10 @@ async fn screenshot(page: &Page, name: &str) {
     let path: PathBuf = dir.join(name);
     page.screenshot(&path).await.unwrap();
     let png = std::fs::read(&path).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{name} is a real picture");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{name} is a real picture"
+    );
     if std::env::var_os("CHOREO_BLESS").is_some() {
         let docs = root.join("docs/console");
         std::fs::create_dir_all(&docs).unwrap();
@@ -115,7 +118,10 @@ async fn the_shop_its_graph_and_a_compensated_order_in_a_browser() {
         );
     }
     // Live: a new reading replaces the table without a reload.
-    let before = page.eval("document.body.dataset.updated || ''").await.unwrap();
+    let before = page
+        .eval("document.body.dataset.updated || ''")
+        .await
+        .unwrap();
     page.wait_for(
         &format!("(document.body.dataset.updated || '') !== {before}"),
         Duration::from_secs(5),
@@ -124,7 +130,9 @@ async fn the_shop_its_graph_and_a_compensated_order_in_a_browser() {
     .unwrap();
     // Keyboard: the sort links and the filter are reachable, and sorting
     // by handler puts them in order.
-    page.goto(&format!("{}/?sort=handler", c.base)).await.unwrap();
+    page.goto(&format!("{}/?sort=handler", c.base))
+        .await
+        .unwrap();
     let names = page
         .wait_for(
             &format!(
@@ -137,8 +145,14 @@ async fn the_shop_its_graph_and_a_compensated_order_in_a_browser() {
         .unwrap();
     // A deadline's parts (its schedule step, its watchers) follow it.
     let names: Vec<String> = serde_json::from_value(names).unwrap();
-    let at = names.iter().position(|n| n.starts_with("expire_unpaid")).unwrap();
-    assert!(names[at + 1..at + 4].iter().all(|n| n.starts_with('└')), "{names:?}");
+    let at = names
+        .iter()
+        .position(|n| n.starts_with("expire_unpaid"))
+        .unwrap();
+    assert!(
+        names[at + 1..at + 4].iter().all(|n| n.starts_with('└')),
+        "{names:?}"
+    );
     let handlers: Vec<&String> = names.iter().filter(|n| !n.starts_with('└')).collect();
     let mut sorted = handlers.clone();
     sorted.sort();
@@ -156,9 +170,12 @@ async fn the_shop_its_graph_and_a_compensated_order_in_a_browser() {
         "{shown}"
     );
     page.goto(&format!("{}/", c.base)).await.unwrap();
-    page.wait_for("document.querySelectorAll('#handlers tr').length === 19", Duration::from_secs(10))
-        .await
-        .unwrap();
+    page.wait_for(
+        "document.querySelectorAll('#handlers tr').length === 19",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     screenshot(&page, "system.png").await;
 
     // The graph: the storefront feeds the orders service, every edge in
@@ -171,14 +188,14 @@ async fn the_shop_its_graph_and_a_compensated_order_in_a_browser() {
     )
     .await
     .unwrap();
-    let edges = page
-        .eval(&texts("table tbody tr"))
-        .await
-        .unwrap();
+    let edges = page.eval(&texts("table tbody tr")).await.unwrap();
     assert!(
         edges.as_array().unwrap().iter().any(|e| {
             let e = e.as_str().unwrap();
-            e.starts_with("storefront") && e.contains("OrderPlaced") && e.contains("payments.charge_payment") && e.contains("OK")
+            e.starts_with("storefront")
+                && e.contains("OrderPlaced")
+                && e.contains("payments.charge_payment")
+                && e.contains("OK")
         }),
         "{edges}"
     );
@@ -221,11 +238,11 @@ async fn the_shop_its_graph_and_a_compensated_order_in_a_browser() {
     screenshot(&page, "flow.png").await;
 
     // Reading works without JavaScript: the page as served has the rows.
-    let html = page
-        .eval("fetch('/').then(r => r.text())")
-        .await
-        .unwrap();
-    assert_eq!(html.as_str().unwrap().matches("<tr data-state=").count(), 19);
+    let html = page.eval("fetch('/').then(r => r.text())").await.unwrap();
+    assert_eq!(
+        html.as_str().unwrap().matches("<tr data-state=").count(),
+        19
+    );
     for (_, h) in handles {
         h.shutdown().await;
     }
@@ -289,8 +306,13 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
         p.publish(&Ticked { n }).await.unwrap();
     }
     let stalled_at = loop {
-        let s = choreo::admin::status(&js, Duration::from_millis(300)).await.unwrap();
-        if s.handlers.iter().any(|h| h.service == "ticker" && h.state == HandlerState::Stalled) {
+        let s = choreo::admin::status(&js, Duration::from_millis(300))
+            .await
+            .unwrap();
+        if s.handlers
+            .iter()
+            .any(|h| h.service == "ticker" && h.state == HandlerState::Stalled)
+        {
             break Instant::now();
         }
     };
@@ -321,14 +343,19 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
     .unwrap();
     screenshot(&page, "dead-letters.png").await;
     w.bug.store(false, Ordering::SeqCst);
-    page.click("#groups form[action='/dlq/replay'] button").await.unwrap();
+    page.click("#groups form[action='/dlq/replay'] button")
+        .await
+        .unwrap();
     page.wait_for(
         "document.getElementById('confirm') && document.querySelectorAll('main ol li').length === 6",
         Duration::from_secs(10),
     )
     .await
     .unwrap();
-    assert!(w.billed.lock().unwrap().is_empty(), "the dry run replays nothing");
+    assert!(
+        w.billed.lock().unwrap().is_empty(),
+        "the dry run replays nothing"
+    );
     page.click("#confirm").await.unwrap();
     page.wait_for(
         "location.pathname === '/dlq' && document.body.textContent.includes('replayed 6 letters')",
@@ -336,29 +363,46 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
     )
     .await
     .unwrap();
-    until("6 billed after the replay", || w.billed.lock().unwrap().len() == 6).await;
+    until("6 billed after the replay", || {
+        w.billed.lock().unwrap().len() == 6
+    })
+    .await;
     page.wait_for(
         "document.getElementById('groups').textContent.includes('No dead letters')",
         Duration::from_secs(10),
     )
     .await
     .unwrap();
-    assert!(w.billed.lock().unwrap().values().all(|n| *n == 1), "each once");
+    assert!(
+        w.billed.lock().unwrap().values().all(|n| *n == 1),
+        "each once"
+    );
     // The action is logged with who and what.
     page.goto(&format!("{}/actions", c.base)).await.unwrap();
-    let log = page.eval("document.querySelector('main table').textContent").await.unwrap();
+    let log = page
+        .eval("document.querySelector('main table').textContent")
+        .await
+        .unwrap();
     assert!(
-        log.as_str().unwrap().contains("a local user from 127.0.0.1")
-            && log.as_str().unwrap().contains("replayed 6 letters of billing.bill, permanent-error"),
+        log.as_str()
+            .unwrap()
+            .contains("a local user from 127.0.0.1")
+            && log
+                .as_str()
+                .unwrap()
+                .contains("replayed 6 letters of billing.bill, permanent-error"),
         "{log}"
     );
 
     // Replay the handler from sequence 1: the plan first (its inbox skips
     // what it handled), then the rewind, logged.
     page.goto(&format!("{}/", c.base)).await.unwrap();
-    page.wait_for("document.querySelector('a[href=\"/replay/billing/bill\"]')", Duration::from_secs(10))
-        .await
-        .unwrap();
+    page.wait_for(
+        "document.querySelector('a[href=\"/replay/billing/bill\"]')",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     page.click("a[href='/replay/billing/bill']").await.unwrap();
     page.wait_for("location.pathname === '/replay/billing/bill' && document.querySelector('input[name=from]')", Duration::from_secs(10))
         .await
@@ -402,8 +446,16 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
         .unwrap();
     assert_eq!(refused, 403);
     let read_only = console(&server, &[]).await;
-    let ro = browser.open(&format!("{}/dlq", read_only.base)).await.unwrap();
-    assert_eq!(ro.eval("document.querySelectorAll('form[action^=\"/dlq/\"]').length").await.unwrap(), 0);
+    let ro = browser
+        .open(&format!("{}/dlq", read_only.base))
+        .await
+        .unwrap();
+    assert_eq!(
+        ro.eval("document.querySelectorAll('form[action^=\"/dlq/\"]').length")
+            .await
+            .unwrap(),
+        0
+    );
     let refused = ro
         .eval("fetch('/dlq/replay', {method: 'POST', headers: {'content-type': 'application/x-www-form-urlencoded'}, body: 'form_key=x&service=billing'}).then(r => r.status)")
         .await
@@ -428,16 +480,34 @@ async fn a_token_guards_every_page_and_beyond_loopback_one_is_required() {
     let browser = Browser::start().await.unwrap();
     let page = browser.open(&format!("{}/", c.base)).await.unwrap();
     assert!(
-        page.eval("document.body.textContent").await.unwrap().as_str().unwrap().contains("This console needs its token"),
+        page.eval("document.body.textContent")
+            .await
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .contains("This console needs its token"),
     );
-    let status = page.eval("fetch('/api/status').then(r => r.status)").await.unwrap();
-    assert_eq!(status, 401);
-    page.goto(&format!("{}/login?token=wrong", c.base)).await.unwrap();
-    assert_eq!(page.eval("document.body.textContent").await.unwrap(), "wrong token");
-    page.goto(&format!("{}/login?token=s3cret", c.base)).await.unwrap();
-    page.wait_for("location.pathname === '/' && document.querySelectorAll('#handlers tr').length === 1", Duration::from_secs(20))
+    let status = page
+        .eval("fetch('/api/status').then(r => r.status)")
         .await
         .unwrap();
+    assert_eq!(status, 401);
+    page.goto(&format!("{}/login?token=wrong", c.base))
+        .await
+        .unwrap();
+    assert_eq!(
+        page.eval("document.body.textContent").await.unwrap(),
+        "wrong token"
+    );
+    page.goto(&format!("{}/login?token=s3cret", c.base))
+        .await
+        .unwrap();
+    page.wait_for(
+        "location.pathname === '/' && document.querySelectorAll('#handlers tr').length === 1",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
 
     // Beyond loopback without a token: refused, saying what to do.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_choreo"))
@@ -447,6 +517,27 @@ async fn a_token_guards_every_page_and_beyond_loopback_one_is_required() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("without a token: give --token") && err.contains("127.0.0.1"), "{err}");
+    assert!(
+        err.contains("without a token: give --token") && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    // A server that is not there: one line, exit 2, before listening.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args([
+            "-s",
+            "nats://127.0.0.1:1",
+            "console",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("choreo: ") && !err.contains("choreo console on"),
+        "{err}"
+    );
     billing.shutdown().await;
 }

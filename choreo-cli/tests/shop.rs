@@ -10,6 +10,7 @@ use std::time::Duration;
 
 mod common;
 
+use choreo_examples::shop::SERVICES;
 use choreo_testkit::{NatsServer, PostgresServer};
 use common::run_shop;
 

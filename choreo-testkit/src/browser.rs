@@ -45,7 +45,12 @@ struct Conn {
 }
 
 impl Conn {
-    async fn call(&self, session: Option<&str>, method: &str, params: Value) -> Result<Value, TestkitError> {
+    async fn call(
+        &self,
+        session: Option<&str>,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, TestkitError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "id": id, "method": method, "params": params });
         if let Some(s) = session {
@@ -146,7 +151,10 @@ impl Browser {
                 what: format!("start {}", bin.display()),
                 source,
             })?;
-        let stderr = child.stderr.take().ok_or_else(|| browser_failed("no stderr".into()))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| browser_failed("no stderr".into()))?;
         let mut lines = BufReader::new(stderr).lines();
         let mut seen = Vec::new();
         let ws = tokio::time::timeout(Duration::from_secs(30), async {
@@ -196,7 +204,10 @@ impl Browser {
                 json!({ "targetId": target_id, "flatten": true }),
             )
             .await?;
-        let session = attached["sessionId"].as_str().unwrap_or_default().to_owned();
+        let session = attached["sessionId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let page = Page {
             conn: self.conn.clone(),
             session,
@@ -322,7 +333,11 @@ impl Page {
     /// # Errors
     /// It is not truthy within `within`: the error says the expression and
     /// the page's text at the end.
-    pub async fn wait_for(&self, expression: &str, within: Duration) -> Result<Value, TestkitError> {
+    pub async fn wait_for(
+        &self,
+        expression: &str,
+        within: Duration,
+    ) -> Result<Value, TestkitError> {
         let end = tokio::time::Instant::now() + within;
         loop {
             // A page that is navigating may not answer yet: try again.

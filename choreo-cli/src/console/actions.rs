@@ -40,7 +40,10 @@ impl Pick {
         let mut f = Filter::all();
         f.service.clone_from(&self.service);
         f.handler.clone_from(&self.handler);
-        f.reason = self.reason.as_deref().and_then(|r| r.parse::<Reason>().ok());
+        f.reason = self
+            .reason
+            .as_deref()
+            .and_then(|r| r.parse::<Reason>().ok());
         f
     }
 
@@ -65,7 +68,10 @@ impl Pick {
     fn hidden(&self) -> String {
         let mut out = String::new();
         if let Some(s) = self.sequence {
-            let _ = write!(out, "<input type=\"hidden\" name=\"sequence\" value=\"{s}\">");
+            let _ = write!(
+                out,
+                "<input type=\"hidden\" name=\"sequence\" value=\"{s}\">"
+            );
         }
         for (k, v) in [
             ("service", &self.service),
@@ -73,7 +79,11 @@ impl Pick {
             ("reason", &self.reason),
         ] {
             if let Some(v) = v {
-                let _ = write!(out, "<input type=\"hidden\" name=\"{k}\" value=\"{}\">", esc(v));
+                let _ = write!(
+                    out,
+                    "<input type=\"hidden\" name=\"{k}\" value=\"{}\">",
+                    esc(v)
+                );
             }
         }
         out
@@ -112,42 +122,55 @@ fn log(c: &Shared, who: String, what: String) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     eprintln!("choreo console: action by {who}: {what}");
-    let mut l = c.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut l = c
+        .log
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     l.push(Logged { at_ms, who, what });
     let over = l.len().saturating_sub(500);
     l.drain(..over);
 }
 
-/// Refuses when actions are off or the key is wrong.
-fn allowed(c: &Shared, key: &str) -> Result<(), Response> {
+/// The refusal when actions are off or the key is wrong.
+fn refused(c: &Shared, key: &str) -> Option<Response> {
     if !c.allow_actions {
-        return Err(error_page(
+        return Some(error_page(
             StatusCode::FORBIDDEN,
             "actions are off: start the console with --allow-actions to replay or purge",
         ));
     }
     if key != c.form_key {
-        return Err(error_page(
+        return Some(error_page(
             StatusCode::FORBIDDEN,
             "this form is not from this console (or the console restarted): reload the page and try again",
         ));
     }
-    Ok(())
+    None
 }
 
-async fn chosen(c: &Shared, pick: &Pick) -> Result<Vec<DeadLetter>, Response> {
+async fn chosen(c: &Shared, pick: &Pick) -> Result<Vec<DeadLetter>, Box<Response>> {
     let r = match pick.sequence {
         Some(s) => dlq::letter(&c.js, s).await.map(|l| vec![l]),
         None if pick.service.is_none() && pick.reason.is_none() => {
-            return Err(error_page(StatusCode::BAD_REQUEST, "say which letters: a sequence, or a group"));
+            return Err(Box::new(error_page(
+                StatusCode::BAD_REQUEST,
+                "say which letters: a sequence, or a group",
+            )));
         }
         None => dlq::letters(&c.js, &pick.filter()).await,
     };
-    r.map_err(|e| error_page(StatusCode::BAD_GATEWAY, &e.to_string()))
+    r.map_err(|e| Box::new(error_page(StatusCode::BAD_GATEWAY, &e.to_string())))
 }
 
 /// The dry run: what the action will do, and a form to confirm it.
-fn confirm_page(c: &Shared, verb: &str, action: &str, pick: &Pick, letters: &[DeadLetter], warning: &str) -> Response {
+fn confirm_page(
+    c: &Shared,
+    verb: &str,
+    action: &str,
+    pick: &Pick,
+    letters: &[DeadLetter],
+    warning: &str,
+) -> Response {
     let mut list = String::new();
     for l in letters.iter().take(200) {
         let _ = write!(
@@ -190,12 +213,12 @@ pub(crate) async fn dlq_replay(
     headers: HeaderMap,
     Form(a): Form<LetterAction>,
 ) -> Response {
-    if let Err(r) = allowed(&c, &a.form_key) {
+    if let Some(r) = refused(&c, &a.form_key) {
         return r;
     }
     let letters = match chosen(&c, &a.pick).await {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if a.confirm.as_deref() != Some("yes") {
         return confirm_page(
@@ -211,7 +234,11 @@ pub(crate) async fn dlq_replay(
     let mut replayed = 0;
     for l in &letters {
         if let Err(e) = dlq::replay(&c.js, l).await {
-            let what = format!("replayed {replayed} of {} letters{}, then failed: {e}", letters.len(), a.pick.describe());
+            let what = format!(
+                "replayed {replayed} of {} letters{}, then failed: {e}",
+                letters.len(),
+                a.pick.describe()
+            );
             log(&c, who(&c, &headers, from), what.clone());
             return error_page(StatusCode::BAD_GATEWAY, &what);
         }
@@ -229,12 +256,12 @@ pub(crate) async fn dlq_purge(
     headers: HeaderMap,
     Form(a): Form<LetterAction>,
 ) -> Response {
-    if let Err(r) = allowed(&c, &a.form_key) {
+    if let Some(r) = refused(&c, &a.form_key) {
         return r;
     }
     let letters = match chosen(&c, &a.pick).await {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if a.confirm.as_deref() != Some("yes") {
         return confirm_page(
@@ -257,8 +284,11 @@ pub(crate) async fn dlq_purge(
 }
 
 /// `GET /replay/{service}/{handler}`: the form.
-pub(crate) async fn replay_form(State(c): State<Shared>, Path((service, handler)): Path<(String, String)>) -> Response {
-    if let Err(r) = allowed(&c, &c.form_key) {
+pub(crate) async fn replay_form(
+    State(c): State<Shared>,
+    Path((service, handler)): Path<(String, String)>,
+) -> Response {
+    if let Some(r) = refused(&c, &c.form_key) {
         return r;
     }
     let body = format!(
@@ -298,7 +328,7 @@ pub(crate) async fn replay(
     Path((service, handler)): Path<(String, String)>,
     Form(a): Form<HandlerReplay>,
 ) -> Response {
-    if let Err(r) = allowed(&c, &a.form_key) {
+    if let Some(r) = refused(&c, &a.form_key) {
         return r;
     }
     let start = match crate::point(a.from.trim()) {
@@ -331,7 +361,11 @@ pub(crate) async fn replay(
         plan.from,
         plan.until,
         plan.already_handled,
-        if rerun { "they run again" } else { "skipped by the inbox" },
+        if rerun {
+            "they run again"
+        } else {
+            "skipped by the inbox"
+        },
     );
     if a.confirm.as_deref() != Some("yes") {
         let body = format!(
@@ -387,7 +421,12 @@ pub(crate) async fn log_page(State(c): State<Shared>) -> Html<String> {
     };
     let body = format!(
         "<h1>Actions</h1><p>{state}</p>{}",
-        super::html::table("Taken since the console started, newest first", &["When", "Who", "What"], &rows, None)
+        super::html::table(
+            "Taken since the console started, newest first",
+            &["When", "Who", "What"],
+            &rows,
+            None
+        )
     );
     Html(page("Actions", "/actions", None, &body))
 }

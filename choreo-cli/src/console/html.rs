@@ -103,7 +103,12 @@ pub(crate) fn time_ms(ms: u64) -> String {
 
 /// A table: `head` are the column names; each row's cells are HTML
 /// already. `id` names its body, which live updates replace.
-pub(crate) fn table(caption: &str, head: &[&str], rows: &[Vec<String>], id: Option<&str>) -> String {
+pub(crate) fn table(
+    caption: &str,
+    head: &[&str],
+    rows: &[Vec<String>],
+    id: Option<&str>,
+) -> String {
     let mut out = format!("<table><caption>{}</caption><thead><tr>", esc(caption));
     for h in head {
         let _ = write!(out, "<th scope=\"col\">{h}</th>");

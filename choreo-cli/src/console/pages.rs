@@ -83,7 +83,10 @@ pub(crate) async fn live_system(State(c): State<Shared>, Query(q): Query<SystemQ
                 rx.changed().await.ok()?;
             }
             let reading = rx.borrow_and_update().clone();
-            Some((parts_event(&views::system_parts(&reading, &q, actions)), (rx, false)))
+            Some((
+                parts_event(&views::system_parts(&reading, &q, actions)),
+                (rx, false),
+            ))
         }
     });
     live(s)
@@ -191,9 +194,9 @@ pub(crate) struct Done {
 /// `/dlq`: letters grouped by handler and reason.
 pub(crate) async fn dlq(State(c): State<Shared>, Query(d): Query<Done>) -> Html<String> {
     let groups = dlq_parts(&c).await.remove(0).1;
-    let done = d
-        .done
-        .map_or_else(String::new, |d| format!("<p role=\"status\" class=\"done\">{}</p>", esc(&d)));
+    let done = d.done.map_or_else(String::new, |d| {
+        format!("<p role=\"status\" class=\"done\">{}</p>", esc(&d))
+    });
     let off = if c.allow_actions {
         ""
     } else {
@@ -221,7 +224,11 @@ pub(crate) async fn letters(
             "Dead letters",
             "/dlq",
             None,
-            &format!("<h1>Dead letters{}</h1>{}", esc(&pick.describe()), views::letters(&list)),
+            &format!(
+                "<h1>Dead letters{}</h1>{}",
+                esc(&pick.describe()),
+                views::letters(&list)
+            ),
         ))
         .into_response(),
         Err(e) => error_page(StatusCode::BAD_GATEWAY, &e.to_string()),
@@ -279,7 +286,13 @@ pub(crate) async fn events(State(c): State<Shared>, Query(q): Query<EventsQuery>
         Ok(list) => views::events(&list),
         Err(e) => format!("<p class=\"warn\">{}</p>", esc(&e.to_string())),
     };
-    Html(page("Aggregates", "/events", None, &format!("{form}{body}"))).into_response()
+    Html(page(
+        "Aggregates",
+        "/events",
+        None,
+        &format!("{form}{body}"),
+    ))
+    .into_response()
 }
 
 /// A page that says what went wrong.
@@ -290,7 +303,10 @@ pub(crate) fn error_page(code: StatusCode, why: &str) -> Response {
             "Error",
             "",
             None,
-            &format!("<h1>Cannot show this</h1><p class=\"warn\">{}</p>", esc(why)),
+            &format!(
+                "<h1>Cannot show this</h1><p class=\"warn\">{}</p>",
+                esc(why)
+            ),
         )),
     )
         .into_response()

@@ -102,10 +102,9 @@ pub(crate) fn handler_head(q: &SystemQuery) -> String {
             (true, false) => " ▲",
             _ => "",
         };
-        let filter = q
-            .q
-            .as_deref()
-            .map_or_else(String::new, |f| format!("&q={}", url(f)));
+        let filter =
+            q.q.as_deref()
+                .map_or_else(String::new, |f| format!("&q={}", url(f)));
         let _ = write!(
             out,
             "<th scope=\"col\"{aria}><a href=\"/?sort={key}&desc={}{filter}\">{name}{mark}</a></th>",
@@ -135,14 +134,17 @@ pub(crate) fn handler_rows(s: &Status, q: &SystemQuery, actions: bool) -> String
         })
         .collect();
     let column = q.column();
-    rows.sort_by(|a, b| sort_key(a, column).cmp(&sort_key(b, column)));
-    if q.descending() {
-        // Descending by the column, names still ascending within it.
-        rows.sort_by(|a, b| {
-            let (x, y) = (sort_key(a, column), sort_key(b, column));
-            y.0.cmp(&x.0).then(x.1.cmp(&y.1))
-        });
-    }
+    // By the column (descending when asked), names ascending within it.
+    let descending = q.descending();
+    rows.sort_by(|a, b| {
+        let (x, y) = (sort_key(a, column), sort_key(b, column));
+        let by = if descending {
+            y.0.cmp(&x.0)
+        } else {
+            x.0.cmp(&y.0)
+        };
+        by.then(x.1.cmp(&y.1))
+    });
     let mut out = String::new();
     for h in rows {
         let dead = if h.dead_letters > 0 {
@@ -188,7 +190,11 @@ pub(crate) fn handler_rows(s: &Status, q: &SystemQuery, actions: bool) -> String
 }
 
 /// The parts of the system view that live updates replace, by element id.
-pub(crate) fn system_parts(r: &Reading, q: &SystemQuery, actions: bool) -> Vec<(&'static str, String)> {
+pub(crate) fn system_parts(
+    r: &Reading,
+    q: &SystemQuery,
+    actions: bool,
+) -> Vec<(&'static str, String)> {
     let Some(s) = &r.status else {
         return vec![(
             "taken",
@@ -216,11 +222,7 @@ pub(crate) fn system_parts(r: &Reading, q: &SystemQuery, actions: bool) -> Vec<(
         .map(|(st, n)| format!("{n} {}", state(st.as_str())))
         .collect::<Vec<_>>()
         .join(", ");
-    let _ = write!(
-        taken,
-        " {} handlers: {summary}.",
-        s.handlers.len()
-    );
+    let _ = write!(taken, " {} handlers: {summary}.", s.handlers.len());
     let instances: Vec<Vec<String>> = s
         .instances
         .iter()
@@ -297,10 +299,15 @@ pub(crate) fn system(r: &Reading, q: &SystemQuery, actions: bool) -> String {
     let parts: BTreeMap<&str, String> = system_parts(r, q, actions).into_iter().collect();
     let part = |id: &str| parts.get(id).cloned().unwrap_or_default();
     let filter = esc(q.q.as_deref().unwrap_or(""));
-    let keep = [("sort", q.sort.clone()), ("desc", q.desc.map(|d| d.to_string()))]
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| format!("<input type=\"hidden\" name=\"{k}\" value=\"{}\">", esc(&v))))
-        .collect::<String>();
+    let keep = [
+        ("sort", q.sort.clone()),
+        ("desc", q.desc.map(|d| d.to_string())),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| {
+        v.map(|v| format!("<input type=\"hidden\" name=\"{k}\" value=\"{}\">", esc(&v)))
+    })
+    .collect::<String>();
     format!(
         "<h1>System</h1><p id=\"taken\" role=\"status\">{taken}</p>\
          <form class=\"filter\" method=\"get\" action=\"/\">{keep}<label for=\"filter\">Filter handlers</label> \
@@ -349,20 +356,35 @@ pub(crate) fn graph(g: &Graph, s: Option<&Status>) -> String {
     // nobody handles goes to "(no handler)".
     let mut pairs: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for (event, consumers) in &g.consumers {
-        let producers: Vec<&String> = g.producers.get(event).into_iter().flatten().map(|(p, _)| p).collect();
+        let producers: Vec<&String> = g
+            .producers
+            .get(event)
+            .into_iter()
+            .flatten()
+            .map(|(p, _)| p)
+            .collect();
         for c in consumers.keys() {
             if producers.is_empty() {
-                pairs.entry(("(no producer)".into(), c.clone())).or_default().push(event.clone());
+                pairs
+                    .entry(("(no producer)".into(), c.clone()))
+                    .or_default()
+                    .push(event.clone());
             }
             for p in &producers {
-                pairs.entry(((*p).clone(), c.clone())).or_default().push(event.clone());
+                pairs
+                    .entry(((*p).clone(), c.clone()))
+                    .or_default()
+                    .push(event.clone());
             }
         }
     }
     for (event, producers) in &g.producers {
         if g.consumers.get(event).is_none_or(BTreeMap::is_empty) {
             for p in producers.keys() {
-                pairs.entry((p.clone(), "(no handler)".into())).or_default().push(event.clone());
+                pairs
+                    .entry((p.clone(), "(no handler)".into()))
+                    .or_default()
+                    .push(event.clone());
             }
         }
     }
@@ -422,7 +444,9 @@ pub(crate) fn graph(g: &Graph, s: Option<&Status>) -> String {
         let (a, b) = (&nodes[p.as_str()], &nodes[c.as_str()]);
         let ((x1, y1), (x2, y2)) = (at(a), at(b));
         let (x1, y1, x2, y2) = (x1 + W, y1 + H / 2, x2, y2 + H / 2);
-        let st = state_of(c).map_or("unknown", |s| s.as_str()).to_ascii_lowercase();
+        let st = state_of(c)
+            .map_or("unknown", |s| s.as_str())
+            .to_ascii_lowercase();
         let mid = (x1 + x2) / 2;
         let _ = write!(
             svg,
@@ -437,7 +461,9 @@ pub(crate) fn graph(g: &Graph, s: Option<&Status>) -> String {
         let (x, y) = at(n);
         let st = state_of(&n.name);
         let word = st.map_or_else(String::new, |s| format!(" · {}", s.as_str()));
-        let class = st.map_or("producer".to_owned(), |s| format!("st-{}", s.as_str().to_ascii_lowercase()));
+        let class = st.map_or("producer".to_owned(), |s| {
+            format!("st-{}", s.as_str().to_ascii_lowercase())
+        });
         let _ = write!(
             svg,
             "<g class=\"node {class}\"><rect x=\"{x}\" y=\"{y}\" width=\"{W}\" height=\"{H}\" rx=\"6\"/>\
@@ -500,9 +526,9 @@ pub(crate) fn flow(f: &Flow) -> String {
     for (depth, e) in order {
         let offset = e.stored_ms.saturating_sub(t0);
         let left = offset * 100 / span;
-        let copy = e
-            .copy_of()
-            .map_or_else(String::new, |c| format!(" <span class=\"copy\">({})</span>", esc(&c)));
+        let copy = e.copy_of().map_or_else(String::new, |c| {
+            format!(" <span class=\"copy\">({})</span>", esc(&c))
+        });
         let _ = write!(
             out,
             "<li class=\"event\" style=\"--depth:{depth}\" data-type=\"{ty}\" data-depth=\"{depth}\">\
@@ -603,7 +629,16 @@ pub(crate) fn letters(list: &[DeadLetter]) -> String {
         .collect();
     super::html::table(
         &format!("{} letters", list.len()),
-        &["Letter", "Handler", "Reason", "Event", "Subject", "Event id", "Deliveries", "Detail"],
+        &[
+            "Letter",
+            "Handler",
+            "Reason",
+            "Event",
+            "Subject",
+            "Event id",
+            "Deliveries",
+            "Detail",
+        ],
         &rows,
         None,
     )
@@ -679,7 +714,9 @@ pub(crate) fn events(list: &[StoredEvent]) -> String {
         .collect();
     super::html::table(
         &format!("{} events, oldest first", list.len()),
-        &["Sequence", "Stored", "Event", "Version", "Subject", "Payload"],
+        &[
+            "Sequence", "Stored", "Event", "Version", "Subject", "Payload",
+        ],
         &rows,
         None,
     )

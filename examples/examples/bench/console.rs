@@ -121,7 +121,10 @@ pub(super) async fn run(minutes: f64) -> Result<Figures, BoxError> {
         })?;
     let pid = child.id().unwrap_or_default();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().ok_or("no stderr")?).lines();
-    let line = lines.next_line().await?.ok_or("the console printed nothing")?;
+    let line = lines
+        .next_line()
+        .await?
+        .ok_or("the console printed nothing")?;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let base = line
         .split_whitespace()

@@ -52,7 +52,11 @@ impl Flow {
             out: &mut Vec<(usize, &'a TracedEvent)>,
         ) {
             out.push((depth, e));
-            for k in children.get(&(e.stream.as_str(), e.sequence)).into_iter().flatten() {
+            for k in children
+                .get(&(e.stream.as_str(), e.sequence))
+                .into_iter()
+                .flatten()
+            {
                 walk(k, depth + 1, children, out);
             }
         }
@@ -261,9 +265,7 @@ fn node(
     } else {
         String::new()
     };
-    let copy = e
-        .copy_of()
-        .map_or_else(String::new, |c| format!(" ({c})"));
+    let copy = e.copy_of().map_or_else(String::new, |c| format!(" ({c})"));
     out.push_str(&format!(
         "{prefix}{branch}{} [{}]{when} {}{copy}\n",
         e.event_type, e.source, e.subject
