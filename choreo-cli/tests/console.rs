@@ -237,6 +237,61 @@ async fn the_shop_its_graph_and_a_compensated_order_in_a_browser() {
     );
     screenshot(&page, "flow.png").await;
 
+    // An aggregate: the teapot's stock, folded by the inventory service
+    // itself, now and up to its first event.
+    page.goto(&format!("{}/events", c.base)).await.unwrap();
+    page.wait_for(
+        "document.querySelector('form[aria-label=\"Stock of inventory\"]')",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    page.eval("const f = document.querySelector('form[aria-label=\"Stock of inventory\"]'); f.id.value = 'teapot'; f.submit()")
+        .await
+        .unwrap();
+    // Every event's quantity, and the state: on hand = received - allocated.
+    let rows_js = "Array.from(document.querySelectorAll('main table tbody tr')).map(r => [Number(r.cells[0].textContent), r.cells[2].textContent, JSON.parse(r.cells[5].textContent).quantity])";
+    let now = page
+        .wait_for(
+            &format!(
+                "(() => {{ const s = document.querySelector('#state pre'); if (!s) return null; \
+                   const rows = {rows_js}; const onHand = JSON.parse(s.textContent).on_hand; \
+                   const want = rows.reduce((n, r) => r[1] === 'StockReceived' ? n + r[2] : n - r[2], 0); \
+                   return onHand === want && rows.length > 1 ? [onHand, rows] : null; }})()"
+            ),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    let rows = now[1].as_array().unwrap();
+    assert_eq!(rows[0][1], "StockReceived", "{rows:?}");
+    assert!(
+        rows[1..].iter().all(|r| r[1] == "StockAllocated"),
+        "{rows:?}"
+    );
+    screenshot(&page, "aggregate.png").await;
+    let first = rows[0][0].as_u64().unwrap();
+    page.goto(&format!(
+        "{}/events?service=inventory&aggregate=Stock&id=teapot&until={first}",
+        c.base
+    ))
+    .await
+    .unwrap();
+    let then = page
+        .wait_for("document.querySelector('#state pre') && JSON.parse(document.querySelector('#state pre').textContent)", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        then["on_hand"], rows[0][2],
+        "the state after the first event only"
+    );
+    assert_eq!(
+        page.eval("document.querySelectorAll('main table tbody tr').length")
+            .await
+            .unwrap(),
+        1
+    );
+
     // Reading works without JavaScript: the page as served has the rows.
     let html = page.eval("fetch('/').then(r => r.text())").await.unwrap();
     assert_eq!(

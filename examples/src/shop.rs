@@ -223,7 +223,7 @@ pub enum StockEvent {
 
 /// One product's stock: an aggregate (`docs/aggregates.md`), so two
 /// inventory instances deciding at once never both take the last unit.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Stock {
     /// Units not allocated.
     pub on_hand: u32,
@@ -876,7 +876,10 @@ pub async fn service_with_deadline(
             .handler(charge_payment)
             .handler(refund_payment)
             .handler(refund_refused_payment),
-        "inventory" => s.state(Aggregates::new(publisher)).handler(reserve_stock),
+        "inventory" => s
+            .state(Aggregates::new(publisher))
+            .aggregate::<Stock>()
+            .handler(reserve_stock),
         _ => s.handler(ship_order),
     })
 }

@@ -826,3 +826,99 @@ async fn a_refusal_on_a_state_in_memory_is_checked_against_the_stream() {
         .unwrap();
     assert_eq!((decided.state.on_hand, decided.attempts), (3, 1));
 }
+
+/// A service that registers `Stock` answers for its state at a point,
+/// folding with its own `apply`, under exactly the permissions it and an
+/// observer are documented to need; a wrong name or a service nobody runs
+/// is a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_answers_for_an_aggregates_state_at_a_point() {
+    use choreo::Permissions;
+    use choreo::admin::{AdminErrorKind, aggregate_state};
+    use choreo::aggregate::inspect::StateRequest;
+
+    let api = Default::default();
+    let inventory = || Service::new("inventory").aggregate::<Stock>();
+    let needs = inventory().permissions();
+    assert!(
+        needs.responds()
+            && needs
+                .subscribe()
+                .contains(&"$CHOREO.STATE.inventory".to_owned())
+    );
+    let config = format!(
+        "authorization {{ users = [ \
+           {{ user: inventory, password: pw, permissions: {} }}, \
+           {{ user: viewer, password: pw, permissions: {} }}, \
+           {{ user: setup, password: pw }} ] }}",
+        needs.to_config(),
+        Permissions::observer(&api).to_config(),
+    );
+    let server = NatsServer::builder().config(&config).start().await.unwrap();
+    let url = server.url();
+    let login = |name: &'static str| {
+        let url = url.clone();
+        async move {
+            let opts = choreo::async_nats::ConnectOptions::with_user_and_password(
+                name.into(),
+                "pw".into(),
+            );
+            choreo::connect(&url, opts).await
+        }
+    };
+    let setup = login("setup").await.unwrap();
+    let stock = store(&setup).await;
+    stock
+        .decide::<Stock, _, String>("s1", |_| Ok(vec![received("s1", 4)]))
+        .await
+        .unwrap();
+    stock
+        .decide::<Stock, _, _>("s1", |s| reserve(s, "s1", "o1", 3))
+        .await
+        .unwrap();
+    let svc = inventory()
+        .start(login("inventory").await.unwrap())
+        .await
+        .unwrap();
+    let js = jetstream::new(login("viewer").await.unwrap());
+    let within = Duration::from_secs(5);
+
+    let now = aggregate_state(&js, "inventory", &StateRequest::new("Stock", "s1"), within)
+        .await
+        .unwrap();
+    assert_eq!((now.version, now.events), (3, 3));
+    assert_eq!(now.state.as_ref().unwrap()["on_hand"], 1);
+    assert_eq!(
+        now.state.as_ref().unwrap()["reservations"],
+        serde_json::json!(["o1"])
+    );
+    let then = aggregate_state(
+        &js,
+        "inventory",
+        &StateRequest::new("Stock", "s1").until_sequence(1),
+        within,
+    )
+    .await
+    .unwrap();
+    assert_eq!((then.version, then.events), (1, 1));
+    assert_eq!(then.state.unwrap()["on_hand"], 4);
+
+    let e = aggregate_state(&js, "inventory", &StateRequest::new("Basket", "b1"), within)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), AdminErrorKind::BadRequest);
+    assert!(
+        e.to_string()
+            .contains("inventory answers for Stock, not Basket"),
+        "{e}"
+    );
+    let e = aggregate_state(&js, "billing", &StateRequest::new("Stock", "s1"), within)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("no instance of billing answers state requests"),
+        "{e}"
+    );
+    svc.shutdown().await;
+}

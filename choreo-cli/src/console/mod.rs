@@ -27,6 +27,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use choreo::admin::{self, Graph, Snapshot, Status};
 use choreo::async_nats::jetstream;
+use choreo::registry::AggregateManifest;
 use choreo::{JetStreamApi, async_nats};
 use clap::Args;
 use tokio::sync::watch;
@@ -65,6 +66,8 @@ pub(crate) struct Reading {
     pub(crate) status: Option<Status>,
     /// Who emits what to whom, from the registry.
     pub(crate) graph: Graph,
+    /// The aggregates services answer state requests for: (service, it).
+    pub(crate) aggregates: Vec<(String, AggregateManifest)>,
     /// Why the last reading failed, if it did (the status shown is then
     /// the last good one).
     pub(crate) error: Option<String>,
@@ -181,13 +184,24 @@ async fn read_continuously(
             Ok(after) => {
                 let status = Status::judge(&before, &after);
                 before = after;
-                let graph = match admin::manifests(&js).await {
-                    Ok((m, p)) => Graph::new(&m, &p),
-                    Err(_) => tx.borrow().graph.clone(),
+                let (graph, aggregates) = match admin::manifests(&js).await {
+                    Ok((m, p)) => (
+                        Graph::new(&m, &p),
+                        m.iter()
+                            .flat_map(|m| {
+                                m.aggregates.iter().map(|a| (m.service.clone(), a.clone()))
+                            })
+                            .collect(),
+                    ),
+                    Err(_) => {
+                        let last = tx.borrow();
+                        (last.graph.clone(), last.aggregates.clone())
+                    }
                 };
                 Reading {
                     status: Some(status),
                     graph,
+                    aggregates,
                     error: None,
                 }
             }
@@ -196,6 +210,7 @@ async fn read_continuously(
                 Reading {
                     status: last.status.clone(),
                     graph: last.graph.clone(),
+                    aggregates: last.aggregates.clone(),
                     error: Some(e.to_string()),
                 }
             }

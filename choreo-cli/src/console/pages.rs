@@ -251,30 +251,22 @@ pub(crate) async fn letter(State(c): State<Shared>, Path(sequence): Path<u64>) -
 
 #[derive(serde::Deserialize, Default)]
 pub(crate) struct EventsQuery {
+    /// A registered aggregate: its service and name, and the instance.
+    service: Option<String>,
+    aggregate: Option<String>,
+    id: Option<String>,
+    /// Or any stream and subject filter.
     stream: Option<String>,
     filter: Option<String>,
     until: Option<String>,
 }
 
-/// `/events?stream=&filter=&until=`: an aggregate's history up to a point.
+/// `/events`: the aggregates services answer for, and one instance's
+/// state and events up to a point (`?service=&aggregate=&id=&until=`), or
+/// any subject filter's events (`?stream=&filter=&until=`).
 pub(crate) async fn events(State(c): State<Shared>, Query(q): Query<EventsQuery>) -> Response {
-    let stream = q.stream.unwrap_or_default();
-    let filter = q.filter.unwrap_or_default();
-    let until_text = q.until.unwrap_or_default();
-    let form = format!(
-        "<h1>Aggregates</h1><p>An aggregate's events up to a point, each payload as stored: its state at that \
-         point is the fold of these events by the service's <code>Aggregate::apply</code> \
-         (<code>Aggregates::load_at</code> in code).</p>\
-         <form method=\"get\" action=\"/events\" class=\"grid\"><label>Stream <input name=\"stream\" value=\"{}\" required></label> \
-         <label>Subject filter <input name=\"filter\" value=\"{}\" placeholder=\"stock.sku-1.*\" required></label> \
-         <label>Up to (sequence or RFC 3339 time) <input name=\"until\" value=\"{}\"></label> <button>Show</button></form>",
-        esc(&stream),
-        esc(&filter),
-        esc(&until_text)
-    );
-    if stream.is_empty() || filter.is_empty() {
-        return Html(page("Aggregates", "/events", None, &form)).into_response();
-    }
+    let reading = c.reading.borrow().clone();
+    let until_text = q.until.clone().unwrap_or_default();
     let until = match until_text.trim() {
         "" => None,
         t => match crate::point(t) {
@@ -282,17 +274,61 @@ pub(crate) async fn events(State(c): State<Shared>, Query(q): Query<EventsQuery>
             Err(e) => return error_page(StatusCode::BAD_REQUEST, &e),
         },
     };
-    let body = match admin::events(&c.client, &c.api, (&stream, &filter), until).await {
-        Ok(list) => views::events(&list),
-        Err(e) => format!("<p class=\"warn\">{}</p>", esc(&e.to_string())),
+    let mut body = String::from("<h1>Aggregates</h1>");
+    body.push_str(&views::aggregates(
+        &reading.aggregates,
+        &q.id.clone().unwrap_or_default(),
+        &until_text,
+    ));
+    // One registered aggregate's instance: its state (folded by its
+    // service) and its events.
+    let registered = match (&q.service, &q.aggregate, &q.id) {
+        (Some(svc), Some(name), Some(id)) if !id.is_empty() => reading
+            .aggregates
+            .iter()
+            .find(|(s, a)| s == svc && &a.name == name)
+            .map(|(s, a)| (s.clone(), a.clone(), id.clone())),
+        _ => None,
     };
-    Html(page(
-        "Aggregates",
-        "/events",
-        None,
-        &format!("{form}{body}"),
-    ))
-    .into_response()
+    let (stream, filter) = match (&registered, &q.stream, &q.filter) {
+        (Some((svc, a, id)), _, _) => {
+            let mut request = choreo::aggregate::inspect::StateRequest::new(&a.name, id);
+            request = match until {
+                Some(admin::Point::Sequence(n)) => request.until_sequence(n),
+                Some(admin::Point::Time(t)) => request.until_time(t),
+                _ => request,
+            };
+            let state =
+                match admin::aggregate_state(&c.js, svc, &request, Duration::from_secs(5)).await {
+                    Ok(answer) => views::aggregate_state(a, id, &answer, &until_text),
+                    Err(e) => format!("<p class=\"warn\">{}</p>", esc(&e.to_string())),
+                };
+            body.push_str(&state);
+            (a.stream.clone(), a.filter_of(id))
+        }
+        (None, Some(stream), Some(filter)) if !stream.is_empty() && !filter.is_empty() => {
+            (stream.clone(), filter.clone())
+        }
+        _ => {
+            body.push_str(&views::any_filter_form(
+                &q.stream.clone().unwrap_or_default(),
+                &q.filter.clone().unwrap_or_default(),
+                &until_text,
+            ));
+            return Html(page("Aggregates", "/events", None, &body)).into_response();
+        }
+    };
+    match admin::events(&c.client, &c.api, (&stream, &filter), until).await {
+        Ok(list) => body.push_str(&views::events(&list)),
+        Err(e) => {
+            let _ = std::fmt::Write::write_fmt(
+                &mut body,
+                format_args!("<p class=\"warn\">{}</p>", esc(&e.to_string())),
+            );
+        }
+    }
+    body.push_str(&views::any_filter_form(&stream, &filter, &until_text));
+    Html(page("Aggregates", "/events", None, &body)).into_response()
 }
 
 /// A page that says what went wrong.

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use choreo::admin::{Flow, Graph, HandlerStatus, State, Status, StoredEvent};
+use choreo::aggregate::inspect::StateAnswer;
 use choreo::dlq::{DeadLetter, SummaryLine};
+use choreo::registry::AggregateManifest;
 
 use super::Reading;
 use super::html::{esc, json, rows_html, state, time_ms, url};
@@ -694,6 +696,74 @@ pub(crate) fn letter(l: &DeadLetter, actions: Option<&str>) -> String {
         l.sequence,
         super::html::table("Why", &["", ""], &facts, None),
         super::html::table("Headers", &["Header", "Value"], &headers, None),
+    )
+}
+
+/// The aggregates services answer for, each with a form for an
+/// instance's state at a point.
+pub(crate) fn aggregates(list: &[(String, AggregateManifest)], id: &str, until: &str) -> String {
+    if list.is_empty() {
+        return "<p>No running service answers state requests (a service registers an aggregate with \
+                <code>Service::aggregate::&lt;A&gt;()</code>). Any stream's events can still be read below.</p>"
+            .into();
+    }
+    let mut out = String::from(
+        "<p>The state of an instance at a point is folded by its own service (its \
+         <code>Aggregate::apply</code>), from its events up to a stream sequence or a time.</p>",
+    );
+    for (service, a) in list {
+        let _ = write!(
+            out,
+            "<form method=\"get\" action=\"/events\" class=\"grid\" aria-label=\"{name} of {svc}\">\
+             <input type=\"hidden\" name=\"service\" value=\"{svc}\"><input type=\"hidden\" name=\"aggregate\" value=\"{name}\">\
+             <strong>{name}</strong> <span class=\"note\">({svc}, {stream}: <code>{filter}</code>)</span>\
+             <label>Id <input name=\"id\" value=\"{id}\" required></label>\
+             <label>Up to (sequence or RFC 3339 time) <input name=\"until\" value=\"{until}\"></label>\
+             <button>Show</button></form>",
+            name = esc(&a.name),
+            svc = esc(service),
+            stream = esc(&a.stream),
+            filter = esc(&a.filter),
+            id = esc(id),
+            until = esc(until),
+        );
+    }
+    out
+}
+
+/// One instance's state as its service folded it.
+pub(crate) fn aggregate_state(
+    a: &AggregateManifest,
+    id: &str,
+    answer: &StateAnswer,
+    until: &str,
+) -> String {
+    let at = if until.is_empty() {
+        "now".to_owned()
+    } else {
+        format!("up to {}", esc(until))
+    };
+    format!(
+        "<section class=\"state-at\"><h2>{name} {id}, {at}</h2><p>{n} folded, the last at stream sequence {v}.</p>\
+         <div id=\"state\">{json}</div></section>",
+        name = esc(&a.name),
+        id = esc(id),
+        n = choreo::__private::counted(answer.events, "event"),
+        v = answer.version,
+        json = answer.state.as_ref().map_or_else(String::new, json),
+    )
+}
+
+/// The form for any stream's events.
+pub(crate) fn any_filter_form(stream: &str, filter: &str, until: &str) -> String {
+    format!(
+        "<h2>Any subject filter</h2><form method=\"get\" action=\"/events\" class=\"grid\">\
+         <label>Stream <input name=\"stream\" value=\"{}\" required></label>\
+         <label>Subject filter <input name=\"filter\" value=\"{}\" placeholder=\"stock.sku-1.*\" required></label>\
+         <label>Up to (sequence or RFC 3339 time) <input name=\"until\" value=\"{}\"></label> <button>Show</button></form>",
+        esc(stream),
+        esc(filter),
+        esc(until)
     )
 }
 

@@ -10,6 +10,8 @@
 //! - [`plan`] and [`replay()`]: rewind one handler over a stretch of its
 //!   stream while its instances run.
 //! - [`deadlines`]: pending deadlines, and one deadline's state.
+//! - [`aggregate_state()`]: an aggregate instance's state at a point, asked
+//!   of the service that keeps it.
 //! - [`manifests()`]: each service's manifest and the publishers' records,
 //!   from the registry, which the others take.
 //!
@@ -38,6 +40,7 @@ mod read;
 mod relays;
 mod replay;
 mod requeue;
+mod state;
 mod status;
 pub(crate) mod trace;
 
@@ -48,6 +51,7 @@ pub use graph::{Finding, FindingKind, Graph, Severity, lint};
 pub use marker::{Marker, marker, replay_done};
 pub use relays::lint_outboxes;
 pub use replay::{Plan, Point, Rewound, plan, replay};
+pub use state::aggregate_state;
 pub use status::{HandlerStatus, InstanceStatus, Snapshot, State, Status, status};
 pub use trace::{Flow, HandlerStep, Query, Step, Trace, TracedEvent, trace};
 

@@ -33,6 +33,7 @@ mod decision;
 mod encode;
 mod error;
 mod fold;
+pub mod inspect;
 mod parts;
 mod prepare;
 pub(crate) mod read;

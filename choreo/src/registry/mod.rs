@@ -54,6 +54,30 @@ pub struct Manifest {
     pub choreo_version: String,
     /// Its handlers, in the order they were added.
     pub handlers: Vec<HandlerManifest>,
+    /// The aggregates it answers state requests for
+    /// ([`Service::aggregate`](crate::Service::aggregate)).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aggregates: Vec<AggregateManifest>,
+}
+
+/// An aggregate type a service answers state requests for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct AggregateManifest {
+    /// Its `Aggregate::NAME`.
+    pub name: String,
+    /// Where an instance's events are: its `Aggregate::filter` with
+    /// `{id}` in place of the id (`stock.{id}.*`).
+    pub filter: String,
+    /// The stream they are stored in.
+    pub stream: String,
+}
+
+impl AggregateManifest {
+    /// The subject filter of instance `id`.
+    pub fn filter_of(&self, id: &str) -> String {
+        self.filter.replace("{id}", id)
+    }
 }
 
 /// One handler in a [`Manifest`].

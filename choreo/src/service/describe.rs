@@ -9,9 +9,20 @@ impl Service {
     /// emits, and their options. No server needed: CI can read it offline.
     /// A running instance writes the same into the registry.
     pub fn manifest(&self) -> crate::registry::Manifest {
-        use crate::registry::{ConsumedEvent, EventManifest, HandlerManifest, Manifest};
+        use crate::registry::{
+            AggregateManifest, ConsumedEvent, EventManifest, HandlerManifest, Manifest,
+        };
         Manifest {
             service: self.name.clone(),
+            aggregates: self
+                .aggregates
+                .iter()
+                .map(|a| AggregateManifest {
+                    name: a.name.to_owned(),
+                    filter: a.filter.clone(),
+                    stream: a.stream.to_owned(),
+                })
+                .collect(),
             choreo_version: env!("CARGO_PKG_VERSION").to_owned(),
             handlers: self
                 .handlers
@@ -79,6 +90,15 @@ impl Service {
                 )
             }),
         );
+        // Answering state requests: the requests, and reading the
+        // aggregates' streams.
+        if !self.aggregates.is_empty() {
+            needs = needs.and(Permissions::answers_state(
+                &self.name,
+                &self.api,
+                self.aggregates.iter().map(|a| a.stream),
+            ));
+        }
         // What handlers declare they emit (`emits = [..]`).
         for declared in self.handlers.iter().filter_map(|h| h.emits()) {
             for t in declared {

@@ -73,6 +73,8 @@ pub struct Service {
     /// Whether a deadline handler is registered.
     deadlines: bool,
     deadline_retention: Duration,
+    /// Aggregate types it answers state requests for.
+    aggregates: Vec<crate::aggregate::inspect::Inspected>,
 }
 
 /// The default [`Service::server_budget`]: 1 GiB of nats-server memory.
@@ -110,6 +112,7 @@ impl Service {
             misregistered: Vec::new(),
             deadlines: false,
             deadline_retention: crate::deadline::DEFAULT_DEADLINE_RETENTION,
+            aggregates: Vec::new(),
         }
     }
 
@@ -426,6 +429,19 @@ impl Service {
                 }
                 tasks.spawn(advisory_loop(rt, d.advisory, stop_rx.clone()));
             }
+        }
+        if !self.aggregates.is_empty() {
+            let answering = crate::aggregate::inspect::answer(
+                client.clone(),
+                service.clone(),
+                crate::aggregate::Aggregates::new(publisher.clone()),
+                self.aggregates,
+                stop_rx.clone(),
+            );
+            tasks.spawn(async move {
+                answering.await;
+                Ok(())
+            });
         }
         let instance = inbox.as_ref().map_or_else(
             || uuid::Uuid::now_v7().as_u64_pair().1.max(1),

@@ -10,6 +10,44 @@ use crate::handler::Handler;
 use crate::runtime::Typed;
 
 impl Service {
+    /// Answers requests for the state of aggregate `A` at a point (its own
+    /// events up to a stream sequence or a time, folded by its `apply`),
+    /// which `choreo console` and `choreo::admin::aggregate_state` make:
+    /// only the service has the code that folds. One instance answers each
+    /// request (a queue group on `$CHOREO.STATE.<service>`); the manifest
+    /// lists the aggregate, and [`permissions`](Self::permissions) add what
+    /// answering needs.
+    ///
+    /// ```
+    /// use choreo::{Aggregate, AggregateEvent, Service, event};
+    ///
+    /// #[event(subject = "stock.{sku}.received")]
+    /// pub struct StockReceived { pub sku: String, pub quantity: u32 }
+    ///
+    /// #[derive(AggregateEvent)]
+    /// pub enum StockEvent { Received(StockReceived) }
+    ///
+    /// #[derive(Clone, Default, serde::Serialize)]
+    /// pub struct Stock { pub on_hand: u32 }
+    ///
+    /// impl Aggregate for Stock {
+    ///     const NAME: &'static str = "Stock";
+    ///     type Event = StockEvent;
+    ///     fn filter(sku: &str) -> String { format!("stock.{sku}.*") }
+    ///     fn apply(&mut self, e: &StockEvent) {
+    ///         match e { StockEvent::Received(r) => self.on_hand += r.quantity }
+    ///     }
+    /// }
+    ///
+    /// let inventory = Service::new("inventory").aggregate::<Stock>();
+    /// assert_eq!(inventory.manifest().aggregates[0].filter, "stock.{id}.*");
+    /// ```
+    pub fn aggregate<A: crate::Aggregate + serde::Serialize>(mut self) -> Self {
+        self.aggregates
+            .push(crate::aggregate::inspect::Inspected::of::<A>());
+        self
+    }
+
     /// How long the inbox remembers handled events (default 7 days; keep it
     /// at least the streams' duplicate window). Bucket-wide, so it applies
     /// when the bucket is created.

@@ -27,6 +27,8 @@ use crate::nats::JetStreamApi;
 pub struct Permissions {
     publish: BTreeSet<String>,
     subscribe: BTreeSet<String>,
+    /// May answer requests (nats-server's `allow_responses`).
+    responses: bool,
 }
 
 impl Permissions {
@@ -95,6 +97,9 @@ impl Permissions {
         ] {
             me.publish.insert(format!("{p}.{s}"));
         }
+        // Aggregates' states at a point (`choreo console`), which their
+        // services answer.
+        me.publish.insert("$CHOREO.STATE.*".to_owned());
         // The next deadline to fire (`choreo status`).
         me.publish
             .insert(format!("{p}.DIRECT.GET.{}", super::DEADLINE_STREAM));
@@ -108,6 +113,28 @@ impl Permissions {
             me.publish.insert(format!("{p}.DIRECT.GET.KV_{bucket}.>"));
             // Listing a bucket's keys: its ordered consumer's flow control.
             me.publish.insert(format!("$JS.FC.KV_{bucket}.>"));
+        }
+        me
+    }
+
+    /// What a service needs to answer aggregate state requests (see
+    /// `Service::aggregate`): subscribe to its state subject, and read the
+    /// aggregates' streams with direct gets.
+    #[must_use]
+    pub fn answers_state<'a>(
+        service: &str,
+        api: &JetStreamApi,
+        streams: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        let p = api.prefix();
+        let mut me = Self::default();
+        me.replies();
+        me.subscribe.insert(format!("$CHOREO.STATE.{service}"));
+        me.responses = true;
+        for s in streams {
+            me.publish.insert(format!("{p}.DIRECT.GET.{s}"));
+            me.publish.insert(format!("{p}.DIRECT.GET.{s}.>"));
+            me.publish.insert(format!("{p}.STREAM.INFO.{s}"));
         }
         me
     }
@@ -129,11 +156,19 @@ impl Permissions {
     pub fn and(mut self, other: Permissions) -> Self {
         self.publish.extend(other.publish);
         self.subscribe.extend(other.subscribe);
+        self.responses |= other.responses;
         self
     }
 
+    /// Whether the user must be allowed to answer requests
+    /// (`allow_responses`: a service that answers aggregate state requests).
+    pub fn responds(&self) -> bool {
+        self.responses
+    }
+
     /// A nats-server `permissions` value: `{ publish: { allow: [...] },
-    /// subscribe: { allow: [...] } }`.
+    /// subscribe: { allow: [...] } }`, with `allow_responses: true` when
+    /// it [responds](Self::responds).
     pub fn to_config(&self) -> String {
         let list = |s: &BTreeSet<String>| {
             s.iter()
@@ -142,9 +177,14 @@ impl Permissions {
                 .join(", ")
         };
         format!(
-            "{{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }} }}",
+            "{{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }}{} }}",
             list(&self.publish),
-            list(&self.subscribe)
+            list(&self.subscribe),
+            if self.responses {
+                ", allow_responses: true"
+            } else {
+                ""
+            }
         )
     }
 
