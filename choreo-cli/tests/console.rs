@@ -449,6 +449,52 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
         "{log}"
     );
 
+    // One more letter, purged from its own page.
+    w.bug.store(true, Ordering::SeqCst);
+    request(&shop, "doomed", 1, 10).await;
+    page.goto(&format!("{}/dlq", c.base)).await.unwrap();
+    page.wait_for(
+        "document.querySelector('#groups a[href^=\"/dlq/letters\"]')",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    w.bug.store(false, Ordering::SeqCst);
+    page.click("#groups a[href^='/dlq/letters']").await.unwrap();
+    page.wait_for(
+        "document.querySelector('a[href^=\"/dlq/letter/\"]')",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    page.click("a[href^='/dlq/letter/']").await.unwrap();
+    page.wait_for(
+        "document.querySelector('pre.json') && document.querySelector('pre.json').textContent.includes('doomed-0')",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    page.click("form[action='/dlq/purge'] button")
+        .await
+        .unwrap();
+    page.wait_for(
+        "document.querySelector('h1').textContent.startsWith('Purge 1 letter #')",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    page.click("#confirm").await.unwrap();
+    page.wait_for(
+        "location.pathname === '/dlq' && document.body.textContent.includes('purged 1 letter #') && document.getElementById('groups').textContent.includes('No dead letters')",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !w.billed.lock().unwrap().contains_key("doomed-0"),
+        "purged, not replayed"
+    );
+
     // Replay the handler from sequence 1: the plan first (its inbox skips
     // what it handled), then the rewind, logged.
     page.goto(&format!("{}/", c.base)).await.unwrap();
@@ -473,11 +519,11 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
         .await
         .unwrap();
     let plan = plan.as_str().unwrap();
-    // The six events, and the six copies the letters' replay stored: all
-    // handled once.
+    // The six events and the six copies the letters' replay stored, all
+    // handled once, and the purged one, which runs now.
     assert_eq!(
         plan,
-        "It would replay 12 events of billing.bill in INVOICES 1..=12: 12 already handled (skipped by the inbox), 0 to run."
+        "It would replay 13 events of billing.bill in INVOICES 1..=13: 12 already handled (skipped by the inbox), 1 to run."
     );
     page.click("#confirm").await.unwrap();
     page.wait_for(
@@ -487,6 +533,10 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
+    until("the purged event handled by the replay", || {
+        w.billed.lock().unwrap().contains_key("doomed-0")
+    })
+    .await;
     assert!(
         w.billed.lock().unwrap().values().all(|n| *n == 1),
         "the inbox skipped what was handled: {:?}",

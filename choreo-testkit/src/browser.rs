@@ -214,6 +214,12 @@ impl Browser {
             lock: Arc::new(Mutex::new(())),
         };
         page.call("Page.enable", json!({})).await?;
+        // A fixed viewport: screenshots never see a window not laid out yet.
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false }),
+        )
+        .await?;
         page.call("Runtime.enable", json!({})).await?;
         page.goto(url).await?;
         Ok(page)

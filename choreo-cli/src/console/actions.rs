@@ -96,8 +96,23 @@ impl Pick {
 pub(crate) struct LetterAction {
     form_key: String,
     confirm: Option<String>,
-    #[serde(flatten)]
-    pick: Pick,
+    // The pick's fields, spelled out: a form body cannot fill a flattened
+    // number.
+    sequence: Option<u64>,
+    service: Option<String>,
+    handler: Option<String>,
+    reason: Option<String>,
+}
+
+impl LetterAction {
+    fn pick(&self) -> Pick {
+        Pick {
+            sequence: self.sequence,
+            service: self.service.clone(),
+            handler: self.handler.clone(),
+            reason: self.reason.clone(),
+        }
+    }
 }
 
 /// Who asked: the user a proxy in front names (`X-Forwarded-User`,
@@ -186,16 +201,20 @@ fn confirm_page(
         let _ = write!(list, "<li>and {} more</li>", letters.len() - 200);
     }
     let body = format!(
-        "<h1>{verb} {n} letters{d}?</h1><p>{warning}</p><ol>{list}</ol>\
+        "<h1>{verb} {n}{d}?</h1><p>{warning}</p><ol>{list}</ol>\
          <form method=\"post\" action=\"{action}\"><input type=\"hidden\" name=\"form_key\" value=\"{key}\">\
          <input type=\"hidden\" name=\"confirm\" value=\"yes\">{hidden}\
-         <button class=\"danger\" id=\"confirm\">{verb} {n} letters</button> <a href=\"/dlq\">Cancel</a></form>",
-        n = letters.len(),
+         <button class=\"danger\" id=\"confirm\">{verb} {n}</button> <a href=\"/dlq\">Cancel</a></form>",
+        n = counted(letters.len(), "letter"),
         d = esc(&pick.describe()),
         key = esc(&c.form_key),
         hidden = pick.hidden(),
     );
     Html(page(&format!("{verb}?"), "/dlq", None, &body)).into_response()
+}
+
+fn counted(n: usize, noun: &str) -> String {
+    choreo::__private::counted(n as u64, noun)
 }
 
 fn done(message: &str) -> Response {
@@ -216,7 +235,8 @@ pub(crate) async fn dlq_replay(
     if let Some(r) = refused(&c, &a.form_key) {
         return r;
     }
-    let letters = match chosen(&c, &a.pick).await {
+    let pick = a.pick();
+    let letters = match chosen(&c, &pick).await {
         Ok(l) => l,
         Err(r) => return *r,
     };
@@ -225,7 +245,7 @@ pub(crate) async fn dlq_replay(
             &c,
             "Replay",
             "/dlq/replay",
-            &a.pick,
+            &pick,
             &letters,
             "Each is published again on its subject with its own id (a handler that already handled one \
              skips it), then deleted from the dead-letter stream.",
@@ -237,14 +257,18 @@ pub(crate) async fn dlq_replay(
             let what = format!(
                 "replayed {replayed} of {} letters{}, then failed: {e}",
                 letters.len(),
-                a.pick.describe()
+                pick.describe()
             );
             log(&c, who(&c, &headers, from), what.clone());
             return error_page(StatusCode::BAD_GATEWAY, &what);
         }
         replayed += 1;
     }
-    let what = format!("replayed {replayed} letters{}", a.pick.describe());
+    let what = format!(
+        "replayed {}{}",
+        counted(replayed, "letter"),
+        pick.describe()
+    );
     log(&c, who(&c, &headers, from), what.clone());
     done(&what)
 }
@@ -259,7 +283,8 @@ pub(crate) async fn dlq_purge(
     if let Some(r) = refused(&c, &a.form_key) {
         return r;
     }
-    let letters = match chosen(&c, &a.pick).await {
+    let pick = a.pick();
+    let letters = match chosen(&c, &pick).await {
         Ok(l) => l,
         Err(r) => return *r,
     };
@@ -268,14 +293,14 @@ pub(crate) async fn dlq_purge(
             &c,
             "Purge",
             "/dlq/purge",
-            &a.pick,
+            &pick,
             &letters,
             "They are deleted for good: their events are not handled by this handler.",
         );
     }
     match dlq::purge(&c.js, &letters).await {
         Ok(n) => {
-            let what = format!("purged {n} letters{}", a.pick.describe());
+            let what = format!("purged {}{}", counted(n, "letter"), pick.describe());
             log(&c, who(&c, &headers, from), what.clone());
             done(&what)
         }

@@ -106,8 +106,14 @@ pub(crate) async fn run(
         .into());
     }
     let js = api.context(client.clone());
-    // The first reading fails fast on a wrong server or missing rights.
-    let first = Snapshot::take(&js).await?;
+    // The first reading fails fast on a wrong server or missing rights; a
+    // server where no service has started yet is shown as such until one
+    // does.
+    let first = match Snapshot::take(&js).await {
+        Ok(s) => Some(s),
+        Err(e) if e.kind() == admin::AdminErrorKind::NoRegistry => None,
+        Err(e) => return Err(e.into()),
+    };
     let (tx, rx) = watch::channel(Arc::new(Reading::default()));
     tokio::spawn(read_continuously(js.clone(), first, args.interval, tx));
     let console = Arc::new(Console {
@@ -174,7 +180,7 @@ fn router(console: Shared) -> Router {
 /// one before, and publishes the reading.
 async fn read_continuously(
     js: jetstream::Context,
-    mut before: Snapshot,
+    mut before: Option<Snapshot>,
     interval: Duration,
     tx: watch::Sender<Arc<Reading>>,
 ) {
@@ -182,8 +188,13 @@ async fn read_continuously(
         tokio::time::sleep(interval).await;
         let reading = match Snapshot::take(&js).await {
             Ok(after) => {
-                let status = Status::judge(&before, &after);
-                before = after;
+                let Some(earlier) = before.take() else {
+                    // The first reading: judged against the next.
+                    before = Some(after);
+                    continue;
+                };
+                let status = Status::judge(&earlier, &after);
+                before = Some(after);
                 let (graph, aggregates) = match admin::manifests(&js).await {
                     Ok((m, p)) => (
                         Graph::new(&m, &p),

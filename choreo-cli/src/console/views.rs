@@ -198,10 +198,16 @@ pub(crate) fn system_parts(
     actions: bool,
 ) -> Vec<(&'static str, String)> {
     let Some(s) = &r.status else {
-        return vec![(
-            "taken",
-            "Reading the system… (the first reading is judged against the next)".into(),
-        )];
+        let why = r.error.as_deref().map_or_else(
+            || "Reading the system… (the first reading is judged against the next)".to_owned(),
+            |e| {
+                format!(
+                    "<strong class=\"warn\">{}</strong> The console keeps reading.",
+                    esc(e)
+                )
+            },
+        );
+        return vec![("taken", why)];
     };
     let mut taken = format!(
         "Read {}, states judged over {}.",
