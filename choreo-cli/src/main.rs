@@ -301,12 +301,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             }
         }
         Command::Console(args) => {
-            let client = connect(&cli.conn.server, options(&cli.conn).await?).await?;
-            let api = cli
-                .conn
-                .domain
-                .as_ref()
-                .map_or_else(JetStreamApi::default, JetStreamApi::domain);
+            let (client, api) = connected(&cli.conn).await?;
             console::run(client, api, args).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -316,12 +311,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             filter,
             until,
         } => {
-            let client = connect(&cli.conn.server, options(&cli.conn).await?).await?;
-            let api = cli
-                .conn
-                .domain
-                .as_ref()
-                .map_or_else(JetStreamApi::default, JetStreamApi::domain);
+            let (client, api) = connected(&cli.conn).await?;
             let events = admin::events(&client, &api, (stream, filter), *until).await?;
             if cli.json {
                 out!(
@@ -358,26 +348,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         } => {
             let js = jetstream(&cli.conn).await?;
             let plan = admin::plan(&js, service, handler, *from, *until, *rerun).await?;
-            let skip = if *rerun {
-                "they run again: --rerun"
-            } else {
-                "skipped by the inbox"
-            };
-            let what = format!(
-                "{} of {}.{} in {} {}..={}: {} already handled ({skip}), {} to run",
-                counted(plan.events, "event"),
-                plan.service,
-                plan.handler,
-                plan.stream,
-                plan.from,
-                plan.until,
-                plan.already_handled,
-                if *rerun {
-                    plan.events
-                } else {
-                    plan.events - plan.already_handled
-                }
-            );
+            let what = plan.summary();
             if cli.json {
                 out!("{}\n", serde_json::to_string_pretty(&plan)?);
             }
@@ -531,12 +502,20 @@ async fn from_registry(
     Ok((manifests, publishers))
 }
 
-async fn jetstream(conn: &Connection) -> Result<choreo::async_nats::jetstream::Context, BoxError> {
+/// A connection, and the JetStream API of the chosen domain.
+async fn connected(
+    conn: &Connection,
+) -> Result<(choreo::async_nats::Client, JetStreamApi), BoxError> {
     let client = connect(&conn.server, options(conn).await?).await?;
     let api = conn
         .domain
         .as_ref()
         .map_or_else(JetStreamApi::default, JetStreamApi::domain);
+    Ok((client, api))
+}
+
+async fn jetstream(conn: &Connection) -> Result<choreo::async_nats::jetstream::Context, BoxError> {
+    let (client, api) = connected(conn).await?;
     Ok(api.context(client))
 }
 

@@ -163,6 +163,19 @@ fn refused(c: &Shared, key: &str) -> Option<Response> {
     None
 }
 
+/// The letters an action names, unless it is refused.
+async fn letters_for(
+    c: &Shared,
+    a: &LetterAction,
+) -> Result<(Pick, Vec<DeadLetter>), Box<Response>> {
+    if let Some(r) = refused(c, &a.form_key) {
+        return Err(Box::new(r));
+    }
+    let pick = a.pick();
+    let letters = chosen(c, &pick).await?;
+    Ok((pick, letters))
+}
+
 async fn chosen(c: &Shared, pick: &Pick) -> Result<Vec<DeadLetter>, Box<Response>> {
     let r = match pick.sequence {
         Some(s) => dlq::letter(&c.js, s).await.map(|l| vec![l]),
@@ -232,12 +245,8 @@ pub(crate) async fn dlq_replay(
     headers: HeaderMap,
     Form(a): Form<LetterAction>,
 ) -> Response {
-    if let Some(r) = refused(&c, &a.form_key) {
-        return r;
-    }
-    let pick = a.pick();
-    let letters = match chosen(&c, &pick).await {
-        Ok(l) => l,
+    let (pick, letters) = match letters_for(&c, &a).await {
+        Ok(chosen) => chosen,
         Err(r) => return *r,
     };
     if a.confirm.as_deref() != Some("yes") {
@@ -280,12 +289,8 @@ pub(crate) async fn dlq_purge(
     headers: HeaderMap,
     Form(a): Form<LetterAction>,
 ) -> Response {
-    if let Some(r) = refused(&c, &a.form_key) {
-        return r;
-    }
-    let pick = a.pick();
-    let letters = match chosen(&c, &pick).await {
-        Ok(l) => l,
+    let (pick, letters) = match letters_for(&c, &a).await {
+        Ok(chosen) => chosen,
         Err(r) => return *r,
     };
     if a.confirm.as_deref() != Some("yes") {
@@ -372,26 +377,7 @@ pub(crate) async fn replay(
         Ok(p) => p,
         Err(e) => return error_page(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    let to_run = if rerun {
-        plan.events
-    } else {
-        plan.events - plan.already_handled
-    };
-    let what = format!(
-        "{} events of {}.{} in {} {}..={}: {} already handled ({}), {to_run} to run",
-        plan.events,
-        plan.service,
-        plan.handler,
-        plan.stream,
-        plan.from,
-        plan.until,
-        plan.already_handled,
-        if rerun {
-            "they run again"
-        } else {
-            "skipped by the inbox"
-        },
-    );
+    let what = plan.summary();
     if a.confirm.as_deref() != Some("yes") {
         let body = format!(
             "<h1>Replay {s}.{h}?</h1><p>It would replay {w}.</p>\

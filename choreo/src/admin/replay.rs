@@ -66,6 +66,29 @@ pub struct Plan {
     pub(super) ordered: bool,
 }
 
+impl Plan {
+    /// What it does, as `choreo replay` says it: `12 events of
+    /// billing.bill in INVOICES 1..=12: 12 already handled (skipped by the
+    /// inbox), 0 to run`.
+    pub fn summary(&self) -> String {
+        let (skip, to_run) = if self.rerun {
+            ("they run again: --rerun", self.events)
+        } else {
+            ("skipped by the inbox", self.events - self.already_handled)
+        };
+        format!(
+            "{} of {}.{} in {} {}..={}: {} already handled ({skip}), {to_run} to run",
+            crate::__private::counted(self.events, "event"),
+            self.service,
+            self.handler,
+            self.stream,
+            self.from,
+            self.until,
+            self.already_handled,
+        )
+    }
+}
+
 /// How long instances take to see a marker: they read it every
 /// `ack_wait`, clamped to 1–5 s.
 const MARKER_SEEN: Duration = Duration::from_secs(6);
