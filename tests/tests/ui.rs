@@ -1,5 +1,7 @@
 //! Compile-time behaviour of the macros, proven with trybuild: each
-//! `ui/**/<case>.rs` that must fail has a reviewed `<case>.stderr`.
+//! `ui/**/<case>.rs` that must fail has a reviewed `<case>.stderr`. Only
+//! failing cases: trybuild then checks (`cargo check`) instead of building
+//! every dependency again; what the macros accept is `macros_accept.rs`.
 
 #[test]
 fn ui() {
@@ -7,5 +9,4 @@ fn ui() {
     t.compile_fail("ui/event/*.rs");
     t.compile_fail("ui/handler/*.rs");
     t.compile_fail("ui/aggregate/*.rs");
-    t.pass("ui/pass/*.rs");
 }

@@ -1,4 +1,4 @@
-use choreo::{event, Aggregate, AggregateEvent};
+use choreo::{Aggregate, AggregateEvent, event};
 
 #[event(subject = "stock.{sku}.received")]
 pub struct StockReceived {
@@ -28,7 +28,10 @@ impl Aggregate for Stock {
     }
 }
 
-fn main() {
-    assert_eq!(<StockEvent as AggregateEvent>::TYPES[0].name, "StockReceived");
+pub(crate) fn main() {
+    assert_eq!(
+        <StockEvent as AggregateEvent>::TYPES[0].name,
+        "StockReceived"
+    );
     let _ = Stock::default().on_hand;
 }

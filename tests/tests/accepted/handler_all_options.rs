@@ -1,4 +1,6 @@
-use choreo::{event, event_handler, Attempt, Context, Envelope, Handler, HandlerError, Metadata, State};
+use choreo::{
+    Attempt, Context, Envelope, Handler, HandlerError, Metadata, State, event, event_handler,
+};
 
 #[event(subject = "orders.{order_id}.placed", key = order_id)]
 pub struct OrderPlaced {
@@ -28,7 +30,12 @@ impl std::error::Error for MyError {}
     idempotent = false,
     crate = "::choreo",
 )]
-pub async fn charge(order: OrderPlaced, ctx: Context, State(_db): State<Db>, Attempt(_n): Attempt) -> Result<(), HandlerError> {
+pub async fn charge(
+    order: OrderPlaced,
+    ctx: Context,
+    State(_db): State<Db>,
+    Attempt(_n): Attempt,
+) -> Result<(), HandlerError> {
     let _ = (order.order_id, ctx.idempotency_key());
     Ok(())
 }
@@ -42,14 +49,21 @@ async fn audit(order: Envelope<OrderPlaced>, meta: Metadata) -> Result<(), MyErr
 #[event_handler]
 async fn unit(_order: OrderPlaced) {}
 
-fn main() {
+pub(crate) fn main() {
     let o = charge.options();
     assert_eq!(charge.name(), "charge_v2");
     assert_eq!((o.concurrency, o.max_deliver, o.idempotent), (32, 7, false));
     assert_eq!(o.backoff.len(), 3);
     assert_eq!(o.ack_wait, std::time::Duration::from_secs(45));
     assert_eq!(o.deliver, choreo::DeliverPolicy::New);
-    assert!(matches!(audit.options().deliver, choreo::DeliverPolicy::Since(_)));
+    assert!(matches!(
+        audit.options().deliver,
+        choreo::DeliverPolicy::Since(_)
+    ));
     assert_eq!(unit.name(), "unit");
-    let _ = choreo::Service::new("x").state(Db).handler(charge).handler(audit).handler(unit);
+    let _ = choreo::Service::new("x")
+        .state(Db)
+        .handler(charge)
+        .handler(audit)
+        .handler(unit);
 }

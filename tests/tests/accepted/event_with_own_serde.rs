@@ -1,7 +1,7 @@
 //! `#[event]` on a type that derives serde itself, or carries serde
 //! attributes: both keep working, and the attributes take effect.
 
-use choreo::{event, Event};
+use choreo::{Event, event};
 use serde::{Deserialize, Serialize};
 
 #[event(subject = "users.{id}.renamed", key = id)]
@@ -28,22 +28,34 @@ pub struct UserArchived {
     pub id: String,
 }
 
-fn main() {
-    let renamed = UserRenamed { id: "u-1".into(), new_name: "Ada".into() };
+pub(crate) fn main() {
+    let renamed = UserRenamed {
+        id: "u-1".into(),
+        new_name: "Ada".into(),
+    };
     let json = serde_json::to_value(&renamed).unwrap();
     assert_eq!(json["newName"], "Ada", "rename_all applies: {json}");
     let bytes = choreo::codec::encode(&renamed).unwrap();
     let back: UserRenamed = choreo::codec::decode(1, &bytes).unwrap();
     assert_eq!(back, renamed);
 
-    let deleted = UserDeleted { id: "u-2".into(), reason: String::new() };
-    assert_eq!(serde_json::to_value(&deleted).unwrap(), serde_json::json!({ "id": "u-2" }));
+    let deleted = UserDeleted {
+        id: "u-2".into(),
+        reason: String::new(),
+    };
+    assert_eq!(
+        serde_json::to_value(&deleted).unwrap(),
+        serde_json::json!({ "id": "u-2" })
+    );
     let bytes = choreo::codec::encode(&deleted).unwrap();
     let back: UserDeleted = choreo::codec::decode(1, &bytes).unwrap();
     assert_eq!(back, deleted);
 
     let archived = UserArchived { id: "u-3".into() };
     let bytes = choreo::codec::encode(&archived).unwrap();
-    assert_eq!(choreo::codec::decode::<UserArchived>(1, &bytes).unwrap(), archived);
+    assert_eq!(
+        choreo::codec::decode::<UserArchived>(1, &bytes).unwrap(),
+        archived
+    );
     assert_eq!(UserArchived::NAME, "UserArchived");
 }

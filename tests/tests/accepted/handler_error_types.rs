@@ -2,7 +2,7 @@
 //! `HandlerError`: any `std::error::Error + Send + Sync`, a boxed error,
 //! `anyhow::Error`, and a `String` message.
 
-use choreo::{event, event_handler, HandlerError};
+use choreo::{HandlerError, event, event_handler};
 
 #[event(subject = "orders.{order_id}.placed", key = order_id)]
 pub struct OrderPlaced {
@@ -47,7 +47,7 @@ async fn question_marks(order: OrderPlaced) -> Result<(), HandlerError> {
     Ok(())
 }
 
-fn main() {
+pub(crate) fn main() {
     let _ = choreo::Service::new("s")
         .handler(io_error)
         .handler(boxed_error)

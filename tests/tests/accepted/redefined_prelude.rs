@@ -32,12 +32,17 @@ pub struct OrderPlacedV1 {
 
 impl ::core::convert::From<OrderPlacedV1> for OrderPlaced {
     fn from(v: OrderPlacedV1) -> Self {
-        OrderPlaced { order_id: v.order_id }
+        OrderPlaced {
+            order_id: v.order_id,
+        }
     }
 }
 
 #[choreo::event_handler(concurrency = 2, backoff = ["1s"])]
-async fn on_order(order: OrderPlaced, ctx: choreo::Context) -> ::core::result::Result<(), choreo::HandlerError> {
+async fn on_order(
+    order: OrderPlaced,
+    ctx: choreo::Context,
+) -> ::core::result::Result<(), choreo::HandlerError> {
     let _ = (order.order_id, ctx);
     ::core::result::Result::Ok(())
 }
@@ -45,4 +50,4 @@ async fn on_order(order: OrderPlaced, ctx: choreo::Context) -> ::core::result::R
 #[choreo::event_handler]
 async fn on_order_unit(_order: OrderPlaced) {}
 
-fn main() {}
+pub(crate) fn main() {}

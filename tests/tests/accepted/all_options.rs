@@ -1,4 +1,4 @@
-use choreo::{event, Event};
+use choreo::{Event, event};
 
 #[event(
     name = "StockReserved",
@@ -23,7 +23,11 @@ pub struct StockReservedV1 {
 
 impl From<StockReservedV1> for StockReserved {
     fn from(v1: StockReservedV1) -> Self {
-        Self { sku: v1.sku, warehouse: v1.warehouse, quantity: 1 }
+        Self {
+            sku: v1.sku,
+            warehouse: v1.warehouse,
+            quantity: 1,
+        }
     }
 }
 
@@ -41,7 +45,7 @@ pub enum DoorChanged {
     Closed { by: String },
 }
 
-fn main() {
+pub(crate) fn main() {
     assert_eq!(StockReserved::STREAM, "INVENTORY_EVENTS");
     assert_eq!(StockReserved::SUBJECT_FILTER, "inventory.*.*.reserved");
     assert!(StockReserved::accepts_version(1));
