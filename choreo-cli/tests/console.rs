@@ -597,22 +597,34 @@ async fn a_token_guards_every_page_and_beyond_loopback_one_is_required() {
         .await
         .unwrap();
     assert_eq!(status, 401);
-    page.goto(&format!("{}/login?token=wrong", c.base))
-        .await
-        .unwrap();
-    assert_eq!(
-        page.eval("document.body.textContent").await.unwrap(),
-        "wrong token"
-    );
-    page.goto(&format!("{}/login?token=s3cret", c.base))
-        .await
-        .unwrap();
+    // The sign-in form posts the token (never in a URL).
+    let sign_in = |token: &str| {
+        format!(
+            "(() => {{ const f = document.querySelector('form[action=\"/login\"]'); \
+               f.token.value = {}; f.submit(); return true; }})()",
+            serde_json::to_string(token).unwrap()
+        )
+    };
+    page.eval(&sign_in("wrong")).await.unwrap();
+    page.wait_for(
+        "document.body.textContent === 'wrong token'",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    page.goto(&format!("{}/", c.base)).await.unwrap();
+    page.eval(&sign_in("s3cret")).await.unwrap();
     page.wait_for(
         "location.pathname === '/' && document.querySelectorAll('#handlers tr').length === 1",
         Duration::from_secs(20),
     )
     .await
     .unwrap();
+    let status = page
+        .eval("fetch('/api/status').then(r => r.status)")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "the cookie carries the token");
 
     // Beyond loopback without a token: refused, saying what to do.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_choreo"))

@@ -47,7 +47,8 @@ pub(crate) struct ConsoleArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// A secret every request must carry (a bearer token, or the cookie
-    /// that /login?token=... sets). Required to listen beyond loopback.
+    /// the sign-in form sets). Required to listen beyond loopback. Prefer
+    /// the environment variable: a flag's value shows in the process list.
     #[arg(long, env = "CHOREO_CONSOLE_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Offer replays and purges (each shows its dry run and asks to
@@ -170,7 +171,7 @@ fn router(console: Shared) -> Router {
         )
         .route("/assets/console.css", get(css))
         .route("/assets/console.js", get(js))
-        .route("/login", get(login))
+        .route("/login", get(sign_in).post(login))
         .layer(middleware::from_fn_with_state(console.clone(), guard))
         .layer(middleware::from_fn(server_timing))
         .with_state(console)
@@ -258,19 +259,21 @@ async fn guard(State(c): State<Shared>, req: Request, next: Next) -> Response {
     if carries(req.headers(), token) {
         return next.run(req).await;
     }
-    (
-        StatusCode::UNAUTHORIZED,
-        Html(html::page(
-            "Sign in",
-            "",
-            None,
-            "<h1>Sign in</h1><p>This console needs its token.</p>\
-             <form method=\"get\" action=\"/login\"><label>Token \
-             <input type=\"password\" name=\"token\" autocomplete=\"current-password\" required></label> \
-             <button>Sign in</button></form>",
-        )),
-    )
-        .into_response()
+    (StatusCode::UNAUTHORIZED, sign_in().await).into_response()
+}
+
+/// The sign-in form. It posts the token (a query string would leave it in
+/// the browser's history and in proxies' logs).
+async fn sign_in() -> Html<String> {
+    Html(html::page(
+        "Sign in",
+        "",
+        None,
+        "<h1>Sign in</h1><p>This console needs its token.</p>\
+         <form method=\"post\" action=\"/login\"><label>Token \
+         <input type=\"password\" name=\"token\" autocomplete=\"current-password\" required></label> \
+         <button>Sign in</button></form>",
+    ))
 }
 
 /// Whether the request carries `token`, as a bearer token or the cookie.
@@ -302,9 +305,9 @@ struct Login {
     token: String,
 }
 
-/// `/login?token=...`: sets the cookie (HttpOnly, SameSite=Strict) when
-/// the token is right.
-async fn login(State(c): State<Shared>, q: axum::extract::Query<Login>) -> Response {
+/// `POST /login` (`token=...`): sets the cookie (HttpOnly,
+/// SameSite=Strict) when the token is right.
+async fn login(State(c): State<Shared>, q: axum::extract::Form<Login>) -> Response {
     match &c.token {
         Some(t) if same(q.token.as_bytes(), t.as_bytes()) => {
             let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", q.token);
