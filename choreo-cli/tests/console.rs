@@ -82,6 +82,12 @@ async fn screenshot(page: &Page, name: &str) {
     }
 }
 
+/// Clicks `selector`, then waits up to 20 s until `until` is true.
+async fn click_then(page: &Page, selector: &str, until: &str) {
+    page.click(selector).await.unwrap();
+    page.wait_for(until, Duration::from_secs(20)).await.unwrap();
+}
+
 /// The text of every element matching `selector`, as a JSON array.
 fn texts(selector: &str) -> String {
     format!(
@@ -398,26 +404,17 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
     .unwrap();
     screenshot(&page, "dead-letters.png").await;
     w.bug.store(false, Ordering::SeqCst);
-    page.click("#groups form[action='/dlq/replay'] button")
-        .await
-        .unwrap();
-    page.wait_for(
-        "document.getElementById('confirm') && document.querySelectorAll('main ol li').length === 6",
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    click_then(&page, "#groups form[action='/dlq/replay'] button", "document.getElementById('confirm') && document.querySelectorAll('main ol li').length === 6").await;
     assert!(
         w.billed.lock().unwrap().is_empty(),
         "the dry run replays nothing"
     );
-    page.click("#confirm").await.unwrap();
-    page.wait_for(
+    click_then(
+        &page,
+        "#confirm",
         "location.pathname === '/dlq' && document.body.textContent.includes('replayed 6 letters')",
-        Duration::from_secs(20),
     )
-    .await
-    .unwrap();
+    .await;
     until("6 billed after the replay", || {
         w.billed.lock().unwrap().len() == 6
     })
@@ -460,36 +457,20 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
     .await
     .unwrap();
     w.bug.store(false, Ordering::SeqCst);
-    page.click("#groups a[href^='/dlq/letters']").await.unwrap();
-    page.wait_for(
+    click_then(
+        &page,
+        "#groups a[href^='/dlq/letters']",
         "document.querySelector('a[href^=\"/dlq/letter/\"]')",
-        Duration::from_secs(10),
     )
-    .await
-    .unwrap();
-    page.click("a[href^='/dlq/letter/']").await.unwrap();
-    page.wait_for(
-        "document.querySelector('pre.json') && document.querySelector('pre.json').textContent.includes('doomed-0')",
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    page.click("form[action='/dlq/purge'] button")
-        .await
-        .unwrap();
-    page.wait_for(
+    .await;
+    click_then(&page, "a[href^='/dlq/letter/']", "document.querySelector('pre.json') && document.querySelector('pre.json').textContent.includes('doomed-0')").await;
+    click_then(
+        &page,
+        "form[action='/dlq/purge'] button",
         "document.querySelector('h1').textContent.startsWith('Purge 1 letter #')",
-        Duration::from_secs(10),
     )
-    .await
-    .unwrap();
-    page.click("#confirm").await.unwrap();
-    page.wait_for(
-        "location.pathname === '/dlq' && document.body.textContent.includes('purged 1 letter #') && document.getElementById('groups').textContent.includes('No dead letters')",
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap();
+    .await;
+    click_then(&page, "#confirm", "location.pathname === '/dlq' && document.body.textContent.includes('purged 1 letter #') && document.getElementById('groups').textContent.includes('No dead letters')").await;
     assert!(
         !w.billed.lock().unwrap().contains_key("doomed-0"),
         "purged, not replayed"
@@ -504,10 +485,7 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
     )
     .await
     .unwrap();
-    page.click("a[href='/replay/billing/bill']").await.unwrap();
-    page.wait_for("location.pathname === '/replay/billing/bill' && document.querySelector('input[name=from]')", Duration::from_secs(10))
-        .await
-        .unwrap();
+    click_then(&page, "a[href='/replay/billing/bill']", "location.pathname === '/replay/billing/bill' && document.querySelector('input[name=from]')").await;
     page.eval("document.querySelector('input[name=from]').value = '1'; document.querySelector('main form').submit()")
         .await
         .unwrap();
@@ -525,13 +503,7 @@ async fn a_stall_shows_within_2s_and_a_dead_letter_group_is_replayed_from_the_br
         plan,
         "It would replay 13 events of billing.bill in INVOICES 1..=13: 12 already handled (skipped by the inbox), 1 to run."
     );
-    page.click("#confirm").await.unwrap();
-    page.wait_for(
-        "location.pathname === '/actions' && document.querySelector('main table').textContent.includes('replaying ')",
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap();
+    click_then(&page, "#confirm", "location.pathname === '/actions' && document.querySelector('main table').textContent.includes('replaying ')").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     until("the purged event handled by the replay", || {
         w.billed.lock().unwrap().contains_key("doomed-0")

@@ -240,3 +240,27 @@ async fn show(
         status,
     }))
 }
+
+/// Waits until a storefront process started with `shop --service
+/// storefront --listen ADDR` prints that it is ready on `stdout` (its
+/// lines are read on a thread of their own to the end, so the process never
+/// blocks on a full pipe).
+///
+/// # Errors
+/// It did not say so within `within`.
+pub fn wait_ready(stdout: std::process::ChildStdout, within: Duration) -> Result<(), String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if l.starts_with("storefront ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(within)
+        .map_err(|_| format!("the storefront did not start in {within:?}"))
+}

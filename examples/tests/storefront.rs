@@ -137,18 +137,8 @@ fn storefront_process(nats: &str, database: &str, port: u16) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if l.starts_with("storefront ready") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("the storefront did not start");
+    choreo_examples::storefront::wait_ready(child.stdout.take().unwrap(), Duration::from_secs(60))
+        .unwrap();
     child
 }
 

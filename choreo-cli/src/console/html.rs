@@ -109,6 +109,11 @@ pub(crate) fn table(
     rows: &[Vec<String>],
     id: Option<&str>,
 ) -> String {
+    table_around(caption, head, id, &rows_html(rows))
+}
+
+/// A table around `body`, its rows as HTML already.
+pub(crate) fn table_around(caption: &str, head: &[&str], id: Option<&str>, body: &str) -> String {
     let mut out = format!("<table><caption>{}</caption><thead><tr>", esc(caption));
     for h in head {
         let _ = write!(out, "<th scope=\"col\">{h}</th>");
@@ -120,7 +125,7 @@ pub(crate) fn table(
         }
         None => out.push_str("<tbody>"),
     }
-    out.push_str(&rows_html(rows));
+    out.push_str(body);
     out.push_str("</tbody></table>");
     out
 }

@@ -10,7 +10,7 @@ use choreo::dlq::{DeadLetter, SummaryLine};
 use choreo::registry::AggregateManifest;
 
 use super::Reading;
-use super::html::{esc, json, rows_html, state, time_ms, url};
+use super::html::{esc, json, rows_html, state, table_around, time_ms, url};
 use crate::table::{age, handler_cell, or_dash};
 
 /// How the handler table is sorted and filtered (the page's query).
@@ -323,22 +323,43 @@ pub(crate) fn system(r: &Reading, q: &SystemQuery, actions: bool) -> String {
          placeholder=\"service, handler, state or reason\"> <button>Filter</button></form>\
          <table class=\"handlers\"><caption>Handlers</caption><thead>{head}</thead>\
          <tbody id=\"handlers\">{handlers}</tbody></table>\
-         <table><caption>Instances</caption><thead><tr><th scope=\"col\">Service</th><th scope=\"col\">Instance</th>\
-         <th scope=\"col\">Host</th><th scope=\"col\">choreo</th><th scope=\"col\">Up</th><th scope=\"col\">Heartbeat</th>\
-         <th scope=\"col\">State</th></tr></thead><tbody id=\"instances\">{instances}</tbody></table>\
-         <table><caption>Deadlines</caption><thead><tr><th scope=\"col\">Service</th><th scope=\"col\">Deadline</th>\
-         <th scope=\"col\">Pending</th><th scope=\"col\">Next fires</th><th scope=\"col\">Watchers behind (events)</th>\
-         </tr></thead><tbody id=\"deadlines\">{deadlines}</tbody></table>\
-         <table><caption>Outboxes</caption><thead><tr><th scope=\"col\">Service</th><th scope=\"col\">Pending rows</th>\
-         <th scope=\"col\">Oldest</th><th scope=\"col\">Failing</th><th scope=\"col\">Last error</th></tr></thead>\
-         <tbody id=\"outboxes\">{outboxes}</tbody></table>\
+         {instances}{deadlines}{outboxes}\
          <h2>Warnings</h2><ul id=\"problems\">{problems}</ul>",
         taken = part("taken"),
         head = handler_head(q),
         handlers = part("handlers"),
-        instances = part("instances"),
-        deadlines = part("deadlines"),
-        outboxes = part("outboxes"),
+        instances = table_around(
+            "Instances",
+            &[
+                "Service",
+                "Instance",
+                "Host",
+                "choreo",
+                "Up",
+                "Heartbeat",
+                "State"
+            ],
+            Some("instances"),
+            &part("instances")
+        ),
+        deadlines = table_around(
+            "Deadlines",
+            &[
+                "Service",
+                "Deadline",
+                "Pending",
+                "Next fires",
+                "Watchers behind (events)"
+            ],
+            Some("deadlines"),
+            &part("deadlines")
+        ),
+        outboxes = table_around(
+            "Outboxes",
+            &["Service", "Pending rows", "Oldest", "Failing", "Last error"],
+            Some("outboxes"),
+            &part("outboxes")
+        ),
         problems = part("problems"),
     )
 }
@@ -573,14 +594,7 @@ pub(crate) fn dlq_groups(lines: &[SummaryLine], total: usize, actions: Option<&s
     if lines.is_empty() {
         return "<p>No dead letters.</p>".into();
     }
-    let mut out = format!(
-        "<p>{} in {}.</p><table><caption>By handler and reason</caption><thead><tr>\
-         <th scope=\"col\">Service</th><th scope=\"col\">Handler</th><th scope=\"col\">Reason</th>\
-         <th scope=\"col\">Letters</th><th scope=\"col\">First</th><th scope=\"col\">Last</th>\
-         <th scope=\"col\">Actions</th></tr></thead><tbody>",
-        choreo::__private::counted(total as u64, "letter"),
-        choreo::__private::counted(lines.len() as u64, "group")
-    );
+    let mut out = String::new();
     for l in lines {
         let pick = format!(
             "service={}&handler={}&reason={}",
@@ -614,8 +628,19 @@ pub(crate) fn dlq_groups(lines: &[SummaryLine], total: usize, actions: Option<&s
             last = time_ms(l.last_at_ms),
         );
     }
-    out.push_str("</tbody></table>");
-    out
+    format!(
+        "<p>{} in {}.</p>{}",
+        choreo::__private::counted(total as u64, "letter"),
+        choreo::__private::counted(lines.len() as u64, "group"),
+        table_around(
+            "By handler and reason",
+            &[
+                "Service", "Handler", "Reason", "Letters", "First", "Last", "Actions"
+            ],
+            None,
+            &out
+        )
+    )
 }
 
 /// Letters, one row each, linking to each letter.

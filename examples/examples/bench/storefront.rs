@@ -87,18 +87,11 @@ impl Drop for Killed {
 }
 
 fn ready(child: &mut Child) -> Result<(), BoxError> {
-    use std::io::BufRead;
     let out = child.stdout.take().ok_or("no stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if l.starts_with("storefront ready") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .map_err(|_| "the storefront did not start in 60 s".into())
+    Ok(choreo_examples::storefront::wait_ready(
+        out,
+        Duration::from_secs(60),
+    )?)
 }
 
 /// Posts `n` orders `<run>-<i>` ([`shop::post_orders`]: 32 keep-alive
