@@ -392,12 +392,26 @@ impl Page {
     /// # Errors
     /// The browser cannot capture it, or the file cannot be written.
     pub async fn screenshot(&self, path: &Path) -> Result<(), TestkitError> {
-        let r = self
-            .call(
-                "Page.captureScreenshot",
-                json!({ "format": "png", "captureBeyondViewport": true }),
-            )
-            .await?;
+        // A page between two layouts can have no size yet ("Cannot take
+        // screenshot with 0 width", seen in CI): try again for up to 5 s.
+        // A tab behind another one is not laid out: bring it forward.
+        self.call("Page.bringToFront", json!({})).await?;
+        let mut tries = 0;
+        let r = loop {
+            match self
+                .call(
+                    "Page.captureScreenshot",
+                    json!({ "format": "png", "captureBeyondViewport": true }),
+                )
+                .await
+            {
+                Err(TestkitError::Browser { why }) if why.contains("0 width") && tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => break other?,
+            }
+        };
         let png = base64::engine::general_purpose::STANDARD
             .decode(r["data"].as_str().unwrap_or_default())
             .map_err(|e| browser_failed(format!("a screenshot that is not base64: {e}")))?;
