@@ -116,6 +116,7 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{Mutex, Semaphore};
 
 mod aggregates;
+mod breakdown;
 mod console;
 mod postgres;
 mod storefront;
@@ -660,15 +661,7 @@ impl RawRelay {
 /// CPU seconds used so far by this process and by its children (the
 /// nats-servers), from `/proc` (zeros where there is none).
 fn cpu_seconds() -> (f64, f64) {
-    fn ticks(pid: &str) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) start at ')'.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        t(11) + t(12)
-    }
-    let me = ticks("self");
+    let me = process_cpu("self");
     let mut kids = 0.0;
     for task in std::fs::read_dir("/proc/self/task")
         .into_iter()
@@ -677,11 +670,22 @@ fn cpu_seconds() -> (f64, f64) {
     {
         let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
         for pid in children.split_whitespace() {
-            kids += ticks(pid);
+            kids += process_cpu(pid);
         }
     }
+    (me, kids)
+}
+
+/// CPU seconds process `pid` (or `self`) used so far, user and system, from
+/// `/proc` (zero where there is none).
+fn process_cpu(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // Linux counts these in clock ticks of 1/100 s (USER_HZ).
-    (me / 100.0, kids / 100.0)
+    (t(11) + t(12)) / 100.0
 }
 
 /// Waits until `counter` reaches `n`; returns the steady-state rate, timed
@@ -700,11 +704,13 @@ async fn rate_until(
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first: Option<(Instant, u64)> = None;
     let mut cpu0 = (0.0, 0.0);
+    let mut before = None;
     loop {
         let c = counter();
         if first.is_none() && c > 0 {
             first = Some((Instant::now(), c));
             cpu0 = cpu_seconds();
+            before = breakdown::read().await;
         }
         if c >= n {
             break;
@@ -718,10 +724,13 @@ async fn rate_until(
         Some((t0, c0)) if c0 <= n / 2 => (t0, c0),
         _ => {
             cpu0 = started.1;
+            before = None;
             (started.0, 0)
         }
     };
-    Ok(report_rate(what, n - c0, t0, cpu0))
+    let rate = report_rate(what, n - c0, t0, cpu0);
+    breakdown::report(what, before, n - c0).await;
+    Ok(rate)
 }
 
 // ---- the cases ------------------------------------------------------------------------
@@ -894,15 +903,28 @@ enum Servers {
     Three(choreo_testkit::NatsCluster),
 }
 
+impl Drop for Servers {
+    fn drop(&mut self) {
+        breakdown::forget();
+    }
+}
+
 impl Servers {
     async fn start(replicas: usize) -> Result<(Self, choreo::async_nats::Client), BoxError> {
         if replicas > 1 {
             let c = choreo_testkit::NatsCluster::start(3).await?;
             let client = c.connect().await?;
+            let nodes = (0..c.len()).map(|i| c.node(i));
+            breakdown::watch(
+                &client,
+                nodes.clone().filter_map(NatsServer::pid).collect(),
+                nodes.map(NatsServer::monitor_port).collect(),
+            );
             Ok((Self::Three(c), client))
         } else {
             let s = NatsServer::start().await?;
             let client = s.connect().await?;
+            breakdown::watch(&client, s.pid().into_iter().collect(), vec![s.monitor_port()]);
             Ok((Self::One(s), client))
         }
     }
