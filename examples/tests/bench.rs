@@ -28,6 +28,10 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
             "1",
             "--console-minutes",
             "0",
+            // Full inbox groups at the default 9 records each, but few
+            // groups, so filling them stays quick in a debug build.
+            "--inbox-groups",
+            "1024",
         ])
         .output()
         .unwrap();
@@ -41,6 +45,7 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
         "publish",
         "handler",
         "handler_inbox",
+        "handler_inbox_new",
         "handler_inbox_cluster",
         "latency",
         "postgres_handler",
@@ -106,4 +111,90 @@ fn the_postgres_latency_case_reports_the_handler_and_the_relay() {
     let relay = p50("postgres relay (rows a dead process left), commit to stored:");
     assert!(handler < 5_000.0, "{stdout}");
     assert!(relay >= 5_000.0, "{stdout}");
+}
+
+/// `--url`: the handler cases against a server the bench did not start.
+/// Each run says what it costs per event, deletes every stream it made
+/// (the server is left as it was), and a leftover of an interrupted run is
+/// refused with what to do.
+#[tokio::test]
+async fn the_benchmark_runs_against_a_given_server_and_leaves_it_as_it_was() {
+    use futures::StreamExt;
+    let server = choreo_testkit::NatsServer::start().await.unwrap();
+    let js = async_nats::jetstream::new(server.connect().await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "THEIRS".into(),
+        subjects: vec!["theirs.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let run = |only: &'static str| {
+        std::process::Command::new(bench())
+            .args([
+                "--url",
+                &server.url(),
+                "--only",
+                only,
+                "--events",
+                "200",
+                "--repeat",
+                "1",
+                "--inbox-groups",
+                "64",
+            ])
+            .output()
+            .unwrap()
+    };
+    let names = || async {
+        let mut names: Vec<String> = js
+            .stream_names()
+            .map(|n| n.unwrap())
+            .collect::<Vec<_>>()
+            .await;
+        names.sort();
+        names
+    };
+    for only in ["handler", "handler_inbox"] {
+        let out = run(only);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(
+            stdout.contains(&format!("ratio {only} ")),
+            "{stdout}\n{stderr}"
+        );
+        assert!(
+            stderr.contains("choreo handler per event: client sent")
+                && stderr.contains("raw handler per event: client sent")
+                && stderr.contains("deleted what the run made: BENCH, BENCHOUT"),
+            "{stderr}"
+        );
+        assert_eq!(names().await, ["THEIRS"], "{stderr}");
+    }
+    // A leftover of an interrupted run: refused, nothing touched.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "RAWIN".into(),
+        subjects: vec!["rawin.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let out = run("handler");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("RAWIN already on") && stderr.contains("nats stream rm"),
+        "{stderr}"
+    );
+    assert_eq!(names().await, ["RAWIN", "THEIRS"]);
+    // Not a handler case: said.
+    let out = run("publish");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--url runs the handler cases"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -14,11 +14,13 @@
 //! `--inbox-groups G` spreads choreo's inbox records over G groups instead
 //! of the default 65,536: with G well below `--events`, each group holds
 //! `events / G` records, as a default inbox does at `events / G × 65,536`
-//! remembered events (its steady state under load). `--inbox-prefill R`
-//! writes R records of other events into every group before the run (with
-//! the default groups, R = 90 is a handler at 10 events/s for 7 days), so
-//! the inbox-on cases run against a full inbox; the raw relay's bucket
-//! starts empty either way.
+//! remembered events (its steady state under load). Before each inbox-on
+//! run, every group gets `--inbox-prefill R` records of other events
+//! (default 9: one event a second over the default 7-day horizon in the
+//! default 65,536 groups, the steady state the defaults are sized for;
+//! R = 90 is a handler at 10 events/s), so the inbox-on cases run against
+//! a full inbox; `handler_inbox` is also run on a new inbox (a second
+//! line). The raw relay's bucket starts empty either way.
 //!
 //! Cases, each run with choreo's default settings and with raw async-nats
 //! doing the same work (the same headers, CBOR payloads and acks and, where
@@ -68,7 +70,8 @@
 //!   hand-written batched read that decodes and sums the same events, and
 //!   the load from a snapshot in ms.
 //! - `handler`: a 1-hop handler (consume → emit one event → ack), inbox off.
-//! - `handler_inbox`: the same with choreo's inbox on; the raw relay reads
+//! - `handler_inbox`: the same with choreo's inbox on, its groups full (see
+//!   `--inbox-prefill`), then on a new inbox; the raw relay reads
 //!   the event's key first (skipping the event when it is there) and writes
 //!   it once the emission is acked, which is the least an idempotent
 //!   handler that survives a crash can do by hand.
@@ -740,9 +743,12 @@ async fn rate_until(
 fn report_rate(what: &str, n: u64, start: Instant, cpu0: (f64, f64)) -> f64 {
     let rate = n as f64 / start.elapsed().as_secs_f64();
     let (client, server) = cpu_per_event(cpu0, n);
-    eprintln!(
-        "  {what}: {rate:.0} msgs/s, CPU per event: client {client:.1} µs, server {server:.1} µs"
-    );
+    let server = if TARGET.get().is_some() {
+        "n/a".to_owned()
+    } else {
+        format!("{server:.1} µs")
+    };
+    eprintln!("  {what}: {rate:.0} msgs/s, CPU per event: client {client:.1} µs, server {server}");
     rate
 }
 
@@ -843,6 +849,14 @@ async fn raw_publish_buffered_case(n: u64) -> Result<f64, BoxError> {
 /// `--inbox-prefill`: records already in each inbox group before a run.
 static PREFILL: AtomicU64 = AtomicU64::new(0);
 
+/// The records per group of an inbox in its steady state at the default
+/// sizing: one event a second remembered for the default horizon (7 days),
+/// spread over the default 65,536 groups — 604,800 records, 9 per group,
+/// the rate the defaults are chosen for (see docs/capacity.md).
+fn steady_prefill() -> u64 {
+    choreo::DEFAULT_INBOX_RETENTION.as_secs() / u64::from(choreo::DEFAULT_INBOX_GROUPS)
+}
+
 /// Fills every group of the relay's inbox with `per_group` records of other
 /// events, in the layout `choreo::topology` documents (version byte 1, then
 /// 16 bytes of id and 8 of unix ms per record), as a busy handler's inbox
@@ -896,11 +910,79 @@ fn inbox_groups() -> u32 {
 }
 
 /// The servers of one run: one node, or a 3-node cluster (held, never
-/// read: they stop when the run drops them).
+/// read: they stop when the run drops them), or a server or cluster the
+/// user runs (`--url`), with the streams it had before the run.
 #[allow(dead_code)]
 enum Servers {
     One(NatsServer),
     Three(choreo_testkit::NatsCluster),
+    Theirs(async_nats::Client, std::collections::BTreeSet<String>),
+}
+
+/// `--url` (and `--creds`, `--replicas`): the handler cases run against
+/// this server or cluster instead of local ones.
+struct Target {
+    url: String,
+    creds: Option<std::path::PathBuf>,
+    replicas: usize,
+}
+
+static TARGET: std::sync::OnceLock<Target> = std::sync::OnceLock::new();
+
+/// The cases that run against a server of the user's: the handler cases.
+const THEIRS: [&str; 3] = ["handler", "handler_inbox", "handler_inbox_write_only"];
+
+/// The streams (and key-value buckets, `KV_<bucket>`) a handler run makes
+/// under fixed names; on a server of the user's, a run refuses to start
+/// while any of them exists.
+fn bench_streams() -> [&'static str; 6] {
+    [
+        <BenchPlaced as choreo::Event>::STREAM,
+        <BenchRelayed as choreo::Event>::STREAM,
+        "KV_choreo_inbox_relay",
+        "RAWIN",
+        "RAWOUT",
+        "KV_raw_inbox",
+    ]
+}
+
+/// The names of the streams `js` sees.
+async fn stream_names(
+    js: &jetstream::Context,
+) -> Result<std::collections::BTreeSet<String>, BoxError> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut list = js.stream_names();
+    while let Some(name) = list.next().await {
+        names.insert(name?);
+    }
+    Ok(names)
+}
+
+/// How many replicas the handler cases give their streams and buckets:
+/// `--replicas` against a server of the user's, else one.
+fn target_replicas() -> usize {
+    TARGET.get().map_or(1, |t| t.replicas)
+}
+
+impl Servers {
+    /// On a server of the user's, deletes every stream (and bucket) the
+    /// run made, saying which.
+    async fn finish(&self) -> Result<(), BoxError> {
+        let Self::Theirs(client, before) = self else {
+            return Ok(());
+        };
+        let js = jetstream::new(client.clone());
+        let made: Vec<String> = stream_names(&js)
+            .await?
+            .difference(before)
+            .cloned()
+            .collect();
+        for name in &made {
+            js.delete_stream(name).await?;
+        }
+        eprintln!("  deleted what the run made: {}", made.join(", "));
+        Ok(())
+    }
 }
 
 impl Drop for Servers {
@@ -911,6 +993,34 @@ impl Drop for Servers {
 
 impl Servers {
     async fn start(replicas: usize) -> Result<(Self, choreo::async_nats::Client), BoxError> {
+        if let Some(t) = TARGET.get() {
+            let mut options = async_nats::ConnectOptions::new();
+            if let Some(creds) = &t.creds {
+                options = options.credentials_file(creds).await.map_err(|e| {
+                    format!("--creds {}: {e}", creds.display())
+                })?;
+            }
+            let client = options
+                .connect(t.url.as_str())
+                .await
+                .map_err(|e| format!("cannot connect to --url {}: {e}", t.url))?;
+            let before = stream_names(&jetstream::new(client.clone())).await?;
+            let there: Vec<&str> = bench_streams()
+                .into_iter()
+                .filter(|s| before.contains(*s))
+                .collect();
+            if !there.is_empty() {
+                return Err(format!(
+                    "{} already on {} (left by an interrupted run?): the bench makes and \
+                     deletes these; delete them (`nats stream rm <name>`) and run again",
+                    there.join(", "),
+                    t.url
+                )
+                .into());
+            }
+            breakdown::watch(&client, Vec::new(), Vec::new());
+            return Ok((Self::Theirs(client.clone(), before), client));
+        }
         if replicas > 1 {
             let c = choreo_testkit::NatsCluster::start(3).await?;
             let client = c.connect().await?;
@@ -931,19 +1041,24 @@ impl Servers {
 }
 
 async fn choreo_handler(n: u64, inbox: bool) -> Result<f64, BoxError> {
-    choreo_handler_r(n, inbox, 1).await
+    choreo_handler_r(n, inbox, target_replicas(), PREFILL.load(Ordering::Relaxed)).await
 }
 
 /// The 1-hop handler, with `replicas` replicas of every stream and bucket
-/// (3: on a 3-node cluster).
-async fn choreo_handler_r(n: u64, inbox: bool, replicas: usize) -> Result<f64, BoxError> {
-    let (_servers, client) = Servers::start(replicas).await?;
+/// (3: on a 3-node cluster), its inbox groups (if on) holding `prefill`
+/// records each before the run.
+async fn choreo_handler_r(
+    n: u64,
+    inbox: bool,
+    replicas: usize,
+    prefill: u64,
+) -> Result<f64, BoxError> {
+    let (servers, client) = Servers::start(replicas).await?;
     let settings = StreamSettings::default().replicas(replicas);
     let publisher = Publisher::new(client.clone(), "bench")?.stream_settings(settings.clone());
     publisher.ensure_stream::<BenchPlaced>().await?;
     publisher.ensure_stream::<BenchRelayed>().await?;
     raw_publish(&jetstream::new(client.clone()), "bench", "BenchPlaced", n).await?;
-    let prefill = PREFILL.load(Ordering::Relaxed);
     if inbox && prefill > 0 {
         prefill_inbox(&jetstream::new(client.clone()), prefill, replicas).await?;
     }
@@ -959,10 +1074,10 @@ async fn choreo_handler_r(n: u64, inbox: bool, replicas: usize) -> Result<f64, B
     let handle_client = client.clone();
     let handle = svc.start(client).await?;
     if replicas > 1 {
-        // Inside the timed span, as on one node; said, since with R3 it
-        // is a visible part of a short run.
+        // Apart from the timed span, which starts at the first event
+        // handled; said, since on R3 it is a visible part of a short run.
         eprintln!(
-            "  choreo service start (R{replicas}): {:?}",
+            "  choreo service start (R{replicas}, not timed): {:?}",
             started.0.elapsed()
         );
     }
@@ -988,15 +1103,16 @@ async fn choreo_handler_r(n: u64, inbox: bool, replicas: usize) -> Result<f64, B
     )
     .await?;
     handle.shutdown().await;
+    servers.finish().await?;
     Ok(rate)
 }
 
 async fn raw_handler(n: u64, inbox: RawKv) -> Result<f64, BoxError> {
-    raw_handler_r(n, inbox, 1).await
+    raw_handler_r(n, inbox, target_replicas()).await
 }
 
 async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, BoxError> {
-    let (_servers, client) = Servers::start(replicas).await?;
+    let (servers, client) = Servers::start(replicas).await?;
     let js = jetstream::new(client.clone());
     raw_stream_r(&js, "RAWIN", "rawin.>", replicas).await?;
     raw_stream_r(&js, "RAWOUT", "rawout.>", replicas).await?;
@@ -1040,6 +1156,7 @@ async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, Box
         ),
     };
     check_work(&js, "raw", "RAWOUT", n, recorded).await?;
+    servers.finish().await?;
     Ok(rate)
 }
 
@@ -1338,7 +1455,8 @@ async fn main() -> Result<(), BoxError> {
         u32::try_from(groups).unwrap_or(choreo::DEFAULT_INBOX_GROUPS),
         Ordering::Relaxed,
     );
-    PREFILL.store(arg(&args, "--inbox-prefill", 0), Ordering::Relaxed);
+    let prefill = arg(&args, "--inbox-prefill", steady_prefill());
+    PREFILL.store(prefill, Ordering::Relaxed);
     // 10 s per run at 1,000/s: a p99 of 100 samples, steadier than one of
     // 30 (with 3,000 roots, the ratio moved 0.67–1.06 between runs).
     let ln = arg(&args, "--latency-events", 10_000);
@@ -1348,15 +1466,43 @@ async fn main() -> Result<(), BoxError> {
     }
     let repeat = arg(&args, "--repeat", 5).max(1);
     eprintln!(
-        "events={n} latency-events={ln} rate={rate}/s in-flight={IN_FLIGHT} repeat={repeat} inbox-groups={groups}"
+        "events={n} latency-events={ln} rate={rate}/s in-flight={IN_FLIGHT} repeat={repeat} inbox-groups={groups} inbox-prefill={prefill}"
     );
 
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
-    let wanted = |case: &str| only.as_deref().is_none_or(|o| o == case);
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let only = value("--only");
+    if let Some(url) = value("--url") {
+        if let Some(o) = only.as_deref()
+            && !THEIRS.contains(&o)
+        {
+            return Err(format!(
+                "--url runs the handler cases ({}), not {o}",
+                THEIRS.join(", ")
+            )
+            .into());
+        }
+        let replicas = usize::try_from(arg(&args, "--replicas", 1))?;
+        eprintln!(
+            "against {url}, R{replicas}: each run makes streams {} (and the service's \
+             registry, dead-letter and other streams where the account has none yet) and \
+             deletes every stream it made when it ends",
+            bench_streams().join(", ")
+        );
+        let _ = TARGET.set(Target {
+            url,
+            creds: value("--creds").map(std::path::PathBuf::from),
+            replicas,
+        });
+    }
+    let wanted = |case: &str| match only.as_deref() {
+        Some(o) => o == case,
+        None => TARGET.get().is_none() || THEIRS.contains(&case),
+    };
 
     // Each case runs `repeat` times (default 5) per side, in pairs, on fresh
     // servers; each side's median is reported, and the ratio is the median of
@@ -1402,7 +1548,7 @@ async fn main() -> Result<(), BoxError> {
         ),
         (
             "handler_inbox",
-            "handler, inbox on (msgs/s)",
+            "handler, inbox on, full (msgs/s)",
             true,
             RawKv::ReadThenWrite,
             true,
@@ -1428,12 +1574,24 @@ async fn main() -> Result<(), BoxError> {
             }
         }
     }
+    // The second line: the same handler on a new inbox (its first
+    // minutes), against the same raw relay.
+    if wanted("handler_inbox") && prefill > 0 {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || choreo_handler_r(n, true, 1, 0),
+            || raw_handler(n, RawKv::ReadThenWrite),
+        )
+        .await?;
+        rows.push(("  on a new inbox (msgs/s)", c, r, ratio));
+        ratios.push(("handler_inbox_new", ratio));
+    }
     // The inbox-on handler on a 3-node cluster, every stream and bucket R3:
     // what outgrowing one node costs.
     if wanted("handler_inbox_cluster") {
         let (c, r, ratio) = median_pair(
             repeat,
-            || choreo_handler_r(n, true, 3),
+            || choreo_handler_r(n, true, 3, prefill),
             || raw_handler_r(n, RawKv::ReadThenWrite, 3),
         )
         .await?;
