@@ -548,6 +548,11 @@ enum RawKv {
     /// copy is emitted again, and its write then fails), shown for
     /// comparison.
     WriteOnly,
+    /// choreo's layout by hand: records grouped many to a key (the same
+    /// hash, groups and encoding), read first, written back with a
+    /// compare-and-set on the group's revision (retried on a conflict).
+    /// What the layout costs the server, apart from choreo's code.
+    Grouped,
 }
 
 /// `<out>.<id>.seen` with causation headers, optionally write a KV record,
@@ -565,6 +570,9 @@ struct RawRelay {
     /// written, never read: cheaper, but a copy is handled (and emitted)
     /// again.
     read_first: bool,
+    /// With `kv`: records grouped as choreo groups them, over this many
+    /// groups ([`RawKv::Grouped`]).
+    groups: Option<u32>,
     done: Arc<AtomicU64>,
 }
 
@@ -622,6 +630,9 @@ impl RawRelay {
             .as_str();
         let e: RawEvent = ciborium::from_reader(&msg.payload[..])?;
         let handler_id = self.handler;
+        if let (Some(kv), Some(groups)) = (&self.kv, self.groups) {
+            return self.handle_grouped(msg, kv, groups, cause, corr, e).await;
+        }
         let key = format!("{handler_id}.{cause}");
         if let (Some(kv), true) = (&self.kv, self.read_first) {
             let seen = kv.entry(key.as_str()).await?;
@@ -631,9 +642,23 @@ impl RawRelay {
                 return Ok(());
             }
         }
+        self.emit(cause, corr, e).await?;
+        if let Some(kv) = &self.kv {
+            kv.create(key, "done".into()).await?;
+        }
+        msg.ack().await?;
+        self.done.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl RawRelay {
+    /// The emission for `e`, caused by `cause`: published, its PubAck
+    /// awaited.
+    async fn emit(&self, cause: &str, corr: &str, e: RawEvent) -> Result<(), BoxError> {
         let id = v5(&[
             b"emit",
-            handler_id.as_bytes(),
+            self.handler.as_bytes(),
             cause.as_bytes(),
             self.out_type.as_bytes(),
             b"0",
@@ -652,8 +677,57 @@ impl RawRelay {
             )
             .await?
             .await?;
-        if let Some(kv) = &self.kv {
-            kv.create(key, "done".into()).await?;
+        Ok(())
+    }
+
+    /// [`RawKv::Grouped`]: look the event up in its group, handle it, add
+    /// its record to the group with a compare-and-set, ack.
+    async fn handle_grouped(
+        &self,
+        msg: &jetstream::Message,
+        kv: &kv::Store,
+        groups: u32,
+        cause: &str,
+        corr: &str,
+        e: RawEvent,
+    ) -> Result<(), BoxError> {
+        let id = *uuid::Uuid::parse_str(cause)?.as_bytes();
+        // FNV-1a over the id's bytes, modulo the groups: choreo's hash.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in id {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let key = format!("{}.g.{:x}", self.handler, h % u64::from(groups));
+        let holds = |value: &[u8]| value.get(1..).is_some_and(|b| b.chunks_exact(24).any(|c| c[..16] == id));
+        let mut entry = kv.entry(key.as_str()).await?;
+        if entry.as_ref().is_some_and(|e| holds(&e.value)) {
+            msg.ack().await?;
+            self.done.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.emit(cause, corr, e).await?;
+        let now = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis(),
+        )?;
+        loop {
+            let mut value = match &entry {
+                Some(e) if e.operation == kv::Operation::Put => e.value.to_vec(),
+                _ => vec![1u8],
+            };
+            value.extend_from_slice(&id);
+            value.extend_from_slice(&now.to_be_bytes());
+            let written = match &entry {
+                Some(e) => kv.update(key.as_str(), value.into(), e.revision).await.is_ok(),
+                None => kv.create(key.as_str(), value.into()).await.is_ok(),
+            };
+            if written {
+                break;
+            }
+            // Another writer came first: read the group again.
+            entry = kv.entry(key.as_str()).await?;
         }
         msg.ack().await?;
         self.done.fetch_add(1, Ordering::Relaxed);
@@ -866,11 +940,22 @@ async fn prefill_inbox(
     per_group: u64,
     replicas: usize,
 ) -> Result<(), BoxError> {
-    let kv = match js.get_key_value("choreo_inbox_relay").await {
+    prefill_groups(js, ("choreo_inbox_relay", "relay_inbox"), per_group, replicas).await
+}
+
+/// Fills every group `<handler>.g.<n>` of `bucket` (made if missing, as
+/// choreo makes an inbox) with `per_group` records of other events.
+async fn prefill_groups(
+    js: &jetstream::Context,
+    (bucket, handler): (&str, &str),
+    per_group: u64,
+    replicas: usize,
+) -> Result<(), BoxError> {
+    let kv = match js.get_key_value(bucket).await {
         Ok(kv) => kv,
         Err(_) => {
             js.create_key_value(kv::Config {
-                bucket: "choreo_inbox_relay".into(),
+                bucket: bucket.into(),
                 history: 1,
                 max_age: choreo::DEFAULT_INBOX_RETENTION,
                 num_replicas: replicas,
@@ -892,7 +977,7 @@ async fn prefill_inbox(
                 value.extend_from_slice(uuid::Uuid::now_v7().as_bytes());
                 value.extend_from_slice(&now.to_be_bytes());
             }
-            async move { kv.put(format!("relay_inbox.g.{g:x}"), value.into()).await }
+            async move { kv.put(format!("{handler}.g.{g:x}"), value.into()).await }
         })
         .buffer_unordered(256);
     while let Some(r) = puts.next().await {
@@ -1117,7 +1202,12 @@ async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, Box
     raw_stream_r(&js, "RAWIN", "rawin.>", replicas).await?;
     raw_stream_r(&js, "RAWOUT", "rawout.>", replicas).await?;
     raw_publish(&js, "rawin", "BenchPlaced", n).await?;
-    let kv = if inbox != RawKv::Off {
+    let prefill = PREFILL.load(Ordering::Relaxed);
+    let kv = if inbox == RawKv::Grouped {
+        // The same bucket as choreo's inbox, as full as choreo's.
+        prefill_groups(&js, ("raw_inbox", "relay.relay"), prefill, replicas).await?;
+        Some(js.get_key_value("raw_inbox").await?)
+    } else if inbox != RawKv::Off {
         Some(
             js.create_key_value(kv::Config {
                 bucket: "raw_inbox".into(),
@@ -1138,6 +1228,7 @@ async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, Box
         handler: "relay.relay",
         kv,
         read_first: inbox == RawKv::ReadThenWrite,
+        groups: (inbox == RawKv::Grouped).then(inbox_groups),
         done: done.clone(),
     };
     let started = (Instant::now(), cpu_seconds());
@@ -1145,7 +1236,8 @@ async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, Box
     let rate = rate_until(|| done.load(Ordering::Relaxed), n, "raw handler", started).await?;
     task.abort();
     let recorded = match inbox {
-        RawKv::Off => None,
+        // Grouped: the emissions are checked, not the records.
+        RawKv::Off | RawKv::Grouped => None,
         _ => Some(
             js.get_stream("KV_raw_inbox")
                 .await?
@@ -1204,6 +1296,7 @@ async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f6
             handler,
             kv: None,
             read_first: raw_kv == RawKv::ReadThenWrite,
+            groups: None,
             done: Arc::new(AtomicU64::new(0)),
         };
         // The chain's raw relays use a bucket as choreo's inbox does.
@@ -1322,6 +1415,7 @@ async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f6
             Some(RawKv::ReadThenWrite) => "raw",
             Some(RawKv::WriteOnly) => "raw (write only)",
             Some(RawKv::Off) => "raw (no bucket)",
+            Some(RawKv::Grouped) => "raw (grouped)",
         },
         pct(0.50),
         pct(0.90),
@@ -1573,6 +1667,28 @@ async fn main() -> Result<(), BoxError> {
                 ratios.push((case, ratio));
             }
         }
+    }
+    // The inbox's layout apart from choreo's code: choreo against a raw
+    // relay keeping its records grouped as choreo does (as full), and
+    // (only with `--only layout`) that relay against the per-key one.
+    if wanted("handler_inbox_grouped") {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || choreo_handler(n, true),
+            || raw_handler(n, RawKv::Grouped),
+        )
+        .await?;
+        rows.push(("  vs raw, grouped (msgs/s)", c, r, ratio));
+    }
+    if only.as_deref() == Some("layout") {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || raw_handler(n, RawKv::Grouped),
+            || raw_handler(n, RawKv::ReadThenWrite),
+        )
+        .await?;
+        rows.push(("raw: grouped vs per key (msgs/s)", c, r, ratio));
+        ratios.push(("layout", ratio));
     }
     // The second line: the same handler on a new inbox (its first
     // minutes), against the same raw relay.
