@@ -48,6 +48,7 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
         "handler_inbox_new",
         "handler_inbox_cluster",
         "latency",
+        "latency_p50_vs_write_only",
         "postgres_handler",
         "storefront",
     ] {

@@ -352,6 +352,81 @@ async fn in_progress_acks_keep_a_long_handler_from_redelivery() {
     svc.shutdown().await;
 }
 
+/// Invocations of `queued` running now, and the most seen at once.
+#[derive(Clone, Default)]
+struct Running(Arc<Mutex<(usize, usize)>>);
+
+#[event_handler(concurrency = 4, ack_wait = "1s", timeout = "3s", max_deliver = 3)]
+async fn queued(
+    order: Envelope<OrderPlaced>,
+    ctx: Context,
+    State(seen): State<Seen>,
+    State(running): State<Running>,
+) {
+    {
+        let mut r = running.0.lock().unwrap();
+        r.0 += 1;
+        r.1 = r.1.max(r.0);
+    }
+    seen.push("queued", order.meta(), ctx.attempt());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    running.0.lock().unwrap().0 -= 1;
+}
+
+/// A handler pulls a quarter more events than it runs at once; those wait
+/// for a turn watched: the fifth event here waits 2.5 s, more than twice its
+/// 1 s `ack_wait`, and is not redelivered (its in-progress acks went on),
+/// and its 3 s timeout counts from its turn, not from its arrival (it would
+/// have run 5 s by then). No more than `concurrency` run at once.
+#[tokio::test]
+async fn events_pulled_beyond_concurrency_wait_for_a_turn_watched() {
+    let server = NatsServer::start().await.unwrap();
+    let seen = Seen::default();
+    let running = Running::default();
+    let svc = Service::new("turns")
+        .state(seen.clone())
+        .state(running.clone())
+        .handler(queued)
+        .start(server.connect().await.unwrap())
+        .await
+        .unwrap();
+    publish_orders(&server, 5).await;
+    // All five pulled at once: four running, one waiting for a turn.
+    let js = choreo::async_nats::jetstream::new(server.connect().await.unwrap());
+    let stream = <OrderPlaced as choreo::Event>::STREAM;
+    let mut most_pending = 0;
+    for _ in 0..40 {
+        let mut consumer: choreo::async_nats::jetstream::consumer::PullConsumer = js
+            .get_consumer_from_stream("turns--queued", stream)
+            .await
+            .unwrap();
+        most_pending = most_pending.max(consumer.info().await.unwrap().num_ack_pending);
+        if most_pending == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(most_pending, 5, "the headroom was not pulled");
+    eventually(Duration::from_secs(15), "every event handled", || {
+        svc.stats("queued").unwrap().handled() == 5
+    })
+    .await;
+    let stats = svc.stats("queued").unwrap();
+    assert_eq!(
+        stats.timed_out(),
+        0,
+        "timed from arrival, not from its turn"
+    );
+    assert_eq!(seen.count("queued"), 5, "an event ran twice");
+    assert!(seen.all("queued").iter().all(|(_, attempt)| *attempt == 1));
+    assert_eq!(
+        running.0.lock().unwrap().1,
+        4,
+        "more than concurrency ran at once"
+    );
+    svc.shutdown().await;
+}
+
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_work_publishes_and_acks() {
     let (server, client, seen, svc) = start_slowpoke_with_one_order().await;

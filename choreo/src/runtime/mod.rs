@@ -107,6 +107,12 @@ pub(crate) struct Runtime {
     pub(crate) live: Live,
     /// The range `choreo replay` rewound the handler over.
     pub(crate) replay: replay::Replayed,
+    /// Turns to run the handler's code: `concurrency` at once. A handler
+    /// pulls up to a quarter more events than that (see
+    /// [`requests::headroom`]); each waits for its turn in a task of its
+    /// own, registered with the watchdog (so its in-progress acks go on),
+    /// and its `timeout` counts from its turn.
+    pub(crate) running: Arc<Semaphore>,
 }
 
 /// One partition of an ordered handler.

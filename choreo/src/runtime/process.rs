@@ -196,6 +196,11 @@ pub(super) async fn handle<H: Handler>(
     // Everything the handler's code does runs under the panic guard: its
     // extractors and a hand-written `call` as well as the future. The
     // watchdog aborts it at its timeout.
+    // A turn to run: `concurrency` invocations at once (events pulled into
+    // the headroom wait here, watched); the timeout counts from the turn.
+    // (The semaphore is never closed.)
+    let _turn = rt.running.acquire().await.ok();
+    entered.begin();
     let guarded = AssertUnwindSafe(async { handler.call(env, &ctx).await }).catch_unwind();
     let guarded = std::pin::pin!(Abortable::new(guarded, abort_registration));
     let result = RequeuedPolls::new(guarded).await;

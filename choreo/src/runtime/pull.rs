@@ -12,7 +12,11 @@ pub(crate) async fn pull_loop(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> Result<(), Stopped> {
-    let permits = Arc::new(Semaphore::new(rt.options.concurrency));
+    // Events pulled at most: the handler's concurrency, and a headroom that
+    // waits for turns (watched) so requests can be larger and fewer.
+    let permits = Arc::new(Semaphore::new(
+        rt.options.concurrency + requests::headroom(rt.options.concurrency),
+    ));
     let mut running = JoinSet::new();
     let _keeper = watchdog::Keeper::start(rt.clone());
     let max_request = rt.options.concurrency.clamp(1, 500);

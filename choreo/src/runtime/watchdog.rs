@@ -171,6 +171,14 @@ pub(crate) struct Entered<'a> {
 }
 
 impl Entered<'_> {
+    /// The handler's code starts now (it waited for a turn): its timeout
+    /// and the moment it claims its key count from here.
+    pub(crate) fn begin(&self) {
+        if let Some(r) = self.registry.lock().running.get_mut(&self.token) {
+            r.started = Instant::now();
+        }
+    }
+
     /// The handler returned: the claim is left alone from now on. Says what
     /// became of the inbox key while it ran.
     pub(crate) fn finish(&self) -> KeyState {

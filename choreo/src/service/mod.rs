@@ -398,6 +398,11 @@ impl Service {
                     },
                     fault: self.fault.clone(),
                     watchdog: Registry::default(),
+                    running: Arc::new(tokio::sync::Semaphore::new(if options.ordered.is_some() {
+                        crate::topology::ordered::WINDOW
+                    } else {
+                        options.concurrency
+                    })),
                     recovery_timeout: self.recovery_timeout,
                     live: {
                         let live = Live::default();

@@ -66,7 +66,10 @@ pub(crate) async fn read() -> Option<Reading> {
         in_msgs: stats.in_messages.load(Ordering::Relaxed),
         out_bytes: stats.out_bytes.load(Ordering::Relaxed),
         in_bytes: stats.in_bytes.load(Ordering::Relaxed),
-        cpu: pids.iter().map(|p| super::process_cpu(&p.to_string())).collect(),
+        cpu: pids
+            .iter()
+            .map(|p| super::process_cpu(&p.to_string()))
+            .collect(),
         raft,
     })
 }
