@@ -11,6 +11,9 @@
 //! `--latency-events` (10,000) and `--rate` (1,000/s) the chain's roots,
 //! `--only <case>` runs one case, `--repeat <n>` sets the runs per side, and
 //! `--side choreo|raw` runs one side only (for a profiler).
+//! `--url nats://… [--creds FILE] [--replicas N]` runs the handler cases
+//! against that server or cluster instead of local ones, and deletes every
+//! stream each run made.
 //! `--inbox-groups G` spreads choreo's inbox records over G groups instead
 //! of the default 65,536: with G well below `--events`, each group holds
 //! `events / G` records, as a default inbox does at `events / G × 65,536`
@@ -90,6 +93,13 @@
 //!   inbox on, `ordered_by = account` (16 partitions) against the same
 //!   handler in any order: the price of order on many keys (choreo on both
 //!   sides; its ratio is ordered / any order).
+//! - `handler_inbox_grouped`: the inbox-on handler against a raw relay
+//!   keeping its records grouped as choreo does (same hash, groups,
+//!   encoding, compare-and-set, as full): choreo's code apart from the
+//!   layout. `layout` (only with `--only`): that raw relay against the
+//!   per-key one, the layout's own price; `layout_unchecked` (only with
+//!   `--only`): the same with plain puts instead of compare-and-sets (not
+//!   safe), the check's price.
 //! - `handler_inbox_write_only`, `latency_write_only`: the same, against a
 //!   raw relay that writes the key but never reads it. Not the same work
 //!   (a copy of an event is emitted again), shown to price the read: no
@@ -553,6 +563,10 @@ enum RawKv {
     /// compare-and-set on the group's revision (retried on a conflict).
     /// What the layout costs the server, apart from choreo's code.
     Grouped,
+    /// The same, written back with a plain put instead of a
+    /// compare-and-set: not safe (two instances writing one group at once
+    /// lose a record), shown to price the check.
+    GroupedUnchecked,
 }
 
 /// `<out>.<id>.seen` with causation headers, optionally write a KV record,
@@ -573,6 +587,9 @@ struct RawRelay {
     /// With `kv`: records grouped as choreo groups them, over this many
     /// groups ([`RawKv::Grouped`]).
     groups: Option<u32>,
+    /// Grouped records are written back with a plain put
+    /// ([`RawKv::GroupedUnchecked`]).
+    unchecked: bool,
     done: Arc<AtomicU64>,
 }
 
@@ -724,6 +741,7 @@ impl RawRelay {
             value.extend_from_slice(&id);
             value.extend_from_slice(&now.to_be_bytes());
             let written = match &entry {
+                Some(_) if self.unchecked => kv.put(key.as_str(), value.into()).await.is_ok(),
                 Some(e) => kv
                     .update(key.as_str(), value.into(), e.revision)
                     .await
@@ -1221,7 +1239,8 @@ async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, Box
     raw_stream_r(&js, "RAWOUT", "rawout.>", replicas).await?;
     raw_publish(&js, "rawin", "BenchPlaced", n).await?;
     let prefill = PREFILL.load(Ordering::Relaxed);
-    let kv = if inbox == RawKv::Grouped {
+    let grouped = matches!(inbox, RawKv::Grouped | RawKv::GroupedUnchecked);
+    let kv = if grouped {
         // The same bucket as choreo's inbox, as full as choreo's.
         prefill_groups(&js, ("raw_inbox", "relay.relay"), prefill, replicas).await?;
         Some(js.get_key_value("raw_inbox").await?)
@@ -1246,7 +1265,8 @@ async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, Box
         handler: "relay.relay",
         kv,
         read_first: inbox == RawKv::ReadThenWrite,
-        groups: (inbox == RawKv::Grouped).then(inbox_groups),
+        groups: grouped.then(inbox_groups),
+        unchecked: inbox == RawKv::GroupedUnchecked,
         done: done.clone(),
     };
     let started = (Instant::now(), cpu_seconds());
@@ -1255,7 +1275,7 @@ async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, Box
     task.abort();
     let recorded = match inbox {
         // Grouped: the emissions are checked, not the records.
-        RawKv::Off | RawKv::Grouped => None,
+        RawKv::Off | RawKv::Grouped | RawKv::GroupedUnchecked => None,
         _ => Some(
             js.get_stream("KV_raw_inbox")
                 .await?
@@ -1315,6 +1335,7 @@ async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f6
             kv: None,
             read_first: raw_kv == RawKv::ReadThenWrite,
             groups: None,
+            unchecked: false,
             done: Arc::new(AtomicU64::new(0)),
         };
         // The chain's raw relays use a bucket as choreo's inbox does.
@@ -1433,7 +1454,7 @@ async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f6
             Some(RawKv::ReadThenWrite) => "raw",
             Some(RawKv::WriteOnly) => "raw (write only)",
             Some(RawKv::Off) => "raw (no bucket)",
-            Some(RawKv::Grouped) => "raw (grouped)",
+            Some(RawKv::Grouped | RawKv::GroupedUnchecked) => "raw (grouped)",
         },
         pct(0.50),
         pct(0.90),
@@ -1707,6 +1728,16 @@ async fn main() -> Result<(), BoxError> {
         .await?;
         rows.push(("raw: grouped vs per key (msgs/s)", c, r, ratio));
         ratios.push(("layout", ratio));
+    }
+    if only.as_deref() == Some("layout_unchecked") {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || raw_handler(n, RawKv::GroupedUnchecked),
+            || raw_handler(n, RawKv::ReadThenWrite),
+        )
+        .await?;
+        rows.push(("raw: grouped, put vs per key", c, r, ratio));
+        ratios.push(("layout_unchecked", ratio));
     }
     // The second line: the same handler on a new inbox (its first
     // minutes), against the same raw relay.
