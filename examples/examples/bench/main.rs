@@ -1719,25 +1719,24 @@ async fn main() -> Result<(), BoxError> {
         .await?;
         rows.push(("  vs raw, grouped (msgs/s)", c, r, ratio));
     }
-    if only.as_deref() == Some("layout") {
-        let (c, r, ratio) = median_pair(
-            repeat,
-            || raw_handler(n, RawKv::Grouped),
-            || raw_handler(n, RawKv::ReadThenWrite),
-        )
-        .await?;
-        rows.push(("raw: grouped vs per key (msgs/s)", c, r, ratio));
-        ratios.push(("layout", ratio));
-    }
-    if only.as_deref() == Some("layout_unchecked") {
-        let (c, r, ratio) = median_pair(
-            repeat,
-            || raw_handler(n, RawKv::GroupedUnchecked),
-            || raw_handler(n, RawKv::ReadThenWrite),
-        )
-        .await?;
-        rows.push(("raw: grouped, put vs per key", c, r, ratio));
-        ratios.push(("layout_unchecked", ratio));
+    for (case, kind, label) in [
+        ("layout", RawKv::Grouped, "raw: grouped vs per key (msgs/s)"),
+        (
+            "layout_unchecked",
+            RawKv::GroupedUnchecked,
+            "raw: grouped, put vs per key",
+        ),
+    ] {
+        if only.as_deref() == Some(case) {
+            let (c, r, ratio) = median_pair(
+                repeat,
+                || raw_handler(n, kind),
+                || raw_handler(n, RawKv::ReadThenWrite),
+            )
+            .await?;
+            rows.push((label, c, r, ratio));
+            ratios.push((case, ratio));
+        }
     }
     // The second line: the same handler on a new inbox (its first
     // minutes), against the same raw relay.
