@@ -30,6 +30,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct HandlerOptions {
     /// Events handled at once by one service instance. Default 256: handlers
     /// mostly wait on I/O, and JetStream needs many acks in flight to be fast.
+    /// The instance pulls up to a quarter more, which wait for a turn with
+    /// their in-progress acks going on (so pull requests can be large).
     pub concurrency: usize,
     /// Deliveries before an event goes to the dead-letter stream. Default 5;
     /// never unlimited.

@@ -1,14 +1,16 @@
 //! Pull requests for one handler, sized to its free permits, so no event
 //! waits unwatched in the client.
 //!
-//! A handler may run `concurrency` events at once. Before asking the server
-//! for `n` events, the pull loop takes `n` permits; each event that arrives
-//! brings its permit into the task that runs it, and a request that ends
-//! with fewer events than asked (it expired, the server said why) gives the
-//! rest back. So every event this instance has pulled is already running,
-//! watched by the watchdog — nothing sits in a prefetch buffer counting down
-//! its `ack_wait`, and graceful shutdown has nothing to hand back (a nak
-//! would spend a delivery attempt).
+//! A handler runs `concurrency` events at once and may hold a quarter more
+//! ([`headroom`]), each waiting for its turn in a task of its own, watched
+//! by the watchdog. Before asking the server for `n` events, the pull loop
+//! takes `n` permits; each event that arrives brings its permit into the
+//! task that runs it, and a request that ends with fewer events than asked
+//! (it expired, the server said why) gives the rest back. So every event
+//! this instance has pulled is running or waiting for its turn, watched —
+//! nothing sits in a prefetch buffer counting down its `ack_wait`, and
+//! graceful shutdown has nothing to hand back (a nak would spend a delivery
+//! attempt).
 //!
 //! All requests of one handler share one reply subscription, as async-nats'
 //! own pull stream does. On shutdown it is drained: the server stops sending
