@@ -1,5 +1,6 @@
 //! [`NatsCluster`]: a JetStream cluster of real `nats-server` processes.
 
+use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 
 use crate::error::TestkitError;
@@ -32,22 +33,41 @@ pub struct NatsCluster {
 
 const CLUSTER_START: Duration = Duration::from_secs(45);
 
+/// `n` free loopback ports below the kernel's ephemeral range (read from
+/// `/proc/sys/net/ipv4/ip_local_port_range`), so no outgoing connection of
+/// any process takes one while its node is down for a restart (a node
+/// comes back on the same ports: the others' routes name them). Where that
+/// range leaves no room below it, ports are the kernel's.
 fn free_ports(n: usize) -> Result<Vec<u16>, TestkitError> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()
-        .map_err(|e| TestkitError::Io {
-            what: "find free loopback ports".into(),
-            source: e,
-        })?;
-    listeners
-        .iter()
+    let fail = |e| TestkitError::Io {
+        what: "find free loopback ports".into(),
+        source: e,
+    };
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(0);
+    let mut held: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    if ephemeral_from > 11_000 {
+        let span = u64::from(ephemeral_from - 10_000);
+        let seed = std::collections::hash_map::RandomState::new();
+        for attempt in 0..(n as u64 * 200) {
+            if held.len() == n {
+                break;
+            }
+            let port = 10_000 + u16::try_from(seed.hash_one(attempt) % span).unwrap_or(0);
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                held.push(l);
+            }
+        }
+    }
+    while held.len() < n {
+        held.push(std::net::TcpListener::bind("127.0.0.1:0").map_err(fail)?);
+    }
+    held.iter()
         .map(|l| l.local_addr().map(|a| a.port()))
         .collect::<Result<_, _>>()
-        .map_err(|e| TestkitError::Io {
-            what: "find free loopback ports".into(),
-            source: e,
-        })
+        .map_err(fail)
 }
 
 impl NatsCluster {
@@ -81,7 +101,11 @@ impl NatsCluster {
     }
 
     async fn try_start(n: usize) -> Result<Self, TestkitError> {
-        let ports = free_ports(n)?;
+        // Route, client and monitoring ports, all fixed before the start, so
+        // a restart finds them free (see `free_ports`).
+        let all = free_ports(3 * n)?;
+        let (ports, rest) = all.split_at(n);
+        let ports = ports.to_vec();
         let cluster_name = format!("choreo_test_{}_{}", std::process::id(), ports[0]);
         let mut nodes = Vec::with_capacity(n);
         for (i, port) in ports.iter().enumerate() {
@@ -91,7 +115,8 @@ impl NatsCluster {
                 cluster_port: *port,
                 routes: ports.clone(),
             };
-            nodes.push(NatsServer::builder().cluster(spec).prepare()?);
+            let node = NatsServer::builder().cluster(spec).prepare()?;
+            nodes.push(node.on_ports(rest[2 * i], rest[2 * i + 1]));
         }
         for node in &mut nodes {
             node.launch().await?;
@@ -170,7 +195,19 @@ impl NatsCluster {
     pub async fn restart(&mut self, i: usize) -> Result<(), TestkitError> {
         let node = &mut self.nodes[i];
         node.kill();
-        node.launch().await?;
+        // Its ports lie outside the ephemeral range, but another test's
+        // server may have picked one meanwhile: wait for it a while.
+        let mut tries = 0;
+        loop {
+            match node.launch().await {
+                Err(e) if e.log_says("address already in use") && tries < 40 => {
+                    tries += 1;
+                    node.kill();
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                launched => break launched?,
+            }
+        }
         node.wait_healthy(CLUSTER_START).await
     }
 
@@ -233,5 +270,35 @@ impl NatsCluster {
             .map(|n| format!("--- {} ---\n{}", n.name(), n.log_tail(lines)))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_ports;
+
+    /// A node's ports lie below the kernel's ephemeral range, where no
+    /// outgoing connection can take one while the node restarts; and they
+    /// are distinct.
+    #[test]
+    fn cluster_ports_are_distinct_and_below_the_ephemeral_range() {
+        let from: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports = free_ports(9).unwrap();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 9, "{ports:?}");
+        if from > 11_000 {
+            assert!(
+                ports.iter().all(|p| (10_000..from).contains(p)),
+                "{ports:?}"
+            );
+        }
     }
 }

@@ -171,6 +171,15 @@ impl NatsServer {
         Self::builder().start().await
     }
 
+    /// The same server, to listen for clients on `port` and for monitoring
+    /// on `monitor_port` (a cluster node's ports are fixed before it
+    /// starts, so a restart finds them again).
+    pub(crate) fn on_ports(mut self, port: u16, monitor_port: u16) -> Self {
+        self.port = port;
+        self.monitor_port = monitor_port;
+        self
+    }
+
     /// A builder for a server with extra configuration.
     pub fn builder() -> NatsServerBuilder {
         NatsServerBuilder::default()
