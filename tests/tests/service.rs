@@ -395,7 +395,9 @@ async fn events_pulled_beyond_concurrency_wait_for_a_turn_watched() {
     let js = choreo::async_nats::jetstream::new(server.connect().await.unwrap());
     let stream = <OrderPlaced as choreo::Event>::STREAM;
     let mut most_pending = 0;
-    for _ in 0..40 {
+    // Until the first four finish (2.5 s after they start); a loaded
+    // machine may take a while to deliver them.
+    for _ in 0..200 {
         let mut consumer: choreo::async_nats::jetstream::consumer::PullConsumer = js
             .get_consumer_from_stream("turns--queued", stream)
             .await
