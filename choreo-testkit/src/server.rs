@@ -275,13 +275,26 @@ impl NatsServer {
     }
 
     /// Starts the server again on the same port with the same store, after
-    /// [`kill`](Self::kill); kills it first if it still runs.
+    /// [`kill`](Self::kill); kills it first if it still runs. A port that
+    /// another process holds meanwhile is waited for, up to 10 s.
     ///
     /// # Errors
     /// As for [`NatsServerBuilder::start`].
     pub async fn restart(&mut self) -> Result<(), TestkitError> {
         self.kill();
-        self.spawn().await
+        // Its ports came from the kernel's ephemeral range: while it was
+        // down, another process may have taken one for a while.
+        let mut tries = 0;
+        loop {
+            match self.spawn().await {
+                Err(e) if e.log_says("address already in use") && tries < 40 => {
+                    tries += 1;
+                    self.kill();
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                restarted => return restarted,
+            }
+        }
     }
 
     fn config_text(&self) -> String {

@@ -33,6 +33,24 @@ async fn starts_on_a_free_port_with_jetstream_and_restarts_in_place() {
     );
 }
 
+/// A port another process holds while the server is down is waited for:
+/// the restart succeeds once it is let go, on the same port.
+#[tokio::test]
+async fn a_restart_waits_for_its_port_taken_meanwhile() {
+    let mut a = NatsServer::start().await.unwrap();
+    let port = a.port();
+    a.kill();
+    let holder = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        drop(holder);
+    });
+    a.restart().await.unwrap();
+    release.join().unwrap();
+    assert_eq!(a.port(), port);
+    a.connect().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_bad_config_fails_with_the_log_tail() {
     let err = NatsServer::builder()
