@@ -1,8 +1,13 @@
 //! Whether a direct get answered by a follower can miss a fresh inbox record
 //! on a 3-node cluster with an R3 bucket (direct gets allowed, as the inbox
 //! makes it): right after a write, and through a node back from an outage.
-//! On nats-server 2.15.1 neither missed one in these runs, so the inbox
-//! reads with direct gets (the batched read has no other form).
+//! On nats-server 2.15.1 a direct get right after a write missed it 5 times
+//! in 600 in one CI run (a follower answered before applying the write) and
+//! never in others; every miss was seen a moment later, and a read from the
+//! leader never missed. The inbox reads with direct gets (the batched read
+//! has no other form): a copy of an event arriving within those
+//! milliseconds of its record may run again, the case of two copies at once
+//! that docs/guarantee.md covers.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use choreo::async_nats::jetstream::{self, kv};
@@ -40,7 +45,7 @@ async fn put_through_election(bucket: &kv::Store, key: &str) -> u64 {
 }
 
 #[tokio::test]
-async fn a_record_written_on_the_leader_is_read_back_at_once_from_every_node() {
+async fn a_record_written_on_the_leader_is_read_back_from_every_node_within_a_moment() {
     let cluster = NatsCluster::start(3).await.unwrap();
     let bucket = r3_bucket(&cluster).await;
     // Readers on every node: direct gets go to whichever replica answers.
@@ -55,13 +60,26 @@ async fn a_record_written_on_the_leader_is_read_back_at_once_from_every_node() {
         let key = format!("h.k{i}");
         let revision = bucket.put(&key, "done 1".into()).await.unwrap();
         let reader = &readers[i % 3];
-        match reader.entry(&key).await.unwrap() {
-            Some(e) if e.revision == revision => {}
-            _ => stale += 1,
+        let seen = |e: Option<kv::Entry>| e.is_some_and(|e| e.revision == revision);
+        if !seen(reader.entry(&key).await.unwrap()) {
+            stale += 1;
+            // A follower behind by a moment: it must catch up.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                if seen(reader.entry(&key).await.unwrap()) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{key} (revision {revision}) still missing from a direct get after 2 s"
+                );
+            }
         }
     }
-    eprintln!("{stale} of {n} direct gets right after a write missed it");
-    assert_eq!(stale, 0, "a direct get right after a write missed it");
+    eprintln!(
+        "{stale} of {n} direct gets right after a write missed it (each seen a moment later)"
+    );
     // What the inbox relies on: a write acknowledged by the leader is
     // visible to an immediate leader read from any node.
     let mut leader_stale = 0;
