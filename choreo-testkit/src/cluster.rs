@@ -193,22 +193,7 @@ impl NatsCluster {
     /// # Errors
     /// The node did not come back, with its log tail.
     pub async fn restart(&mut self, i: usize) -> Result<(), TestkitError> {
-        let node = &mut self.nodes[i];
-        node.kill();
-        // Its ports lie outside the ephemeral range, but another test's
-        // server may have picked one meanwhile: wait for it a while.
-        let mut tries = 0;
-        loop {
-            match node.launch().await {
-                Err(e) if e.log_says("address already in use") && tries < 40 => {
-                    tries += 1;
-                    node.kill();
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                launched => break launched?,
-            }
-        }
-        node.wait_healthy(CLUSTER_START).await
+        self.nodes[i].start_again(CLUSTER_START).await
     }
 
     /// The server name of `stream`'s current leader, if it has one.

@@ -281,18 +281,27 @@ impl NatsServer {
     /// # Errors
     /// As for [`NatsServerBuilder::start`].
     pub async fn restart(&mut self) -> Result<(), TestkitError> {
-        self.kill();
-        // Its ports came from the kernel's ephemeral range: while it was
-        // down, another process may have taken one for a while.
+        self.start_again(START_TIMEOUT).await
+    }
+
+    /// Kills the process if it runs and starts it again on its ports with
+    /// its store, healthy within `timeout`. A port another process holds
+    /// meanwhile (its client and monitoring ports may come from the
+    /// kernel's ephemeral range) is waited for, up to 10 s.
+    pub(crate) async fn start_again(&mut self, timeout: Duration) -> Result<(), TestkitError> {
         let mut tries = 0;
         loop {
-            match self.spawn().await {
+            self.kill();
+            let started = match self.launch().await {
+                Ok(()) => self.wait_healthy(timeout).await,
+                Err(e) => Err(e),
+            };
+            match started {
                 Err(e) if e.log_says("address already in use") && tries < 40 => {
                     tries += 1;
-                    self.kill();
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                restarted => return restarted,
+                started => return started,
             }
         }
     }
