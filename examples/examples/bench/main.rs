@@ -806,6 +806,9 @@ async fn rate_until(
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first: Option<(Instant, u64)> = None;
     let mut cpu0 = (0.0, 0.0);
+    // The counters at the start, for a run too short to time from its
+    // first event (so its breakdown line is printed all the same).
+    let at_start = breakdown::read().await;
     let mut before = None;
     loop {
         let c = counter();
@@ -826,7 +829,7 @@ async fn rate_until(
         Some((t0, c0)) if c0 <= n / 2 => (t0, c0),
         _ => {
             cpu0 = started.1;
-            before = None;
+            before = at_start;
             (started.0, 0)
         }
     };
