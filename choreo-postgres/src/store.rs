@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use choreo::async_nats::jetstream;
 use choreo::{EventId, Publisher, admin};
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::error::PgError;
 use crate::read_model::{self, ReadModel};
@@ -249,28 +249,48 @@ pub(crate) type RelayHandle = Weak<Inner>;
 /// The most rows one delete removes.
 const DELETE_BATCH: usize = 4096;
 
-/// Deletes published outbox rows as they come, as many per statement as
-/// have queued meanwhile, until the store is dropped.
+/// How long the first published row of a delete waits for others to join
+/// it. A delete is a statement, a transaction and a round trip, whatever
+/// its size; gathering a moment's rows makes it one per many requests
+/// rather than one per few, and a row a moment older costs nothing (the
+/// relay leaves rows younger than its delay, seconds, alone).
+const DELETE_LINGER: Duration = Duration::from_millis(10);
+
+/// Deletes published outbox rows as they come, those of up to
+/// [`DELETE_LINGER`] per statement, until the store is dropped. It keeps a
+/// connection of its own (opened with the pool's options) rather than
+/// taking one from the pool: a pool checks a connection with a round trip
+/// when it is taken and again when it is given back, which would triple
+/// the cost of each delete and take a connection from the requests.
 async fn delete_published(pool: PgPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<i64>>) {
+    let mut conn: Option<PgConnection> = None;
     while let Some(mut batch) = rx.recv().await {
+        let until = tokio::time::Instant::now() + DELETE_LINGER;
         while batch.len() < DELETE_BATCH {
-            match rx.try_recv() {
-                Ok(more) => batch.extend(more),
-                Err(_) => break,
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(more)) => batch.extend(more),
+                // Closed (the store is gone: delete these, then end) or
+                // the moment is over.
+                Ok(None) | Err(_) => break,
             }
         }
-        let deleted = if let [seq] = &batch[..] {
-            sqlx::query("DELETE FROM choreo.outbox WHERE seq = $1")
-                .bind(seq)
-                .execute(&pool)
-                .await
-        } else {
-            sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
-                .bind(&batch)
-                .execute(&pool)
-                .await
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match PgConnection::connect_with(&pool.connect_options()).await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    tracing::warn!(rows = batch.len(), error = %e, "cannot connect to delete published outbox rows; the relay will publish them again (the stream drops the copies)");
+                    continue;
+                }
+            },
         };
+        let deleted = sqlx::query("DELETE FROM choreo.outbox WHERE seq = ANY($1)")
+            .bind(&batch)
+            .execute(&mut *c)
+            .await;
         if let Err(e) = deleted {
+            // A connection that failed is opened afresh for the next batch.
+            conn = None;
             tracing::warn!(rows = batch.len(), error = %e, "cannot delete published outbox rows; the relay will publish them again (the stream drops the copies)");
         }
     }

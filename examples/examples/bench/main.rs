@@ -1836,9 +1836,19 @@ async fn main() -> Result<(), BoxError> {
     // storefront in its own process, this one the load generator.
     if wanted("storefront") {
         let mut runs = Vec::new();
-        for _ in 0..repeat {
-            let outbox = storefront::post_orders(n.min(5_000), false).await?;
-            let direct = storefront::post_orders(n.min(5_000), true).await?;
+        for round in 0..repeat {
+            // Each side first in every other pair: neither gets the
+            // machine's warm-up (or its cooling) every time.
+            let requests = n.min(10_000);
+            let (outbox, direct) = if round % 2 == 0 {
+                let o = storefront::post_orders(requests, false).await?;
+                (o, storefront::post_orders(requests, true).await?)
+            } else {
+                let d = storefront::post_orders(requests, true).await?;
+                (storefront::post_orders(requests, false).await?, d)
+            };
+            eprintln!("{}", outbox.cost.line("outbox"));
+            eprintln!("{}", direct.cost.line("direct"));
             runs.push((outbox, direct));
         }
         let o = median(runs.iter().map(|r| r.0.rate).collect());

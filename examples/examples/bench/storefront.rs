@@ -24,6 +24,103 @@ pub(super) struct Run {
     pub(super) rate: f64,
     /// Commit to stored, ms: p50, p99.
     pub(super) latency: (f64, f64),
+    /// CPU per request, µs: the storefront, Postgres (every process of
+    /// the server), nats-server, the load generator (this process); and
+    /// Postgres transactions that wrote, per request.
+    pub(super) cost: Cost,
+}
+
+/// Where one side's requests spent their time.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Cost {
+    pub(super) storefront: f64,
+    pub(super) postgres: f64,
+    pub(super) nats: f64,
+    pub(super) load: f64,
+    pub(super) commits: f64,
+}
+
+impl Cost {
+    /// One line for the side called `side`.
+    pub(super) fn line(&self, side: &str) -> String {
+        format!(
+            "    storefront {side} per request: CPU storefront {:.0} µs, postgres {:.0} µs, nats-server {:.0} µs, load generator {:.0} µs; postgres write transactions {:.2}",
+            self.storefront, self.postgres, self.nats, self.load, self.commits
+        )
+    }
+}
+
+/// CPU seconds of `pid` and every process below it (Postgres serves each
+/// connection from a child of the postmaster).
+fn tree_cpu(pid: u32) -> f64 {
+    let mut total = super::process_cpu(&pid.to_string());
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return total;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(child) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            total += super::process_cpu(child);
+        }
+    }
+    total
+}
+
+/// The counters a side's cost is the difference of.
+#[derive(Clone, Copy, Debug)]
+struct Counters {
+    storefront: f64,
+    postgres: f64,
+    nats: f64,
+    load: f64,
+    commits: f64,
+}
+
+impl Counters {
+    async fn read(
+        storefront: u32,
+        pg: &PostgresServer,
+        nats: &NatsServer,
+        pool: &sqlx::PgPool,
+    ) -> Counters {
+        // Every transaction that writes takes a transaction id (this
+        // query too: one of thousands).
+        let commits: i64 = sqlx::query_scalar("SELECT txid_current()")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+        Counters {
+            storefront: super::process_cpu(&storefront.to_string()),
+            postgres: pg.pid().map_or(0.0, tree_cpu),
+            nats: nats
+                .pid()
+                .map_or(0.0, |p| super::process_cpu(&p.to_string())),
+            load: super::process_cpu("self"),
+            commits: commits as f64,
+        }
+    }
+
+    fn per_request(&self, later: &Counters, n: u64) -> Cost {
+        let us = |a: f64, b: f64| (b - a) * 1e6 / n.max(1) as f64;
+        Cost {
+            storefront: us(self.storefront, later.storefront),
+            postgres: us(self.postgres, later.postgres),
+            nats: us(self.nats, later.nats),
+            load: us(self.load, later.load),
+            commits: (later.commits - self.commits) / n.max(1) as f64,
+        }
+    }
 }
 
 /// The shop binary next to this one (`target/<profile>/examples/shop`).
@@ -68,12 +165,20 @@ pub(super) async fn post_orders(n: u64, unsafe_: bool) -> Result<Run, BoxError> 
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     // Warm up: the stream, the connections, the statements.
     post(addr, "warm", 200).await?;
+    let before = Counters::read(child.0.id(), &pg, &nats, &pool).await;
     let started = Instant::now();
     post(addr, "timed", n).await?;
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    // The deletes of published rows trail the answers by a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cost = before.per_request(&Counters::read(child.0.id(), &pg, &nats, &pool).await, n);
     let latency = commit_to_stored(&client, &pool, "timed-").await?;
     drop(child);
-    Ok(Run { rate, latency })
+    Ok(Run {
+        rate,
+        latency,
+        cost,
+    })
 }
 
 /// Kills the storefront when dropped.
