@@ -76,6 +76,28 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
         !stdout.contains("ratio handler_inbox_write_only"),
         "{stdout}"
     );
+    // Every timed run says how much of the machine the hypervisor took
+    // meanwhile, and the storefront what each process spent per request.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for side in ["choreo chain:", "raw chain:", "choreo publish_all:"] {
+        let line = stderr
+            .lines()
+            .find(|l| l.trim_start().starts_with(side))
+            .unwrap_or_else(|| panic!("no {side} line:\n{stderr}"));
+        let stolen: f64 = line
+            .rsplit_once("stolen ")
+            .and_then(|(_, v)| v.strip_suffix('%'))
+            .unwrap_or_else(|| panic!("no stolen share: {line}"))
+            .parse()
+            .unwrap();
+        assert!((0.0..=100.0).contains(&stolen), "{line}");
+    }
+    for side in ["outbox", "direct"] {
+        assert!(
+            stderr.contains(&format!("storefront {side} per request: CPU storefront")),
+            "{stderr}"
+        );
+    }
 }
 
 /// The Postgres latency case (only with `--only`): both lines, with

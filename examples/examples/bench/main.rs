@@ -761,8 +761,42 @@ impl RawRelay {
 }
 
 /// CPU seconds used so far by this process and by its children (the
-/// nats-servers), from `/proc` (zeros where there is none).
-fn cpu_seconds() -> (f64, f64) {
+/// nats-servers), from `/proc` (zeros where there is none), and the
+/// machine's stolen time: what the hypervisor gave other guests while this
+/// one's CPUs had work.
+#[derive(Clone, Copy, Debug)]
+struct Cpu {
+    client: f64,
+    servers: f64,
+    /// Seconds stolen from every CPU of the machine so far.
+    steal: f64,
+    at: Instant,
+}
+
+impl Cpu {
+    fn zero() -> Cpu {
+        Cpu {
+            client: 0.0,
+            servers: 0.0,
+            steal: 0.0,
+            at: Instant::now(),
+        }
+    }
+
+    /// The share of the machine's CPU time since this reading that the
+    /// hypervisor stole, in percent: a run that crawls with little CPU
+    /// used and much stolen was the machine's, not the code's.
+    fn stolen_since(&self) -> f64 {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let wall = self.at.elapsed().as_secs_f64() * cpus;
+        if wall <= 0.0 {
+            return 0.0;
+        }
+        (steal_seconds() - self.steal) / wall * 100.0
+    }
+}
+
+fn cpu_seconds() -> Cpu {
     let me = process_cpu("self");
     let mut kids = 0.0;
     for task in std::fs::read_dir("/proc/self/task")
@@ -775,7 +809,23 @@ fn cpu_seconds() -> (f64, f64) {
             kids += process_cpu(pid);
         }
     }
-    (me, kids)
+    Cpu {
+        client: me,
+        servers: kids,
+        steal: steal_seconds(),
+        at: Instant::now(),
+    }
+}
+
+/// Seconds stolen from all CPUs since boot (`steal` on `/proc/stat`'s
+/// first line; zero where there is none).
+fn steal_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(8))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |ticks| ticks / 100.0)
 }
 
 /// CPU seconds process `pid` (or `self`) used so far, user and system, from
@@ -801,11 +851,11 @@ async fn rate_until(
     counter: impl Fn() -> u64,
     n: u64,
     what: &str,
-    started: (Instant, (f64, f64)),
+    started: (Instant, Cpu),
 ) -> Result<f64, BoxError> {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first: Option<(Instant, u64)> = None;
-    let mut cpu0 = (0.0, 0.0);
+    let mut cpu0 = Cpu::zero();
     // The counters at the start, for a run too short to time from its
     // first event (so its breakdown line is printed all the same).
     let at_start = breakdown::read().await;
@@ -842,7 +892,7 @@ async fn rate_until(
 
 /// The rate of `n` events since `start`; prints it with the CPU per event
 /// used since `cpu0`.
-fn report_rate(what: &str, n: u64, start: Instant, cpu0: (f64, f64)) -> f64 {
+fn report_rate(what: &str, n: u64, start: Instant, cpu0: Cpu) -> f64 {
     let rate = n as f64 / start.elapsed().as_secs_f64();
     let (client, server) = cpu_per_event(cpu0, n);
     let server = if TARGET.get().is_some() {
@@ -850,16 +900,22 @@ fn report_rate(what: &str, n: u64, start: Instant, cpu0: (f64, f64)) -> f64 {
     } else {
         format!("{server:.1} µs")
     };
-    eprintln!("  {what}: {rate:.0} msgs/s, CPU per event: client {client:.1} µs, server {server}");
+    eprintln!(
+        "  {what}: {rate:.0} msgs/s, CPU per event: client {client:.1} µs, server {server}; stolen {:.0}%",
+        cpu0.stolen_since()
+    );
     rate
 }
 
 /// CPU used since `cpu0` (see [`cpu_seconds`]) per event, client and
 /// server, in µs.
-fn cpu_per_event(cpu0: (f64, f64), events: u64) -> (f64, f64) {
+fn cpu_per_event(cpu0: Cpu, events: u64) -> (f64, f64) {
     let cpu1 = cpu_seconds();
     let per = |a: f64, b: f64| (b - a) * 1e6 / events.max(1) as f64;
-    (per(cpu0.0, cpu1.0), per(cpu0.1, cpu1.1))
+    (
+        per(cpu0.client, cpu1.client),
+        per(cpu0.servers, cpu1.servers),
+    )
 }
 
 /// `n` events with [`Publisher::publish_all`]: sent in order, up to 256
@@ -1451,7 +1507,7 @@ async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f6
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
     let (client, server) = cpu_per_event(started, 3 * n);
     eprintln!(
-        "  {} chain: p50 {:.2} ms, p90 {:.2}, p99 {:.2}, max {:.2}, CPU per hop: client {client:.1} µs, server {server:.1} µs",
+        "  {} chain: p50 {:.2} ms, p90 {:.2}, p99 {:.2}, max {:.2}, CPU per hop: client {client:.1} µs, server {server:.1} µs; stolen {:.0}%",
         match raw {
             None => "choreo",
             Some(RawKv::ReadThenWrite) => "raw",
@@ -1463,6 +1519,7 @@ async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f6
         pct(0.90),
         pct(0.99),
         pct(1.0),
+        started.stolen_since(),
     );
     Ok((pct(0.50), pct(0.99)))
 }
