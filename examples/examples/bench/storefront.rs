@@ -38,14 +38,16 @@ pub(super) struct Cost {
     pub(super) nats: f64,
     pub(super) load: f64,
     pub(super) commits: f64,
+    /// The machine's CPU time stolen by the hypervisor meanwhile, percent.
+    pub(super) stolen: f64,
 }
 
 impl Cost {
     /// One line for the side called `side`.
     pub(super) fn line(&self, side: &str) -> String {
         format!(
-            "    storefront {side} per request: CPU storefront {:.0} µs, postgres {:.0} µs, nats-server {:.0} µs, load generator {:.0} µs; postgres write transactions {:.2}",
-            self.storefront, self.postgres, self.nats, self.load, self.commits
+            "    storefront {side} per request: CPU storefront {:.0} µs, postgres {:.0} µs, nats-server {:.0} µs, load generator {:.0} µs; postgres write transactions {:.2}; stolen {:.0}%",
+            self.storefront, self.postgres, self.nats, self.load, self.commits, self.stolen
         )
     }
 }
@@ -119,6 +121,7 @@ impl Counters {
             nats: us(self.nats, later.nats),
             load: us(self.load, later.load),
             commits: (later.commits - self.commits) / n.max(1) as f64,
+            stolen: 0.0,
         }
     }
 }
@@ -166,12 +169,17 @@ pub(super) async fn post_orders(n: u64, unsafe_: bool) -> Result<Run, BoxError> 
     // Warm up: the stream, the connections, the statements.
     post(addr, "warm", 200).await?;
     let before = Counters::read(child.0.id(), &pg, &nats, &pool).await;
+    let machine = super::cpu_seconds();
     let started = Instant::now();
     post(addr, "timed", n).await?;
     let rate = n as f64 / started.elapsed().as_secs_f64();
     // The deletes of published rows trail the answers by a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let cost = before.per_request(&Counters::read(child.0.id(), &pg, &nats, &pool).await, n);
+    let stolen = machine.stolen_since();
+    let cost = Cost {
+        stolen,
+        ..before.per_request(&Counters::read(child.0.id(), &pg, &nats, &pool).await, n)
+    };
     let latency = commit_to_stored(&client, &pool, "timed-").await?;
     drop(child);
     Ok(Run {
