@@ -271,12 +271,22 @@ async fn copies_of_events_in_full_groups_are_all_recognised() {
         count.0.load(Ordering::SeqCst) == n
     })
     .await;
-    assert_eq!(
-        choreo::__private::inbox_records(&s.js, "tracking", "track")
+    // A record is written once its handler has returned: the last few
+    // follow the count by a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = choreo::__private::inbox_records(&s.js, "tracking", "track")
             .await
-            .unwrap(),
-        u64::from(n)
-    );
+            .unwrap();
+        if records == u64::from(n) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{records} of {n} records 10 s after the last handler returned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     publish_all().await;
     eventually(Duration::from_secs(60), "every copy skipped", || {
