@@ -50,8 +50,10 @@
 //! - `storefront`: requests per second of the shop storefront's `POST
 //!   /orders` (a process of its own; this one generates the load over 32
 //!   keep-alive connections) with the outbox, against the same endpoint
-//!   committing the row and then publishing (the unsafe dual write); and
-//!   each side's latency from the order's commit to its event stored.
+//!   committing the row and then publishing (the unsafe dual write), at
+//!   most 10,000 requests a side, each side first in every other pair;
+//!   each side's latency from the order's commit to its event stored, and
+//!   its CPU per request by process.
 //! - `console`: `choreo console` (the release binary, built with `cargo
 //!   build --release -p choreo-cli`) over 100 handlers: the main view's
 //!   server time (p50, p99), one reading of the system against raw
