@@ -92,6 +92,7 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
             .unwrap();
         assert!((0.0..=100.0).contains(&stolen), "{line}");
     }
+    assert!(stderr.contains("  stolen per pair: "), "{stderr}");
     for side in ["outbox", "direct"] {
         assert!(
             stderr.contains(&format!("storefront {side} per request: CPU storefront")),

@@ -1545,7 +1545,9 @@ where
 {
     let (mut c, mut r) = (Vec::new(), Vec::new());
     let side = side();
+    let mut stolen = Vec::new();
     for i in 0..repeat {
+        let pair = cpu_seconds();
         let raw_first = i % 2 == 1;
         let mut raw_run = none;
         if raw_first && side != Some("choreo") {
@@ -1560,7 +1562,11 @@ where
             raw_run = raw().await?;
         }
         r.push(raw_run);
+        stolen.push(format!("{:.0}%", pair.stolen_since()));
     }
+    // A pair the hypervisor took much CPU from measured the machine, not
+    // the code: read its ratio with this.
+    eprintln!("  stolen per pair: {}", stolen.join(", "));
     Ok((c, r))
 }
 
