@@ -159,9 +159,19 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
                 .all(|h| h["lag_messages"] == 0 && h["state"] == "OK")
             && expired(v)
     };
+    // A handler's inbox record is written once it has returned, a moment
+    // after the deadline it decided reads as met or expired: wait for a key
+    // in each inbox read below.
     let v = status_until(&shop.server, "the shop's 40 orders handled", |v| {
         all_done(v)
-            && handler(v, "orders--confirm_payment")["inbox_keys"].as_u64() > Some(0)
+            && [
+                "confirm_payment",
+                "reject_order",
+                "cancel_order",
+                "expire_unpaid",
+            ]
+            .iter()
+            .all(|h| handler(v, &format!("orders--{h}"))["inbox_keys"].as_u64() > Some(0))
             && v["outboxes"].as_array().is_some_and(|o| o.len() == 4)
     })
     .await;
@@ -180,9 +190,17 @@ async fn status_shows_every_shop_handler_and_exits_1_once_a_service_stops() {
             .as_u64()
             .unwrap();
         assert!((1..=records).contains(&keys), "{h}: {keys} keys");
-        let recorded = choreo::__private::inbox_records(&js, service, h)
-            .await
-            .unwrap();
+        // The last records may follow the status reading by a moment.
+        let mut recorded = 0;
+        for _ in 0..100 {
+            recorded = choreo::__private::inbox_records(&js, service, h)
+                .await
+                .unwrap();
+            if recorded == records {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(recorded, records, "{h}'s inbox records");
     }
     // Postgres handlers keep their inbox in the shop's database, not in
