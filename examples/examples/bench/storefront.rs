@@ -24,13 +24,14 @@ pub(super) struct Run {
     pub(super) rate: f64,
     /// Commit to stored, ms: p50, p99.
     pub(super) latency: (f64, f64),
-    /// CPU per request, µs: the storefront, Postgres (every process of
-    /// the server), nats-server, the load generator (this process); and
-    /// Postgres transactions that wrote, per request.
+    /// Where its requests spent their time.
     pub(super) cost: Cost,
 }
 
-/// Where one side's requests spent their time.
+/// Where one side's requests spent their time: CPU per request, µs, of
+/// the storefront, Postgres (every process of the server), nats-server
+/// and the load generator (this process); Postgres transactions that
+/// wrote, per request; and the machine's stolen share.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Cost {
     pub(super) storefront: f64,
@@ -87,6 +88,8 @@ struct Counters {
     nats: f64,
     load: f64,
     commits: f64,
+    /// The machine's reading, for the share stolen since.
+    machine: super::Cpu,
 }
 
 impl Counters {
@@ -110,6 +113,7 @@ impl Counters {
                 .map_or(0.0, |p| super::process_cpu(&p.to_string())),
             load: super::process_cpu("self"),
             commits: commits as f64,
+            machine: super::cpu_seconds(),
         }
     }
 
@@ -121,7 +125,7 @@ impl Counters {
             nats: us(self.nats, later.nats),
             load: us(self.load, later.load),
             commits: (later.commits - self.commits) / n.max(1) as f64,
-            stolen: 0.0,
+            stolen: self.machine.stolen_since(),
         }
     }
 }
@@ -169,17 +173,12 @@ pub(super) async fn post_orders(n: u64, unsafe_: bool) -> Result<Run, BoxError> 
     // Warm up: the stream, the connections, the statements.
     post(addr, "warm", 200).await?;
     let before = Counters::read(child.0.id(), &pg, &nats, &pool).await;
-    let machine = super::cpu_seconds();
     let started = Instant::now();
     post(addr, "timed", n).await?;
     let rate = n as f64 / started.elapsed().as_secs_f64();
     // The deletes of published rows trail the answers by a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let stolen = machine.stolen_since();
-    let cost = Cost {
-        stolen,
-        ..before.per_request(&Counters::read(child.0.id(), &pg, &nats, &pool).await, n)
-    };
+    let cost = before.per_request(&Counters::read(child.0.id(), &pg, &nats, &pool).await, n);
     let latency = commit_to_stored(&client, &pool, "timed-").await?;
     drop(child);
     Ok(Run {
