@@ -87,22 +87,72 @@ impl Recents {
     }
 }
 
-/// What the cache holds per instance.
-struct Stored {
-    entry: Box<dyn Any + Send + Sync>,
-    version: u64,
-    recents: Recents,
+/// What the cache holds per instance of `A`: the entry inline (a lookup
+/// reads one bucket, not a bucket and a box), the recent caused events
+/// boxed, since most instances have none.
+struct Stored<A> {
+    entry: Entry<A>,
+    recents: Option<Box<Recents>>,
+}
+
+/// The entries of one aggregate type, by id (a lookup by `&str` allocates
+/// nothing).
+struct Entries<A> {
+    map: HashMap<String, Stored<A>>,
+}
+
+/// [`Entries`] of any aggregate type.
+trait AnyEntries: Any + Send + Sync {
+    fn remove(&mut self, id: &str);
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+impl<A: Aggregate> AnyEntries for Entries<A> {
+    fn remove(&mut self, id: &str) {
+        self.map.remove(id);
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
 }
 
 type Key = (TypeId, String);
 
-/// By aggregate type, then id (so a lookup by `&str` allocates nothing).
-type ByType<V> = HashMap<TypeId, HashMap<String, V>>;
+/// The turns' locks, by aggregate type, then id.
+type TurnLocks = HashMap<TypeId, HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>;
 
 #[derive(Default)]
 struct Inner {
-    map: ByType<Stored>,
+    by_type: HashMap<TypeId, Box<dyn AnyEntries>>,
     order: VecDeque<Key>,
+}
+
+impl Inner {
+    fn entries<A: Aggregate>(&self) -> Option<&Entries<A>> {
+        self.by_type
+            .get(&TypeId::of::<A>())?
+            .as_any()
+            .downcast_ref()
+    }
+
+    fn entries_mut<A: Aggregate>(&mut self) -> &mut Entries<A> {
+        self.by_type
+            .entry(TypeId::of::<A>())
+            .or_insert_with(|| {
+                Box::new(Entries::<A> {
+                    map: HashMap::new(),
+                })
+            })
+            .as_any_mut()
+            .downcast_mut()
+            .expect("the entries kept under a type's id are of that type")
+    }
 }
 
 /// One lock per aggregate instance being decided on in this process:
@@ -111,7 +161,7 @@ struct Inner {
 /// processes). An instance's lock is dropped when nobody waits for it.
 #[derive(Clone, Default)]
 pub(crate) struct Turns {
-    inner: Arc<Mutex<ByType<Arc<tokio::sync::Mutex<()>>>>>,
+    inner: Arc<Mutex<TurnLocks>>,
 }
 
 impl std::fmt::Debug for Turns {
@@ -124,23 +174,25 @@ impl std::fmt::Debug for Turns {
 /// else holds or waits for it, on drop.
 pub(crate) struct Turn {
     turns: Turns,
-    key: Key,
+    key: (TypeId, Arc<str>),
     lock: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl Turns {
     /// Waits for the turn of instance `id` of the aggregate type `ty`.
     pub(crate) async fn take(&self, ty: TypeId, id: &str) -> Turn {
-        let key = (ty, id.to_owned());
+        // One copy of the id, shared by the map's key and the turn.
+        let id: Arc<str> = Arc::from(id);
         let lock = self
             .inner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(ty)
             .or_default()
-            .entry(key.1.clone())
+            .entry(id.clone())
             .or_default()
             .clone();
+        let key = (ty, id);
         Turn {
             turns: self.clone(),
             key,
@@ -201,10 +253,12 @@ impl Cache {
             return None;
         }
         let inner = self.lock();
-        let stored = inner.map.get(&TypeId::of::<A>())?.get(id)?;
-        let entry = stored.entry.downcast_ref::<Entry<A>>()?.clone();
-        let earlier = cause.map_or_else(Vec::new, |(c, s)| stored.recents.find(c, s));
-        Some((entry, earlier))
+        let stored = inner.entries::<A>()?.map.get(id)?;
+        let earlier = match (cause, &stored.recents) {
+            (Some((c, s)), Some(recents)) => recents.find(c, s),
+            _ => Vec::new(),
+        };
+        Some((stored.entry.clone(), earlier))
     }
 
     /// Keeps `entry` for instance `id`, with `recent`, the caused events
@@ -214,46 +268,178 @@ impl Cache {
         if self.capacity == 0 {
             return;
         }
-        let since = OffsetDateTime::now_utc() - RECENT;
-        let ty = TypeId::of::<A>();
         let mut inner = self.lock();
         let version = entry.version;
-        match inner.map.get_mut(&ty).and_then(|m| m.get_mut(id)) {
-            Some(stored) if stored.version > version => {}
+        let entries = inner.entries_mut::<A>();
+        match entries.map.get_mut(id) {
+            Some(stored) if stored.entry.version > version => {}
             Some(stored) => {
+                let kept = stored.entry.version;
                 for r in recent {
                     // Those a newer entry folded are there already.
-                    if r.appended.sequence > stored.version {
-                        stored.recents.push(r);
+                    if r.appended.sequence > kept {
+                        stored.recents.get_or_insert_default().push(r);
                     }
                 }
-                stored.recents.prune(since);
-                stored.entry = Box::new(entry);
-                stored.version = version;
+                if let Some(recents) = &mut stored.recents {
+                    recents.prune(OffsetDateTime::now_utc() - RECENT);
+                    if recents.order.is_empty() {
+                        stored.recents = None;
+                    }
+                }
+                stored.entry = entry;
             }
             None => {
-                let mut recents = Recents::default();
+                let mut recents = None;
                 for r in recent {
-                    recents.push(r);
+                    recents.get_or_insert_with(Box::<Recents>::default).push(r);
                 }
-                recents.prune(since);
-                inner.map.entry(ty).or_default().insert(
-                    id.to_owned(),
-                    Stored {
-                        entry: Box::new(entry),
-                        version,
-                        recents,
-                    },
-                );
-                inner.order.push_back((ty, id.to_owned()));
+                if let Some(r) = &mut recents {
+                    r.prune(OffsetDateTime::now_utc() - RECENT);
+                }
+                entries.map.insert(id.to_owned(), Stored { entry, recents });
+                inner.order.push_back((TypeId::of::<A>(), id.to_owned()));
                 while inner.order.len() > self.capacity {
                     if let Some((ty, old)) = inner.order.pop_front()
-                        && let Some(m) = inner.map.get_mut(&ty)
+                        && let Some(m) = inner.by_type.get_mut(&ty)
                     {
                         m.remove(&old);
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::OffsetDateTime;
+
+    use super::{Cache, Entry, Recent};
+    use crate::aggregate::store::Appended;
+    use crate::aggregate::{Aggregate, AggregateEvent, EventVisitor};
+    use crate::event::{DecodeError, EventId, EventType};
+
+    /// An aggregate with no events: the cache never folds, it keeps.
+    enum Never {}
+
+    impl AggregateEvent for Never {
+        const TYPES: &'static [EventType] = &[];
+        fn decode(_: &str, _: u32, _: &[u8]) -> Option<Result<Self, DecodeError>> {
+            None
+        }
+        fn visit<V: EventVisitor>(&self, _: &mut V) -> V::Output {
+            match *self {}
+        }
+    }
+
+    #[derive(Default, Clone, Debug, PartialEq)]
+    struct Count(u64);
+
+    impl Aggregate for Count {
+        const NAME: &'static str = "Count";
+        type Event = Never;
+        fn filter(id: &str) -> String {
+            format!("count.{id}.*")
+        }
+        fn apply(&mut self, event: &Never) {
+            match *event {}
+        }
+    }
+
+    #[derive(Default, Clone, Debug, PartialEq)]
+    struct Other(u64);
+
+    impl Aggregate for Other {
+        const NAME: &'static str = "Other";
+        type Event = Never;
+        fn filter(id: &str) -> String {
+            format!("other.{id}.*")
+        }
+        fn apply(&mut self, event: &Never) {
+            match *event {}
+        }
+    }
+
+    fn entry<A>(state: A, version: u64) -> Entry<A> {
+        Entry {
+            state,
+            version,
+            events: version,
+            contended: false,
+        }
+    }
+
+    fn state<A: Aggregate>(cache: &Cache, id: &str) -> Option<A> {
+        cache.get::<A>(id, None).map(|(e, _)| e.state)
+    }
+
+    #[test]
+    fn keeps_the_newest_state_per_type_and_forgets_the_oldest_past_its_capacity() {
+        let cache = Cache::new(2);
+        cache.put("a", entry(Count(1), 10), Vec::new());
+        // An older state (a slower decision's) does not replace a newer one.
+        cache.put("a", entry(Count(0), 5), Vec::new());
+        assert_eq!(state::<Count>(&cache, "a"), Some(Count(1)));
+        cache.put("a", entry(Count(2), 11), Vec::new());
+        assert_eq!(state::<Count>(&cache, "a"), Some(Count(2)));
+        // The same id of another aggregate is another instance.
+        cache.put("a", entry(Other(7), 3), Vec::new());
+        assert_eq!(state::<Other>(&cache, "a"), Some(Other(7)));
+        assert_eq!(state::<Count>(&cache, "a"), Some(Count(2)));
+        // A third instance: the first one kept leaves.
+        cache.put("b", entry(Count(9), 12), Vec::new());
+        assert_eq!(state::<Count>(&cache, "a"), None);
+        assert_eq!(state::<Other>(&cache, "a"), Some(Other(7)));
+        assert_eq!(state::<Count>(&cache, "b"), Some(Count(9)));
+        // Capacity 0 keeps nothing.
+        let none = Cache::new(0);
+        none.put("a", entry(Count(1), 1), Vec::new());
+        assert_eq!(state::<Count>(&none, "a"), None);
+    }
+
+    #[test]
+    fn finds_what_a_cause_appended_among_the_recent_events() {
+        let cache = Cache::new(10);
+        let (cause, other) = (EventId::new_random(), EventId::new_random());
+        let appended = Appended {
+            event_id: EventId::new_random(),
+            subject: "count.a.added".into(),
+            sequence: 4,
+        };
+        let recent = Recent {
+            causation: cause,
+            source: "svc".into(),
+            appended: appended.clone(),
+            stored_at: OffsetDateTime::now_utc(),
+        };
+        cache.put("a", entry(Count(1), 4), vec![recent]);
+        let found = |c, s| cache.get::<Count>("a", Some((c, s))).unwrap().1;
+        assert_eq!(found(cause, "svc"), vec![appended.clone()]);
+        assert!(found(cause, "another-service").is_empty());
+        assert!(found(other, "svc").is_empty());
+        // A newer state with no caused events keeps the recent ones.
+        cache.put("a", entry(Count(2), 5), Vec::new());
+        assert_eq!(found(cause, "svc"), vec![appended]);
+        // Those stored longer ago than RECENT are forgotten (they come in
+        // the order they were stored, so the oldest are at the front).
+        let old = Recent {
+            causation: other,
+            source: "svc".into(),
+            appended: Appended {
+                event_id: EventId::new_random(),
+                subject: "count.a.added".into(),
+                sequence: 6,
+            },
+            stored_at: OffsetDateTime::now_utc() - super::RECENT * 2,
+        };
+        cache.put("b", entry(Count(3), 6), vec![old]);
+        assert!(
+            cache
+                .get::<Count>("b", Some((other, "svc")))
+                .unwrap()
+                .1
+                .is_empty()
+        );
     }
 }

@@ -49,12 +49,17 @@ impl Aggregates {
         // Decisions on an instance from this process take turns; several
         // instances are taken in one order, so two decisions never wait
         // for each other.
-        let mut order: Vec<usize> = (0..parts.len()).collect();
-        order.sort_by(|&a, &b| parts.parts[a].key().cmp(&parts.parts[b].key()));
-        let mut turns = Vec::with_capacity(order.len());
-        for &i in &order {
-            let (ty, id) = parts.parts[i].key();
+        let mut turns = Vec::with_capacity(parts.len());
+        if let [p] = parts.parts.as_slice() {
+            let (ty, id) = p.key();
             turns.push(self.turns.take(ty, id).await);
+        } else {
+            let mut order: Vec<usize> = (0..parts.len()).collect();
+            order.sort_by(|&a, &b| parts.parts[a].key().cmp(&parts.parts[b].key()));
+            for &i in &order {
+                let (ty, id) = parts.parts[i].key();
+                turns.push(self.turns.take(ty, id).await);
+            }
         }
         for p in &mut parts.parts {
             if !p.open_in_memory(self) {
@@ -291,6 +296,16 @@ fn guard(
     outs: Vec<Outgoing>,
     spans: &[Range<usize>],
 ) -> Result<Vec<(Outgoing, Option<Check>)>, AggregateError> {
+    if let [p] = parts.parts.as_slice()
+        && !outs.is_empty()
+    {
+        // One instance (the common case): its check on its first event.
+        let mut check = Some(Check {
+            filter: p.filter().to_owned(),
+            expected: p.version(),
+        });
+        return Ok(outs.into_iter().map(|o| (o, check.take())).collect());
+    }
     let mut checks: Vec<Option<Check>> = vec![None; outs.len()];
     let mut unwritten = Vec::new();
     for (p, span) in parts.parts.iter().zip(spans) {

@@ -111,17 +111,7 @@ impl<A: Aggregate> Part for Slot<A> {
     }
 
     fn open_in_memory(&mut self, store: &Aggregates) -> bool {
-        let cause = self.fold.cause.take();
-        match store.open_in_memory::<A>(&self.id, cause) {
-            Ok(fold) => {
-                self.fold = fold;
-                true
-            }
-            Err(cause) => {
-                self.fold.cause = cause;
-                false
-            }
-        }
+        store.open_in_memory::<A>(&self.id, &mut self.fold)
     }
 
     fn prepare<'s>(
@@ -340,6 +330,9 @@ impl Parts {
 
     /// Refuses an instance named twice.
     pub(super) fn check_distinct(&self) -> Result<(), AggregateError> {
+        if self.parts.len() < 2 {
+            return Ok(());
+        }
         let mut seen = HashSet::new();
         for p in &self.parts {
             if !seen.insert(p.key()) {

@@ -255,24 +255,20 @@ impl Aggregates {
         Ok(fold)
     }
 
-    /// For a decision: instance `id`'s state in memory, used unread when
-    /// its last decision met no conflict (the append's check tells whether
-    /// anyone appended since; [`Fold::fresh`] is false); `None` when there
-    /// is none to trust. No wait, so no future to box on the hot path.
-    pub(super) fn open_in_memory<A: Aggregate>(
-        &self,
-        id: &str,
-        cause: Option<Cause>,
-    ) -> Result<Fold<A>, Option<Cause>> {
-        let cause_key = cause.as_ref().map(|c| (c.id, c.source.as_str()));
+    /// For a decision: resumes `fold` (new, with its cause) from instance
+    /// `id`'s state in memory, used unread when its last decision met no
+    /// conflict (the append's check tells whether anyone appended since;
+    /// [`Fold::fresh`] is false); false, `fold` untouched, when there is
+    /// none to trust. No wait, so no future to box on the hot path.
+    pub(super) fn open_in_memory<A: Aggregate>(&self, id: &str, fold: &mut Fold<A>) -> bool {
+        let cause_key = fold.cause.as_ref().map(|c| (c.id, c.source.as_str()));
         match self.cache.get::<A>(id, cause_key) {
             Some((entry, earlier)) if !entry.contended => {
-                let mut fold = Fold::<A>::new(&A::filter(id), cause);
                 fold.resume(entry, earlier);
                 fold.fresh = false;
-                Ok(fold)
+                true
             }
-            _ => Err(cause),
+            _ => false,
         }
     }
 
