@@ -106,7 +106,7 @@ pub(crate) fn command_suggestion(name: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{command_suggestion, words};
 
     #[test]
     fn commands_get_a_fact_suggestion() {

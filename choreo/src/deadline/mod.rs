@@ -376,7 +376,10 @@ pub(crate) use crate::nats::version_at_least;
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::event::EventId;
+    use crate::nats::version_at_least;
+
+    use super::{NEEDS, Outcome, check_version, token};
 
     #[test]
     fn versions_before_2_12_have_no_schedules() {

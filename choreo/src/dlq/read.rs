@@ -3,8 +3,12 @@
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::pull};
 
-use super::*;
 use crate::nats::{Cause, Source, source};
+use crate::topology::{ADVISORY_STREAM, DLQ_STREAM, dlq_subject};
+
+use super::{
+    DELIVERIES, DETAIL, HANDLER, OMITTED, REASON, Reason, SEQUENCE, SERVICE, STREAM, SUBJECT,
+};
 
 /// A dead letter read back from [`DLQ_STREAM`].
 #[derive(Clone)]
@@ -265,7 +269,7 @@ pub async fn list(
             handler: handler.to_owned(),
         });
     }
-    read_letters(js, subject(service, handler)).await
+    read_letters(js, dlq_subject(service, handler)).await
 }
 
 /// Every letter on `filter` (a subject of the dead-letter stream), oldest

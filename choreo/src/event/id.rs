@@ -155,7 +155,9 @@ impl From<EventId> for Uuid {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use uuid::Uuid;
+
+    use super::{EventId, EventKey};
 
     #[test]
     fn namespace_is_derived_as_documented() {

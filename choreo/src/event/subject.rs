@@ -235,7 +235,7 @@ fn count_placeholders(template: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{MAX_SUBJECT_LEN, SubjectError, TokenProblem, covers, filter, render};
 
     #[test]
     fn renders_placeholders_in_order() {

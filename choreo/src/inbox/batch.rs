@@ -244,7 +244,7 @@ const BATCH_PAUSE_MS: u64 = 60_000;
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::BatchFailure;
 
     #[test]
     fn only_failures_that_recur_pause_batched_reads() {

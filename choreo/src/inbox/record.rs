@@ -206,7 +206,9 @@ pub(super) fn record_of(raw: &super::Raw) -> Record {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
+
+    use super::{Note, Record, Sighting, State, Verdict, Watch, decide, note, parse};
 
     const ME: u64 = 0xabc;
 

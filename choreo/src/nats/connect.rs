@@ -137,7 +137,7 @@ fn percent_decode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Credentials, percent_decode, split_credentials};
 
     #[test]
     fn credentials_leave_the_url() {

@@ -1,8 +1,20 @@
 //! Lost last deliveries: JetStream's `MAX_DELIVERIES` advisories, checked
 //! against the handler's own consumer, become dead letters.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::dlq::{self, Letter, Reason};
+use crate::inbox;
+
+use super::settle::send_letter;
+use super::{Runtime, Stopped};
 
 /// Dead-letters events whose last delivery was lost without a verdict, as
 /// JetStream's MAX_DELIVERIES advisories report them.

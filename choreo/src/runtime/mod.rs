@@ -5,31 +5,18 @@
 //! (in-progress acks, claims, timeouts), `upkeep` (the consumer as the
 //! server has it) and `advisory` (lost last deliveries).
 
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
-use futures::future::{AbortHandle, Abortable, Aborted};
-use futures::{FutureExt, StreamExt};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
-use tracing::Instrument;
+use async_nats::jetstream;
+use tokio::sync::Semaphore;
 
-use crate::dlq::{self, Letter, Reason};
 use crate::event::Event;
-use crate::handler::{BoxFuture, Context, Delivery, Handler, HandlerOptions, MissingState, States};
-use crate::inbox::{self, Inbox, InboxError, Record, Sighting, Verdict};
+use crate::handler::{BoxFuture, Handler, HandlerOptions, MissingState, States};
+use crate::inbox::{Inbox, Record};
 use crate::publish::Publisher;
-use crate::topology::consumer::create_consumer;
-use crate::topology::{ConsumerError, StreamError};
-use crate::wire::envelope::Envelope;
-use requests::{PermitWait, Pulled, Puller, Slot};
-use watchdog::KeyState;
+use crate::topology::ConsumerError;
 
 mod advisory;
 mod fault;
@@ -68,8 +55,6 @@ pub(crate) use advisory::advisory_loop;
 pub(crate) use ordered::{Pinning, Share, follow_instances, ordered_loop};
 use process::process;
 pub(crate) use pull::pull_loop;
-use settle::{Done, dead_letter, emit_record_ack, note_retry, release, send_letter};
-use upkeep::{check_inbox, follow_consumer, refresh_consumer};
 
 /// What every task of one handler shares.
 pub(crate) struct Runtime {

@@ -2,8 +2,27 @@
 //! invocation's claim), run the handler under the panic guard and its
 //! timeout, then settle (see `settle`).
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use futures::FutureExt;
+use futures::future::{AbortHandle, Abortable, Aborted};
+use tracing::Instrument;
+
+use crate::dlq::Reason;
+use crate::event::Event;
+use crate::handler::{Context, Delivery, Handler};
+use crate::inbox::{self, Inbox, InboxError, Sighting, Verdict};
+use crate::wire::envelope::Envelope;
+
+use super::settle::{Done, dead_letter, emit_record_ack, note_retry, release};
+use super::watchdog::KeyState;
+use super::{Runtime, Seen, Settled, Typed, about, panic_message};
 
 pub(super) async fn process<H: Handler>(
     handler: Arc<Typed<H>>,

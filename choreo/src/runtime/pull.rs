@@ -2,8 +2,19 @@
 //! `requests`), reads a pulled batch's inbox keys with one request, and
 //! spawns one task per event; on shutdown, drains and lets them finish.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::inbox;
+
+use super::requests::{self, PermitWait, Pulled, Puller, Slot};
+use super::upkeep::{check_inbox, follow_consumer, refresh_consumer};
+use super::{Erased, Runtime, Seen, Stopped, delivery_and_pending, panic_message, watchdog};
 
 pub(crate) async fn pull_loop(
     handler: Arc<dyn Erased>,

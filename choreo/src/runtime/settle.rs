@@ -1,8 +1,15 @@
 //! The verdict on one event: emit, record, ack — or dead-letter.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::sync::atomic::Ordering;
+
+use async_nats::jetstream::{self, AckKind};
+
+use crate::dlq::{self, Letter, Reason};
 use crate::handler::AfterEmit;
+use crate::topology::StreamError;
+
+use super::fault::FaultPoint;
+use super::{Runtime, Settled, about};
 
 pub(super) enum Done {
     /// Acked.

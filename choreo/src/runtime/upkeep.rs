@@ -2,8 +2,16 @@
 //! settings, recreating it after an operator deletes it, and failing the
 //! service when it (or the inbox bucket) cannot come back.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::sync::watch;
+
+use crate::topology::consumer::create_consumer;
+
+use super::requests::Puller;
+use super::{Erased, Runtime, Stopped};
 
 /// Reads the consumer back from the server and follows its settings; sets
 /// the age of the oldest event it has not finished.

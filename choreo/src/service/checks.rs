@@ -155,7 +155,9 @@ pub(super) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send 
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
+
+    use super::behind;
 
     #[test]
     fn a_handler_is_behind_past_half_its_streams_age() {

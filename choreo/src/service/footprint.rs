@@ -321,7 +321,9 @@ pub fn human(bytes: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
+
+    use super::{Finding, findings, human};
 
     #[test]
     fn the_projection_uses_the_measured_costs() {

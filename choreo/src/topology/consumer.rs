@@ -2,8 +2,11 @@
 
 use async_nats::jetstream::{self, consumer::pull};
 
-use super::stream::ensure_stream;
-use super::*;
+use super::error::{ConsumerError, StreamError};
+use super::stream::{StreamSettings, ensure_stream};
+use super::{
+    ADVISORY_STREAM, ADVISORY_SUBJECTS, DLQ_STREAM, DLQ_SUBJECTS, advisory_subject, dlq_subject,
+};
 
 /// What a handler's durable is made with: its options, in JetStream's terms.
 #[derive(Clone, Debug)]

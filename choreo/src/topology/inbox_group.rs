@@ -142,7 +142,9 @@ impl Group {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::event::id::EventId;
+
+    use super::{Group, inbox_group, inbox_group_key};
 
     fn id(n: u128) -> EventId {
         EventId::from(uuid::Uuid::from_u128(n))

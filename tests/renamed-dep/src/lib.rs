@@ -38,8 +38,9 @@ impl From<AccountDebitedV1> for AccountDebited {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use events::Event;
+
+    use super::{AccountCredited, AccountDebited};
 
     #[test]
     fn the_renamed_crate_path_is_used() {

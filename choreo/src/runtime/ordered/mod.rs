@@ -33,10 +33,20 @@
 //! with everything behind it: its retry goes to the next holder, and the
 //! events behind must not overtake it.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use requests::Pinned;
+use async_nats::jetstream::{self, AckKind};
+use futures::FutureExt;
+use tokio::sync::{Semaphore, watch};
+
+use crate::inbox;
+
+use super::requests::{Pinned, Pulled, Puller, Slot};
+use super::upkeep::refresh_consumer;
+use super::{Erased, Runtime, Settled, Stopped, delivery_and_pending, delivery_of, pull, watchdog};
 
 mod queues;
 mod share;

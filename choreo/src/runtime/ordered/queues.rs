@@ -1,9 +1,14 @@
 //! The keys' queues of one partition: the events that arrived at the
 //! holder, by key, in stream order; only each key's head runs.
 
-#[allow(clippy::wildcard_imports)]
-use super::super::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::task::JoinSet;
+
+use crate::runtime::requests::Slot;
+use crate::runtime::{Runtime, Seen, Settled, pull};
 
 /// One event of a key's queue. (Most entries are `Here`: boxing it would
 /// cost an allocation per event to make the rare variants smaller.)
@@ -223,7 +228,9 @@ pub(super) async fn queue_all(rt: &Runtime, q: &mut Queues, chunk: Vec<Arrival>)
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::runtime::Settled;
+
+    use super::{Entry, Queues, key_of_subject};
 
     #[test]
     fn a_copy_of_a_running_event_decides_only_after_the_first_run() {

@@ -97,7 +97,9 @@ pub(crate) async fn follow_instances(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::atomic::Ordering;
+
+    use super::Share;
 
     #[test]
     fn a_fair_share_rounds_up() {
