@@ -117,9 +117,10 @@ impl Runtime {
     /// partitions never read it: a replay's copies say they are replays.
     pub(crate) async fn follow_replay(&self) {
         if self.partition.is_none() {
-            self.replay
-                .refresh(&self.js, &self.service, self.handler)
-                .await;
+            // Boxed: reading the marker is a key-value read whose future
+            // is over 6 KB, and this runs on a rewind only; inline, it made
+            // every event's future that big.
+            Box::pin(self.replay.refresh(&self.js, &self.service, self.handler)).await;
         }
     }
 
