@@ -1,6 +1,7 @@
 //! The crate's folders keep their layering: each module uses only the
-//! modules below it, so the dependency graph has no cycle, and no source
-//! file grows past ~500 lines without saying why in its first comment.
+//! modules below it, so the dependency graph has no cycle, no source
+//! file grows past ~500 lines without saying why in its first comment, and
+//! no file of the workspace imports with a glob.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -89,4 +90,51 @@ fn long_files_say_why() {
         long.is_empty(),
         "over ~500 lines without a reason in the first comment: {long:?}"
     );
+}
+
+/// A file's imports name what it uses: no glob import (`use super::*`,
+/// `use foo::*`) in any crate of the workspace, tests included, except a
+/// prelude's. Clippy's `wildcard_imports` catches most of them but lets
+/// `use super::*` pass in a test module.
+#[test]
+fn no_file_imports_with_a_glob() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for dir in [
+        "choreo/src",
+        "choreo/tests",
+        "choreo-macros/src",
+        "choreo-postgres/src",
+        "choreo-postgres/tests",
+        "choreo-testkit/src",
+        "choreo-testkit/tests",
+        "choreo-cli/src",
+        "choreo-cli/tests",
+        "examples/src",
+        "examples/examples",
+        "examples/tests",
+        "tests/tests",
+        "tests/renamed-dep/src",
+    ] {
+        let dir = root.join(dir);
+        if dir.is_dir() {
+            rust_files(&dir, &mut files);
+        }
+    }
+    assert!(files.len() > 100, "found only {} files", files.len());
+    let mut globs = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            let code = line.trim_start();
+            if (code.starts_with("use ") || code.starts_with("pub use ") || code.contains(" use "))
+                && !code.starts_with("//")
+                && code.trim_end().ends_with("::*;")
+                && !code.contains("prelude::*")
+            {
+                globs.push(format!("{}:{}: {}", file.display(), i + 1, code.trim()));
+            }
+        }
+    }
+    assert!(globs.is_empty(), "glob imports:\n{}", globs.join("\n"));
 }
