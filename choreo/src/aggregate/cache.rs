@@ -333,28 +333,15 @@ mod tests {
         }
     }
 
+    /// A counter; `K` makes each a type of its own (another aggregate).
     #[derive(Default, Clone, Debug, PartialEq)]
-    struct Count(u64);
+    struct Count<const K: u8>(u64);
 
-    impl Aggregate for Count {
+    impl<const K: u8> Aggregate for Count<K> {
         const NAME: &'static str = "Count";
         type Event = Never;
         fn filter(id: &str) -> String {
-            format!("count.{id}.*")
-        }
-        fn apply(&mut self, event: &Never) {
-            match *event {}
-        }
-    }
-
-    #[derive(Default, Clone, Debug, PartialEq)]
-    struct Other(u64);
-
-    impl Aggregate for Other {
-        const NAME: &'static str = "Other";
-        type Event = Never;
-        fn filter(id: &str) -> String {
-            format!("other.{id}.*")
+            format!("count{K}.{id}.*")
         }
         fn apply(&mut self, event: &Never) {
             match *event {}
@@ -377,25 +364,25 @@ mod tests {
     #[test]
     fn keeps_the_newest_state_per_type_and_forgets_the_oldest_past_its_capacity() {
         let cache = Cache::new(2);
-        cache.put("a", entry(Count(1), 10), Vec::new());
+        cache.put("a", entry(Count::<0>(1), 10), Vec::new());
         // An older state (a slower decision's) does not replace a newer one.
-        cache.put("a", entry(Count(0), 5), Vec::new());
-        assert_eq!(state::<Count>(&cache, "a"), Some(Count(1)));
-        cache.put("a", entry(Count(2), 11), Vec::new());
-        assert_eq!(state::<Count>(&cache, "a"), Some(Count(2)));
+        cache.put("a", entry(Count::<0>(0), 5), Vec::new());
+        assert_eq!(state::<Count<0>>(&cache, "a"), Some(Count::<0>(1)));
+        cache.put("a", entry(Count::<0>(2), 11), Vec::new());
+        assert_eq!(state::<Count<0>>(&cache, "a"), Some(Count::<0>(2)));
         // The same id of another aggregate is another instance.
-        cache.put("a", entry(Other(7), 3), Vec::new());
-        assert_eq!(state::<Other>(&cache, "a"), Some(Other(7)));
-        assert_eq!(state::<Count>(&cache, "a"), Some(Count(2)));
+        cache.put("a", entry(Count::<1>(7), 3), Vec::new());
+        assert_eq!(state::<Count<1>>(&cache, "a"), Some(Count::<1>(7)));
+        assert_eq!(state::<Count<0>>(&cache, "a"), Some(Count::<0>(2)));
         // A third instance: the first one kept leaves.
-        cache.put("b", entry(Count(9), 12), Vec::new());
-        assert_eq!(state::<Count>(&cache, "a"), None);
-        assert_eq!(state::<Other>(&cache, "a"), Some(Other(7)));
-        assert_eq!(state::<Count>(&cache, "b"), Some(Count(9)));
+        cache.put("b", entry(Count::<0>(9), 12), Vec::new());
+        assert_eq!(state::<Count<0>>(&cache, "a"), None);
+        assert_eq!(state::<Count<1>>(&cache, "a"), Some(Count::<1>(7)));
+        assert_eq!(state::<Count<0>>(&cache, "b"), Some(Count::<0>(9)));
         // Capacity 0 keeps nothing.
         let none = Cache::new(0);
-        none.put("a", entry(Count(1), 1), Vec::new());
-        assert_eq!(state::<Count>(&none, "a"), None);
+        none.put("a", entry(Count::<0>(1), 1), Vec::new());
+        assert_eq!(state::<Count<0>>(&none, "a"), None);
     }
 
     #[test]
@@ -413,13 +400,13 @@ mod tests {
             appended: appended.clone(),
             stored_at: OffsetDateTime::now_utc(),
         };
-        cache.put("a", entry(Count(1), 4), vec![recent]);
-        let found = |c, s| cache.get::<Count>("a", Some((c, s))).unwrap().1;
+        cache.put("a", entry(Count::<0>(1), 4), vec![recent]);
+        let found = |c, s| cache.get::<Count<0>>("a", Some((c, s))).unwrap().1;
         assert_eq!(found(cause, "svc"), vec![appended.clone()]);
         assert!(found(cause, "another-service").is_empty());
         assert!(found(other, "svc").is_empty());
         // A newer state with no caused events keeps the recent ones.
-        cache.put("a", entry(Count(2), 5), Vec::new());
+        cache.put("a", entry(Count::<0>(2), 5), Vec::new());
         assert_eq!(found(cause, "svc"), vec![appended]);
         // Those stored longer ago than RECENT are forgotten (they come in
         // the order they were stored, so the oldest are at the front).
@@ -433,10 +420,10 @@ mod tests {
             },
             stored_at: OffsetDateTime::now_utc() - super::RECENT * 2,
         };
-        cache.put("b", entry(Count(3), 6), vec![old]);
+        cache.put("b", entry(Count::<0>(3), 6), vec![old]);
         assert!(
             cache
-                .get::<Count>("b", Some((other, "svc")))
+                .get::<Count<0>>("b", Some((other, "svc")))
                 .unwrap()
                 .1
                 .is_empty()

@@ -49,17 +49,12 @@ impl Aggregates {
         // Decisions on an instance from this process take turns; several
         // instances are taken in one order, so two decisions never wait
         // for each other.
-        let mut turns = Vec::with_capacity(parts.len());
-        if let [p] = parts.parts.as_slice() {
-            let (ty, id) = p.key();
+        let mut order: Vec<usize> = (0..parts.len()).collect();
+        order.sort_by(|&a, &b| parts.parts[a].key().cmp(&parts.parts[b].key()));
+        let mut turns = Vec::with_capacity(order.len());
+        for &i in &order {
+            let (ty, id) = parts.parts[i].key();
             turns.push(self.turns.take(ty, id).await);
-        } else {
-            let mut order: Vec<usize> = (0..parts.len()).collect();
-            order.sort_by(|&a, &b| parts.parts[a].key().cmp(&parts.parts[b].key()));
-            for &i in &order {
-                let (ty, id) = parts.parts[i].key();
-                turns.push(self.turns.take(ty, id).await);
-            }
         }
         for p in &mut parts.parts {
             if !p.open_in_memory(self) {
@@ -296,16 +291,6 @@ fn guard(
     outs: Vec<Outgoing>,
     spans: &[Range<usize>],
 ) -> Result<Vec<(Outgoing, Option<Check>)>, AggregateError> {
-    if let [p] = parts.parts.as_slice()
-        && !outs.is_empty()
-    {
-        // One instance (the common case): its check on its first event.
-        let mut check = Some(Check {
-            filter: p.filter().to_owned(),
-            expected: p.version(),
-        });
-        return Ok(outs.into_iter().map(|o| (o, check.take())).collect());
-    }
     let mut checks: Vec<Option<Check>> = vec![None; outs.len()];
     let mut unwritten = Vec::new();
     for (p, span) in parts.parts.iter().zip(spans) {
@@ -319,12 +304,13 @@ fn guard(
             checks[span.start] = Some(check);
         }
     }
-    let mut free = (0..checks.len())
-        .filter(|&i| checks[i].is_none())
-        .collect::<Vec<_>>()
-        .into_iter();
+    // An instance without events of its own (rare) rides on a free one.
+    let mut free = 0;
     for check in unwritten {
-        let Some(i) = free.next() else {
+        while free < checks.len() && checks[free].is_some() {
+            free += 1;
+        }
+        if free == checks.len() {
             let p = &parts.parts[0];
             return Err(AggregateError::new(
                 p.name(),
@@ -337,8 +323,8 @@ fn guard(
                     parts.len()
                 ),
             ));
-        };
-        checks[i] = Some(check);
+        }
+        checks[free] = Some(check);
     }
     Ok(outs.into_iter().zip(checks).collect())
 }
