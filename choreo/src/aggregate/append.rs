@@ -6,8 +6,6 @@
 //! message carries one check and the server checks every message of a
 //! batch before it stores any.
 
-use std::time::Duration;
-
 use crate::event::EventId;
 use crate::publish::{Outgoing, batch};
 
@@ -92,17 +90,3 @@ pub(crate) async fn append(
 
 /// How many conflicts in a row a decision retries without a pause.
 pub(super) const IMMEDIATE_RETRIES: u32 = 3;
-
-/// `d` scaled by a factor between 0.5 and 1.5.
-pub(super) fn jitter(d: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    let r = (h.finish() % 1000) as f64 / 1000.0;
-    d.mul_f64(0.5 + r)
-}

@@ -7,7 +7,7 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use super::append::{self, Check, IMMEDIATE_RETRIES, Outcome, jitter};
+use super::append::{self, Check, IMMEDIATE_RETRIES, Outcome};
 use super::encode::Encode;
 use super::error::{AggregateError, AggregateErrorKind, DecideError};
 use super::fold::Cause;
@@ -15,6 +15,7 @@ use super::parts::{Part, Parts};
 use super::read::{self, Until};
 use super::store::{Aggregates, Appended, Flow};
 use crate::event::EventId;
+use crate::nats::jitter;
 use crate::publish::Outgoing;
 
 /// What [`Aggregates::run`] did.

@@ -17,10 +17,10 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::jetstream;
 
 use crate::event::EventId;
-use crate::nats::{Source, message, source};
+use crate::nats::{Source, message, moved_on, source};
 use crate::topology::{StreamError, StreamSettings};
 use crate::wire::headers as h;
 
@@ -213,7 +213,7 @@ impl Store {
             .await;
         match sent {
             Ok(_) => Ok(outcome),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => self
+            Err(e) if moved_on(&e) => self
                 .outcome(handler, token)
                 .await?
                 .ok_or_else(|| message("the deadline's decision was written but cannot be read")),
@@ -264,7 +264,7 @@ impl Store {
         match sent {
             Ok(_) => Ok(()),
             // Scheduled already (a redelivery of A, or a second A).
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+            Err(e) if moved_on(&e) => Ok(()),
             Err(e) => Err(source(e)),
         }
     }

@@ -3,10 +3,13 @@
 //! event's look-up, or written by its last record) and re-read from the
 //! stream's leader after a conflict.
 
+use std::time::Duration;
+
 use async_nats::jetstream;
 use bytes::Bytes;
 
 use super::{Inbox, InboxError, Raw, now_ms};
+use crate::nats::jitter;
 use crate::topology::inbox_group::Group;
 
 /// How many groups' values an instance keeps in memory (each is at most a
@@ -16,7 +19,16 @@ const KNOWN_GROUPS: usize = 4096;
 /// How many times adding a record re-reads its group after a conflict (an
 /// instance writing another record of the same group in between) before
 /// the event is left to come back.
-const GROUP_WRITE_TRIES: usize = 32;
+const GROUP_WRITE_TRIES: u32 = 32;
+
+/// The pause before re-reading a group after its second conflict in a
+/// row, doubled after each further one up to [`MOST_CONFLICT_PAUSE`]
+/// (jittered). On a cluster, a write refused because another write of the
+/// group is still being replicated would otherwise re-read the value it
+/// already has and be refused again, spending its tries in a millisecond.
+const CONFLICT_PAUSE: Duration = Duration::from_millis(1);
+/// The longest pause between two tries of a record's write.
+const MOST_CONFLICT_PAUSE: Duration = Duration::from_millis(50);
 
 impl Inbox {
     /// Keeps `raw` as the newest known value of a group, unless a newer
@@ -81,7 +93,11 @@ impl Inbox {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&group)
             .cloned();
-        for _ in 0..GROUP_WRITE_TRIES {
+        for tries in 0..GROUP_WRITE_TRIES {
+            if tries > 1 {
+                let pause = CONFLICT_PAUSE.saturating_mul(1 << (tries - 2).min(6));
+                tokio::time::sleep(jitter(pause.min(MOST_CONFLICT_PAUSE))).await;
+            }
             let (revision, value) = match known.take() {
                 Some(k) => k,
                 None => match self.leader_entry(&group).await? {

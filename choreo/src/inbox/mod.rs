@@ -52,7 +52,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 
-use crate::nats::source;
+use crate::nats::{moved_on, source};
 mod batch;
 mod error;
 mod groups;
@@ -412,9 +412,7 @@ impl Inbox {
             );
         }
         let subject = format!("{}{key}", self.put_prefix);
-        let moved = |e: &jetstream::context::PublishError| {
-            e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence
-        };
+        let moved = |e: &jetstream::context::PublishError| moved_on(e);
         let ack = self
             .js
             .publish_with_headers(subject, headers, value)

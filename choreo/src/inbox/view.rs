@@ -7,7 +7,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 
 use crate::event::id::EventId;
-use crate::nats::{Source, source};
+use crate::nats::{Source, moved_on, source};
 use crate::topology::inbox_group::{DEFAULT_INBOX_GROUPS, Group, inbox_group_key};
 use crate::topology::{inbox_bucket, inbox_key, recorded_groups};
 
@@ -200,7 +200,7 @@ impl View {
                 .await
             {
                 Ok(_) => return Ok(removed),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(e) if moved_on(&e) => {}
                 Err(e) => return Err(source(e)),
             }
         }

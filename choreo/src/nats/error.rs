@@ -107,6 +107,21 @@ pub(crate) fn is_cluster_unavailable(code: jetstream::ErrorCode) -> bool {
     .contains(&code)
 }
 
+/// Whether a write guarded by `Nats-Expected-Last-Subject-Sequence` (a
+/// compare-and-set) was refused because its subject moved on: the wrong
+/// last sequence (10071), or the same without a number (10164), which a
+/// cluster's stream leader answers while another guarded write of the same
+/// subject is still being replicated. Both are conflicts: read the subject
+/// again and retry. async-nats gives the second as an error of kind
+/// `Other`, so this reads the code from the error's chain.
+pub(crate) fn moved_on(e: &(dyn std::error::Error + 'static)) -> bool {
+    use jetstream::ErrorCode as C;
+    matches!(
+        Cause::of(e),
+        Cause::Code(C::STREAM_WRONG_LAST_SEQUENCE | C::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
+    )
+}
+
 /// What an async-nats error comes down to, read from its kinds (never its
 /// text): the classes choreo acts on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,4 +250,40 @@ pub(crate) fn source(e: impl std::error::Error + Send + Sync + 'static) -> Sourc
 /// A plain message as a [`Source`], for failures choreo itself detects.
 pub(crate) fn message(text: impl Into<String>) -> Source {
     Source(Arc::new(crate::event::error::Message(text.into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use async_nats::jetstream::{self, context::PublishError, context::PublishErrorKind, kv};
+
+    use super::moved_on;
+
+    /// A PubAck's error as async-nats gives it for `err_code`.
+    fn refused(err_code: u64) -> PublishError {
+        let kind = if err_code == 10071 {
+            PublishErrorKind::WrongLastSequence
+        } else {
+            PublishErrorKind::Other
+        };
+        let answer: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400,
+            "err_code": err_code,
+            "description": "wrong last sequence",
+        }))
+        .unwrap_or_else(|e| panic!("an API error: {e}"));
+        PublishError::with_source(kind, answer)
+    }
+
+    #[test]
+    fn a_write_behind_another_in_flight_is_a_conflict_like_a_wrong_sequence() {
+        assert!(moved_on(&refused(10071)));
+        // A cluster's leader while another write of the key replicates.
+        assert!(moved_on(&refused(10164)));
+        // Through a key-value update, which wraps the publish's error.
+        assert!(moved_on(&kv::UpdateError::from(refused(10164))));
+        // Anything else is not: a duplicate, a stream that is gone.
+        assert!(!moved_on(&refused(10070)));
+        assert!(!moved_on(&refused(10059)));
+        assert!(!moved_on(&PublishError::new(PublishErrorKind::TimedOut)));
+    }
 }

@@ -9,9 +9,24 @@ pub(crate) mod permissions;
 
 pub use api::JetStreamApi;
 pub use connect::connect;
-pub(crate) use error::{Cause, message, source};
+pub(crate) use error::{Cause, message, moved_on, source};
 pub use error::{ConnectError, ConnectErrorKind, Source};
 pub(crate) use permissions::{or_denied, recent_permission_error};
+
+/// `d` scaled by a factor between 0.5 and 1.5: the pause of writers that
+/// conflicted, so they do not come back in step.
+pub(crate) fn jitter(d: std::time::Duration) -> std::time::Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let r = (h.finish() % 1000) as f64 / 1000.0;
+    d.mul_f64(0.5 + r)
+}
 
 /// Whether `version` (`2.12.0`, `v2.15.1-beta`) is at least `(major, minor)`.
 pub(crate) fn version_at_least(version: &str, (major, minor): (u64, u64)) -> bool {
