@@ -46,7 +46,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use choreo::{Publisher, Service, event, event_handler};
-use choreo_examples::arg;
 use choreo_examples::footprint::{disk, rss};
 use choreo_testkit::NatsServer;
 use futures::StreamExt;
@@ -365,26 +364,45 @@ async fn shop_run(
     Ok(())
 }
 
+/// What choreo keeps on a nats-server, measured.
+#[derive(Debug, clap::Parser)]
+#[command(name = "capacity")]
+struct Args {
+    /// Events per layout.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..), conflicts_with_all = ["shop", "rounds", "horizon"])]
+    events: u64,
+    /// Inbox groups (default 1,024; with `--shop`, 65,536).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
+    groups: Option<u32>,
+    /// Seconds to let the server settle before each reading.
+    #[arg(long, default_value_t = 2)]
+    settle: u64,
+    /// Measures the shop instead: orders per round.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    shop: Option<u64>,
+    /// Rounds of the shop's orders.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..), requires = "shop")]
+    rounds: u64,
+    /// Seconds the shop's streams and inboxes keep (and between rounds).
+    #[arg(long, requires = "shop", value_parser = clap::value_parser!(u64).range(1..))]
+    horizon: Option<u64>,
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--shop") {
-        SETTLE.store(arg(&args, "--settle", 2), Ordering::Relaxed);
-        let horizon = match arg(&args, "--horizon", 0) {
-            0 => None,
-            s => Some(Duration::from_secs(s)),
-        };
+    let args = <Args as clap::Parser>::parse();
+    SETTLE.store(args.settle, Ordering::Relaxed);
+    if let Some(orders) = args.shop {
         return shop_run(
-            arg(&args, "--shop", 3000).max(1),
-            arg(&args, "--rounds", 1).max(1),
-            horizon,
-            u32::try_from(arg(&args, "--groups", 65_536)).unwrap_or(65_536),
+            orders,
+            args.rounds,
+            args.horizon.map(Duration::from_secs),
+            args.groups.unwrap_or(65_536),
         )
         .await;
     }
-    let n = arg(&args, "--events", 100_000).max(1);
-    let groups = u32::try_from(arg(&args, "--groups", 1024).clamp(1, 1 << 24)).unwrap_or(1024);
-    SETTLE.store(arg(&args, "--settle", 2), Ordering::Relaxed);
+    let n = args.events;
+    let groups = args.groups.unwrap_or(1024);
     if cfg!(debug_assertions) {
         eprintln!("note: a debug build; run with --release for figures worth comparing");
     }

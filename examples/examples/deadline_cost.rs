@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use choreo::{Publisher, Service, event, event_handler};
-use choreo_examples::arg;
 use choreo_examples::footprint::{disk, rss};
 use choreo_testkit::NatsServer;
 use futures::StreamExt;
@@ -147,11 +146,23 @@ async fn run(n: u64, case: Case) -> Result<(u64, u64), BoxError> {
     Ok((rss(&server), disk(server.dir())))
 }
 
+/// What deadlines keep on the server, per deadline.
+#[derive(Debug, clap::Parser)]
+#[command(name = "deadline_cost")]
+struct Args {
+    /// Orders per run.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    orders: u64,
+    /// Seconds to let the server settle before each reading.
+    #[arg(long, default_value_t = 3)]
+    settle: u64,
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let args: Vec<String> = std::env::args().collect();
-    let n = arg(&args, "--orders", 20_000).max(1);
-    SETTLE.store(arg(&args, "--settle", 3), Ordering::Relaxed);
+    let args = <Args as clap::Parser>::parse();
+    let n = args.orders;
+    SETTLE.store(args.settle, Ordering::Relaxed);
     if cfg!(debug_assertions) {
         eprintln!("note: a debug build; run with --release for figures worth comparing");
     }

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use choreo::admin::{self, Snapshot};
 use choreo::{Publisher, Service, event, event_handler};
-use choreo_examples::arg;
 use choreo_testkit::NatsServer;
 use futures::{StreamExt, TryStreamExt};
 
@@ -366,17 +365,32 @@ async fn lag(rate: u64, seconds: u64, probe: &choreo_testkit::GaugeProbe) -> Res
     Ok(())
 }
 
+/// What seeing a choreography costs, against raw async-nats in the same run.
+#[derive(Debug, clap::Parser)]
+#[command(name = "observe")]
+struct Args {
+    /// Events per second in the lag run.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Seconds of the lag run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Events in the stream the trace runs read.
+    #[arg(long, default_value_t = 100_000)]
+    trace_events: u64,
+    /// Runs the trace runs only.
+    #[arg(long)]
+    trace_only: bool,
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let args: Vec<String> = std::env::args().collect();
-    let rate = arg(&args, "--rate", 10_000);
-    let seconds = arg(&args, "--seconds", 5);
+    let args = <Args as clap::Parser>::parse();
     let probe = choreo_testkit::GaugeProbe::install(choreo::observe::LAG)?;
-    let trace_events = arg(&args, "--trace-events", 100_000);
-    if !args.iter().any(|a| a == "--trace-only") {
+    if !args.trace_only {
         status_100().await?;
-        lag(rate, seconds, &probe).await?;
+        lag(args.rate, args.seconds, &probe).await?;
     }
-    trace_in(trace_events).await?;
+    trace_in(args.trace_events).await?;
     Ok(())
 }

@@ -46,13 +46,3 @@ pub mod footprint {
         })
     }
 }
-
-/// The number after `name` in `args`, or `default` (for the examples'
-/// `--events N`-style flags).
-pub fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}

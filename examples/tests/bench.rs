@@ -14,6 +14,49 @@ fn bench() -> std::path::PathBuf {
         .join("bench")
 }
 
+/// Another example beside the benchmark, by name.
+fn example(name: &str) -> std::path::PathBuf {
+    bench().with_file_name(name)
+}
+
+#[test]
+fn the_measuring_examples_say_what_they_take_and_refuse_what_they_do_not() {
+    let help = std::process::Command::new(bench())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--events", "--only", "--side", "--url", "--inbox-prefill"] {
+        assert!(text.contains(flag), "--help names {flag}: {text}");
+    }
+    // A misspelt case runs nothing and names the cases there are.
+    let bad = std::process::Command::new(bench())
+        .args(["--only", "handlr"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        err.contains("handlr") && err.contains("handler_inbox"),
+        "{err}"
+    );
+    for name in ["bench", "capacity", "observe", "deadline_cost"] {
+        let out = std::process::Command::new(example(name))
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name} --help");
+        let out = std::process::Command::new(example(name))
+            .args(["--evnts", "5"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} refuses an unknown flag");
+        assert!(err.contains("--evnts"), "{name}: {err}");
+    }
+}
+
 #[test]
 fn the_benchmark_reports_a_ratio_for_every_case() {
     let out = std::process::Command::new(bench())

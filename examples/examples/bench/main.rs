@@ -125,7 +125,6 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use choreo::{Context, Publisher, Service, StreamSettings, event, event_handler};
-use choreo_examples::arg;
 use choreo_testkit::NatsServer;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{Mutex, Semaphore};
@@ -1550,15 +1549,15 @@ where
         let pair = cpu_seconds();
         let raw_first = i % 2 == 1;
         let mut raw_run = none;
-        if raw_first && side != Some("choreo") {
+        if raw_first && side != Some(Side::Choreo) {
             raw_run = raw().await?;
         }
-        c.push(if side != Some("raw") {
+        c.push(if side != Some(Side::Raw) {
             choreo().await?
         } else {
             none
         });
-        if !raw_first && side != Some("choreo") {
+        if !raw_first && side != Some(Side::Choreo) {
             raw_run = raw().await?;
         }
         r.push(raw_run);
@@ -1632,52 +1631,120 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
-/// `--side choreo` or `--side raw`: run one side only (to profile it).
-fn side() -> Option<&'static str> {
-    let args: Vec<String> = std::env::args().collect();
-    let i = args.iter().position(|a| a == "--side")?;
-    match args.get(i + 1).map(String::as_str) {
-        Some("choreo") => Some("choreo"),
-        Some("raw") => Some("raw"),
-        _ => None,
-    }
+/// The cases `--only` accepts: those of the default run, and those run
+/// only when named.
+const CASES: [&str; 23] = [
+    "publish",
+    "publish_each",
+    "publish_pattern",
+    "handler",
+    "handler_inbox",
+    "handler_inbox_write_only",
+    "handler_inbox_grouped",
+    "layout",
+    "layout_unchecked",
+    "handler_inbox_cluster",
+    "ordered",
+    "replay",
+    "handler_metrics",
+    "aggregate_decide",
+    "postgres_handler",
+    "postgres_relay",
+    "storefront",
+    "console",
+    "aggregate_append",
+    "aggregate_hot",
+    "aggregate_load",
+    "latency",
+    "latency_write_only",
+];
+
+/// One side of a pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Side {
+    /// choreo's side only.
+    Choreo,
+    /// The hand-written async-nats side only.
+    Raw,
+}
+
+/// `--side`: the one side to run (to profile it), if given.
+static SIDE: std::sync::OnceLock<Side> = std::sync::OnceLock::new();
+
+fn side() -> Option<Side> {
+    SIDE.get().copied()
+}
+
+/// choreo against hand-written async-nats doing the same work, in one run
+/// (the cases are listed in docs/benchmarks.md and at the top of
+/// examples/examples/bench/main.rs).
+#[derive(Debug, clap::Parser)]
+#[command(name = "bench")]
+struct Args {
+    /// Events per throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    events: u64,
+    /// Roots per latency run (a 3-hop chain). 10 s per run at 1,000/s: a
+    /// p99 of 100 samples, steadier than one of 30.
+    #[arg(long, default_value_t = 10_000)]
+    latency_events: u64,
+    /// Roots per second in the latency runs.
+    #[arg(long, default_value_t = 1_000)]
+    rate: u64,
+    /// Runs per side of each case.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
+    /// Runs this case only.
+    #[arg(long, value_parser = CASES)]
+    only: Option<String>,
+    /// Runs this side only (for a profiler).
+    #[arg(long, value_enum)]
+    side: Option<Side>,
+    /// Groups of choreo's inbox records (default: choreo's default).
+    #[arg(long, default_value_t = choreo::DEFAULT_INBOX_GROUPS, value_parser = clap::value_parser!(u32).range(1..))]
+    inbox_groups: u32,
+    /// Records of other events written into every inbox group before an
+    /// inbox-on run (default: the defaults' steady state).
+    #[arg(long)]
+    inbox_prefill: Option<u64>,
+    /// Runs the handler cases against this server or cluster instead of
+    /// local ones (and deletes every stream each run made).
+    #[arg(long)]
+    url: Option<String>,
+    /// A credentials file for `--url`.
+    #[arg(long, requires = "url")]
+    creds: Option<std::path::PathBuf>,
+    /// Replicas of every stream and bucket made on `--url`.
+    #[arg(long, default_value_t = 1, requires = "url")]
+    replicas: usize,
+    /// Minutes of live updates the console case watches.
+    #[arg(long, default_value_t = 1)]
+    console_minutes: u64,
 }
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let args: Vec<String> = std::env::args().collect();
-    let n = arg(&args, "--events", 20_000);
-    let groups = arg(
-        &args,
-        "--inbox-groups",
-        u64::from(choreo::DEFAULT_INBOX_GROUPS),
-    );
-    INBOX_GROUPS.store(
-        u32::try_from(groups).unwrap_or(choreo::DEFAULT_INBOX_GROUPS),
-        Ordering::Relaxed,
-    );
-    let prefill = arg(&args, "--inbox-prefill", steady_prefill());
+    let args = <Args as clap::Parser>::parse();
+    let n = args.events;
+    let groups = args.inbox_groups;
+    INBOX_GROUPS.store(groups, Ordering::Relaxed);
+    let prefill = args.inbox_prefill.unwrap_or_else(steady_prefill);
     PREFILL.store(prefill, Ordering::Relaxed);
-    // 10 s per run at 1,000/s: a p99 of 100 samples, steadier than one of
-    // 30 (with 3,000 roots, the ratio moved 0.67–1.06 between runs).
-    let ln = arg(&args, "--latency-events", 10_000);
-    let rate = arg(&args, "--rate", 1_000);
+    let ln = args.latency_events;
+    let rate = args.rate;
     if cfg!(debug_assertions) {
         eprintln!("note: a debug build; run with --release for figures worth comparing");
     }
-    let repeat = arg(&args, "--repeat", 5).max(1);
+    let repeat = args.repeat;
+    if let Some(side) = args.side {
+        let _ = SIDE.set(side);
+    }
     eprintln!(
         "events={n} latency-events={ln} rate={rate}/s in-flight={IN_FLIGHT} repeat={repeat} inbox-groups={groups} inbox-prefill={prefill}"
     );
 
-    let value = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let only = value("--only");
-    if let Some(url) = value("--url") {
+    let only = args.only.clone();
+    if let Some(url) = args.url.clone() {
         if let Some(o) = only.as_deref()
             && !THEIRS.contains(&o)
         {
@@ -1687,7 +1754,7 @@ async fn main() -> Result<(), BoxError> {
             )
             .into());
         }
-        let replicas = usize::try_from(arg(&args, "--replicas", 1))?;
+        let replicas = args.replicas;
         eprintln!(
             "against {url}, R{replicas}: each run makes streams {} (and the service's \
              registry, dead-letter and other streams where the account has none yet) and \
@@ -1696,7 +1763,7 @@ async fn main() -> Result<(), BoxError> {
         );
         let _ = TARGET.set(Target {
             url,
-            creds: value("--creds").map(std::path::PathBuf::from),
+            creds: args.creds.clone(),
             replicas,
         });
     }
@@ -1937,7 +2004,7 @@ async fn main() -> Result<(), BoxError> {
         );
     }
     if wanted("console") {
-        let minutes = arg(&args, "--console-minutes", 1) as f64;
+        let minutes = args.console_minutes as f64;
         let f = console::run(minutes).await?;
         rows.push((
             "console: one reading, 100 handlers (ms)",
