@@ -102,6 +102,8 @@
 //!   per-key one, the layout's own price; `layout_unchecked` (only with
 //!   `--only`): the same with plain puts instead of compare-and-sets (not
 //!   safe), the check's price.
+//! - `handler_inbox_grouped_cluster`, `layout_cluster` (only with
+//!   `--only`): the same two comparisons on the 3-node cluster, R3.
 //! - `handler_inbox_write_only`, `latency_write_only`: the same, against a
 //!   raw relay that writes the key but never reads it. Not the same work
 //!   (a copy of an event is emitted again), shown to price the read: no
@@ -1633,7 +1635,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 /// The cases `--only` accepts: those of the default run, and those run
 /// only when named.
-const CASES: [&str; 23] = [
+const CASES: [&str; 25] = [
     "publish",
     "publish_each",
     "publish_pattern",
@@ -1644,6 +1646,8 @@ const CASES: [&str; 23] = [
     "layout",
     "layout_unchecked",
     "handler_inbox_cluster",
+    "handler_inbox_grouped_cluster",
+    "layout_cluster",
     "ordered",
     "replay",
     "handler_metrics",
@@ -1884,6 +1888,29 @@ async fn main() -> Result<(), BoxError> {
         .await?;
         rows.push(("  on a new inbox (msgs/s)", c, r, ratio));
         ratios.push(("handler_inbox_new", ratio));
+    }
+    // The same split on the cluster (only with `--only`): choreo against
+    // the raw relay grouping as choreo does, and that relay against the
+    // per-key one.
+    if only.as_deref() == Some("handler_inbox_grouped_cluster") {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || choreo_handler_r(n, true, 3, prefill),
+            || raw_handler_r(n, RawKv::Grouped, 3),
+        )
+        .await?;
+        rows.push(("R3: choreo vs raw grouped (msgs/s)", c, r, ratio));
+        ratios.push(("handler_inbox_grouped_cluster", ratio));
+    }
+    if only.as_deref() == Some("layout_cluster") {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || raw_handler_r(n, RawKv::Grouped, 3),
+            || raw_handler_r(n, RawKv::ReadThenWrite, 3),
+        )
+        .await?;
+        rows.push(("R3 raw: grouped vs per key (msgs/s)", c, r, ratio));
+        ratios.push(("layout_cluster", ratio));
     }
     // The inbox-on handler on a 3-node cluster, every stream and bucket R3:
     // what outgrowing one node costs.
