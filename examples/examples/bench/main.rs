@@ -863,12 +863,18 @@ async fn rate_until(
     // first event (so its breakdown line is printed all the same).
     let at_start = breakdown::read().await;
     let mut before = None;
+    // When the count passed each quarter of `n`: a run's rate by quarter
+    // shows a slow start (or end) that its mean hides.
+    let mut quarters: Vec<(Instant, u64)> = Vec::with_capacity(4);
     loop {
         let c = counter();
         if first.is_none() && c > 0 {
             first = Some((Instant::now(), c));
             cpu0 = cpu_seconds();
             before = breakdown::read().await;
+        }
+        while quarters.len() < 4 && c >= n * (quarters.len() as u64 + 1) / 4 {
+            quarters.push((Instant::now(), c));
         }
         if c >= n {
             break;
@@ -887,6 +893,17 @@ async fn rate_until(
         }
     };
     let rate = report_rate(what, n - c0, t0, cpu0);
+    let mut last = (t0, c0);
+    let by_quarter: Vec<String> = quarters
+        .iter()
+        .filter(|(_, c)| *c > c0)
+        .map(|&(t, c)| {
+            let r = (c - last.1) as f64 / t.duration_since(last.0).as_secs_f64().max(1e-6);
+            last = (t, c);
+            format!("{r:.0}")
+        })
+        .collect();
+    eprintln!("    {what} by quarter (msgs/s): {}", by_quarter.join(" / "));
     breakdown::report(what, before, n - c0).await;
     Ok(rate)
 }
