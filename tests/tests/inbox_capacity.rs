@@ -348,6 +348,9 @@ async fn two_instances_writing_the_same_few_groups_lose_no_record() {
         u64::from(n),
         "a record was lost between racing writers"
     );
+    let conflicts = a.stats("track_with_others").unwrap().inbox_conflicts()
+        + b.stats("track_with_others").unwrap().inbox_conflicts();
+    assert!(conflicts > 0, "the racing writers' conflicts are counted");
     // Every one of them is recognised afterwards.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let ran = count.0.load(Ordering::SeqCst);

@@ -81,8 +81,9 @@ impl Inbox {
     }
 
     /// Records the event whose claim key is `key` as handled, in its group.
-    /// If another delivery recorded it meanwhile, that is enough.
-    pub(crate) async fn done(&self, key: &str) -> Result<(), InboxError> {
+    /// If another delivery recorded it meanwhile, that is enough. Returns
+    /// how many writes conflicted before one went through.
+    pub(crate) async fn done(&self, key: &str) -> Result<u32, InboxError> {
         self.metrics.records.increment(1);
         let Some((group, id)) = self.group_of(key) else {
             return Err(self.err(format!("{key} names no event id")));
@@ -113,7 +114,7 @@ impl Inbox {
                     key,
                     "another delivery recorded this event while the handler ran"
                 );
-                return Ok(());
+                return Ok(tries);
             }
             let value = Bytes::from(records.encode());
             match self.write_at(&group, value.clone(), revision, None).await {
@@ -126,7 +127,7 @@ impl Inbox {
                             value,
                         },
                     );
-                    return Ok(());
+                    return Ok(tries);
                 }
                 Err((true, _)) => self.forget(&group),
                 Err((false, e)) => return Err(e),

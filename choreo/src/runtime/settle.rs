@@ -84,10 +84,18 @@ pub(super) async fn emit_record_ack(
     }
     // Not recorded, so not acked: it comes back, and its emissions (same
     // ids) are deduplicated.
-    if let Some(inbox) = &rt.inbox
-        && let Err(e) = Box::pin(inbox.done(key)).await
-    {
-        return Done::Retry(format!("recording the event in the inbox failed: {e}"));
+    if let Some(inbox) = &rt.inbox {
+        match Box::pin(inbox.done(key)).await {
+            Ok(0) => {}
+            Ok(conflicts) => {
+                rt.stats
+                    .inbox_conflicts
+                    .fetch_add(u64::from(conflicts), Ordering::Relaxed);
+            }
+            Err(e) => {
+                return Done::Retry(format!("recording the event in the inbox failed: {e}"));
+            }
+        }
     }
     if fault(FaultPoint::AfterRecord) {
         return Done::Stopped;

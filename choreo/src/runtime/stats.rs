@@ -14,6 +14,7 @@ pub struct HandlerStats {
     pub(crate) in_progress_acks: AtomicU64,
     pub(crate) inbox_batch_reads: AtomicU64,
     pub(crate) inbox_batch_failures: AtomicU64,
+    pub(crate) inbox_conflicts: AtomicU64,
     pub(crate) backlog_at_start: u64,
     pub(crate) task_panics: AtomicU64,
     pub(crate) timed_out: AtomicU64,
@@ -90,5 +91,13 @@ impl HandlerStats {
     /// keys): a denied or refused request, no answer in time.
     pub fn inbox_batch_failures(&self) -> u64 {
         self.inbox_batch_failures.load(Ordering::Relaxed)
+    }
+    /// Writes of a record that found its group changed since it was read
+    /// (another record written in between; on a cluster, also one still
+    /// being replicated) and were made again on top of the group's new
+    /// value. Some are expected under load; many say that instances write
+    /// into few groups at once.
+    pub fn inbox_conflicts(&self) -> u64 {
+        self.inbox_conflicts.load(Ordering::Relaxed)
     }
 }

@@ -1284,6 +1284,13 @@ async fn choreo_handler_r(
     let name = if inbox { "relay_inbox" } else { "relay" };
     let stats = || handle.stats(name).map_or(0, |s| s.handled());
     let rate = rate_until(stats, n, "choreo handler", started).await?;
+    if inbox && let Some(s) = handle.stats(name) {
+        // Writes of a record that met another of its group (retried on top).
+        eprintln!(
+            "    choreo handler inbox conflicts per event: {:.4}",
+            s.inbox_conflicts() as f64 / n as f64
+        );
+    }
     let js = jetstream::new(handle_client);
     let recorded = if inbox {
         let all = choreo::__private::inbox_records(&js, "relay", name)
