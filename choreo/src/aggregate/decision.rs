@@ -15,6 +15,7 @@ use super::parts::{Part, Parts};
 use super::read::{self, Until};
 use super::store::{Aggregates, Appended, Flow};
 use crate::event::EventId;
+use crate::event::id::EmitCounts;
 use crate::nats::jitter;
 use crate::publish::Outgoing;
 
@@ -208,7 +209,7 @@ impl Aggregates {
             publisher: &self.publisher,
             flow,
             first: None,
-            counts: Vec::new(),
+            counts: EmitCounts::default(),
             outs: Vec::new(),
         };
         let mut spans = Vec::with_capacity(parts.len());

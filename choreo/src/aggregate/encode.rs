@@ -5,6 +5,7 @@
 
 use super::EventVisitor;
 use super::store::Flow;
+use crate::event::id::EmitCounts;
 use crate::event::{Event, EventId};
 use crate::publish::{Outgoing, PublishError, Publisher};
 use crate::wire::headers::Metadata;
@@ -15,8 +16,8 @@ pub(super) struct Encode<'a> {
     pub(super) flow: &'a Flow<'a>,
     pub(super) first: Option<EventId>,
     /// Per event type, how many this decision encoded (the emission
-    /// index); a decision has few types, so a list.
-    pub(super) counts: Vec<(&'static str, u32)>,
+    /// index).
+    pub(super) counts: EmitCounts,
     pub(super) outs: Vec<Outgoing>,
 }
 
@@ -37,16 +38,7 @@ impl EventVisitor for Encode<'_> {
                 // decision appends is a choreography event other services
                 // read (`graph`, `lint` and `asyncapi` see it).
                 self.publisher.record::<E>();
-                let index = match self.counts.iter().position(|(n, _)| *n == E::NAME) {
-                    Some(i) => &mut self.counts[i].1,
-                    None => {
-                        self.counts.push((E::NAME, 0));
-                        &mut self.counts.last_mut().expect("just pushed").1
-                    }
-                };
-                let meta = Metadata::emitted(event, source, cause, ns, *index)?;
-                *index += 1;
-                meta
+                Metadata::emitted(event, source, cause, ns, self.counts.next(E::NAME))?
             }
         };
         self.first.get_or_insert(meta.id());

@@ -24,6 +24,29 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// How many events of each type one handled event (or one decision) has
+/// emitted so far: the index an emission's deterministic id is derived
+/// from. One event emits few types, so a list rather than a map.
+#[derive(Debug, Default)]
+pub(crate) struct EmitCounts(Vec<(&'static str, u32)>);
+
+impl EmitCounts {
+    /// The index of the next event of type `name`, counted.
+    pub(crate) fn next(&mut self, name: &'static str) -> u32 {
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, count)) => {
+                let index = *count;
+                *count += 1;
+                index
+            }
+            None => {
+                self.0.push((name, 1));
+                0
+            }
+        }
+    }
+}
+
 /// The identity of one event: a UUID, written in the `ce-id` and
 /// `Nats-Msg-Id` headers in its lower-case hyphenated form.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -157,7 +180,22 @@ impl From<EventId> for Uuid {
 mod tests {
     use uuid::Uuid;
 
-    use super::{EventId, EventKey};
+    use super::{EmitCounts, EventId, EventKey};
+
+    #[test]
+    fn each_type_of_emission_is_counted_apart_from_zero() {
+        let mut c = EmitCounts::default();
+        assert_eq!(
+            [
+                c.next("A"),
+                c.next("B"),
+                c.next("A"),
+                c.next("A"),
+                c.next("B")
+            ],
+            [0, 0, 1, 2, 1]
+        );
+    }
 
     #[test]
     fn namespace_is_derived_as_documented() {

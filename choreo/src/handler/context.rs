@@ -1,11 +1,11 @@
 //! [`Context`]: what a handler knows about the event it handles, and where it
 //! emits new events.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::error::HandlerError;
 use super::{BoxFuture, States};
+use crate::event::id::EmitCounts;
 use crate::event::{Event, EventId, EventType};
 use crate::publish::{Emission, Outgoing, PublishError};
 use crate::wire::headers::Metadata;
@@ -50,7 +50,7 @@ pub(crate) type AfterEmit = Box<dyn FnOnce() -> BoxFuture<()> + Send>;
 #[derive(Default)]
 struct Emitted {
     sealed: bool,
-    counts: HashMap<&'static str, u32>,
+    counts: EmitCounts,
     out: Vec<Result<Outgoing, PublishError>>,
     /// Run once the emissions are stored, before the ack.
     after_emit: Vec<AfterEmit>,
@@ -233,9 +233,7 @@ impl Context {
             }));
             return;
         }
-        let count = emitted.counts.entry(E::NAME).or_insert(0);
-        let index = *count;
-        *count += 1;
+        let index = emitted.counts.next(E::NAME);
         let out = Metadata::emitted(
             &event,
             &self.inner.service,
