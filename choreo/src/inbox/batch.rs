@@ -140,7 +140,10 @@ impl Inbox {
             .iter()
             .map(|k| format!("{}{k}", self.key_prefix))
             .collect();
-        let request = serde_json::json!({ "multi_last": subjects, "batch": keys.len() });
+        let request = MultiLast {
+            multi_last: &subjects,
+            batch: keys.len(),
+        };
         let body = serde_json::to_vec(&request)
             .map_err(|e| unavailable(self.fail("cannot encode a batched read", e)))?;
         let token = self.answers.next.fetch_add(1, Ordering::Relaxed);
@@ -189,7 +192,7 @@ impl Inbox {
             let Some(headers) = answer.headers.as_ref() else {
                 continue;
             };
-            let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+            let header = |name: &str| headers.get(name).map(|v| v.as_str());
             let (Some(subject), Some(revision)) = (
                 header("Nats-Subject"),
                 header("Nats-Sequence").and_then(|s| s.parse().ok()),
@@ -199,9 +202,10 @@ impl Inbox {
             let Some(key) = subject.strip_prefix(&self.key_prefix) else {
                 continue;
             };
+            let key = key.to_owned();
             let deleted = header("KV-Operation").is_some();
             found.insert(
-                key.to_owned(),
+                key,
                 Raw {
                     revision,
                     deleted,
@@ -210,6 +214,13 @@ impl Inbox {
             );
         }
     }
+}
+
+/// A batched direct get's request: the newest message of each subject.
+#[derive(serde::Serialize)]
+struct MultiLast<'a> {
+    multi_last: &'a [String],
+    batch: usize,
 }
 
 /// How a batched read failed, for whether batched reads pause.
