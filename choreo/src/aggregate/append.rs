@@ -7,6 +7,7 @@
 //! batch before it stores any.
 
 use crate::event::EventId;
+use crate::nats::moved_on_code;
 use crate::publish::{Outgoing, batch};
 
 /// The header that carries the last sequence a decision read.
@@ -80,7 +81,7 @@ pub(crate) async fn append(
         }
         // Wrong last sequence; with a write in flight on a cluster, the same
         // without a number.
-        Some(e) if e.err_code == 10071 || e.err_code == 10164 => Outcome::Conflict,
+        Some(e) if moved_on_code(async_nats::jetstream::ErrorCode(e.err_code)) => Outcome::Conflict,
         // The batch repeats ids already stored: an earlier try went through.
         Some(e) if e.err_code == 10201 => Outcome::Unknown(e.description),
         Some(e) if e.err_code == batch::NO_ATOMIC => Outcome::NoAtomic(e.description),

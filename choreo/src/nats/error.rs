@@ -107,19 +107,21 @@ pub(crate) fn is_cluster_unavailable(code: jetstream::ErrorCode) -> bool {
     .contains(&code)
 }
 
-/// Whether a write guarded by `Nats-Expected-Last-Subject-Sequence` (a
-/// compare-and-set) was refused because its subject moved on: the wrong
-/// last sequence (10071), or the same without a number (10164), which a
-/// cluster's stream leader answers while another guarded write of the same
-/// subject is still being replicated. Both are conflicts: read the subject
-/// again and retry. async-nats gives the second as an error of kind
-/// `Other`, so this reads the code from the error's chain.
-pub(crate) fn moved_on(e: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether a JetStream error code says a write guarded by
+/// `Nats-Expected-Last-Subject-Sequence` (a compare-and-set) was refused
+/// because its subject moved on: the wrong last sequence (10071), or the
+/// same without a number (10164), which a cluster's stream leader answers
+/// while another guarded write of the same subject is still being
+/// replicated. Both are conflicts: read the subject again and retry.
+pub(crate) fn moved_on_code(code: jetstream::ErrorCode) -> bool {
     use jetstream::ErrorCode as C;
-    matches!(
-        Cause::of(e),
-        Cause::Code(C::STREAM_WRONG_LAST_SEQUENCE | C::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
-    )
+    code == C::STREAM_WRONG_LAST_SEQUENCE || code == C::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+}
+
+/// [`moved_on_code`] of an async-nats error, read from its chain: async-nats
+/// gives 10164 as an error of kind `Other`.
+pub(crate) fn moved_on(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(Cause::of(e), Cause::Code(code) if moved_on_code(code))
 }
 
 /// What an async-nats error comes down to, read from its kinds (never its

@@ -9,7 +9,7 @@ pub(crate) mod permissions;
 
 pub use api::JetStreamApi;
 pub use connect::connect;
-pub(crate) use error::{Cause, message, moved_on, source};
+pub(crate) use error::{Cause, message, moved_on, moved_on_code, source};
 pub use error::{ConnectError, ConnectErrorKind, Source};
 pub(crate) use permissions::{or_denied, recent_permission_error};
 

@@ -1870,31 +1870,69 @@ async fn main() -> Result<(), BoxError> {
             }
         }
     }
-    // The inbox's layout apart from choreo's code: choreo against a raw
-    // relay keeping its records grouped as choreo does (as full), and
-    // (only with `--only layout`) that relay against the per-key one.
-    if wanted("handler_inbox_grouped") {
-        let (c, r, ratio) = median_pair(
-            repeat,
-            || choreo_handler(n, true),
-            || raw_handler(n, RawKv::Grouped),
-        )
-        .await?;
-        rows.push(("  vs raw, grouped (msgs/s)", c, r, ratio));
+    // The inbox's layout apart from choreo's code, on one node and (only
+    // with `--only`) on the cluster: choreo against a raw relay keeping
+    // its records grouped as choreo does (as full), and (only with
+    // `--only`) that relay against the per-key one.
+    let here = target_replicas();
+    for (case, replicas, label, by_default) in [
+        (
+            "handler_inbox_grouped",
+            here,
+            "  vs raw, grouped (msgs/s)",
+            true,
+        ),
+        (
+            "handler_inbox_grouped_cluster",
+            3,
+            "R3: choreo vs raw grouped (msgs/s)",
+            false,
+        ),
+    ] {
+        let run = if by_default {
+            wanted(case)
+        } else {
+            only.as_deref() == Some(case)
+        };
+        if run {
+            let (c, r, ratio) = median_pair(
+                repeat,
+                || choreo_handler_r(n, true, replicas, prefill),
+                || raw_handler_r(n, RawKv::Grouped, replicas),
+            )
+            .await?;
+            rows.push((label, c, r, ratio));
+            // On one node the row sits under the full-inbox case's.
+            if !by_default {
+                ratios.push((case, ratio));
+            }
+        }
     }
-    for (case, kind, label) in [
-        ("layout", RawKv::Grouped, "raw: grouped vs per key (msgs/s)"),
+    for (case, kind, replicas, label) in [
+        (
+            "layout",
+            RawKv::Grouped,
+            here,
+            "raw: grouped vs per key (msgs/s)",
+        ),
         (
             "layout_unchecked",
             RawKv::GroupedUnchecked,
+            here,
             "raw: grouped, put vs per key",
+        ),
+        (
+            "layout_cluster",
+            RawKv::Grouped,
+            3,
+            "R3 raw: grouped vs per key (msgs/s)",
         ),
     ] {
         if only.as_deref() == Some(case) {
             let (c, r, ratio) = median_pair(
                 repeat,
-                || raw_handler(n, kind),
-                || raw_handler(n, RawKv::ReadThenWrite),
+                || raw_handler_r(n, kind, replicas),
+                || raw_handler_r(n, RawKv::ReadThenWrite, replicas),
             )
             .await?;
             rows.push((label, c, r, ratio));
@@ -1912,29 +1950,6 @@ async fn main() -> Result<(), BoxError> {
         .await?;
         rows.push(("  on a new inbox (msgs/s)", c, r, ratio));
         ratios.push(("handler_inbox_new", ratio));
-    }
-    // The same split on the cluster (only with `--only`): choreo against
-    // the raw relay grouping as choreo does, and that relay against the
-    // per-key one.
-    if only.as_deref() == Some("handler_inbox_grouped_cluster") {
-        let (c, r, ratio) = median_pair(
-            repeat,
-            || choreo_handler_r(n, true, 3, prefill),
-            || raw_handler_r(n, RawKv::Grouped, 3),
-        )
-        .await?;
-        rows.push(("R3: choreo vs raw grouped (msgs/s)", c, r, ratio));
-        ratios.push(("handler_inbox_grouped_cluster", ratio));
-    }
-    if only.as_deref() == Some("layout_cluster") {
-        let (c, r, ratio) = median_pair(
-            repeat,
-            || raw_handler_r(n, RawKv::Grouped, 3),
-            || raw_handler_r(n, RawKv::ReadThenWrite, 3),
-        )
-        .await?;
-        rows.push(("R3 raw: grouped vs per key (msgs/s)", c, r, ratio));
-        ratios.push(("layout_cluster", ratio));
     }
     // The inbox-on handler on a 3-node cluster, every stream and bucket R3:
     // what outgrowing one node costs.
