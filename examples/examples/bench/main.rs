@@ -1795,9 +1795,22 @@ async fn main() -> Result<(), BoxError> {
             replicas,
         });
     }
-    let wanted = |case: &str| match only.as_deref() {
-        Some(o) => o == case,
-        None => TARGET.get().is_none() || THEIRS.contains(&case),
+    // Every case is asked for by name through these two, which refuse a
+    // name missing from `CASES` (where `--only` could not choose it): any
+    // run, even one of another case, stops at such a name.
+    let named = |case: &str| {
+        assert!(
+            CASES.contains(&case),
+            "the case {case} is missing from CASES"
+        );
+        only.as_deref() == Some(case)
+    };
+    let wanted = |case: &str| {
+        let chosen = named(case);
+        match only {
+            Some(_) => chosen,
+            None => TARGET.get().is_none() || THEIRS.contains(&case),
+        }
     };
 
     // Each case runs `repeat` times (default 5) per side, in pairs, on fresh
@@ -1823,7 +1836,7 @@ async fn main() -> Result<(), BoxError> {
     }
     // The two ways of driving raw publishes against each other: what the
     // pattern costs, apart from choreo.
-    if only.as_deref() == Some("publish_pattern") {
+    if named("publish_pattern") {
         let (c, r, ratio) = median_pair(
             repeat,
             || raw_publish_buffered_case(n),
@@ -1892,7 +1905,7 @@ async fn main() -> Result<(), BoxError> {
         let run = if by_default {
             wanted(case)
         } else {
-            only.as_deref() == Some(case)
+            named(case)
         };
         if run {
             let (c, r, ratio) = median_pair(
@@ -1928,7 +1941,7 @@ async fn main() -> Result<(), BoxError> {
             "R3 raw: grouped vs per key (msgs/s)",
         ),
     ] {
-        if only.as_deref() == Some(case) {
+        if named(case) {
             let (c, r, ratio) = median_pair(
                 repeat,
                 || raw_handler_r(n, kind, replicas),
@@ -2017,7 +2030,7 @@ async fn main() -> Result<(), BoxError> {
     // Not in the default run (about 20 s of a paced load): the latency
     // from a Postgres handler's commit to its emission stored, and from
     // rows a dead process left to the relay's stored copy.
-    if only.as_deref() == Some("postgres_relay") {
+    if named("postgres_relay") {
         let (by_handler, by_relay) =
             postgres::commit_to_stored(ln.min(2_000), rate.min(500)).await?;
         println!(
