@@ -265,3 +265,27 @@ async fn the_benchmark_runs_against_a_given_server_and_leaves_it_as_it_was() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_keyed_stream_case_compares_a_stream_of_its_own_with_the_shared_one() {
+    let out = std::process::Command::new(bench())
+        .args(["--only", "keyed_stream", "--events", "300", "--repeat", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Each side checks, after its run, that its stream had the subjects
+    // it says (and fails the run otherwise).
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("any order, a stream of its own:")
+            && stderr.contains("choreo handler, any order:"),
+        "{stderr}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("ratio keyed_stream "))
+        .unwrap_or_else(|| panic!("no ratio line:\n{stdout}"));
+    let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(value > 0.0 && value.is_finite(), "{line}");
+}

@@ -95,6 +95,11 @@
 //!   inbox on, `ordered_by = account` (16 partitions) against the same
 //!   handler in any order: the price of order on many keys (choreo on both
 //!   sides; its ratio is ordered / any order).
+//! - `keyed_stream` (only with `--only`): the `ordered` case's handler in
+//!   any order, its events in a stream of their own whose one subject is
+//!   the handler's filter (`benchord.*.stepped`), against the same on the
+//!   stream choreo makes (`benchord.>`): what the server spends matching a
+//!   filter against 1,000 subjects per event (its ratio is own / shared).
 //! - `handler_inbox_grouped`: the inbox-on handler against a raw relay
 //!   keeping its records grouped as choreo does (same hash, groups,
 //!   encoding, compare-and-set, as full): choreo's code apart from the
@@ -126,7 +131,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
-use choreo::{Context, Publisher, Service, StreamSettings, event, event_handler};
+use choreo::{Context, Event, Publisher, Service, StreamSettings, event, event_handler};
 use choreo_testkit::NatsServer;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{Mutex, Semaphore};
@@ -332,14 +337,36 @@ async fn step_in_order(e: BenchStep, ctx: Context) {
     });
 }
 
+/// The stream the steps are stored in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StepStream {
+    /// The one choreo makes: subjects `benchord.>`, which any event type
+    /// whose subject starts with `benchord` shares.
+    Shared,
+    /// A stream of this event type only, its one subject the handler's
+    /// filter (`benchord.*.stepped`).
+    Exact,
+}
+
 /// `n` steps of 1,000 accounts through the 1-hop handler (inbox on),
 /// ordered by account or not: the price of order on many keys.
-async fn choreo_steps(n: u64, ordered: bool) -> Result<f64, BoxError> {
+async fn choreo_steps(n: u64, ordered: bool, stream: StepStream) -> Result<f64, BoxError> {
     use futures::{StreamExt, TryStreamExt};
     let server = NatsServer::start().await?;
     let client = server.connect().await?;
     let publisher = Publisher::new(client.clone(), "bench")?;
     publisher.ensure_stream::<BenchRelayed>().await?;
+    if stream == StepStream::Exact {
+        // Made before choreo would make it: choreo uses a stream that
+        // exists and stores the event's subjects, as it is.
+        jetstream::new(client.clone())
+            .create_stream(stream::Config {
+                name: BenchStep::STREAM.into(),
+                subjects: vec![BenchStep::SUBJECT_FILTER.into()],
+                ..Default::default()
+            })
+            .await?;
+    }
     futures::stream::iter(0..n)
         .map(|i| {
             let p = publisher.clone();
@@ -361,15 +388,33 @@ async fn choreo_steps(n: u64, ordered: bool) -> Result<f64, BoxError> {
         Service::new("steps").handler(step_any_order)
     };
     let started = (Instant::now(), cpu_seconds());
-    let handle = svc.start(client).await?;
+    let handle = svc.start(client.clone()).await?;
     let stats = || handle.stats("step").map_or(0, |s| s.handled());
-    let what = if ordered {
-        "choreo ordered handler"
-    } else {
-        "choreo handler, any order"
+    let what = match (ordered, stream) {
+        (true, _) => "choreo ordered handler",
+        (false, StepStream::Shared) => "choreo handler, any order",
+        (false, StepStream::Exact) => "choreo handler, any order, a stream of its own",
     };
     let rate = rate_until(stats, n, what, started).await?;
     handle.shutdown().await;
+    // The run was on the stream it says.
+    let subjects = jetstream::new(client)
+        .get_stream(BenchStep::STREAM)
+        .await?
+        .info()
+        .await?
+        .config
+        .subjects
+        .clone();
+    let expected = match stream {
+        StepStream::Shared => BenchStep::STREAM_SUBJECTS,
+        StepStream::Exact => BenchStep::SUBJECT_FILTER,
+    };
+    if subjects != [expected] {
+        return Err(
+            format!("{what}: the stream's subjects are {subjects:?}, not [{expected}]").into(),
+        );
+    }
     Ok(rate)
 }
 
@@ -1659,7 +1704,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 /// The cases `--only` accepts: those of the default run, and those run
 /// only when named.
-const CASES: [&str; 25] = [
+const CASES: [&str; 26] = [
     "publish",
     "publish_each",
     "publish_pattern",
@@ -1673,6 +1718,7 @@ const CASES: [&str; 25] = [
     "handler_inbox_grouped_cluster",
     "layout_cluster",
     "ordered",
+    "keyed_stream",
     "replay",
     "handler_metrics",
     "aggregate_decide",
@@ -1977,10 +2023,26 @@ async fn main() -> Result<(), BoxError> {
         ratios.push(("handler_inbox_cluster", ratio));
     }
     if wanted("ordered") {
-        let (c, r, ratio) =
-            median_pair(repeat, || choreo_steps(n, true), || choreo_steps(n, false)).await?;
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || choreo_steps(n, true, StepStream::Shared),
+            || choreo_steps(n, false, StepStream::Shared),
+        )
+        .await?;
         rows.push(("ordered vs any order (msgs/s)", c, r, ratio));
         ratios.push(("ordered", ratio));
+    }
+    // What the server spends matching a handler's filter against the
+    // subjects of a stream other event types could share.
+    if named("keyed_stream") {
+        let (c, r, ratio) = median_pair(
+            repeat,
+            || choreo_steps(n, false, StepStream::Exact),
+            || choreo_steps(n, false, StepStream::Shared),
+        )
+        .await?;
+        rows.push(("stream of its own vs shared (msgs/s)", c, r, ratio));
+        ratios.push(("keyed_stream", ratio));
     }
     if wanted("replay") {
         let mut pairs = Vec::new();
