@@ -9,7 +9,7 @@ use syn::{Ident, LitInt, LitStr, Token};
 use crate::ctxt::Ctxt;
 use crate::opts::{self, Opt, set};
 
-pub(crate) const OPTIONS: &str = "`subject`, `name`, `version`, `stream`, `key`, `upcast_from`, `schema`, `crate`, `command_name_ok`";
+pub(crate) const OPTIONS: &str = "`subject`, `name`, `version`, `stream`, `stream_subjects`, `key`, `upcast_from`, `schema`, `crate`, `command_name_ok`";
 
 #[derive(Default)]
 pub(crate) struct EventAttr {
@@ -17,6 +17,8 @@ pub(crate) struct EventAttr {
     pub(crate) name: Option<Opt<LitStr>>,
     pub(crate) version: Option<Opt<LitInt>>,
     pub(crate) stream: Option<Opt<LitStr>>,
+    /// `stream_subjects`: the subjects of the stream when choreo makes it.
+    pub(crate) stream_subjects: Option<Opt<LitStr>>,
     pub(crate) key: Option<Opt<Vec<Ident>>>,
     pub(crate) upcast_from: Option<Opt<Vec<syn::Path>>>,
     pub(crate) krate: Option<Opt<syn::Path>>,
@@ -60,6 +62,10 @@ pub(crate) fn parse(cx: &mut Ctxt, args: TokenStream) -> EventAttr {
             "stream" => {
                 let v = meta.value()?.parse()?;
                 set(cx, &mut attr.stream, "stream", span, v);
+            }
+            "stream_subjects" => {
+                let v = meta.value()?.parse()?;
+                set(cx, &mut attr.stream_subjects, "stream_subjects", span, v);
             }
             "key" => {
                 let v = one_or_many(meta.value()?, |i| i.parse::<Ident>())?;

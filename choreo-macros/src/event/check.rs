@@ -72,6 +72,45 @@ fn legal_literal_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Why the subject pattern `pattern` does not store every subject that
+/// matches `filter` (both `.`-separated; `*` one token, `>` the rest), or
+/// is not a pattern at all.
+fn stores_every(pattern: &str, filter: &str) -> Result<(), String> {
+    let tokens: Vec<&str> = pattern.split('.').collect();
+    for (i, token) in tokens.iter().enumerate() {
+        match *token {
+            "*" => {}
+            ">" if i + 1 == tokens.len() => {}
+            ">" => return Err("has `>` before its last token; `>` can only end a pattern".into()),
+            t => legal_literal_token(t)?,
+        }
+    }
+    let wanted: Vec<&str> = filter.split('.').collect();
+    for (i, f) in wanted.iter().enumerate() {
+        match tokens.get(i) {
+            Some(&">") => return Ok(()),
+            Some(&"*") => {}
+            Some(t) if t == f => {}
+            Some(t) => {
+                return Err(format!(
+                    "does not store this event's subjects `{filter}`: its token `{t}` is not `{f}`"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "does not store this event's subjects `{filter}`: it has fewer tokens"
+                ));
+            }
+        }
+    }
+    if tokens.len() > wanted.len() {
+        return Err(format!(
+            "does not store this event's subjects `{filter}`: it has more tokens"
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn check(cx: &mut Ctxt, attr: &EventAttr, item: &DeriveInput) -> Option<Model> {
     let ident = item.ident.clone();
 
@@ -256,28 +295,80 @@ pub(crate) fn check(cx: &mut Ctxt, attr: &EventAttr, item: &DeriveInput) -> Opti
             );
     }
 
+    let filter = tokens
+        .iter()
+        .map(|t| {
+            if t.starts_with('{') && t.ends_with('}') {
+                "*"
+            } else {
+                t
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".");
+    // The stream's subjects, when choreo makes it.
+    let stream_subjects = match &attr.stream_subjects {
+        Some(o) => {
+            let pattern = o.value.value();
+            if let Err(why) = stores_every(&pattern, &filter) {
+                cx.error_spanned_by(
+                    &o.value,
+                    format!(
+                        "stream_subjects `{pattern}` {why}; use `{filter}` for a stream of this event type \
+                         only, or `{first}.>` (the default) to share it with others"
+                    ),
+                );
+            }
+            pattern
+        }
+        None => format!("{first}.>"),
+    };
+
     Some(Model {
         schema: attr.schema.as_ref().map(|o| o.key),
         krate: crate_path(attr),
         ident,
         name,
         version,
-        filter: tokens
-            .iter()
-            .map(|t| {
-                if t.starts_with('{') && t.ends_with('}') {
-                    "*"
-                } else {
-                    t
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("."),
-        stream_subjects: format!("{first}.>"),
+        filter,
+        stream_subjects,
         subject,
         stream,
         placeholders,
         key,
         upcasts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stores_every;
+
+    #[test]
+    fn a_stream_pattern_stores_an_event_only_if_it_matches_every_subject_of_it() {
+        for pattern in [
+            "orders.*.placed",
+            "orders.>",
+            "orders.*.>",
+            "*.*.placed",
+            ">",
+        ] {
+            assert_eq!(
+                stores_every(pattern, "orders.*.placed"),
+                Ok(()),
+                "{pattern}"
+            );
+        }
+        // A placeholder takes any value: a literal in its place misses most.
+        assert!(stores_every("orders.o-1.placed", "orders.*.placed").is_err());
+        assert!(stores_every("orders.*.shipped", "orders.*.placed").is_err());
+        // `>` needs at least one token: `orders.>` does not store `orders`.
+        assert!(stores_every("orders.>", "orders").is_err());
+        assert!(stores_every("orders.*", "orders.*.placed").is_err());
+        assert!(stores_every("orders.*.placed.v1", "orders.*.placed").is_err());
+        // Not a pattern.
+        assert!(stores_every("orders.>.placed", "orders.*.placed").is_err());
+        assert!(stores_every("orders..placed", "orders.*.placed").is_err());
+        assert!(stores_every("", "orders").is_err());
+    }
 }

@@ -34,8 +34,13 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     const SUBJECT_FILTER: &'static str;
     /// The JetStream stream that stores the event.
     const STREAM: &'static str;
-    /// The subjects of that stream when choreo creates it: the template's first
-    /// token followed by `.>`.
+    /// The subjects of that stream when choreo creates it: `stream_subjects`
+    /// if the attribute gives it, else the template's first token followed by
+    /// `.>`, which every event type with that first token shares. A stream
+    /// whose one subject is [`Event::SUBJECT_FILTER`] stores this type only,
+    /// and a handler's consumer on it costs the server less per event when
+    /// the subjects are many (docs/benchmarks.md, "What a shared stream
+    /// costs").
     const STREAM_SUBJECTS: &'static str;
 
     /// This event's subject: the template with every `{field}` filled in.

@@ -26,7 +26,8 @@ pub enum StreamError {
     /// An existing stream does not store the event's subjects.
     #[error(
         "stream {stream} exists with subjects {subjects:?}, which do not cover {needed:?}: add the subject to the \
-         stream, or give the event another `stream = \"...\"`"
+         stream, or give the event another `stream = \"...\"` (with `stream_subjects = \"{needed}\"` if another \
+         stream stores its first token)"
     )]
     DoesNotCover {
         /// The stream.
@@ -39,7 +40,8 @@ pub enum StreamError {
     /// Its subjects overlap another stream's.
     #[error(
         "cannot create stream {stream}: its subjects {subjects:?} overlap another stream's ({source}); \
-         give the event `stream = \"...\"` naming that stream"
+         give the event `stream = \"...\"` naming that stream, or make the two streams' subjects disjoint \
+         (`stream_subjects` on the event types that share a first token)"
     )]
     Overlap {
         /// The stream.

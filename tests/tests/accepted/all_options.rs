@@ -5,6 +5,7 @@ use choreo::{Event, event};
     version = 2,
     subject = "inventory.{sku}.{warehouse}.reserved",
     stream = "INVENTORY_EVENTS",
+    stream_subjects = "inventory.*.*.reserved",
     key = (sku, warehouse),
     upcast_from = StockReservedV1,
     crate = "::choreo",
@@ -48,6 +49,9 @@ pub enum DoorChanged {
 pub(crate) fn main() {
     assert_eq!(StockReserved::STREAM, "INVENTORY_EVENTS");
     assert_eq!(StockReserved::SUBJECT_FILTER, "inventory.*.*.reserved");
+    // A stream of this event type only; by default, the first token's.
+    assert_eq!(StockReserved::STREAM_SUBJECTS, "inventory.*.*.reserved");
+    assert_eq!(StockReservedV1::STREAM_SUBJECTS, "inventory.>");
     assert!(StockReserved::accepts_version(1));
     assert_eq!(CreateUser::NAME, "CreateUser");
     assert_eq!(HeartbeatSent::STREAM, "AUDIT");
