@@ -46,15 +46,13 @@ async fn undo_each_step(e: StepTaken, ctx: Context) {
     });
 }
 
-async fn subjects_of(js: &jetstream::Context, stream: &str) -> Vec<String> {
+async fn info(js: &jetstream::Context, stream: &str) -> jetstream::stream::Info {
     js.get_stream(stream)
         .await
         .unwrap()
         .info()
         .await
         .unwrap()
-        .config
-        .subjects
         .clone()
 }
 
@@ -85,27 +83,10 @@ async fn an_event_type_gets_a_stream_of_its_own_beside_others_of_its_first_token
     .await;
     handle.shutdown().await;
     // Each stream holds its own type only, with the subjects the types say.
-    assert_eq!(subjects_of(&js, "STEPS_TAKEN").await, ["steps.*.taken"]);
-    assert_eq!(subjects_of(&js, "STEPS").await, ["steps.*.undone"]);
-    let taken = js
-        .get_stream("STEPS_TAKEN")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
-    let undone = js
-        .get_stream("STEPS")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
-    assert_eq!((taken, undone), (20, 20));
+    let (taken, undone) = (info(&js, "STEPS_TAKEN").await, info(&js, "STEPS").await);
+    assert_eq!(taken.config.subjects, ["steps.*.taken"]);
+    assert_eq!(undone.config.subjects, ["steps.*.undone"]);
+    assert_eq!((taken.state.messages, undone.state.messages), (20, 20));
 
     // A type of the same first token with the default `steps.>` would
     // overlap them: STEPS exists and does not store it, which says what to do.
