@@ -86,6 +86,14 @@ fn stores_every(pattern: &str, filter: &str) -> Result<(), String> {
         }
     }
     let wanted: Vec<&str> = filter.split('.').collect();
+    if tokens.first() != wanted.first() {
+        return Err(format!(
+            "starts with `{}`, not this event's first token `{}`: a stream stores the subjects of one \
+             first token, never NATS's own or choreo's",
+            tokens.first().unwrap_or(&""),
+            wanted.first().unwrap_or(&"")
+        ));
+    }
     for (i, f) in wanted.iter().enumerate() {
         match tokens.get(i) {
             Some(&">") => return Ok(()),
@@ -346,13 +354,7 @@ mod tests {
 
     #[test]
     fn a_stream_pattern_stores_an_event_only_if_it_matches_every_subject_of_it() {
-        for pattern in [
-            "orders.*.placed",
-            "orders.>",
-            "orders.*.>",
-            "*.*.placed",
-            ">",
-        ] {
+        for pattern in ["orders.*.placed", "orders.>", "orders.*.>", "orders.*.*"] {
             assert_eq!(
                 stores_every(pattern, "orders.*.placed"),
                 Ok(()),
@@ -366,6 +368,11 @@ mod tests {
         assert!(stores_every("orders.>", "orders").is_err());
         assert!(stores_every("orders.*", "orders.*.placed").is_err());
         assert!(stores_every("orders.*.placed.v1", "orders.*.placed").is_err());
+        // Another first token, or a wildcard in its place (which would
+        // store other words' subjects, NATS's own among them).
+        assert!(stores_every(">", "orders.*.placed").is_err());
+        assert!(stores_every("*.*.placed", "orders.*.placed").is_err());
+        assert!(stores_every("shop.*.placed", "orders.*.placed").is_err());
         // Not a pattern.
         assert!(stores_every("orders.>.placed", "orders.*.placed").is_err());
         assert!(stores_every("orders..placed", "orders.*.placed").is_err());
