@@ -140,7 +140,7 @@ pub mod prelude {
 /// | `name = "..."` | event name in `ce-type` | the type name |
 /// | `version = N` | schema version, a positive integer | `1` |
 /// | `stream = "..."` | JetStream stream | the first subject token upper-cased |
-/// | `stream_subjects = "..."` | the stream's subjects when choreo creates it; must store every subject of the template (checked at compile time) | the first token and `.>` |
+/// | `stream_subjects = "..."` | the stream's subjects when choreo creates it; must start with the template's first token and store every subject of the template (checked at compile time) | the first token and `.>` |
 /// | `key = field` or `key = (a, b)` | fields that make the fact unique; they fix the event id | none |
 /// | `upcast_from = Old` or `upcast_from = (V1, V2)` | older versions of the same event name, converted with `From` | none |
 /// | `crate = "path"` | where the `choreo` crate is, if renamed | `choreo` |
