@@ -199,7 +199,7 @@ async fn held_back<F, Fut>(
     web.publish(&order("unpaid", None)).await.unwrap();
     leaders_change().await;
     // Past the deadlines (3 s), inside the hold.
-    tokio::time::sleep_until(held + hold - Duration::from_secs(1)).await;
+    tokio::time::sleep_until(held + hold - Duration::from_secs(2)).await;
     undecided(
         &js,
         &["in-time", "unpaid"],
@@ -207,10 +207,24 @@ async fn held_back<F, Fut>(
     )
     .await;
     // What holds them back shows: status gives the deadline handler its
-    // watchers' backlog, and the watcher's lag age gauge reads it.
-    let status = choreo::admin::status(&js, Duration::from_millis(200))
-        .await
-        .unwrap();
+    // watchers' backlog, and the watcher's lag age gauge reads it. Just
+    // after a leader change a stream's consumers may not list yet (status
+    // then says so in its problems, and has no row): read it again.
+    let mut status = None;
+    let mut problems = Vec::new();
+    while status.is_none() && tokio::time::Instant::now() < held + hold - Duration::from_millis(500)
+    {
+        let s = choreo::admin::status(&js, Duration::from_millis(200))
+            .await
+            .unwrap();
+        if s.handlers.iter().any(|h| h.durable == "orders--expire") {
+            status = Some(s);
+        } else {
+            problems = s.problems;
+        }
+    }
+    let status =
+        status.unwrap_or_else(|| panic!("no status row for the deadline handler: {problems:?}"));
     let row = status
         .handlers
         .iter()
