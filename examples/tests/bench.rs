@@ -14,6 +14,18 @@ fn bench() -> std::path::PathBuf {
         .join("bench")
 }
 
+/// The figure of `case`'s ratio line in the benchmark's output; fails
+/// unless there is one, positive and finite.
+fn ratio(stdout: &str, case: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("ratio {case} ")))
+        .unwrap_or_else(|| panic!("no ratio line for {case}:\n{stdout}"));
+    let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(value > 0.0 && value.is_finite(), "{line}");
+    value
+}
+
 /// Another example beside the benchmark, by name.
 fn example(name: &str) -> std::path::PathBuf {
     bench().with_file_name(name)
@@ -95,12 +107,7 @@ fn the_benchmark_reports_a_ratio_for_every_case() {
         "postgres_handler",
         "storefront",
     ] {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("ratio {case} ")))
-            .unwrap_or_else(|| panic!("no ratio line for {case}:\n{stdout}"));
-        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-        assert!(value > 0.0 && value.is_finite(), "{line}");
+        ratio(&stdout, case);
     }
     // The console: its server time and its page's memory.
     assert!(
@@ -282,10 +289,5 @@ fn the_keyed_stream_case_compares_a_stream_of_its_own_with_the_shared_one() {
             && stderr.contains("choreo handler, any order:"),
         "{stderr}"
     );
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("ratio keyed_stream "))
-        .unwrap_or_else(|| panic!("no ratio line:\n{stdout}"));
-    let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(value > 0.0 && value.is_finite(), "{line}");
+    ratio(&stdout, "keyed_stream");
 }

@@ -202,10 +202,9 @@ impl Inbox {
             let Some(key) = subject.strip_prefix(&self.key_prefix) else {
                 continue;
             };
-            let key = key.to_owned();
             let deleted = header("KV-Operation").is_some();
             found.insert(
-                key,
+                key.to_owned(),
                 Raw {
                     revision,
                     deleted,

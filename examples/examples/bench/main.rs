@@ -1858,6 +1858,14 @@ async fn main() -> Result<(), BoxError> {
             None => TARGET.get().is_none() || THEIRS.contains(&case),
         }
     };
+    // A case of the default run, or one run only when named.
+    let asked = |case: &str, by_default: bool| {
+        if by_default {
+            wanted(case)
+        } else {
+            named(case)
+        }
+    };
 
     // Each case runs `repeat` times (default 5) per side, in pairs, on fresh
     // servers; each side's median is reported, and the ratio is the median of
@@ -1948,12 +1956,7 @@ async fn main() -> Result<(), BoxError> {
             false,
         ),
     ] {
-        let run = if by_default {
-            wanted(case)
-        } else {
-            named(case)
-        };
-        if run {
+        if asked(case, by_default) {
             let (c, r, ratio) = median_pair(
                 repeat,
                 || choreo_handler_r(n, true, replicas, prefill),
@@ -2022,27 +2025,34 @@ async fn main() -> Result<(), BoxError> {
         rows.push(("handler, inbox on, R3 (msgs/s)", c, r, ratio));
         ratios.push(("handler_inbox_cluster", ratio));
     }
-    if wanted("ordered") {
-        let (c, r, ratio) = median_pair(
-            repeat,
-            || choreo_steps(n, true, StepStream::Shared),
-            || choreo_steps(n, false, StepStream::Shared),
-        )
-        .await?;
-        rows.push(("ordered vs any order (msgs/s)", c, r, ratio));
-        ratios.push(("ordered", ratio));
-    }
-    // What the server spends matching a handler's filter against the
-    // subjects of a stream other event types could share.
-    if named("keyed_stream") {
-        let (c, r, ratio) = median_pair(
-            repeat,
-            || choreo_steps(n, false, StepStream::Exact),
-            || choreo_steps(n, false, StepStream::Shared),
-        )
-        .await?;
-        rows.push(("stream of its own vs shared (msgs/s)", c, r, ratio));
-        ratios.push(("keyed_stream", ratio));
+    // Order's price (ordered against any order, both on the shared
+    // stream), and (only with `--only`) what the server spends matching a
+    // handler's filter against the subjects of a stream other event types
+    // could share (a stream of its own against the shared one).
+    for (case, label, by_default, first) in [
+        (
+            "ordered",
+            "ordered vs any order (msgs/s)",
+            true,
+            (true, StepStream::Shared),
+        ),
+        (
+            "keyed_stream",
+            "stream of its own vs shared (msgs/s)",
+            false,
+            (false, StepStream::Exact),
+        ),
+    ] {
+        if asked(case, by_default) {
+            let (c, r, ratio) = median_pair(
+                repeat,
+                || choreo_steps(n, first.0, first.1),
+                || choreo_steps(n, false, StepStream::Shared),
+            )
+            .await?;
+            rows.push((label, c, r, ratio));
+            ratios.push((case, ratio));
+        }
     }
     if wanted("replay") {
         let mut pairs = Vec::new();
