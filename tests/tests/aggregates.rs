@@ -922,3 +922,71 @@ async fn a_service_answers_for_an_aggregates_state_at_a_point() {
     );
     svc.shutdown().await;
 }
+
+/// The server's count of subscriptions ever made (`/subsz`'s
+/// `num_inserts`), read from its monitoring port.
+fn subscriptions_made(server: &NatsServer) -> u64 {
+    use std::io::{Read, Write};
+    let addr = format!("127.0.0.1:{}", server.monitor_port());
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "GET /subsz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    let (_, body) = out.split_once("\r\n\r\n").unwrap();
+    let subsz: serde_json::Value = serde_json::from_str(body).unwrap();
+    subsz["num_inserts"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_at_once_share_one_subscription_and_each_gets_its_own_events() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let stock = store(&client).await;
+    for i in 0..20u32 {
+        let sku = format!("s{i}");
+        stock
+            .decide::<Stock, _, String>(&sku, |_| Ok(vec![received(&sku, i + 1)]))
+            .await
+            .unwrap();
+    }
+    // A history longer than one batched read (256 events).
+    let publisher = Publisher::new(client.clone(), "inventory").unwrap();
+    for _ in 0..600 {
+        publisher
+            .publish(&StockReceived {
+                sku: "long".into(),
+                qty: 1,
+            })
+            .await
+            .unwrap();
+    }
+    // Nothing in memory: every load reads from the stream's start.
+    let loads = Aggregates::new(publisher).cache(0);
+    assert_eq!(loads.load::<Stock>("s0").await.unwrap().state.on_hand, 1);
+    let before = subscriptions_made(&server);
+    let each = (0..20u32).map(|i| {
+        let loads = loads.clone();
+        async move {
+            let loaded = loads.load::<Stock>(&format!("s{i}")).await.unwrap();
+            assert_eq!((loaded.state.on_hand, loaded.events), (i + 1, 1), "s{i}");
+        }
+    });
+    let long = async {
+        let loaded = loads.load::<Stock>("long").await.unwrap();
+        assert_eq!((loaded.state.on_hand, loaded.read), (600, 600));
+        assert_eq!(
+            loads.history::<Stock>("long", None).await.unwrap().len(),
+            600
+        );
+    };
+    futures::future::join(futures::future::join_all(each), long).await;
+    assert_eq!(
+        subscriptions_made(&server),
+        before,
+        "a load made a subscription of its own"
+    );
+}

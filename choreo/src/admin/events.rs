@@ -9,7 +9,7 @@ use super::AdminError;
 use super::replay::Point;
 use crate::aggregate::At;
 use crate::aggregate::read::{self, Until};
-use crate::nats::JetStreamApi;
+use crate::nats::{JetStreamApi, LazyAnswers};
 use crate::wire::headers::{CE_EVENTVERSION, CE_ID, CE_TYPE};
 
 /// One stored event.
@@ -49,8 +49,9 @@ pub async fn events(
     });
     let mut out = Vec::new();
     let what = format!("the events of {filter} in {stream}");
+    // One read: a subscription for its answers, gone with it.
     read::read(
-        client,
+        (client, &LazyAnswers::default()),
         (&api.prefix(), stream),
         ("events", filter, filter),
         0,

@@ -271,7 +271,7 @@ impl Aggregates {
         let filter = part.filter().to_owned();
         let id = part.id().to_owned();
         read::read(
-            self.publisher.client(),
+            (self.publisher.client(), &self.answers),
             (self.publisher.api_prefix(), stream),
             (part.name(), &id, &filter),
             part.version(),

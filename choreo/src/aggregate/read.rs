@@ -1,16 +1,17 @@
 //! Reading an aggregate's history: batched direct gets on its filter, from a
-//! stream sequence on, answered on a subscription of the load's own (no
-//! consumer is made, so a load costs the server no state).
+//! stream sequence on, answered on the connection's long-lived subscription
+//! for answers (no consumer is made, so a load costs the server no state,
+//! and no subscription of its own).
 
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures::StreamExt;
 use time::OffsetDateTime;
 
 use super::error::{AggregateError, AggregateErrorKind};
 use super::store::At;
+use crate::nats::LazyAnswers;
 
 /// How many events one direct get returns at most.
 const BATCH: usize = 256;
@@ -62,7 +63,7 @@ impl Until {
 /// up to `until`, calling `each` with every one in order. Returns how many
 /// it read.
 pub(crate) async fn read(
-    client: &async_nats::Client,
+    (client, answers): (&async_nats::Client, &LazyAnswers),
     (api_prefix, stream): (&str, &str),
     (aggregate, id, filter): (&'static str, &str, &str),
     after: u64,
@@ -70,8 +71,7 @@ pub(crate) async fn read(
     mut each: impl FnMut(Raw) -> Result<(), AggregateError>,
 ) -> Result<u64, AggregateError> {
     let fail = |kind, detail: String| AggregateError::new(aggregate, id, kind, detail);
-    let inbox = client.new_inbox();
-    let mut answers = client.subscribe(inbox.clone()).await.map_err(|e| {
+    let answers = answers.get(client).await.map_err(|e| {
         fail(
             AggregateErrorKind::Read,
             "cannot subscribe for the answers".into(),
@@ -87,24 +87,24 @@ pub(crate) async fn read(
         }
         // `until` is applied here, as the events come: the server's
         // `up_to_seq` and `up_to_time` are for `multi_last` reads.
-        let request = serde_json::json!({
-            "seq": from,
-            "next_by_subj": filter,
-            "batch": BATCH,
-        });
+        let request = NextBySubject {
+            seq: from,
+            next_by_subj: filter,
+            batch: BATCH,
+        };
+        let body = serde_json::to_vec(&request).map_err(|e| {
+            fail(AggregateErrorKind::Read, "cannot encode a read".into()).with_source(e)
+        })?;
+        let mut reply = answers.reply();
         client
-            .publish_with_reply(
-                direct_get.clone(),
-                inbox.clone(),
-                request.to_string().into(),
-            )
+            .publish_with_reply(direct_get.clone(), reply.subject.clone(), body.into())
             .await
             .map_err(|e| {
                 fail(AggregateErrorKind::Read, "cannot send a read".into()).with_source(e)
             })?;
         let mut last = None;
         loop {
-            let answer = tokio::time::timeout(BATCH_TIMEOUT, answers.next())
+            let answer = tokio::time::timeout(BATCH_TIMEOUT, reply.next())
                 .await
                 .map_err(|_| {
                     fail(
@@ -168,6 +168,15 @@ pub(crate) async fn read(
             each(raw)?;
         }
     }
+}
+
+/// A batched direct get's request: up to `batch` messages on
+/// `next_by_subj`, from sequence `seq` on.
+#[derive(serde::Serialize)]
+struct NextBySubject<'a> {
+    seq: u64,
+    next_by_subj: &'a str,
+    batch: usize,
 }
 
 /// A direct get's answer as a stored event.

@@ -14,6 +14,7 @@ use super::parts::Parts;
 use super::read::{self, Until};
 use super::snapshot::{SnapshotPolicy, Snapshots};
 use crate::event::EventId;
+use crate::nats::LazyAnswers;
 use crate::publish::Publisher;
 use crate::wire::headers::Metadata;
 
@@ -66,6 +67,8 @@ pub struct Aggregates {
     pub(super) turns: Turns,
     /// The streams set up for aggregates so far.
     pub(super) prepared: Arc<Mutex<HashSet<&'static str>>>,
+    /// Where loads' answers arrive: one subscription for every load.
+    pub(super) answers: LazyAnswers,
 }
 
 /// A state as loaded.
@@ -164,6 +167,7 @@ impl Aggregates {
             cache: Cache::new(DEFAULT_CACHE_CAPACITY),
             turns: Turns::default(),
             prepared: Arc::new(Mutex::new(HashSet::new())),
+            answers: LazyAnswers::default(),
         }
     }
 
@@ -300,7 +304,7 @@ impl Aggregates {
         let filter = A::filter(id);
         let mut out = Vec::new();
         read::read(
-            self.publisher.client(),
+            (self.publisher.client(), &self.answers),
             (self.publisher.api_prefix(), stream),
             (A::NAME, id, &filter),
             0,
@@ -378,7 +382,7 @@ impl Aggregates {
         let stream = self.prepare::<A>(id).await?;
         let filter = fold.filter.clone();
         read::read(
-            self.publisher.client(),
+            (self.publisher.client(), &self.answers),
             (self.publisher.api_prefix(), stream),
             (A::NAME, id, &filter),
             fold.version,

@@ -1,85 +1,14 @@
 //! Batched reads: the keys of a whole pulled batch read with one direct
-//! get (`multi_last`), answered on one long-lived subscription.
+//! get (`multi_last`), answered on the connection's long-lived
+//! subscription for answers ([`crate::nats::Answers`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-use futures::StreamExt;
-use tokio::sync::mpsc;
 
 use super::record::Record;
 use super::{Inbox, InboxError, Raw, now_ms};
 use crate::nats::recent_permission_error;
-
-/// Answers to batched reads arrive on one long-lived subscription
-/// (`<inbox prefix>.*`) and are routed by their last token, so a read costs
-/// one request and no subscription of its own.
-#[derive(Debug)]
-pub(super) struct Answers {
-    prefix: String,
-    next: AtomicU64,
-    waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>>,
-    router: tokio::task::AbortHandle,
-}
-
-impl Drop for Answers {
-    fn drop(&mut self) {
-        self.router.abort();
-    }
-}
-
-impl Answers {
-    pub(super) async fn start(
-        client: &async_nats::Client,
-    ) -> Result<Arc<Self>, async_nats::SubscribeError> {
-        let prefix = client.new_inbox();
-        let mut sub = client.subscribe(format!("{prefix}.*")).await?;
-        Ok(Arc::new_cyclic(|me: &std::sync::Weak<Self>| {
-            let me = me.clone();
-            let router = tokio::spawn(async move {
-                while let Some(msg) = sub.next().await {
-                    let Some(answers) = me.upgrade() else { break };
-                    let token = msg
-                        .subject
-                        .rsplit_once('.')
-                        .and_then(|(_, t)| t.parse::<u64>().ok());
-                    if let Some(token) = token
-                        && let Some(tx) = answers.lock().get(&token)
-                    {
-                        let _ = tx.send(msg);
-                    }
-                }
-            })
-            .abort_handle();
-            Self {
-                prefix,
-                next: AtomicU64::new(0),
-                waiting: Mutex::new(HashMap::new()),
-                router,
-            }
-        }))
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>> {
-        self.waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// Unregisters a read's answers when the read ends, however it ends.
-struct Waiting<'a> {
-    answers: &'a Answers,
-    token: u64,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.answers.lock().remove(&self.token);
-    }
-}
 
 /// Most keys one batched read asks for (the server's limit is far higher).
 pub(crate) const READ_BATCH: usize = 256;
@@ -146,21 +75,14 @@ impl Inbox {
         };
         let body = serde_json::to_vec(&request)
             .map_err(|e| unavailable(self.fail("cannot encode a batched read", e)))?;
-        let token = self.answers.next.fetch_add(1, Ordering::Relaxed);
-        let reply = format!("{}.{token}", self.answers.prefix);
-        let (tx, mut answers) = mpsc::unbounded_channel();
-        self.answers.lock().insert(token, tx);
-        let _waiting = Waiting {
-            answers: &self.answers,
-            token,
-        };
+        let mut reply = self.answers.reply();
         self.client
-            .publish_with_reply(self.direct_get.clone(), reply, body.into())
+            .publish_with_reply(self.direct_get.clone(), reply.subject.clone(), body.into())
             .await
             .map_err(|e| unavailable(self.fail("cannot read", e)))?;
         let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
         loop {
-            let answer = tokio::time::timeout_at(deadline, answers.recv())
+            let answer = tokio::time::timeout_at(deadline, reply.next())
                 .await
                 .map_err(|_| {
                     (

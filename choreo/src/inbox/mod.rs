@@ -52,7 +52,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 
-use crate::nats::{moved_on, source};
+use crate::nats::{Answers, moved_on, source};
 mod batch;
 mod error;
 mod groups;
@@ -63,7 +63,6 @@ mod view;
 pub use error::{InboxError, InboxErrorKind};
 pub(crate) use view::View;
 
-use batch::Answers;
 pub(crate) use batch::READ_BATCH;
 use record::record_of;
 pub(crate) use record::{

@@ -1,12 +1,15 @@
 //! Talking to NATS: [`connect()`] (a connection whose failures say what to
 //! do), [`ConnectError`], the permission violations a server reports on a
-//! connection, and reading async-nats errors by their kinds.
+//! connection, reading async-nats errors by their kinds, and the one
+//! subscription that answers of batched reads arrive on ([`Answers`]).
 
+mod answers;
 mod api;
 mod connect;
 pub(crate) mod error;
 pub(crate) mod permissions;
 
+pub(crate) use answers::{Answers, LazyAnswers};
 pub use api::JetStreamApi;
 pub use connect::connect;
 pub(crate) use error::{Cause, message, moved_on, moved_on_code, source};

@@ -1,0 +1,126 @@
+//! Answers to requests that come as several messages (batched direct
+//! gets), all on one long-lived subscription (`<inbox prefix>.*`) and
+//! routed to their request by the reply subject's last token: a request
+//! costs one message, not a subscription and its removal as well.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use futures::StreamExt;
+use futures::channel::mpsc;
+
+/// Where one request's answers wait, by its token. (A channel of futures'
+/// allocates per message; one of tokio's allocates room for 32 messages,
+/// several KB, for a request most often answered by one.)
+type Waiting = HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>;
+
+/// The subscription every request's answers arrive on, and who waits for
+/// which.
+#[derive(Debug)]
+pub(crate) struct Answers {
+    prefix: String,
+    next: AtomicU64,
+    waiting: Mutex<Waiting>,
+    router: tokio::task::AbortHandle,
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
+impl Answers {
+    /// Subscribes on `client` and starts routing its answers.
+    pub(crate) async fn start(
+        client: &async_nats::Client,
+    ) -> Result<Arc<Self>, async_nats::SubscribeError> {
+        let prefix = client.new_inbox();
+        let mut sub = client.subscribe(format!("{prefix}.*")).await?;
+        Ok(Arc::new_cyclic(|me: &Weak<Self>| {
+            let me = me.clone();
+            let router = tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    let Some(answers) = me.upgrade() else { break };
+                    let token = msg
+                        .subject
+                        .rsplit_once('.')
+                        .and_then(|(_, t)| t.parse::<u64>().ok());
+                    if let Some(token) = token
+                        && let Some(tx) = answers.lock().get(&token)
+                    {
+                        let _ = tx.unbounded_send(msg);
+                    }
+                }
+            })
+            .abort_handle();
+            Self {
+                prefix,
+                next: AtomicU64::new(0),
+                waiting: Mutex::new(HashMap::new()),
+                router,
+            }
+        }))
+    }
+
+    /// A reply subject of its own for one request; its answers come
+    /// through [`Reply::next`] until the `Reply` is dropped.
+    pub(crate) fn reply(&self) -> Reply<'_> {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, answers) = mpsc::unbounded();
+        self.lock().insert(token, tx);
+        Reply {
+            subject: format!("{}.{token}", self.prefix),
+            answers,
+            owner: self,
+            token,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One request's reply subject and its answers; unregistered when dropped,
+/// however the request ends.
+pub(crate) struct Reply<'a> {
+    /// The subject to send the request with, as its reply subject.
+    pub(crate) subject: String,
+    answers: mpsc::UnboundedReceiver<async_nats::Message>,
+    owner: &'a Answers,
+    token: u64,
+}
+
+impl Reply<'_> {
+    /// The next answer, in the order the server sent them; `None` once the
+    /// subscription ended (the client was closed).
+    pub(crate) async fn next(&mut self) -> Option<async_nats::Message> {
+        self.answers.next().await
+    }
+}
+
+impl Drop for Reply<'_> {
+    fn drop(&mut self) {
+        self.owner.lock().remove(&self.token);
+    }
+}
+
+/// [`Answers`] started on first use and shared by every clone, for a type
+/// made without waiting (such as `Aggregates::new`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LazyAnswers(Arc<tokio::sync::OnceCell<Arc<Answers>>>);
+
+impl LazyAnswers {
+    /// The answers' subscription on `client`, started by the first call.
+    pub(crate) async fn get(
+        &self,
+        client: &async_nats::Client,
+    ) -> Result<&Answers, async_nats::SubscribeError> {
+        let answers = self.0.get_or_try_init(|| Answers::start(client)).await?;
+        Ok(answers)
+    }
+}
