@@ -990,3 +990,22 @@ async fn loads_at_once_share_one_subscription_and_each_gets_its_own_events() {
         "a load made a subscription of its own"
     );
 }
+
+/// A load's future (which a decision boxes for each instance it opens) is
+/// allocated and copied on every decision: the stream's setup, the
+/// snapshot's read and the answers' subscription, each needed once or
+/// rarely, are boxed apart so it does not carry them (it was 8 KB).
+#[tokio::test]
+async fn a_load_s_future_does_not_carry_what_it_rarely_needs() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let stock = store(&client).await;
+    let load = stock.load::<Stock>("s1");
+    let decide = stock.decide::<Stock, _, String>("s1", |_| Ok(vec![received("s1", 1)]));
+    for (what, size) in [
+        ("load", std::mem::size_of_val(&load)),
+        ("decide", std::mem::size_of_val(&decide)),
+    ] {
+        assert!(size < 4096, "a {what} future of {size} bytes");
+    }
+}

@@ -26,6 +26,16 @@ impl Aggregates {
         &self,
         id: &str,
     ) -> Result<&'static str, AggregateError> {
+        match self.prepared::<A>() {
+            Some(stream) => Ok(stream),
+            // Boxed: the setup's requests make a future of several KB, which
+            // every load's future would otherwise carry (and copy).
+            None => Box::pin(self.set_up::<A>(id)).await,
+        }
+    }
+
+    /// [`Self::prepare`] the first time.
+    async fn set_up<A: Aggregate>(&self, id: &str) -> Result<&'static str, AggregateError> {
         let fail =
             |detail: String| AggregateError::new(A::NAME, id, AggregateErrorKind::Stream, detail);
         let types: &'static [EventType] = <A::Event as AggregateEvent>::TYPES;

@@ -224,10 +224,10 @@ impl Aggregates {
         if let Some((entry, earlier)) = self.cache.get::<A>(id, cause_key) {
             fold.resume(entry, earlier);
         } else if let Some(policy) = self.snapshots {
-            if let Some(r) = self
-                .bucket
-                .read::<A>(self.publisher.js(), replicas, id)
-                .await
+            // Boxed: a key-value read's future is large, and a load without
+            // snapshots would carry it too.
+            if let Some(r) =
+                Box::pin(self.bucket.read::<A>(self.publisher.js(), replicas, id)).await
             {
                 fold.state = r.state;
                 fold.version = r.version;

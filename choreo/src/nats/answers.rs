@@ -120,7 +120,12 @@ impl LazyAnswers {
         &self,
         client: &async_nats::Client,
     ) -> Result<&Answers, async_nats::SubscribeError> {
-        let answers = self.0.get_or_try_init(|| Answers::start(client)).await?;
+        if let Some(answers) = self.0.get() {
+            return Ok(answers);
+        }
+        // Boxed: subscribing makes a large future that every read's would
+        // otherwise carry.
+        let answers = Box::pin(self.0.get_or_try_init(|| Answers::start(client))).await?;
         Ok(answers)
     }
 }
