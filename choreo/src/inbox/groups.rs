@@ -101,7 +101,9 @@ impl Inbox {
             }
             let (revision, value) = match known.take() {
                 Some(k) => k,
-                None => match self.leader_entry(&group).await? {
+                // Boxed: a read after a conflict is rare, and its request's
+                // future made every record's 2.2 KB instead of 1.4.
+                None => match Box::pin(self.leader_entry(&group)).await? {
                     Some(r) if !r.deleted => (r.revision, r.value),
                     Some(r) => (r.revision, Bytes::new()),
                     None => (0, Bytes::new()),
