@@ -149,6 +149,31 @@ pub(crate) struct Store {
     fired_keep: Duration,
 }
 
+/// How many times a decision refused because another stands is read
+/// before giving up (the event is retried): 2 ms doubling to 200 ms apart,
+/// about half a second in all.
+const DECISION_READS: u32 = 9;
+
+/// Calls `read` until it finds something, `tries` times at most, pausing
+/// 2 ms doubling to 200 ms between calls; `None` if it never did.
+async fn read_until_found<T, F, Fut>(tries: u32, mut read: F) -> Result<Option<T>, Source>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, Source>>,
+{
+    let mut pause = Duration::from_millis(2);
+    for i in 0..tries {
+        if i > 0 {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+        if let Some(found) = read().await? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
+
 impl Store {
     pub(crate) fn new(
         js: jetstream::Context,
@@ -213,10 +238,18 @@ impl Store {
             .await;
         match sent {
             Ok(_) => Ok(outcome),
-            Err(e) if moved_on(&e) => self
-                .outcome(handler, token)
-                .await?
-                .ok_or_else(|| message("the deadline's decision was written but cannot be read")),
+            // Refused: a decision stands. On a cluster the leader also
+            // refuses (10164) while the other decision is still being
+            // replicated, before it can be read: read until it shows.
+            Err(e) if moved_on(&e) => read_until_found(DECISION_READS, || {
+                self.outcome(handler, token)
+            })
+            .await?
+            .ok_or_else(|| {
+                message(format!(
+                    "the deadline's decision was written by another writer but cannot be read after {DECISION_READS} reads"
+                ))
+            }),
             Err(e) => Err(source(e)),
         }
     }
@@ -379,7 +412,7 @@ mod tests {
     use crate::event::EventId;
     use crate::nats::version_at_least;
 
-    use super::{NEEDS, Outcome, check_version, token};
+    use super::{DECISION_READS, NEEDS, Outcome, check_version, read_until_found, token};
 
     #[test]
     fn versions_before_2_12_have_no_schedules() {
@@ -420,5 +453,39 @@ mod tests {
             assert_eq!(Outcome::parse(o.text().as_bytes()).map(|(o, _)| o), Some(o));
         }
         assert_eq!(Outcome::parse(b"later"), None);
+    }
+
+    /// A decision another writer's write stands for, still being
+    /// replicated: the reads go on until it shows, and give up after
+    /// `DECISION_READS` with `None`, waiting about half a second in all.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_decision_is_read_until_the_other_shows() {
+        let reads = std::cell::Cell::new(0);
+        let started = tokio::time::Instant::now();
+        let found = read_until_found(DECISION_READS, || {
+            reads.set(reads.get() + 1);
+            let n = reads.get();
+            async move { Ok((n == 3).then_some("fired")) }
+        })
+        .await
+        .unwrap();
+        assert_eq!((found, reads.get()), (Some("fired"), 3));
+        assert_eq!(started.elapsed(), std::time::Duration::from_millis(2 + 4));
+
+        reads.set(0);
+        let started = tokio::time::Instant::now();
+        let never = read_until_found(DECISION_READS, || {
+            reads.set(reads.get() + 1);
+            async { Ok(None::<&str>) }
+        })
+        .await
+        .unwrap();
+        assert_eq!((never, reads.get()), (None, DECISION_READS));
+        let waited = started.elapsed();
+        assert!(
+            (std::time::Duration::from_millis(400)..std::time::Duration::from_millis(600))
+                .contains(&waited),
+            "{waited:?}"
+        );
     }
 }
