@@ -4,7 +4,7 @@
 //! costs one message, not a subscription and its removal as well.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use futures::StreamExt;
@@ -22,6 +22,8 @@ pub(crate) struct Answers {
     prefix: String,
     next: AtomicU64,
     waiting: Mutex<Waiting>,
+    /// The subscription ended (the connection was closed).
+    closed: AtomicBool,
     router: tokio::task::AbortHandle,
 }
 
@@ -53,12 +55,19 @@ impl Answers {
                         let _ = tx.unbounded_send(msg);
                     }
                 }
+                // The connection was closed: every read waiting, and every
+                // read to come, ends at once with no answer.
+                if let Some(answers) = me.upgrade() {
+                    answers.closed.store(true, Ordering::Relaxed);
+                    answers.lock().clear();
+                }
             })
             .abort_handle();
             Self {
                 prefix,
                 next: AtomicU64::new(0),
                 waiting: Mutex::new(HashMap::new()),
+                closed: AtomicBool::new(false),
                 router,
             }
         }))
@@ -69,7 +78,11 @@ impl Answers {
     pub(crate) fn reply(&self) -> Reply<'_> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, answers) = mpsc::unbounded();
-        self.lock().insert(token, tx);
+        let mut waiting = self.lock();
+        if !self.closed.load(Ordering::Relaxed) {
+            waiting.insert(token, tx);
+        }
+        drop(waiting);
         Reply {
             subject: format!("{}.{token}", self.prefix),
             answers,
