@@ -291,3 +291,22 @@ fn the_keyed_stream_case_compares_a_stream_of_its_own_with_the_shared_one() {
     );
     ratio(&stdout, "keyed_stream");
 }
+
+#[test]
+fn the_ordered_case_on_4_partitions_runs_on_4() {
+    let out = std::process::Command::new(bench())
+        .args(["--only", "ordered_4", "--events", "300", "--repeat", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The ordered side checks, after its run, that the partition stream
+    // had one durable per partition it says (and fails the run otherwise).
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("choreo ordered handler, 4 partitions:")
+            && stderr.contains("choreo handler, any order:"),
+        "{stderr}"
+    );
+    ratio(&stdout, "ordered_4");
+}

@@ -95,6 +95,8 @@
 //!   inbox on, `ordered_by = account` (16 partitions) against the same
 //!   handler in any order: the price of order on many keys (choreo on both
 //!   sides; its ratio is ordered / any order).
+//! - `ordered_4` (only with `--only`): the same with `partitions = 4`
+//!   against any order: what a partition costs.
 //! - `keyed_stream` (only with `--only`): the `ordered` case's handler in
 //!   any order, its events in a stream of their own whose one subject is
 //!   the handler's filter (`benchord.*.stepped`), against the same on the
@@ -337,6 +339,25 @@ async fn step_in_order(e: BenchStep, ctx: Context) {
     });
 }
 
+#[event_handler(name = "step", ordered_by = account, partitions = 4)]
+async fn step_in_order_on_4(e: BenchStep, ctx: Context) {
+    ctx.emit(BenchRelayed {
+        id: e.n,
+        note: e.note,
+    });
+}
+
+/// How the steps are handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StepOrder {
+    /// In any order.
+    Any,
+    /// `ordered_by = account`, on the default 16 partitions.
+    Ordered,
+    /// The same on 4 partitions.
+    OrderedOn4,
+}
+
 /// The stream the steps are stored in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StepStream {
@@ -350,7 +371,7 @@ enum StepStream {
 
 /// `n` steps of 1,000 accounts through the 1-hop handler (inbox on),
 /// ordered by account or not: the price of order on many keys.
-async fn choreo_steps(n: u64, ordered: bool, stream: StepStream) -> Result<f64, BoxError> {
+async fn choreo_steps(n: u64, order: StepOrder, stream: StepStream) -> Result<f64, BoxError> {
     use futures::{StreamExt, TryStreamExt};
     let server = NatsServer::start().await?;
     let client = server.connect().await?;
@@ -382,21 +403,40 @@ async fn choreo_steps(n: u64, ordered: bool, stream: StepStream) -> Result<f64, 
         .buffered(IN_FLIGHT)
         .try_collect::<Vec<_>>()
         .await?;
-    let svc = if ordered {
-        Service::new("steps").handler(step_in_order)
-    } else {
-        Service::new("steps").handler(step_any_order)
+    let svc = match order {
+        StepOrder::Any => Service::new("steps").handler(step_any_order),
+        StepOrder::Ordered => Service::new("steps").handler(step_in_order),
+        StepOrder::OrderedOn4 => Service::new("steps").handler(step_in_order_on_4),
     };
     let started = (Instant::now(), cpu_seconds());
     let handle = svc.start(client.clone()).await?;
     let stats = || handle.stats("step").map_or(0, |s| s.handled());
-    let what = match (ordered, stream) {
-        (true, _) => "choreo ordered handler",
-        (false, StepStream::Shared) => "choreo handler, any order",
-        (false, StepStream::Exact) => "choreo handler, any order, a stream of its own",
+    let what = match (order, stream) {
+        (StepOrder::Ordered, _) => "choreo ordered handler",
+        (StepOrder::OrderedOn4, _) => "choreo ordered handler, 4 partitions",
+        (StepOrder::Any, StepStream::Shared) => "choreo handler, any order",
+        (StepOrder::Any, StepStream::Exact) => "choreo handler, any order, a stream of its own",
     };
     let rate = rate_until(stats, n, what, started).await?;
     handle.shutdown().await;
+    // An ordered run had the partitions it says: one durable each.
+    let partitions = match order {
+        StepOrder::Any => None,
+        StepOrder::Ordered => Some(16),
+        StepOrder::OrderedOn4 => Some(4),
+    };
+    if let Some(expected) = partitions {
+        let durables = jetstream::new(client.clone())
+            .get_stream("CHOREO_ORDERED_steps_step")
+            .await?
+            .info()
+            .await?
+            .state
+            .consumer_count;
+        if durables != expected {
+            return Err(format!("{what}: {durables} partition durables, not {expected}").into());
+        }
+    }
     // The run was on the stream it says.
     let subjects = jetstream::new(client)
         .get_stream(BenchStep::STREAM)
@@ -1704,7 +1744,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 /// The cases `--only` accepts: those of the default run, and those run
 /// only when named.
-const CASES: [&str; 26] = [
+const CASES: [&str; 27] = [
     "publish",
     "publish_each",
     "publish_pattern",
@@ -1718,6 +1758,7 @@ const CASES: [&str; 26] = [
     "handler_inbox_grouped_cluster",
     "layout_cluster",
     "ordered",
+    "ordered_4",
     "keyed_stream",
     "replay",
     "handler_metrics",
@@ -2034,20 +2075,26 @@ async fn main() -> Result<(), BoxError> {
             "ordered",
             "ordered vs any order (msgs/s)",
             true,
-            (true, StepStream::Shared),
+            (StepOrder::Ordered, StepStream::Shared),
+        ),
+        (
+            "ordered_4",
+            "ordered on 4 partitions vs any order (msgs/s)",
+            false,
+            (StepOrder::OrderedOn4, StepStream::Shared),
         ),
         (
             "keyed_stream",
             "stream of its own vs shared (msgs/s)",
             false,
-            (false, StepStream::Exact),
+            (StepOrder::Any, StepStream::Exact),
         ),
     ] {
         if asked(case, by_default) {
             let (c, r, ratio) = median_pair(
                 repeat,
                 || choreo_steps(n, first.0, first.1),
-                || choreo_steps(n, false, StepStream::Shared),
+                || choreo_steps(n, StepOrder::Any, StepStream::Shared),
             )
             .await?;
             rows.push((label, c, r, ratio));
