@@ -1009,3 +1009,44 @@ async fn a_load_s_future_does_not_carry_what_it_rarely_needs() {
         assert!(size < 4096, "a {what} future of {size} bytes");
     }
 }
+
+#[event(subject = "audit.{sku}.noted")]
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditNoted {
+    pub sku: String,
+}
+
+#[derive(AggregateEvent, Debug, Clone, PartialEq)]
+pub enum SpreadEvent {
+    Received(StockReceived),
+    Noted(AuditNoted),
+}
+
+/// An aggregate whose events live in two streams (`STOCK`, `AUDIT`).
+#[derive(Default, Debug, Clone)]
+pub struct Spread;
+
+impl Aggregate for Spread {
+    const NAME: &'static str = "Spread";
+    type Event = SpreadEvent;
+    fn filter(sku: &str) -> String {
+        format!("stock.{sku}.*")
+    }
+    fn apply(&mut self, _: &SpreadEvent) {}
+}
+
+#[tokio::test]
+async fn an_aggregate_whose_events_live_in_two_streams_is_refused_even_beside_one_set_up() {
+    let server = NatsServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let stock = store(&client).await;
+    // `Stock` sets up the stream `Spread`'s first event type lives in.
+    stock
+        .decide::<Stock, _, String>("s1", |_| Ok(vec![received("s1", 1)]))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let err = stock.load::<Spread>("s1").await.unwrap_err();
+        assert!(err.to_string().contains("two streams"), "{err}");
+    }
+}

@@ -10,9 +10,15 @@ use crate::event::EventType;
 use crate::topology::stream::ensure_stream;
 
 impl Aggregates {
-    /// `A`'s stream, if it was set up already (no wait).
+    /// `A`'s stream, if it was set up already (no wait). `None` for an
+    /// aggregate whose events live in two streams, whatever was set up
+    /// (so [`Self::prepare`] says what is wrong).
     pub(super) fn prepared<A: Aggregate>(&self) -> Option<&'static str> {
-        let first = <A::Event as AggregateEvent>::TYPES.first()?;
+        let types: &'static [EventType] = <A::Event as AggregateEvent>::TYPES;
+        let first = types.first()?;
+        if types.iter().any(|t| t.stream != first.stream) {
+            return None;
+        }
         self.prepared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
