@@ -75,17 +75,23 @@ fn job(id: &str, mode: &str) -> JobQueued {
     }
 }
 
+/// Every message gets its verdict: the handler's counters move before
+/// its event is recorded and acked, so this waits up to 5 s for it.
 async fn assert_settled(client: &choreo::async_nats::Client) {
     let js = jetstream::new(client.clone());
     let stream = js.get_stream("JOBS").await.unwrap();
     let mut c: jetstream::consumer::PullConsumer =
         stream.get_consumer("jobs--run_job").await.unwrap();
-    let info = c.info().await.unwrap();
-    assert_eq!(
-        (info.num_pending, info.num_ack_pending),
-        (0, 0),
-        "every message has a verdict"
-    );
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let info = c.info().await.unwrap();
+        let left = (info.num_pending, info.num_ack_pending);
+        if left == (0, 0) || tokio::time::Instant::now() > until {
+            assert_eq!(left, (0, 0), "every message has a verdict");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

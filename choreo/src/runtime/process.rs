@@ -158,7 +158,11 @@ pub(super) async fn handle<H: Handler>(
     // pulled by this instance waits for this one's outcome, then looks again.
     let id = meta.id();
     let time = meta.time();
-    let key = inbox::key(rt.handler, id);
+    // The inbox key: nothing reads it where there is no inbox.
+    let key = match rt.inbox {
+        Some(_) => inbox::key(rt.handler, id),
+        None => String::new(),
+    };
     let inbox_key = rt.inbox.as_ref().map(|_| key.as_str());
     let mut seen = seen;
     let mut waited = false;
