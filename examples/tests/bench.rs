@@ -273,40 +273,45 @@ async fn the_benchmark_runs_against_a_given_server_and_leaves_it_as_it_was() {
     );
 }
 
-#[test]
-fn the_keyed_stream_case_compares_a_stream_of_its_own_with_the_shared_one() {
+/// Runs one step case on 300 events, once per side: it succeeds, both
+/// sides say they ran (`sides`, as their rate lines start), and it prints
+/// its ratio.
+fn step_case(case: &str, sides: [&str; 2]) {
     let out = std::process::Command::new(bench())
-        .args(["--only", "keyed_stream", "--events", "300", "--repeat", "1"])
+        .args(["--only", case, "--events", "300", "--repeat", "1"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for side in sides {
+        assert!(stderr.contains(&format!("{side}:")), "{side}: {stderr}");
+    }
+    ratio(&stdout, case);
+}
+
+#[test]
+fn the_keyed_stream_case_compares_a_stream_of_its_own_with_the_shared_one() {
     // Each side checks, after its run, that its stream had the subjects
     // it says (and fails the run otherwise).
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(
-        stderr.contains("any order, a stream of its own:")
-            && stderr.contains("choreo handler, any order:"),
-        "{stderr}"
+    step_case(
+        "keyed_stream",
+        [
+            "choreo handler, any order, a stream of its own",
+            "choreo handler, any order",
+        ],
     );
-    ratio(&stdout, "keyed_stream");
 }
 
 #[test]
 fn the_ordered_case_on_4_partitions_runs_on_4() {
-    let out = std::process::Command::new(bench())
-        .args(["--only", "ordered_4", "--events", "300", "--repeat", "1"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     // The ordered side checks, after its run, that the partition stream
     // had one durable per partition it says (and fails the run otherwise).
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(
-        stderr.contains("choreo ordered handler, 4 partitions:")
-            && stderr.contains("choreo handler, any order:"),
-        "{stderr}"
+    step_case(
+        "ordered_4",
+        [
+            "choreo ordered handler, 4 partitions",
+            "choreo handler, any order",
+        ],
     );
-    ratio(&stdout, "ordered_4");
 }
