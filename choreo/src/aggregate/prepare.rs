@@ -9,16 +9,28 @@ use super::{Aggregate, AggregateEvent};
 use crate::event::EventType;
 use crate::topology::stream::ensure_stream;
 
+/// The first of `A`'s event types, whose stream holds every one of them;
+/// or why there is no such stream.
+fn first_type<A: Aggregate>() -> Result<&'static EventType, String> {
+    let types: &'static [EventType] = <A::Event as AggregateEvent>::TYPES;
+    let first = types
+        .first()
+        .ok_or("the aggregate's event enum lists no event type")?;
+    match types.iter().find(|t| t.stream != first.stream) {
+        Some(other) => Err(format!(
+            "its events live in two streams ({} in {}, {} in {}); an aggregate's history is one stream",
+            first.name, first.stream, other.name, other.stream
+        )),
+        None => Ok(first),
+    }
+}
+
 impl Aggregates {
     /// `A`'s stream, if it was set up already (no wait). `None` for an
     /// aggregate whose events live in two streams, whatever was set up
     /// (so [`Self::prepare`] says what is wrong).
     pub(super) fn prepared<A: Aggregate>(&self) -> Option<&'static str> {
-        let types: &'static [EventType] = <A::Event as AggregateEvent>::TYPES;
-        let first = types.first()?;
-        if types.iter().any(|t| t.stream != first.stream) {
-            return None;
-        }
+        let first = first_type::<A>().ok()?;
         self.prepared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -40,30 +52,12 @@ impl Aggregates {
         }
     }
 
-    /// [`Self::prepare`] the first time.
+    /// [`Self::prepare`] when [`Self::prepared`] knows no stream.
     async fn set_up<A: Aggregate>(&self, id: &str) -> Result<&'static str, AggregateError> {
         let fail =
             |detail: String| AggregateError::new(A::NAME, id, AggregateErrorKind::Stream, detail);
+        let first = first_type::<A>().map_err(fail)?;
         let types: &'static [EventType] = <A::Event as AggregateEvent>::TYPES;
-        let Some(first) = types.first() else {
-            return Err(fail(
-                "the aggregate's event enum lists no event type".into(),
-            ));
-        };
-        if let Some(other) = types.iter().find(|t| t.stream != first.stream) {
-            return Err(fail(format!(
-                "its events live in two streams ({} in {}, {} in {}); an aggregate's history is one stream",
-                first.name, first.stream, other.name, other.stream
-            )));
-        }
-        if self
-            .prepared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(first.stream)
-        {
-            return Ok(first.stream);
-        }
         let js = self.publisher.js();
         // A history is kept whole: a state missing its oldest events is
         // wrong, so a stream made here keeps every event.

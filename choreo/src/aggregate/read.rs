@@ -95,9 +95,9 @@ pub(crate) async fn read(
         let body = serde_json::to_vec(&request).map_err(|e| {
             fail(AggregateErrorKind::Read, "cannot encode a read".into()).with_source(e)
         })?;
-        let mut reply = answers.reply();
+        let (subject, mut reply) = answers.reply();
         client
-            .publish_with_reply(direct_get.clone(), reply.subject.clone(), body.into())
+            .publish_with_reply(direct_get.clone(), subject, body.into())
             .await
             .map_err(|e| {
                 fail(AggregateErrorKind::Read, "cannot send a read".into()).with_source(e)

@@ -75,9 +75,9 @@ impl Inbox {
         };
         let body = serde_json::to_vec(&request)
             .map_err(|e| unavailable(self.fail("cannot encode a batched read", e)))?;
-        let mut reply = self.answers.reply();
+        let (subject, mut reply) = self.answers.reply();
         self.client
-            .publish_with_reply(self.direct_get.clone(), reply.subject.clone(), body.into())
+            .publish_with_reply(self.direct_get.clone(), subject, body.into())
             .await
             .map_err(|e| unavailable(self.fail("cannot read", e)))?;
         let deadline = tokio::time::Instant::now() + READ_TIMEOUT;

@@ -4,7 +4,7 @@
 //! costs one message, not a subscription and its removal as well.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use futures::StreamExt;
@@ -21,9 +21,8 @@ type Waiting = HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>;
 pub(crate) struct Answers {
     prefix: String,
     next: AtomicU64,
-    waiting: Mutex<Waiting>,
-    /// The subscription ended (the connection was closed).
-    closed: AtomicBool,
+    /// `None` once the subscription ended (the connection was closed).
+    waiting: Mutex<Option<Waiting>>,
     router: tokio::task::AbortHandle,
 }
 
@@ -50,7 +49,7 @@ impl Answers {
                         .rsplit_once('.')
                         .and_then(|(_, t)| t.parse::<u64>().ok());
                     if let Some(token) = token
-                        && let Some(tx) = answers.lock().get(&token)
+                        && let Some(tx) = answers.lock().as_ref().and_then(|w| w.get(&token))
                     {
                         let _ = tx.unbounded_send(msg);
                     }
@@ -58,51 +57,45 @@ impl Answers {
                 // The connection was closed: every read waiting, and every
                 // read to come, ends at once with no answer.
                 if let Some(answers) = me.upgrade() {
-                    answers.closed.store(true, Ordering::Relaxed);
-                    answers.lock().clear();
+                    *answers.lock() = None;
                 }
             })
             .abort_handle();
             Self {
                 prefix,
                 next: AtomicU64::new(0),
-                waiting: Mutex::new(HashMap::new()),
-                closed: AtomicBool::new(false),
+                waiting: Mutex::new(Some(HashMap::new())),
                 router,
             }
         }))
     }
 
-    /// A reply subject of its own for one request; its answers come
-    /// through [`Reply::next`] until the `Reply` is dropped.
-    pub(crate) fn reply(&self) -> Reply<'_> {
+    /// A reply subject of its own for one request, and where its answers
+    /// come ([`Reply::next`]) until the `Reply` is dropped.
+    pub(crate) fn reply(&self) -> (String, Reply<'_>) {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, answers) = mpsc::unbounded();
-        let mut waiting = self.lock();
-        if !self.closed.load(Ordering::Relaxed) {
+        if let Some(waiting) = self.lock().as_mut() {
             waiting.insert(token, tx);
         }
-        drop(waiting);
-        Reply {
-            subject: format!("{}.{token}", self.prefix),
+        let reply = Reply {
             answers,
             owner: self,
             token,
-        }
+        };
+        (format!("{}.{token}", self.prefix), reply)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Waiting> {
+    fn lock(&self) -> MutexGuard<'_, Option<Waiting>> {
         self.waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-/// One request's reply subject and its answers; unregistered when dropped,
-/// however the request ends.
+/// One request's answers; unregistered when dropped, however the request
+/// ends.
 pub(crate) struct Reply<'a> {
-    /// The subject to send the request with, as its reply subject.
-    pub(crate) subject: String,
     answers: mpsc::UnboundedReceiver<async_nats::Message>,
     owner: &'a Answers,
     token: u64,
@@ -118,7 +111,9 @@ impl Reply<'_> {
 
 impl Drop for Reply<'_> {
     fn drop(&mut self) {
-        self.owner.lock().remove(&self.token);
+        if let Some(waiting) = self.owner.lock().as_mut() {
+            waiting.remove(&self.token);
+        }
     }
 }
 
