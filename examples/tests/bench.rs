@@ -273,12 +273,13 @@ async fn the_benchmark_runs_against_a_given_server_and_leaves_it_as_it_was() {
     );
 }
 
-/// Runs one step case on 300 events, once per side: it succeeds, both
-/// sides say they ran (`sides`, as their rate lines start), and it prints
-/// its ratio.
-fn step_case(case: &str, sides: [&str; 2]) {
+/// Runs one case on 300 events, once per side, with `extra` arguments: it
+/// succeeds, both sides say they ran (`sides`, as their rate lines start),
+/// and it prints its ratio.
+fn step_case(case: &str, sides: [&str; 2], extra: &[&str]) {
     let out = std::process::Command::new(bench())
         .args(["--only", case, "--events", "300", "--repeat", "1"])
+        .args(extra)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -300,6 +301,7 @@ fn the_keyed_stream_case_compares_a_stream_of_its_own_with_the_shared_one() {
             "choreo handler, any order, a stream of its own",
             "choreo handler, any order",
         ],
+        &[],
     );
 }
 
@@ -313,5 +315,17 @@ fn the_ordered_case_on_4_partitions_runs_on_4() {
             "choreo ordered handler, 4 partitions",
             "choreo handler, any order",
         ],
+        &[],
+    );
+}
+
+#[test]
+fn the_appended_layout_case_checks_each_relay_recorded_every_event() {
+    // Each relay checks, after its run, that it left one emission and one
+    // record per event (for the appended layout, besides the prefill's).
+    step_case(
+        "layout_appended",
+        ["raw handler", "raw handler"],
+        &["--inbox-groups", "256"],
     );
 }

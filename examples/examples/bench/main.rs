@@ -108,7 +108,11 @@
 //!   layout. `layout` (only with `--only`): that raw relay against the
 //!   per-key one, the layout's own price; `layout_unchecked` (only with
 //!   `--only`): the same with plain puts instead of compare-and-sets (not
-//!   safe), the check's price.
+//!   safe), the check's price; `layout_appended` (only with `--only`): a
+//!   raw relay appending each record as a message of its own under its
+//!   group's subject (no rewrite, no compare-and-set; the look-up reads
+//!   the group's messages with one batched direct get), against the
+//!   per-key one.
 //! - `handler_inbox_grouped_cluster`, `layout_cluster` (only with
 //!   `--only`): the same two comparisons on the 3-node cluster, R3.
 //! - `handler_inbox_write_only`, `latency_write_only`: the same, against a
@@ -655,6 +659,12 @@ enum RawKv {
     /// compare-and-set: not safe (two instances writing one group at once
     /// lose a record), shown to price the check.
     GroupedUnchecked,
+    /// Records appended, one message each, under their group's subject in
+    /// a bucket that keeps up to 64 messages per subject: the look-up
+    /// reads the group's messages with one batched direct get, the record
+    /// is a plain publish (no rewrite, so no compare-and-set). A layout
+    /// tried for the full inbox, priced against the per-key relay.
+    Appended,
 }
 
 /// `<out>.<id>.seen` with causation headers, optionally write a KV record,
@@ -678,6 +688,9 @@ struct RawRelay {
     /// Grouped records are written back with a plain put
     /// ([`RawKv::GroupedUnchecked`]).
     unchecked: bool,
+    /// With `groups`: records appended one message each
+    /// ([`RawKv::Appended`]), their batched reads' answers routed here.
+    appended: Option<Arc<AnswerRouter>>,
     done: Arc<AtomicU64>,
 }
 
@@ -735,6 +748,11 @@ impl RawRelay {
             .as_str();
         let e: RawEvent = ciborium::from_reader(&msg.payload[..])?;
         let handler_id = self.handler;
+        if let (Some(router), Some(groups)) = (&self.appended, self.groups) {
+            return self
+                .handle_appended(msg, router, groups, cause, corr, e)
+                .await;
+        }
         if let (Some(kv), Some(groups)) = (&self.kv, self.groups) {
             return self.handle_grouped(msg, kv, groups, cause, corr, e).await;
         }
@@ -797,13 +815,7 @@ impl RawRelay {
         e: RawEvent,
     ) -> Result<(), BoxError> {
         let id = *uuid::Uuid::parse_str(cause)?.as_bytes();
-        // FNV-1a over the id's bytes, modulo the groups: choreo's hash.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in id {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        let key = format!("{}.g.{:x}", self.handler, h % u64::from(groups));
+        let key = format!("{}.g.{:x}", self.handler, group_of(&id, groups));
         let holds = |value: &[u8]| {
             value
                 .get(1..)
@@ -842,6 +854,138 @@ impl RawRelay {
             // Another writer came first: read the group again.
             entry = kv.entry(key.as_str()).await?;
         }
+        msg.ack().await?;
+        self.done.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The group of an event id in `groups` groups: FNV-1a over the id's
+/// bytes, modulo the groups (choreo's hash).
+fn group_of(id: &[u8; 16], groups: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h % u64::from(groups)
+}
+
+/// One subscription for the answers of batched direct gets, each read
+/// given a reply subject of its own (`<prefix>.<n>`) and its answers sent
+/// to it: what a careful hand-written relay does, rather than a
+/// subscription per read.
+struct AnswerRouter {
+    client: async_nats::Client,
+    prefix: String,
+    next: AtomicU64,
+    waiting:
+        std::sync::Mutex<HashMap<u64, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>>,
+}
+
+impl AnswerRouter {
+    async fn start(client: &async_nats::Client) -> Result<Arc<Self>, BoxError> {
+        let prefix = client.new_inbox();
+        let mut sub = client.subscribe(format!("{prefix}.*")).await?;
+        let router = Arc::new(AnswerRouter {
+            client: client.clone(),
+            prefix,
+            next: AtomicU64::new(0),
+            waiting: std::sync::Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&router);
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let Some(router) = weak.upgrade() else { break };
+                let token = m.subject.rsplit('.').next().and_then(|t| t.parse().ok());
+                if let Some(tx) = token.and_then(|t| router.waiting().get(&t).cloned()) {
+                    let _ = tx.send(m);
+                }
+            }
+        });
+        Ok(router)
+    }
+
+    /// The reads waiting for answers, by reply token.
+    fn waiting(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<u64, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>,
+    > {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every message of `subject` in `stream`, oldest first (at most 64).
+    async fn all_of(&self, stream: &str, subject: &str) -> Result<Vec<bytes::Bytes>, BoxError> {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.waiting().insert(token, tx);
+        let request = format!(r#"{{"batch":64,"next_by_subj":"{subject}"}}"#);
+        let sent = self
+            .client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{stream}"),
+                format!("{}.{token}", self.prefix),
+                request.into(),
+            )
+            .await;
+        let mut found = Vec::new();
+        let answer = async {
+            sent?;
+            while let Some(m) = rx.recv().await {
+                match m.status {
+                    // The end of the batch (204), or nothing found (404).
+                    Some(s) if s.as_u16() == 204 || s.as_u16() == 404 => break,
+                    Some(s) => return Err(format!("direct get: {s}").into()),
+                    None => found.push(m.payload),
+                }
+            }
+            Ok::<(), BoxError>(())
+        };
+        let r = tokio::time::timeout(Duration::from_secs(5), answer).await;
+        self.waiting().remove(&token);
+        r.map_err(|_| "direct get timed out")??;
+        Ok(found)
+    }
+}
+
+impl RawRelay {
+    /// [`RawKv::Appended`]: look the event up among its group's messages,
+    /// handle it, append its record (a plain publish), ack.
+    async fn handle_appended(
+        &self,
+        msg: &jetstream::Message,
+        router: &AnswerRouter,
+        groups: u32,
+        cause: &str,
+        corr: &str,
+        e: RawEvent,
+    ) -> Result<(), BoxError> {
+        let id = *uuid::Uuid::parse_str(cause)?.as_bytes();
+        let subject = format!(
+            "$KV.raw_inbox.{}.g.{:x}",
+            self.handler,
+            group_of(&id, groups)
+        );
+        let records = router.all_of("KV_raw_inbox", &subject).await?;
+        if records.iter().any(|r| r.get(..16) == Some(&id[..])) {
+            msg.ack().await?;
+            self.done.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.emit(cause, corr, e).await?;
+        let now = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis(),
+        )?;
+        let mut record = Vec::with_capacity(24);
+        record.extend_from_slice(&id);
+        record.extend_from_slice(&now.to_be_bytes());
+        self.js.publish(subject, record.into()).await?.await?;
         msg.ack().await?;
         self.done.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -1181,6 +1325,45 @@ async fn prefill_groups(
     Ok(())
 }
 
+/// [`RawKv::Appended`]'s bucket `raw_inbox`, keeping up to 64 messages per
+/// key for the default horizon, with `per_group` records (one message
+/// each) of other events under every group's subject.
+async fn prefill_appended(
+    js: &jetstream::Context,
+    per_group: u64,
+    replicas: usize,
+) -> Result<(), BoxError> {
+    js.create_key_value(kv::Config {
+        bucket: "raw_inbox".into(),
+        history: 64,
+        max_age: choreo::DEFAULT_INBOX_RETENTION,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await?;
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
+    let mut puts = futures::stream::iter((0..per_group).flat_map(|_| 0..inbox_groups()))
+        .map(|g| {
+            let js = js.clone();
+            let mut record = uuid::Uuid::now_v7().as_bytes().to_vec();
+            record.extend_from_slice(&now.to_be_bytes());
+            async move {
+                js.publish(format!("$KV.raw_inbox.relay.relay.g.{g:x}"), record.into())
+                    .await?
+                    .await
+            }
+        })
+        .buffer_unordered(256);
+    while let Some(r) = puts.next().await {
+        r?;
+    }
+    Ok(())
+}
+
 /// `--inbox-groups`.
 static INBOX_GROUPS: std::sync::atomic::AtomicU32 =
     std::sync::atomic::AtomicU32::new(choreo::DEFAULT_INBOX_GROUPS);
@@ -1410,8 +1593,19 @@ async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, Box
     raw_stream_r(&js, "RAWOUT", "rawout.>", replicas).await?;
     raw_publish(&js, "rawin", "BenchPlaced", n).await?;
     let prefill = PREFILL.load(Ordering::Relaxed);
-    let grouped = matches!(inbox, RawKv::Grouped | RawKv::GroupedUnchecked);
-    let kv = if grouped {
+    let grouped = matches!(
+        inbox,
+        RawKv::Grouped | RawKv::GroupedUnchecked | RawKv::Appended
+    );
+    let appended = if inbox == RawKv::Appended {
+        prefill_appended(&js, prefill, replicas).await?;
+        Some(AnswerRouter::start(&client).await?)
+    } else {
+        None
+    };
+    let kv = if inbox == RawKv::Appended {
+        None
+    } else if grouped {
         // The same bucket as choreo's inbox, as full as choreo's.
         prefill_groups(&js, ("raw_inbox", "relay.relay"), prefill, replicas).await?;
         Some(js.get_key_value("raw_inbox").await?)
@@ -1438,6 +1632,7 @@ async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, Box
         read_first: inbox == RawKv::ReadThenWrite,
         groups: grouped.then(inbox_groups),
         unchecked: inbox == RawKv::GroupedUnchecked,
+        appended,
         done: done.clone(),
     };
     let started = (Instant::now(), cpu_seconds());
@@ -1447,6 +1642,16 @@ async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, Box
     let recorded = match inbox {
         // Grouped: the emissions are checked, not the records.
         RawKv::Off | RawKv::Grouped | RawKv::GroupedUnchecked => None,
+        // Appended: the records, less the prefill's.
+        RawKv::Appended => Some(
+            js.get_stream("KV_raw_inbox")
+                .await?
+                .info()
+                .await?
+                .state
+                .messages
+                .saturating_sub(prefill * u64::from(inbox_groups())),
+        ),
         _ => Some(
             js.get_stream("KV_raw_inbox")
                 .await?
@@ -1507,6 +1712,7 @@ async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f6
             read_first: raw_kv == RawKv::ReadThenWrite,
             groups: None,
             unchecked: false,
+            appended: None,
             done: Arc::new(AtomicU64::new(0)),
         };
         // The chain's raw relays use a bucket as choreo's inbox does.
@@ -1626,6 +1832,7 @@ async fn chain_latency(n: u64, rate: u64, raw: Option<RawKv>) -> Result<(f64, f6
             Some(RawKv::WriteOnly) => "raw (write only)",
             Some(RawKv::Off) => "raw (no bucket)",
             Some(RawKv::Grouped | RawKv::GroupedUnchecked) => "raw (grouped)",
+            Some(RawKv::Appended) => "raw (appended)",
         },
         pct(0.50),
         pct(0.90),
@@ -1744,7 +1951,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 /// The cases `--only` accepts: those of the default run, and those run
 /// only when named.
-const CASES: [&str; 27] = [
+const CASES: [&str; 28] = [
     "publish",
     "publish_each",
     "publish_pattern",
@@ -1754,6 +1961,7 @@ const CASES: [&str; 27] = [
     "handler_inbox_grouped",
     "layout",
     "layout_unchecked",
+    "layout_appended",
     "handler_inbox_cluster",
     "handler_inbox_grouped_cluster",
     "layout_cluster",
@@ -2023,6 +2231,12 @@ async fn main() -> Result<(), BoxError> {
             RawKv::GroupedUnchecked,
             here,
             "raw: grouped, put vs per key",
+        ),
+        (
+            "layout_appended",
+            RawKv::Appended,
+            here,
+            "raw: appended vs per key (msgs/s)",
         ),
         (
             "layout_cluster",
