@@ -760,22 +760,25 @@ impl RawRelay {
         if let (Some(kv), true) = (&self.kv, self.read_first) {
             let seen = kv.entry(key.as_str()).await?;
             if seen.is_some_and(|e| e.operation == kv::Operation::Put) {
-                msg.ack().await?;
-                self.done.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+                return self.finish(msg).await;
             }
         }
         self.emit(cause, corr, e).await?;
         if let Some(kv) = &self.kv {
             kv.create(key, "done".into()).await?;
         }
-        msg.ack().await?;
-        self.done.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        self.finish(msg).await
     }
 }
 
 impl RawRelay {
+    /// Acks `msg` and counts it handled.
+    async fn finish(&self, msg: &jetstream::Message) -> Result<(), BoxError> {
+        msg.ack().await?;
+        self.done.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The emission for `e`, caused by `cause`: published, its PubAck
     /// awaited.
     async fn emit(&self, cause: &str, corr: &str, e: RawEvent) -> Result<(), BoxError> {
@@ -823,16 +826,10 @@ impl RawRelay {
         };
         let mut entry = kv.entry(key.as_str()).await?;
         if entry.as_ref().is_some_and(|e| holds(&e.value)) {
-            msg.ack().await?;
-            self.done.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return self.finish(msg).await;
         }
         self.emit(cause, corr, e).await?;
-        let now = u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_millis(),
-        )?;
+        let now = unix_ms()?;
         loop {
             let mut value = match &entry {
                 Some(e) if e.operation == kv::Operation::Put => e.value.to_vec(),
@@ -854,10 +851,17 @@ impl RawRelay {
             // Another writer came first: read the group again.
             entry = kv.entry(key.as_str()).await?;
         }
-        msg.ack().await?;
-        self.done.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        self.finish(msg).await
     }
+}
+
+/// Now, in unix milliseconds.
+fn unix_ms() -> Result<u64, BoxError> {
+    Ok(u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?)
 }
 
 /// The group of an event id in `groups` groups: FNV-1a over the id's
@@ -972,23 +976,15 @@ impl RawRelay {
         );
         let records = router.all_of("KV_raw_inbox", &subject).await?;
         if records.iter().any(|r| r.get(..16) == Some(&id[..])) {
-            msg.ack().await?;
-            self.done.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return self.finish(msg).await;
         }
         self.emit(cause, corr, e).await?;
-        let now = u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_millis(),
-        )?;
+        let now = unix_ms()?;
         let mut record = Vec::with_capacity(24);
         record.extend_from_slice(&id);
         record.extend_from_slice(&now.to_be_bytes());
         self.js.publish(subject, record.into()).await?.await?;
-        msg.ack().await?;
-        self.done.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        self.finish(msg).await
     }
 }
 
@@ -1303,11 +1299,7 @@ async fn prefill_groups(
             .await?
         }
     };
-    let now = u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis(),
-    )?;
+    let now = unix_ms()?;
     let mut puts = futures::stream::iter(0..inbox_groups())
         .map(|g| {
             let kv = kv.clone();
@@ -1341,11 +1333,7 @@ async fn prefill_appended(
         ..Default::default()
     })
     .await?;
-    let now = u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis(),
-    )?;
+    let now = unix_ms()?;
     let mut puts = futures::stream::iter((0..per_group).flat_map(|_| 0..inbox_groups()))
         .map(|g| {
             let js = js.clone();
