@@ -158,12 +158,10 @@ pub(super) async fn handle<H: Handler>(
     // pulled by this instance waits for this one's outcome, then looks again.
     let id = meta.id();
     let time = meta.time();
-    // The inbox key: nothing reads it where there is no inbox.
-    let key = match rt.inbox {
-        Some(_) => inbox::key(rt.handler, id),
-        None => String::new(),
-    };
-    let inbox_key = rt.inbox.as_ref().map(|_| key.as_str());
+    // The inbox key, made only where there is an inbox (the calls below
+    // that take `key` read it only then).
+    let inbox_key = rt.inbox.as_ref().map(|_| inbox::key(rt.handler, id));
+    let key = inbox_key.as_deref().unwrap_or_default();
     let mut seen = seen;
     let mut waited = false;
     let (abort, abort_registration) = AbortHandle::new_pair();
@@ -176,7 +174,7 @@ pub(super) async fn handle<H: Handler>(
                 stream_seq: seq,
                 me: inbox.instance(),
             };
-            let found = look_up(rt, inbox, msg, &key, seen, at).await;
+            let found = look_up(rt, inbox, msg, key, seen, at).await;
             inbox.note_look_up(found.is_ok());
             match found {
                 Ok(Some(rev)) => revision = rev,
@@ -187,7 +185,7 @@ pub(super) async fn handle<H: Handler>(
         // Refused only for a key already registered, so only with an inbox.
         if let Some(entered) = rt.watchdog.enter(
             msg.reply.clone(),
-            inbox_key,
+            inbox_key.as_deref(),
             revision,
             inbox::Delivered {
                 stream_seq: seq,
@@ -205,7 +203,7 @@ pub(super) async fn handle<H: Handler>(
             );
             waited = true;
         }
-        Box::pin(wait_while_running(rt, msg, &key)).await;
+        Box::pin(wait_while_running(rt, msg, key)).await;
     };
     let ctx = Context::new(
         meta.clone(),
@@ -241,20 +239,20 @@ pub(super) async fn handle<H: Handler>(
         }
         Ok(result) => match result {
             Ok(Ok(())) if ctx.is_put_off() && outgoing.is_empty() => {
-                release(rt, &key, claim).await;
+                release(rt, key, claim).await;
                 if let Err(e) = msg.ack().await {
                     about!(warn, rt, msg, error = %e, "ack failed; the event will be redelivered and put off again");
                 }
                 return Settled::Gone;
             }
             Ok(Ok(())) => {
-                match emit_record_ack(rt, msg, (id, time), (outgoing, ctx.take_after_emit()), &key)
+                match emit_record_ack(rt, msg, (id, time), (outgoing, ctx.take_after_emit()), key)
                     .await
                 {
                     Done::Finished => return Settled::Gone,
                     Done::Stopped => return Settled::Back,
                     Done::DeadLetter(reason, detail) => {
-                        release(rt, &key, claim).await;
+                        release(rt, key, claim).await;
                         return dead_letter(rt, msg, reason, &detail, attempt, seq).await;
                     }
                     Done::Retry(e) => e,
@@ -262,7 +260,7 @@ pub(super) async fn handle<H: Handler>(
             }
             Ok(Err(e)) if e.is_permanent() => {
                 about!(warn, rt, msg, error = %e, "handler failed permanently; dead-lettering the event");
-                release(rt, &key, claim).await;
+                release(rt, key, claim).await;
                 return dead_letter(
                     rt,
                     msg,
@@ -284,7 +282,7 @@ pub(super) async fn handle<H: Handler>(
         },
     };
     if attempt >= rt.max_deliver() {
-        release(rt, &key, claim).await;
+        release(rt, key, claim).await;
         about!(warn, rt, msg, error = %error, "failed on the last allowed delivery; dead-lettering the event");
         dead_letter(rt, msg, reason, &error, attempt, seq).await
     } else {
@@ -295,7 +293,7 @@ pub(super) async fn handle<H: Handler>(
             attempt,
             of: rt.max_deliver(),
         };
-        note_retry(rt, &key, (revision, claim), delivered, delay, &error).await;
+        note_retry(rt, key, (revision, claim), delivered, delay, &error).await;
         tracing::info!(error = %error, retry_in = ?delay, "handler failed; will retry");
         rt.stats.retried.fetch_add(1, Ordering::Relaxed);
         rt.metrics.retried.increment(1);
