@@ -379,6 +379,11 @@ async fn choreo_steps(n: u64, order: StepOrder, stream: StepStream) -> Result<f6
     use futures::{StreamExt, TryStreamExt};
     let server = NatsServer::start().await?;
     let client = server.connect().await?;
+    breakdown::watch(
+        &client,
+        server.pid().into_iter().collect(),
+        vec![server.monitor_port()],
+    );
     let publisher = Publisher::new(client.clone(), "bench")?;
     publisher.ensure_stream::<BenchRelayed>().await?;
     if stream == StepStream::Exact {
