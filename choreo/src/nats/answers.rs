@@ -38,8 +38,17 @@ impl Answers {
         client: &async_nats::Client,
     ) -> Result<Arc<Self>, async_nats::SubscribeError> {
         let prefix = client.new_inbox();
-        let mut sub = client.subscribe(format!("{prefix}.*")).await?;
-        Ok(Arc::new_cyclic(|me: &Weak<Self>| {
+        let sub = client.subscribe(format!("{prefix}.*")).await?;
+        Ok(Self::route(prefix, sub))
+    }
+
+    /// Routes the answers arriving on `sub` (the subscription on
+    /// `<prefix>.*`) until it ends.
+    fn route<S>(prefix: String, mut sub: S) -> Arc<Self>
+    where
+        S: futures::Stream<Item = async_nats::Message> + Send + Unpin + 'static,
+    {
+        Arc::new_cyclic(|me: &Weak<Self>| {
             let me = me.clone();
             let router = tokio::spawn(async move {
                 while let Some(msg) = sub.next().await {
@@ -67,7 +76,7 @@ impl Answers {
                 waiting: Mutex::new(Some(HashMap::new())),
                 router,
             }
-        }))
+        })
     }
 
     /// A reply subject of its own for one request, and where its answers
@@ -135,5 +144,69 @@ impl LazyAnswers {
         // otherwise carry.
         let answers = Box::pin(self.0.get_or_try_init(|| Answers::start(client))).await?;
         Ok(answers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::channel::mpsc;
+
+    use super::{Answers, Reply};
+
+    fn answer(subject: &str, payload: &'static str) -> async_nats::Message {
+        async_nats::Message {
+            subject: subject.into(),
+            reply: None,
+            payload: payload.into(),
+            headers: None,
+            status: None,
+            description: None,
+            length: payload.len(),
+        }
+    }
+
+    /// The reply's next answer, or its end, which should come at once
+    /// (waited for at most 5 s).
+    async fn next(reply: &mut Reply<'_>) -> Option<async_nats::Message> {
+        tokio::time::timeout(Duration::from_secs(5), reply.next())
+            .await
+            .expect("an answer or the end at once")
+    }
+
+    #[tokio::test]
+    async fn answers_go_to_their_request_by_the_last_token_and_end_when_the_subscription_does() {
+        let (sub, answers_in) = mpsc::unbounded();
+        let answers = Answers::route("_INBOX.t".into(), answers_in);
+        let (first_subject, mut first) = answers.reply();
+        let (second_subject, mut second) = answers.reply();
+        assert_eq!(first_subject, "_INBOX.t.0");
+        assert_eq!(second_subject, "_INBOX.t.1");
+        // Answers of each, in the order sent, and one for nobody.
+        for (s, p) in [
+            (&second_subject, "b1"),
+            (&first_subject, "a1"),
+            (&"_INBOX.t.99".to_owned(), "lost"),
+            (&second_subject, "b2"),
+        ] {
+            sub.unbounded_send(answer(s, p)).unwrap();
+        }
+        assert_eq!(next(&mut first).await.unwrap().payload, "a1");
+        assert_eq!(next(&mut second).await.unwrap().payload, "b1");
+        assert_eq!(next(&mut second).await.unwrap().payload, "b2");
+        // A dropped reply is forgotten: its later answers go nowhere.
+        drop(second);
+        assert_eq!(
+            answers.lock().as_ref().map(std::collections::HashMap::len),
+            Some(1)
+        );
+        // The subscription ends (the client was closed): the read waiting
+        // ends with no answer, and so does every read to come.
+        drop(sub);
+        assert!(next(&mut first).await.is_none());
+        let (_, mut later) = answers.reply();
+        assert!(next(&mut later).await.is_none());
+        assert!(answers.lock().is_none());
     }
 }
