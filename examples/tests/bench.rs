@@ -301,7 +301,7 @@ fn the_keyed_stream_case_compares_a_stream_of_its_own_with_the_shared_one() {
             "choreo handler, any order, a stream of its own",
             "choreo handler, any order",
         ],
-        &[],
+        &["--inbox-groups", "256"],
     );
 }
 
@@ -315,7 +315,7 @@ fn the_ordered_case_on_4_partitions_runs_on_4() {
             "choreo ordered handler, 4 partitions",
             "choreo handler, any order",
         ],
-        &[],
+        &["--inbox-groups", "256"],
     );
 }
 

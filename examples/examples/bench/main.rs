@@ -92,7 +92,8 @@
 //!   `choreo::admin::replay` with `rerun` over those N while it runs: the
 //!   replay's rate against the live rate, in the same run.
 //! - `ordered`: N steps of 1,000 accounts through a 1-hop handler with the
-//!   inbox on, `ordered_by = account` (16 partitions) against the same
+//!   inbox on, its groups full (see `--inbox-prefill`), `ordered_by =
+//!   account` (16 partitions) against the same
 //!   handler in any order: the price of order on many keys (choreo on both
 //!   sides; its ratio is ordered / any order).
 //! - `ordered_4` (only with `--only`): the same with `partitions = 4`
@@ -373,8 +374,9 @@ enum StepStream {
     Exact,
 }
 
-/// `n` steps of 1,000 accounts through the 1-hop handler (inbox on),
-/// ordered by account or not: the price of order on many keys.
+/// `n` steps of 1,000 accounts through the 1-hop handler (inbox on, its
+/// groups holding `--inbox-prefill` records each), ordered by account or
+/// not: the price of order on many keys.
 async fn choreo_steps(n: u64, order: StepOrder, stream: StepStream) -> Result<f64, BoxError> {
     use futures::{StreamExt, TryStreamExt};
     let server = NatsServer::start().await?;
@@ -412,10 +414,18 @@ async fn choreo_steps(n: u64, order: StepOrder, stream: StepStream) -> Result<f6
         .buffered(IN_FLIGHT)
         .try_collect::<Vec<_>>()
         .await?;
+    // The inbox in its steady state, as for `handler_inbox`: every group
+    // already holds `--inbox-prefill` records of other events.
+    let prefill = PREFILL.load(Ordering::Relaxed);
+    if prefill > 0 {
+        let js = jetstream::new(client.clone());
+        prefill_groups(&js, ("choreo_inbox_steps", "step"), prefill, 1).await?;
+    }
+    let svc = Service::new("steps").inbox_groups(inbox_groups());
     let svc = match order {
-        StepOrder::Any => Service::new("steps").handler(step_any_order),
-        StepOrder::Ordered => Service::new("steps").handler(step_in_order),
-        StepOrder::OrderedOn4 => Service::new("steps").handler(step_in_order_on_4),
+        StepOrder::Any => svc.handler(step_any_order),
+        StepOrder::Ordered => svc.handler(step_in_order),
+        StepOrder::OrderedOn4 => svc.handler(step_in_order_on_4),
     };
     let started = (Instant::now(), cpu_seconds());
     let handle = svc.start(client.clone()).await?;
@@ -428,6 +438,20 @@ async fn choreo_steps(n: u64, order: StepOrder, stream: StepStream) -> Result<f6
     };
     let rate = rate_until(stats, n, what, started).await?;
     handle.shutdown().await;
+    // Every step emitted once and recorded once, besides the prefill.
+    let js = jetstream::new(client.clone());
+    let all = choreo::__private::inbox_records(&js, "steps", "step")
+        .await
+        .map_err(|e| e.to_string())?;
+    let recorded = all.saturating_sub(prefill * u64::from(inbox_groups()));
+    check_work(
+        &js,
+        what,
+        <BenchRelayed as choreo::Event>::STREAM,
+        n,
+        Some(recorded),
+    )
+    .await?;
     // An ordered run had the partitions it says: one durable each.
     let partitions = match order {
         StepOrder::Any => None,
