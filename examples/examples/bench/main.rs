@@ -386,18 +386,18 @@ async fn choreo_steps(n: u64, order: StepOrder, stream: StepStream) -> Result<f6
         server.pid().into_iter().collect(),
         vec![server.monitor_port()],
     );
+    let js = jetstream::new(client.clone());
     let publisher = Publisher::new(client.clone(), "bench")?;
     publisher.ensure_stream::<BenchRelayed>().await?;
     if stream == StepStream::Exact {
         // Made before choreo would make it: choreo uses a stream that
         // exists and stores the event's subjects, as it is.
-        jetstream::new(client.clone())
-            .create_stream(stream::Config {
-                name: BenchStep::STREAM.into(),
-                subjects: vec![BenchStep::SUBJECT_FILTER.into()],
-                ..Default::default()
-            })
-            .await?;
+        js.create_stream(stream::Config {
+            name: BenchStep::STREAM.into(),
+            subjects: vec![BenchStep::SUBJECT_FILTER.into()],
+            ..Default::default()
+        })
+        .await?;
     }
     futures::stream::iter(0..n)
         .map(|i| {
@@ -418,7 +418,6 @@ async fn choreo_steps(n: u64, order: StepOrder, stream: StepStream) -> Result<f6
     // already holds `--inbox-prefill` records of other events.
     let prefill = PREFILL.load(Ordering::Relaxed);
     if prefill > 0 {
-        let js = jetstream::new(client.clone());
         prefill_groups(&js, ("choreo_inbox_steps", "step"), prefill, 1).await?;
     }
     let svc = Service::new("steps").inbox_groups(inbox_groups());
@@ -439,11 +438,7 @@ async fn choreo_steps(n: u64, order: StepOrder, stream: StepStream) -> Result<f6
     let rate = rate_until(stats, n, what, started).await?;
     handle.shutdown().await;
     // Every step emitted once and recorded once, besides the prefill.
-    let js = jetstream::new(client.clone());
-    let all = choreo::__private::inbox_records(&js, "steps", "step")
-        .await
-        .map_err(|e| e.to_string())?;
-    let recorded = all.saturating_sub(prefill * u64::from(inbox_groups()));
+    let recorded = records_besides(&js, ("steps", "step"), prefill).await?;
     check_work(
         &js,
         what,
@@ -459,7 +454,7 @@ async fn choreo_steps(n: u64, order: StepOrder, stream: StepStream) -> Result<f6
         StepOrder::OrderedOn4 => Some(4),
     };
     if let Some(expected) = partitions {
-        let durables = jetstream::new(client.clone())
+        let durables = js
             .get_stream("CHOREO_ORDERED_steps_step")
             .await?
             .info()
@@ -471,7 +466,7 @@ async fn choreo_steps(n: u64, order: StepOrder, stream: StepStream) -> Result<f6
         }
     }
     // The run was on the stream it says.
-    let subjects = jetstream::new(client)
+    let subjects = js
         .get_stream(BenchStep::STREAM)
         .await?
         .info()
@@ -1578,11 +1573,7 @@ async fn choreo_handler_r(
     }
     let js = jetstream::new(handle_client);
     let recorded = if inbox {
-        let all = choreo::__private::inbox_records(&js, "relay", name)
-            .await
-            .map_err(|e| e.to_string())?;
-        // Less what the prefill wrote.
-        Some(all.saturating_sub(prefill * u64::from(inbox_groups())))
+        Some(records_besides(&js, ("relay", name), prefill).await?)
     } else {
         None
     };
@@ -1685,6 +1676,19 @@ async fn raw_handler_r(n: u64, inbox: RawKv, replicas: usize) -> Result<f64, Box
 
 /// Fails unless a handler run left `n` emissions in `stream` and, with an
 /// inbox, `n` records in it: both sides did the work they are timed for.
+/// The records `handler` of `service` left in its inbox, less the
+/// `prefill` records per group written before the run.
+async fn records_besides(
+    js: &jetstream::Context,
+    (service, handler): (&str, &str),
+    prefill: u64,
+) -> Result<u64, BoxError> {
+    let all = choreo::__private::inbox_records(js, service, handler)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(all.saturating_sub(prefill * u64::from(inbox_groups())))
+}
+
 async fn check_work(
     js: &jetstream::Context,
     side: &str,
